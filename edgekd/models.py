@@ -128,7 +128,7 @@ def build_model(spec: str, input_shape: tuple[int, ...], num_classes: int) -> nn
                 except ValueError:
                     raise EdgekdError(f"model spec {spec!r}: {key} must be a number, got {value!r}") from None
         return cls(tuple(input_shape), num_classes, **kwargs)
-    if ":" in spec:
+    if ":" in spec and "=" not in body:
         factory = load_factory(spec, "model factory")
         try:
             model = factory(tuple(input_shape), num_classes)

@@ -1,0 +1,147 @@
+"""Stages: train (or fine-tune) the teacher; distill the student and train the same student from scratch.
+
+Each stage takes a Recipe and an output folder and returns the metrics it measured. Files written into
+the folder: teacher.safetensors, student.safetensors, scratch.safetensors, recipe.toml, metrics.json.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from edgekd import fileio
+from edgekd.data import Dataset, load_data
+from edgekd.errors import EdgekdError
+from edgekd.models import build_model, count_params, load_weights, save_weights
+from edgekd.recipe import Recipe, resolved, to_toml
+from edgekd.train import KDConfig, accuracy, check_model_fits, fit, resolve_device, seed_everything
+
+ROLES = ("teacher", "student", "scratch")
+
+
+def _metadata(spec: str, data: Dataset, role: str) -> dict[str, str]:
+    return {"model": spec, "role": role, "input_shape": json.dumps(list(data.input_shape)),
+            "num_classes": str(data.num_classes), "class_names": json.dumps(list(data.class_names)),
+            "normalization": json.dumps(data.normalization)}
+
+
+def read_metrics(out: Path) -> dict[str, Any]:
+    path = out / "metrics.json"
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise EdgekdError(f"{path}: not valid JSON ({e}); delete it to start over") from None
+
+
+def _save_run_files(out: Path, recipe: Recipe, metrics: dict[str, Any]) -> None:
+    fileio.write_text(out / "recipe.toml", to_toml(resolved(recipe)))
+    fileio.write_json(out / "metrics.json", metrics)
+
+
+def build_role_model(recipe: Recipe, role: str, data: Dataset) -> nn.Module:
+    """The teacher, or the student architecture (student and scratch share it), seeded for reproducibility."""
+    cfg = recipe.teacher if role == "teacher" else recipe.student
+    seed_everything(cfg.seed if role == "teacher" else recipe.distill.seed)
+    model = build_model(cfg.model, data.input_shape, data.num_classes)
+    check_model_fits(model, data.input_shape, data.num_classes, role)
+    return model
+
+
+def load_teacher(recipe: Recipe, out: Path, data: Dataset) -> tuple[nn.Module, Path] | None:
+    """The teacher already trained in `out`, or named by [teacher].checkpoint; None when there is none."""
+    path = out / "teacher.safetensors"
+    if not path.is_file() and recipe.teacher.checkpoint:
+        path = recipe.path(recipe.teacher.checkpoint)
+        if not path.is_file():
+            raise EdgekdError(f"[teacher].checkpoint {path}: file not found")
+    if not path.is_file():
+        return None
+    model = build_role_model(recipe, "teacher", data)
+    load_weights(model, path)
+    return model, path
+
+
+def train_teacher(recipe: Recipe, out: str | Path, *, device: str = "auto", progress: bool = True,
+                  data: Dataset | None = None) -> dict[str, Any]:
+    """Train the teacher on the task, or fine-tune it from [teacher].checkpoint; writes teacher.safetensors."""
+    out = Path(out)
+    data = data or load_data(recipe.data, recipe.base_dir)
+    dev = resolve_device(device)
+    model = build_role_model(recipe, "teacher", data)
+    if recipe.teacher.checkpoint:
+        load_weights(model, recipe.path(recipe.teacher.checkpoint))
+    start = time.perf_counter()
+    history = fit(model, data.x_train, data.y_train, recipe.teacher, device=dev, desc="teacher",
+                  x_val=data.x_val, y_val=data.y_val, progress=progress)
+    out.mkdir(parents=True, exist_ok=True)
+    save_weights(model, out / "teacher.safetensors", _metadata(recipe.teacher.model, data, "teacher"))
+    metrics = read_metrics(out)
+    metrics["teacher"] = _entry(model, data, dev, history, start)
+    _save_run_files(out, recipe, metrics)
+    return metrics
+
+
+def _entry(model: nn.Module, data: Dataset, dev: Any, history: list[dict], start: float) -> dict[str, Any]:
+    return {"accuracy": accuracy(model, data.x_test, data.y_test, dev), "params": count_params(model),
+            "val_accuracy": accuracy(model, data.x_val, data.y_val, dev) if len(data.y_val) else None,
+            "epochs": len(history), "train_seconds": round(time.perf_counter() - start, 2)}
+
+
+def distill(recipe: Recipe, out: str | Path, *, device: str = "auto", progress: bool = True,
+            data: Dataset | None = None) -> dict[str, Any]:
+    """Distill the student from the teacher (training the teacher first if `out` has none), and train the
+    same student from scratch with the same data, seed and schedule as the baseline."""
+    out = Path(out)
+    data = data or load_data(recipe.data, recipe.base_dir)
+    dev = resolve_device(device)
+    found = load_teacher(recipe, out, data)
+    if found is None:
+        metrics = train_teacher(recipe, out, device=device, progress=progress, data=data)
+        teacher = build_role_model(recipe, "teacher", data)
+        load_weights(teacher, out / "teacher.safetensors")
+    else:
+        teacher, _ = found
+        metrics = read_metrics(out)
+        if "teacher" not in metrics:
+            metrics["teacher"] = _entry(teacher.to(dev), data, dev, [], time.perf_counter())
+    d = resolved(recipe).distill
+    kd = KDConfig(d.temperature, d.alpha, tuple((s, t) for s, t in d.features), d.feature_weight)
+    schedule = {"epochs": d.epochs, "lr": d.lr, "batch_size": d.batch_size, "seed": d.seed}
+
+    student = build_role_model(recipe, "student", data)
+    start = time.perf_counter()
+    history = fit(student, data.x_train, data.y_train, recipe.student, device=dev, desc="student (KD)",
+                  teacher=teacher, kd=kd, x_val=data.x_val, y_val=data.y_val, progress=progress, **schedule)
+    out.mkdir(parents=True, exist_ok=True)
+    save_weights(student, out / "student.safetensors", _metadata(recipe.student.model, data, "student"))
+    metrics["student"] = _entry(student, data, dev, history, start)
+    metrics["student"].update(temperature=d.temperature, alpha=d.alpha)
+
+    if d.baseline:
+        scratch = build_role_model(recipe, "scratch", data)
+        start = time.perf_counter()
+        history = fit(scratch, data.x_train, data.y_train, recipe.student, device=dev, desc="scratch",
+                      x_val=data.x_val, y_val=data.y_val, progress=progress, **schedule)
+        save_weights(scratch, out / "scratch.safetensors", _metadata(recipe.student.model, data, "scratch"))
+        metrics["scratch"] = _entry(scratch, data, dev, history, start)
+    _save_run_files(out, recipe, metrics)
+    return metrics
+
+
+def metrics_table(metrics: dict[str, Any]) -> str:
+    """A readable table of the models in metrics.json, plus what distillation gained over scratch."""
+    from tabulate import tabulate
+
+    rows = [[role, f"{m['accuracy']:.4f}", f"{m['params']:,}", m.get("train_seconds", "")]
+            for role in ROLES if (m := metrics.get(role))]
+    text = tabulate(rows, headers=["model", "test accuracy", "params", "train s"], tablefmt="github")
+    if "student" in metrics and "scratch" in metrics:
+        gain = metrics["student"]["accuracy"] - metrics["scratch"]["accuracy"]
+        text += f"\n\ndistillation gain over scratch: {gain * 100:+.2f} points"
+    return text

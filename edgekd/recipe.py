@@ -1,0 +1,192 @@
+"""Recipes: TOML in, frozen dataclasses out. Unknown keys and wrong types are errors that name the key."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+from edgekd.errors import EdgekdError
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = "digits"          # "digits" | path to .npz | image folder | "package.module:function"
+    test_fraction: float = 0.2      # held-out test split, for sources without their own
+    val_fraction: float = 0.1       # validation split carved from training data (never the test split)
+    normalize: bool = True          # per-channel mean/std from the training split
+    seed: int = 0                   # seeds the splits
+    image_size: list[int] | None = None   # [height, width] for image folders (default: the first image's size)
+    grayscale: bool = False         # image folders: load as one channel
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model: str = "cnn:widths=32,64"
+    checkpoint: str | None = None   # safetensors to start from (teacher: fine-tune from it / use it as is)
+    epochs: int = 10
+    lr: float = 3e-3
+    batch_size: int = 64
+    weight_decay: float = 1e-4
+    optimizer: str = "adamw"        # adamw | sgd
+    schedule: str = "cosine"        # cosine | onecycle | constant
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    temperature: float = 4.0
+    alpha: float = 0.9              # weight of the soft-target term
+    epochs: int | None = None       # None: the [student] value
+    lr: float | None = None
+    batch_size: int | None = None
+    seed: int = 0
+    baseline: bool = True           # also train the same student from scratch
+    features: list[list[str]] = field(default_factory=list)   # [["student.layer", "teacher.layer"], ...]
+    feature_weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class Recipe:
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: ModelConfig = field(default_factory=lambda: ModelConfig(model="cnn:widths=32,64,128", epochs=15))
+    student: ModelConfig = field(default_factory=lambda: ModelConfig(model="cnn:widths=16,32", epochs=15))
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    base_dir: str = "."             # folder relative paths in the recipe resolve against (not a TOML key)
+
+    def path(self, value: str) -> Path:
+        """Resolve a path written in the recipe against the recipe's folder."""
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else Path(self.base_dir) / p
+
+
+SECTIONS: dict[str, type] = {"data": DataConfig, "teacher": ModelConfig, "student": ModelConfig,
+                             "distill": DistillConfig}
+CHOICES: dict[str, tuple[str, ...]] = {"optimizer": ("adamw", "sgd"), "schedule": ("cosine", "onecycle", "constant")}
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _check(value: Any, tp: Any, where: str) -> Any:
+    """Check a TOML value against a dataclass field type; ints are accepted where floats are expected."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check(value, arg, where)
+            except EdgekdError:
+                pass
+        raise EdgekdError(f"{where}: expected {' or '.join(_type_name(a) for a in args if a is not type(None))}, "
+                          f"got {type(value).__name__} {value!r}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise EdgekdError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_check(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, bool) or not isinstance(value, tp):
+        raise EdgekdError(f"{where}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _section(cls: type, raw: Any, where: str, default: Any) -> Any:
+    if not isinstance(raw, dict):
+        raise EdgekdError(f"{where}: expected a table like [{where.split(' ')[-1]}], got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    values = {}
+    for key, value in raw.items():
+        if key not in names:
+            raise EdgekdError(f"{where}: unknown key {key!r} (expected one of {', '.join(names)})")
+        values[key] = _check(value, hints[key], f"{where}.{key}")
+        if key in CHOICES and value not in CHOICES[key]:
+            raise EdgekdError(f"{where}.{key}: {value!r} is not one of {', '.join(CHOICES[key])}")
+    return dataclasses.replace(default, **values)
+
+
+def recipe_from_dict(raw: dict[str, Any], where: str = "recipe", base_dir: str | Path = ".") -> Recipe:
+    """Build a Recipe from parsed TOML, checking every key and type, then resolve cross-section defaults."""
+    defaults = Recipe()
+    parts = {}
+    for key, value in raw.items():
+        if key not in SECTIONS:
+            raise EdgekdError(f"{where}: unknown section [{key}] (expected one of {', '.join(SECTIONS)})")
+        parts[key] = _section(SECTIONS[key], value, f"{where} [{key}]", getattr(defaults, key))
+    recipe = dataclasses.replace(defaults, base_dir=str(base_dir), **parts)
+    _validate(recipe, where)
+    return recipe
+
+
+def _validate(r: Recipe, where: str) -> None:
+    d = r.distill
+    if d.temperature <= 0:
+        raise EdgekdError(f"{where} [distill].temperature: must be > 0, got {d.temperature}")
+    if not 0.0 <= d.alpha <= 1.0:
+        raise EdgekdError(f"{where} [distill].alpha: must be in [0, 1], got {d.alpha}")
+    for pair in d.features:
+        if len(pair) != 2:
+            raise EdgekdError(f"{where} [distill].features: each entry is [\"student.layer\", \"teacher.layer\"], "
+                              f"got {pair!r}")
+    for name, m in (("teacher", r.teacher), ("student", r.student)):
+        for key in ("epochs", "batch_size"):
+            if getattr(m, key) < 1:
+                raise EdgekdError(f"{where} [{name}].{key}: must be >= 1, got {getattr(m, key)}")
+        if m.lr <= 0:
+            raise EdgekdError(f"{where} [{name}].lr: must be > 0, got {m.lr}")
+    for key in ("test_fraction", "val_fraction"):
+        v = getattr(r.data, key)
+        if not 0.0 <= v < 1.0:
+            raise EdgekdError(f"{where} [data].{key}: must be in [0, 1), got {v}")
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read a recipe file; the built-in name "digits" is the shipped demo recipe."""
+    path = Path(path)
+    if not path.exists() and str(path) in BUILTIN:
+        path = BUILTIN[str(path)]
+    if not path.is_file():
+        raise EdgekdError(f"recipe {path}: file not found (or use a built-in: {', '.join(BUILTIN)})")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise EdgekdError(f"recipe {path}: not valid TOML ({e})") from None
+    except UnicodeDecodeError:
+        raise EdgekdError(f"recipe {path}: not a text file") from None
+    base = path.parent if path.parent != Path(__file__).parent / "recipes" else Path(".")
+    return recipe_from_dict(raw, where=f"recipe {path}", base_dir=base)
+
+
+BUILTIN: dict[str, Path] = {"digits": Path(__file__).parent / "recipes" / "digits.toml"}
+
+
+def resolved(r: Recipe) -> Recipe:
+    """Fill the [distill] values that default to the [student] ones, so the saved recipe says what ran."""
+    d, s = r.distill, r.student
+    return dataclasses.replace(r, distill=dataclasses.replace(
+        d,
+        epochs=d.epochs if d.epochs is not None else s.epochs,
+        lr=d.lr if d.lr is not None else s.lr,
+        batch_size=d.batch_size if d.batch_size is not None else s.batch_size,
+    ))
+
+
+def to_toml(r: Recipe) -> str:
+    """The resolved recipe as TOML (None values are left out: TOML has no null)."""
+    import tomli_w
+
+    out = {}
+    for name in SECTIONS:
+        section = dataclasses.asdict(getattr(r, name))
+        out[name] = {k: v for k, v in section.items() if v is not None}
+    return tomli_w.dumps(out)

@@ -1,0 +1,55 @@
+import pytest
+import torch
+
+from edgekd.errors import EdgekdError
+from edgekd.models import build_model, count_params, load_weights, save_weights
+
+
+def tiny_factory(input_shape, num_classes):
+    """Used as tests.test_models:tiny_factory by the factory tests."""
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(int(torch.tensor(input_shape).prod()), num_classes))
+
+
+def broken_factory(input_shape, num_classes):
+    raise ValueError("no such size")
+
+
+@pytest.mark.parametrize("spec", ["mlp:hidden=32,16", "cnn:widths=4,8", "cnn:widths=4,8,dropout=0.1", "cnn",
+                                  "tests.test_models:tiny_factory"])
+def test_specs_build_and_run(spec):
+    model = build_model(spec, (1, 8, 8), 10)
+    assert model(torch.randn(3, 1, 8, 8)).shape == (3, 10)
+
+
+@pytest.mark.parametrize("spec,fragment", [
+    ("resnet:depth=18", "unknown family 'resnet'"),
+    ("cnn:depth=3", "unknown knob 'depth'"),
+    ("cnn:widths=a,b", "widths must be integers"),
+    ("tests.test_models:nope", "has no callable 'nope'"),
+    ("no_such_pkg.mod:f", "cannot import module 'no_such_pkg.mod'"),
+    ("tests.test_models:broken_factory", "raised ValueError: no such size"),
+])
+def test_bad_specs_name_the_problem(spec, fragment):
+    with pytest.raises(EdgekdError, match=fragment.replace("(", r"\(")):
+        build_model(spec, (1, 8, 8), 10)
+
+
+def test_safetensors_round_trip_and_refusals(tmp_path):
+    a = build_model("cnn:widths=4,8", (1, 8, 8), 10)
+    save_weights(a, tmp_path / "a.safetensors", {"model": "cnn:widths=4,8"})
+    b = build_model("cnn:widths=4,8", (1, 8, 8), 10)
+    assert load_weights(b, tmp_path / "a.safetensors") == {"model": "cnn:widths=4,8"}
+    x = torch.randn(2, 1, 8, 8)
+    a.eval(), b.eval()
+    assert torch.equal(a(x), b(x))
+    other = build_model("cnn:widths=4,16", (1, 8, 8), 10)
+    with pytest.raises(EdgekdError, match="another architecture"):
+        load_weights(other, tmp_path / "a.safetensors")
+    torch.save(a.state_dict(), tmp_path / "pickled.pt")
+    with pytest.raises(EdgekdError, match="only loads safetensors"):
+        load_weights(b, tmp_path / "pickled.pt")
+    data = (tmp_path / "a.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(EdgekdError, match="not a valid safetensors"):
+        load_weights(b, tmp_path / "cut.safetensors")
+    assert count_params(a) == sum(p.numel() for p in a.parameters())
