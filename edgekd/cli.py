@@ -64,6 +64,128 @@ def distill(recipe: str, out: Path, device: str, quiet: bool) -> None:
     click.echo(f"\nwrote {out}/{{student,scratch}}.safetensors, metrics.json, recipe.toml")
 
 
+RUN_DIR = click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+TARGET = click.option("--target", "target", default="x86-cpu-ort", show_default=True,
+                      help="A target name from targets/ (see `edgekd targets`) or a path to a target .toml.")
+
+
+@cli.command()
+@RUN_DIR
+@click.option("--model", type=click.Choice(["student", "teacher", "scratch"]), default="student", show_default=True)
+def export(run_dir: Path, model: str) -> None:
+    """Export a trained model of RUN_DIR to ONNX, checked, with parity against PyTorch on the test split."""
+    from edgekd.pipeline import export as run_export
+
+    result = run_export(run_dir, model)
+    p = result["parity"]
+    click.echo(f"wrote {result['path']} ({result['size_bytes'] / 1024:.1f} KiB)")
+    click.echo(f"parity vs PyTorch on {p['samples']} test samples: max abs diff {p['max_abs_diff']:.2e}, "
+               f"top-1 agreement {p['top1_agreement']:.4f}")
+
+
+@cli.command()
+@RUN_DIR
+@TARGET
+def build(run_dir: Path, target: str) -> None:
+    """Build the engines a target asks for (teacher and student) into RUN_DIR/engines/<target>/."""
+    from edgekd.pipeline import build as run_build
+
+    result = run_build(run_dir, target)
+    for path in result["built"]:
+        click.echo(f"built {path}")
+    for s in result["skipped"]:
+        click.echo(f"skipped {s['model']} {s['precision']}: {s['reason']}")
+
+
+@cli.command()
+@RUN_DIR
+@TARGET
+@click.option("--quick", is_flag=True, help="Fewer timed runs (a smoke test, not a measurement).")
+def profile(run_dir: Path, target: str, quick: bool) -> None:
+    """Profile every engine built for a target: latency percentiles, throughput, memory, accuracy on the engine."""
+    from edgekd.pipeline import profile as run_profile
+    from edgekd.pipeline import report as run_report
+    from edgekd.report import engines_table
+
+    run_profile(run_dir, target, quick=quick)
+    rep = run_report(run_dir)
+    click.echo(engines_table(rep["engines"]))
+    if rep["headline"]:
+        click.echo(f"\n{rep['headline']['text']}")
+
+
+def _print_report(rep: dict, out: Path) -> None:
+    from edgekd.report import markdown
+
+    click.echo(markdown(rep))
+    png = f", {out / 'report.png'}" if rep["engines"] else ""
+    click.echo(f"wrote {out / 'report.json'}, {out / 'report.md'}{png}")
+
+
+@cli.command()
+@click.argument("recipe")
+@OUT
+@click.option("--target", "targets", multiple=True, help="Target name or .toml path; repeat for several "
+              "(default: x86-cpu-ort).")
+@DEVICE
+@QUIET
+def run(recipe: str, out: Path, targets: tuple[str, ...], device: str, quiet: bool) -> None:
+    """The whole pipeline: teacher, distill, export, build, profile, report."""
+    from edgekd.pipeline import DEFAULT_TARGETS
+    from edgekd.pipeline import run as run_pipeline
+    from edgekd.recipe import load_recipe
+
+    rep = run_pipeline(load_recipe(recipe), out, targets=targets or DEFAULT_TARGETS, device=device,
+                       progress=not quiet)
+    _print_report(rep, out)
+
+
+@cli.command()
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/demo"), show_default=True)
+@DEVICE
+@QUIET
+def demo(out: Path, device: str, quiet: bool) -> None:
+    """`run` on the built-in digits recipe for the x86-cpu-ort target (a couple of minutes on a laptop CPU)."""
+    from edgekd.pipeline import DEFAULT_TARGETS
+    from edgekd.pipeline import run as run_pipeline
+    from edgekd.recipe import load_recipe
+
+    rep = run_pipeline(load_recipe("digits"), out, targets=DEFAULT_TARGETS, device=device, progress=not quiet)
+    _print_report(rep, out)
+
+
+@cli.command()
+@RUN_DIR
+def report(run_dir: Path) -> None:
+    """Re-render report.json/.md/.png from a run folder's metrics and profiles."""
+    from edgekd.pipeline import report as run_report
+
+    _print_report(run_report(run_dir), run_dir)
+
+
+@cli.command()
+def targets() -> None:
+    """The target catalog (targets/*.toml)."""
+    from tabulate import tabulate
+
+    from edgekd.targets import list_targets, targets_dir
+
+    rows = [[t.name, t.runtime, t.device, ",".join(t.precisions), t.quant_scheme, t.description]
+            for t in list_targets()]
+    headers = ["name", "runtime", "device", "precisions", "int8 scheme", "description"]
+    click.echo(tabulate(rows, headers=headers, tablefmt="github", maxcolwidths=[None] * 5 + [60]))
+    click.echo(f"\n({targets_dir()})")
+
+
+@cli.command()
+def doctor() -> None:
+    """Which runtimes and devices work on this machine."""
+    from edgekd.engines import available_runtimes
+
+    for name, status in available_runtimes().items():
+        click.echo(f"{name:14s} {status}")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: one clear line and exit code 2 for errors the user can fix."""
     debug = os.environ.get("EDGEKD_DEBUG") == "1"

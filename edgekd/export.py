@@ -1,0 +1,138 @@
+"""ONNX export (torch dynamo exporter) and the PyTorch-vs-onnxruntime parity check.
+
+One exporter path for float and quantized models: `torch.onnx.export(dynamo=True)` is the only one that
+writes QuantizeLinear/DequantizeLinear for torchao-converted models (the legacy exporter fails on
+`quantized_decomposed` ops). The ONNX carries what a deployer needs (input name/shape, class names,
+normalization) in its metadata_props, so an .onnx found on its own still says how to feed it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from edgekd.bundle import edgekd_version
+from edgekd.errors import EdgekdError
+from edgekd.fileio import atomic_path
+
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
+
+
+def _to_eval(model: torch.nn.Module) -> None:
+    # torch.export'ed GraphModules (torchao PT2E) refuse .eval(); their train/eval state is set by torchao's
+    # move_exported_model_to_eval, which the quantize stage already ran.
+    if not isinstance(model, torch.fx.GraphModule):
+        model.eval()
+
+
+def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: str | Path, *, metadata: dict[str, str],
+                dynamic_batch: bool = True) -> Path:
+    """Export `model` to one self-contained ONNX file at `path` (atomically) and return the path.
+
+    `example` is a batch of inputs (N, *input_shape). With `dynamic_batch` the batch dimension is symbolic;
+    torch.export specializes a size-1 dimension, so a batch-1 example is repeated to 2. `metadata` values are
+    stored as strings (non-strings as JSON) next to input_name, input_shape and edgekd_version.
+    """
+    path = Path(path)
+    if not isinstance(example, torch.Tensor) or example.dim() < 2:
+        raise EdgekdError(f"export {path}: example must be a batched tensor (N, *input_shape), got "
+                          f"{getattr(example, 'shape', type(example).__name__)}")
+    example = example.detach().to("cpu", torch.float32)
+    if dynamic_batch and example.shape[0] == 1:
+        example = example.repeat(2, *([1] * (example.dim() - 1)))
+    _to_eval(model)
+    dynamic_shapes = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
+
+    with tempfile.TemporaryDirectory(prefix="edgekd-export-") as tmp:
+        raw = Path(tmp) / "model.onnx"
+        log = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(log), warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # torch-internal deprecations, not the user's
+                if isinstance(model, torch.fx.GraphModule):  # its .training flag cannot be cleared (see _to_eval)
+                    warnings.filterwarnings("ignore", message="Exporting a model while it is in training mode")
+                torch.onnx.export(model, (example,), str(raw), dynamo=True, external_data=False,
+                                  dynamic_shapes=dynamic_shapes, input_names=[INPUT_NAME],
+                                  output_names=[OUTPUT_NAME], verbose=False)
+        except Exception as e:
+            raise EdgekdError(f"export {path}: torch.onnx.export failed for input shape "
+                              f"{tuple(example.shape)} ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''})") from e
+        proto = onnx.load(str(raw))
+
+    input_shape: list[int | str] = list(example.shape)
+    if dynamic_batch:
+        input_shape[0] = "batch"
+    props = {
+        "input_name": INPUT_NAME,
+        "output_name": OUTPUT_NAME,
+        "input_shape": json.dumps(input_shape),
+        "edgekd_version": edgekd_version(),
+    }
+    for key, value in metadata.items():
+        props[str(key)] = value if isinstance(value, str) else json.dumps(value)
+    del proto.metadata_props[:]
+    for key, value in props.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except Exception as e:
+        raise EdgekdError(f"export {path}: the exported ONNX fails onnx.checker ({e})") from e
+    with atomic_path(path) as tmp_path:
+        onnx.save(proto, str(tmp_path))
+    return path
+
+
+def read_metadata(onnx_path: str | Path) -> dict[str, str]:
+    """The metadata_props of an ONNX file as a dict (strings; JSON ones left for the caller to decode)."""
+    onnx_path = Path(onnx_path)
+    if not onnx_path.is_file():
+        raise EdgekdError(f"ONNX file {onnx_path}: not found")
+    proto = onnx.load(str(onnx_path), load_external_data=False)
+    return {p.key: p.value for p in proto.metadata_props}
+
+
+def parity(model: torch.nn.Module, onnx_path: str | Path, x: np.ndarray, batch_size: int = 256) -> dict:
+    """Compare PyTorch and onnxruntime (graph optimizations off) logits on `x`.
+
+    Returns {"max_abs_diff", "top1_agreement", "samples"}. Optimizations are off so the check measures the
+    export, not onnxruntime's fused kernels (which legitimately differ by ~1e-3 on int8 graphs).
+    """
+    import onnxruntime as ort
+
+    onnx_path = Path(onnx_path)
+    if not onnx_path.is_file():
+        raise EdgekdError(f"parity: ONNX file {onnx_path} not found")
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim < 2 or len(x) == 0:
+        raise EdgekdError(f"parity: x must be a non-empty batch (N, *input_shape), got shape {x.shape}")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    _to_eval(model)
+    max_diff, agree = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(x), batch_size):
+            chunk = x[start:start + batch_size]
+            try:
+                ours = session.run(None, {name: chunk})[0]
+            except Exception as e:
+                expected = [d if isinstance(d, int) else "batch" for d in session.get_inputs()[0].shape]
+                raise EdgekdError(f"parity: onnxruntime cannot run {onnx_path} on input shape {chunk.shape} "
+                                  f"(expected {expected}): {e}") from e
+            ref = model(torch.from_numpy(chunk)).detach().float().cpu().numpy()
+            max_diff = max(max_diff, float(np.max(np.abs(ref - ours))))
+            agree += int(np.sum(ref.argmax(axis=1) == ours.argmax(axis=1)))
+    return {"max_abs_diff": max_diff, "top1_agreement": agree / len(x), "samples": int(len(x))}

@@ -1,0 +1,210 @@
+"""The only place that knows the stage order: distill -> export -> (quantize) -> build -> profile -> report.
+
+A run folder holds everything: the checkpoints and recipe.toml from `distill`, onnx/<model>.onnx from
+`export`, engines/<target>/<model>-<precision>[-<quant>]/ bundles from `build`, profile-<target>.json
+from `profile`, and report.json / report.md / report.png.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from edgekd import fileio
+from edgekd.data import Dataset, load_data
+from edgekd.errors import EdgekdError
+from edgekd.models import build_model, load_weights
+from edgekd.recipe import Recipe, load_recipe
+from edgekd.targets import Target, load_target
+
+MODELS = ("teacher", "student", "scratch")
+DEFAULT_TARGETS = ("x86-cpu-ort",)
+
+
+class RunContext:
+    """A run folder with its recipe and data loaded once (the data split is deterministic from the recipe)."""
+
+    def __init__(self, run_dir: str | Path, recipe: Recipe | None = None, data: Dataset | None = None) -> None:
+        self.dir = Path(run_dir)
+        if recipe is None:
+            path = self.dir / "recipe.toml"
+            if not path.is_file():
+                raise EdgekdError(f"{self.dir}: not a run folder (no recipe.toml); run `edgekd distill` first")
+            recipe = load_recipe(path)
+        self.recipe = recipe
+        self.data = data or load_data(recipe.data, recipe.base_dir)
+
+    def spec(self, model: str) -> str:
+        return self.recipe.teacher.model if model == "teacher" else self.recipe.student.model
+
+    def weights(self, model: str) -> Path:
+        if model not in MODELS:
+            raise EdgekdError(f"--model {model!r}: expected one of {', '.join(MODELS)}")
+        path = self.dir / f"{model}.safetensors"
+        if not path.is_file():
+            raise EdgekdError(f"{path}: not found; run `edgekd distill` into {self.dir} first")
+        return path
+
+    def model(self, name: str) -> nn.Module:
+        model = build_model(self.spec(name), self.data.input_shape, self.data.num_classes)
+        load_weights(model, self.weights(name))
+        return model.eval()
+
+    def metadata(self, name: str, extra: dict[str, str] | None = None) -> dict[str, str]:
+        return {"model": name, "model_spec": self.spec(name), "class_names": json.dumps(list(self.data.class_names)),
+                "normalization": json.dumps(self.data.normalization), **(extra or {})}
+
+    def eval_data(self, model: nn.Module) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        from edgekd.train import predict_logits
+
+        return self.data.x_test, self.data.y_test, predict_logits(model, self.data.x_test)
+
+    def onnx_path(self, name: str, quantization: str = "none", scheme: str = "") -> Path:
+        suffix = "" if quantization == "none" else f".{quantization}-{scheme}"
+        return self.dir / "onnx" / f"{name}{suffix}.onnx"
+
+
+def export(run_dir: str | Path, model: str = "student", *, ctx: RunContext | None = None) -> dict[str, Any]:
+    """Export a trained model to ONNX and measure its parity with PyTorch on the test split."""
+    from edgekd.export import export_onnx, parity
+
+    ctx = ctx or RunContext(run_dir)
+    net = ctx.model(model)
+    path = ctx.onnx_path(model)
+    example = torch.from_numpy(ctx.data.x_test[:2])
+    export_onnx(net, example, path, metadata=ctx.metadata(model))
+    check = parity(net, path, ctx.data.x_test)
+    result = {"model": model, "path": str(path), "size_bytes": path.stat().st_size, "parity": check}
+    fileio.write_json(path.with_suffix(".parity.json"), result)
+    return result
+
+
+def _bundle_dir(ctx: RunContext, target: Target, model: str, precision: str, quantization: str) -> Path:
+    name = f"{model}-{precision}" + ("" if quantization == "none" else f"-{quantization}")
+    return ctx.dir / "engines" / target.name / name
+
+
+def build(run_dir: str | Path, target_name: str, *, models: tuple[str, ...] = ("teacher", "student"),
+          ctx: RunContext | None = None, quantized: dict[str, Path] | None = None) -> dict[str, Any]:
+    """Build every float engine the target asks for (and int8 engines from `quantized` Q/DQ ONNX files,
+    keyed by quantization: {"ptq": path, "qat": path}) for `models`. Engines that cannot be built on this
+    machine (no TensorRT, no GPU) are listed under "skipped" with the reason instead of failing the run."""
+    from edgekd.engines import EngineSource, check_target
+    from edgekd.engines import build as build_engine
+
+    ctx = ctx or RunContext(run_dir)
+    target = load_target(target_name)
+    status = check_target(target)
+    problem = "" if status == "ok" else status
+    built, skipped = [], []
+    for model in models:
+        net = ctx.model(model)
+        evals = ctx.eval_data(net)
+        jobs: list[tuple[str, str, Path | None]] = []
+        for precision in target.precisions:
+            if precision == "int8":
+                if model == "student":
+                    jobs += [("int8", q, p) for q, p in (quantized or {}).items()]
+            else:
+                jobs.append((precision, "none", None))
+        for precision, quantization, qpath in jobs:
+            out = _bundle_dir(ctx, target, model, precision, quantization)
+            if problem:
+                skipped.append({"target": target.name, "model": model, "precision": precision,
+                                "quantization": quantization, "reason": problem})
+                continue
+            onnx_path = qpath
+            if target.runtime != "torch" and onnx_path is None:
+                onnx_path = ctx.onnx_path(model)
+                if not onnx_path.is_file():
+                    export(ctx.dir, model, ctx=ctx)
+            source = EngineSource(model_name=model, onnx_path=onnx_path, weights_path=ctx.weights(model),
+                                  model_spec=ctx.spec(model), input_shape=ctx.data.input_shape,
+                                  num_classes=ctx.data.num_classes, class_names=ctx.data.class_names,
+                                  normalization=ctx.data.normalization, quantization=quantization)
+            try:
+                built.append(str(build_engine(source, target, precision, out, eval_data=evals)))
+            except EdgekdError as e:
+                if target.runtime == "tensorrt" or target.device != "cpu":
+                    skipped.append({"target": target.name, "model": model, "precision": precision,
+                                    "quantization": quantization, "reason": str(e)})
+                else:
+                    raise
+    return {"target": target.name, "built": built, "skipped": skipped}
+
+
+def profile(run_dir: str | Path, target_name: str, *, quick: bool = False) -> list[dict[str, Any]]:
+    """Profile every bundle built for the target; writes profile-<target>.json and returns the results.
+
+    Each bundle is profiled in its own `python -m edgekd.runtime profile` process, as on the device: the
+    training process (torch and its threads) would otherwise inflate memory and disturb the timings.
+    """
+    import subprocess
+    import sys
+    import tempfile
+
+    run_dir = Path(run_dir)
+    target = load_target(target_name)
+    folder = run_dir / "engines" / target.name
+    bundles = sorted(p for p in folder.iterdir() if (p / "manifest.json").is_file()) if folder.is_dir() else []
+    if not bundles:
+        raise EdgekdError(f"{folder}: no engines built for target {target.name}; run `edgekd build {run_dir} "
+                          f"--target {target.name}` first")
+    timing = ["--warmup", "3", "--min-runs", "10", "--min-seconds", "0.2"] if quick else []
+    results = []
+    with tempfile.TemporaryDirectory(prefix="edgekd-profile-") as tmp:
+        for i, bundle in enumerate(bundles):
+            out = Path(tmp) / f"{i}.json"
+            proc = subprocess.run([sys.executable, "-m", "edgekd.runtime", "profile", str(bundle), "--json", str(out),
+                                   "--save-metrics", *timing], capture_output=True, text=True)
+            if proc.returncode != 0:
+                lines = (proc.stderr or proc.stdout).strip().splitlines() or ["no output"]
+                raise EdgekdError(f"profiling {bundle} failed: {lines[-1].removeprefix('error: ')}")
+            results.append(json.loads(out.read_text()))
+    fileio.write_json(run_dir / f"profile-{target.name}.json", results)
+    return results
+
+
+def report(run_dir: str | Path, targets: tuple[str, ...] | None = None,
+           skipped: list[dict[str, Any]] | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Assemble report.json/.md/.png from metrics.json and the profile-<target>.json files in the run folder."""
+    from edgekd.distillation import read_metrics
+    from edgekd.report import build_report, engine_entry, write_report
+
+    run_dir = Path(run_dir)
+    files = sorted(run_dir.glob("profile-*.json"))
+    if targets is not None:
+        files = [run_dir / f"profile-{t}.json" for t in targets if (run_dir / f"profile-{t}.json").is_file()]
+    engines = [engine_entry(p, run_dir) for f in files for p in json.loads(f.read_text())]
+    names = list(targets) if targets else [f.stem.removeprefix("profile-") for f in files]
+    rep = build_report(read_metrics(run_dir), engines, skipped or [], names, extra)
+    write_report(run_dir, rep)
+    return rep
+
+
+def run(recipe: Recipe, out: str | Path, *, targets: tuple[str, ...] = DEFAULT_TARGETS, device: str = "auto",
+        progress: bool = True, quick_profile: bool = False) -> dict[str, Any]:
+    """The whole pipeline for one recipe: teacher, distill (+ scratch), export, build, profile, report."""
+    from edgekd.distillation import distill
+
+    out = Path(out)
+    loaded = [load_target(t) for t in targets]   # fail on a bad target before training anything
+    ctx_data = load_data(recipe.data, recipe.base_dir)
+    distill(recipe, out, device=device, progress=progress, data=ctx_data)
+    ctx = RunContext(out, recipe, ctx_data)
+    exports = {m: export(out, m, ctx=ctx) for m in ("teacher", "student")}
+    skipped: list[dict[str, Any]] = []
+    profiled: list[str] = []
+    for target in loaded:
+        result = build(out, target.name, ctx=ctx)
+        skipped += result["skipped"]
+        if result["built"]:
+            profile(out, target.name, quick=quick_profile)
+            profiled.append(target.name)
+    return report(out, tuple(profiled), skipped,
+                  extra={"export_parity": {m: e["parity"] for m, e in exports.items()}})

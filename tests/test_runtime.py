@@ -1,0 +1,144 @@
+"""The device-side runtime: no torch at import, same logits as onnxruntime, clear input errors, CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from edgekd import runtime
+from edgekd.bundle import read_manifest
+from edgekd.engines import EngineSource, build
+from edgekd.errors import EdgekdError
+from edgekd.models import build_model, save_weights
+from edgekd.targets import load_target
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _python(code: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env)
+
+
+def test_import_pulls_in_neither_torch_nor_click() -> None:
+    done = _python("import edgekd.runtime, sys; assert 'torch' not in sys.modules, 'torch'; "
+                   "assert 'click' not in sys.modules, 'click'; assert 'onnxruntime' not in sys.modules")
+    assert done.returncode == 0, done.stderr
+
+
+def test_running_an_ort_bundle_needs_no_torch(edge_ort_bundle: Path) -> None:
+    code = (f"import sys, numpy as np, edgekd.runtime as rt; e = rt.load({str(edge_ort_bundle)!r}); "
+            "print(e(np.zeros((2, 1, 8, 8), np.float32)).shape); "
+            "assert 'torch' not in sys.modules and 'onnx' not in sys.modules, sorted(sys.modules)")
+    done = _python(code)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "(2, 10)"
+
+
+def test_same_logits_as_onnxruntime(edge_ort_bundle: Path, edge_onnx: Path, edge_eval) -> None:
+    engine = runtime.load(edge_ort_bundle)
+    session = ort.InferenceSession(str(edge_onnx), providers=["CPUExecutionProvider"])
+    for n in (1, 5, 48):
+        x = edge_eval[0][:n]
+        np.testing.assert_allclose(engine(x), session.run(None, {"input": x})[0], rtol=1e-5, atol=1e-6)
+    assert engine.manifest["target"] == "x86-cpu-ort"
+    assert engine.input_shape == (1, 8, 8)
+
+
+def test_input_errors(edge_ort_bundle: Path) -> None:
+    engine = runtime.load(edge_ort_bundle)
+    with pytest.raises(EdgekdError, match=r"input shape \(2, 3, 8, 8\) does not match the engine's "
+                                          r"\(N, 1, 8, 8\)"):
+        engine(np.zeros((2, 3, 8, 8), np.float32))
+    with pytest.raises(EdgekdError, match=r"input shape \(1, 8, 8\) does not match"):
+        engine(np.zeros((1, 8, 8), np.float32))
+    with pytest.raises(EdgekdError, match="dtype int64, expected float32"):
+        engine(np.zeros((2, 1, 8, 8), np.int64))
+    with pytest.raises(EdgekdError, match="numpy array"):
+        engine([[0.0]])
+    assert engine(np.zeros((2, 1, 8, 8), np.float64)).dtype == np.float32  # float64 is converted
+
+
+def test_preprocess_and_predict(edge_ort_bundle: Path) -> None:
+    engine = runtime.load(edge_ort_bundle)
+    raw = np.full((1, 8, 8), 1.0, np.float32)
+    x = engine.preprocess(raw)  # a single sample gets a batch axis
+    assert x.shape == (1, 1, 8, 8)
+    np.testing.assert_allclose(x, (1.0 - 0.5) / 0.25)
+    labels = engine.predict(engine.preprocess(np.zeros((3, 1, 8, 8))))
+    assert len(labels) == 3 and all(label.startswith("class") for label in labels)
+    with pytest.raises(EdgekdError, match="raw input shape"):
+        engine.preprocess(np.zeros((2, 8, 8)))
+
+
+def test_missing_and_tampered_bundles(edge_ort_bundle: Path, tmp_path: Path) -> None:
+    with pytest.raises(EdgekdError, match="folder not found"):
+        runtime.load(tmp_path / "nope")
+    copy = tmp_path / "b"
+    shutil.copytree(edge_ort_bundle, copy)
+    (copy / "model.onnx").unlink()
+    with pytest.raises(EdgekdError, match="file model.onnx is missing"):
+        runtime.load(copy)
+
+
+def test_cli_profile_writes_json(edge_ort_bundle: Path, tmp_path: Path) -> None:
+    out = tmp_path / "profile.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    done = subprocess.run([sys.executable, "-m", "edgekd.runtime", "profile", str(edge_ort_bundle), "--json",
+                           str(out), "--batch", "1,4", "--warmup", "2", "--min-runs", "5", "--min-seconds", "0.05"],
+                          capture_output=True, text=True, cwd=ROOT, env=env)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(out.read_text())
+    assert [r["batch"] for r in result["rows"]] == [1, 4]
+    assert result["accuracy"] is not None and result["agreement"] == 1.0
+    assert "p50 ms" in done.stdout and "accuracy" in done.stdout
+    bad = subprocess.run([sys.executable, "-m", "edgekd.runtime", "profile", str(tmp_path / "nope")],
+                         capture_output=True, text=True, cwd=ROOT, env=env)
+    assert bad.returncode == 2 and "folder not found" in bad.stderr
+
+
+def _torch_setup(tmp_path: Path) -> tuple[torch.nn.Module, EngineSource]:
+    torch.manual_seed(1)
+    model = build_model("mlp:hidden=16", (1, 8, 8), 10).eval()
+    weights = tmp_path / "student.safetensors"
+    save_weights(model, weights)
+    source = EngineSource(model_name="student", onnx_path=None, weights_path=weights, model_spec="mlp:hidden=16",
+                          input_shape=(1, 8, 8), num_classes=10, class_names=(), normalization={})
+    return model, source
+
+
+def test_torch_runtime_on_cpu(tmp_path: Path) -> None:
+    model, source = _torch_setup(tmp_path)
+    target_file = tmp_path / "cpu-torch.toml"
+    target_file.write_text('description = "torch on the CPU"\nruntime = "torch"\ndevice = "cpu"\n'
+                           'precisions = ["fp32"]\nbatch_sizes = [1, 4]\nthreads = 1\n')
+    out = build(source, load_target(str(target_file)), "fp32", tmp_path / "bundle")
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.safetensors"]
+    engine = runtime.load(out)
+    assert engine.info["device"] == "cpu" and not engine.info["compiled"]
+    x = np.random.default_rng(0).standard_normal((4, 1, 8, 8)).astype(np.float32)
+    with torch.no_grad():
+        want = model(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(engine(x), want, atol=1e-6)
+    assert engine.preprocess(x[0]).shape == (1, 1, 8, 8)  # no normalization: identity
+    with pytest.raises(EdgekdError, match="precision fp32 does not match quantization 'ptq'"):
+        build(replace(source, quantization="ptq"), load_target(str(target_file)), "fp32", tmp_path / "x")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_torch_cuda_target_without_cuda(tmp_path: Path) -> None:
+    _, source = _torch_setup(tmp_path)
+    out = build(source, load_target("cuda-torch"), "fp16", tmp_path / "bundle")  # building needs no GPU...
+    assert read_manifest(out)["engine"]["compile"] and read_manifest(out)["engine"]["dtype"] == "float16"
+    with pytest.raises(EdgekdError, match="runs on CUDA, but torch .* sees no CUDA device"):
+        runtime.load(out)
