@@ -155,6 +155,45 @@ def demo(out: Path, device: str, quiet: bool) -> None:
 
 
 @cli.command()
+@click.argument("recipe")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Manifest to write (.toml); the .npz lands beside it.")
+@click.option("--samples", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--split", type=click.Choice(["train", "val", "unlabeled"]), default="train", show_default=True)
+def calibrate(recipe: str, out: Path, samples: int, seed: int, split: str) -> None:
+    """Build a calibration set and its manifest (source, split, count, seed, sha256) for PTQ."""
+    from edgekd import calibration
+    from edgekd.data import load_data
+    from edgekd.recipe import load_recipe
+
+    r = load_recipe(recipe)
+    manifest = calibration.write(out, load_data(r.data, r.base_dir), source=r.data.source, samples=samples,
+                                 seed=seed, split=split)
+    click.echo(f"wrote {out} and {out.with_suffix('.npz')}: {manifest['samples']} samples of "
+               f"{tuple(manifest['input_shape'])} from the {split} split (seed {seed}), "
+               f"sha256 {manifest['sha256'][:16]}")
+
+
+@cli.command()
+@RUN_DIR
+@click.option("--scheme", type=click.Choice(["ort-cpu", "ort-cpu-avx2", "tensorrt"]), default="ort-cpu-avx2",
+              show_default=True,
+              help="Quantization scheme (a target's quant_scheme).")
+@DEVICE
+@QUIET
+def qat(run_dir: Path, scheme: str, device: str, quiet: bool) -> None:
+    """PTQ baseline and quantization-aware distillation of RUN_DIR's student, per its recipe's [quantize]."""
+    from edgekd.pipeline import quantize
+
+    result = quantize(run_dir, scheme, device=device, progress=not quiet)
+    if not result["onnx"]:
+        raise EdgekdError(f"{run_dir}/recipe.toml: [quantize].mode is \"none\"; set it to \"ptq\" or \"qat\"")
+    for kind, path in result["onnx"].items():
+        click.echo(f"{kind}: {path} (PyTorch accuracy {result['pytorch_accuracy'][kind]:.4f})")
+
+
+@cli.command()
 @RUN_DIR
 def report(run_dir: Path) -> None:
     """Re-render report.json/.md/.png from a run folder's metrics and profiles."""

@@ -17,6 +17,7 @@ from torch import nn
 
 from edgekd import fileio
 from edgekd.data import Dataset, load_data
+from edgekd.engines import check_target
 from edgekd.errors import EdgekdError
 from edgekd.models import build_model, load_weights
 from edgekd.recipe import Recipe, load_recipe
@@ -200,11 +201,32 @@ def run(recipe: Recipe, out: str | Path, *, targets: tuple[str, ...] = DEFAULT_T
     exports = {m: export(out, m, ctx=ctx) for m in ("teacher", "student")}
     skipped: list[dict[str, Any]] = []
     profiled: list[str] = []
+    quantized: dict[str, dict[str, Any]] = {}   # scheme -> quantize_student() result
     for target in loaded:
-        result = build(out, target.name, ctx=ctx)
+        q_paths = None
+        if recipe.quantize.mode != "none" and "int8" in target.precisions and target.quant_scheme != "none":
+            if check_target(target) == "ok":
+                if target.quant_scheme not in quantized:
+                    quantized[target.quant_scheme] = quantize(out, target.quant_scheme, ctx=ctx, device=device,
+                                                              progress=progress)
+                q_paths = {k: Path(v) for k, v in quantized[target.quant_scheme]["onnx"].items()}
+        result = build(out, target.name, ctx=ctx, quantized=q_paths)
         skipped += result["skipped"]
         if result["built"]:
             profile(out, target.name, quick=quick_profile)
             profiled.append(target.name)
-    return report(out, tuple(profiled), skipped,
-                  extra={"export_parity": {m: e["parity"] for m, e in exports.items()}})
+    extra: dict[str, Any] = {"export_parity": {m: e["parity"] for m, e in exports.items()}}
+    if quantized:
+        extra["quantization"] = {scheme: {k: v for k, v in q.items() if k not in ("qat_history", "onnx")}
+                                 for scheme, q in quantized.items()}
+    return report(out, tuple(profiled), skipped, extra=extra)
+
+
+def quantize(run_dir: str | Path, scheme: str, *, ctx: RunContext | None = None, device: str = "auto",
+             progress: bool = True) -> dict[str, Any]:
+    """PTQ and (when [quantize].mode = "qat") quantization-aware distillation of the run's student."""
+    from edgekd.compress import quantize_student, require_torchao
+
+    require_torchao()
+    ctx = ctx or RunContext(run_dir)
+    return quantize_student(ctx, scheme, device=device, progress=progress)

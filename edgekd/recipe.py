@@ -52,11 +52,26 @@ class DistillConfig:
 
 
 @dataclass(frozen=True)
+class QuantizeConfig:
+    mode: str = "none"              # none | ptq | qat (qat also builds the ptq baseline)
+    epochs: int = 5                 # QAT epochs, continuing from the distilled FP32 student
+    lr: float = 5e-4
+    freeze_fraction: float = 0.4    # last part of QAT with observers and BatchNorm statistics frozen
+    calibration: str | None = None  # a calibration manifest (calibration/*.toml); None: drawn from training data
+    calibration_size: int = 256
+    calibration_seed: int = 0
+    observer: str = "minmax"        # PTQ activation observer: minmax | percentile | mse
+    percentile: float = 99.99
+    keep_float: int = 0             # keep the N most sensitive layers in float (runs the sensitivity pass)
+
+
+@dataclass(frozen=True)
 class Recipe:
     data: DataConfig = field(default_factory=DataConfig)
     teacher: ModelConfig = field(default_factory=lambda: ModelConfig(model="cnn:widths=32,64,128", epochs=15))
     student: ModelConfig = field(default_factory=lambda: ModelConfig(model="cnn:widths=16,32", epochs=15))
     distill: DistillConfig = field(default_factory=DistillConfig)
+    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
     base_dir: str = "."             # folder relative paths in the recipe resolve against (not a TOML key)
 
     def path(self, value: str) -> Path:
@@ -66,8 +81,9 @@ class Recipe:
 
 
 SECTIONS: dict[str, type] = {"data": DataConfig, "teacher": ModelConfig, "student": ModelConfig,
-                             "distill": DistillConfig}
-CHOICES: dict[str, tuple[str, ...]] = {"optimizer": ("adamw", "sgd"), "schedule": ("cosine", "onecycle", "constant")}
+                             "distill": DistillConfig, "quantize": QuantizeConfig}
+CHOICES: dict[str, tuple[str, ...]] = {"optimizer": ("adamw", "sgd"), "schedule": ("cosine", "onecycle", "constant"),
+                                       "mode": ("none", "ptq", "qat"), "observer": ("minmax", "percentile", "mse")}
 
 
 def _type_name(tp: Any) -> str:
@@ -144,6 +160,11 @@ def _validate(r: Recipe, where: str) -> None:
                 raise EdgekdError(f"{where} [{name}].{key}: must be >= 1, got {getattr(m, key)}")
         if m.lr <= 0:
             raise EdgekdError(f"{where} [{name}].lr: must be > 0, got {m.lr}")
+    q = r.quantize
+    if not 0.0 <= q.freeze_fraction <= 1.0:
+        raise EdgekdError(f"{where} [quantize].freeze_fraction: must be in [0, 1], got {q.freeze_fraction}")
+    if q.calibration_size < 1 or q.epochs < 0 or q.keep_float < 0:
+        raise EdgekdError(f"{where} [quantize]: calibration_size must be >= 1, epochs and keep_float >= 0")
     for key in ("test_fraction", "val_fraction"):
         v = getattr(r.data, key)
         if not 0.0 <= v < 1.0:
@@ -163,7 +184,8 @@ def load_recipe(path: str | Path) -> Recipe:
         raise EdgekdError(f"recipe {path}: not valid TOML ({e})") from None
     except UnicodeDecodeError:
         raise EdgekdError(f"recipe {path}: not a text file") from None
-    base = path.parent if path.parent != Path(__file__).parent / "recipes" else Path(".")
+    # built-in recipes name repository paths (calibration/...): resolve them against the repository
+    base = path.parent if path.parent != Path(__file__).parent / "recipes" else Path(__file__).parent.parent
     return recipe_from_dict(raw, where=f"recipe {path}", base_dir=base)
 
 

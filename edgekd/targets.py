@@ -24,7 +24,7 @@ RUNTIMES = ("onnxruntime", "tensorrt", "torch")
 DEVICES = ("cpu", "cuda", "dla")
 PRECISIONS = ("fp32", "fp16", "int8")
 OPT_LEVELS = ("disable", "basic", "extended", "all")
-QUANT_SCHEMES = ("ort-cpu", "tensorrt", "none")
+QUANT_SCHEMES = ("ort-cpu", "ort-cpu-avx2", "tensorrt", "none")  # edgekd.quantize.SCHEMES, plus "none"
 
 # What each runtime can build; int8 always means "from a Q/DQ ONNX", never calibration inside the builder.
 RUNTIME_PRECISIONS = {
@@ -194,8 +194,8 @@ def _from_dict(file: Path, data: dict[str, Any]) -> Target:
     scheme = v.get("quant_scheme", _DEFAULT_QUANT_SCHEME[runtime])
     _choice(file, "quant_scheme", scheme, QUANT_SCHEMES)
     if "int8" in precisions and scheme == "none":
-        raise EdgekdError(f"target file {file}: precision 'int8' needs quant_scheme 'ort-cpu' or 'tensorrt', "
-                          "got 'none'")
+        raise EdgekdError(f"target file {file}: precision 'int8' needs an int8 quant_scheme "
+                          "(ort-cpu, ort-cpu-avx2, tensorrt), got 'none'")
 
     batch_sizes = tuple(sorted(set(v.get("batch_sizes", (1,)))))
     dynamic = v.get("dynamic_batch", True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,8 +60,11 @@ def check_model_fits(model: nn.Module, input_shape: tuple[int, ...], num_classes
 
 @torch.no_grad()
 def predict_logits(model: nn.Module, x: np.ndarray, device: torch.device | str = "cpu",
-                   batch_size: int = 512) -> np.ndarray:
-    model.eval()
+                   batch_size: int = 512, set_mode: Callable[[nn.Module, bool], None] | None = None) -> np.ndarray:
+    if set_mode is None:
+        model.eval()
+    else:
+        set_mode(model, False)
     outs = []
     for i in range(0, len(x), batch_size):
         xb = torch.from_numpy(x[i:i + batch_size]).to(device)
@@ -68,8 +72,9 @@ def predict_logits(model: nn.Module, x: np.ndarray, device: torch.device | str =
     return torch.cat(outs).numpy() if outs else np.zeros((0,), np.float32)
 
 
-def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray, device: torch.device | str = "cpu") -> float:
-    logits = predict_logits(model, x, device)
+def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray, device: torch.device | str = "cpu",
+             set_mode: Callable[[nn.Module, bool], None] | None = None) -> float:
+    logits = predict_logits(model, x, device, set_mode=set_mode)
     return float((logits.argmax(1) == y).mean()) if len(y) else float("nan")
 
 
@@ -115,11 +120,17 @@ class _FeatureTaps:
 def fit(model: nn.Module, x: np.ndarray, y: np.ndarray, cfg: ModelConfig, *, device: torch.device,
         desc: str, epochs: int | None = None, lr: float | None = None, batch_size: int | None = None,
         seed: int | None = None, teacher: nn.Module | None = None, kd: KDConfig | None = None,
-        x_val: np.ndarray | None = None, y_val: np.ndarray | None = None, progress: bool = True) -> list[dict]:
+        x_val: np.ndarray | None = None, y_val: np.ndarray | None = None, progress: bool = True,
+        set_mode: Callable[[nn.Module, bool], None] | None = None,
+        on_epoch: Callable[[int], None] | None = None) -> list[dict]:
     """Train `model` in place with cross-entropy, or with the KD loss when a teacher is given.
 
-    Labels of -1 mark unlabelled samples (soft term only). Returns one history row per epoch.
+    Labels of -1 mark unlabelled samples (soft term only). `set_mode(model, training)` replaces
+    model.train()/eval() for torch.export'ed (QAT) models that refuse them; `on_epoch(epoch)` runs before
+    each epoch (QAT uses it to freeze observers and BatchNorm for the last epochs). Returns one history
+    row per epoch.
     """
+    set_mode = set_mode or (lambda m, training: m.train(training))
     epochs = cfg.epochs if epochs is None else epochs
     lr = cfg.lr if lr is None else lr
     batch_size = cfg.batch_size if batch_size is None else batch_size
@@ -156,7 +167,9 @@ def fit(model: nn.Module, x: np.ndarray, y: np.ndarray, cfg: ModelConfig, *, dev
     history = []
     try:
         for epoch in range(epochs):
-            model.train()
+            if on_epoch is not None:
+                on_epoch(epoch)
+            set_mode(model, True)
             start = time.perf_counter()
             order = torch.randperm(len(x), generator=gen)
             total_loss, correct, seen = 0.0, 0, 0
@@ -192,7 +205,7 @@ def fit(model: nn.Module, x: np.ndarray, y: np.ndarray, cfg: ModelConfig, *, dev
             row = {"epoch": epoch + 1, "loss": total_loss / len(x), "train_accuracy": correct / max(seen, 1),
                    "seconds": time.perf_counter() - start}
             if x_val is not None and len(x_val):
-                row["val_accuracy"] = accuracy(model, x_val, y_val, device)
+                row["val_accuracy"] = accuracy(model, x_val, y_val, device, set_mode)
             history.append(row)
             if progress:
                 extra = f" val_acc={row['val_accuracy']:.4f}" if "val_accuracy" in row else ""
@@ -202,5 +215,5 @@ def fit(model: nn.Module, x: np.ndarray, y: np.ndarray, cfg: ModelConfig, *, dev
         for taps in (taps_s, taps_t):
             if taps:
                 taps.remove()
-    model.eval()
+    set_mode(model, False)
     return history

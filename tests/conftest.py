@@ -134,5 +134,5 @@ def edge_qdq(edge_model, edge_eval, tmp_path_factory):
     gm(x)  # calibrate
     gm = move_exported_model_to_eval(convert_pt2e(gm))
     path = tmp_path_factory.mktemp("qdq") / "student.int8.onnx"
-    export_onnx(gm, x[:1], path, metadata={"quant_scheme": "ort-cpu"})
+    export_onnx(gm, x[:1], path, metadata={"quant_scheme": "ort-cpu-avx2"})
     return gm, path

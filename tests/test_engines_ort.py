@@ -116,7 +116,7 @@ def test_precision_rules(edge_source, edge_qdq, tmp_path: Path) -> None:
         build(replace(edge_source, quantization="ptq"), x86, "int8", tmp_path / "d")
     with pytest.raises(EdgekdError, match="contains QuantizeLinear/DequantizeLinear nodes but precision is fp32"):
         build(replace(edge_source, onnx_path=edge_qdq[1]), x86, "fp32", tmp_path / "e")
-    with pytest.raises(EdgekdError, match="quantized with scheme 'ort-cpu' but target .* expects 'tensorrt'"):
+    with pytest.raises(EdgekdError, match="quantized with scheme 'ort-cpu-avx2' but target .* expects 'tensorrt'"):
         build(replace(edge_source, onnx_path=edge_qdq[1], quantization="qat"), replace(x86, quant_scheme="tensorrt"),
               "int8", tmp_path / "f")
     assert not list(tmp_path.iterdir())

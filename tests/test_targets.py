@@ -37,7 +37,7 @@ def test_catalog_has_the_documented_targets() -> None:
 def test_catalog_choices() -> None:
     x86 = load_target("x86-cpu-ort")
     assert (x86.runtime, x86.device, x86.threads, x86.batch_sizes) == ("onnxruntime", "cpu", 2, (1, 8))
-    assert x86.precisions == ("fp32", "int8") and x86.quant_scheme == "ort-cpu" and x86.dynamic_batch
+    assert x86.precisions == ("fp32", "int8") and x86.quant_scheme == "ort-cpu-avx2" and x86.dynamic_batch
     assert x86.providers == ("CPUExecutionProvider",)
     arm = load_target("arm64-cpu-ort")
     assert arm.threads == 4 and arm.quant_scheme == "ort-cpu"
@@ -99,7 +99,8 @@ def test_wrong_type_names_file_and_key(tmp_path: Path, body: str, key: str) -> N
      r"batch_sizes \[8\] fall outside"),
     ('runtime = "onnxruntime"\ndevice = "cpu"\nprecisions = ["fp32"]\nbatch_sizes = [1, 8]\n'
      'dynamic_batch = false\n', "exactly one"),
-    ('runtime = "onnxruntime"\ndevice = "cpu"\nprecisions = ["int8"]\nquant_scheme = "none"\n', "needs quant_scheme"),
+    ('runtime = "onnxruntime"\ndevice = "cpu"\nprecisions = ["int8"]\nquant_scheme = "none"\n',
+     "needs an int8 quant_scheme"),
     ('runtime = "onnxruntime"\ndevice = "cpu"\nprecisions = ["fp32"]\n[provider_options.CUDAExecutionProvider]\n'
      'device_id = 0\n', "not in providers"),
     ('runtime = "onnxruntime"\ndevice = "cpu"\nprecisions = ["fp32"\n', "not valid TOML"),

@@ -1,0 +1,133 @@
+"""Compression stage: PTQ baseline and quantization-aware distillation (QAT with the KD loss), per scheme.
+
+Both start from the distilled FP32 student and use the same torchao quantizer (edgekd.quantize), so PTQ
+and QAT differ only in training. QAT runs the teacher's KD loss on fake-quantized weights and
+activations; for the last `freeze_fraction` of its epochs the observers and BatchNorm statistics are
+frozen (as the QAT literature recommends), then it is converted to Q/DQ and exported to ONNX.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from edgekd import calibration, fileio
+from edgekd.errors import EdgekdError
+from edgekd.recipe import QuantizeConfig, resolved
+
+CALIBRATION_BATCH = 64
+
+
+def calibration_inputs(ctx: Any, cfg: QuantizeConfig) -> tuple[np.ndarray, dict[str, Any]]:
+    """The manifest's set when the recipe names one, else a seeded draw from the training split."""
+    if cfg.calibration:
+        x, manifest = calibration.load(ctx.recipe.path(cfg.calibration), ctx.data.input_shape)
+        return x, {"manifest": cfg.calibration, "samples": int(len(x)), "seed": manifest.get("seed"),
+                   "sha256": manifest["sha256"]}
+    x = calibration.draw(ctx.data, cfg.calibration_size, cfg.calibration_seed)
+    return x, {"manifest": None, "split": "train", "samples": int(len(x)), "seed": cfg.calibration_seed}
+
+
+def _batches(x: np.ndarray) -> list[torch.Tensor]:
+    return [torch.from_numpy(x[i:i + CALIBRATION_BATCH]) for i in range(0, len(x), CALIBRATION_BATCH)]
+
+
+def _export(ctx: Any, gm: nn.Module, quantization: str, scheme: str) -> Path:
+    from edgekd.export import export_onnx
+
+    path = ctx.onnx_path("student", quantization, scheme)
+    export_onnx(gm, torch.from_numpy(ctx.data.x_test[:2]), path,
+                metadata=ctx.metadata("student", {"quantization": quantization, "quant_scheme": scheme}))
+    return path
+
+
+def _qat_mode(frozen: list[bool]):
+    from torchao.quantization.pt2e import move_exported_model_to_eval, move_exported_model_to_train
+
+    from edgekd.quantize import freeze
+
+    def set_mode(model: nn.Module, training: bool) -> None:
+        if not training:
+            move_exported_model_to_eval(model)
+        elif frozen[0]:
+            freeze(model)   # BN keeps running statistics, observers stay off
+        else:
+            move_exported_model_to_train(model)
+    return set_mode
+
+
+def quantize_student(ctx: Any, scheme: str, *, device: str = "cpu", progress: bool = True) -> dict[str, Any]:
+    """PTQ (and QAT when the recipe asks) for one quantization scheme; returns the Q/DQ ONNX paths and what
+    was measured in PyTorch: {"onnx": {"ptq": path, "qat": path}, "calibration": ..., "pytorch_accuracy": ...}."""
+    from edgekd import quantize
+    from edgekd.train import KDConfig, accuracy, fit, resolve_device
+
+    cfg = ctx.recipe.quantize
+    if cfg.mode == "none":
+        return {"onnx": {}}
+    x_cal, cal_info = calibration_inputs(ctx, cfg)
+    student = ctx.model("student")
+    example = torch.from_numpy(ctx.data.x_train[:2])
+    skip: tuple[str, ...] = ()
+    result: dict[str, Any] = {"scheme": scheme, "calibration": cal_info, "onnx": {}, "pytorch_accuracy": {}}
+    if cfg.keep_float:
+        rows = quantize.sensitivity(student, example, _batches(x_cal),
+                                    lambda m: accuracy(m, ctx.data.x_val, ctx.data.y_val,
+                                                       set_mode=lambda mm, t: None),
+                                    quantize.QuantConfig(scheme=scheme, observer=cfg.observer,
+                                                         percentile=cfg.percentile))
+        skip = tuple(r["layer"] for r in rows[:cfg.keep_float])
+        result["sensitivity"] = rows
+        result["kept_float"] = list(skip)
+    qcfg = quantize.QuantConfig(scheme=scheme, observer=cfg.observer, percentile=cfg.percentile, skip=skip)
+
+    start = time.perf_counter()
+    ptq_model = quantize.ptq(ctx.model("student"), example, _batches(x_cal), qcfg)
+    result["onnx"]["ptq"] = str(_export(ctx, ptq_model, "ptq", scheme))
+    result["pytorch_accuracy"]["ptq"] = accuracy(ptq_model, ctx.data.x_test, ctx.data.y_test,
+                                                 set_mode=lambda m, t: None)
+    result["ptq_seconds"] = round(time.perf_counter() - start, 2)
+
+    if cfg.mode == "qat" and cfg.epochs > 0:
+        start = time.perf_counter()
+        dev = resolve_device(device)
+        teacher = ctx.model("teacher")
+        prepared = quantize.prepare(student, example, qcfg, qat=True)
+        quantize.calibrate(prepared, _batches(x_cal))     # start the fake-quant ranges from calibration data
+        frozen = [False]
+        freeze_from = cfg.epochs - math.ceil(cfg.epochs * cfg.freeze_fraction)
+
+        def on_epoch(epoch: int) -> None:
+            if epoch >= freeze_from and not frozen[0]:
+                frozen[0] = True
+                quantize.freeze(prepared)
+
+        d = resolved(ctx.recipe).distill
+        history = fit(prepared, ctx.data.x_train, ctx.data.y_train, ctx.recipe.student, device=dev,
+                      desc="student (QAT-KD)", epochs=cfg.epochs, lr=cfg.lr, batch_size=d.batch_size,
+                      seed=d.seed, teacher=teacher, kd=KDConfig(d.temperature, d.alpha),
+                      progress=progress, set_mode=_qat_mode(frozen), on_epoch=on_epoch)
+        prepared.to("cpu")
+        result["qat_fake_quant_accuracy"] = accuracy(prepared, ctx.data.x_test, ctx.data.y_test,
+                                                     set_mode=_qat_mode(frozen))
+        converted = quantize.convert(prepared)
+        result["onnx"]["qat"] = str(_export(ctx, converted, "qat", scheme))
+        result["pytorch_accuracy"]["qat"] = accuracy(converted, ctx.data.x_test, ctx.data.y_test,
+                                                     set_mode=lambda m, t: None)
+        result["qat_history"] = history
+        result["qat_seconds"] = round(time.perf_counter() - start, 2)
+    fileio.write_json(ctx.dir / "onnx" / f"quantize-{scheme}.json", result)
+    return result
+
+
+def require_torchao() -> None:
+    try:
+        import torchao  # noqa: F401
+    except ImportError as e:
+        raise EdgekdError(f"[quantize] needs torchao ({e}); install it with `pip install torchao`") from None
