@@ -68,7 +68,7 @@ def test_quantized_graph_module(edge_qdq, edge_eval) -> None:
     onnx.checker.check_model(model, full_check=True)
     ops = {n.op_type for n in model.graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
-    assert read_metadata(path)["quant_scheme"] == "ort-cpu"
+    assert read_metadata(path)["quant_scheme"] == "ort-cpu-avx2"
     result = parity(gm, path, edge_eval[0])
     assert result["max_abs_diff"] < 0.05
     assert result["top1_agreement"] >= 0.9
