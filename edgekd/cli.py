@@ -19,6 +19,8 @@ DEVICE = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), de
 OUT = click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
                    help="Run folder to write into.")
 QUIET = click.option("--quiet", is_flag=True, help="No progress bars.")
+RESUME = click.option("--resume", is_flag=True, help="Continue a killed run from OUT/checkpoints/ and skip the "
+                      "models already trained.")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -27,12 +29,20 @@ def cli() -> None:
     """Distill a large model into a small one, quantize it, and build and profile engines for edge targets."""
 
 
+def _is_main() -> bool:
+    """Under torchrun only rank 0 prints the table."""
+    from edgekd.distributed import is_main
+
+    return is_main()
+
+
 @cli.command()
 @click.argument("recipe")
 @OUT
 @DEVICE
 @QUIET
-def teacher(recipe: str, out: Path, device: str, quiet: bool) -> None:
+@RESUME
+def teacher(recipe: str, out: Path, device: str, quiet: bool, resume: bool) -> None:
     """Train the teacher on the task (fine-tune it when [teacher].checkpoint is set).
 
     RECIPE is a TOML file, or the built-in name 'digits'.
@@ -40,7 +50,9 @@ def teacher(recipe: str, out: Path, device: str, quiet: bool) -> None:
     from edgekd.distillation import metrics_table, train_teacher
     from edgekd.recipe import load_recipe
 
-    metrics = train_teacher(load_recipe(recipe), out, device=device, progress=not quiet)
+    metrics = train_teacher(load_recipe(recipe), out, device=device, progress=not quiet, resume=resume)
+    if not _is_main():
+        return
     click.echo(metrics_table(metrics))
     click.echo(f"\nwrote {out / 'teacher.safetensors'}")
 
@@ -50,7 +62,8 @@ def teacher(recipe: str, out: Path, device: str, quiet: bool) -> None:
 @OUT
 @DEVICE
 @QUIET
-def distill(recipe: str, out: Path, device: str, quiet: bool) -> None:
+@RESUME
+def distill(recipe: str, out: Path, device: str, quiet: bool, resume: bool) -> None:
     """Distill the student from the teacher, and train the same student from scratch as the baseline.
 
     Uses OUT/teacher.safetensors (or [teacher].checkpoint) when present, else trains the teacher first.
@@ -59,7 +72,9 @@ def distill(recipe: str, out: Path, device: str, quiet: bool) -> None:
     from edgekd.distillation import metrics_table
     from edgekd.recipe import load_recipe
 
-    metrics = run_distill(load_recipe(recipe), out, device=device, progress=not quiet)
+    metrics = run_distill(load_recipe(recipe), out, device=device, progress=not quiet, resume=resume)
+    if not _is_main():
+        return
     click.echo(metrics_table(metrics))
     click.echo(f"\nwrote {out}/{{student,scratch}}.safetensors, metrics.json, recipe.toml")
 
@@ -243,6 +258,12 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2 if e.exit_code in (1, 2) else e.exit_code)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
+    finally:
+        if "torch" in sys.modules:
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized():
+                dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import nn
 
-from edgekd import fileio
+from edgekd import distributed, fileio
 from edgekd.data import Dataset, load_data
 from edgekd.errors import EdgekdError
 from edgekd.models import build_model, count_params, load_weights, save_weights
@@ -40,6 +40,8 @@ def read_metrics(out: Path) -> dict[str, Any]:
 
 
 def _save_run_files(out: Path, recipe: Recipe, metrics: dict[str, Any]) -> None:
+    if not distributed.is_main():
+        return
     fileio.write_text(out / "recipe.toml", to_toml(resolved(recipe)))
     fileio.write_json(out / "metrics.json", metrics)
 
@@ -67,22 +69,50 @@ def load_teacher(recipe: Recipe, out: Path, data: Dataset) -> tuple[nn.Module, P
     return model, path
 
 
+def _train_role(recipe: Recipe, out: Path, role: str, data: Dataset, dev: Any, *, progress: bool, resume: bool,
+                model: nn.Module, teacher: nn.Module | None = None, kd: KDConfig | None = None,
+                schedule: dict[str, Any] | None = None, metrics: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train one role with checkpoints in out/checkpoints/<role>.ckpt; write <role>.safetensors (rank 0).
+
+    With `resume`, a role whose safetensors and metrics already exist is not retrained, and a role with a
+    checkpoint continues from it.
+    """
+    final = out / f"{role}.safetensors"
+    if resume and final.is_file() and metrics and role in metrics:
+        load_weights(model, final)
+        return metrics[role]
+    cfg = recipe.teacher if role == "teacher" else recipe.student
+    ckpt = out / "checkpoints" / f"{role}.ckpt"
+    desc = {"teacher": "teacher", "student": "student (KD)", "scratch": "scratch"}[role]
+    start = time.perf_counter()
+    history = fit(model, data.x_train, data.y_train, cfg, device=dev, desc=desc, teacher=teacher, kd=kd,
+                  x_val=data.x_val, y_val=data.y_val, progress=progress, checkpoint=ckpt, resume=resume,
+                  teacher_bf16=recipe.distill.teacher_bf16 and teacher is not None, **(schedule or {}))
+    spec = recipe.teacher.model if role == "teacher" else recipe.student.model
+    if distributed.is_main():
+        save_weights(model, final, _metadata(spec, data, role))
+        ckpt.unlink(missing_ok=True)
+    distributed.barrier()
+    entry = _entry(model, data, dev, history, start)
+    if distributed.is_distributed():
+        entry.update(world_size=distributed.world_size(),
+                     max_param_divergence=history[-1].get("max_param_divergence", 0.0) if history else 0.0)
+    return entry
+
+
 def train_teacher(recipe: Recipe, out: str | Path, *, device: str = "auto", progress: bool = True,
-                  data: Dataset | None = None) -> dict[str, Any]:
+                  data: Dataset | None = None, resume: bool = False) -> dict[str, Any]:
     """Train the teacher on the task, or fine-tune it from [teacher].checkpoint; writes teacher.safetensors."""
+    distributed.init_from_env()
     out = Path(out)
     data = data or load_data(recipe.data, recipe.base_dir)
-    dev = resolve_device(device)
+    dev = distributed.local_device(resolve_device(device))
     model = build_role_model(recipe, "teacher", data)
     if recipe.teacher.checkpoint:
         load_weights(model, recipe.path(recipe.teacher.checkpoint))
-    start = time.perf_counter()
-    history = fit(model, data.x_train, data.y_train, recipe.teacher, device=dev, desc="teacher",
-                  x_val=data.x_val, y_val=data.y_val, progress=progress)
-    out.mkdir(parents=True, exist_ok=True)
-    save_weights(model, out / "teacher.safetensors", _metadata(recipe.teacher.model, data, "teacher"))
     metrics = read_metrics(out)
-    metrics["teacher"] = _entry(model, data, dev, history, start)
+    metrics["teacher"] = _train_role(recipe, out, "teacher", data, dev, progress=progress, resume=resume,
+                                     model=model, metrics=metrics)
     _save_run_files(out, recipe, metrics)
     return metrics
 
@@ -94,15 +124,16 @@ def _entry(model: nn.Module, data: Dataset, dev: Any, history: list[dict], start
 
 
 def distill(recipe: Recipe, out: str | Path, *, device: str = "auto", progress: bool = True,
-            data: Dataset | None = None) -> dict[str, Any]:
+            data: Dataset | None = None, resume: bool = False) -> dict[str, Any]:
     """Distill the student from the teacher (training the teacher first if `out` has none), and train the
     same student from scratch with the same data, seed and schedule as the baseline."""
+    distributed.init_from_env()
     out = Path(out)
     data = data or load_data(recipe.data, recipe.base_dir)
-    dev = resolve_device(device)
+    dev = distributed.local_device(resolve_device(device))
     found = load_teacher(recipe, out, data)
     if found is None:
-        metrics = train_teacher(recipe, out, device=device, progress=progress, data=data)
+        metrics = train_teacher(recipe, out, device=device, progress=progress, data=data, resume=resume)
         teacher = build_role_model(recipe, "teacher", data)
         load_weights(teacher, out / "teacher.safetensors")
     else:
@@ -115,21 +146,13 @@ def distill(recipe: Recipe, out: str | Path, *, device: str = "auto", progress: 
     schedule = {"epochs": d.epochs, "lr": d.lr, "batch_size": d.batch_size, "seed": d.seed}
 
     student = build_role_model(recipe, "student", data)
-    start = time.perf_counter()
-    history = fit(student, data.x_train, data.y_train, recipe.student, device=dev, desc="student (KD)",
-                  teacher=teacher, kd=kd, x_val=data.x_val, y_val=data.y_val, progress=progress, **schedule)
-    out.mkdir(parents=True, exist_ok=True)
-    save_weights(student, out / "student.safetensors", _metadata(recipe.student.model, data, "student"))
-    metrics["student"] = _entry(student, data, dev, history, start)
+    metrics["student"] = _train_role(recipe, out, "student", data, dev, progress=progress, resume=resume,
+                                     model=student, teacher=teacher, kd=kd, schedule=schedule, metrics=metrics)
     metrics["student"].update(temperature=d.temperature, alpha=d.alpha)
-
     if d.baseline:
         scratch = build_role_model(recipe, "scratch", data)
-        start = time.perf_counter()
-        history = fit(scratch, data.x_train, data.y_train, recipe.student, device=dev, desc="scratch",
-                      x_val=data.x_val, y_val=data.y_val, progress=progress, **schedule)
-        save_weights(scratch, out / "scratch.safetensors", _metadata(recipe.student.model, data, "scratch"))
-        metrics["scratch"] = _entry(scratch, data, dev, history, start)
+        metrics["scratch"] = _train_role(recipe, out, "scratch", data, dev, progress=progress, resume=resume,
+                                         model=scratch, schedule=schedule, metrics=metrics)
     _save_run_files(out, recipe, metrics)
     return metrics
 

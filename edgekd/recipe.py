@@ -36,6 +36,8 @@ class ModelConfig:
     optimizer: str = "adamw"        # adamw | sgd
     schedule: str = "cosine"        # cosine | onecycle | constant
     seed: int = 0
+    checkpoint_every: int = 0       # also checkpoint every N steps (0: at each epoch end only)
+    amp: str = "none"               # none | bf16 (autocast on CUDA; ignored on CPU)
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,7 @@ class DistillConfig:
     baseline: bool = True           # also train the same student from scratch
     features: list[list[str]] = field(default_factory=list)   # [["student.layer", "teacher.layer"], ...]
     feature_weight: float = 1.0
+    teacher_bf16: bool = False      # run the teacher in bf16 (CUDA) to halve its memory and time
 
 
 @dataclass(frozen=True)
@@ -83,7 +86,8 @@ class Recipe:
 SECTIONS: dict[str, type] = {"data": DataConfig, "teacher": ModelConfig, "student": ModelConfig,
                              "distill": DistillConfig, "quantize": QuantizeConfig}
 CHOICES: dict[str, tuple[str, ...]] = {"optimizer": ("adamw", "sgd"), "schedule": ("cosine", "onecycle", "constant"),
-                                       "mode": ("none", "ptq", "qat"), "observer": ("minmax", "percentile", "mse")}
+                                       "mode": ("none", "ptq", "qat"), "observer": ("minmax", "percentile", "mse"),
+                                       "amp": ("none", "bf16")}
 
 
 def _type_name(tp: Any) -> str:

@@ -6,6 +6,8 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -14,6 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from edgekd.errors import EdgekdError
+from edgekd.fileio import atomic_path
 from edgekd.losses import FeatureProjection, hint_loss, kd_loss
 from edgekd.recipe import ModelConfig
 
@@ -117,96 +120,192 @@ class _FeatureTaps:
             h.remove()
 
 
+class _Trainee(nn.Module):
+    """The student plus the hint projections, as one module so DDP syncs both and checkpoints hold both."""
+
+    def __init__(self, model: nn.Module, projections: nn.ModuleDict, taps: _FeatureTaps | None) -> None:
+        super().__init__()
+        self.model = model
+        self.projections = projections
+        self._taps = taps
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        logits = self.model(x)
+        feats = {name: proj(self._taps.outputs[name.replace("__", ".")]) for name, proj in self.projections.items()}
+        return logits, feats
+
+
+def _key(name: str) -> str:
+    return name.replace(".", "__")   # ModuleDict keys cannot contain dots
+
+
+def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def _load_checkpoint(path: Path, fingerprint: str) -> dict[str, Any]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise EdgekdError(f"checkpoint {path}: cannot be read ({type(e).__name__}: {e}); "
+                          "delete it to start over") from e
+    if state.get("fingerprint") != fingerprint:
+        raise EdgekdError(f"checkpoint {path}: was written by a different run ({state.get('fingerprint')!r}, this run "
+                          f"is {fingerprint!r}); delete it or use another --out")
+    return state
+
+
 def fit(model: nn.Module, x: np.ndarray, y: np.ndarray, cfg: ModelConfig, *, device: torch.device,
         desc: str, epochs: int | None = None, lr: float | None = None, batch_size: int | None = None,
         seed: int | None = None, teacher: nn.Module | None = None, kd: KDConfig | None = None,
         x_val: np.ndarray | None = None, y_val: np.ndarray | None = None, progress: bool = True,
         set_mode: Callable[[nn.Module, bool], None] | None = None,
-        on_epoch: Callable[[int], None] | None = None) -> list[dict]:
+        on_epoch: Callable[[int], None] | None = None, checkpoint: Path | None = None,
+        resume: bool = False, teacher_bf16: bool = False) -> list[dict]:
     """Train `model` in place with cross-entropy, or with the KD loss when a teacher is given.
 
     Labels of -1 mark unlabelled samples (soft term only). `set_mode(model, training)` replaces
     model.train()/eval() for torch.export'ed (QAT) models that refuse them; `on_epoch(epoch)` runs before
-    each epoch (QAT uses it to freeze observers and BatchNorm for the last epochs). Returns one history
-    row per epoch.
+    each epoch (QAT uses it to freeze observers and BatchNorm for the last epochs).
+
+    With `checkpoint`, the full training state (weights, optimizer, scheduler, RNG states, position in the
+    epoch) is written atomically every `cfg.checkpoint_every` steps and at each epoch end; `resume`
+    continues from it and, on CPU, ends with the same weights as an uninterrupted run. Under torchrun the
+    model is wrapped in DDP, the data is sharded with a DistributedSampler and metrics are summed across
+    ranks. Returns one history row per epoch.
     """
+    from torch.nn.parallel import DistributedDataParallel
+    from torch.utils.data.distributed import DistributedSampler
+
+    from edgekd import distributed
+
     set_mode = set_mode or (lambda m, training: m.train(training))
     epochs = cfg.epochs if epochs is None else epochs
     lr = cfg.lr if lr is None else lr
     batch_size = cfg.batch_size if batch_size is None else batch_size
     seed = cfg.seed if seed is None else seed
+    main = distributed.is_main()
+    progress = progress and main
     model.to(device)
-    params = list(model.parameters())
     taps_s = taps_t = None
     projections = nn.ModuleDict()
     if teacher is not None:
         teacher.to(device).eval()
+        if teacher_bf16:
+            teacher.to(torch.bfloat16)
         if kd and kd.features:
             taps_s = _FeatureTaps(model, [s for s, _ in kd.features], "student")
             taps_t = _FeatureTaps(teacher, [t for _, t in kd.features], "teacher")
             probe = torch.from_numpy(x[:2]).to(device)
-            model.eval()
+            set_mode(model, False)
             with torch.no_grad():
                 model(probe)
-                teacher(probe)
+                teacher(probe.to(torch.bfloat16) if teacher_bf16 else probe)
             for s_name, t_name in kd.features:
                 fs, ft = taps_s.outputs[s_name], taps_t.outputs[t_name]
                 if fs.shape[2:] != ft.shape[2:] or fs.dim() != ft.dim():
                     raise EdgekdError(f"[distill].features: student {s_name!r} output {tuple(fs.shape[1:])} and "
                                       f"teacher {t_name!r} output {tuple(ft.shape[1:])} differ in spatial shape; "
                                       "pick layers with the same spatial size (widths may differ)")
-                projections[s_name.replace(".", "_")] = FeatureProjection(fs.shape[1], ft.shape[1], fs.dim() == 4)
+                projections[_key(s_name)] = FeatureProjection(fs.shape[1], ft.shape[1], fs.dim() == 4)
             projections.to(device)
-            params += list(projections.parameters())
+    trainee = _Trainee(model, projections, taps_s)
+    net: nn.Module = DistributedDataParallel(trainee) if distributed.is_distributed() else trainee
+    amp = device.type == "cuda" and cfg.amp == "bf16"
 
     gen = torch.Generator().manual_seed(seed)
-    opt = _optimizer(params, cfg, lr)
-    steps_per_epoch = math.ceil(len(x) / batch_size)
+    sampler = (DistributedSampler(range(len(x)), shuffle=True, seed=seed, drop_last=False)
+               if distributed.is_distributed() else None)
+    shard = len(sampler) if sampler is not None else len(x)
+    opt = _optimizer(list(trainee.parameters()), cfg, lr)
+    steps_per_epoch = math.ceil(shard / batch_size)
     sched = _scheduler(opt, cfg.schedule, lr, epochs * steps_per_epoch)
     x_t, y_t = torch.from_numpy(x), torch.from_numpy(y)
-    history = []
+    fingerprint = (f"{desc}|n={len(x)}|epochs={epochs}|lr={lr}|batch={batch_size}|seed={seed}"
+                   f"|world={distributed.world_size()}")
+    history: list[dict] = []
+    first_epoch, first_step, totals = 0, 0, [0.0, 0, 0, 0]   # loss sum, correct, labelled seen, samples
+    epoch_gen_state = gen.get_state()
+    if checkpoint is not None and resume and checkpoint.is_file():
+        state = _load_checkpoint(checkpoint, fingerprint)
+        trainee.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        first_epoch, first_step, history = state["epoch"], state["step"], state["history"]
+        totals = list(state["totals"])
+        epoch_gen_state = state["epoch_gen_state"]
+        torch.set_rng_state(state["torch_rng"])
+        if main:
+            tqdm.write(f"{desc}: resuming from {checkpoint} at epoch {first_epoch + 1}, step {first_step}")
+
+    def save(epoch: int, step: int) -> None:
+        if checkpoint is not None and main:
+            weights = trainee.state_dict()
+            if not all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point()):
+                raise EdgekdError(f"{desc}: weights became NaN/Inf at epoch {epoch + 1}; lower the learning rate "
+                                  f"(the last good checkpoint is {checkpoint})")
+            _save_checkpoint(checkpoint, {
+                "fingerprint": fingerprint, "model": weights, "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(), "epoch": epoch, "step": step, "history": history,
+                "totals": totals, "epoch_gen_state": epoch_gen_state, "torch_rng": torch.get_rng_state()})
+
     try:
-        for epoch in range(epochs):
+        for epoch in range(first_epoch, epochs):
             if on_epoch is not None:
                 on_epoch(epoch)
             set_mode(model, True)
             start = time.perf_counter()
-            order = torch.randperm(len(x), generator=gen)
-            total_loss, correct, seen = 0.0, 0, 0
-            bar = tqdm(range(steps_per_epoch), desc=f"{desc} {epoch + 1}/{epochs}", leave=False,
+            if sampler is not None:
+                sampler.set_epoch(epoch)
+                order = torch.tensor(list(sampler))
+            else:
+                gen.set_state(epoch_gen_state)
+                order = torch.randperm(len(x), generator=gen)
+            begin = first_step if epoch == first_epoch else 0
+            if begin == 0:
+                totals = [0.0, 0, 0, 0]
+            bar = tqdm(range(begin, steps_per_epoch), desc=f"{desc} {epoch + 1}/{epochs}", leave=False,
                        disable=not progress, unit="step")
             for step in bar:
                 idx = order[step * batch_size:(step + 1) * batch_size]
                 xb, yb = x_t[idx].to(device), y_t[idx].to(device)
-                logits = model(xb)
-                if teacher is None:
-                    loss = F.cross_entropy(logits, yb)
-                else:
-                    with torch.no_grad():
-                        t_logits = teacher(xb)
-                    loss = kd_loss(logits, t_logits, yb, kd.temperature, kd.alpha)
-                    for s_name, t_name in kd.features if kd else ():
-                        proj = projections[s_name.replace(".", "_")]
-                        loss = loss + kd.feature_weight * hint_loss(proj(taps_s.outputs[s_name]),
-                                                                    taps_t.outputs[t_name].detach())
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                    logits, feats = net(xb)
+                    if teacher is None:
+                        loss = F.cross_entropy(logits.float(), yb)
+                    else:
+                        with torch.no_grad():
+                            t_logits = teacher(xb.to(torch.bfloat16) if teacher_bf16 else xb).float()
+                        loss = kd_loss(logits.float(), t_logits, yb, kd.temperature, kd.alpha)
+                        for s_name, t_name in kd.features if kd else ():
+                            loss = loss + kd.feature_weight * hint_loss(feats[_key(s_name)].float(),
+                                                                        taps_t.outputs[t_name].detach().float())
                 if not torch.isfinite(loss):
                     raise EdgekdError(f"{desc}: loss became {loss.item()} at epoch {epoch + 1} step {step + 1}; "
-                                      "lower the learning rate or check the data for extreme values")
+                                      "lower the learning rate or check the data for extreme values"
+                                      + (f" (the last good checkpoint is {checkpoint})" if checkpoint else ""))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 sched.step()
                 labelled = yb >= 0
-                total_loss += loss.item() * len(idx)
-                correct += int((logits.argmax(1)[labelled] == yb[labelled]).sum())
-                seen += int(labelled.sum())
-                bar.set_postfix(loss=f"{total_loss / ((step * batch_size) + len(idx)):.4f}",
-                                acc=f"{correct / max(seen, 1):.3f}")
-            row = {"epoch": epoch + 1, "loss": total_loss / len(x), "train_accuracy": correct / max(seen, 1),
+                totals[0] += loss.item() * len(idx)
+                totals[1] += int((logits.argmax(1)[labelled] == yb[labelled]).sum())
+                totals[2] += int(labelled.sum())
+                totals[3] += len(idx)
+                bar.set_postfix(loss=f"{totals[0] / totals[3]:.4f}", acc=f"{totals[1] / max(totals[2], 1):.3f}")
+                if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < steps_per_epoch:
+                    save(epoch, step + 1)
+            loss_sum, correct, seen, samples = distributed.all_sum(totals, device)
+            row = {"epoch": epoch + 1, "loss": loss_sum / max(samples, 1), "train_accuracy": correct / max(seen, 1),
                    "seconds": time.perf_counter() - start}
             if x_val is not None and len(x_val):
                 row["val_accuracy"] = accuracy(model, x_val, y_val, device, set_mode)
             history.append(row)
+            epoch_gen_state = gen.get_state()
+            totals = [0.0, 0, 0, 0]
+            save(epoch + 1, 0)
             if progress:
                 extra = f" val_acc={row['val_accuracy']:.4f}" if "val_accuracy" in row else ""
                 tqdm.write(f"{desc} epoch {epoch + 1}/{epochs}: loss={row['loss']:.4f} "
@@ -215,5 +314,7 @@ def fit(model: nn.Module, x: np.ndarray, y: np.ndarray, cfg: ModelConfig, *, dev
         for taps in (taps_s, taps_t):
             if taps:
                 taps.remove()
+    if distributed.is_distributed():
+        history[-1]["max_param_divergence"] = distributed.max_param_divergence(model) if history else 0.0
     set_mode(model, False)
     return history

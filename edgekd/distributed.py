@@ -1,0 +1,73 @@
+"""torch.distributed glue: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; we only read them.
+
+`torchrun --nproc_per_node=N -m edgekd distill recipe.toml --out runs/x` runs data-parallel (DDP): gloo
+on CPU, NCCL on CUDA. Only rank 0 writes files and shows progress bars.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def init_from_env() -> bool:
+    """Join the process group torchrun describes (no-op for a single process); True when distributed."""
+    if dist.is_available() and not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend)
+    return is_distributed()
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def local_device(device: torch.device) -> torch.device:
+    """On CUDA each rank uses the GPU torchrun gave it (LOCAL_RANK)."""
+    if device.type == "cuda" and is_distributed():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def all_sum(values: list[float], device: torch.device) -> list[float]:
+    """Sum per-rank numbers across ranks (metrics are reduced, not taken from rank 0 alone)."""
+    if not is_distributed():
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def max_param_divergence(model: torch.nn.Module) -> float:
+    """Largest |param - rank 0's param| over all ranks: 0.0 when DDP kept the replicas in sync."""
+    if not is_distributed():
+        return 0.0
+    worst = torch.zeros((), dtype=torch.float64)
+    for p in model.parameters():
+        ref = p.detach().clone()
+        dist.broadcast(ref, src=0)
+        worst = torch.maximum(worst, (p.detach() - ref).abs().max().double().cpu())
+    worst = worst.to(next(model.parameters()).device)
+    dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+    return float(worst)
