@@ -64,3 +64,65 @@ class FeatureProjection(nn.Module):
 def hint_loss(projected_student: torch.Tensor, teacher_feature: torch.Tensor) -> torch.Tensor:
     """FitNets hint: mean squared error between the projected student feature and the teacher's."""
     return F.mse_loss(projected_student, teacher_feature)
+
+
+# --- Top-k and hard-label targets (black-box teachers, labels from `edgekd label`, the teacher cache) --------
+
+
+def topk_soft_target_loss(student_logits: torch.Tensor, topk_values: torch.Tensor, topk_indices: torch.Tensor,
+                          temperature: float, *, values_are: str = "logits") -> torch.Tensor:
+    """T^2 * KL(p || softmax(s/T)), averaged over the batch, for a teacher known only on k classes per sample.
+
+    The teacher distribution p over all C classes:
+      values_are="logits": p = softmax(topk_values / T) over the k known classes, renormalized, and 0 for the
+        others (their terms vanish from the KL). With k = C this is exactly `soft_target_loss`.
+      values_are="probs": the values are the teacher's probabilities of the k classes, already at the
+        temperature the caller wants (as `edgekd label` stores them); the rest of the mass, 1 - sum(values),
+        is spread uniformly over the C - k other classes (the maximum-entropy completion). With k = C and
+        values = softmax(t/T) this is again exactly `soft_target_loss(s, t, T)`.
+    The student is softened at T; T^2 keeps the gradient scale independent of T. Indices must be distinct
+    within a row.
+    """
+    t = temperature
+    topk_indices = topk_indices.long()
+    topk_values = topk_values.to(student_logits.dtype)
+    log_q = F.log_softmax(student_logits / t, dim=-1)
+    log_q_known = log_q.gather(1, topk_indices)
+    if values_are == "logits":
+        log_p = F.log_softmax(topk_values / t, dim=-1)
+        kl = (log_p.exp() * (log_p - log_q_known)).sum(dim=1)
+    elif values_are == "probs":
+        p = topk_values.clamp(min=0.0)
+        kl = (torch.xlogy(p, p) - p * log_q_known).sum(dim=1)
+        others = student_logits.shape[1] - topk_indices.shape[1]
+        if others > 0:
+            rest = (1.0 - p.sum(dim=1)).clamp(min=0.0)
+            each = rest / others
+            log_q_others = log_q.sum(dim=1) - log_q_known.sum(dim=1)
+            kl = kl + torch.xlogy(rest, each) - each * log_q_others
+    else:
+        raise ValueError(f"values_are={values_are!r}; expected 'logits' or 'probs'")
+    return kl.mean() * (t * t)
+
+
+def hard_label_loss(student_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Plain cross-entropy with the teacher's hard labels (a labels-only teacher, or pseudo-labels)."""
+    return F.cross_entropy(student_logits, labels)
+
+
+def topk_kd_loss(student_logits: torch.Tensor, topk_values: torch.Tensor, topk_indices: torch.Tensor,
+                 labels: torch.Tensor | None, temperature: float, alpha: float, *,
+                 values_are: str = "logits") -> torch.Tensor:
+    """`kd_loss` with a top-k teacher: alpha * topk_soft_target_loss + (1 - alpha) * CE(s, y).
+
+    Labels of -1 (unlabelled) contribute to the soft term only; `labels=None` or alpha >= 1: soft term only.
+    """
+    soft = topk_soft_target_loss(student_logits, topk_values, topk_indices, temperature, values_are=values_are)
+    if labels is None or alpha >= 1.0:
+        return soft
+    labelled = labels >= 0
+    if labelled.any():
+        hard = F.cross_entropy(student_logits[labelled], labels[labelled])
+    else:
+        hard = student_logits.sum() * 0.0
+    return alpha * soft + (1.0 - alpha) * hard
