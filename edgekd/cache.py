@@ -223,6 +223,14 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     return manifest
 
 
+def read_manifest(cache_dir: str | Path) -> dict[str, Any]:
+    """The manifest of a cache folder (what it was built for: augment, seed, top_k, epochs, teacher)."""
+    path = Path(cache_dir) / "manifest.json"
+    if not path.is_file():
+        raise EdgekdError(f"teacher cache {cache_dir}: no manifest.json; build it with `edgekd cache-teacher`")
+    return _read_manifest(path)
+
+
 def _describe(key: str, value: Any) -> str:
     return f"{value[:12]}..." if key in ("x_sha256", "teacher") and isinstance(value, str) else repr(value)
 

@@ -63,10 +63,19 @@ def load(path: str | Path, input_shape: tuple[int, ...]) -> tuple[np.ndarray, di
     if fileio.sha256_file(npz) != manifest["sha256"]:
         raise EdgekdError(f"calibration set {npz}: sha256 does not match {path}; the file changed since the "
                           "manifest was written (rebuild it with `edgekd calibrate`)")
-    with np.load(npz, allow_pickle=False) as f:
-        if "x" not in f.files:
-            raise EdgekdError(f"calibration set {npz}: no array 'x'")
-        x = f["x"].astype(np.float32)
+    try:
+        with np.load(npz, allow_pickle=False) as f:
+            if "x" not in f.files:
+                raise EdgekdError(f"calibration set {npz}: no array 'x'")
+            x = f["x"]
+    except EdgekdError:
+        raise
+    except Exception as e:  # not an .npz, or an object array (never unpickled)
+        raise EdgekdError(f"calibration set {npz}: cannot read array 'x' ({type(e).__name__}: {e}); expected an "
+                          ".npz of float inputs (build one with `edgekd calibrate`)") from None
+    if x.dtype.kind not in "fiu":
+        raise EdgekdError(f"calibration set {npz}: array 'x' has dtype {x.dtype}, expected float inputs")
+    x = x.astype(np.float32)
     if tuple(x.shape[1:]) != tuple(input_shape):
         raise EdgekdError(f"calibration set {npz}: samples have shape {tuple(x.shape[1:])}, the model expects "
                           f"{tuple(input_shape)}")

@@ -63,7 +63,12 @@ def teacher(recipe: str, out: Path, device: str, quiet: bool, resume: bool) -> N
 @DEVICE
 @QUIET
 @RESUME
-def distill(recipe: str, out: Path, device: str, quiet: bool, resume: bool) -> None:
+@click.option("--labels", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Learn from what a black-box teacher said about the unlabelled pool (`edgekd label` output).")
+@click.option("--cache", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Offline KD from stored top-k teacher logits (`edgekd cache-teacher` output).")
+def distill(recipe: str, out: Path, device: str, quiet: bool, resume: bool, labels: Path | None,
+            cache: Path | None) -> None:
     """Distill the student from the teacher, and train the same student from scratch as the baseline.
 
     Uses OUT/teacher.safetensors (or [teacher].checkpoint) when present, else trains the teacher first.
@@ -72,11 +77,64 @@ def distill(recipe: str, out: Path, device: str, quiet: bool, resume: bool) -> N
     from edgekd.distillation import metrics_table
     from edgekd.recipe import load_recipe
 
-    metrics = run_distill(load_recipe(recipe), out, device=device, progress=not quiet, resume=resume)
+    if labels is not None and cache is not None:
+        raise EdgekdError("--labels and --cache: pick one source of teacher outputs")
+    metrics = run_distill(load_recipe(recipe), out, device=device, progress=not quiet, resume=resume, labels=labels,
+                          cache=cache)
     if not _is_main():
         return
     click.echo(metrics_table(metrics))
     click.echo(f"\nwrote {out}/{{student,scratch}}.safetensors, metrics.json, recipe.toml")
+
+
+@cli.command()
+@click.argument("recipe")
+@click.option("--teacher", "teacher_spec", required=True,
+              help="A black-box teacher: model.onnx, teacher.safetensors (the recipe's [teacher] model), or "
+                   "'cmd:program args' (reads in.npz, writes out.npz; see edgekd.teachers.CommandTeacher).")
+@click.option("--pool", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Unlabelled inputs (.npz with x, or .npy), raw like the training data; default [data] unlabeled.")
+@OUT
+@click.option("--top-k", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True)
+@click.option("--shard-size", type=click.IntRange(min=1), default=1024, show_default=True)
+@click.option("--min-confidence", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+              help="Report how many pseudo-labels a confidence threshold keeps per class.")
+@click.option("--balance", is_flag=True, help="Report the effect of class-balancing the pseudo-labels.")
+@QUIET
+def label(recipe: str, teacher_spec: str, pool: Path | None, out: Path, top_k: int, temperature: float,
+          shard_size: int, min_confidence: float, balance: bool, quiet: bool) -> None:
+    """Label an unlabelled pool with a black-box teacher into resumable, checksummed shards."""
+    from edgekd.distillation import label as run_label
+    from edgekd.recipe import load_recipe
+
+    result = run_label(load_recipe(recipe), teacher_spec, out, pool=pool, top_k=top_k, temperature=temperature,
+                       shard_size=shard_size, min_confidence=min_confidence, balance=balance, progress=not quiet)
+    m = result["manifest"]
+    click.echo(result["table"])
+    click.echo(f"\nwrote {out}: {m['samples']} samples in {len(m['shards'])} shards ({m['output_kind']})")
+
+
+@cli.command("cache-teacher")
+@click.argument("recipe")
+@OUT
+@click.option("--top-k", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option("--epochs", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Augmented epochs to precompute (one view per sample and epoch).")
+@click.option("--augment", default="none", show_default=True, help="'none' or e.g. 'flip,shift=2,noise=0.05'.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@DEVICE
+@QUIET
+def cache_teacher(recipe: str, out: Path, top_k: int, epochs: int, augment: str, seed: int, device: str,
+                  quiet: bool) -> None:
+    """Precompute the teacher's top-k logits (float16) for offline KD into OUT/teacher-cache."""
+    from edgekd.distillation import cache_teacher as run_cache
+    from edgekd.recipe import load_recipe
+
+    m = run_cache(load_recipe(recipe), out, top_k=top_k, epochs=epochs, augment=augment, seed=seed, device=device,
+                  progress=not quiet)
+    click.echo(f"wrote {out / 'teacher-cache'}: top-{m['top_k']} logits for {m['samples']} samples x "
+               f"{m['epochs']} epoch(s), augment {m['augment']!r}; train with `edgekd distill --cache`")
 
 
 RUN_DIR = click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
@@ -240,6 +298,11 @@ def doctor() -> None:
         click.echo(f"{name:14s} {status}")
 
 
+def _one_line(message: str) -> str:
+    """Error messages are printed as one line, even when they quote a multi-line library message."""
+    return " ".join(line.strip() for line in message.splitlines() if line.strip())
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: one clear line and exit code 2 for errors the user can fix."""
     debug = os.environ.get("EDGEKD_DEBUG") == "1"
@@ -248,13 +311,15 @@ def main(argv: list[str] | None = None) -> None:
     except EdgekdError as e:
         if debug:
             raise
-        click.echo(f"error: {e}", err=True)
+        click.echo(f"error: {_one_line(str(e))}", err=True)
         sys.exit(2)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
-    except click.ClickException as e:
-        e.show()
+    except click.ClickException as e:  # a bad option or argument: one line too, with where to look
+        ctx = getattr(e, "ctx", None)
+        hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+        click.echo(f"error: {_one_line(e.format_message())}{hint}", err=True)
         sys.exit(2 if e.exit_code in (1, 2) else e.exit_code)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)

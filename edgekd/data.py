@@ -55,11 +55,22 @@ def _digits() -> dict[str, Any]:
 
 
 def _npz(path: Path) -> dict[str, Any]:
+    import zipfile
+
+    if not zipfile.is_zipfile(path):  # np.load would take anything else for a pickle
+        raise EdgekdError(f"data {path}: not a readable .npz file (expected a zip of .npy arrays, as numpy.savez "
+                          "writes)")
+    arrays = {}
     try:
         with np.load(path, allow_pickle=False) as f:
-            arrays = {k: f[k] for k in f.files}
-    except ValueError as e:
-        raise EdgekdError(f"data {path}: cannot read ({e}); object arrays/pickles are not loaded") from None
+            for k in f.files:
+                try:
+                    arrays[k] = f[k]
+                except ValueError as e:
+                    raise EdgekdError(f"data {path}: cannot read array {k!r} ({e}); object arrays/pickles are "
+                                      "not loaded, store numbers (float or uint8 inputs, integer labels)") from None
+    except EdgekdError:
+        raise
     except Exception as e:
         raise EdgekdError(f"data {path}: not a readable .npz file ({type(e).__name__}: {e})") from None
     missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in arrays]
@@ -170,6 +181,28 @@ def _split(n: int, fraction: float, rng: np.random.Generator, y: np.ndarray) -> 
     return np.sort(np.concatenate(first)), np.sort(np.concatenate(second))
 
 
+def load_pool(path: str | Path, raw_scale: bool = False) -> np.ndarray:
+    """An unlabelled pool: an .npz with `x` or `x_unlabeled` (or a bare .npy). Not normalized here."""
+    path = Path(path)
+    if not path.is_file():
+        raise EdgekdError(f"pool {path}: file not found")
+    try:
+        if path.suffix == ".npy":
+            x = np.load(path, allow_pickle=False)
+        else:
+            with np.load(path, allow_pickle=False) as f:
+                key = next((k for k in ("x", "x_unlabeled") if k in f.files), None)
+                if key is None:
+                    raise EdgekdError(f"pool {path}: expected an array 'x' or 'x_unlabeled', "
+                                      f"found {', '.join(f.files)}")
+                x = f[key]
+    except EdgekdError:
+        raise
+    except Exception as e:
+        raise EdgekdError(f"pool {path}: not a readable .npz/.npy ({type(e).__name__}: {e})") from None
+    return _as_inputs(x, "x", f"pool {path}") if raw_scale else x
+
+
 def load_data(cfg: DataConfig, base_dir: str | Path = ".") -> Dataset:
     """Load, split (test, then validation from train) and normalize a data source."""
     src = cfg.source
@@ -209,6 +242,8 @@ def load_data(cfg: DataConfig, base_dir: str | Path = ".") -> Dataset:
         raise EdgekdError(f"{where}: x_train samples have shape {x_train.shape[1:]} but x_test samples have "
                           f"{x_test.shape[1:]}; they must match")
     x_unl = raw.get("x_unlabeled")
+    if cfg.unlabeled:
+        x_unl = load_pool(Path(base_dir) / Path(cfg.unlabeled).expanduser(), raw_scale=True)
     if x_unl is not None:
         x_unl = _as_inputs(x_unl, "x_unlabeled", where)
         if x_unl.shape[1:] != x_train.shape[1:]:
@@ -246,3 +281,13 @@ def load_data(cfg: DataConfig, base_dir: str | Path = ".") -> Dataset:
 
     return Dataset(norm(x_train), y_train, norm(x_val), y_val, norm(x_test), y_test, norm(x_unl), class_names,
                    tuple(float(v) for v in mean), tuple(float(v) for v in std))
+
+
+def normalize_like(data: Dataset, x: np.ndarray) -> np.ndarray:
+    """Apply the training split's normalization to another array of raw inputs (an unlabelled pool)."""
+    x = _as_inputs(x, "x", "pool")
+    if x.shape[1:] != data.input_shape:
+        raise EdgekdError(f"pool: samples have shape {x.shape[1:]}, the model expects {data.input_shape}")
+    mean, std = np.asarray(data.mean, np.float32), np.asarray(data.std, np.float32)
+    shape = (1, -1, 1, 1) if x.ndim == 4 else (1, -1) if len(mean) > 1 else (1,) * x.ndim
+    return ((x - mean.reshape(shape)) / std.reshape(shape)).astype(np.float32)

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from torch import nn
 
 from edgekd import distributed, fileio
@@ -18,7 +19,7 @@ from edgekd.data import Dataset, load_data
 from edgekd.errors import EdgekdError
 from edgekd.models import build_model, count_params, load_weights, save_weights
 from edgekd.recipe import Recipe, resolved, to_toml
-from edgekd.train import KDConfig, accuracy, check_model_fits, fit, resolve_device, seed_everything
+from edgekd.train import KDConfig, OfflineTargets, accuracy, check_model_fits, fit, resolve_device, seed_everything
 
 ROLES = ("teacher", "student", "scratch")
 
@@ -71,7 +72,9 @@ def load_teacher(recipe: Recipe, out: Path, data: Dataset) -> tuple[nn.Module, P
 
 def _train_role(recipe: Recipe, out: Path, role: str, data: Dataset, dev: Any, *, progress: bool, resume: bool,
                 model: nn.Module, teacher: nn.Module | None = None, kd: KDConfig | None = None,
-                schedule: dict[str, Any] | None = None, metrics: dict[str, Any] | None = None) -> dict[str, Any]:
+                schedule: dict[str, Any] | None = None, metrics: dict[str, Any] | None = None,
+                x: np.ndarray | None = None, y: np.ndarray | None = None,
+                offline: OfflineTargets | None = None) -> dict[str, Any]:
     """Train one role with checkpoints in out/checkpoints/<role>.ckpt; write <role>.safetensors (rank 0).
 
     With `resume`, a role whose safetensors and metrics already exist is not retrained, and a role with a
@@ -85,9 +88,10 @@ def _train_role(recipe: Recipe, out: Path, role: str, data: Dataset, dev: Any, *
     ckpt = out / "checkpoints" / f"{role}.ckpt"
     desc = {"teacher": "teacher", "student": "student (KD)", "scratch": "scratch"}[role]
     start = time.perf_counter()
-    history = fit(model, data.x_train, data.y_train, cfg, device=dev, desc=desc, teacher=teacher, kd=kd,
-                  x_val=data.x_val, y_val=data.y_val, progress=progress, checkpoint=ckpt, resume=resume,
-                  teacher_bf16=recipe.distill.teacher_bf16 and teacher is not None, **(schedule or {}))
+    history = fit(model, data.x_train if x is None else x, data.y_train if y is None else y, cfg, device=dev,
+                  desc=desc, teacher=teacher, kd=kd, x_val=data.x_val, y_val=data.y_val, progress=progress,
+                  checkpoint=ckpt, resume=resume, teacher_bf16=recipe.distill.teacher_bf16 and teacher is not None,
+                  offline=offline, **(schedule or {}))
     spec = recipe.teacher.model if role == "teacher" else recipe.student.model
     if distributed.is_main():
         save_weights(model, final, _metadata(spec, data, role))
@@ -123,14 +127,57 @@ def _entry(model: nn.Module, data: Dataset, dev: Any, history: list[dict], start
             "epochs": len(history), "train_seconds": round(time.perf_counter() - start, 2)}
 
 
+def _offline_source(recipe: Recipe, data: Dataset, labels: Path | None, cache: Path | None
+                    ) -> tuple[np.ndarray, np.ndarray, OfflineTargets | None, dict[str, Any]]:
+    """Training inputs, hard targets and top-k soft targets from `edgekd label` output or the teacher cache."""
+    from edgekd import cache as teacher_cache
+    from edgekd import labels as teacher_labels
+
+    d = resolved(recipe).distill
+    if labels is not None:
+        if data.x_unlabeled is None:
+            raise EdgekdError(f"--labels {labels}: the recipe has no unlabelled pool; set [data] unlabeled to the "
+                              "pool that `edgekd label` labelled")
+        lab = teacher_labels.read_labels(labels, pool=data.x_unlabeled)
+        x = data.x_unlabeled[lab.indices]
+        info = {"source": "labels", "path": str(labels), "samples": int(len(x)), "teacher": lab.manifest["teacher"],
+                "soft": lab.topk_probs is not None}
+        if lab.topk_probs is None:   # the teacher gave only class indices: plain cross-entropy on them
+            return x, lab.labels.astype(np.int64), None, info
+        return x, lab.labels.astype(np.int64), OfflineTargets(
+            lambda epoch, idx: (None, lab.topk_probs[idx].astype(np.float32), lab.topk_indices[idx].astype(np.int64)),
+            temperature=lab.temperature, alpha=d.alpha, values_are="probs"), info
+    manifest = teacher_cache.read_manifest(cache)
+    augment = teacher_cache.make_augment(manifest["augment"])
+    c = teacher_cache.load_cache(cache, x=data.x_train, augment_key=manifest["augment"], seed=manifest["seed"],
+                                 top_k=manifest["top_k"], epochs=d.epochs if augment is not None else None)
+
+    def fetch(epoch: int, idx: np.ndarray) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
+        views = (teacher_cache.augment_views(data.x_train, idx, epoch=epoch, seed=manifest["seed"], augment=augment)
+                 if augment is not None else None)
+        v, i = c.lookup(epoch if augment is not None else 0, idx)
+        return views, v, i
+    info = {"source": "cache", "path": str(cache), "top_k": manifest["top_k"], "augment": manifest["augment"]}
+    return data.x_train, data.y_train, OfflineTargets(fetch, d.temperature, d.alpha, "logits"), info
+
+
 def distill(recipe: Recipe, out: str | Path, *, device: str = "auto", progress: bool = True,
-            data: Dataset | None = None, resume: bool = False) -> dict[str, Any]:
+            data: Dataset | None = None, resume: bool = False, labels: str | Path | None = None,
+            cache: str | Path | None = None) -> dict[str, Any]:
     """Distill the student from the teacher (training the teacher first if `out` has none), and train the
-    same student from scratch with the same data, seed and schedule as the baseline."""
+    same student from scratch with the same data, seed and schedule as the baseline.
+
+    With `labels` (from `edgekd label`) the student learns from what a black-box teacher said about the
+    unlabelled pool; with `cache` (from `edgekd cache-teacher`) it learns offline from stored top-k teacher
+    logits on exactly the augmented views the teacher saw. Neither needs the teacher at training time.
+    """
     distributed.init_from_env()
     out = Path(out)
     data = data or load_data(recipe.data, recipe.base_dir)
     dev = distributed.local_device(resolve_device(device))
+    if labels is not None or cache is not None:
+        return _distill_offline(recipe, out, data, dev, progress, resume,
+                                Path(labels) if labels else None, Path(cache) if cache else None)
     found = load_teacher(recipe, out, data)
     if found is None:
         metrics = train_teacher(recipe, out, device=device, progress=progress, data=data, resume=resume)
@@ -155,6 +202,71 @@ def distill(recipe: Recipe, out: str | Path, *, device: str = "auto", progress: 
                                          model=scratch, schedule=schedule, metrics=metrics)
     _save_run_files(out, recipe, metrics)
     return metrics
+
+
+def _distill_offline(recipe: Recipe, out: Path, data: Dataset, dev: Any, progress: bool, resume: bool,
+                     labels: Path | None, cache: Path | None) -> dict[str, Any]:
+    d = resolved(recipe).distill
+    schedule = {"epochs": d.epochs, "lr": d.lr, "batch_size": d.batch_size, "seed": d.seed}
+    x, y, offline, info = _offline_source(recipe, data, labels, cache)
+    metrics = read_metrics(out)
+    student = build_role_model(recipe, "student", data)
+    metrics["student"] = _train_role(recipe, out, "student", data, dev, progress=progress, resume=resume,
+                                     model=student, schedule=schedule, metrics=metrics, x=x, y=y, offline=offline)
+    metrics["student"]["offline"] = info
+    if d.baseline:
+        scratch = build_role_model(recipe, "scratch", data)
+        metrics["scratch"] = _train_role(recipe, out, "scratch", data, dev, progress=progress, resume=resume,
+                                         model=scratch, schedule=schedule, metrics=metrics)
+    _save_run_files(out, recipe, metrics)
+    return metrics
+
+
+def label(recipe: Recipe, teacher: str, out: str | Path, *, pool: str | Path | None = None, top_k: int = 5,
+          temperature: float = 1.0, shard_size: int = 1024, min_confidence: float = 0.0,
+          balance: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Have a black-box teacher (.onnx, .safetensors, or `cmd:...`) label the unlabelled pool into `out`.
+
+    The pool is `pool` (raw inputs, normalized here like the training data) or the recipe's [data] unlabeled.
+    Confidence filtering / class balancing are reported; the labels on disk are the teacher's, unfiltered.
+    """
+    from edgekd import labels as teacher_labels
+    from edgekd.data import load_pool, normalize_like
+    from edgekd.teachers import load_teacher as load_black_box
+
+    data = load_data(recipe.data, recipe.base_dir)
+    x = normalize_like(data, load_pool(pool)) if pool is not None else data.x_unlabeled
+    if x is None:
+        raise EdgekdError("label: no pool to label; pass --pool or set [data] unlabeled in the recipe")
+    t = load_black_box(teacher, model_spec=recipe.teacher.model if str(teacher).endswith(".safetensors") else None,
+                       input_shape=data.input_shape, num_classes=data.num_classes)
+    manifest = teacher_labels.label_pool(t, x, out, shard_size=shard_size, temperature=temperature, top_k=top_k,
+                                         num_classes=data.num_classes, progress=progress)
+    kept, report = teacher_labels.filter_labels(teacher_labels.read_labels(out, pool=x),
+                                                min_confidence=min_confidence, balance=balance)
+    return {"manifest": manifest, "filter": report,
+            "table": teacher_labels.format_filter_report(report, data.class_names)}
+
+
+def cache_teacher(recipe: Recipe, out: str | Path, *, top_k: int = 5, epochs: int = 1, augment: str = "none",
+                  seed: int = 0, device: str = "auto", progress: bool = True) -> dict[str, Any]:
+    """Precompute the run's teacher on the training split (top-k logits, float16) into out/teacher-cache."""
+    from edgekd import cache as teacher_cache
+    from edgekd.teachers import TorchTeacher
+
+    out = Path(out)
+    data = load_data(recipe.data, recipe.base_dir)
+    found = load_teacher(recipe, out, data)
+    if found is None:
+        raise EdgekdError(f"{out}: no teacher.safetensors (and no [teacher].checkpoint); run `edgekd teacher` first")
+    model, path = found
+    from edgekd.fileio import sha256_file
+
+    t = TorchTeacher(model, device=str(resolve_device(device)), identity=f"torch:{sha256_file(path)}")
+    aug = teacher_cache.make_augment(augment)
+    return teacher_cache.build_cache(t, data.x_train, out / "teacher-cache", top_k=top_k,
+                                     epochs=epochs if aug is not None else 1, augment=aug, seed=seed,
+                                     augment_key=teacher_cache.augment_key_of(aug), progress=progress)
 
 
 def metrics_table(metrics: dict[str, Any]) -> str:

@@ -127,7 +127,10 @@ def build_model(spec: str, input_shape: tuple[int, ...], num_classes: int) -> nn
                     kwargs[key] = float(value)
                 except ValueError:
                     raise EdgekdError(f"model spec {spec!r}: {key} must be a number, got {value!r}") from None
-        return cls(tuple(input_shape), num_classes, **kwargs)
+        try:
+            return cls(tuple(input_shape), num_classes, **kwargs)
+        except EdgekdError as e:  # name the spec: the family alone does not say which model of the recipe
+            raise EdgekdError(f"model spec {spec!r}: {e}") from None
     if ":" in spec and "=" not in body:
         factory = load_factory(spec, "model factory")
         try:
@@ -177,14 +180,15 @@ def load_weights(model: nn.Module, path: str | Path) -> dict[str, str]:
     except Exception as e:
         raise EdgekdError(f"checkpoint {path}: not a valid safetensors file ({e})") from e
     expected = model.state_dict()
+    saved_for = f" (its metadata says model {metadata['model']!r})" if metadata.get("model") else ""
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
         raise EdgekdError(f"checkpoint {path}: does not match the model (missing {missing[:3]}, "
-                          f"unexpected {unexpected[:3]}); was it saved for another architecture?")
+                          f"unexpected {unexpected[:3]}); was it saved for another architecture?{saved_for}")
     for key, tensor in state.items():
         if tuple(tensor.shape) != tuple(expected[key].shape):
             raise EdgekdError(f"checkpoint {path}: tensor {key!r} has shape {tuple(tensor.shape)}, the model expects "
-                              f"{tuple(expected[key].shape)}; was it saved for another architecture?")
+                              f"{tuple(expected[key].shape)}; was it saved for another architecture?{saved_for}")
     model.load_state_dict(state, strict=True)
     return metadata

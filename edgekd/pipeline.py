@@ -102,9 +102,18 @@ def build(run_dir: str | Path, target_name: str, *, models: tuple[str, ...] = ("
     target = load_target(target_name)
     status = check_target(target)
     problem = "" if status == "ok" else status
+    # Read every checkpoint and existing ONNX this build uses before writing any bundle, so that a bad
+    # student.onnx fails the build with the teacher's bundle untouched instead of rebuilt.
+    nets = {model: ctx.model(model) for model in models}
+    if not problem and target.runtime != "torch":
+        from edgekd.engines import onnx_info
+
+        for path in [ctx.onnx_path(m) for m in models] + [Path(p) for p in (quantized or {}).values()]:
+            if path.is_file():
+                onnx_info(path)
     built, skipped = [], []
     for model in models:
-        net = ctx.model(model)
+        net = nets[model]
         evals = ctx.eval_data(net)
         jobs: list[tuple[str, str, Path | None]] = []
         for precision in target.precisions:
@@ -156,6 +165,10 @@ def profile(run_dir: str | Path, target_name: str, *, quick: bool = False) -> li
     if not bundles:
         raise EdgekdError(f"{folder}: no engines built for target {target.name}; run `edgekd build {run_dir} "
                           f"--target {target.name}` first")
+    from edgekd.bundle import verify
+
+    for bundle in bundles:  # a tampered bundle fails before any other bundle's manifest gets metrics
+        verify(bundle)
     timing = ["--warmup", "3", "--min-runs", "10", "--min-seconds", "0.2"] if quick else []
     results = []
     with tempfile.TemporaryDirectory(prefix="edgekd-profile-") as tmp:
@@ -178,6 +191,9 @@ def report(run_dir: str | Path, targets: tuple[str, ...] | None = None,
     from edgekd.report import build_report, engine_entry, write_report
 
     run_dir = Path(run_dir)
+    if not (run_dir / "metrics.json").is_file():
+        raise EdgekdError(f"{run_dir}: not a run folder (no metrics.json); run `edgekd distill` or `edgekd run` "
+                          "into it first")
     files = sorted(run_dir.glob("profile-*.json"))
     if targets is not None:
         files = [run_dir / f"profile-{t}.json" for t in targets if (run_dir / f"profile-{t}.json").is_file()]
@@ -227,6 +243,26 @@ def quantize(run_dir: str | Path, scheme: str, *, ctx: RunContext | None = None,
     """PTQ and (when [quantize].mode = "qat") quantization-aware distillation of the run's student."""
     from edgekd.compress import quantize_student, require_torchao
 
+    _import_torchao_quietly()
     require_torchao()
     ctx = ctx or RunContext(run_dir)
     return quantize_student(ctx, scheme, device=device, progress=progress)
+
+
+def _import_torchao_quietly() -> None:
+    """Import torchao with its import-time log noise muted: it logs a warning for each prebuilt kernel library
+    it cannot load (CUDA-only .so files on a CPU host) and torch logs a deprecation torchao triggers; neither
+    is the user's to fix, and they would bury a one-line error. An ImportError is left to require_torchao()."""
+    import logging
+
+    loggers = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
+    levels = [log.level for log in loggers]
+    for log in loggers:
+        log.setLevel(logging.ERROR)
+    try:
+        import torchao  # noqa: F401
+    except ImportError:
+        pass
+    finally:
+        for log, level in zip(loggers, levels, strict=True):
+            log.setLevel(level)

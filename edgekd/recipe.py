@@ -23,6 +23,7 @@ class DataConfig:
     seed: int = 0                   # seeds the splits
     image_size: list[int] | None = None   # [height, width] for image folders (default: the first image's size)
     grayscale: bool = False         # image folders: load as one channel
+    unlabeled: str | None = None    # an .npz whose `x` (or `x_unlabeled`) is a pool without labels
 
 
 @dataclass(frozen=True)
@@ -122,7 +123,7 @@ def _check(value: Any, tp: Any, where: str) -> Any:
 
 def _section(cls: type, raw: Any, where: str, default: Any) -> Any:
     if not isinstance(raw, dict):
-        raise EdgekdError(f"{where}: expected a table like [{where.split(' ')[-1]}], got {type(raw).__name__}")
+        raise EdgekdError(f"{where}: expected a table like {where.split(' ')[-1]}, got {type(raw).__name__}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     values = {}

@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
 
             update_metrics(args.bundle, result)
     except EdgekdError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print("error: " + " ".join(line.strip() for line in str(e).splitlines() if line.strip()), file=sys.stderr)
         return 2
     print(profile.format_table(result))
     if args.json is not None:

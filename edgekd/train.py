@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from edgekd.errors import EdgekdError
 from edgekd.fileio import atomic_path
-from edgekd.losses import FeatureProjection, hint_loss, kd_loss
+from edgekd.losses import FeatureProjection, hint_loss, kd_loss, topk_kd_loss
 from edgekd.recipe import ModelConfig
 
 
@@ -27,6 +27,20 @@ class KDConfig:
     alpha: float
     features: tuple[tuple[str, str], ...] = ()    # (student module path, teacher module path)
     feature_weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class OfflineTargets:
+    """Teacher outputs computed before training (labels from `edgekd label`, or the teacher cache).
+
+    `fetch(epoch, sample_indices)` returns (the inputs the teacher saw, or None for the stored ones,
+    top-k values, top-k class indices); the loss is topk_kd_loss at `temperature`.
+    """
+
+    fetch: Callable[[int, np.ndarray], tuple[np.ndarray | None, np.ndarray, np.ndarray]]
+    temperature: float
+    alpha: float
+    values_are: str = "logits"
 
 
 def resolve_device(device: str) -> torch.device:
@@ -162,7 +176,7 @@ def fit(model: nn.Module, x: np.ndarray, y: np.ndarray, cfg: ModelConfig, *, dev
         x_val: np.ndarray | None = None, y_val: np.ndarray | None = None, progress: bool = True,
         set_mode: Callable[[nn.Module, bool], None] | None = None,
         on_epoch: Callable[[int], None] | None = None, checkpoint: Path | None = None,
-        resume: bool = False, teacher_bf16: bool = False) -> list[dict]:
+        resume: bool = False, teacher_bf16: bool = False, offline: OfflineTargets | None = None) -> list[dict]:
     """Train `model` in place with cross-entropy, or with the KD loss when a teacher is given.
 
     Labels of -1 mark unlabelled samples (soft term only). `set_mode(model, training)` replaces
@@ -270,9 +284,17 @@ def fit(model: nn.Module, x: np.ndarray, y: np.ndarray, cfg: ModelConfig, *, dev
             for step in bar:
                 idx = order[step * batch_size:(step + 1) * batch_size]
                 xb, yb = x_t[idx].to(device), y_t[idx].to(device)
+                if offline is not None:
+                    views, top_v, top_i = offline.fetch(epoch, idx.numpy())
+                    if views is not None:
+                        xb = torch.from_numpy(views).to(device)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                     logits, feats = net(xb)
-                    if teacher is None:
+                    if offline is not None:
+                        loss = topk_kd_loss(logits.float(), torch.from_numpy(top_v).to(device),
+                                            torch.from_numpy(top_i).to(device), yb, offline.temperature,
+                                            offline.alpha, values_are=offline.values_are)
+                    elif teacher is None:
                         loss = F.cross_entropy(logits.float(), yb)
                     else:
                         with torch.no_grad():

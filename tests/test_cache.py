@@ -183,10 +183,11 @@ def test_topk_loss_equals_full_kd_for_k_equal_classes():
         perm = torch.randperm(7, generator=g)   # order of the k entries does not matter
         assert torch.allclose(topk_soft_target_loss(s, t[:, perm], perm.expand(16, 7), T),
                               soft_target_loss(s, t, T), atol=1e-5)
-    # k < C with logits: the teacher is softmax over the k known classes, the others get no mass
+    # k < C with logits: the unknown logits take the smallest known value, then the full softmax at T
     vals, idx = t.topk(3, dim=1)
-    p = torch.softmax(vals / 2.0, dim=1)
-    log_q = torch.log_softmax(s / 2.0, dim=1).gather(1, idx)
+    full = vals[:, -1:].expand(-1, 7).clone().scatter(1, idx, vals)
+    p = torch.softmax(full / 2.0, dim=1)
+    log_q = torch.log_softmax(s / 2.0, dim=1)
     hand = (p * (p.log() - log_q)).sum(1).mean() * 4.0
     sv = s.clone().requires_grad_(True)
     loss = topk_soft_target_loss(sv, vals, idx, 2.0)
