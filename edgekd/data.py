@@ -54,6 +54,45 @@ def _digits() -> dict[str, Any]:
     return {"x": x, "y": d.target.astype(np.int64), "class_names": [str(c) for c in d.target_names]}
 
 
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")   # Debian's dataset-fashion-mnist package
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                         "Ankle boot")
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An IDX file (the MNIST format; gzipped or not): big-endian magic 0x000008NN (uint8), dims, then data."""
+    import gzip
+
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise EdgekdError(f"data {path}: cannot read ({e})") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise EdgekdError(f"data {path}: not an IDX file of unsigned bytes (bad magic number)")
+    ndim = raw[3]
+    dims = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
+    body = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if body.size != int(np.prod(dims)):
+        raise EdgekdError(f"data {path}: header says {dims} ({int(np.prod(dims))} bytes), file holds {body.size}")
+    return body.reshape(dims)
+
+
+def _fashion_mnist(folder: Path) -> dict[str, Any]:
+    """Fashion-MNIST's four idx files (60k train / 10k test, 28x28 grey) from `folder`."""
+    names = {"x_train": "train-images-idx3-ubyte", "y_train": "train-labels-idx1-ubyte",
+             "x_test": "t10k-images-idx3-ubyte", "y_test": "t10k-labels-idx1-ubyte"}
+    out: dict[str, Any] = {"class_names": list(FASHION_MNIST_CLASSES)}
+    for key, stem in names.items():
+        path = next((folder / (stem + ext) for ext in (".gz", "") if (folder / (stem + ext)).is_file()), None)
+        if path is None:
+            raise EdgekdError(f"data fashion-mnist: {folder / stem}(.gz) not found; install Debian's "
+                              "dataset-fashion-mnist or use source = \"fashion-mnist:/folder/with/idx/files\"")
+        out[key] = read_idx(path)
+    return out
+
+
 def _npz(path: Path) -> dict[str, Any]:
     import zipfile
 
@@ -211,6 +250,9 @@ def load_data(cfg: DataConfig, base_dir: str | Path = ".") -> Dataset:
     where = f"data {src}"
     if src == "digits":
         raw = _digits()
+    elif src == "fashion-mnist" or src.startswith("fashion-mnist:"):
+        folder = src.partition(":")[2]
+        raw = _fashion_mnist(Path(folder).expanduser() if folder else FASHION_MNIST_DIR)
     elif src.endswith(".npz") or path.is_file():
         if not path.is_file():
             raise EdgekdError(f"data {path}: file not found")

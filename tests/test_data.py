@@ -91,3 +91,30 @@ def test_function_sources():
 def test_missing_file_is_named(tmp_path):
     with pytest.raises(EdgekdError, match="nothere.npz: file not found"):
         load_data(DataConfig(source="nothere.npz"), tmp_path)
+
+
+def _write_idx(path, array):
+    import gzip
+
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_fashion_mnist_source_reads_idx_files(tmp_path):
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "fm"
+    folder.mkdir()
+    _write_idx(folder / "train-images-idx3-ubyte.gz", rng.integers(0, 255, (40, 28, 28)))
+    _write_idx(folder / "train-labels-idx1-ubyte.gz", np.arange(40) % 10)
+    _write_idx(folder / "t10k-images-idx3-ubyte.gz", rng.integers(0, 255, (20, 28, 28)))
+    _write_idx(folder / "t10k-labels-idx1-ubyte.gz", np.arange(20) % 10)
+    d = load_data(DataConfig(source=f"fashion-mnist:{folder}", val_fraction=0.0))
+    assert d.input_shape == (1, 28, 28) and len(d.x_train) == 40 and len(d.x_test) == 20
+    assert d.class_names[0] == "T-shirt/top" and d.num_classes == 10
+    (folder / "t10k-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(EdgekdError, match="t10k-labels-idx1-ubyte"):
+        load_data(DataConfig(source=f"fashion-mnist:{folder}"))
+    (folder / "t10k-labels-idx1-ubyte").write_bytes(b"\x00\x00\x08\x01\x00\x00\x00\x05ab")
+    with pytest.raises(EdgekdError, match="header says"):
+        load_data(DataConfig(source=f"fashion-mnist:{folder}"))
