@@ -91,6 +91,7 @@ def _train_role(recipe: Recipe, out: Path, role: str, data: Dataset, dev: Any, *
     history = fit(model, data.x_train if x is None else x, data.y_train if y is None else y, cfg, device=dev,
                   desc=desc, teacher=teacher, kd=kd, x_val=data.x_val, y_val=data.y_val, progress=progress,
                   checkpoint=ckpt, resume=resume, teacher_bf16=recipe.distill.teacher_bf16 and teacher is not None,
+                  teacher_fsdp=recipe.distill.teacher_fsdp,
                   offline=offline, **(schedule or {}))
     spec = recipe.teacher.model if role == "teacher" else recipe.student.model
     if distributed.is_main():

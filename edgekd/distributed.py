@@ -71,3 +71,16 @@ def max_param_divergence(model: torch.nn.Module) -> float:
     worst = worst.to(next(model.parameters()).device)
     dist.all_reduce(worst, op=dist.ReduceOp.MAX)
     return float(worst)
+
+
+def shard_teacher(model: torch.nn.Module) -> torch.nn.Module:
+    """FSDP (fully_shard) a teacher too large for one device: each rank holds a shard of its weights and
+    gathers a layer's weights only while that layer runs. Every child module with parameters becomes its own
+    unit, then the whole model. All ranks must run the teacher in lock-step (DDP training does)."""
+    from torch.distributed.fsdp import fully_shard
+
+    for child in model.children():
+        if any(True for _ in child.parameters()):
+            fully_shard(child)
+    fully_shard(model)
+    return model

@@ -53,6 +53,7 @@ class DistillConfig:
     features: list[list[str]] = field(default_factory=list)   # [["student.layer", "teacher.layer"], ...]
     feature_weight: float = 1.0
     teacher_bf16: bool = False      # run the teacher in bf16 (CUDA) to halve its memory and time
+    teacher_fsdp: bool = False      # under torchrun, shard the teacher's weights across ranks (FSDP)
 
 
 @dataclass(frozen=True)

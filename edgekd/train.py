@@ -176,7 +176,8 @@ def fit(model: nn.Module, x: np.ndarray, y: np.ndarray, cfg: ModelConfig, *, dev
         x_val: np.ndarray | None = None, y_val: np.ndarray | None = None, progress: bool = True,
         set_mode: Callable[[nn.Module, bool], None] | None = None,
         on_epoch: Callable[[int], None] | None = None, checkpoint: Path | None = None,
-        resume: bool = False, teacher_bf16: bool = False, offline: OfflineTargets | None = None) -> list[dict]:
+        resume: bool = False, teacher_bf16: bool = False, teacher_fsdp: bool = False,
+        offline: OfflineTargets | None = None) -> list[dict]:
     """Train `model` in place with cross-entropy, or with the KD loss when a teacher is given.
 
     Labels of -1 mark unlabelled samples (soft term only). `set_mode(model, training)` replaces
@@ -208,6 +209,8 @@ def fit(model: nn.Module, x: np.ndarray, y: np.ndarray, cfg: ModelConfig, *, dev
         teacher.to(device).eval()
         if teacher_bf16:
             teacher.to(torch.bfloat16)
+        if teacher_fsdp and distributed.is_distributed():
+            distributed.shard_teacher(teacher)
         if kd and kd.features:
             taps_s = _FeatureTaps(model, [s for s, _ in kd.features], "student")
             taps_t = _FeatureTaps(teacher, [t for _, t in kd.features], "teacher")
