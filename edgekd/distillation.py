@@ -179,6 +179,7 @@ def distill(recipe: Recipe, out: str | Path, *, device: str = "auto", progress: 
     if labels is not None or cache is not None:
         return _distill_offline(recipe, out, data, dev, progress, resume,
                                 Path(labels) if labels else None, Path(cache) if cache else None)
+    build_role_model(recipe, "student", data)   # a student that cannot take the data fails before any training
     found = load_teacher(recipe, out, data)
     if found is None:
         metrics = train_teacher(recipe, out, device=device, progress=progress, data=data, resume=resume)
