@@ -3,8 +3,6 @@ import os
 import subprocess
 import sys
 
-import pytest
-
 
 def edgekd(*args, cwd=None, env=None):
     """Run the real console entry point in a subprocess."""
@@ -33,25 +31,15 @@ def test_teacher_then_distill(tmp_path, tiny_recipe):
     assert (out / "recipe.toml").read_text().count("[distill]") == 1
 
 
-@pytest.mark.parametrize("recipe_text,fragment", [
-    ("[data]\nsorce = 'digits'\n", "unknown key 'sorce'"),
-    ("[student\nmodel = 1", "not valid TOML"),
-    ("[data]\nsource = 'missing.npz'\n", "missing.npz: file not found"),
-    ("[student]\nmodel = 'tests.test_distillation:wrong_head'\n[teacher]\nepochs = 1\n",
-     "outputs shape (3,) per sample"),
-    ("[teacher]\nmodel = 'nosuchpkg.models:big'\n", "cannot import module 'nosuchpkg.models'"),
-    ("[teacher]\ncheckpoint = 'gone.safetensors'\n", "gone.safetensors: file not found"),
-])
-def test_bad_input_is_one_line_and_exit_2(tmp_path, recipe_text, fragment):
+def test_bad_input_is_one_line_and_exit_2(tmp_path):
+    """One representative case; tests/test_bad_inputs.py holds the corpus."""
     recipe = tmp_path / "bad.toml"
-    recipe.write_text(recipe_text)
-    out = tmp_path / "out"
-    r = edgekd("distill", recipe, "--out", out, "--device", "cpu", "--quiet", cwd=os.getcwd())
+    recipe.write_text("[data]\nsorce = 'digits'\n")
+    r = edgekd("distill", recipe, "--out", tmp_path / "out", "--device", "cpu", "--quiet")
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], r.stderr
-    assert "Traceback" not in r.stderr
-    assert not (out / "student.safetensors").exists()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "unknown key 'sorce'" in lines[0]
+    assert not (tmp_path / "out").exists()
 
 
 def test_debug_env_shows_traceback(tmp_path):
