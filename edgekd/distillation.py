@@ -198,7 +198,13 @@ def distill(recipe: Recipe, out: str | Path, *, device: str = "auto", progress: 
     metrics["student"] = _train_role(recipe, out, "student", data, dev, progress=progress, resume=resume,
                                      model=student, teacher=teacher, kd=kd, schedule=schedule, metrics=metrics)
     metrics["student"].update(temperature=d.temperature, alpha=d.alpha)
-    if d.baseline:
+    return _finish_with_baseline(recipe, out, data, dev, progress, resume, schedule, metrics)
+
+
+def _finish_with_baseline(recipe: Recipe, out: Path, data: Dataset, dev: Any, progress: bool, resume: bool,
+                          schedule: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:
+    """Train the same student from scratch on the true labels (same seed and schedule), then save the run files."""
+    if resolved(recipe).distill.baseline:
         scratch = build_role_model(recipe, "scratch", data)
         metrics["scratch"] = _train_role(recipe, out, "scratch", data, dev, progress=progress, resume=resume,
                                          model=scratch, schedule=schedule, metrics=metrics)
@@ -216,12 +222,7 @@ def _distill_offline(recipe: Recipe, out: Path, data: Dataset, dev: Any, progres
     metrics["student"] = _train_role(recipe, out, "student", data, dev, progress=progress, resume=resume,
                                      model=student, schedule=schedule, metrics=metrics, x=x, y=y, offline=offline)
     metrics["student"]["offline"] = info
-    if d.baseline:
-        scratch = build_role_model(recipe, "scratch", data)
-        metrics["scratch"] = _train_role(recipe, out, "scratch", data, dev, progress=progress, resume=resume,
-                                         model=scratch, schedule=schedule, metrics=metrics)
-    _save_run_files(out, recipe, metrics)
-    return metrics
+    return _finish_with_baseline(recipe, out, data, dev, progress, resume, schedule, metrics)
 
 
 def label(recipe: Recipe, teacher: str, out: str | Path, *, pool: str | Path | None = None, top_k: int = 5,

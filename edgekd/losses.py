@@ -30,7 +30,13 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: 
     `labels` may be None (no hard labels: soft term only) or hold -1 for unlabelled samples, which then
     contribute only to the soft term.
     """
-    soft = soft_target_loss(student_logits, teacher_logits, temperature)
+    return mix_hard_labels(soft_target_loss(student_logits, teacher_logits, temperature), student_logits, labels,
+                           alpha)
+
+
+def mix_hard_labels(soft: torch.Tensor, student_logits: torch.Tensor, labels: torch.Tensor | None,
+                    alpha: float) -> torch.Tensor:
+    """alpha * soft + (1 - alpha) * CE on the labelled samples (label -1: unlabelled); soft alone without labels."""
     if labels is None or alpha >= 1.0:
         return soft
     labelled = labels >= 0
@@ -122,11 +128,4 @@ def topk_kd_loss(student_logits: torch.Tensor, topk_values: torch.Tensor, topk_i
     Labels of -1 (unlabelled) contribute to the soft term only; `labels=None` or alpha >= 1: soft term only.
     """
     soft = topk_soft_target_loss(student_logits, topk_values, topk_indices, temperature, values_are=values_are)
-    if labels is None or alpha >= 1.0:
-        return soft
-    labelled = labels >= 0
-    if labelled.any():
-        hard = F.cross_entropy(student_logits[labelled], labels[labelled])
-    else:
-        hard = student_logits.sum() * 0.0
-    return alpha * soft + (1.0 - alpha) * hard
+    return mix_hard_labels(soft, student_logits, labels, alpha)
