@@ -1,6 +1,7 @@
 """report.json, report.md and an accuracy-vs-latency plot for a run folder.
 
-The headline is the trade on one target: the deployed student keeps N% of the teacher's accuracy
+The headline is the trade on one target: the deployed student (the fastest student engine within 0.5
+points of the most accurate one) keeps N% of the teacher's accuracy
 (student engine accuracy / teacher engine accuracy) at M% of its latency (student p50 / teacher p50,
 both at batch 1, measured in the same profiling run).
 """
@@ -14,7 +15,7 @@ from typing import Any
 from edgekd import fileio
 from edgekd.errors import EdgekdError
 
-QUANT_PREFERENCE = ("qat", "ptq", "none")   # which student engine is "the deployed one" for the headline
+ACCURACY_SLACK = 0.005   # a student engine within 0.5 points of the best student engine counts as as accurate
 
 
 def engine_entry(profile: dict[str, Any], run_dir: Path) -> dict[str, Any]:
@@ -47,7 +48,9 @@ def headline(engines: list[dict[str, Any]], target: str) -> dict[str, Any] | Non
     if not teachers or not students:
         return None
     teacher = teachers[0]
-    student = min(students, key=lambda e: (QUANT_PREFERENCE.index(e["quantization"]), e["latency_ms"]["p50"]))
+    # the engine a user would ship: the fastest student engine that is as accurate as the best one
+    best = max(e["accuracy"] for e in students)
+    student = min((e for e in students if e["accuracy"] >= best - ACCURACY_SLACK), key=lambda e: e["latency_ms"]["p50"])
     if teacher["accuracy"] in (None, 0):
         return None
     retention = student["accuracy"] / teacher["accuracy"]
