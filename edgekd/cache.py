@@ -349,11 +349,8 @@ def load_cache(path: str | Path, *, x: np.ndarray, augment_key: str, seed: int, 
     values, indices = [], []
     for entry in manifest["files"]:
         fpath = path / entry["file"]
-        if not fpath.is_file():
-            raise EdgekdError(f"teacher cache file {fpath}: not found (named by {mpath})")
-        if fileio.sha256_file(fpath) != entry["sha256"]:
-            raise EdgekdError(f"teacher cache file {fpath}: sha256 does not match {mpath}; the file changed or is "
-                              "corrupt (rebuild the cache)")
+        fileio.verify_sha256(fpath, entry["sha256"], what="teacher cache file", named_by=mpath,
+                             remedy="rebuild the cache")
         with np.load(fpath, allow_pickle=False) as f:
             v, i = f["values"], f["indices"]
         if v.shape != (manifest["samples"], manifest["top_k_stored"]) or i.shape != v.shape:

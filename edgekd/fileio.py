@@ -51,6 +51,16 @@ def write_json(path: str | Path, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def verify_sha256(path: Path, expected: str, *, what: str, named_by: Path, remedy: str) -> None:
+    """Refuse a file a manifest names when it is missing or its sha256 differs (changed, truncated, tampered)."""
+    from edgekd.errors import EdgekdError
+
+    if not path.is_file():
+        raise EdgekdError(f"{what} {path}: file not found (named by {named_by}); {remedy}")
+    if sha256_file(path) != expected:
+        raise EdgekdError(f"{what} {path}: sha256 does not match {named_by}; the file changed or is corrupt ({remedy})")
+
+
 def sha256_file(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -264,11 +264,8 @@ def read_labels(out_dir: str | Path, *, pool: np.ndarray | None = None) -> Label
     cols: dict[str, list[np.ndarray]] = {}
     for entry in manifest["shards"]:
         path = out_dir / entry["file"]
-        if not path.is_file():
-            raise EdgekdError(f"labels shard {path}: file not found (named by {mpath}); rerun `edgekd label`")
-        if fileio.sha256_file(path) != entry["sha256"]:
-            raise EdgekdError(f"labels shard {path}: sha256 does not match {mpath}; the file changed or is corrupt "
-                              "(rerun `edgekd label` to redo it)")
+        fileio.verify_sha256(path, entry["sha256"], what="labels shard", named_by=mpath,
+                             remedy="rerun `edgekd label` to redo it")
         with np.load(path, allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files}
         n = entry["stop"] - entry["start"]
