@@ -321,8 +321,30 @@ def load_data(cfg: DataConfig, base_dir: str | Path = ".") -> Dataset:
         shape = (1, -1, 1, 1) if a.ndim == 4 else (1, -1) if len(mean) > 1 else (1,) * a.ndim
         return ((a - mean.reshape(shape)) / std.reshape(shape)).astype(np.float32)
 
-    return Dataset(norm(x_train), y_train, norm(x_val), y_val, norm(x_test), y_test, norm(x_unl), class_names,
+    x_train, x_unl = norm(x_train), norm(x_unl)
+    if cfg.labelled is not None:
+        keep = labelled_subset(y_train, cfg.labelled, cfg.seed, where)
+        pool = x_train[np.setdiff1d(np.arange(len(x_train)), keep)]
+        x_unl = pool if x_unl is None else np.concatenate([pool, x_unl])
+        x_train, y_train = x_train[keep], y_train[keep]
+    return Dataset(x_train, y_train, norm(x_val), y_val, norm(x_test), y_test, x_unl, class_names,
                    tuple(float(v) for v in mean), tuple(float(v) for v in std))
+
+
+def labelled_subset(y: np.ndarray, labelled: int | float, seed: int, where: str) -> np.ndarray:
+    """Sorted indices of the training samples that keep their labels: a stratified, seeded draw of N (or a
+    fraction) from the training split only, so it never touches the validation or test split."""
+    from sklearn.model_selection import train_test_split
+
+    n = int(round(labelled * len(y))) if isinstance(labelled, float) else int(labelled)
+    classes = len(np.unique(y))
+    if n > len(y) or n < classes:
+        raise EdgekdError(f"{where}: [data].labelled = {labelled!r} keeps {n} labels; expected between {classes} "
+                          f"(one per class) and {len(y)} (the training split)")
+    if n == len(y):
+        return np.arange(len(y))
+    keep, _ = train_test_split(np.arange(len(y)), train_size=n, stratify=y, random_state=seed)
+    return np.sort(keep)
 
 
 def normalize_like(data: Dataset, x: np.ndarray) -> np.ndarray:

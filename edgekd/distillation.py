@@ -7,6 +7,7 @@ the folder: teacher.safetensors, student.safetensors, scratch.safetensors, recip
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -15,11 +16,21 @@ import numpy as np
 from torch import nn
 
 from edgekd import distributed, fileio
+from edgekd.augment import BatchAugment
 from edgekd.data import Dataset, load_data
 from edgekd.errors import EdgekdError
 from edgekd.models import build_model, count_params, load_weights, save_weights
 from edgekd.recipe import Recipe, resolved, to_toml
-from edgekd.train import KDConfig, OfflineTargets, accuracy, check_model_fits, fit, resolve_device, seed_everything
+from edgekd.train import (
+    KDConfig,
+    OfflineTargets,
+    accuracy,
+    check_model_fits,
+    fit,
+    predict_logits,
+    resolve_device,
+    seed_everything,
+)
 
 ROLES = ("teacher", "student", "scratch")
 
@@ -92,7 +103,8 @@ def _train_role(recipe: Recipe, out: Path, role: str, data: Dataset, dev: Any, *
                   desc=desc, teacher=teacher, kd=kd, x_val=data.x_val, y_val=data.y_val, progress=progress,
                   checkpoint=ckpt, resume=resume, teacher_bf16=recipe.distill.teacher_bf16 and teacher is not None,
                   teacher_fsdp=recipe.distill.teacher_fsdp,
-                  offline=offline, **(schedule or {}))
+                  offline=offline, augment=None if offline is not None else role_augment(recipe, role),
+                  **(schedule or {}))
     spec = recipe.teacher.model if role == "teacher" else recipe.student.model
     if distributed.is_main():
         save_weights(model, final, _metadata(spec, data, role))
@@ -103,6 +115,23 @@ def _train_role(recipe: Recipe, out: Path, role: str, data: Dataset, dev: Any, *
         entry.update(world_size=distributed.world_size(),
                      max_param_divergence=history[-1].get("max_param_divergence", 0.0) if history else 0.0)
     return entry
+
+
+def role_augment(recipe: Recipe, role: str) -> BatchAugment | None:
+    """[augment] for a role: crop/flip for all; mixup/cutmix for the student (and scratch with mix_scratch)."""
+    a = recipe.augment
+    aug = BatchAugment(crop=a.crop, flip=a.flip, mixup=a.mixup, cutmix=a.cutmix)
+    if role == "teacher" or (role == "scratch" and not a.mix_scratch):
+        aug = aug.without_mixing()
+    return aug if (aug.crop or aug.flip or aug.mixes) else None
+
+
+def transfer_set(data: Dataset) -> tuple[np.ndarray, np.ndarray]:
+    """What the distilled student learns from: the labelled training split plus the unlabelled pool (label -1)."""
+    if data.x_unlabeled is None or not len(data.x_unlabeled):
+        return data.x_train, data.y_train
+    return (np.concatenate([data.x_train, data.x_unlabeled]),
+            np.concatenate([data.y_train, np.full(len(data.x_unlabeled), -1, np.int64)]))
 
 
 def train_teacher(recipe: Recipe, out: str | Path, *, device: str = "auto", progress: bool = True,
@@ -191,23 +220,87 @@ def distill(recipe: Recipe, out: str | Path, *, device: str = "auto", progress: 
         if "teacher" not in metrics:
             metrics["teacher"] = _entry(teacher.to(dev), data, dev, [], time.perf_counter())
     d = resolved(recipe).distill
-    kd = KDConfig(d.temperature, d.alpha, tuple((s, t) for s, t in d.features), d.feature_weight)
     schedule = {"epochs": d.epochs, "lr": d.lr, "batch_size": d.batch_size, "seed": d.seed}
+    x, y = transfer_set(data)
+    temperature, alpha = d.temperature, d.alpha
+    if d.search_temperatures:
+        if resume and "search" in metrics:
+            search = metrics["search"]
+        else:
+            search = search_temperature_alpha(recipe, data, teacher, dev, x, y, progress=progress)
+        metrics["search"] = search
+        temperature, alpha = search["chosen"]["temperature"], search["chosen"]["alpha"]
+    kd = KDConfig(temperature, alpha, tuple((s, t) for s, t in d.features), d.feature_weight)
+    once = _teacher_once(recipe, teacher, x, dev, kd)
 
     student = build_role_model(recipe, "student", data)
     metrics["student"] = _train_role(recipe, out, "student", data, dev, progress=progress, resume=resume,
-                                     model=student, teacher=teacher, kd=kd, schedule=schedule, metrics=metrics)
-    metrics["student"].update(temperature=d.temperature, alpha=d.alpha)
-    return _finish_with_baseline(recipe, out, data, dev, progress, resume, schedule, metrics)
+                                     model=student, teacher=None if once else teacher, kd=kd, schedule=schedule,
+                                     metrics=metrics, x=x, y=y, offline=once)
+    metrics["student"].update(temperature=temperature, alpha=alpha, samples=int(len(x)),
+                              labelled=int((y >= 0).sum()), function_matching=d.function_matching,
+                              teacher_outputs="computed once" if once else "every step, on the student's view")
+    return _finish_with_baseline(recipe, out, data, dev, progress, resume, schedule, metrics, student_samples=len(x))
+
+
+def _teacher_once(recipe: Recipe, teacher: nn.Module, x: np.ndarray, dev: Any, kd: KDConfig,
+                  logits: np.ndarray | None = None) -> OfflineTargets | None:
+    """Without augmentation the teacher sees the same inputs every epoch: run it once over the transfer set
+    and train from its stored logits (all classes, so the loss is exactly kd_loss), at the cost of plain
+    training. None when the teacher must run every step (augmentation, hint features, a sharded teacher).
+    """
+    if role_augment(recipe, "student") is not None or kd.features or distributed.is_distributed():
+        return None
+    logits = predict_logits(teacher, x, dev) if logits is None else logits
+    classes = np.broadcast_to(np.arange(logits.shape[1]), logits.shape)
+    return OfflineTargets(lambda _epoch, idx: (None, logits[idx], classes[idx].astype(np.int64)),
+                          kd.temperature, kd.alpha, "logits")
+
+
+def search_temperature_alpha(recipe: Recipe, data: Dataset, teacher: nn.Module, dev: Any, x: np.ndarray,
+                             y: np.ndarray, *, progress: bool = True) -> dict[str, Any]:
+    """Grid search of (T, alpha) on the validation split: a short run (search_epochs) per pair, best val wins.
+
+    The test split is never looked at. Ties go to the pair listed first.
+    """
+    d = resolved(recipe).distill
+    if not len(data.y_val):
+        raise EdgekdError("[distill].search_temperatures: the search needs a validation split; set "
+                          "[data] val_fraction > 0")
+    rows = []
+    logits = None if role_augment(recipe, "student") else predict_logits(teacher, x, dev)
+    for t in d.search_temperatures:
+        for a in d.search_alphas:
+            student = build_role_model(recipe, "student", data)
+            start = time.perf_counter()
+            once = _teacher_once(recipe, teacher, x, dev, KDConfig(t, a), logits)
+            fit(student, x, y, recipe.student, device=dev, desc=f"search T={t:g} alpha={a:g}",
+                epochs=d.search_epochs, lr=d.lr, batch_size=d.batch_size, seed=d.seed,
+                teacher=None if once else teacher, kd=KDConfig(t, a), progress=progress, offline=once,
+                augment=None if once else role_augment(recipe, "student"), teacher_bf16=d.teacher_bf16)
+            rows.append({"temperature": t, "alpha": a, "val_accuracy": accuracy(student, data.x_val, data.y_val, dev),
+                         "seconds": round(time.perf_counter() - start, 2)})
+    best = max(rows, key=lambda r: r["val_accuracy"])   # max keeps the first of equal values
+    return {"epochs": d.search_epochs, "table": rows,
+            "chosen": {"temperature": best["temperature"], "alpha": best["alpha"]}}
 
 
 def _finish_with_baseline(recipe: Recipe, out: Path, data: Dataset, dev: Any, progress: bool, resume: bool,
-                          schedule: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:
-    """Train the same student from scratch on the true labels (same seed and schedule), then save the run files."""
+                          schedule: dict[str, Any], metrics: dict[str, Any],
+                          student_samples: int | None = None) -> dict[str, Any]:
+    """Train the same student from scratch on the true labels only (same seed and schedule), then save the
+    run files. When the student also learned from an unlabelled pool, the baseline gets as many optimizer
+    steps as the student did (more epochs over its fewer samples): what a user with only the labels would run.
+    """
     if resolved(recipe).distill.baseline:
+        n = len(data.x_train)
+        if student_samples and student_samples > n:
+            schedule = {**schedule, "epochs": math.ceil(schedule["epochs"] * math.ceil(student_samples /
+                        schedule["batch_size"]) / math.ceil(n / schedule["batch_size"]))}
         scratch = build_role_model(recipe, "scratch", data)
         metrics["scratch"] = _train_role(recipe, out, "scratch", data, dev, progress=progress, resume=resume,
                                          model=scratch, schedule=schedule, metrics=metrics)
+        metrics["scratch"]["samples"] = n
     _save_run_files(out, recipe, metrics)
     return metrics
 

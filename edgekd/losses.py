@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edgekd.augment import Mix
+
 
 def soft_target_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """T^2 * KL(softmax(t/T) || softmax(s/T)), averaged over the batch."""
@@ -24,27 +26,40 @@ def soft_target_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor | None,
-            temperature: float, alpha: float) -> torch.Tensor:
+            temperature: float, alpha: float, mix: Mix | None = None) -> torch.Tensor:
     """alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(s, y).
 
     `labels` may be None (no hard labels: soft term only) or hold -1 for unlabelled samples, which then
-    contribute only to the soft term.
+    contribute only to the soft term. With `mix` (a mixup/cutmix batch) the hard term is the mixed CE.
     """
     return mix_hard_labels(soft_target_loss(student_logits, teacher_logits, temperature), student_logits, labels,
-                           alpha)
+                           alpha, mix)
+
+
+def mixed_cross_entropy(student_logits: torch.Tensor, labels: torch.Tensor, mix: Mix | None = None) -> torch.Tensor:
+    """Cross-entropy over labelled samples (label -1: unlabelled, skipped).
+
+    With a mixed batch, lam * CE(s, y) + (1 - lam) * CE(s, y[perm]), each part counted only where its label
+    exists and normalized by the weight of the parts that were counted. 0 (with a graph) when nothing is labelled.
+    """
+    ce = F.cross_entropy(student_logits, labels.clamp(min=0), reduction="none")
+    weight = (labels >= 0).float()
+    if mix is None:
+        total, loss = weight.sum(), (weight * ce).sum()
+    else:
+        other = labels[mix.perm]
+        ce_other = F.cross_entropy(student_logits, other.clamp(min=0), reduction="none")
+        w_self, w_other = mix.lam * weight, (1.0 - mix.lam) * (other >= 0).float()
+        total, loss = (w_self + w_other).sum(), (w_self * ce + w_other * ce_other).sum()
+    return loss / total if total > 0 else student_logits.sum() * 0.0
 
 
 def mix_hard_labels(soft: torch.Tensor, student_logits: torch.Tensor, labels: torch.Tensor | None,
-                    alpha: float) -> torch.Tensor:
+                    alpha: float, mix: Mix | None = None) -> torch.Tensor:
     """alpha * soft + (1 - alpha) * CE on the labelled samples (label -1: unlabelled); soft alone without labels."""
     if labels is None or alpha >= 1.0:
         return soft
-    labelled = labels >= 0
-    if labelled.any():
-        hard = F.cross_entropy(student_logits[labelled], labels[labelled])
-    else:
-        hard = student_logits.sum() * 0.0
-    return alpha * soft + (1.0 - alpha) * hard
+    return alpha * soft + (1.0 - alpha) * mixed_cross_entropy(student_logits, labels, mix)
 
 
 class FeatureProjection(nn.Module):

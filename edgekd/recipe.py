@@ -24,6 +24,7 @@ class DataConfig:
     image_size: list[int] | None = None   # [height, width] for image folders (default: the first image's size)
     grayscale: bool = False         # image folders: load as one channel
     unlabeled: str | None = None    # an .npz whose `x` (or `x_unlabeled`) is a pool without labels
+    labelled: int | float | None = None   # keep N (or this fraction of) training labels; the rest join the pool
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,25 @@ class DistillConfig:
     feature_weight: float = 1.0
     teacher_bf16: bool = False      # run the teacher in bf16 (CUDA) to halve its memory and time
     teacher_fsdp: bool = False      # under torchrun, shard the teacher's weights across ranks (FSDP)
+    function_matching: bool = False  # learn only the teacher's function (alpha = 1) on mixed views ([augment])
+    search_temperatures: list[float] = field(default_factory=list)   # with search_alphas: choose T, alpha on val
+    search_alphas: list[float] = field(default_factory=list)
+    search_epochs: int = 3          # epochs of each search run
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Train-time augmentation, applied per batch; the teacher sees exactly the student's view.
+
+    Crop and flip apply to every role; mixup/cutmix to the distilled student (and to the scratch baseline
+    with `mix_scratch`), never to teacher training.
+    """
+
+    crop: int = 0                   # random crop after zero-padding by this many pixels (0: off)
+    flip: bool = False              # random horizontal flip
+    mixup: float = 0.0              # mixup strength: lambda ~ Beta(a, a) between random pairs (0: off)
+    cutmix: float = 0.0             # cutmix strength, Beta(a, a) (0: off); with mixup too, each batch picks one
+    mix_scratch: bool = False       # also mix the scratch baseline's batches (off: crop/flip only)
 
 
 @dataclass(frozen=True)
@@ -77,6 +97,7 @@ class Recipe:
     student: ModelConfig = field(default_factory=lambda: ModelConfig(model="cnn:widths=16,32", epochs=15))
     distill: DistillConfig = field(default_factory=DistillConfig)
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     base_dir: str = "."             # folder relative paths in the recipe resolve against (not a TOML key)
 
     def path(self, value: str) -> Path:
@@ -86,7 +107,8 @@ class Recipe:
 
 
 SECTIONS: dict[str, type] = {"data": DataConfig, "teacher": ModelConfig, "student": ModelConfig,
-                             "distill": DistillConfig, "quantize": QuantizeConfig}
+                             "distill": DistillConfig, "quantize": QuantizeConfig,
+                             "augment": AugmentConfig}
 CHOICES: dict[str, tuple[str, ...]] = {"optimizer": ("adamw", "sgd"), "schedule": ("cosine", "onecycle", "constant"),
                                        "mode": ("none", "ptq", "qat"), "observer": ("minmax", "percentile", "mse"),
                                        "amp": ("none", "bf16")}
@@ -156,6 +178,25 @@ def _validate(r: Recipe, where: str) -> None:
         raise EdgekdError(f"{where} [distill].temperature: must be > 0, got {d.temperature}")
     if not 0.0 <= d.alpha <= 1.0:
         raise EdgekdError(f"{where} [distill].alpha: must be in [0, 1], got {d.alpha}")
+    for t in d.search_temperatures:
+        if t <= 0:
+            raise EdgekdError(f"{where} [distill].search_temperatures: each must be > 0, got {t}")
+    for a in d.search_alphas:
+        if not 0.0 <= a <= 1.0:
+            raise EdgekdError(f"{where} [distill].search_alphas: each must be in [0, 1], got {a}")
+    if bool(d.search_temperatures) != bool(d.search_alphas) and not d.function_matching:
+        raise EdgekdError(f"{where} [distill]: set both search_temperatures and search_alphas (or neither)")
+    if d.search_epochs < 1:
+        raise EdgekdError(f"{where} [distill].search_epochs: must be >= 1, got {d.search_epochs}")
+    a = r.augment
+    if a.crop < 0 or a.mixup < 0 or a.cutmix < 0:
+        raise EdgekdError(f"{where} [augment]: crop, mixup and cutmix must be >= 0")
+    if d.function_matching and not (a.mixup > 0 or a.cutmix > 0):
+        raise EdgekdError(f"{where} [distill].function_matching: needs mixed views; set [augment] mixup "
+                          "(e.g. 1.0) or cutmix")
+    n = r.data.labelled
+    if n is not None and (n <= 0 or (isinstance(n, float) and n >= 1.0)):
+        raise EdgekdError(f"{where} [data].labelled: expected a count >= 1 or a fraction in (0, 1), got {n!r}")
     for pair in d.features:
         if len(pair) != 2:
             raise EdgekdError(f"{where} [distill].features: each entry is [\"student.layer\", \"teacher.layer\"], "
@@ -203,6 +244,8 @@ def resolved(r: Recipe) -> Recipe:
     d, s = r.distill, r.student
     return dataclasses.replace(r, distill=dataclasses.replace(
         d,
+        alpha=1.0 if d.function_matching else d.alpha,
+        search_alphas=[1.0] if d.function_matching and d.search_temperatures else d.search_alphas,
         epochs=d.epochs if d.epochs is not None else s.epochs,
         lr=d.lr if d.lr is not None else s.lr,
         batch_size=d.batch_size if d.batch_size is not None else s.batch_size,

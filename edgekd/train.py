@@ -11,13 +11,13 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from edgekd.augment import BatchAugment, step_generator
 from edgekd.errors import EdgekdError
 from edgekd.fileio import atomic_path
-from edgekd.losses import FeatureProjection, hint_loss, kd_loss, topk_kd_loss
+from edgekd.losses import FeatureProjection, hint_loss, kd_loss, mixed_cross_entropy, topk_kd_loss
 from edgekd.recipe import ModelConfig
 
 
@@ -177,7 +177,7 @@ def fit(model: nn.Module, x: np.ndarray, y: np.ndarray, cfg: ModelConfig, *, dev
         set_mode: Callable[[nn.Module, bool], None] | None = None,
         on_epoch: Callable[[int], None] | None = None, checkpoint: Path | None = None,
         resume: bool = False, teacher_bf16: bool = False, teacher_fsdp: bool = False,
-        offline: OfflineTargets | None = None) -> list[dict]:
+        offline: OfflineTargets | None = None, augment: BatchAugment | None = None) -> list[dict]:
     """Train `model` in place with cross-entropy, or with the KD loss when a teacher is given.
 
     Labels of -1 mark unlabelled samples (soft term only). `set_mode(model, training)` replaces
@@ -188,7 +188,9 @@ def fit(model: nn.Module, x: np.ndarray, y: np.ndarray, cfg: ModelConfig, *, dev
     epoch) is written atomically every `cfg.checkpoint_every` steps and at each epoch end; `resume`
     continues from it and, on CPU, ends with the same weights as an uninterrupted run. Under torchrun the
     model is wrapped in DDP, the data is sharded with a DistributedSampler and metrics are summed across
-    ranks. Returns one history row per epoch.
+    ranks. `augment` transforms each batch with randomness seeded by (seed, epoch, step); the teacher is
+    run on the augmented (and mixed) batch, so it always sees the student's view. Returns one history row
+    per epoch.
     """
     from torch.nn.parallel import DistributedDataParallel
     from torch.utils.data.distributed import DistributedSampler
@@ -196,6 +198,9 @@ def fit(model: nn.Module, x: np.ndarray, y: np.ndarray, cfg: ModelConfig, *, dev
     from edgekd import distributed
 
     set_mode = set_mode or (lambda m, training: m.train(training))
+    if offline is not None and augment is not None:
+        raise EdgekdError(f"{desc}: [augment] cannot be combined with offline teacher outputs (labels or the "
+                          "cache); the cache has its own seeded views (edgekd cache-teacher --augment)")
     epochs = cfg.epochs if epochs is None else epochs
     lr = cfg.lr if lr is None else lr
     batch_size = cfg.batch_size if batch_size is None else batch_size
@@ -240,7 +245,7 @@ def fit(model: nn.Module, x: np.ndarray, y: np.ndarray, cfg: ModelConfig, *, dev
     sched = _scheduler(opt, cfg.schedule, lr, epochs * steps_per_epoch)
     x_t, y_t = torch.from_numpy(x), torch.from_numpy(y)
     fingerprint = (f"{desc}|n={len(x)}|epochs={epochs}|lr={lr}|batch={batch_size}|seed={seed}"
-                   f"|world={distributed.world_size()}")
+                   f"|world={distributed.world_size()}|augment={augment}")
     history: list[dict] = []
     first_epoch, first_step, totals = 0, 0, [0.0, 0, 0, 0]   # loss sum, correct, labelled seen, samples
     epoch_gen_state = gen.get_state()
@@ -287,6 +292,9 @@ def fit(model: nn.Module, x: np.ndarray, y: np.ndarray, cfg: ModelConfig, *, dev
             for step in bar:
                 idx = order[step * batch_size:(step + 1) * batch_size]
                 xb, yb = x_t[idx].to(device), y_t[idx].to(device)
+                mix = None
+                if augment is not None:
+                    xb, mix = augment(xb, step_generator(seed, epoch, step))
                 if offline is not None:
                     views, top_v, top_i = offline.fetch(epoch, idx.numpy())
                     if views is not None:
@@ -298,11 +306,11 @@ def fit(model: nn.Module, x: np.ndarray, y: np.ndarray, cfg: ModelConfig, *, dev
                                             torch.from_numpy(top_i).to(device), yb, offline.temperature,
                                             offline.alpha, values_are=offline.values_are)
                     elif teacher is None:
-                        loss = F.cross_entropy(logits.float(), yb)
+                        loss = mixed_cross_entropy(logits.float(), yb, mix)
                     else:
                         with torch.no_grad():
                             t_logits = teacher(xb.to(torch.bfloat16) if teacher_bf16 else xb).float()
-                        loss = kd_loss(logits.float(), t_logits, yb, kd.temperature, kd.alpha)
+                        loss = kd_loss(logits.float(), t_logits, yb, kd.temperature, kd.alpha, mix)
                         for s_name, t_name in kd.features if kd else ():
                             loss = loss + kd.feature_weight * hint_loss(feats[_key(s_name)].float(),
                                                                         taps_t.outputs[t_name].detach().float())

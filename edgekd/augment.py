@@ -1,0 +1,104 @@
+"""Per-batch augmentation on tensors: random crop with padding, horizontal flip, mixup and cutmix.
+
+Randomness comes from a generator seeded by (seed, epoch, step), so a resumed run draws the same views and
+the teacher can be run on exactly the batch the student sees (consistent teaching, Beyer et al. 2022).
+
+Mixing pairs sample i with sample perm[i] of the same batch:
+    mixup:  x = lam * x + (1 - lam) * x[perm],            lam ~ Beta(a, a)
+    cutmix: a box of area (1 - lam) of x[perm] pasted into x; lam is then the kept area.
+The hard-label loss is lam * CE(s, y) + (1 - lam) * CE(s, y[perm]) (losses.mixed_cross_entropy).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from edgekd.errors import EdgekdError
+
+
+@dataclass(frozen=True)
+class Mix:
+    """How a batch was mixed: sample i holds lam of itself and (1 - lam) of sample perm[i]."""
+
+    perm: torch.Tensor
+    lam: float
+
+
+@dataclass(frozen=True)
+class BatchAugment:
+    crop: int = 0
+    flip: bool = False
+    mixup: float = 0.0
+    cutmix: float = 0.0
+
+    @property
+    def mixes(self) -> bool:
+        return self.mixup > 0 or self.cutmix > 0
+
+    def without_mixing(self) -> BatchAugment:
+        return BatchAugment(crop=self.crop, flip=self.flip)
+
+    def __call__(self, x: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, Mix | None]:
+        if (self.crop or self.flip or self.cutmix) and x.dim() != 4:
+            raise EdgekdError(f"[augment]: crop, flip and cutmix need (N, C, H, W) images, got a batch of shape "
+                              f"{tuple(x.shape)}; use mixup only, or no augmentation")
+        n = len(x)
+        if self.crop:
+            x = random_crop(x, self.crop, gen)
+        if self.flip:
+            flips = (torch.rand(n, generator=gen) < 0.5).to(x.device)
+            x = torch.where(flips.view(-1, 1, 1, 1), x.flip(-1), x)
+        if not self.mixes or n < 2:
+            return x, None
+        use_cutmix = self.cutmix > 0 and (self.mixup <= 0 or torch.rand(1, generator=gen).item() < 0.5)
+        a = self.cutmix if use_cutmix else self.mixup
+        lam = _beta(a, gen)
+        perm = torch.randperm(n, generator=gen).to(x.device)
+        if use_cutmix:
+            x, lam = _cutmix(x, perm, lam, gen)
+        else:
+            x = lam * x + (1.0 - lam) * x[perm]
+        return x, Mix(perm, lam)
+
+
+def _beta(a: float, gen: torch.Generator) -> float:
+    """lam ~ Beta(a, a), seeded from `gen` (torch.distributions cannot take a generator)."""
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
+    rng = np.random.default_rng(seed)
+    return float(rng.beta(a, a))
+
+
+def random_crop(x: torch.Tensor, pad: int, gen: torch.Generator) -> torch.Tensor:
+    """Zero-pad by `pad` pixels and crop back to the original size at a random offset per sample."""
+    n, c, h, w = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad))
+    oy = torch.randint(0, 2 * pad + 1, (n,), generator=gen).to(x.device)
+    ox = torch.randint(0, 2 * pad + 1, (n,), generator=gen).to(x.device)
+    rows = (oy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
+    cols = (ox[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
+    batch = torch.arange(n, device=x.device)[:, None, None, None]
+    chans = torch.arange(c, device=x.device)[None, :, None, None]
+    return padded[batch, chans, rows, cols]
+
+
+def _cutmix(x: torch.Tensor, perm: torch.Tensor, lam: float, gen: torch.Generator) -> tuple[torch.Tensor, float]:
+    h, w = x.shape[2:]
+    cut = (1.0 - lam) ** 0.5
+    bh, bw = int(round(h * cut)), int(round(w * cut))
+    cy = int(torch.randint(0, h, (1,), generator=gen))
+    cx = int(torch.randint(0, w, (1,), generator=gen))
+    y0, y1 = max(cy - bh // 2, 0), min(cy + (bh - bh // 2), h)
+    x0, x1 = max(cx - bw // 2, 0), min(cx + (bw - bw // 2), w)
+    out = x.clone()
+    out[:, :, y0:y1, x0:x1] = x[perm][:, :, y0:y1, x0:x1]
+    return out, 1.0 - (y1 - y0) * (x1 - x0) / float(h * w)
+
+
+def step_generator(seed: int, epoch: int, step: int) -> torch.Generator:
+    """The generator for one training step: the same (seed, epoch, step) always gives the same views."""
+    state = np.random.SeedSequence([seed, epoch, step]).generate_state(1, np.uint64)[0]
+    return torch.Generator().manual_seed(int(state) & (2**63 - 1))
