@@ -191,7 +191,7 @@ def _print_report(rep: dict, out: Path) -> None:
     from edgekd.report import markdown
 
     click.echo(markdown(rep))
-    png = f", {out / 'report.png'}" if rep["engines"] else ""
+    png = f", {out / 'report.png'}, {out / 'report_batch.png'}" if rep["engines"] else ""
     click.echo(f"wrote {out / 'report.json'}, {out / 'report.md'}{png}")
 
 

@@ -152,7 +152,8 @@ def train_teacher(recipe: Recipe, out: str | Path, *, device: str = "auto", prog
 
 
 def _entry(model: nn.Module, data: Dataset, dev: Any, history: list[dict], start: float) -> dict[str, Any]:
-    return {"accuracy": accuracy(model, data.x_test, data.y_test, dev), "params": count_params(model),
+    return {"accuracy": accuracy(model, data.x_test, data.y_test, dev), "test_samples": len(data.y_test),
+            "params": count_params(model),
             "val_accuracy": accuracy(model, data.x_val, data.y_val, dev) if len(data.y_val) else None,
             "epochs": len(history), "train_seconds": round(time.perf_counter() - start, 2)}
 

@@ -47,6 +47,8 @@ class RunContext:
         if model not in MODELS:
             raise EdgekdError(f"--model {model!r}: expected one of {', '.join(MODELS)}")
         path = self.dir / f"{model}.safetensors"
+        if not path.is_file() and model == "teacher" and self.recipe.teacher.checkpoint:
+            path = self.recipe.path(self.recipe.teacher.checkpoint)   # distilled from a given teacher
         if not path.is_file():
             raise EdgekdError(f"{path}: not found; run `edgekd distill` into {self.dir} first")
         return path
@@ -213,7 +215,16 @@ def run(recipe: Recipe, out: str | Path, *, targets: tuple[str, ...] = DEFAULT_T
     loaded = [load_target(t) for t in targets]   # fail on a bad target before training anything
     ctx_data = load_data(recipe.data, recipe.base_dir)
     distill(recipe, out, device=device, progress=progress, data=ctx_data)
-    ctx = RunContext(out, recipe, ctx_data)
+    return engines(RunContext(out, recipe, ctx_data), loaded, device=device, progress=progress,
+                   quick_profile=quick_profile)
+
+
+def engines(ctx: RunContext, loaded: list[Target], *, device: str = "auto", progress: bool = True,
+            quick_profile: bool = False) -> dict[str, Any]:
+    """Everything after training, for a run folder with a distilled student: export, quantize (PTQ, QAT-KD),
+    build and profile the engines of each target, and write the report."""
+    out = ctx.dir
+    recipe = ctx.recipe
     exports = {m: export(out, m, ctx=ctx) for m in ("teacher", "student")}
     skipped: list[dict[str, Any]] = []
     profiled: list[str] = []

@@ -64,8 +64,11 @@ def headline(engines: list[dict[str, Any]], target: str) -> dict[str, Any] | Non
 
 def build_report(models: dict[str, Any], engines: list[dict[str, Any]], skipped: list[dict[str, Any]],
                  targets: list[str], extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    report = {"models": {k: {"accuracy": v["accuracy"], "params": v["params"]} for k, v in models.items()
+    keep = ("accuracy", "params", "test_samples", "epochs", "train_seconds", "samples", "labelled", "temperature",
+            "alpha", "function_matching", "teacher_outputs")
+    report = {"models": {k: {f: v[f] for f in keep if f in v} for k, v in models.items()
                          if k in ("teacher", "scratch", "student")},
+              "distillation": distillation_summary(models), "search": models.get("search"),
               "engines": engines, "skipped": skipped, "headline": None}
     for target in targets:
         if (h := headline(engines, target)) is not None:
@@ -75,6 +78,27 @@ def build_report(models: dict[str, Any], engines: list[dict[str, Any]], skipped:
     return report
 
 
+def distillation_summary(models: dict[str, Any]) -> dict[str, Any] | None:
+    """What distillation gained over the scratch student, and the fraction of the teacher-student gap it closed:
+    gap recovered = (distilled - scratch) / (teacher - scratch)."""
+    if not all(k in models for k in ("teacher", "student", "scratch")):
+        return None
+    t, s, b = (models[k]["accuracy"] for k in ("teacher", "student", "scratch"))
+    return {"gain": s - b, "gap_recovered": (s - b) / (t - b) if t != b else None,
+            "accuracy_retention": s / t if t else None}
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the (cost, value) points that no other point beats (lower cost and higher value), by cost."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1]))
+    front, best = [], float("-inf")
+    for i in order:
+        if points[i][1] > best:
+            front.append(i)
+            best = points[i][1]
+    return front
+
+
 def markdown(report: dict[str, Any]) -> str:
     from tabulate import tabulate
 
@@ -82,15 +106,35 @@ def markdown(report: dict[str, Any]) -> str:
     if report.get("headline"):
         lines += [f"**Headline:** {report['headline']['text']}.", ""]
     lines += ["## Models (PyTorch, test split)", ""]
-    rows = [[k, f"{v['accuracy']:.4f}", f"{v['params']:,}"] for k, v in report["models"].items()]
-    lines += [tabulate(rows, headers=["model", "accuracy", "params"], tablefmt="github"), ""]
+    rows = []
+    for k, v in report["models"].items():
+        errors = round((1 - v["accuracy"]) * v["test_samples"]) if "test_samples" in v else "-"
+        t_a = f"T={v['temperature']:g}, alpha={v['alpha']:g}" if k == "student" and "temperature" in v else ""
+        rows.append([k, f"{v['accuracy']:.4f}", errors, f"{v['params']:,}", v.get("labelled", v.get("samples", "")),
+                     v.get("epochs", ""), v.get("train_seconds", ""), t_a])
+    lines += [tabulate(rows, headers=["model", "accuracy", "test errors", "params", "labels", "epochs",
+                                      "train s", "distillation"], tablefmt="github"), ""]
+    if d := report.get("distillation"):
+        gap = f"{d['gap_recovered'] * 100:.0f}%" if d.get("gap_recovered") is not None else "n/a"
+        lines += [f"Distillation gain over scratch: {d['gain'] * 100:+.2f} points; teacher-student gap recovered: "
+                  f"{gap}.", ""]
+    if search := report.get("search"):
+        lines += [f"## T/alpha search (validation split, {search['epochs']} epochs per pair)", ""]
+        rows = [[f"{r['temperature']:g}", f"{r['alpha']:g}", f"{r['val_accuracy']:.4f}", r["seconds"],
+                 "chosen" if (r["temperature"], r["alpha"]) == (search["chosen"]["temperature"],
+                                                                search["chosen"]["alpha"]) else ""]
+                for r in search["table"]]
+        lines += [tabulate(rows, headers=["T", "alpha", "val accuracy", "seconds", ""], tablefmt="github"), ""]
     lines += ["## Engines (accuracy measured on the engine)", "", engines_table(report["engines"]), ""]
+    if report["engines"]:
+        lines += ["![accuracy against latency](report.png)", "", "![latency against batch size](report_batch.png)",
+                  ""]
     if report.get("skipped"):
         lines += ["## Not built here", ""]
         lines += [f"- {s['target']} {s['model']} {s['precision']}: {s['reason']}" for s in report["skipped"]]
         lines.append("")
     for key, value in report.items():
-        if key not in ("models", "engines", "skipped", "headline"):
+        if key not in ("models", "engines", "skipped", "headline", "distillation", "search"):
             lines += [f"## {key}", "", "```json", json.dumps(value, indent=2), "```", ""]
     return "\n".join(lines)
 
@@ -109,25 +153,60 @@ def engines_table(engines: list[dict[str, Any]]) -> str:
                                    "p50 ms", "p99 ms", "samples/s", "size KiB"], tablefmt="github")
 
 
+def _label(e: dict[str, Any]) -> str:
+    return f"{e['model']} {e['precision']}{'/' + e['quantization'] if e['quantization'] != 'none' else ''}"
+
+
 def plot(report: dict[str, Any], path: Path) -> None:
-    """Accuracy against batch-1 p50 latency for every engine, one marker per model."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """Accuracy against batch-1 p50 latency for every engine, one marker per model, with the Pareto front."""
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     markers = {"teacher": "s", "student": "o", "scratch": "^"}
-    for e in report["engines"]:
-        ax.scatter(e["latency_ms"]["p50"], e["accuracy"] * 100, marker=markers.get(e["model"], "x"), s=60)
-        ax.annotate(f"{e['model']} {e['precision']}{'/' + e['quantization'] if e['quantization'] != 'none' else ''}"
-                    f"\n{e['target']}", (e["latency_ms"]["p50"], e["accuracy"] * 100), fontsize=7,
-                    xytext=(4, 4), textcoords="offset points")
+    engines = report["engines"]
+    points = [(e["latency_ms"]["p50"], e["accuracy"] * 100) for e in engines]
+    for e, (x, y) in zip(engines, points, strict=True):
+        ax.scatter(x, y, marker=markers.get(e["model"], "x"), s=60, zorder=3)
+        ax.annotate(f"{_label(e)}\n{e['target']}", (x, y), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    front = [points[i] for i in pareto_front(points)]
+    ax.step([x for x, _ in front], [y for _, y in front], where="post", color="black", linestyle="--", linewidth=1,
+            label="Pareto front (faster and more accurate than the rest)", zorder=2)
+    ax.legend(fontsize=8)
     ax.set_xlabel("p50 latency at batch 1 (ms)")
     ax.set_ylabel("accuracy on the engine (%)")
     ax.set_xscale("log")
     ax.grid(True, alpha=0.3)
     ax.set_title("edgekd: accuracy against latency")
+    _save(plt, fig, path)
+
+
+def plot_batches(report: dict[str, Any], path: Path) -> None:
+    """p50 latency per sample against batch size, one line per engine (log-log)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for e in report["engines"]:
+        rows = sorted(e["per_batch"], key=lambda r: r["batch"])
+        ax.plot([r["batch"] for r in rows], [r["p50"] / r["batch"] for r in rows], marker="o",
+                label=f"{_label(e)} ({e['target']})")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("p50 latency per sample (ms)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title("edgekd: latency per sample against batch size")
+    _save(plt, fig, path)
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(plt: Any, fig: Any, path: Path) -> None:
     fig.tight_layout()
     with fileio.atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
@@ -136,11 +215,13 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
 def write_report(run_dir: str | Path, report: dict[str, Any]) -> dict[str, Path]:
     run_dir = Path(run_dir)
-    paths = {"json": run_dir / "report.json", "md": run_dir / "report.md", "png": run_dir / "report.png"}
+    paths = {"json": run_dir / "report.json", "md": run_dir / "report.md", "png": run_dir / "report.png",
+             "batch_png": run_dir / "report_batch.png"}
     fileio.write_json(paths["json"], report)
     fileio.write_text(paths["md"], markdown(report))
     if report["engines"]:
         plot(report, paths["png"])
+        plot_batches(report, paths["batch_png"])
     return paths
 
 

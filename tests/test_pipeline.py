@@ -46,9 +46,21 @@ def test_run_writes_report_with_engines_measured_on_the_engine(run_dir):
     assert h["accuracy_retention"] == pytest.approx(student["accuracy"] / teacher["accuracy"])
     assert h["latency_ratio"] == pytest.approx(student["latency_ms"]["p50"] / teacher["latency_ms"]["p50"])
     assert (run_dir / "report.png").read_bytes()[:4] == b"\x89PNG"
-    assert "the student keeps" in (run_dir / "report.md").read_text()
+    assert (run_dir / "report_batch.png").read_bytes()[:4] == b"\x89PNG"
+    md = (run_dir / "report.md").read_text()
+    assert "the student keeps" in md and "teacher-student gap recovered" in md
+    d = rep["distillation"]
+    t, s, b = (metrics[k]["accuracy"] for k in ("teacher", "student", "scratch"))
+    assert d["gain"] == pytest.approx(s - b) and d["gap_recovered"] == pytest.approx((s - b) / (t - b))
     # TensorRT cannot run here: the target is reported as skipped with the reason, not silently dropped.
     assert any(s["target"] == "jetson-orin-nano-trt" and "tensorrt" in s["reason"].lower() for s in rep["skipped"])
+
+
+def test_pareto_front_keeps_only_points_nothing_beats():
+    from edgekd.report import pareto_front
+
+    points = [(1.0, 90.0), (2.0, 95.0), (1.5, 89.0), (3.0, 94.0), (0.5, 80.0), (2.0, 96.0)]
+    assert pareto_front(points) == [4, 0, 5]
 
 
 def test_stage_commands_on_a_run_folder(run_dir):
