@@ -157,6 +157,20 @@ def save_weights(model: nn.Module, path: str | Path, metadata: dict[str, str] | 
         save_file(state, str(tmp), metadata=metadata or {})
 
 
+def _looks_like_safetensors(path: Path) -> bool:
+    """safetensors starts with a little-endian u64 header length followed by a JSON header ('{')."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and 0 < int.from_bytes(head[:8], "little") <= path.stat().st_size - 8 and head[8:] == b"{"
+
+
+def _looks_like_pickle(path: Path) -> bool:
+    """A pickle (protocol 2+ starts with 0x80) or a torch.save zip archive."""
+    with open(path, "rb") as f:
+        head = f.read(2)
+    return head[:1] == b"\x80" or head == b"PK"
+
+
 def load_weights(model: nn.Module, path: str | Path) -> dict[str, str]:
     """Load safetensors weights into `model`, strictly; returns the file's metadata.
 
@@ -168,9 +182,7 @@ def load_weights(model: nn.Module, path: str | Path) -> dict[str, str]:
     path = Path(path)
     if not path.is_file():
         raise EdgekdError(f"checkpoint {path}: file not found")
-    with open(path, "rb") as f:
-        head = f.read(2)
-    if head[:1] == b"\x80" or head == b"PK":
+    if not _looks_like_safetensors(path) and _looks_like_pickle(path):
         raise EdgekdError(f"checkpoint {path}: looks like a pickle/torch.save file; edgekd only loads safetensors "
                           "(convert it with safetensors.torch.save_file)")
     try:

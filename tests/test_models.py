@@ -53,3 +53,17 @@ def test_safetensors_round_trip_and_refusals(tmp_path):
     with pytest.raises(EdgekdError, match="not a valid safetensors"):
         load_weights(b, tmp_path / "cut.safetensors")
     assert count_params(a) == sum(p.numel() for p in a.parameters())
+
+
+def test_a_safetensors_file_whose_header_length_starts_with_0x80_loads(tmp_path):
+    """The header length is a little-endian u64: 1 file in 256 begins with the byte a pickle begins with."""
+    from edgekd.models import build_model, load_weights, save_weights
+
+    model = build_model("mlp:hidden=4", (3,), 2)
+    path = tmp_path / "w.safetensors"
+    for pad in range(300):
+        save_weights(model, path, {"model": "mlp:hidden=4", "pad": "." * pad})
+        if path.read_bytes()[:1] == b"\x80":
+            break
+    assert path.read_bytes()[:1] == b"\x80"
+    assert load_weights(build_model("mlp:hidden=4", (3,), 2), path)["pad"] == "." * pad
