@@ -123,23 +123,36 @@ def command_line() -> str:
     return shlex.join(getattr(sys, "orig_argv", [sys.executable, *sys.argv]))
 
 
-def add_common_args(parser: argparse.ArgumentParser) -> None:
-    """--quick, --out and --threads, the same in every suite (resolve --threads with `threads_for`)."""
+class _Threads(argparse.Action):
+    """Stores --threads and records that it was given (so `threads_for` can tell it from the default)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        if values < 1:
+            parser.error(f"--threads must be >= 1, got {values}")
+        namespace.threads = values
+        namespace.threads_given = True
+
+
+def add_common_args(parser: argparse.ArgumentParser, *, default_threads: int | None = None) -> None:
+    """--quick, --out and --threads, the same in every suite. args.threads defaults to `default_threads` (all
+    cores when None); suites that want one thread in --quick mode resolve it with `threads_for`."""
     parser.add_argument("--quick", action="store_true",
                         help="smoke test: tiny sizes and few runs, about a minute; writes <name>_quick.*")
     parser.add_argument("--out", type=Path, default=RESULTS, help=f"results folder (default {RESULTS})")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="intra-op threads for torch and onnxruntime (default: the suite's; 1 with --quick)")
+    parser.add_argument("--threads", type=int, action=_Threads, default=default_threads or os.cpu_count() or 1,
+                        help="intra-op threads for torch and onnxruntime (default: %(default)s)")
 
 
 def threads_for(args: argparse.Namespace, default: int | None = None) -> int:
-    """--threads if given; else 1 in --quick mode (smoke tests share machines, and a 2-thread torch/onnxruntime
-    op next to another busy process can run ten times slower than on one thread); else `default` (all cores)."""
-    if args.threads is not None:
-        if args.threads < 1:
-            raise SystemExit(f"--threads must be >= 1, got {args.threads}")
+    """--threads when given on the command line; else 1 in --quick mode (smoke tests share machines, and a
+    2-thread torch/onnxruntime op next to another busy process ran ten times slower here than on one thread);
+    else `default`, or args.threads (add_common_args's default) when `default` is None."""
+    if getattr(args, "threads_given", False):
         return args.threads
-    return 1 if args.quick else (default or os.cpu_count() or 1)
+    if args.quick:
+        return 1
+    return default or args.threads
 
 
 def result_name(name: str, quick: bool) -> str:
