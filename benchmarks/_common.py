@@ -36,6 +36,7 @@ if str(REPO) not in sys.path:  # `python benchmarks/x.py` from anywhere imports 
     sys.path.insert(0, str(REPO))
 
 from edgekd import fileio  # noqa: E402
+from edgekd.report import pareto_front  # noqa: E402,F401  (re-exported for the suites)
 
 PACKAGES = ("numpy", "torch", "torchao", "onnx", "onnxruntime", "onnxscript", "matplotlib")
 
@@ -192,26 +193,6 @@ def fashion_mnist_npz(path: str | Path, *, train: int | None = None, test: int |
     return path
 
 
-def save_weights(model: Any, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
-    """edgekd.models.save_weights, re-saved with a padding metadata entry when the file would start like a pickle.
-
-    Works around an edgekd.models.load_weights check that refuses files starting with 0x80 or b"PK": a
-    safetensors file starts with its header length (little-endian u64), so a valid file whose header is
-    128 bytes long modulo 256 (about 1 in 256 files) is refused as "a pickle/torch.save file".
-    """
-    from edgekd.models import save_weights as edgekd_save
-
-    meta = dict(metadata or {})
-    for pad in range(4):
-        edgekd_save(model, path, meta)
-        with open(path, "rb") as f:
-            head = f.read(2)
-        if head[:1] != b"\x80" and head != b"PK":
-            break
-        meta["pad"] = "." * (pad + 1)
-    return Path(path)
-
-
 # ------------------------------------------------------------------------------------------ result files
 
 
@@ -248,22 +229,6 @@ def mean_sd(values: Sequence[float]) -> tuple[float, float]:
     if not vals:
         return float("nan"), float("nan")
     return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
-
-
-def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
-    """Indices of the (latency, accuracy) points no other point beats: lower latency and higher accuracy are
-    better, and a point is dominated when another is at least as good on both and strictly better on one.
-    Returned in order of increasing latency (so accuracy increases along the front). Points with a NaN
-    coordinate are never on the front; equal points are all kept."""
-    valid = [i for i, (lat, acc) in enumerate(points) if not (math.isnan(lat) or math.isnan(acc))]
-    front = []
-    for i in valid:
-        li, ai = points[i]
-        dominated = any((points[j][0] <= li and points[j][1] >= ai) and (points[j][0] < li or points[j][1] > ai)
-                        for j in valid if j != i)
-        if not dominated:
-            front.append(i)
-    return sorted(front, key=lambda i: (points[i][0], -points[i][1]))
 
 
 # ------------------------------------------------------------------------------------------------ markdown

@@ -45,7 +45,7 @@ import _common as common  # noqa: E402
 
 from edgekd import pipeline, profile, runtime  # noqa: E402
 from edgekd.data import FASHION_MNIST_DIR, Dataset, load_data  # noqa: E402
-from edgekd.models import build_model, count_params  # noqa: E402
+from edgekd.models import build_model, count_params, save_weights  # noqa: E402
 from edgekd.recipe import DataConfig, recipe_from_dict  # noqa: E402
 from edgekd.targets import load_target  # noqa: E402
 from edgekd.train import fit, seed_everything  # noqa: E402
@@ -98,7 +98,7 @@ def width_sweep_bundles(work: Path, data: Dataset, widths: tuple[int, ...], *, e
             fit(model, data.x_train, data.y_train, recipe.student, device=torch.device("cpu"), desc=spec,
                 progress=False)
         train_s = time.perf_counter() - started
-        common.save_weights(model, run_dir / "student.safetensors", {"model": spec})
+        save_weights(model, run_dir / "student.safetensors", {"model": spec})
         ctx = pipeline.RunContext(run_dir, recipe, data)
         q = pipeline.quantize(run_dir, tgt.quant_scheme, ctx=ctx, device="cpu", progress=False)
         built = pipeline.build(run_dir, tgt.name, models=("student",), ctx=ctx,

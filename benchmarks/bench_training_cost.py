@@ -46,7 +46,7 @@ pipeline._import_torchao_quietly()   # torchao logs a line per CUDA kernel libra
 
 from edgekd import compress, distillation, quantize  # noqa: E402
 from edgekd.data import FASHION_MNIST_DIR, load_data  # noqa: E402
-from edgekd.models import build_model, count_params  # noqa: E402
+from edgekd.models import build_model, count_params, save_weights  # noqa: E402
 from edgekd.recipe import Recipe, recipe_from_dict  # noqa: E402
 from edgekd.targets import load_target  # noqa: E402
 from edgekd.train import KDConfig, fit, seed_everything  # noqa: E402
@@ -155,7 +155,7 @@ def main() -> int:
         seed_everything(1)
         teacher = build_model(args.teacher, data.input_shape, data.num_classes).eval()
         run_dir = work / "run"
-        common.save_weights(teacher, run_dir / "teacher.safetensors", {"model": args.teacher})
+        save_weights(teacher, run_dir / "teacher.safetensors", {"model": args.teacher})
 
         # the cache, built once with `edgekd cache-teacher`'s function and read as `edgekd distill --cache` does
         t0 = time.perf_counter()

@@ -180,16 +180,17 @@ def _offline_source(recipe: Recipe, data: Dataset, labels: Path | None, cache: P
             temperature=lab.temperature, alpha=d.alpha, values_are="probs"), info
     manifest = teacher_cache.read_manifest(cache)
     augment = teacher_cache.make_augment(manifest["augment"])
-    c = teacher_cache.load_cache(cache, x=data.x_train, augment_key=manifest["augment"], seed=manifest["seed"],
+    x, y = transfer_set(data)
+    c = teacher_cache.load_cache(cache, x=x, augment_key=manifest["augment"], seed=manifest["seed"],
                                  top_k=manifest["top_k"], epochs=d.epochs if augment is not None else None)
 
     def fetch(epoch: int, idx: np.ndarray) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
-        views = (teacher_cache.augment_views(data.x_train, idx, epoch=epoch, seed=manifest["seed"], augment=augment)
+        views = (teacher_cache.augment_views(x, idx, epoch=epoch, seed=manifest["seed"], augment=augment)
                  if augment is not None else None)
         v, i = c.lookup(epoch if augment is not None else 0, idx)
         return views, v, i
     info = {"source": "cache", "path": str(cache), "top_k": manifest["top_k"], "augment": manifest["augment"]}
-    return data.x_train, data.y_train, OfflineTargets(fetch, d.temperature, d.alpha, "logits"), info
+    return x, y, OfflineTargets(fetch, d.temperature, d.alpha, "logits"), info
 
 
 def distill(recipe: Recipe, out: str | Path, *, device: str = "auto", progress: bool = True,
@@ -316,7 +317,8 @@ def _distill_offline(recipe: Recipe, out: Path, data: Dataset, dev: Any, progres
     metrics["student"] = _train_role(recipe, out, "student", data, dev, progress=progress, resume=resume,
                                      model=student, schedule=schedule, metrics=metrics, x=x, y=y, offline=offline)
     metrics["student"]["offline"] = info
-    return _finish_with_baseline(recipe, out, data, dev, progress, resume, schedule, metrics)
+    return _finish_with_baseline(recipe, out, data, dev, progress, resume, schedule, metrics,
+                                 student_samples=len(x) if cache is not None else None)
 
 
 def label(recipe: Recipe, teacher: str, out: str | Path, *, pool: str | Path | None = None, top_k: int = 5,
@@ -347,7 +349,8 @@ def label(recipe: Recipe, teacher: str, out: str | Path, *, pool: str | Path | N
 
 def cache_teacher(recipe: Recipe, out: str | Path, *, top_k: int = 5, epochs: int = 1, augment: str = "none",
                   seed: int = 0, device: str = "auto", progress: bool = True) -> dict[str, Any]:
-    """Precompute the run's teacher on the training split (top-k logits, float16) into out/teacher-cache."""
+    """Precompute the run's teacher on the transfer set (the training split and the unlabelled pool; top-k
+    logits, float16) into out/teacher-cache."""
     from edgekd import cache as teacher_cache
     from edgekd.teachers import TorchTeacher
 
@@ -361,7 +364,7 @@ def cache_teacher(recipe: Recipe, out: str | Path, *, top_k: int = 5, epochs: in
 
     t = TorchTeacher(model, device=str(resolve_device(device)), identity=f"torch:{sha256_file(path)}")
     aug = teacher_cache.make_augment(augment)
-    return teacher_cache.build_cache(t, data.x_train, out / "teacher-cache", top_k=top_k,
+    return teacher_cache.build_cache(t, transfer_set(data)[0], out / "teacher-cache", top_k=top_k,
                                      epochs=epochs if aug is not None else 1, augment=aug, seed=seed,
                                      augment_key=teacher_cache.augment_key_of(aug), progress=progress)
 

@@ -9,6 +9,7 @@ both at batch 1, measured in the same profiling run).
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -89,14 +90,14 @@ def distillation_summary(models: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:
-    """Indices of the (cost, value) points that no other point beats (lower cost and higher value), by cost."""
-    order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1]))
-    front, best = [], float("-inf")
-    for i in order:
-        if points[i][1] > best:
-            front.append(i)
-            best = points[i][1]
-    return front
+    """Indices of the (latency, accuracy) points no other point beats: lower latency and higher accuracy are
+    better, and a point is dominated when another is at least as good on both and strictly better on one.
+    Ordered by latency (accuracy rises along the front); NaN points are never on it; equal points all stay."""
+    valid = [i for i, (lat, acc) in enumerate(points) if not (math.isnan(lat) or math.isnan(acc))]
+    front = [i for i in valid
+             if not any(points[j][0] <= points[i][0] and points[j][1] >= points[i][1] and points[j] != points[i]
+                        for j in valid)]
+    return sorted(front, key=lambda i: (points[i][0], -points[i][1]))
 
 
 def markdown(report: dict[str, Any]) -> str:

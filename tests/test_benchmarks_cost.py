@@ -95,13 +95,3 @@ def test_training_cost_quick(launched: dict) -> None:
     one = data["one_time"]
     assert _positive(one["cache_build_s"], one["qat_setup_s_mean"]) and one["qat_convert_s"] is None
     assert (out / data["plot"]).stat().st_size > 1000
-
-
-def test_pareto_front() -> None:
-    sys.path.insert(0, str(BENCH))
-    import _common as common
-
-    points = [(1.0, 0.80), (2.0, 0.90), (2.0, 0.85), (0.5, 0.70), (3.0, 0.90), (float("nan"), 0.99), (1.0, 0.80)]
-    # (2.0, 0.85) loses to (2.0, 0.90); (3.0, 0.90) to (2.0, 0.90); NaN is never on the front; ties both stay
-    assert common.pareto_front(points) == [3, 0, 6, 1]
-    assert common.pareto_front([]) == []

@@ -59,8 +59,10 @@ def test_run_writes_report_with_engines_measured_on_the_engine(run_dir):
 def test_pareto_front_keeps_only_points_nothing_beats():
     from edgekd.report import pareto_front
 
-    points = [(1.0, 90.0), (2.0, 95.0), (1.5, 89.0), (3.0, 94.0), (0.5, 80.0), (2.0, 96.0)]
-    assert pareto_front(points) == [4, 0, 5]
+    points = [(1.0, 0.80), (2.0, 0.90), (2.0, 0.85), (0.5, 0.70), (3.0, 0.90), (float("nan"), 0.99), (1.0, 0.80)]
+    # (2.0, 0.85) loses to (2.0, 0.90); (3.0, 0.90) to (2.0, 0.90); NaN is never on the front; ties both stay
+    assert pareto_front(points) == [3, 0, 6, 1]
+    assert pareto_front([]) == []
 
 
 def test_stage_commands_on_a_run_folder(run_dir):
