@@ -333,7 +333,9 @@ def fit(model: nn.Module, x: np.ndarray, y: np.ndarray, cfg: ModelConfig, *, dev
             loss_sum, correct, seen, samples = distributed.all_sum(totals, device)
             row = {"epoch": epoch + 1, "loss": loss_sum / max(samples, 1), "train_accuracy": correct / max(seen, 1),
                    "seconds": time.perf_counter() - start}
-            if x_val is not None and len(x_val):
+            # at most ~20 validation passes per run: a small labelled set trained for hundreds of epochs
+            # would otherwise spend most of its time evaluating
+            if x_val is not None and len(x_val) and ((epoch + 1) % max(1, epochs // 20) == 0 or epoch + 1 == epochs):
                 row["val_accuracy"] = accuracy(model, x_val, y_val, device, set_mode)
             history.append(row)
             epoch_gen_state = gen.get_state()
