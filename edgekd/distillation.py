@@ -231,6 +231,7 @@ def distill(recipe: Recipe, out: str | Path, *, device: str = "auto", progress: 
         else:
             search = search_temperature_alpha(recipe, data, teacher, dev, x, y, progress=progress)
         metrics["search"] = search
+        _save_run_files(out, recipe, metrics)   # a resumed run does not search again
         temperature, alpha = search["chosen"]["temperature"], search["chosen"]["alpha"]
     kd = KDConfig(temperature, alpha, tuple((s, t) for s, t in d.features), d.feature_weight)
     once = _teacher_once(recipe, teacher, x, dev, kd)
@@ -242,6 +243,7 @@ def distill(recipe: Recipe, out: str | Path, *, device: str = "auto", progress: 
     metrics["student"].update(temperature=temperature, alpha=alpha, samples=int(len(x)),
                               labelled=int((y >= 0).sum()), function_matching=d.function_matching,
                               teacher_outputs="computed once" if once else "every step, on the student's view")
+    _save_run_files(out, recipe, metrics)   # a run killed during the baseline keeps the finished student
     return _finish_with_baseline(recipe, out, data, dev, progress, resume, schedule, metrics, student_samples=len(x))
 
 
@@ -317,6 +319,7 @@ def _distill_offline(recipe: Recipe, out: Path, data: Dataset, dev: Any, progres
     metrics["student"] = _train_role(recipe, out, "student", data, dev, progress=progress, resume=resume,
                                      model=student, schedule=schedule, metrics=metrics, x=x, y=y, offline=offline)
     metrics["student"]["offline"] = info
+    _save_run_files(out, recipe, metrics)
     return _finish_with_baseline(recipe, out, data, dev, progress, resume, schedule, metrics,
                                  student_samples=len(x) if cache is not None else None)
 
