@@ -24,6 +24,8 @@ class DataConfig:
     image_size: list[int] | None = None   # [height, width] for image folders (default: the first image's size)
     grayscale: bool = False         # image folders: load as one channel
     unlabeled: str | None = None    # an .npz whose `x` (or `x_unlabeled`) is a pool without labels
+    train_samples: int | None = None   # keep a stratified, seeded subset of the training pool (before the val split)
+    test_samples: int | None = None    # keep a stratified, seeded subset of the test split
 
 
 @dataclass(frozen=True)
@@ -175,6 +177,10 @@ def _validate(r: Recipe, where: str) -> None:
         v = getattr(r.data, key)
         if not 0.0 <= v < 1.0:
             raise EdgekdError(f"{where} [data].{key}: must be in [0, 1), got {v}")
+    for key in ("train_samples", "test_samples"):
+        v = getattr(r.data, key)
+        if v is not None and v < 1:
+            raise EdgekdError(f"{where} [data].{key}: must be >= 1, got {v}")
 
 
 def load_recipe(path: str | Path) -> Recipe:
