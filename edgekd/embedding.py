@@ -693,6 +693,10 @@ def run_embedding(recipe: Recipe, out: str | Path, *, targets: tuple[str, ...] =
     cfg = recipe.embedding
     if cfg is None:
         raise EdgekdError("run_embedding: the recipe has no [embedding] section")
+    q = recipe.quantize
+    if q.calibration or q.keep_float:
+        raise EdgekdError("[quantize].calibration and keep_float are not used by [embedding] runs: the student is "
+                          "calibrated on calibration_size training sentences and quantized whole; remove them")
     out = Path(out)
     loaded = [load_target(t) for t in targets]   # a bad target fails before any training
     teacher, tokenizer, teacher_dir = load_text_teacher(cfg.teacher)

@@ -162,6 +162,25 @@ def test_tiny_student_exports_with_dynamic_batch_and_sequence(tmp_path) -> None:
     assert np.allclose(embed(lambda x: session.run(None, {E.INPUT_NAME: x})[0], rows, 0, batch_size=2),
                        E.encode(model, rows, 0), atol=1e-5)
 
+    # the same ONNX as an onnxruntime bundle: checksummed, profiled per sentence, compared with a "teacher"
+    from edgekd.embedding_runtime import profile_bundle
+    from edgekd.targets import load_target
+
+    rng = np.random.default_rng(1)
+    held = [rng.integers(1, 40, int(n)) for n in rng.integers(2, 16, 12)]
+    reference = E.encode(model, held, 0)
+    reference[0] = -reference[0]                                    # one sentence the "teacher" disagrees on
+    bundle = E.build_bundle(path, tmp_path / "bundle", model="student", target=load_target("x86-cpu-ort"),
+                            precision="fp32", quantization="none", pad_id=0, max_length=16, dim=12,
+                            tokenizer_dir=None, heldout_rows=held, reference=reference)
+    result = profile_bundle(bundle, batch_sizes=(1, 4), sentences=8, min_passes=1, min_seconds=0.0)
+    assert [r["batch"] for r in result["rows"]] == [1, 4] and all(r["per_sentence_ms"] > 0 for r in result["rows"])
+    assert result["rows"][1]["sentences"] == 12     # 4 batches of 4 wanted, the 12 held-out sentences allow 3
+    assert result["metrics"]["cosine"] == pytest.approx(10 / 12, abs=1e-5)   # 11 x 1 and 1 x -1, over 12
+    (bundle / "eval.npz").write_bytes(b"tampered")
+    with pytest.raises(EdgekdError, match="sha256"):
+        profile_bundle(bundle)
+
 
 def test_ptq_through_quantize_keeps_the_sequence_dynamic() -> None:
     pytest.importorskip("torchao")
