@@ -188,10 +188,9 @@ def profile(run_dir: Path, target: str, quick: bool) -> None:
 
 
 def _print_report(rep: dict, out: Path) -> None:
-    from edgekd.report import markdown
-
-    click.echo(markdown(rep))
-    png = f", {out / 'report.png'}, {out / 'report_batch.png'}" if rep["engines"] else ""
+    click.echo((out / "report.md").read_text())   # what the report stage wrote, whatever the task
+    pngs = [out / name for name in ("report.png", "report_batch.png") if (out / name).is_file()]
+    png = "".join(f", {p}" for p in pngs)
     click.echo(f"wrote {out / 'report.json'}, {out / 'report.md'}{png}")
 
 

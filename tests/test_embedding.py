@@ -1,0 +1,211 @@
+"""Sentence-embedding distillation on tiny models: the loss by hand, corpus splitting, retrieval metrics, the
+student's ONNX export with dynamic batch and sequence length, and PT2E quantization with a dynamic sequence."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from edgekd import embedding as E
+from edgekd.embedding_runtime import embed, embedding_metrics, pad_batch
+from edgekd.errors import EdgekdError
+from edgekd.recipe import EmbeddingConfig, recipe_from_dict, to_toml
+
+
+def test_loss_hand_values() -> None:
+    s, t = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])
+    assert E.embedding_loss(s, t, mse_weight=1, cosine_weight=0).item() == pytest.approx(2.0)   # |s - t|^2
+    assert E.embedding_loss(s, t, mse_weight=0, cosine_weight=1).item() == pytest.approx(1.0)   # 1 - cos
+    assert E.embedding_loss(s, t, mse_weight=0, similarity_weight=1).item() == pytest.approx(0.0)  # 1x1: both 1
+    # inputs are normalized first: [3, 4] -> [0.6, 0.8]; against [1, 0]: 0.4^2 + 0.8^2 = 0.8 and 1 - 0.6 = 0.4
+    s, t = torch.tensor([[3.0, 4.0]]), torch.tensor([[2.0, 0.0]])
+    assert E.embedding_loss(s, t).item() == pytest.approx(0.8)
+    assert E.embedding_loss(s, t, mse_weight=0.5, cosine_weight=2.0).item() == pytest.approx(0.5 * 0.8 + 2 * 0.4)
+    # relational term: student similarity matrix I, teacher all ones -> off-diagonal errors 1 -> mean 0.5
+    s, t = torch.eye(2), torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    assert E.embedding_loss(s, t, mse_weight=0, similarity_weight=1).item() == pytest.approx(0.5)
+    with pytest.raises(EdgekdError, match="project the student"):
+        E.embedding_loss(torch.ones(2, 3), torch.ones(2, 4))
+
+
+def _tiny(out_dim: int = 12, **kw) -> E.TinyEncoder:
+    torch.manual_seed(0)
+    return E.TinyEncoder(vocab_size=40, out_dim=out_dim, hidden=8, layers=1, heads=2, intermediate=16,
+                         max_length=16, **kw)
+
+
+def test_tiny_student_learns_a_teacher_and_pads_do_not_matter() -> None:
+    rng = np.random.default_rng(0)
+    rows = [rng.integers(1, 40, rng.integers(3, 10)) for _ in range(64)]
+    target = rng.standard_normal((64, 12)).astype(np.float32)
+    target /= np.linalg.norm(target, axis=1, keepdims=True)
+    model = _tiny()
+    assert isinstance(model.proj, torch.nn.Linear)                  # 8 -> 12: the projection to the teacher's width
+    model.eval()
+    before = E.embedding_loss(torch.from_numpy(E.encode(model, rows, 0)), torch.from_numpy(target)).item()
+    cfg = EmbeddingConfig(batch_size=16, lr=5e-3, heldout=6)
+    history = E.train_student(model, rows, target, cfg, pad_id=0, epochs=8, lr=5e-3, progress=False)
+    after = E.embedding_loss(torch.from_numpy(E.encode(model, rows, 0)), torch.from_numpy(target)).item()
+    assert after < 0.7 * before and history[-1]["loss"] < history[0]["loss"]
+    # a sentence's embedding does not depend on how much padding its batch adds
+    one = model(torch.from_numpy(pad_batch([rows[0]], 0)))
+    padded = model(torch.from_numpy(pad_batch([rows[0], np.ones(15, np.int64)], 0)))[:1]
+    assert torch.allclose(one, padded, atol=1e-5)
+    assert torch.allclose(one.norm(dim=1), torch.ones(1))
+
+
+def test_pca_init_keeps_the_teacher_geometry() -> None:
+    torch.manual_seed(0)
+    word = torch.randn(40, 4) @ torch.randn(4, 24)                  # rank 4: 8 components keep all of it
+    student = _tiny(out_dim=24)
+    info = E.init_from_teacher(student, word, torch.randn(32, 24))
+    assert info["variance_kept"] == pytest.approx(1.0, abs=1e-5)
+    centered = word - word.mean(0)
+    back = student.proj(student.word.weight)                        # projection starts as the PCA basis
+    assert torch.allclose(back, centered, atol=1e-4)
+    with pytest.raises(EdgekdError, match="same vocabulary"):
+        E.init_from_teacher(student, torch.randn(39, 24), None)
+
+
+PLAY = """THE TRAGEDY OF NOBODY
+
+Persons Represented.
+
+Alb., a Duke.
+
+ACT I.
+
+SCENE I. A hall.
+
+[Enter ALBANY and KENT.]
+
+Alb.
+I thought the king had more affected the Duke of Albany than Cornwall.
+Is it not so, my lord?
+
+KENT.
+It did always seem so to us: [Aside] but now, in the division of the
+kingdom, it appears not which of the dukes he values most. Yes!
+"""
+
+
+def test_sentences_skip_speakers_directions_and_cast() -> None:
+    got = E.split_sentences(PLAY, min_words=3, max_words=40)
+    assert got == ["I thought the king had more affected the Duke of Albany than Cornwall.",
+                   "Is it not so, my lord?",
+                   "It did always seem so to us: but now, in the division of the kingdom, it appears not which of "
+                   "the dukes he values most."]
+    assert E.split_sentences(PLAY, min_words=3, max_words=6) == ["Is it not so, my lord?"]
+
+
+def test_corpus_split_holds_out_whole_documents(tmp_path) -> None:
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
+    paragraphs = [" ".join(f"{words[(i + j) % 10]}{i}" for j in range(6)) + "." for i in range(400)]
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(paragraphs))
+    cfg = EmbeddingConfig(corpus="corpus.txt", sentences=100, heldout=20, seed=1)
+    train, held, info = E.corpus_split(cfg, tmp_path)
+    assert (len(train), len(held)) == (100, 20) and not set(train) & set(held)
+    def block(sentence: str) -> int:   # paragraph i starts with a word + i; 400 paragraphs -> 20 blocks of 20
+        return int(re.sub(r"^[a-z]+", "", sentence.split()[0])) // 20
+
+    held_blocks, train_blocks = {block(s) for s in held}, {block(s) for s in train}
+    assert not held_blocks & train_blocks and set(info["heldout_documents"])
+    assert E.corpus_split(cfg, tmp_path)[:2] == (train, held)      # seeded
+    with pytest.raises(EdgekdError, match="not enough"):
+        E.corpus_split(EmbeddingConfig(corpus="corpus.txt", heldout=5000), tmp_path)
+    with pytest.raises(EdgekdError, match="not found"):
+        E.corpus_split(EmbeddingConfig(corpus="missing.txt"), tmp_path)
+
+
+def test_retrieval_metrics_by_hand() -> None:
+    rng = np.random.default_rng(0)
+    t = rng.standard_normal((8, 5))
+    m = embedding_metrics(t * 3.0, t)                               # same directions: perfect agreement
+    assert m["cosine"] == pytest.approx(1.0) and m["retrieval_top1"] == m["retrieval_top5"] == 1.0
+    # unit vectors at these angles: nearest neighbours (teacher) 1,0,1,4,3,4 and (student) 1,0,1,4,5,4
+    def circle(degrees: list[float]) -> np.ndarray:
+        a = np.radians(degrees)
+        return np.stack([np.cos(a), np.sin(a)], 1)
+
+    m = embedding_metrics(circle([0, 10, 30, 90, 120, 130]), circle([0, 10, 30, 90, 100, 130]))
+    assert m["retrieval_top1"] == pytest.approx(5 / 6)
+    assert m["cosine"] == pytest.approx((5 + math.cos(math.radians(20))) / 6)
+    assert m["retrieval_top5"] == m["teacher_top1_in_student_top5"] == 1.0   # 6 points: top 5 is all the others
+    with pytest.raises(EdgekdError, match="at least 6"):
+        embedding_metrics(t[:5], t[:5])
+
+
+def test_tiny_student_exports_with_dynamic_batch_and_sequence(tmp_path) -> None:
+    import onnx
+    import onnxruntime as ort
+
+    model = _tiny().eval()
+    path = E.export_embedding_onnx(model, torch.tensor([[5, 6, 7, 0], [8, 9, 10, 11]]), tmp_path / "s.onnx",
+                                   max_length=16, metadata={"pad_id": "0"})
+    graph = onnx.load(str(path)).graph
+    dims = [d.dim_param or d.dim_value for d in graph.input[0].type.tensor_type.shape.dim]
+    assert graph.input[0].name == E.INPUT_NAME and all(isinstance(d, str) for d in dims)
+    assert graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.INT64
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for batch, seq in ((1, 3), (5, 9), (32, 16)):
+        ids = np.random.default_rng(batch).integers(1, 40, (batch, seq))
+        ours = session.run(None, {E.INPUT_NAME: ids})[0]
+        with torch.no_grad():
+            ref = model(torch.from_numpy(ids)).numpy()
+        assert ours.shape == (batch, 12) and np.abs(ours - ref).max() < 1e-5
+    rows = [np.arange(1, n) for n in (4, 9, 2, 13)]
+    assert np.allclose(embed(lambda x: session.run(None, {E.INPUT_NAME: x})[0], rows, 0, batch_size=2),
+                       E.encode(model, rows, 0), atol=1e-5)
+
+    # the same ONNX as an onnxruntime bundle: checksummed, profiled per sentence, compared with a "teacher"
+    from edgekd.embedding_runtime import profile_bundle
+    from edgekd.targets import load_target
+
+    rng = np.random.default_rng(1)
+    held = [rng.integers(1, 40, int(n)) for n in rng.integers(2, 16, 12)]
+    reference = E.encode(model, held, 0)
+    reference[0] = -reference[0]                                    # one sentence the "teacher" disagrees on
+    bundle = E.build_bundle(path, tmp_path / "bundle", model="student", target=load_target("x86-cpu-ort"),
+                            precision="fp32", quantization="none", pad_id=0, max_length=16, dim=12,
+                            tokenizer_dir=None, heldout_rows=held, reference=reference)
+    result = profile_bundle(bundle, batch_sizes=(1, 4), sentences=8, min_passes=1, min_seconds=0.0)
+    assert [r["batch"] for r in result["rows"]] == [1, 4] and all(r["per_sentence_ms"] > 0 for r in result["rows"])
+    assert result["rows"][1]["sentences"] == 12     # 4 batches of 4 wanted, the 12 held-out sentences allow 3
+    assert result["metrics"]["cosine"] == pytest.approx(10 / 12, abs=1e-5)   # 11 x 1 and 1 x -1, over 12
+    (bundle / "eval.npz").write_bytes(b"tampered")
+    with pytest.raises(EdgekdError, match="sha256"):
+        profile_bundle(bundle)
+
+
+def test_ptq_through_quantize_keeps_the_sequence_dynamic() -> None:
+    pytest.importorskip("torchao")
+    from edgekd import quantize
+
+    model = _tiny().eval()
+    rng = np.random.default_rng(0)
+    cal = [torch.from_numpy(rng.integers(1, 40, (4, n))) for n in (5, 11)]
+    gm = quantize.ptq(model, cal[0], cal, quantize.QuantConfig(scheme="ort-cpu-avx2"),
+                      dynamic_shapes=E._dims(16))
+    ops = {str(n.target) for n in gm.graph.nodes if n.op == "call_function"}
+    assert any("quantize_per_tensor" in op for op in ops) and any("dequantize_per_channel" in op for op in ops)
+    for ids in (torch.tensor([[3, 4, 5]]), torch.from_numpy(rng.integers(1, 40, (3, 14)))):
+        with torch.no_grad():
+            cos = (gm(ids) * model(ids)).sum(1)
+        assert cos.min() > 0.95
+
+
+def test_recipe_embedding_section(tmp_path) -> None:
+    r = recipe_from_dict({"embedding": {"hidden": 128, "heads": 4, "batch_sizes": [1, 8]}, "quantize": {"mode": "ptq"}})
+    assert r.embedding.hidden == 128 and r.embedding.batch_sizes == [1, 8] and r.embedding.teacher == "all-minilm-l6-v2"
+    assert "[embedding]" in to_toml(r) and "[embedding]" not in to_toml(recipe_from_dict({}))
+    assert recipe_from_dict({}).embedding is None
+    for raw, fragment in (({"hidden": 130, "heads": 4}, "multiple of heads"), ({"heldout": 3}, "at least 6"),
+                          ({"init": "zeros"}, "not one of pca, random"), ({"mse_weight": 0.0}, "not all 0"),
+                          ({"layer": 2}, "unknown key 'layer'")):
+        with pytest.raises(EdgekdError, match=fragment):
+            recipe_from_dict({"embedding": raw})
