@@ -8,7 +8,7 @@ Suites (each a variation of benchmarks/recipes/fmnist.toml; one teacher, trained
 - scarce:  [data] labelled = 1000; the other 54,000 training images are an unlabelled transfer set. The
            scratch student has the 1,000 labels (and as many optimizer steps); T and alpha are the recipe's
            defaults (4, 0.9): a search would need more labelled validation data than the user has.
-- patient: full labels, a schedule twice as long, crop+flip+mixup views, function matching (alpha = 1, the
+- patient: full labels, a schedule 1.5x as long, crop+flip+mixup views, function matching (alpha = 1, the
            teacher run on exactly the mixed view each step, T = 1 as in Beyer et al. 2022) against the same
            schedule from scratch with crop+flip.
 - engine:  the hinton CNN student of seed 0 through QAT-KD, PTQ, ONNX and the onnxruntime and PyTorch-eager
@@ -79,7 +79,7 @@ def suite_recipe(raw: dict[str, Any], suite: str, student: str, seed: int, teach
     elif suite == "patient":
         r["augment"] = {"crop": r["augment"].get("crop", 2), "flip": r["augment"].get("flip", True), "mixup": 1.0}
         r["distill"].update(function_matching=True, temperature=1.0)
-        r["student"]["epochs"] = r["student"]["epochs"] * 2
+        r["student"]["epochs"] = r["student"]["epochs"] * 3 // 2
     return r
 
 
