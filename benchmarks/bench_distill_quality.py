@@ -163,12 +163,12 @@ def summarize(work: Path, suite: str, student: str, seeds: list[int]) -> dict[st
 def markdown(rows: list[dict[str, Any]], engine: dict[str, Any] | None, data: dict[str, Any]) -> str:
     parts = [common.header_markdown("Distillation quality on Fashion-MNIST", data["command"], data["environment"],
                                     data["notes"])]
-    heads = ["suite", "student", "params", "labels", "epochs (KD / scratch)", "T", "alpha", "teacher",
+    heads = ["suite", "student", "seeds", "params", "labels", "epochs (KD / scratch)", "T", "alpha", "teacher",
              "scratch", "distilled", "gain (± SE)", "> 2 SE", "gap recovered", "test errors (teacher, scratch, KD)",
              "train s (KD / scratch)"]
     table = []
     for r in rows:
-        table.append([r["suite"], r["student"], f"{r['params']:,}", f"{r['labelled']:,}",
+        table.append([r["suite"], r["student"], len(r["seeds"]), f"{r['params']:,}", f"{r['labelled']:,}",
                       f"{r['student_epochs']} / {r['scratch_epochs']}", f"{r['temperature']:g}", f"{r['alpha']:g}",
                       f"{r['teacher_accuracy']:.2f}", f"{r['scratch_mean']:.2f} ± {r['scratch_sd']:.2f}",
                       f"{r['distilled_mean']:.2f} ± {r['distilled_sd']:.2f}",
@@ -177,7 +177,8 @@ def markdown(rows: list[dict[str, Any]], engine: dict[str, Any] | None, data: di
                       f"{r['errors_teacher']:.0f}, {r['errors_scratch']:.0f}, "
                       f"{r['errors_distilled']:.0f}",
                       f"{r['student_seconds']:.0f} / {r['scratch_seconds']:.0f}"])
-    parts += ["## Test accuracy (%), mean ± sd over seeds " + ", ".join(str(s) for s in data["seeds"]), "",
+    parts += ["## Test accuracy (%), mean ± sd over the seeds finished (of " + ", ".join(str(s) for s in data["seeds"])
+              + ")", "",
               common.markdown_table(heads, table), "",
               "gain = distilled - scratch per seed (paired), ± its standard error; gap recovered = "
               "(distilled - scratch) / (teacher - scratch) on the means.", ""]
