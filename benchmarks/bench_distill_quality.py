@@ -43,6 +43,7 @@ BASE = Path(__file__).parent / "recipes" / "fmnist.toml"
 STUDENTS = {"cnn": "cnn:widths=8,16,32", "mlp": "mlp:hidden=128"}
 SUITES = ("hinton", "scarce", "patient", "engine")
 ENGINE_TARGETS = ("x86-cpu-ort", "x86-cpu-torch")
+SEEDS_SEARCHED = 0   # the hinton suite searches T and alpha in seed 0's run
 
 
 def base_recipe(quick: bool) -> dict[str, Any]:
@@ -110,8 +111,6 @@ def run_distill(raw: dict[str, Any], suite: str, student: str, seed: int, work: 
     print(f"--- {suite} / {student} / seed {seed} -> {out}", flush=True)
     return distill(recipe, out, device="cpu", progress=False, resume=True)
 
-
-SEEDS_SEARCHED = 0   # the hinton suite searches T and alpha in seed 0's run
 
 
 def run_engine(work: Path, quick: bool) -> dict[str, Any]:

@@ -225,16 +225,19 @@ def distill(recipe: Recipe, out: str | Path, *, device: str = "auto", progress: 
     schedule = {"epochs": d.epochs, "lr": d.lr, "batch_size": d.batch_size, "seed": d.seed}
     x, y = transfer_set(data)
     temperature, alpha = d.temperature, d.alpha
+    # without augmentation the teacher's view never changes: one pass serves the search and the student
+    logits = None if role_augment(recipe, "student") or distributed.is_distributed() else predict_logits(
+        teacher, x, dev)
     if d.search_temperatures:
         if resume and "search" in metrics:
             search = metrics["search"]
         else:
-            search = search_temperature_alpha(recipe, data, teacher, dev, x, y, progress=progress)
+            search = search_temperature_alpha(recipe, data, teacher, dev, x, y, progress=progress, logits=logits)
         metrics["search"] = search
         _save_run_files(out, recipe, metrics)   # a resumed run does not search again
         temperature, alpha = search["chosen"]["temperature"], search["chosen"]["alpha"]
     kd = KDConfig(temperature, alpha, tuple((s, t) for s, t in d.features), d.feature_weight)
-    once = _teacher_once(recipe, teacher, x, dev, kd)
+    once = _teacher_once(recipe, teacher, x, dev, kd, logits)
 
     student = build_role_model(recipe, "student", data)
     metrics["student"] = _train_role(recipe, out, "student", data, dev, progress=progress, resume=resume,
@@ -262,17 +265,20 @@ def _teacher_once(recipe: Recipe, teacher: nn.Module, x: np.ndarray, dev: Any, k
 
 
 def search_temperature_alpha(recipe: Recipe, data: Dataset, teacher: nn.Module, dev: Any, x: np.ndarray,
-                             y: np.ndarray, *, progress: bool = True) -> dict[str, Any]:
+                             y: np.ndarray, *, progress: bool = True,
+                             logits: np.ndarray | None = None) -> dict[str, Any]:
     """Grid search of (T, alpha) on the validation split: a short run (search_epochs) per pair, best val wins.
 
-    The test split is never looked at. Ties go to the pair listed first.
+    The test split is never looked at. Ties go to the pair listed first. `logits`: the teacher on `x`,
+    when already computed (no augmentation).
     """
     d = resolved(recipe).distill
     if not len(data.y_val):
         raise EdgekdError("[distill].search_temperatures: the search needs a validation split; set "
                           "[data] val_fraction > 0")
+    if logits is None and role_augment(recipe, "student") is None:
+        logits = predict_logits(teacher, x, dev)
     rows = []
-    logits = None if role_augment(recipe, "student") else predict_logits(teacher, x, dev)
     for t in d.search_temperatures:
         for a in d.search_alphas:
             student = build_role_model(recipe, "student", data)
