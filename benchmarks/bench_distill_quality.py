@@ -1,6 +1,7 @@
 """Distillation quality on Fashion-MNIST, over seeds, against the same student trained from scratch.
 
-    python benchmarks/bench_distill_quality.py [--suites hinton,scarce,patient,engine] [--seeds 0,1,2] [--quick]
+    python benchmarks/bench_distill_quality.py [--suites hinton,scarce,patient,consistent,engine] [--seeds 0,1,2]
+        [--quick]
 
 Suites (each a variation of benchmarks/recipes/fmnist.toml; one teacher, trained once, is shared by all):
 - hinton:  full labels, no augmentation for the students, T and alpha chosen by edgekd's built-in search on the
@@ -11,6 +12,9 @@ Suites (each a variation of benchmarks/recipes/fmnist.toml; one teacher, trained
 - patient: full labels, a schedule 1.5x as long, crop+flip+mixup views, function matching (alpha = 1, the
            teacher run on exactly the mixed view each step, T = 1 as in Beyer et al. 2022) against the same
            schedule from scratch with crop+flip.
+- consistent: the patient schedule and crop+flip views without mixup, Hinton KD at the hinton suite's searched
+           T and alpha, the teacher run on exactly the student's view each step (Beyer et al.'s "consistent
+           teaching" without function matching), against the same scratch schedule as patient.
 - engine:  the hinton CNN student of seed 0 through QAT-KD, PTQ, ONNX and the onnxruntime and PyTorch-eager
            CPU targets: accuracy on the engine, latency, size (edgekd.pipeline.engines, as `edgekd run` does).
 
@@ -41,7 +45,7 @@ from edgekd.targets import load_target
 
 BASE = Path(__file__).parent / "recipes" / "fmnist.toml"
 STUDENTS = {"cnn": "cnn:widths=8,16,32", "mlp": "mlp:hidden=128"}
-SUITES = ("hinton", "scarce", "patient", "engine")
+SUITES = ("hinton", "scarce", "patient", "consistent", "engine")
 ENGINE_TARGETS = ("x86-cpu-ort", "x86-cpu-torch")
 SEEDS_SEARCHED = 0   # the hinton suite searches T and alpha in seed 0's run
 
@@ -77,9 +81,13 @@ def suite_recipe(raw: dict[str, Any], suite: str, student: str, seed: int, teach
     elif suite == "scarce":
         r["augment"] = {}
         r["data"]["labelled"] = 100 if quick else 1000
-    elif suite == "patient":
-        r["augment"] = {"crop": r["augment"].get("crop", 2), "flip": r["augment"].get("flip", True), "mixup": 1.0}
-        r["distill"].update(function_matching=True, temperature=1.0)
+    elif suite in ("patient", "consistent"):
+        r["augment"] = {"crop": r["augment"].get("crop", 2), "flip": r["augment"].get("flip", True)}
+        if suite == "patient":
+            r["augment"]["mixup"] = 1.0
+            r["distill"].update(function_matching=True, temperature=1.0)
+        else:
+            r["distill"].update(temperature=chosen["temperature"], alpha=chosen["alpha"])
         r["student"]["epochs"] = r["student"]["epochs"] * 3 // 2
     return r
 
@@ -102,10 +110,10 @@ def run_distill(raw: dict[str, Any], suite: str, student: str, seed: int, work: 
     if "student" in done and "scratch" in done:
         return done
     chosen = None
-    if suite == "hinton" and seed != SEEDS_SEARCHED:
-        first = read_metrics(run_dir(work, suite, student, SEEDS_SEARCHED))
+    if suite == "consistent" or (suite == "hinton" and seed != SEEDS_SEARCHED):
+        first = read_metrics(run_dir(work, "hinton", student, SEEDS_SEARCHED))
         if "search" not in first:
-            first = run_distill(raw, suite, student, SEEDS_SEARCHED, work, teacher, quick)
+            first = run_distill(raw, "hinton", student, SEEDS_SEARCHED, work, teacher, quick)
         chosen = first["search"]["chosen"]
     recipe = recipe_from_dict(suite_recipe(raw, suite, student, seed, teacher, quick, chosen), base_dir=BASE.parent)
     print(f"--- {suite} / {student} / seed {seed} -> {out}", flush=True)
@@ -228,7 +236,7 @@ def main() -> int:
             for seed in seeds:
                 run_distill(raw, suite, student, seed, work, teacher, args.quick)
 
-    rows = [r for suite in SUITES[:3] for student in STUDENTS
+    rows = [r for suite in SUITES if suite != "engine" for student in STUDENTS
             if (r := summarize(work, suite, student, seeds)) is not None]
     engine_dir = run_dir(work, "engine", "cnn", SEEDS_SEARCHED)
     engine = json.loads((engine_dir / "report.json").read_text()) if (engine_dir / "report.json").is_file() else None

@@ -16,14 +16,17 @@ def test_quality_benchmark_quick_writes_every_suite(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     data = json.loads((tmp_path / "distill_quality_quick.json").read_text())
     rows = {(row["suite"], row["student"]): row for row in data["rows"]}
-    assert set(rows) == {(s, m) for s in ("hinton", "scarce", "patient") for m in ("cnn", "mlp")}
+    assert set(rows) == {(s, m) for s in ("hinton", "scarce", "patient", "consistent") for m in ("cnn", "mlp")}
     for row in rows.values():
         assert row["seeds"] == [0, 1] and len(row["scratch"]) == len(row["distilled"]) == 2
         assert 0 < row["teacher_accuracy"] <= 100
         diffs = [a - b for a, b in zip(row["distilled"], row["scratch"], strict=True)]
         assert row["gain_mean"] == pytest.approx(sum(diffs) / 2)
     assert rows[("scarce", "cnn")]["labelled"] == 100 and rows[("patient", "cnn")]["alpha"] == 1.0
-    assert rows[("hinton", "cnn")]["search"]["chosen"]["temperature"] in (2.0, 4.0)
+    chosen = rows[("hinton", "cnn")]["search"]["chosen"]
+    assert chosen["temperature"] in (2.0, 4.0)
+    assert (rows[("consistent", "cnn")]["temperature"], rows[("consistent", "cnn")]["alpha"]) == \
+        (chosen["temperature"], chosen["alpha"])
     engine = data["engine"]
     assert {e["target"] for e in engine["engines"]} == {"x86-cpu-ort", "x86-cpu-torch"}
     assert {(e["precision"], e["quantization"]) for e in engine["engines"]} >= {("fp32", "none"), ("int8", "ptq")}
