@@ -376,3 +376,30 @@ def plot_bars(path: str | Path, labels: Sequence[str], values: Sequence[float], 
     ax.grid(True, axis="y", alpha=0.3)
     plt.setp(ax.get_xticklabels(), rotation=15, ha="right")
     return _save(plt, fig, path)
+
+
+def plot_grouped_bars(path: str | Path, groups: Sequence[str], series: dict[str, Sequence[float]], *, title: str,
+                      ylabel: str, errors: dict[str, Sequence[float]] | None = None,
+                      reference: tuple[str, float] | None = None) -> Path:
+    """Side-by-side bars per group (e.g. scratch vs distilled per suite), the y axis zoomed to the values so
+    differences of a point stay visible; `reference` = (label, value) draws a dashed line (e.g. the teacher)."""
+    import numpy as np
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(7.0, 1.1 * len(groups)), 4.5))
+    x = np.arange(len(groups))
+    width = 0.8 / len(series)
+    for k, (name, values) in enumerate(series.items()):
+        err = list(errors[name]) if errors and name in errors else None
+        bars = ax.bar(x + (k - (len(series) - 1) / 2) * width, list(values), width, yerr=err, capsize=3, label=name)
+        ax.bar_label(bars, labels=[f"{v:.1f}" for v in values], padding=2, fontsize=7)
+    everything = [v for values in series.values() for v in values] + ([reference[1]] if reference else [])
+    span = max(everything) - min(everything)
+    ax.set_ylim(min(everything) - 0.15 * span - 0.5, max(everything) + 0.1 * span + 0.5)
+    if reference is not None:
+        ax.axhline(reference[1], color="black", linestyle="--", linewidth=1, label=reference[0])
+    ax.set_xticks(x, list(groups))
+    ax.set(ylabel=ylabel, title=title)
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    return _save(plt, fig, path)

@@ -249,14 +249,12 @@ def main() -> int:
     md = markdown(rows, engine, data)
     args.out.mkdir(parents=True, exist_ok=True)
     if rows:
-        labels, values, errors = [], [], []
-        for r in rows:
-            for kind in ("scratch", "distilled"):
-                labels.append(f"{r['suite']}/{r['student']}\n{kind}")
-                values.append(r[f"{kind}_mean"])
-                errors.append(r[f"{kind}_sd"])
-        common.plot_bars(args.out / f"{name}.png", labels, values, errors=errors, ylabel="test accuracy (%)",
-                         title="Scratch vs distilled student, Fashion-MNIST", reference=rows[0]["teacher_accuracy"])
+        kinds = ("scratch", "distilled")
+        common.plot_grouped_bars(args.out / f"{name}.png", [f"{r['suite']}\n{r['student']}" for r in rows],
+                                 {k: [r[f"{k}_mean"] for r in rows] for k in kinds},
+                                 errors={k: [r[f"{k}_sd"] for r in rows] for k in kinds},
+                                 ylabel="test accuracy (%)", title="Scratch vs distilled student, Fashion-MNIST",
+                                 reference=("teacher", rows[0]["teacher_accuracy"]))
         md += f"\n![scratch vs distilled]({name}.png)\n"
     if engine:
         points = [{"label": f"{e['model']} {e['precision']} {e['quantization']}", "group": e["target"],
