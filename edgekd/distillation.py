@@ -226,8 +226,8 @@ def distill(recipe: Recipe, out: str | Path, *, device: str = "auto", progress: 
     x, y = transfer_set(data)
     temperature, alpha = d.temperature, d.alpha
     # without augmentation the teacher's view never changes: one pass serves the search and the student
-    logits = None if role_augment(recipe, "student") or distributed.is_distributed() else predict_logits(
-        teacher, x, dev)
+    needed = d.search_temperatures or not d.features
+    logits = predict_logits(teacher, x, dev) if needed and _fixed_teacher_views(recipe) else None
     if d.search_temperatures:
         if resume and "search" in metrics:
             search = metrics["search"]
@@ -237,7 +237,7 @@ def distill(recipe: Recipe, out: str | Path, *, device: str = "auto", progress: 
         _save_run_files(out, recipe, metrics)   # a resumed run does not search again
         temperature, alpha = search["chosen"]["temperature"], search["chosen"]["alpha"]
     kd = KDConfig(temperature, alpha, tuple((s, t) for s, t in d.features), d.feature_weight)
-    once = _teacher_once(recipe, teacher, x, dev, kd, logits)
+    once = _teacher_once(kd, logits)
 
     student = build_role_model(recipe, "student", data)
     metrics["student"] = _train_role(recipe, out, "student", data, dev, progress=progress, resume=resume,
@@ -250,15 +250,19 @@ def distill(recipe: Recipe, out: str | Path, *, device: str = "auto", progress: 
     return _finish_with_baseline(recipe, out, data, dev, progress, resume, schedule, metrics, student_samples=len(x))
 
 
-def _teacher_once(recipe: Recipe, teacher: nn.Module, x: np.ndarray, dev: Any, kd: KDConfig,
-                  logits: np.ndarray | None = None) -> OfflineTargets | None:
-    """Without augmentation the teacher sees the same inputs every epoch: run it once over the transfer set
-    and train from its stored logits (all classes, so the loss is exactly kd_loss), at the cost of plain
-    training. None when the teacher must run every step (augmentation, hint features, a sharded teacher).
+def _fixed_teacher_views(recipe: Recipe) -> bool:
+    """No augmentation and one process: the teacher sees the same inputs every epoch, so one pass over the
+    transfer set can stand for all of them."""
+    return role_augment(recipe, "student") is None and not distributed.is_distributed()
+
+
+def _teacher_once(kd: KDConfig, logits: np.ndarray | None) -> OfflineTargets | None:
+    """Train from the teacher's stored logits on the transfer set (all classes, so the loss is exactly
+    kd_loss), at the cost of plain training. None when the teacher must run every step: no stored logits
+    (augmentation, a sharded teacher) or hint features.
     """
-    if role_augment(recipe, "student") is not None or kd.features or distributed.is_distributed():
+    if logits is None or kd.features:
         return None
-    logits = predict_logits(teacher, x, dev) if logits is None else logits
     classes = np.broadcast_to(np.arange(logits.shape[1]), logits.shape)
     return OfflineTargets(lambda _epoch, idx: (None, logits[idx], classes[idx].astype(np.int64)),
                           kd.temperature, kd.alpha, "logits")
@@ -276,14 +280,14 @@ def search_temperature_alpha(recipe: Recipe, data: Dataset, teacher: nn.Module, 
     if not len(data.y_val):
         raise EdgekdError("[distill].search_temperatures: the search needs a validation split; set "
                           "[data] val_fraction > 0")
-    if logits is None and role_augment(recipe, "student") is None:
+    if logits is None and _fixed_teacher_views(recipe):
         logits = predict_logits(teacher, x, dev)
     rows = []
     for t in d.search_temperatures:
         for a in d.search_alphas:
             student = build_role_model(recipe, "student", data)
             start = time.perf_counter()
-            once = _teacher_once(recipe, teacher, x, dev, KDConfig(t, a), logits)
+            once = _teacher_once(KDConfig(t, a), logits)
             fit(student, x, y, recipe.student, device=dev, desc=f"search T={t:g} alpha={a:g}",
                 epochs=d.search_epochs, lr=d.lr, batch_size=d.batch_size, seed=d.seed,
                 teacher=None if once else teacher, kd=KDConfig(t, a), progress=progress, offline=once,

@@ -157,18 +157,14 @@ def save_weights(model: nn.Module, path: str | Path, metadata: dict[str, str] | 
         save_file(state, str(tmp), metadata=metadata or {})
 
 
-def _looks_like_safetensors(path: Path) -> bool:
-    """safetensors starts with a little-endian u64 header length followed by a JSON header ('{')."""
+def _looks_like_pickle(path: Path) -> bool:
+    """A pickle (protocol 2+ starts with 0x80) or a torch.save zip archive, and not a safetensors file (a
+    little-endian u64 header length, then a JSON header '{'), whose first byte can also be 0x80."""
     with open(path, "rb") as f:
         head = f.read(9)
-    return len(head) == 9 and 0 < int.from_bytes(head[:8], "little") <= path.stat().st_size - 8 and head[8:] == b"{"
-
-
-def _looks_like_pickle(path: Path) -> bool:
-    """A pickle (protocol 2+ starts with 0x80) or a torch.save zip archive."""
-    with open(path, "rb") as f:
-        head = f.read(2)
-    return head[:1] == b"\x80" or head == b"PK"
+    safetensors = len(head) == 9 and 0 < int.from_bytes(head[:8], "little") <= path.stat().st_size - 8 \
+        and head[8:] == b"{"
+    return not safetensors and (head[:1] == b"\x80" or head[:2] == b"PK")
 
 
 def load_weights(model: nn.Module, path: str | Path) -> dict[str, str]:
@@ -182,7 +178,7 @@ def load_weights(model: nn.Module, path: str | Path) -> dict[str, str]:
     path = Path(path)
     if not path.is_file():
         raise EdgekdError(f"checkpoint {path}: file not found")
-    if not _looks_like_safetensors(path) and _looks_like_pickle(path):
+    if _looks_like_pickle(path):
         raise EdgekdError(f"checkpoint {path}: looks like a pickle/torch.save file; edgekd only loads safetensors "
                           "(convert it with safetensors.torch.save_file)")
     try:
