@@ -36,7 +36,7 @@ if str(REPO) not in sys.path:  # `python benchmarks/x.py` from anywhere imports 
     sys.path.insert(0, str(REPO))
 
 from edgekd import fileio  # noqa: E402
-from edgekd.report import pareto_front  # noqa: E402,F401  (re-exported for the suites)
+from edgekd.report import pareto_front, pyplot, save_png  # noqa: E402
 
 PACKAGES = ("numpy", "torch", "torchao", "onnx", "onnxruntime", "onnxscript", "matplotlib")
 
@@ -161,38 +161,6 @@ def result_name(name: str, quick: bool) -> str:
     return f"{name}_quick" if quick else name
 
 
-# ------------------------------------------------------------------------------------------------ data
-
-
-def fashion_mnist_npz(path: str | Path, *, train: int | None = None, test: int | None = None, seed: int = 0,
-                      data_dir: str | Path | None = None) -> Path:
-    """Write a Fashion-MNIST subset as an edgekd .npz data source (raw uint8 images, as the idx files hold them):
-    a seeded draw of `train` training images (all when None) and the first `test` test images (all when None).
-    A recipe with `[data] source = "<path>"` then loads it like the full set (normalized by its own training
-    split). `data_dir` defaults to Debian's dataset-fashion-mnist folder."""
-    import numpy as np
-
-    from edgekd.data import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, read_idx
-
-    folder = Path(data_dir) if data_dir else FASHION_MNIST_DIR
-
-    def read(stem: str) -> Any:
-        for p in (folder / f"{stem}.gz", folder / stem):
-            if p.is_file():
-                return read_idx(p)
-        raise FileNotFoundError(f"{folder / stem}(.gz) not found; install Debian's dataset-fashion-mnist")
-
-    x_train, y_train = read("train-images-idx3-ubyte"), read("train-labels-idx1-ubyte")
-    x_test, y_test = read("t10k-images-idx3-ubyte"), read("t10k-labels-idx1-ubyte")
-    keep = np.sort(np.random.default_rng(seed).permutation(len(x_train))[:train])
-    path = Path(path)
-    with fileio.atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.savez(f, x_train=x_train[keep], y_train=y_train[keep].astype(np.int64), x_test=x_test[:test],
-                     y_test=y_test[:test].astype(np.int64), class_names=np.array(FASHION_MNIST_CLASSES))
-    return path
-
-
 # ------------------------------------------------------------------------------------------ result files
 
 
@@ -277,15 +245,6 @@ def header_markdown(title: str, command: str, env: dict[str, Any], extra: str = 
 # ------------------------------------------------------------------------------------------------ plots
 
 
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")   # files only, no display needed
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _plain_log_ticks(axis: Any, values: Sequence[float] | None = None) -> None:
     """Log-axis tick labels as plain numbers (1, 8, 64; 0.05) instead of powers; ticks at `values` if given."""
     from matplotlib import ticker
@@ -299,20 +258,11 @@ def _plain_log_ticks(axis: Any, values: Sequence[float] | None = None) -> None:
     axis.set_minor_formatter(ticker.NullFormatter() if values else ticker.FuncFormatter(minor))
 
 
-def _save(plt: Any, fig: Any, path: str | Path) -> Path:
-    fig.tight_layout()
-    path = Path(path)
-    with fileio.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
-    return path
-
-
 def plot_accuracy_latency(path: str | Path, points: Sequence[Mapping[str, Any]], *, title: str,
                           xlabel: str = "latency (ms)", ylabel: str = "accuracy (%)", logx: bool = True) -> Path:
     """Scatter of accuracy against latency, one labelled marker per point ({"label", "latency", "accuracy"},
     optional "group" for colour), with the Pareto front (`pareto_front`) drawn as a step line. Returns path."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     groups = list(dict.fromkeys(str(p.get("group", "")) for p in points))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -334,13 +284,13 @@ def plot_accuracy_latency(path: str | Path, points: Sequence[Mapping[str, Any]],
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(plt, fig, path)
+    return save_png(plt, fig, path)
 
 
 def plot_series(path: str | Path, series: Mapping[str, Sequence[tuple[float, float]]], *, title: str,
                 xlabel: str, ylabel: str, logx: bool = True, logy: bool = True) -> Path:
     """Lines with markers, one per label in `series` ({label: [(x, y), ...]}), log-log by default."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label, pts in series.items():
         pts = sorted(pts)
@@ -354,7 +304,7 @@ def plot_series(path: str | Path, series: Mapping[str, Sequence[tuple[float, flo
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(plt, fig, path)
+    return save_png(plt, fig, path)
 
 
 def plot_latency_batch(path: str | Path, series: Mapping[str, Sequence[tuple[int, float]]], *, title: str,
@@ -366,7 +316,7 @@ def plot_latency_batch(path: str | Path, series: Mapping[str, Sequence[tuple[int
 def plot_bars(path: str | Path, labels: Sequence[str], values: Sequence[float], *, title: str, ylabel: str,
               errors: Sequence[float] | None = None, reference: float | None = None) -> Path:
     """A bar chart (optional error bars and a dashed horizontal reference line, e.g. 1.0x)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     bars = ax.bar(list(labels), list(values), yerr=list(errors) if errors is not None else None, capsize=4)
     ax.bar_label(bars, labels=[f"{v:.2f}" for v in values], padding=3, fontsize=8)
@@ -375,7 +325,7 @@ def plot_bars(path: str | Path, labels: Sequence[str], values: Sequence[float], 
     ax.set(ylabel=ylabel, title=title)
     ax.grid(True, axis="y", alpha=0.3)
     plt.setp(ax.get_xticklabels(), rotation=15, ha="right")
-    return _save(plt, fig, path)
+    return save_png(plt, fig, path)
 
 
 def plot_grouped_bars(path: str | Path, groups: Sequence[str], series: dict[str, Sequence[float]], *, title: str,
@@ -385,7 +335,7 @@ def plot_grouped_bars(path: str | Path, groups: Sequence[str], series: dict[str,
     differences of a point stay visible; `reference` = (label, value) draws a dashed line (e.g. the teacher)."""
     import numpy as np
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(max(7.0, 1.1 * len(groups)), 4.5))
     x = np.arange(len(groups))
     width = 0.8 / len(series)
@@ -402,4 +352,4 @@ def plot_grouped_bars(path: str | Path, groups: Sequence[str], series: dict[str,
     ax.set(ylabel=ylabel, title=title)
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
-    return _save(plt, fig, path)
+    return save_png(plt, fig, path)

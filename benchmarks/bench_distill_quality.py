@@ -150,7 +150,7 @@ def summarize(work: Path, suite: str, student: str, seeds: list[int]) -> dict[st
     n_test = first["student"]["test_samples"]
     search = next((m["search"] for m in runs.values() if "search" in m), None)
     return {
-        "suite": suite, "student": student, "model": first["student"].get("params"), "seeds": sorted(runs),
+        "suite": suite, "student": student, "seeds": sorted(runs),
         "teacher_accuracy": teacher, "test_samples": n_test,
         "errors_teacher": (100 - teacher) * n_test / 100,
         "scratch": scratch, "distilled": kd, "scratch_mean": sc_m, "scratch_sd": sc_sd,

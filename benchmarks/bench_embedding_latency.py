@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -22,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+import _common as common
 
 
 def main() -> int:
@@ -32,11 +31,11 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="onnxruntime threads (default: the target's)")
     parser.add_argument("--batch", default="1,32")
-    parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument("--out", type=Path, default=common.RESULTS)
     parser.add_argument("--name", default="embedding_latency", help="output file stem")
     args = parser.parse_args()
     bundles = sorted(p for p in (args.run / "engines" / args.target).iterdir() if (p / "manifest.json").is_file())
-    env = {**os.environ, "PYTHONPATH": str(HERE.parent) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = {**os.environ, "PYTHONPATH": str(common.REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     per: dict[str, list[dict]] = {b.name: [] for b in bundles}
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -57,30 +56,29 @@ def main() -> int:
             table[name][f"batch{b}_ms"] = statistics.median(values)
             table[name][f"batch{b}_rounds"] = values
     teacher = next(n for n in table if n.startswith("teacher"))
-    result = {"command": " ".join(["python", *sys.argv]), "machine": platform.machine(), "cpus": os.cpu_count(),
+    loads = [la[0] for t in table.values() for la in t["loadavg"]]
+    result = {"command": common.command_line(), "environment": common.environment(threads=table[teacher]["threads"]),
               "run": str(args.run), "rounds": args.rounds, "bundles": table,
               "seconds": round(time.perf_counter() - started, 1)}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    lines = ["# Sentence-embedding engines: latency per sentence, interleaved rounds", "",
-             f"Command: `{result['command']}`  ", f"{result['machine']}, {result['cpus']} CPUs, onnxruntime threads "
-             f"{table[teacher]['threads']}; {args.rounds} rounds, every bundle profiled once per round in its own "
-             "process; median over rounds of (sum of per-batch medians / sentences), 128 held-out sentences "
-             "sorted by length into batches. Load average (1 min) during the rounds: "
-             f"{min(la[0] for t in table.values() for la in t['loadavg']):.1f}-"
-             f"{max(la[0] for t in table.values() for la in t['loadavg']):.1f}.", "",
-             "| engine | cosine to teacher | top-1 | top-5 | size MiB | "
-             + " | ".join(f"batch {b} ms/sentence (ratio to teacher)" for b in batches) + " |",
-             "|---|---|---|---|---|" + "---|" * len(batches)]
+    notes = (f"onnxruntime threads {table[teacher]['threads']}; {args.rounds} rounds, every bundle profiled once per "
+             "round in its own process; median over rounds of (sum of per-batch medians / sentences), 128 held-out "
+             f"sentences sorted by length into batches. Load average (1 min) during the rounds: {min(loads):.1f}-"
+             f"{max(loads):.1f}.")
+    rows = []
     for name, t in table.items():
         m = t["metrics"]
-        cells = [f"{t[f'batch{b}_ms']:.3f} ({t[f'batch{b}_ms'] / table[teacher][f'batch{b}_ms']:.3f}, "
-                 f"{table[teacher][f'batch{b}_ms'] / t[f'batch{b}_ms']:.1f}x faster)" for b in batches]
-        lines.append(f"| {name} | {m['cosine']:.4f} | {m['retrieval_top1']:.3f} | {m['retrieval_top5']:.3f} | "
-                     f"{t['size_bytes'] / 2**20:.1f} | " + " | ".join(cells) + " |")
-    lines += ["", f"Total {result['seconds']:.0f} s.", ""]
-    (args.out / f"{args.name}.md").write_text("\n".join(lines))
-    print("\n".join(lines))
+        rows.append([name, f"{m['cosine']:.4f}", f"{m['retrieval_top1']:.3f}", f"{m['retrieval_top5']:.3f}",
+                     f"{t['size_bytes'] / 2**20:.1f}"]
+                    + [f"{t[f'batch{b}_ms']:.3f} ({t[f'batch{b}_ms'] / table[teacher][f'batch{b}_ms']:.3f}, "
+                       f"{table[teacher][f'batch{b}_ms'] / t[f'batch{b}_ms']:.1f}x faster)" for b in batches])
+    headers = ["engine", "cosine to teacher", "top-1", "top-5", "size MiB"] + [
+        f"batch {b} ms/sentence (ratio to teacher)" for b in batches]
+    md = "\n".join([common.header_markdown("Sentence-embedding engines: latency per sentence, interleaved rounds",
+                                           result["command"], result["environment"], notes), "",
+                    common.markdown_table(headers, rows, align="l" * len(headers)), "",
+                    f"Total {result['seconds']:.0f} s."])
+    common.write_results(args.out, args.name, result, md)
+    print(md)
     return 0
 
 

@@ -27,7 +27,6 @@ trained models of the same architecture.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import random
 import statistics
 import sys
@@ -67,10 +66,9 @@ def _ints(text: str) -> tuple[int, ...]:
 def throwaway_run(work: Path, data_dir: Path, *, quick: bool, target: str) -> Path:
     """A small finished run folder made by edgekd.pipeline.run (teacher, distilled student, engines): PTQ only
     in quick mode, PTQ and QAT otherwise, so every bundle kind a real run has is there to time."""
-    npz = common.fashion_mnist_npz(work / "fashion-subset.npz", train=2000 if quick else 5000,
-                                   test=500 if quick else 2000, data_dir=data_dir)
     recipe = recipe_from_dict({
-        "data": {"source": str(npz), "val_fraction": 0.1},
+        "data": {"source": f"fashion-mnist:{data_dir}", "val_fraction": 0.1,
+                 "train_samples": 2000 if quick else 5000, "test_samples": 500 if quick else 2000},
         "teacher": {"model": TEACHER, "epochs": 1, "batch_size": 128},
         "student": {"model": STUDENT, "epochs": 1, "batch_size": 128},
         "distill": {"baseline": False},
@@ -346,10 +344,8 @@ def main() -> int:
         work = args.keep or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         # 1. the width sweep's students, trained on real Fashion-MNIST and built through edgekd's pipeline
-        full = load_data(DataConfig(source=f"fashion-mnist:{args.data_dir}", val_fraction=0.0))
-        keep = np.sort(np.random.default_rng(0).permutation(len(full.x_train))[:args.width_train])
-        data = dataclasses.replace(full, x_train=full.x_train[keep], y_train=full.y_train[keep],
-                                   x_test=full.x_test[:args.eval_samples], y_test=full.y_test[:args.eval_samples])
+        data = load_data(DataConfig(source=f"fashion-mnist:{args.data_dir}", val_fraction=0.0,
+                                    train_samples=args.width_train, test_samples=args.eval_samples))
         width_records = width_sweep_bundles(work, data, args.widths, epochs=args.width_epochs, target=args.target)
 
         # 2. the run folder whose bundles the batch sweep times

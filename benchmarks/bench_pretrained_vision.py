@@ -27,13 +27,13 @@ import tempfile
 import time
 from pathlib import Path
 
+import _common as common
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from edgekd.distillation import cache_teacher, distill  # noqa: E402
-from edgekd.pipeline import run  # noqa: E402
-from edgekd.recipe import ModelConfig, load_recipe  # noqa: E402
+from edgekd.data import load_data
+from edgekd.distillation import cache_teacher, distill
+from edgekd.pipeline import run
+from edgekd.recipe import ModelConfig, load_recipe
 
 HERE = Path(__file__).resolve().parent
 SWEEP = [(t, a) for t in (1.0, 2.0, 4.0) for a in (0.5, 0.9)]
@@ -50,11 +50,11 @@ def main() -> int:
     parser.add_argument("--recipe", type=Path, default=HERE / "recipes" / "fmnist-efficientnet.toml")
     parser.add_argument("--run", type=Path, default=Path("runs/fmnist-efficientnet"))
     parser.add_argument("--rerun", action="store_true", help="run the recipe even if the run folder has a report")
-    parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument("--out", type=Path, default=common.RESULTS)
     args = parser.parse_args()
     recipe = load_recipe(args.recipe)
     started = time.perf_counter()
-    result: dict = {"command": " ".join(["python", *sys.argv]), "machine": platform.machine(),
+    result: dict = {"command": common.command_line(), "machine": platform.machine(),
                     "torch_threads": torch.get_num_threads(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
                     "torch": torch.__version__, "recipe": str(args.recipe), "run": str(args.run)}
 
@@ -69,9 +69,10 @@ def main() -> int:
     # 2. the same student distilled from the from-scratch CNN teacher, same data subset and student schedule
     cnn_recipe = dataclasses.replace(recipe, teacher=CNN_TEACHER,
                                      quantize=dataclasses.replace(recipe.quantize, mode="none"))
+    dataset = load_data(recipe.data, recipe.base_dir)   # one load for every run below (same [data] section)
     with tempfile.TemporaryDirectory(prefix="bench-pretrained-") as tmp:
         t0 = time.perf_counter()
-        cnn = distill(cnn_recipe, Path(tmp) / "cnn", device="cpu", progress=False)
+        cnn = distill(cnn_recipe, Path(tmp) / "cnn", device="cpu", progress=False, data=dataset)
         result["cnn_teacher_run_seconds"] = round(time.perf_counter() - t0, 1)
 
         # 3. T and alpha chosen on validation, offline from each teacher's cache
@@ -84,7 +85,7 @@ def main() -> int:
                 variant = dataclasses.replace(rec, distill=dataclasses.replace(
                     rec.distill, temperature=temperature, alpha=alpha, baseline=False))
                 m = distill(variant, Path(tmp) / f"{name}-{temperature}-{alpha}", device="cpu", progress=False,
-                            cache=folder / "teacher-cache")["student"]
+                            data=dataset, cache=folder / "teacher-cache")["student"]
                 rows.append({"temperature": temperature, "alpha": alpha, "val_accuracy": m["val_accuracy"],
                              "test_accuracy": m["accuracy"]})
             best = max(rows, key=lambda r: (r["val_accuracy"], -r["alpha"]))
@@ -117,10 +118,9 @@ def main() -> int:
         "sweep": sweep, "scratch_val_accuracy": metrics["scratch"]["val_accuracy"],
         "total_seconds": round(time.perf_counter() - started, 1),
     })
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "pretrained_vision.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / "pretrained_vision.md").write_text(markdown(result))
-    print(markdown(result))
+    md = markdown(result)
+    common.write_results(args.out, "pretrained_vision", result, md)
+    print(md)
     return 0
 
 
@@ -158,7 +158,7 @@ def markdown(r: dict) -> str:
               "| teacher | T | alpha | val accuracy | test accuracy | chosen on val |", "|---|---|---|---|---|---|"]
     for name, sw in r["sweep"].items():
         for row in sw["rows"]:
-            chosen = "yes" if row is sw["chosen_on_val"] or row == sw["chosen_on_val"] else ""
+            chosen = "yes" if row == sw["chosen_on_val"] else ""
             lines.append(f"| {name} | {row['temperature']:g} | {row['alpha']:g} | {100 * row['val_accuracy']:.2f} | "
                          f"{100 * row['test_accuracy']:.2f} | {chosen} |")
     lines += ["", f"Total benchmark time {r['total_seconds']:.0f} s"

@@ -141,12 +141,9 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="edgekd-training-cost-") as tmp:
         work = Path(tmp)
-        source = f"fashion-mnist:{args.data_dir}"
-        if args.train < FULL_TRAIN:
-            source = str(common.fashion_mnist_npz(work / "subset.npz", train=args.train, test=1000,
-                                                  data_dir=args.data_dir))
+        subset = {"train_samples": args.train, "test_samples": 1000} if args.train < FULL_TRAIN else {}
         recipe = recipe_from_dict({
-            "data": {"source": source, "val_fraction": 0.0},
+            "data": {"source": f"fashion-mnist:{args.data_dir}", "val_fraction": 0.0, **subset},
             "teacher": {"model": args.teacher, "batch_size": args.batch_size},
             "student": {"model": args.student, "batch_size": args.batch_size},
             "distill": {"temperature": args.temperature, "alpha": args.alpha},
@@ -206,7 +203,8 @@ def main() -> int:
                   "train_samples": int(len(data.x_train)),
                   "batch_size": args.batch_size, "threads": args.threads, "temperature": args.temperature,
                   "alpha": args.alpha, "scheme": scheme, "top_k": args.top_k, "rounds": args.rounds,
-                  "data": "Fashion-MNIST" + ("" if args.train >= FULL_TRAIN else f" (seeded subset of {args.train})")},
+                  "data": "Fashion-MNIST" + ("" if args.train >= FULL_TRAIN
+                                             else f" (stratified subset of {args.train})")},
         "rows": rows,
         "one_time": {"cache_build_s": cache_build_s, "qat_setup_s": qat_setup,
                      "qat_setup_s_mean": statistics.fmean(qat_setup), "qat_convert_s": convert_s,

@@ -160,7 +160,7 @@ def _label(e: dict[str, Any]) -> str:
 
 def plot(report: dict[str, Any], path: Path) -> None:
     """Accuracy against batch-1 p50 latency for every engine, one marker per model, with the Pareto front."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     markers = {"teacher": "s", "student": "o", "scratch": "^"}
     engines = report["engines"]
@@ -177,12 +177,12 @@ def plot(report: dict[str, Any], path: Path) -> None:
     ax.set_xscale("log")
     ax.grid(True, alpha=0.3)
     ax.set_title("edgekd: accuracy against latency")
-    _save(plt, fig, path)
+    save_png(plt, fig, path)
 
 
 def plot_batches(report: dict[str, Any], path: Path) -> None:
     """p50 latency per sample against batch size, one line per engine (log-log)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for e in report["engines"]:
         rows = sorted(e["per_batch"], key=lambda r: r["batch"])
@@ -195,10 +195,11 @@ def plot_batches(report: dict[str, Any], path: Path) -> None:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
     ax.set_title("edgekd: latency per sample against batch size")
-    _save(plt, fig, path)
+    save_png(plt, fig, path)
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
+    """matplotlib.pyplot on the Agg backend: files only, no display needed (imported lazily)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -207,11 +208,14 @@ def _pyplot() -> Any:
     return plt
 
 
-def _save(plt: Any, fig: Any, path: Path) -> None:
+def save_png(plt: Any, fig: Any, path: str | Path) -> Path:
+    """Write `fig` to `path` as PNG atomically and close it."""
     fig.tight_layout()
+    path = Path(path)
     with fileio.atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
+    return path
 
 
 def write_report(run_dir: str | Path, report: dict[str, Any]) -> dict[str, Path]:
