@@ -308,6 +308,8 @@ def build_engine(source: Any, target: Any, precision: str, out: Path) -> dict[st
         config = builder.create_builder_config()
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, p.workspace_bytes)
         config.builder_optimization_level = p.builder_optimization_level
+        # Layer precisions/devices stay inspectable (IEngineInspector, polygraphy inspect); no runtime cost.
+        config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
         for flag in p.flags:
             config.set_flag(getattr(trt.BuilderFlag, flag))
         dla = None
