@@ -243,3 +243,25 @@ def test_calibration_cache_format_round_trips() -> None:
     assert trt_onnx.trt_version_int("11.4.1") == 110401
     with pytest.raises(EdgekdError, match="tensor 'x' has scale 0.0"):
         trt_onnx.calibration_cache({"x": 0.0}, "10.3")
+
+
+def test_every_tensorrt_scheme_export_passes_the_gate(tmp_path: Path) -> None:
+    """compress._export (the quantize stage's ONNX writer) runs the gate for the tensorrt scheme: a model with
+    onnxruntime's placement (UINT8, zero points) exported as 'tensorrt' is refused and leaves no file."""
+    from types import SimpleNamespace
+
+    from edgekd.compress import _export
+
+    torch.manual_seed(0)
+    x = torch.randn(16, *SHAPE)
+    ctx = SimpleNamespace(data=SimpleNamespace(x_test=x.numpy()), onnx_path=lambda name, k, s: tmp_path / f"{s}.onnx",
+                          metadata=lambda name, extra: {k: str(v) for k, v in extra.items()})
+    for scheme, ok in (("tensorrt", True), ("ort-cpu", False)):
+        gm = q.ptq(TwoHeads().eval(), x[:8], [x], q.QuantConfig(scheme=scheme))
+        if ok:
+            assert trt_onnx.check_tensorrt_onnx(_export(ctx, gm, "ptq", "tensorrt")) == []
+        else:
+            ctx.onnx_path = lambda name, k, s: tmp_path / "mislabelled.onnx"
+            with pytest.raises(EdgekdError, match="mislabelled.onnx: not a valid TensorRT ONNX: .*zero point must be INT8 0, got uint8"):
+                _export(ctx, gm, "ptq", "tensorrt")
+            assert not (tmp_path / "mislabelled.onnx").exists()
