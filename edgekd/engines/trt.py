@@ -391,7 +391,12 @@ class CudaPython:
         self._call(self.rt.cudaMemcpyAsync(host.ctypes.data, ptr, host.nbytes, kind, self.stream), "copy to host")
 
     def stream_handle(self) -> int:
-        return int(self.stream)
+        """The cudaStream_t address TensorRT's execute_async_v3 takes (int(stream) is deprecated since 12.9.1)."""
+        try:
+            from cuda.bindings.utils import get_cuda_native_handle
+        except ImportError:
+            return int(self.stream)
+        return int(get_cuda_native_handle(self.stream))
 
     def synchronize(self) -> None:
         self._call(self.rt.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
