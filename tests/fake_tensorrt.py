@@ -9,7 +9,8 @@ uses, per release:
     done successfully"; create_timing_cache(b"") makes a new cache);
   - release/10.3 only: python/src/infer/pyInt8.cpp (IInt8EntropyCalibrator2; removed in 11);
   - DLA availability on 11.x from the TensorRT 11.4.1 release notes.
-Version differences kept: BuilderFlag.FP16/INT8/OBEY_PRECISION_CONSTRAINTS and
+The 11.x enums hold the members release/11.0 and release/11.1 share (checked on both branches). Version
+differences kept: BuilderFlag.FP16/INT8/OBEY_PRECISION_CONSTRAINTS and
 NetworkDefinitionCreationFlag.EXPLICIT_BATCH exist only in 10.x; OnnxParserFlag.ADJUST_FOR_DLA only in 11.x;
 IBuilderConfig.int8_calibrator only in 10.x.
 
@@ -46,7 +47,7 @@ ENUMS_11 = {
                    "SAFETY_SCOPE DIRECT_IO VERSION_COMPATIBLE EXCLUDE_LEAN_RUNTIME ERROR_ON_TIMING_CACHE_MISS "
                    "DISABLE_COMPILATION_CACHE STRIP_PLAN REFIT_IDENTICAL WEIGHT_STREAMING REFIT_INDIVIDUAL "
                    "STRICT_NANS MONITOR_MEMORY DISTRIBUTIVE_INDEPENDENCE",
-    "NetworkDefinitionCreationFlag": "STRONGLY_TYPED PREFER_AOT_PYTHON_PLUGINS PREFER_JIT_PYTHON_PLUGINS",
+    "NetworkDefinitionCreationFlag": "STRONGLY_TYPED PREFER_AOT_PYTHON_PLUGINS",  # 11.1 adds PREFER_JIT_...
     "OnnxParserFlag": "NATIVE_INSTANCENORM ENABLE_UINT8_AND_ASYMMETRIC_QUANTIZATION_DLA ENABLE_PLUGIN_OVERRIDE "
                       "ADJUST_FOR_DLA",
 }
