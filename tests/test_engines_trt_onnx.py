@@ -262,6 +262,7 @@ def test_every_tensorrt_scheme_export_passes_the_gate(tmp_path: Path) -> None:
             assert trt_onnx.check_tensorrt_onnx(_export(ctx, gm, "ptq", "tensorrt")) == []
         else:
             ctx.onnx_path = lambda name, k, s: tmp_path / "mislabelled.onnx"
-            with pytest.raises(EdgekdError, match="mislabelled.onnx: not a valid TensorRT ONNX: .*zero point must be INT8 0, got uint8"):
+            refused = "mislabelled.onnx: not a valid TensorRT ONNX: .*zero point must be INT8 0, got uint8"
+            with pytest.raises(EdgekdError, match=refused):
                 _export(ctx, gm, "ptq", "tensorrt")
             assert not (tmp_path / "mislabelled.onnx").exists()
