@@ -144,19 +144,24 @@ def _prepare(models: dict) -> dict:
 
 
 def _int8_layers(engine_file: Path) -> dict:
-    """Layers whose inputs/outputs are INT8, from TensorRT's engine inspector (built with DETAILED verbosity)."""
+    """INT8 layers of a built engine, read as Polygraphy's layer inspection reads them (polygraphy/backend/trt/
+    util.py): IEngineInspector.get_layer_information(i, JSON) per layer, a layer counting as INT8 when one of
+    its input/output "Format/Datatype" strings says INT8. The engine was built with DETAILED verbosity."""
     import tensorrt as trt
 
     runtime = trt.Runtime(trt.Logger(trt.Logger.ERROR))
     engine = runtime.deserialize_cuda_engine(engine_file.read_bytes())
-    info = json.loads(engine.create_engine_inspector().get_engine_information(trt.LayerInformationFormat.JSON))
-    layers = [layer for layer in info.get("Layers", []) if isinstance(layer, dict)]
+    inspector = engine.create_engine_inspector()
+    layers = [json.loads(inspector.get_layer_information(i, trt.LayerInformationFormat.JSON))
+              for i in range(engine.num_layers)]
 
-    def int8(layer: dict) -> bool:
-        tensors = layer.get("Inputs", []) + layer.get("Outputs", [])
-        return any("Int8" in str(t.get("Format/Datatype", "")) for t in tensors if isinstance(t, dict))
+    def formats(layer: dict) -> list[str]:
+        return [str(t.get("Format/Datatype", "")).upper() for key in ("Inputs", "Outputs")
+                for t in layer.get(key, []) if isinstance(t, dict)]
 
-    return {"layers": len(layers), "int8_layers": sum(int8(layer) for layer in layers)}
+    int8 = [layer.get("Name", "?") for layer in layers if isinstance(layer, dict) and
+            any("INT8" in f for f in formats(layer))]
+    return {"layers": len(layers), "int8_layers": len(int8), "int8_layer_names": int8[:20]}
 
 
 def _polygraphy_run(onnx_path: Path, extra: list[str]) -> dict:
