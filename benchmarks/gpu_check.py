@@ -171,7 +171,11 @@ def _polygraphy_run(onnx_path: Path, extra: list[str]) -> dict:
     exe = shutil.which("polygraphy")
     if exe is None:
         return {"skipped": "polygraphy is not installed (pip install polygraphy)"}
-    cmd = [exe, "run", str(onnx_path), "--trt", "--onnxrt", "--atol", "0.05", "--rtol", "0.05", *extra]
+    shapes = [f"input:[1,{','.join(map(str, SHAPE))}]", f"input:[8,{','.join(map(str, SHAPE))}]",
+              f"input:[64,{','.join(map(str, SHAPE))}]"]
+    cmd = [exe, "run", str(onnx_path), "--trt", "--onnxrt", "--atol", "0.05", "--rtol", "0.05",
+           "--input-shapes", shapes[1], "--trt-min-shapes", shapes[0], "--trt-opt-shapes", shapes[1],
+           "--trt-max-shapes", shapes[2], *extra]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     return {"command": " ".join(cmd[1:]), "returncode": r.returncode, "passed": r.returncode == 0,
             "tail": (r.stdout + r.stderr).strip().splitlines()[-3:]}
@@ -247,10 +251,14 @@ def trt_check(work: Path, *, dry_run: bool) -> dict:
                          for p in dla.precisions if p != "int8" or "int8_onnx" in models]
     else:
         result["dla"] = "skipped: this GPU has no DLA cores (Jetson AGX Orin has two)"
+    # TensorRT 10: precision flags; 11: strongly typed, fp16 from the fp16-typed ONNX (no --fp16 flag there).
+    weak = int(trt.__version__.split(".")[0]) < 11
+    fp16_onnx = Path(models["fp32_onnx"]).with_suffix(".fp16.onnx")
     result["polygraphy"] = {"fp32": _polygraphy_run(Path(models["fp32_onnx"]), []),
-                            "fp16": _polygraphy_run(Path(models["fp32_onnx"]), ["--fp16"])}
+                            "fp16": (_polygraphy_run(Path(models["fp32_onnx"]), ["--fp16"]) if weak else
+                                     _polygraphy_run(fp16_onnx, ["--strongly-typed"]))}
     if "int8_onnx" in models:
-        extra = ["--int8"] if int(trt.__version__.split(".")[0]) < 11 else []
+        extra = ["--int8", "--fp16"] if weak else ["--strongly-typed"]
         result["polygraphy"]["int8"] = _polygraphy_run(Path(models["int8_onnx"]), extra)
     return result
 
