@@ -320,6 +320,8 @@ def build_engine(source: Any, target: Any, precision: str, out: Path) -> dict[st
             config.default_device_type = trt.DeviceType.DLA
             config.DLA_core = p.dla_core
             dla = _dla_fallback(config, network)
+            if calibration:
+                dla["int8_scales"] = calibration.count(b"\n") - 1  # tensors the calibration cache gives a scale
             notes.append(f"DLA: {dla['gpu_fallback_layers']} of {dla['layers']} layers fall back to the GPU")
         if calibration:
             config.int8_calibrator = _calibrator(trt, calibration)
@@ -500,7 +502,7 @@ class TrtRunner:
         self.cuda = cuda if cuda is not None else cuda_binding()
         self._buffers: dict[str, tuple[int, int]] = {}  # name -> (pointer, capacity in bytes)
         self.info = {"file": engine_info["file"], "tensorrt": trt.__version__, "device": self.cuda.device_name(),
-                     "cuda_binding": type(self.cuda).__name__, "notes": []}
+                     "cuda_binding": type(self.cuda).__name__, "dla": engine_info.get("dla"), "notes": []}
 
     def _buffer(self, name: str, nbytes: int) -> int:
         ptr, size = self._buffers.get(name, (0, 0))
