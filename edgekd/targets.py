@@ -28,7 +28,7 @@ QUANT_SCHEMES = ("ort-cpu", "ort-cpu-avx2", "tensorrt", "none")  # edgekd.quanti
 
 # What each runtime can build; int8 always means "from a Q/DQ ONNX", never calibration inside the builder.
 RUNTIME_PRECISIONS = {
-    "onnxruntime": ("fp32", "int8"),
+    "onnxruntime": ("fp32", "fp16", "int8"),  # fp16 only with the TensorRT execution provider first
     "tensorrt": ("fp32", "fp16", "int8"),
     "torch": ("fp32", "fp16"),
 }
@@ -251,6 +251,13 @@ def _from_dict(file: Path, data: dict[str, Any]) -> Target:
     if stray:
         raise EdgekdError(f"target file {file}: provider_options names provider {stray[0]!r}, which is not "
                           f"in providers {list(providers)}")
+    if runtime == "onnxruntime" and "fp16" in precisions and providers[:1] != ("TensorrtExecutionProvider",):
+        raise EdgekdError(f"target file {file}: precision 'fp16' is not supported by runtime 'onnxruntime' "
+                          "without 'TensorrtExecutionProvider' first in providers (it builds the fp16 kernels)")
+    if "TensorrtExecutionProvider" in provider_options:
+        from edgekd.engines.ort import check_trt_ep_options
+
+        check_trt_ep_options(str(file), provider_options["TensorrtExecutionProvider"])
 
     return Target(
         name=v.get("name", file.stem),
