@@ -53,16 +53,6 @@ def write_json(path: str | Path, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
-def verify_sha256(path: Path, expected: str, *, what: str, named_by: Path, remedy: str) -> None:
-    """Refuse a file a manifest names when it is missing or its sha256 differs (changed, truncated, tampered)."""
-    from edgekd.errors import EdgekdError
-
-    if not path.is_file():
-        raise EdgekdError(f"{what} {path}: file not found (named by {named_by}); {remedy}")
-    if sha256_file(path) != expected:
-        raise EdgekdError(f"{what} {path}: sha256 does not match {named_by}; the file changed or is corrupt ({remedy})")
-
-
 def sha256_file(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -203,3 +193,27 @@ def check_signed(manifest: dict[str, Any], *, what: str, remedy: str) -> None:
         _fail(what, f"has no {SIGNATURE_KEY} (written by an older edgekd, or by hand)", remedy)
     if stored != manifest_sha256(manifest):
         _fail(what, f"was edited after edgekd wrote it ({SIGNATURE_KEY} does not match its content)", remedy)
+
+
+_KINDS: dict[str, tuple[str, Any]] = {
+    "count": ("an integer >= 1", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1),
+    "index": ("an integer >= 0", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0),
+    "positive": ("a finite number > 0", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+                 and 0 < v < float("inf")),
+    "str": ("a string", lambda v: isinstance(v, str)),
+    "sha256": ("64 hex digits", lambda v: isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v) is not None),
+    "shape": ("a list of integers >= 1", lambda v: isinstance(v, list) and all(_KINDS["count"][1](d) for d in v)),
+    "list": ("a list", lambda v: isinstance(v, list)),
+}
+
+
+def check_fields(obj: Any, kinds: dict[str, str], *, what: str, remedy: str, optional: tuple[str, ...] = ()) -> None:
+    """Refuse a manifest (or one entry of it) whose fields are missing or of the wrong kind, naming the key;
+    `kinds` maps key -> one of count, index, positive, str, sha256, shape, list. Keys in `optional` may be None."""
+    if not isinstance(obj, dict):
+        _fail(what, f"holds {type(obj).__name__} where an object was expected", remedy)
+    for key, kind in kinds.items():
+        expected, ok = _KINDS[kind]
+        value = obj.get(key)
+        if not (ok(value) or (value is None and key in optional)):
+            _fail(what, f"{key} is {value!r:.80}; expected {expected}", remedy)
