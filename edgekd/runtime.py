@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from edgekd.bundle import read_manifest
+from edgekd.bundle import REMEDY, read_manifest
 from edgekd.errors import EdgekdError
 
 
@@ -111,7 +111,8 @@ def _check_contract(bundle_dir: Path, manifest: dict[str, Any]) -> None:
     """The manifest fields the Engine relies on have the types it expects (a checksummed manifest can still have been
     written by someone else): input shape (batch, positive ints...), class names, normalization, batch range."""
     def bad(key: str, value: Any, expected: str) -> EdgekdError:
-        return EdgekdError(f"bundle {bundle_dir}: manifest.json {key} is {value!r:.200}; expected {expected}")
+        return EdgekdError(f"bundle {bundle_dir}: manifest.json {key} is {value!r:.200}; expected {expected}; "
+                           + REMEDY)
 
     def ints(v: Any) -> bool:
         return isinstance(v, int) and not isinstance(v, bool) and v > 0
