@@ -226,8 +226,8 @@ def _read_manifest(cache_dir: Path) -> dict[str, Any]:
     fileio.check_fields(manifest, {"x_sha256": "sha256", "samples": "count", "input_shape": "shape",
                                    "epochs": "count", "stored_epochs": "count", "top_k": "count", "seed": "index",
                                    "augment": "str", "teacher": "str", "files": "list", "top_k_stored": "count",
-                                   "num_classes": "count"},
-                        what=what, remedy=REMEDY, optional=("top_k_stored", "num_classes"))
+                                   "num_classes": "count", "teacher_output": "str"},
+                        what=what, remedy=REMEDY, optional=("top_k_stored", "num_classes", "teacher_output"))
     for entry in manifest["files"]:
         fileio.check_fields(entry, {"epoch": "index", "file": "str", "sha256": "sha256"},
                             what=f"{what}: file entry", remedy=REMEDY)

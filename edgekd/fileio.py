@@ -209,11 +209,14 @@ _KINDS: dict[str, tuple[str, Any]] = {
 
 def check_fields(obj: Any, kinds: dict[str, str], *, what: str, remedy: str, optional: tuple[str, ...] = ()) -> None:
     """Refuse a manifest (or one entry of it) whose fields are missing or of the wrong kind, naming the key;
-    `kinds` maps key -> one of count, index, positive, str, sha256, shape, list. Keys in `optional` may be None."""
+    `kinds` maps key -> one of count, index, positive, str, sha256, shape, list. Every key must be present; those in
+    `optional` may be null."""
     if not isinstance(obj, dict):
         _fail(what, f"holds {type(obj).__name__} where an object was expected", remedy)
     for key, kind in kinds.items():
         expected, ok = _KINDS[kind]
-        value = obj.get(key)
+        if key not in obj:
+            _fail(what, f"has no {key!r}; expected {expected}", remedy)
+        value = obj[key]
         if not (ok(value) or (value is None and key in optional)):
             _fail(what, f"{key} is {value!r:.80}; expected {expected}", remedy)

@@ -127,8 +127,9 @@ def _read_manifest(out_dir: Path) -> dict[str, Any]:
     fileio.check_signed(manifest, what=what, remedy=REMEDY)
     fileio.check_fields(manifest, {"samples": "count", "shard_size": "count", "temperature": "positive",
                                    "top_k": "count", "input_shape": "shape", "pool_sha256": "sha256",
-                                   "shards": "list", "num_classes": "count", "top_k_stored": "count"},
-                        what=what, remedy=REMEDY, optional=("num_classes", "top_k_stored"))
+                                   "shards": "list", "num_classes": "count", "top_k_stored": "count",
+                                   "teacher": "str", "keep": "str", "output_kind": "str", "stored": "str"},
+                        what=what, remedy=REMEDY, optional=("num_classes", "top_k_stored", "output_kind", "stored"))
     for entry in manifest["shards"]:
         fileio.check_fields(entry, SHARD_FIELDS, what=f"{what}: shard entry", remedy=REMEDY)
         fileio.check_name(entry["file"], what=what, remedy=REMEDY)
