@@ -133,8 +133,9 @@ def _check_contract(bundle_dir: Path, manifest: dict[str, Any]) -> None:
             or any(x == 0 for x in norm.get("std", [1.0])):
         raise bad("preprocessing.normalization", norm, "{'mean': [numbers], 'std': [non-zero numbers]}")
     batch = manifest.get("batch") or {}
-    if not isinstance(batch, dict) or any(batch.get(k) is not None and not ints(batch[k]) for k in ("min", "max")):
-        raise bad("batch", batch, "{'min': positive int, 'max': positive int, ...}")
+    if not isinstance(batch, dict) or any(batch.get(k) is not None and not ints(batch[k]) for k in ("min", "max")) \
+            or not isinstance(batch.get("sizes") or [], list) or not all(ints(b) for b in batch.get("sizes") or []):
+        raise bad("batch", batch, "{'sizes': [positive ints], 'min': positive int, 'max': positive int, ...}")
     if not isinstance(manifest.get("device"), str):
         raise bad("device", manifest.get("device"), "a device name")
 

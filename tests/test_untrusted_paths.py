@@ -187,6 +187,8 @@ BUNDLE_CASES = [
             _signed(lambda m, b, o: m["input"].update(shape="abc"))),
     Hostile("signed-zero-std", ("preprocessing.normalization",),
             _signed(lambda m, b, o: m["preprocessing"]["normalization"].update(std=[0.0]))),
+    Hostile("signed-batch-sizes-text", ("manifest.json batch is", "'sizes': [positive ints]"),
+            _signed(lambda m, b, o: m["batch"].update(sizes="1,8"))),
     Hostile("signed-bad-digest", ("not 64 hex digits",), _signed(lambda m, b, o: m["files"].update({"eval.npz": 7}))),
 ]
 
