@@ -25,7 +25,8 @@ Training loss: `edgekd.losses.topk_soft_target_loss(s, values, indices, T, value
 from __future__ import annotations
 
 import datetime
-import json
+import io
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -212,23 +213,44 @@ def _as_topk_logits(out: TeacherOutput, top_k: int, who: str) -> tuple[np.ndarra
     return vals.astype(np.float16), idx.astype(np.int64), kind
 
 
-def _read_manifest(path: Path) -> dict[str, Any]:
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise EdgekdError(f"teacher cache manifest {path}: not readable JSON ({e}); delete the cache to rebuild it"
-                          ) from None
+REMEDY = "delete the cache folder and rebuild it with `edgekd cache-teacher`"
+
+
+def _read_manifest(cache_dir: Path) -> dict[str, Any]:
+    """The cache manifest: bounded JSON, its own checksum, the fields this module reads, every file a plain name."""
+    what = f"teacher cache manifest {cache_dir / MANIFEST}"
+    manifest = fileio.read_json(cache_dir, MANIFEST, what=what, remedy=REMEDY)
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise EdgekdError(f"teacher cache manifest {path}: not an edgekd teacher cache (expected format {FORMAT!r})")
+        raise EdgekdError(f"{what}: not an edgekd teacher cache (expected format {FORMAT!r})")
+    fileio.check_signed(manifest, what=what, remedy=REMEDY)
+    fileio.check_fields(manifest, {"x_sha256": "sha256", "samples": "count", "input_shape": "shape",
+                                   "epochs": "count", "stored_epochs": "count", "top_k": "count", "seed": "index",
+                                   "augment": "str", "teacher": "str", "files": "list", "top_k_stored": "count",
+                                   "num_classes": "count", "teacher_output": "str"},
+                        what=what, remedy=REMEDY, optional=("top_k_stored", "num_classes", "teacher_output"))
+    for entry in manifest["files"]:
+        fileio.check_fields(entry, {"epoch": "index", "file": "str", "sha256": "sha256"},
+                            what=f"{what}: file entry", remedy=REMEDY)
+        fileio.check_name(entry["file"], what=what, remedy=REMEDY)
     return manifest
+
+
+def _file_ok(cache_dir: Path, entry: dict[str, Any]) -> bool:
+    """An epoch file is kept on resume only when it is a regular file inside the folder with the recorded sha256."""
+    try:
+        fileio.verify_confined(cache_dir, entry["file"], entry["sha256"], what=f"teacher cache {cache_dir}",
+                               remedy=REMEDY)
+    except EdgekdError:
+        return False
+    return True
 
 
 def read_manifest(cache_dir: str | Path) -> dict[str, Any]:
     """The manifest of a cache folder (what it was built for: augment, seed, top_k, epochs, teacher)."""
-    path = Path(cache_dir) / "manifest.json"
-    if not path.is_file():
+    cache_dir = Path(cache_dir)
+    if not os.path.lexists(cache_dir / MANIFEST):
         raise EdgekdError(f"teacher cache {cache_dir}: no manifest.json; build it with `edgekd cache-teacher`")
-    return _read_manifest(path)
+    return _read_manifest(cache_dir)
 
 
 def _describe(key: str, value: Any) -> str:
@@ -260,8 +282,8 @@ def build_cache(teacher: Any, x: np.ndarray, out_path: str | Path, *, top_k: int
     mpath = out / MANIFEST
     if out.exists() and not out.is_dir():
         raise EdgekdError(f"teacher cache {out}: exists and is not a folder")
-    if mpath.is_file():
-        manifest = _read_manifest(mpath)
+    if os.path.lexists(mpath):
+        manifest = _read_manifest(out)
         differ = [k for k in KEY_FIELDS if manifest.get(k) != key[k]]
         if differ:
             what = "; ".join(f"{k}: folder has {_describe(k, manifest.get(k))}, this build {_describe(k, key[k])}"
@@ -273,8 +295,7 @@ def build_cache(teacher: Any, x: np.ndarray, out_path: str | Path, *, top_k: int
                     "stored_epochs": 1 if augment is None else epochs, "values": "logits",
                     "teacher_output": None, "top_k_stored": None, "num_classes": None, "files": [],
                     "complete": False, "created": _now(), "edgekd_version": _version()}
-    files = {e["epoch"]: e for e in manifest["files"]
-             if (out / e["file"]).is_file() and fileio.sha256_file(out / e["file"]) == e["sha256"]}
+    files = {e["epoch"]: e for e in manifest["files"] if _file_ok(out, e)}
     manifest["files"] = sorted(files.values(), key=lambda e: e["epoch"])
     if manifest.get("complete") and len(files) == manifest["stored_epochs"]:
         return manifest
@@ -311,11 +332,10 @@ def build_cache(teacher: Any, x: np.ndarray, out_path: str | Path, *, top_k: int
                 np.savez(f, values=np.concatenate(vals), indices=np.concatenate(idxs).astype(index_dtype))
         files[epoch] = {"epoch": epoch, "file": name, "sha256": fileio.sha256_file(out / name)}
         manifest["files"] = sorted(files.values(), key=lambda e: e["epoch"])
-        fileio.write_json(mpath, manifest)
+        manifest = fileio.write_signed_json(mpath, manifest)
     manifest["complete"] = True
     manifest["completed"] = _now()
-    fileio.write_json(mpath, manifest)
-    return manifest
+    return fileio.write_signed_json(mpath, manifest)
 
 
 def load_cache(path: str | Path, *, x: np.ndarray, augment_key: str, seed: int, top_k: int,
@@ -324,9 +344,9 @@ def load_cache(path: str | Path, *, x: np.ndarray, augment_key: str, seed: int, 
     (or, given `epochs`, with fewer augmented epochs than training needs). Verifies every file's sha256."""
     path = Path(path)
     mpath = path / MANIFEST
-    if not mpath.is_file():
+    if not os.path.lexists(mpath):
         raise EdgekdError(f"teacher cache {path}: no {MANIFEST} (build one with `edgekd cache-teacher`)")
-    manifest = _read_manifest(mpath)
+    manifest = _read_manifest(path)
     if not manifest.get("complete"):
         raise EdgekdError(f"teacher cache {path}: incomplete ({len(manifest.get('files', []))} of "
                           f"{manifest.get('stored_epochs')} epochs); rerun the same `edgekd cache-teacher` to finish")
@@ -349,10 +369,14 @@ def load_cache(path: str | Path, *, x: np.ndarray, augment_key: str, seed: int, 
     values, indices = [], []
     for entry in manifest["files"]:
         fpath = path / entry["file"]
-        fileio.verify_sha256(fpath, entry["sha256"], what="teacher cache file", named_by=mpath,
-                             remedy="rebuild the cache")
-        with np.load(fpath, allow_pickle=False) as f:
-            v, i = f["values"], f["indices"]
+        data = fileio.read_confined(path, entry["file"], what=f"teacher cache file {fpath} (named by {mpath})",
+                                    remedy="rebuild the cache", sha256=entry["sha256"])
+        try:
+            with np.load(io.BytesIO(data), allow_pickle=False) as f:
+                v, i = f["values"], f["indices"]
+        except Exception as e:
+            raise EdgekdError(f"teacher cache file {fpath}: not an .npz with values and indices without pickles "
+                              f"({type(e).__name__}); {REMEDY}") from None
         if v.shape != (manifest["samples"], manifest["top_k_stored"]) or i.shape != v.shape:
             raise EdgekdError(f"teacher cache file {fpath}: arrays have shapes {v.shape}/{i.shape}; expected "
                               f"({manifest['samples']}, {manifest['top_k_stored']})")

@@ -64,6 +64,7 @@ def profile_bundle(bundle_dir: str | Path, *, batch_sizes: tuple[int, ...] | Non
     (at most 2000). Accuracy/agreement run the whole eval.npz through the engine in batches.
     """
     from edgekd import runtime
+    from edgekd.bundle import read_eval
 
     bundle_dir = Path(bundle_dir)
     rss_before = _rss_mb()
@@ -75,11 +76,10 @@ def profile_bundle(bundle_dir: str | Path, *, batch_sizes: tuple[int, ...] | Non
         raise EdgekdError(f"profile {bundle_dir}: batch sizes must be positive, got {list(sizes)}")
 
     eval_x = eval_y = ref = None
-    eval_file = bundle_dir / "eval.npz"
-    if eval_file.is_file():
-        with np.load(eval_file) as data:
-            eval_x, eval_y = data["x"], data["y"]
-            ref = data["reference_logits"] if "reference_logits" in data.files else None
+    data = read_eval(bundle_dir, manifest)   # only the listed eval file, verified on the bytes that are used
+    if data is not None:
+        eval_x, eval_y = data["x"], data["y"]
+        ref = data.get("reference_logits")
 
     rows = []
     for batch in sizes:

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from edgekd.bundle import read_manifest
+from edgekd.bundle import REMEDY, read_manifest
 from edgekd.errors import EdgekdError
 
 
@@ -107,15 +107,58 @@ class Engine:
         return [self.class_names[i] for i in top] if self.class_names else top
 
 
+def _check_contract(bundle_dir: Path, manifest: dict[str, Any]) -> None:
+    """The manifest fields the Engine relies on have the types it expects (a checksummed manifest can still have been
+    written by someone else): input shape (batch, positive ints...), class names, normalization, batch range."""
+    def bad(key: str, value: Any, expected: str) -> EdgekdError:
+        return EdgekdError(f"bundle {bundle_dir}: manifest.json {key} is {value!r:.200}; expected {expected}; "
+                           + REMEDY)
+
+    def ints(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+    def numbers(v: Any) -> bool:
+        return isinstance(v, list) and bool(v) and all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                                       and np.isfinite(x) for x in v)
+
+    shape = (manifest.get("input") or {}).get("shape") if isinstance(manifest.get("input"), dict) else None
+    if not isinstance(shape, list) or len(shape) < 2 or not all(ints(d) for d in shape[1:]):
+        raise bad("input.shape", shape, "[batch, positive ints...]")
+    names = manifest.get("class_names") or []
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise bad("class_names", names, "a list of strings")
+    pre = manifest.get("preprocessing") or {}
+    norm = (pre.get("normalization") or {}) if isinstance(pre, dict) else None
+    if not isinstance(norm, dict) or any(not numbers(norm[k]) for k in ("mean", "std") if k in norm) \
+            or any(x == 0 for x in norm.get("std", [1.0])):
+        raise bad("preprocessing.normalization", norm, "{'mean': [numbers], 'std': [non-zero numbers]}")
+    batch = manifest.get("batch") or {}
+    if not isinstance(batch, dict) or any(batch.get(k) is not None and not ints(batch[k]) for k in ("min", "max")) \
+            or not isinstance(batch.get("sizes") or [], list) or not all(ints(b) for b in batch.get("sizes") or []):
+        raise bad("batch", batch, "{'sizes': [positive ints], 'min': positive int, 'max': positive int, ...}")
+    if not isinstance(manifest.get("device"), str):
+        raise bad("device", manifest.get("device"), "a device name")
+
+
 def load(bundle_dir: str | Path, *, threads: int | None = None) -> Engine:
-    """Verify a bundle's checksums and open its engine with the bundle's runtime."""
+    """Verify a bundle (its manifest's checksum, every listed file's sha256, names confined to the folder) and open
+    its engine with the bundle's runtime. The manifest never names code: each runtime opens only its own format."""
     bundle_dir = Path(bundle_dir)
     manifest = read_manifest(bundle_dir, verify=True)
     runtime = manifest.get("runtime")
     if runtime not in OPENERS:
         raise EdgekdError(f"bundle {bundle_dir}: unknown runtime {runtime!r} in manifest.json (expected one "
                           f"of {', '.join(OPENERS)})")
-    return Engine(bundle_dir, manifest, OPENERS[runtime](bundle_dir, manifest, threads))
+    _check_contract(bundle_dir, manifest)
+    try:
+        runner = OPENERS[runtime](bundle_dir, manifest, threads)
+    except EdgekdError:
+        raise
+    except Exception as e:  # the runtime library refused what the manifest describes
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        raise EdgekdError(f"bundle {bundle_dir}: {runtime} cannot open engine {manifest['engine'].get('file')!r} "
+                          f"({type(e).__name__}: {first}); rebuild the bundle with `edgekd build`") from e
+    return Engine(bundle_dir, manifest, runner)
 
 
 def _batches(text: str) -> tuple[int, ...]:

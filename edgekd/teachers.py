@@ -411,8 +411,8 @@ def load_teacher(spec: str, *, model_spec: str | None = None, input_shape: Seque
     """A teacher from a string: `path.onnx` -> OnnxTeacher, `path.safetensors` -> TorchTeacher,
     `cmd:PROGRAM ARGS...` (shlex-split) -> CommandTeacher.
 
-    A safetensors checkpoint needs the architecture: `model_spec`, `input_shape` and `num_classes`, each
-    falling back to the file's metadata (edgekd writes `model`, `input_shape`, `num_classes` there).
+    A safetensors checkpoint needs the architecture: `model_spec`, `input_shape` and `num_classes` from the caller
+    (the recipe or the command line), never from the file's metadata: a checkpoint is data and must not name code.
     """
     if spec.startswith("cmd:"):
         try:
@@ -437,31 +437,19 @@ def load_teacher(spec: str, *, model_spec: str | None = None, input_shape: Seque
 
 def _torch_teacher(path: Path, model_spec: str | None, input_shape: Sequence[int] | None,
                    num_classes: int | None, device: str) -> TorchTeacher:
-    from safetensors import safe_open
-
+    """A safetensors checkpoint with the architecture the caller names (the recipe's [teacher] model or the command
+    line). The file's metadata is never used to choose a model: a checkpoint is data, and a spec can name code."""
     from edgekd.models import build_model, load_weights
 
     if not path.is_file():
         raise EdgekdError(f"teacher {path}: file not found")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-    except Exception:
-        meta = {}   # load_weights below names the problem
-    try:
-        model_spec = model_spec or meta.get("model")
-        if input_shape is None and "input_shape" in meta:
-            input_shape = tuple(json.loads(meta["input_shape"]))
-        if num_classes is None and "num_classes" in meta:
-            num_classes = int(meta["num_classes"])
-    except (ValueError, TypeError):
-        pass
     missing = [name for name, v in (("model_spec", model_spec), ("input_shape", input_shape),
                                     ("num_classes", num_classes)) if v is None]
     if missing:
-        raise EdgekdError(f"teacher {path}: a safetensors checkpoint needs the architecture; {', '.join(missing)} "
-                          "not given and not in the file's metadata (pass the teacher's model spec, e.g. "
-                          "'cnn:widths=32,64', with the data's input shape and class count)")
+        raise EdgekdError(f"teacher {path}: a safetensors checkpoint needs the architecture from the recipe or the "
+                          f"command line; {', '.join(missing)} not given (pass the teacher's model spec, e.g. "
+                          "'cnn:widths=32,64', with the data's input shape and class count; the file's own metadata "
+                          "is never used to pick code)")
     model = build_model(model_spec, tuple(input_shape), int(num_classes))
     load_weights(model, path)
     return TorchTeacher(model.to(device), identity="torch:" + sha256_file(path), name=f"torch teacher {path}")

@@ -93,7 +93,7 @@ def test_cache_stores_topk_logits_of_views_the_training_loop_can_regenerate(mode
     build_cache(again, x, tmp_path / "c", top_k=3, epochs=3, augment=augment, seed=7, batch_size=8)
     assert again.seen == []
     (tmp_path / "c" / "epoch-00002.npz").write_bytes(b"broken")
-    with pytest.raises(EdgekdError, match=r"epoch-00002.npz: sha256 does not match"):
+    with pytest.raises(EdgekdError, match=r"epoch-00002.npz fails its sha256 check"):
         load_cache(tmp_path / "c", x=x, augment_key=augment.key, seed=7, top_k=3)
     build_cache(again, x, tmp_path / "c", top_k=3, epochs=3, augment=augment, seed=7, batch_size=16)
     assert len(again.seen) == 2

@@ -16,7 +16,7 @@ from edgekd.bundle import read_manifest
 from edgekd.engines import available_runtimes, build, check_target
 from edgekd.engines.ort import host_fingerprint
 from edgekd.errors import EdgekdError
-from edgekd.fileio import sha256_file
+from edgekd.fileio import sha256_file, write_signed_json
 from edgekd.targets import load_target
 
 
@@ -67,7 +67,7 @@ def test_other_host_falls_back_to_portable_model(edge_ort_bundle: Path, tmp_path
     shutil.copytree(edge_ort_bundle, copy)
     manifest = json.loads((copy / "manifest.json").read_text())
     manifest["engine"]["build_fingerprint"]["isa"] = ["avx512f", "avx512_vnni"]  # built on another CPU
-    (copy / "manifest.json").write_text(json.dumps(manifest))
+    write_signed_json(copy / "manifest.json", manifest)  # as that other host's build wrote it
     engine = runtime.load(copy)
     assert engine.info["file"] == "model.onnx" and engine.info["optimization_level_at_load"] == "all"
     assert "differs from the build host" in engine.info["notes"][0]
