@@ -38,11 +38,15 @@ def _peak_rss_mb() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
 
 
-def _inputs(eval_x: np.ndarray | None, shape: tuple[int, ...], batch: int) -> np.ndarray:
+def _inputs(eval_x: np.ndarray | None, engine: Any, batch: int) -> np.ndarray:
+    """Timing input: eval.npz samples (repeated to fill the batch), else seeded noise in the engine's input range
+    (standard normal where the bundle records none)."""
     if eval_x is not None and len(eval_x):
         reps = -(-batch // len(eval_x))
         return np.ascontiguousarray(np.concatenate([eval_x] * reps)[:batch] if reps > 1 else eval_x[:batch])
-    return np.random.default_rng(0).standard_normal((batch, *shape)).astype(np.float32)
+    rng, shape = np.random.default_rng(0), (batch, *engine.input_shape)
+    x = rng.uniform(*engine.input_range, size=shape) if engine.input_range else rng.standard_normal(shape)
+    return x.astype(np.float32)
 
 
 def _time(engine: Any, x: np.ndarray, warmup: int, min_runs: int, min_seconds: float) -> list[float]:
@@ -86,7 +90,7 @@ def profile_bundle(bundle_dir: str | Path, *, batch_sizes: tuple[int, ...] | Non
 
     rows = []
     for batch in sizes:
-        x = _inputs(eval_x, engine.input_shape, batch)
+        x = _inputs(eval_x, engine, batch)
         times = np.asarray(_time(engine, x, warmup, min_runs, min_seconds))
         mean = float(times.mean())
         rows.append({
@@ -161,29 +165,22 @@ def batches_of(x: np.ndarray, y: np.ndarray, ref: np.ndarray | None, *, size: in
 def score(engine: Any, batches: Iterable[Batch]) -> dict[str, Any]:
     """Top-1 accuracy mean(argmax(engine(x)) == y) and agreement mean(argmax(engine(x)) == argmax(reference))
     over batches (x normalized, y, reference logits or None), so a test split of any size streams through the
-    engine; a batch larger than the engine's maximum is split, a short one padded to its minimum."""
+    engine (Engine.logits splits and pads to its batch range). input_range: the smallest and largest input."""
     correct = agree = n = 0
     with_ref = True
-    step = engine.max_batch or 1 << 30
+    lo, hi = np.inf, -np.inf
     for x, y, ref in batches:
-        for i in range(0, len(x), step):
-            part = x[i:i + step]
-            top1 = engine(_pad(part, engine.min_batch))[:len(part)].argmax(axis=1)
-            correct += int(np.sum(top1 == y[i:i + step]))
-            if ref is None:
-                with_ref = False
-            else:
-                agree += int(np.sum(top1 == np.asarray(ref[i:i + step]).argmax(axis=1)))
-            n += len(part)
+        top1 = engine.logits(x).argmax(axis=1)
+        correct += int(np.sum(top1 == np.asarray(y)))
+        if ref is None:
+            with_ref = False
+        else:
+            agree += int(np.sum(top1 == np.asarray(ref).argmax(axis=1)))
+        n += len(x)
+        if len(x):
+            lo, hi = min(lo, float(np.min(x))), max(hi, float(np.max(x)))
     return {"accuracy": correct / n if n else None, "agreement": agree / n if n and with_ref else None,
-            "samples": n}
-
-
-def _pad(x: np.ndarray, min_batch: int) -> np.ndarray:
-    """Repeat the last sample so a short final chunk still meets an engine's minimum batch."""
-    if len(x) >= min_batch:
-        return x
-    return np.concatenate([x, np.repeat(x[-1:], min_batch - len(x), axis=0)])
+            "samples": n, "input_range": [lo, hi] if n else None}
 
 
 def format_table(result: dict) -> str:

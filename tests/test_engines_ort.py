@@ -27,7 +27,9 @@ def test_bundle_layout_and_manifest(edge_ort_bundle: Path, edge_eval) -> None:
     assert (m["model"], m["target"], m["runtime"], m["device"]) == ("student", "x86-cpu-ort", "onnxruntime", "cpu")
     assert (m["precision"], m["quantization"]) == ("fp32", "none")
     assert m["input"] == {"name": "input", "shape": ["batch", 1, 8, 8], "dtype": "float32"}
-    assert m["preprocessing"] == {"normalization": {"mean": [0.5], "std": [0.25]}, "layout": "NCHW"}
+    # no image spec (array inputs): the range of the normalized test split, for the runtime's wrong-scale check
+    assert m["preprocessing"] == {"normalization": {"mean": [0.5], "std": [0.25]}, "layout": "NCHW",
+                                  "input_range": [float(edge_eval[0].min()), float(edge_eval[0].max())]}
     assert m["class_names"][:2] == ["class0", "class1"]
     assert m["budgets"] == {"latency_ms": 5.0, "memory_mb": 400.0}
     assert m["versions"]["onnxruntime"] == ort.__version__ and m["versions"]["edgekd"]

@@ -42,6 +42,7 @@ class EngineSource:
     class_names: tuple[str, ...]
     normalization: dict
     quantization: str = "none"
+    preprocessing: dict | None = None   # the eval PreprocessSpec.to_dict() of image inputs (edgekd.preprocess)
 
 
 def cuda_device_count() -> tuple[int, str]:
@@ -221,6 +222,24 @@ def _test_metrics(bundle_dir: Path, evals: tuple[np.ndarray, np.ndarray, np.ndar
             "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
+def _preprocessing(source: EngineSource) -> dict[str, Any]:
+    """The manifest's preprocessing: normalization and layout, plus for image inputs the eval spec (what
+    edgekd.runtime applies to image files) and the range its normalized output takes, [(0 - mean) / std,
+    (255 * scale - mean) / std] over the channels, which the runtime uses to refuse input in the wrong scale.
+    Without a spec the range observed on the test split is recorded when the engine is scored."""
+    out: dict[str, Any] = {"normalization": dict(source.normalization or {}),
+                           "layout": _layout(tuple(source.input_shape))}
+    if source.preprocessing is not None:
+        from edgekd.preprocess import PreprocessSpec
+
+        spec = PreprocessSpec.from_dict(dict(source.preprocessing), where=f"build {source.model_name}: preprocessing")
+        mean, std = np.asarray(spec.mean), np.asarray(spec.std)
+        ends = np.concatenate([(0.0 - mean) / std, (255.0 * spec.scale - mean) / std])
+        out.update(spec=spec.to_dict(), normalization={"mean": list(spec.mean), "std": list(spec.std)},
+                   input_range=[float(ends.min()), float(ends.max())])
+    return out
+
+
 def _layout(input_shape: tuple[int, ...]) -> str:
     return {1: "NC", 2: "NCL", 3: "NCHW", 4: "NCDHW"}.get(len(input_shape), "N" + "?" * len(input_shape))
 
@@ -296,8 +315,7 @@ def build(source: EngineSource, target: Target, precision: str, out_dir: str | P
                       "dtype": "float32"},
             "output": {"name": result.get("output_name", "logits"), "shape": [batch_dim, source.num_classes],
                        "dtype": "float32"},
-            "preprocessing": {"normalization": dict(source.normalization or {}),
-                              "layout": _layout(tuple(source.input_shape))},
+            "preprocessing": _preprocessing(source),
             "class_names": list(source.class_names),
             "batch": {"sizes": list(target.batch_sizes), "dynamic": target.dynamic_batch,
                       "min": target.min_batch, "opt": target.opt_batch, "max": target.max_batch},
@@ -315,5 +333,8 @@ def build(source: EngineSource, target: Target, precision: str, out_dir: str | P
         }
         write_manifest(tmp, manifest)
         if evals is not None and len(evals[0]):
-            write_manifest(tmp, {**manifest, "metrics": {"test": _test_metrics(tmp, evals)}})
+            test = _test_metrics(tmp, evals)
+            pre = manifest["preprocessing"]
+            observed = {"input_range": test.pop("input_range")} if "input_range" not in pre else {}
+            write_manifest(tmp, {**manifest, "preprocessing": {**pre, **observed}, "metrics": {"test": test}})
     return out_dir
