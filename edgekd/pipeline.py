@@ -138,7 +138,8 @@ def build(run_dir: str | Path, target_name: str, *, models: tuple[str, ...] = ("
             source = EngineSource(model_name=model, onnx_path=onnx_path, weights_path=ctx.weights(model),
                                   model_spec=ctx.spec(model), input_shape=ctx.data.input_shape,
                                   num_classes=ctx.data.num_classes, class_names=ctx.data.class_names,
-                                  normalization=ctx.data.normalization, quantization=quantization)
+                                  normalization=ctx.data.normalization, quantization=quantization,
+                                  preprocessing=_preprocessing(ctx.data))
             try:
                 built.append(str(build_engine(source, target, precision, out, eval_data=evals)))
             except EdgekdError as e:
@@ -148,6 +149,12 @@ def build(run_dir: str | Path, target_name: str, *, models: tuple[str, ...] = ("
                 else:
                     raise
     return {"target": target.name, "built": built, "skipped": skipped}
+
+
+def _preprocessing(data: Dataset) -> dict[str, Any] | None:
+    """The eval PreprocessSpec of image inputs as the bundle records it (None for array sources)."""
+    spec = getattr(data, "preprocess", None)   # the Dataset field that issue14a's streaming data.py adds
+    return spec.to_dict() if spec is not None else None
 
 
 def profile(run_dir: str | Path, target_name: str, *, quick: bool = False) -> list[dict[str, Any]]:
