@@ -253,3 +253,39 @@ def test_older_and_inconsistent_manifests(image_bundle, edge_ort_bundle: Path, t
         write_manifest(bad, {**manifest, "preprocessing": {**manifest["preprocessing"], "spec": spec}})
         with pytest.raises(EdgekdError, match=f"bundle {bad}.*{message}"):
             runtime.load(bad)
+
+
+def test_runtime_only_install_classifies_jpegs_without_torch(image_bundle, tmp_path: Path) -> None:
+    """What a device does: a fresh venv, `pip install edgekd-runtime[ort]` (runtime/pyproject.toml, built here from
+    a copy of the sources so the checkout stays clean), then classify JPEG files from disk and profile the bundle.
+    torch must not be importable there, and every module the distribution ships except the torch runner imports."""
+    import tomllib
+
+    bundle, files, _ = image_bundle
+    src = tmp_path / "src"
+    shutil.copytree(ROOT / "edgekd", src / "edgekd", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "runtime", src / "runtime")
+    modules = tomllib.loads((ROOT / "runtime" / "pyproject.toml").read_text())["tool"]["setuptools"]["py-modules"]
+    venv = tmp_path / "venv"
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, env=env)
+    python = venv / ("Scripts" if os.name == "nt" else "bin") / "python"
+    pip = subprocess.run([str(python), "-m", "pip", "install", "-q", f"{src / 'runtime'}[ort]"], capture_output=True,
+                         text=True, env=env, cwd=tmp_path)
+    assert pip.returncode == 0, pip.stdout + pip.stderr
+    code = ("import importlib, importlib.util, json, sys; assert importlib.util.find_spec('torch') is None, 'torch'; "
+            f"[importlib.import_module(m) for m in {modules!r} if m != 'edgekd.engines.pytorch']; "
+            "import edgekd, edgekd.runtime as rt; e = rt.load(sys.argv[1]); names, probs = e.classify(sys.argv[2:]); "
+            "print(json.dumps({'file': edgekd.__file__, 'names': names, 'probs': probs.tolist()}))")
+    done = subprocess.run([str(python), "-c", code, str(bundle), *map(str, files)], capture_output=True, text=True,
+                          env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert Path(out["file"]).is_relative_to(venv)   # the installed copy, not the checkout
+    names, probs = runtime.load(bundle).classify(files)
+    assert out["names"] == names
+    np.testing.assert_allclose(out["probs"], probs, atol=1e-6)
+    prof = subprocess.run([str(python), "-m", "edgekd.runtime", "profile", str(bundle), "--batch", "1", "--warmup",
+                           "1", "--min-runs", "3", "--min-seconds", "0"], capture_output=True, text=True, env=env,
+                          cwd=tmp_path)
+    assert prof.returncode == 0 and "accuracy 100.00% on 9 samples" in prof.stdout, prof.stderr

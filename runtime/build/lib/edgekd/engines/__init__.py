@@ -1,0 +1,290 @@
+"""Engine builds: one (model, target, precision) -> one bundle folder.
+
+`build` validates what is common to every runtime (precision offered by the target, quantized ONNX for int8,
+eval set shapes), lets the runtime's module write its engine files into a temporary folder, adds eval.npz
+and manifest.json, and renames the folder into place, so a bundle folder either is complete or does not
+exist. Runtime libraries are imported lazily: importing this package needs neither torch, onnx, onnxruntime
+nor tensorrt (the device-side runners in ort.py / trt.py / pytorch.py are opened through edgekd.runtime).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import platform
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgekd.bundle import FORMAT, edgekd_version, write_manifest
+from edgekd.errors import EdgekdError
+from edgekd.fileio import atomic_path
+from edgekd.targets import Target
+
+QUANTIZATIONS = ("none", "ptq", "qat")
+
+
+@dataclass(frozen=True)
+class EngineSource:
+    """What a build starts from: an ONNX (onnxruntime/tensorrt) or safetensors + model spec (torch)."""
+
+    model_name: str
+    onnx_path: Path | None
+    weights_path: Path | None
+    model_spec: str | None
+    input_shape: tuple[int, ...]
+    num_classes: int
+    class_names: tuple[str, ...]
+    normalization: dict
+    quantization: str = "none"
+
+
+def cuda_device_count() -> tuple[int, str]:
+    """Count CUDA devices through the driver library (no torch needed); returns (count, reason if 0)."""
+    names = ["nvcuda.dll"] if sys.platform == "win32" else ["libcuda.so.1", "libcuda.so"]
+    lib = None
+    for name in names:
+        try:
+            lib = ctypes.CDLL(name)
+            break
+        except OSError:
+            continue
+    if lib is None:
+        return 0, "no NVIDIA driver (libcuda) on this machine"
+    if lib.cuInit(0) != 0:
+        return 0, "the NVIDIA driver is present but cuInit failed (no usable GPU)"
+    count = ctypes.c_int(0)
+    if lib.cuDeviceGetCount(ctypes.byref(count)) != 0 or count.value == 0:
+        return 0, "the NVIDIA driver reports no CUDA device"
+    return count.value, ""
+
+
+def available_runtimes() -> dict[str, str]:
+    """Runtime name -> "ok" or why it cannot be used on this machine (for `edgekd doctor`).
+
+    "ok" means the library imports (and, for TensorRT, a CUDA GPU is present); per-target details such as
+    an onnxruntime execution provider or torch CUDA are checked by `check_target`.
+    """
+    out: dict[str, str] = {}
+    try:
+        import onnxruntime  # noqa: F401
+
+        out["onnxruntime"] = "ok"
+    except ImportError as e:
+        out["onnxruntime"] = f"not installed ({e}); pip install onnxruntime"
+    try:
+        import tensorrt as trt
+
+        count, reason = cuda_device_count()
+        out["tensorrt"] = "ok" if count else f"tensorrt {trt.__version__} is installed but {reason}"
+    except ImportError:
+        out["tensorrt"] = ("not installed: TensorRT needs an NVIDIA GPU (JetPack on Jetson; `pip install "
+                           "tensorrt` on x86/SBSA GPU hosts)")
+    except Exception as e:  # a broken install (missing libnvinfer) raises other errors at import
+        out["tensorrt"] = f"installed but fails to import ({type(e).__name__}: {e})"
+    try:
+        import torch  # noqa: F401
+
+        out["torch"] = "ok"
+    except ImportError as e:
+        out["torch"] = f"not installed ({e})"
+    return out
+
+
+def check_target(target: Target) -> str:
+    """"ok" if this machine can build and run `target`, else the reason (to skip targets with a message)."""
+    status = available_runtimes().get(target.runtime, f"unknown runtime {target.runtime!r}")
+    if status != "ok":
+        return f"target {target.name}: {target.runtime} {status}"
+    if target.runtime == "onnxruntime":
+        import onnxruntime as ort
+
+        available = ort.get_available_providers()
+        if target.providers and target.providers[0] not in available:
+            return (f"target {target.name} wants {target.providers[0]}, but this onnxruntime has only "
+                    f"{', '.join(available)}")
+    if target.runtime == "torch" and target.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            return (f"target {target.name} needs CUDA, but torch {torch.__version__} reports "
+                    "torch.cuda.is_available() == False")
+    return "ok"
+
+
+def onnx_info(path: Path) -> dict[str, Any]:
+    """Input/output names and shapes, Q/DQ presence and metadata of an ONNX file (build side; needs onnx)."""
+    import onnx
+
+    if not path.is_file():
+        raise EdgekdError(f"ONNX file {path}: not found")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as e:
+        raise EdgekdError(f"ONNX file {path}: cannot be read ({e})") from e
+    initializers = {i.name for i in proto.graph.initializer}
+    inputs = [i for i in proto.graph.input if i.name not in initializers]
+    if len(inputs) != 1 or len(proto.graph.output) != 1:
+        raise EdgekdError(f"ONNX file {path}: expected one input and one output, got inputs "
+                          f"{[i.name for i in inputs]} and outputs {[o.name for o in proto.graph.output]}")
+
+    def dims(value: Any) -> list[int | str]:
+        return [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
+                for d in value.type.tensor_type.shape.dim]
+
+    ops = {n.op_type for n in proto.graph.node}
+    return {
+        "input_name": inputs[0].name,
+        "input_shape": dims(inputs[0]),
+        "output_name": proto.graph.output[0].name,
+        "output_shape": dims(proto.graph.output[0]),
+        "has_qdq": bool(ops & {"QuantizeLinear", "DequantizeLinear"}),
+        "metadata": {p.key: p.value for p in proto.metadata_props},
+        "opset": {o.domain or "ai.onnx": o.version for o in proto.opset_import},
+    }
+
+
+def check_onnx_source(source: EngineSource, target: Target, precision: str) -> dict[str, Any]:
+    """Checks shared by the ONNX-based builders: file present, input shape, Q/DQ matches the precision."""
+    if source.onnx_path is None:
+        raise EdgekdError(f"build {source.model_name} for {target.name}: runtime {target.runtime} needs an "
+                          "ONNX file (EngineSource.onnx_path is None)")
+    path = Path(source.onnx_path)
+    info = onnx_info(path)
+    got = tuple(info["input_shape"][1:])
+    if got != tuple(source.input_shape):
+        raise EdgekdError(f"ONNX file {path}: input {info['input_name']!r} has shape {info['input_shape']}, "
+                          f"expected (batch, {', '.join(map(str, source.input_shape))})")
+    if precision == "int8" and not info["has_qdq"]:
+        raise EdgekdError(f"ONNX file {path}: precision int8 needs a quantized ONNX with QuantizeLinear/"
+                          "DequantizeLinear nodes (run PTQ or QAT for this target first); this one has none")
+    if precision != "int8" and info["has_qdq"]:
+        raise EdgekdError(f"ONNX file {path}: contains QuantizeLinear/DequantizeLinear nodes but precision "
+                          f"is {precision}; build it as int8, or export the float model for {precision}")
+    scheme = info["metadata"].get("quant_scheme")
+    if precision == "int8" and scheme and scheme != target.quant_scheme:
+        raise EdgekdError(f"ONNX file {path}: was quantized with scheme {scheme!r} but target {target.name} "
+                          f"expects {target.quant_scheme!r} (Q/DQ placement must follow the runtime)")
+    return info
+
+
+def _check_eval(source: EngineSource, eval_data: tuple) -> dict[str, np.ndarray]:
+    if not isinstance(eval_data, tuple) or len(eval_data) != 3:
+        raise EdgekdError("build: eval_data must be a tuple (x, y, reference_logits or None)")
+    x, y, ref = eval_data
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    y = np.asarray(y).astype(np.int64)
+    if x.ndim != len(source.input_shape) + 1 or tuple(x.shape[1:]) != tuple(source.input_shape):
+        raise EdgekdError(f"build: eval x has shape {x.shape}, expected (N, "
+                          f"{', '.join(map(str, source.input_shape))})")
+    if y.shape != (len(x),):
+        raise EdgekdError(f"build: eval y has shape {y.shape}, expected ({len(x)},) to match x")
+    out = {"x": x, "y": y}
+    if ref is not None:
+        ref = np.ascontiguousarray(ref, dtype=np.float32)
+        if ref.shape != (len(x), source.num_classes):
+            raise EdgekdError(f"build: eval reference_logits have shape {ref.shape}, expected ({len(x)}, "
+                              f"{source.num_classes})")
+        out["reference_logits"] = ref
+    return out
+
+
+def _layout(input_shape: tuple[int, ...]) -> str:
+    return {1: "NC", 2: "NCL", 3: "NCHW", 4: "NCDHW"}.get(len(input_shape), "N" + "?" * len(input_shape))
+
+
+def _build_ort(source: EngineSource, target: Target, precision: str, out: Path) -> dict:
+    from edgekd.engines import ort
+
+    return ort.build_engine(source, target, precision, out)
+
+
+def _build_trt(source: EngineSource, target: Target, precision: str, out: Path) -> dict:
+    from edgekd.engines import trt
+
+    return trt.build_engine(source, target, precision, out)
+
+
+def _build_torch(source: EngineSource, target: Target, precision: str, out: Path) -> dict:
+    from edgekd.engines import pytorch
+
+    return pytorch.build_engine(source, target, precision, out)
+
+
+BUILDERS: dict[str, Callable[[EngineSource, Target, str, Path], dict]] = {
+    "onnxruntime": _build_ort,
+    "tensorrt": _build_trt,
+    "torch": _build_torch,
+}
+
+
+def build(source: EngineSource, target: Target, precision: str, out_dir: str | Path, *,
+          eval_data: tuple[np.ndarray, np.ndarray, np.ndarray | None] | None = None) -> Path:
+    """Build one engine for `target` at `precision` and write its bundle folder at `out_dir`; returns it.
+
+    `eval_data` = (x already normalized, y, PyTorch reference logits or None) is stored as eval.npz so the
+    device can measure accuracy and agreement with only numpy and its runtime installed.
+    """
+    out_dir = Path(out_dir)
+    if precision not in target.precisions:
+        raise EdgekdError(f"target {target.name} ({target.path}): precision {precision!r} is not offered "
+                          f"(precisions: {', '.join(target.precisions)})")
+    if source.quantization not in QUANTIZATIONS:
+        raise EdgekdError(f"build {source.model_name}: quantization must be one of "
+                          f"{', '.join(QUANTIZATIONS)}, got {source.quantization!r}")
+    if (precision == "int8") != (source.quantization != "none"):
+        raise EdgekdError(f"build {source.model_name} for {target.name}: precision {precision} does not "
+                          f"match quantization {source.quantization!r} (int8 engines come from a PTQ/QAT "
+                          "Q/DQ model, fp32/fp16 engines from the float model)")
+    if len(source.class_names) not in (0, source.num_classes):
+        raise EdgekdError(f"build {source.model_name}: {len(source.class_names)} class names for "
+                          f"{source.num_classes} classes")
+    evals = _check_eval(source, eval_data) if eval_data is not None else None
+    builder = BUILDERS[target.runtime]
+
+    started = time.perf_counter()
+    with atomic_path(out_dir) as tmp:
+        tmp.mkdir(parents=True)
+        result = builder(source, target, precision, tmp)
+        if evals is not None:
+            with open(tmp / "eval.npz", "wb") as f:
+                np.savez(f, **evals)
+        batch_dim: int | str = "batch" if target.dynamic_batch else target.batch_sizes[0]
+        manifest = {
+            "format": FORMAT,
+            "model": source.model_name,
+            "target": target.name,
+            "target_file": target.path,
+            "target_description": target.description,
+            "runtime": target.runtime,
+            "device": target.device,
+            "precision": precision,
+            "quantization": source.quantization,
+            "input": {"name": result.get("input_name", "input"), "shape": [batch_dim, *source.input_shape],
+                      "dtype": "float32"},
+            "output": {"name": result.get("output_name", "logits"), "shape": [batch_dim, source.num_classes],
+                       "dtype": "float32"},
+            "preprocessing": {"normalization": dict(source.normalization or {}),
+                              "layout": _layout(tuple(source.input_shape))},
+            "class_names": list(source.class_names),
+            "batch": {"sizes": list(target.batch_sizes), "dynamic": target.dynamic_batch,
+                      "min": target.min_batch, "opt": target.opt_batch, "max": target.max_batch},
+            "budgets": {"latency_ms": target.latency_budget_ms, "memory_mb": target.memory_budget_mb},
+            "engine": result["engine"],
+            "eval": ({"file": "eval.npz", "samples": int(len(evals["x"])),
+                      "has_reference_logits": "reference_logits" in evals} if evals is not None else None),
+            "versions": {"edgekd": edgekd_version(), "python": platform.python_version(),
+                         "numpy": np.__version__, **result.get("versions", {})},
+            "build": {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                      "host": {"machine": platform.machine(), "system": platform.system(),
+                               "node": platform.node()},
+                      "seconds": round(time.perf_counter() - started, 3),
+                      "notes": list(result.get("notes", []))},
+            "metrics": {},
+        }
+        write_manifest(tmp, manifest)
+    return out_dir

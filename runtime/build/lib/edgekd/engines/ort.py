@@ -1,0 +1,215 @@
+"""onnxruntime engines: build (optimize + serialize the graph) and run (the device side).
+
+Build: the target's graph optimization level is applied once and the optimized graph is saved into the
+bundle (SessionOptions.optimized_model_filepath), so the device loads it with optimizations disabled and
+starts fast. onnxruntime warns that a graph optimized at level "all" contains layout transforms (NCHWc) tied
+to the CPU that optimized it; for those bundles the portable model.onnx travels too, and the runner uses the
+saved graph only on a host with the same fingerprint (arch, CPU vector ISA, onnxruntime version), otherwise
+it loads model.onnx and optimizes at start-up. Levels up to "extended" are saved without a fallback.
+
+Precisions: fp32, and int8 from a Q/DQ ONNX (onnxruntime fuses Q/DQ into QLinearConv/QGemm). fp16 is
+refused: onnxruntime's CPU provider has no fast fp16 kernels, and edgekd does not convert graphs to fp16.
+
+Only numpy and onnxruntime are imported at run time (`onnx` is used at build time only).
+"""
+
+from __future__ import annotations
+
+import platform
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgekd.errors import EdgekdError
+
+ENGINE_FILE = "model.opt.onnx"
+PORTABLE_FILE = "model.onnx"
+HARDWARE_SPECIFIC_LEVELS = ("all",)
+
+# CPU features that change which kernels/layouts onnxruntime's optimizer picks.
+_ISA_FLAGS = ("avx", "avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8", "amx_bf16",
+              "asimd", "asimddp", "sve", "sve2", "i8mm", "bf16")
+
+
+def _ort() -> Any:
+    try:
+        import onnxruntime
+    except ImportError as e:
+        raise EdgekdError(f"this bundle needs onnxruntime, which is not installed ({e}); pip install "
+                          "onnxruntime") from e
+    return onnxruntime
+
+
+def _level(ort: Any, name: str) -> Any:
+    return {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[name]
+
+
+def host_fingerprint() -> dict[str, Any]:
+    """What must match for an optimized graph saved at level "all" to be reused on this host."""
+    isa: list[str] = []
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    present = set(line.split(":", 1)[1].split())
+                    isa = [flag for flag in _ISA_FLAGS if flag in present]
+                    break
+    except OSError:
+        pass
+    return {"machine": platform.machine(), "system": platform.system(), "isa": isa,
+            "onnxruntime": _ort().__version__}
+
+
+def _provider_options(providers: list[str], options: dict[str, dict]) -> list[dict[str, str]]:
+    # onnxruntime's Python API takes provider options as strings.
+    def text(v: Any) -> str:
+        return str(v).lower() if isinstance(v, bool) else str(v)
+
+    return [{k: text(v) for k, v in options.get(p, {}).items()} for p in providers]
+
+
+def _session(path: Path, level: str, threads: int | None, providers: list[str], provider_options: dict,
+             optimized_out: Path | None = None) -> Any:
+    ort = _ort()
+    options = ort.SessionOptions()
+    options.graph_optimization_level = _level(ort, level)
+    options.log_severity_level = 3  # the "hardware specific" warning is handled (and recorded) by us
+    if threads:
+        options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    if optimized_out is not None:
+        options.optimized_model_filepath = str(optimized_out)
+    try:
+        return ort.InferenceSession(str(path), options, providers=providers,
+                                    provider_options=_provider_options(providers, provider_options))
+    except Exception as e:
+        raise EdgekdError(f"onnxruntime cannot load {path} with providers {providers} ({type(e).__name__}: "
+                          f"{e})") from e
+
+
+def build_engine(source: Any, target: Any, precision: str, out: Path) -> dict[str, Any]:
+    """Write model.opt.onnx (+ model.onnx when the optimized graph is hardware specific) into `out`."""
+    from edgekd.engines import check_onnx_source
+
+    ort = _ort()
+    if precision == "fp16":
+        raise EdgekdError(f"target {target.name}: onnxruntime engines are fp32 or int8 (Q/DQ); fp16 is not "
+                          "offered (the CPU provider has no fast fp16 kernels and edgekd does not convert "
+                          "graphs to fp16) - use a tensorrt or torch target for fp16")
+    info = check_onnx_source(source, target, precision)
+    notes: list[str] = []
+    requested = list(target.providers) or ["CPUExecutionProvider"]
+    available = ort.get_available_providers()
+    missing = [p for p in requested if p not in available]
+
+    level = target.graph_optimization_level
+    saved_level = level
+    build_providers = requested
+    if missing:
+        # The graph cannot be optimized for providers this machine lacks; save the portable "basic" graph and
+        # let the device apply the target's level at start-up.
+        saved_level = "basic" if level != "disable" else "disable"
+        build_providers = ["CPUExecutionProvider"]
+        notes.append(f"providers {missing} are not available on the build host; saved the graph at level "
+                     f"{saved_level!r}, the device applies {level!r} at start-up")
+    hardware_specific = saved_level in HARDWARE_SPECIFIC_LEVELS
+
+    portable = out / PORTABLE_FILE
+    shutil.copyfile(source.onnx_path, portable)
+    engine_file = out / ENGINE_FILE
+    if saved_level == "disable":
+        engine_file = portable
+    else:
+        _session(portable, saved_level, target.threads, build_providers, target.provider_options,
+                 optimized_out=engine_file)
+        if not engine_file.is_file():
+            raise EdgekdError(f"onnxruntime did not write the optimized model {engine_file}")
+        _copy_metadata(portable, engine_file)
+        if hardware_specific:
+            notes.append(f"graph saved at level {saved_level!r} contains CPU-specific layout transforms; it "
+                         f"is reused only on a host matching build_fingerprint, elsewhere {PORTABLE_FILE} is "
+                         "loaded and optimized at start-up")
+        else:
+            portable.unlink()
+
+    # Smoke test: the saved graph loads with optimizations off and runs one batch.
+    session = _session(engine_file, "disable", target.threads, build_providers, target.provider_options)
+    batch = np.zeros((target.min_batch, *source.input_shape), np.float32)
+    logits = session.run(None, {info["input_name"]: batch})[0]
+    if logits.shape != (target.min_batch, source.num_classes):
+        raise EdgekdError(f"ONNX file {source.onnx_path}: output shape {logits.shape}, expected "
+                          f"({target.min_batch}, {source.num_classes})")
+
+    engine = {
+        "file": engine_file.name,
+        "fallback_file": PORTABLE_FILE if hardware_specific else None,
+        "graph_optimization_level": level,
+        "saved_optimization_level": saved_level,
+        "hardware_specific": hardware_specific,
+        "build_fingerprint": host_fingerprint(),
+        "providers": requested,
+        "provider_options": dict(target.provider_options),
+        "threads": target.threads,
+        "opset": info["opset"],
+        "onnx_metadata": info["metadata"],
+    }
+    return {"engine": engine, "versions": {"onnxruntime": ort.__version__}, "notes": notes,
+            "input_name": info["input_name"], "output_name": info["output_name"]}
+
+
+def _copy_metadata(src: Path, dst: Path) -> None:
+    """onnxruntime drops metadata_props when it saves the optimized graph; put them back."""
+    import onnx
+
+    meta = onnx.load(str(src), load_external_data=False).metadata_props
+    if not meta:
+        return
+    model = onnx.load(str(dst))
+    del model.metadata_props[:]
+    model.metadata_props.extend(meta)
+    onnx.save(model, str(dst))
+
+
+class OrtRunner:
+    """Runs an onnxruntime bundle: logits = runner(x float32 (N, *input_shape))."""
+
+    def __init__(self, bundle_dir: Path, manifest: dict[str, Any], threads: int | None = None) -> None:
+        ort = _ort()
+        engine = manifest["engine"]
+        notes: list[str] = []
+        target_level = engine["graph_optimization_level"]
+        file, level = engine["file"], "disable"
+        if engine.get("hardware_specific"):
+            here = host_fingerprint()
+            if here != engine.get("build_fingerprint"):
+                file, level = engine["fallback_file"], target_level
+                notes.append(f"host {here} differs from the build host {engine.get('build_fingerprint')}: "
+                             f"loaded {file} and optimized it at level {level!r} at start-up")
+        elif engine.get("saved_optimization_level") != target_level:
+            level = target_level
+            notes.append(f"graph was saved at level {engine.get('saved_optimization_level')!r}; applied "
+                         f"{target_level!r} at start-up")
+        available = ort.get_available_providers()
+        providers = [p for p in engine.get("providers") or ["CPUExecutionProvider"] if p in available]
+        if not providers:
+            raise EdgekdError(f"bundle {bundle_dir}: none of the providers {engine.get('providers')} is "
+                              f"available in this onnxruntime ({', '.join(available)})")
+        if providers != list(engine.get("providers") or []):
+            notes.append(f"providers {engine.get('providers')} requested, using {providers}")
+        threads = threads or engine.get("threads")
+        self.session = _session(bundle_dir / file, level, threads, providers,
+                                engine.get("provider_options") or {})
+        self.input_name = self.session.get_inputs()[0].name
+        self.output_name = self.session.get_outputs()[0].name
+        self.info = {"file": file, "optimization_level_at_load": level, "threads": threads,
+                     "providers": self.session.get_providers(), "notes": notes}
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self.session.run([self.output_name], {self.input_name: x})[0]

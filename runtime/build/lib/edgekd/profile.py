@@ -1,0 +1,181 @@
+"""Profile a bundle where it runs: latency percentiles, throughput, memory, size, accuracy, budgets.
+
+numpy + the bundle's runtime only (no torch at import), so `python -m edgekd.runtime profile BUNDLE` works on
+a Jetson or a Pi that has nothing else installed. Run it in a fresh process: peak RSS (ru_maxrss) is a
+process-lifetime high-water mark and includes whatever the process loaded before (a training run, torch).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgekd.errors import EdgekdError
+
+MAX_RUNS = 2000
+
+
+def _rss_mb() -> float | None:
+    """Current resident set size from /proc/self/statm (Linux), in MiB; None where unavailable."""
+    try:
+        with open("/proc/self/statm") as f:
+            pages = int(f.read().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _peak_rss_mb() -> float:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+
+
+def _inputs(eval_x: np.ndarray | None, shape: tuple[int, ...], batch: int) -> np.ndarray:
+    if eval_x is not None and len(eval_x):
+        reps = -(-batch // len(eval_x))
+        return np.ascontiguousarray(np.concatenate([eval_x] * reps)[:batch] if reps > 1 else eval_x[:batch])
+    return np.random.default_rng(0).standard_normal((batch, *shape)).astype(np.float32)
+
+
+def _time(engine: Any, x: np.ndarray, warmup: int, min_runs: int, min_seconds: float) -> list[float]:
+    for _ in range(warmup):
+        engine(x)
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < MAX_RUNS and (len(times) < min_runs or time.perf_counter() - start < min_seconds):
+        t0 = time.perf_counter()
+        engine(x)
+        times.append((time.perf_counter() - t0) * 1000.0)
+    return times
+
+
+def profile_bundle(bundle_dir: str | Path, *, batch_sizes: tuple[int, ...] | None = None, warmup: int = 10,
+                   min_runs: int = 30, min_seconds: float = 1.0, threads: int | None = None) -> dict:
+    """Measure a bundle on this machine; returns the result dict (see the keys in the return statement).
+
+    Per batch size: `warmup` untimed runs, then timed runs until both `min_runs` and `min_seconds` are reached
+    (at most 2000). Accuracy/agreement run the whole eval.npz through the engine in batches.
+    """
+    from edgekd import runtime
+
+    bundle_dir = Path(bundle_dir)
+    rss_before = _rss_mb()
+    engine = runtime.load(bundle_dir, threads=threads)
+    manifest = engine.manifest
+    batch_info = manifest.get("batch") or {}
+    sizes = tuple(batch_sizes) if batch_sizes else tuple(batch_info.get("sizes") or (1,))
+    if min(sizes) < 1:
+        raise EdgekdError(f"profile {bundle_dir}: batch sizes must be positive, got {list(sizes)}")
+
+    eval_x = eval_y = ref = None
+    eval_file = bundle_dir / "eval.npz"
+    if eval_file.is_file():
+        with np.load(eval_file) as data:
+            eval_x, eval_y = data["x"], data["y"]
+            ref = data["reference_logits"] if "reference_logits" in data.files else None
+
+    rows = []
+    for batch in sizes:
+        x = _inputs(eval_x, engine.input_shape, batch)
+        times = np.asarray(_time(engine, x, warmup, min_runs, min_seconds))
+        mean = float(times.mean())
+        rows.append({
+            "batch": int(batch),
+            "p50": float(np.percentile(times, 50)),
+            "p90": float(np.percentile(times, 90)),
+            "p99": float(np.percentile(times, 99)),
+            "mean": mean,
+            "throughput_per_s": batch / (mean / 1000.0),
+            "runs": int(len(times)),
+        })
+
+    accuracy = agreement = None
+    eval_samples = 0
+    if eval_x is not None:
+        chunk = engine.max_batch or max(max(sizes), 64)
+        parts = []
+        for i in range(0, len(eval_x), chunk):
+            part = eval_x[i:i + chunk]
+            parts.append(engine(_pad(part, engine.min_batch))[:len(part)])
+        logits = np.concatenate(parts)
+        top1 = logits.argmax(axis=1)
+        accuracy = float(np.mean(top1 == eval_y))
+        if ref is not None:
+            agreement = float(np.mean(top1 == ref.argmax(axis=1)))
+        eval_samples = int(len(eval_x))
+
+    rss_after = _rss_mb()
+    peak = _peak_rss_mb()
+    engine_files = [manifest["engine"]["file"]]
+    size_bytes = sum((bundle_dir / f).stat().st_size for f in engine_files)
+
+    budgets: dict[str, Any] = {}
+    latency_budget = (manifest.get("budgets") or {}).get("latency_ms")
+    memory_budget = (manifest.get("budgets") or {}).get("memory_mb")
+    smallest = min(rows, key=lambda r: r["batch"])
+    if latency_budget is not None:
+        budgets["latency_ms"] = {"budget": latency_budget, "measured": smallest["p99"],
+                                 "metric": f"p99 at batch {smallest['batch']}",
+                                 "pass": smallest["p99"] <= latency_budget}
+    if memory_budget is not None:
+        budgets["memory_mb"] = {"budget": memory_budget, "measured": peak, "metric": "peak process RSS",
+                                "pass": peak <= memory_budget}
+    budgets["pass"] = all(b["pass"] for b in budgets.values()) if budgets else None
+
+    return {
+        "bundle": str(bundle_dir),
+        "model": manifest.get("model"),
+        "target": manifest.get("target"),
+        "runtime": manifest.get("runtime"),
+        "device": manifest.get("device"),
+        "precision": manifest.get("precision"),
+        "quantization": manifest.get("quantization"),
+        "size_bytes": int(size_bytes),
+        "accuracy": accuracy,
+        "agreement": agreement,
+        "eval_samples": eval_samples,
+        "peak_rss_mb": float(peak),
+        "rss_growth_mb": (float(rss_after - rss_before) if rss_before is not None and rss_after is not None
+                          else None),
+        "rows": rows,
+        "budgets": budgets,
+        "threads": engine.info.get("threads"),
+        "engine_info": engine.info,
+        "host": {"machine": platform.machine(), "python": platform.python_version()},
+        "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def _pad(x: np.ndarray, min_batch: int) -> np.ndarray:
+    """Repeat the last sample so a short final chunk still meets an engine's minimum batch."""
+    if len(x) >= min_batch:
+        return x
+    return np.concatenate([x, np.repeat(x[-1:], min_batch - len(x), axis=0)])
+
+
+def format_table(result: dict) -> str:
+    """A fixed-width text table of a profile_bundle result, for terminals on devices."""
+    head = (f"{result['model']} on {result['target']} ({result['runtime']}, {result['precision']}, "
+            f"quantization {result['quantization']}): {result['size_bytes'] / 1024:.1f} KiB")
+    lines = [head, f"{'batch':>5} {'p50 ms':>9} {'p90 ms':>9} {'p99 ms':>9} {'mean ms':>9} {'samples/s':>11} "
+                   f"{'runs':>5}"]
+    for r in result["rows"]:
+        lines.append(f"{r['batch']:>5} {r['p50']:>9.3f} {r['p90']:>9.3f} {r['p99']:>9.3f} {r['mean']:>9.3f} "
+                     f"{r['throughput_per_s']:>11.1f} {r['runs']:>5}")
+    acc = "n/a" if result["accuracy"] is None else f"{100 * result['accuracy']:.2f}%"
+    agr = "n/a" if result["agreement"] is None else f"{100 * result['agreement']:.2f}%"
+    growth = "n/a" if result["rss_growth_mb"] is None else f"{result['rss_growth_mb']:.1f} MiB"
+    lines.append(f"accuracy {acc} on {result['eval_samples']} samples, agreement with PyTorch {agr}; peak "
+                 f"RSS {result['peak_rss_mb']:.1f} MiB, growth {growth}")
+    for key, b in result["budgets"].items():
+        if isinstance(b, dict):
+            lines.append(f"budget {key}: {b['measured']:.2f} ({b['metric']}) vs {b['budget']} -> "
+                         f"{'PASS' if b['pass'] else 'FAIL'}")
+    return "\n".join(lines)

@@ -1,0 +1,317 @@
+"""Deployment targets: one TOML file per device class in the repo's `targets/` folder.
+
+A target says *where* an engine runs (runtime, device, threads, precisions, batch sizes, budgets), never
+*what* runs there; the same student is built for every target. Files are strict: an unknown key or a value
+of the wrong type is an error that names the file and the key, because a typo in a deployment file silently
+falling back to a default is how engines get built for the wrong hardware.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgekd.errors import EdgekdError
+
+try:  # Python >= 3.11
+    import tomllib
+except ModuleNotFoundError:  # pragma: no cover - we require 3.11 at runtime
+    tomllib = None  # type: ignore[assignment]
+
+RUNTIMES = ("onnxruntime", "tensorrt", "torch")
+DEVICES = ("cpu", "cuda", "dla")
+PRECISIONS = ("fp32", "fp16", "int8")
+OPT_LEVELS = ("disable", "basic", "extended", "all")
+QUANT_SCHEMES = ("ort-cpu", "ort-cpu-avx2", "tensorrt", "none")  # edgekd.quantize.SCHEMES, plus "none"
+
+# What each runtime can build; int8 always means "from a Q/DQ ONNX", never calibration inside the builder.
+RUNTIME_PRECISIONS = {
+    "onnxruntime": ("fp32", "int8"),
+    "tensorrt": ("fp32", "fp16", "int8"),
+    "torch": ("fp32", "fp16"),
+}
+RUNTIME_DEVICES = {
+    "onnxruntime": ("cpu", "cuda"),
+    "tensorrt": ("cuda", "dla"),
+    "torch": ("cpu", "cuda"),
+}
+
+
+@dataclass(frozen=True)
+class Target:
+    """One deployment target, as read from its TOML file (see targets/*.toml for the documented keys)."""
+
+    name: str
+    description: str
+    runtime: str
+    device: str
+    precisions: tuple[str, ...]
+    batch_sizes: tuple[int, ...] = (1,)
+    dynamic_batch: bool = True
+    min_batch: int = 1
+    opt_batch: int = 1
+    max_batch: int = 1
+    threads: int | None = None
+    providers: tuple[str, ...] = ()
+    provider_options: dict = field(default_factory=dict)
+    graph_optimization_level: str = "all"
+    workspace_mb: int = 1024
+    builder_optimization_level: int = 3
+    timing_cache: str | None = None
+    dla_core: int | None = None
+    compile: bool = False
+    latency_budget_ms: float | None = None
+    memory_budget_mb: float | None = None
+    quant_scheme: str = "none"
+    path: str = ""
+
+
+# key -> (expected kind, description for error messages). Kinds: str, int, float, bool, strs, ints, table.
+_SCHEMA: dict[str, tuple[str, str]] = {
+    "name": ("str", "a string"),
+    "description": ("str", "a string"),
+    "runtime": ("str", f"one of {', '.join(RUNTIMES)}"),
+    "device": ("str", f"one of {', '.join(DEVICES)}"),
+    "precisions": ("strs", f"a list drawn from {', '.join(PRECISIONS)}"),
+    "batch_sizes": ("ints", "a list of positive integers"),
+    "dynamic_batch": ("bool", "true or false"),
+    "min_batch": ("int", "a positive integer"),
+    "opt_batch": ("int", "a positive integer"),
+    "max_batch": ("int", "a positive integer"),
+    "threads": ("int", "a positive integer"),
+    "providers": ("strs", "a list of onnxruntime execution provider names"),
+    "provider_options": ("table", "a table of tables keyed by provider name"),
+    "graph_optimization_level": ("str", f"one of {', '.join(OPT_LEVELS)}"),
+    "workspace_mb": ("int", "a positive integer (MiB)"),
+    "builder_optimization_level": ("int", "an integer 0..5"),
+    "timing_cache": ("str", "a file path"),
+    "dla_core": ("int", "a DLA core index (0 or 1 on AGX Orin)"),
+    "compile": ("bool", "true or false"),
+    "latency_budget_ms": ("float", "a number of milliseconds"),
+    "memory_budget_mb": ("float", "a number of MiB"),
+    "quant_scheme": ("str", f"one of {', '.join(QUANT_SCHEMES)}"),
+}
+
+_DEFAULT_QUANT_SCHEME = {"onnxruntime": "ort-cpu", "tensorrt": "tensorrt", "torch": "none"}
+
+
+def targets_dir() -> Path:
+    """The catalog folder: $EDGEKD_TARGETS if set, else the repository's top-level `targets/`."""
+    env = os.environ.get("EDGEKD_TARGETS")
+    if env:
+        return Path(env).expanduser()
+    return Path(__file__).resolve().parent.parent / "targets"
+
+
+def _check_type(file: Path, key: str, value: Any) -> Any:
+    kind, expected = _SCHEMA[key]
+
+    def bad() -> EdgekdError:
+        return EdgekdError(f"target file {file}: key {key!r} must be {expected}, got {value!r} "
+                           f"({type(value).__name__})")
+
+    if kind == "str":
+        if not isinstance(value, str):
+            raise bad()
+        return value
+    if kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad()
+        return value
+    if kind == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad()
+        return float(value)
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise bad()
+        return value
+    if kind == "strs":
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise bad()
+        return tuple(value)
+    if kind == "ints":
+        if not isinstance(value, list) or not value or not all(
+                isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value):
+            raise bad()
+        return tuple(value)
+    if kind == "table":
+        if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+            raise bad()
+        for provider, options in value.items():
+            for opt_key, opt_value in options.items():
+                if not isinstance(opt_value, (str, int, float, bool)):
+                    raise EdgekdError(f"target file {file}: provider_options.{provider}.{opt_key} must be a "
+                                      f"string, number or boolean, got {opt_value!r}")
+        return {str(p): dict(o) for p, o in value.items()}
+    raise AssertionError(kind)  # pragma: no cover
+
+
+def _choice(file: Path, key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise EdgekdError(f"target file {file}: key {key!r} must be one of {', '.join(allowed)}, got "
+                          f"{value!r}")
+
+
+def _from_dict(file: Path, data: dict[str, Any]) -> Target:
+    """Validate a parsed TOML table and fill the defaults that depend on runtime/device."""
+    unknown = sorted(set(data) - set(_SCHEMA))
+    if unknown:
+        raise EdgekdError(f"target file {file}: unknown key {unknown[0]!r} (valid keys: "
+                          f"{', '.join(_SCHEMA)})")
+    for required in ("runtime", "device", "precisions"):
+        if required not in data:
+            raise EdgekdError(f"target file {file}: missing required key {required!r} "
+                              f"({_SCHEMA[required][1]})")
+    v = {key: _check_type(file, key, value) for key, value in data.items()}
+
+    runtime, device = v["runtime"], v["device"]
+    _choice(file, "runtime", runtime, RUNTIMES)
+    _choice(file, "device", device, DEVICES)
+    if device not in RUNTIME_DEVICES[runtime]:
+        raise EdgekdError(f"target file {file}: runtime {runtime!r} cannot run on device {device!r} (it "
+                          f"supports {', '.join(RUNTIME_DEVICES[runtime])})")
+    precisions = v["precisions"]
+    if not precisions:
+        raise EdgekdError(f"target file {file}: key 'precisions' must list at least one of "
+                          f"{', '.join(PRECISIONS)}")
+    for p in precisions:
+        _choice(file, "precisions", p, PRECISIONS)
+        if p not in RUNTIME_PRECISIONS[runtime]:
+            raise EdgekdError(f"target file {file}: precision {p!r} is not supported by runtime {runtime!r} "
+                              f"(supported: {', '.join(RUNTIME_PRECISIONS[runtime])})")
+    if runtime == "torch" and device == "cpu" and "fp16" in precisions:
+        raise EdgekdError(f"target file {file}: precision 'fp16' with the torch runtime needs device 'cuda' "
+                          "(CPU fp16 kernels are slower than fp32)")
+    if device == "dla" and "fp32" in precisions:
+        raise EdgekdError(f"target file {file}: device 'dla' runs only fp16 and int8; remove 'fp32' from "
+                          "precisions")
+
+    level = v.get("graph_optimization_level", "all")
+    _choice(file, "graph_optimization_level", level, OPT_LEVELS)
+    scheme = v.get("quant_scheme", _DEFAULT_QUANT_SCHEME[runtime])
+    _choice(file, "quant_scheme", scheme, QUANT_SCHEMES)
+    if "int8" in precisions and scheme == "none":
+        raise EdgekdError(f"target file {file}: precision 'int8' needs an int8 quant_scheme "
+                          "(ort-cpu, ort-cpu-avx2, tensorrt), got 'none'")
+
+    batch_sizes = tuple(sorted(set(v.get("batch_sizes", (1,)))))
+    dynamic = v.get("dynamic_batch", True)
+    min_b = v.get("min_batch", batch_sizes[0] if not dynamic else 1)
+    max_b = v.get("max_batch", batch_sizes[-1])
+    opt_b = v.get("opt_batch", max(min_b, min(batch_sizes[-1], max_b)))
+    for key, value in (("min_batch", min_b), ("opt_batch", opt_b), ("max_batch", max_b)):
+        if value < 1:
+            raise EdgekdError(f"target file {file}: key {key!r} must be a positive integer, got {value}")
+    if not min_b <= opt_b <= max_b:
+        raise EdgekdError(f"target file {file}: batch profile must satisfy min_batch <= opt_batch <= "
+                          f"max_batch, got {min_b} <= {opt_b} <= {max_b}")
+    outside = [b for b in batch_sizes if not min_b <= b <= max_b]
+    if outside:
+        raise EdgekdError(f"target file {file}: batch_sizes {list(outside)} fall outside "
+                          f"min_batch..max_batch = {min_b}..{max_b}")
+    if not dynamic and (len(batch_sizes) != 1 or min_b != max_b):
+        raise EdgekdError(f"target file {file}: dynamic_batch = false builds for one batch size; give "
+                          f"exactly one value in batch_sizes (got {list(batch_sizes)}) and leave "
+                          "min/opt/max_batch unset")
+
+    for key in ("threads", "workspace_mb"):
+        if key in v and v[key] < 1:
+            raise EdgekdError(f"target file {file}: key {key!r} must be a positive integer, got {v[key]}")
+    bol = v.get("builder_optimization_level", 3)
+    if not 0 <= bol <= 5:
+        raise EdgekdError(f"target file {file}: key 'builder_optimization_level' must be 0..5, got {bol}")
+    dla_core = v.get("dla_core")
+    if device == "dla" and dla_core is None:
+        raise EdgekdError(f"target file {file}: device 'dla' needs key 'dla_core' (0 or 1)")
+    if device != "dla" and dla_core is not None:
+        raise EdgekdError(f"target file {file}: key 'dla_core' only applies to device 'dla' (device is "
+                          f"{device!r})")
+    if dla_core is not None and dla_core < 0:
+        raise EdgekdError(f"target file {file}: key 'dla_core' must be >= 0, got {dla_core}")
+    if v.get("compile") and runtime != "torch":
+        raise EdgekdError(f"target file {file}: key 'compile' (torch.compile) only applies to runtime "
+                          "'torch'")
+    for key in ("latency_budget_ms", "memory_budget_mb"):
+        if key in v and v[key] <= 0:
+            raise EdgekdError(f"target file {file}: key {key!r} must be positive, got {v[key]}")
+
+    providers = v.get("providers")
+    if providers is None:
+        providers = ()
+        if runtime == "onnxruntime":
+            providers = ("CUDAExecutionProvider", "CPUExecutionProvider") if device == "cuda" else (
+                "CPUExecutionProvider",)
+    elif runtime != "onnxruntime":
+        raise EdgekdError(f"target file {file}: key 'providers' only applies to runtime 'onnxruntime'")
+    provider_options = v.get("provider_options", {})
+    stray = sorted(set(provider_options) - set(providers))
+    if stray:
+        raise EdgekdError(f"target file {file}: provider_options names provider {stray[0]!r}, which is not "
+                          f"in providers {list(providers)}")
+
+    return Target(
+        name=v.get("name", file.stem),
+        description=v.get("description", ""),
+        runtime=runtime,
+        device=device,
+        precisions=precisions,
+        batch_sizes=batch_sizes,
+        dynamic_batch=dynamic,
+        min_batch=min_b,
+        opt_batch=opt_b,
+        max_batch=max_b,
+        threads=v.get("threads"),
+        providers=providers,
+        provider_options=provider_options,
+        graph_optimization_level=level,
+        workspace_mb=v.get("workspace_mb", 1024),
+        builder_optimization_level=bol,
+        timing_cache=v.get("timing_cache"),
+        dla_core=dla_core,
+        compile=v.get("compile", False),
+        latency_budget_ms=v.get("latency_budget_ms"),
+        memory_budget_mb=v.get("memory_budget_mb"),
+        quant_scheme=scheme,
+        path=str(file),
+    )
+
+
+def _read(file: Path) -> Target:
+    if tomllib is None:  # pragma: no cover
+        raise EdgekdError("reading target files needs Python >= 3.11 (tomllib)")
+    try:
+        with open(file, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as e:
+        raise EdgekdError(f"target file {file}: cannot read it ({e.strerror})") from e
+    except tomllib.TOMLDecodeError as e:
+        raise EdgekdError(f"target file {file}: not valid TOML ({e})") from e
+    return _from_dict(file, data)
+
+
+def list_targets() -> list[Target]:
+    """Every target in the catalog folder, sorted by name (a broken file raises, naming itself)."""
+    folder = targets_dir()
+    if not folder.is_dir():
+        return []
+    return [_read(p) for p in sorted(folder.glob("*.toml"))]
+
+
+def load_target(name_or_path: str) -> Target:
+    """Load a catalog target by name (e.g. 'x86-cpu-ort') or any target file by path."""
+    name_or_path = str(name_or_path)
+    candidate = Path(name_or_path).expanduser()
+    if name_or_path.endswith(".toml") or os.sep in name_or_path or "/" in name_or_path:
+        if not candidate.is_file():
+            raise EdgekdError(f"target file {candidate}: file not found")
+        return _read(candidate)
+    file = targets_dir() / f"{name_or_path}.toml"
+    if file.is_file():
+        return _read(file)
+    folder = targets_dir()
+    names = sorted(p.stem for p in folder.glob("*.toml")) if folder.is_dir() else []
+    raise EdgekdError(f"unknown target {name_or_path!r}; available in {folder}: "
+                      f"{', '.join(names) if names else '(none)'} (or pass a path to a .toml file)")
