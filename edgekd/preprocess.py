@@ -18,10 +18,12 @@ because Pillow's conversion would clip them to 255. EXIF orientation is not appl
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import stat
 import warnings
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -174,29 +176,31 @@ def open_image(image: Any, mode: str = "RGB", max_pixels: int = MAX_PIXELS):
         return _decode(io.BytesIO(bytes(image)), mode, "image bytes", max_pixels)
     if not isinstance(image, (str, os.PathLike)):
         raise EdgekdError(f"image {name}: expected a path, encoded bytes, a PIL image or a uint8 array")
-    try:
-        fd = os.open(image, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    except OSError as e:
-        raise EdgekdError(f"image {name}: cannot open ({e.strerror})") from None
-    with os.fdopen(fd, "rb") as f:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise EdgekdError(f"image {name}: not a regular file (a FIFO, device or socket); only files are read")
-        if info.st_size == 0:
-            raise EdgekdError(f"image {name}: empty file (0 bytes)")
+    with _open_file(image) as f:
         return _decode(f, mode, name, max_pixels)
 
 
-def _decode(f: Any, mode: str, name: str, max_pixels: int):
+def probe_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
+    """(height, width) of an image file from its header alone, with open_image's checks on everything but the
+    pixel data (so a truncated body is only found when decoding)."""
+    from PIL import Image
+
+    name = str(path)
+    with _open_file(path) as f, _pillow_errors(name), Image.open(f) as im:
+        _check_pixels(im, name, max_pixels)
+        _check_mode(im, name)
+        return im.height, im.width
+
+
+@contextlib.contextmanager
+def _pillow_errors(name: str) -> Iterator[None]:
+    """Pillow's decompression-bomb warning/error and decoding errors as one-line EdgekdErrors naming the file."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(f) as im:
-                _check_pixels(im, name, max_pixels)
-                im.load()
-                return _convert(im, mode, name, max_pixels)
+            yield
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise EdgekdError(f"image {name}: larger than Pillow's decompression-bomb limit "
                           f"({Image.MAX_IMAGE_PIXELS} pixels); refused") from None
@@ -204,6 +208,31 @@ def _decode(f: Any, mode: str, name: str, max_pixels: int):
         raise EdgekdError(f"image {name}: not a readable image (unknown or corrupt format)") from None
     except (OSError, ValueError, SyntaxError, EOFError) as e:   # truncated or corrupt data
         raise EdgekdError(f"image {name}: not a readable image ({e})") from None
+
+
+def _open_file(path: str | os.PathLike) -> Any:
+    """A binary file object for a regular, non-empty file; opened non-blocking so a FIFO cannot hang us."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as e:
+        raise EdgekdError(f"image {path}: cannot open ({e.strerror})") from None
+    f = os.fdopen(fd, "rb")
+    info = os.fstat(fd)
+    problem = ("not a regular file (a FIFO, device or socket); only files are read"
+               if not stat.S_ISREG(info.st_mode) else "empty file (0 bytes)" if info.st_size == 0 else None)
+    if problem:
+        f.close()
+        raise EdgekdError(f"image {path}: {problem}")
+    return f
+
+
+def _decode(f: Any, mode: str, name: str, max_pixels: int):
+    from PIL import Image
+
+    with _pillow_errors(name), Image.open(f) as im:
+        _check_pixels(im, name, max_pixels)
+        im.load()
+        return _convert(im, mode, name, max_pixels)
 
 
 def _check_pixels(im: Any, name: str, max_pixels: int) -> None:
@@ -214,10 +243,14 @@ def _check_pixels(im: Any, name: str, max_pixels: int) -> None:
 
 def _convert(im: Any, mode: str, name: str, max_pixels: int):
     _check_pixels(im, name, max_pixels)
+    _check_mode(im, name)
+    return im if im.mode == mode else im.convert(mode)
+
+
+def _check_mode(im: Any, name: str) -> None:
     if im.mode not in CONVERTIBLE:
         raise EdgekdError(f"image {name}: mode {im.mode} (16/32-bit or float pixels) is not supported; save it as "
                           "8-bit RGB or greyscale")
-    return im if im.mode == mode else im.convert(mode)
 
 
 def apply(spec: PreprocessSpec, image: Any, max_pixels: int = MAX_PIXELS) -> np.ndarray:
@@ -237,7 +270,7 @@ def apply(spec: PreprocessSpec, image: Any, max_pixels: int = MAX_PIXELS) -> np.
         im = im.crop((left, top, left + cw, top + ch))
     x = np.asarray(im, dtype=np.float32)
     x = x[None] if x.ndim == 2 else x.transpose(2, 0, 1)
-    return normalize(spec, x * np.float32(spec.scale))
+    return np.ascontiguousarray(normalize(spec, x * np.float32(spec.scale)))   # C-order (C, H, W), not HWC strides
 
 
 def normalize(spec: PreprocessSpec, x: np.ndarray) -> np.ndarray:

@@ -50,7 +50,7 @@ def test_apply_resizes_shorter_side_crops_centre_and_normalizes(tmp_path):
     Image.fromarray(px).save(tmp_path / "a.png")
     spec = PreprocessSpec(resize=20, crop=[16, 16], mean=[0.5], std=[0.25])
     x = apply(spec, tmp_path / "a.png")
-    assert x.dtype == np.float32 and x.shape == (3, 16, 16)
+    assert x.dtype == np.float32 and x.shape == (3, 16, 16) and x.flags.c_contiguous
     # the same steps by hand with Pillow: shorter side 40 -> 20, so 60 -> 30; centre crop at (2, 7)
     ref = np.asarray(Image.fromarray(px).resize((30, 20), Image.BILINEAR), np.float32)[2:18, 7:23] / 255
     np.testing.assert_allclose(x, (ref.transpose(2, 0, 1) - 0.5) / 0.25, atol=1e-5)
