@@ -153,8 +153,7 @@ def build(run_dir: str | Path, target_name: str, *, models: tuple[str, ...] = ("
 
 def _preprocessing(data: Dataset) -> dict[str, Any] | None:
     """The eval PreprocessSpec of image inputs as the bundle records it (None for array sources)."""
-    spec = getattr(data, "preprocess", None)   # the Dataset field that issue14a's streaming data.py adds
-    return spec.to_dict() if spec is not None else None
+    return data.preprocess.to_dict() if data.preprocess is not None else None
 
 
 def profile(run_dir: str | Path, target_name: str, *, quick: bool = False) -> list[dict[str, Any]]:

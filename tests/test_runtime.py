@@ -289,3 +289,38 @@ def test_runtime_only_install_classifies_jpegs_without_torch(image_bundle, tmp_p
                            "1", "--min-runs", "3", "--min-seconds", "0"], capture_output=True, text=True, env=env,
                           cwd=tmp_path)
     assert prof.returncode == 0 and "accuracy 100.00% on 9 samples" in prof.stdout, prof.stderr
+
+
+def test_runtime_preprocessing_matches_the_training_eval_transform(tmp_path: Path) -> None:
+    """An image-folder recipe (shorter-side resize, centre crop, mean/std estimated from training images) built
+    into an onnxruntime bundle by the pipeline: the runtime's preprocessing of the test files equals the
+    training data's eval transform of the same files, and the engine's top-1 is the same on both."""
+    from edgekd import pipeline
+    from edgekd.recipe import load_recipe
+
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(IMAGE_CLASSES):
+        (tmp_path / "images" / name).mkdir(parents=True)
+        for i in range(8):
+            h, w = (20, 28) if i % 2 else (26, 18)
+            px = np.clip(rng.normal(60 + 60 * c, 40, (h // 2, w // 2, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(np.kron(px, np.ones((2, 2, 1), np.uint8))).save(tmp_path / "images" / name / f"{i}.jpg")
+    (tmp_path / "recipe.toml").write_text(
+        '[data]\nsource = "images"\nresize = 14\ncrop = [12, 12]\ntest_fraction = 0.25\nnum_workers = 0\n'
+        '[teacher]\nmodel = "cnn:widths=4"\n[student]\nmodel = "cnn:widths=4,8"\n')
+    recipe = load_recipe(tmp_path / "recipe.toml")
+    run = tmp_path / "run"
+    ctx = pipeline.RunContext(run, recipe)
+    torch.manual_seed(0)
+    save_weights(build_model("cnn:widths=4,8", ctx.data.input_shape, ctx.data.num_classes), run / "student.safetensors")
+    built = pipeline.build(run, "x86-cpu-ort", models=("student",), ctx=ctx)["built"]
+    engine = runtime.load(built[0])
+    assert engine.spec == ctx.data.preprocess and engine.spec.crop == (12, 12) and engine.spec.resize == 14
+    assert engine.manifest["metrics"]["test"]["samples"] == 6   # the streamed test split, scored on the build host
+
+    files = ctx.data.x_test.files()
+    training = np.asarray(ctx.data.x_test[:])          # the training pipeline's eval transform of the test split
+    assert len(files) == 6 and training.shape == (6, 3, 12, 12)
+    assert np.abs(engine.preprocess(files) - training).max() < 1e-5
+    names, _ = engine.classify(files)
+    assert names == [IMAGE_CLASSES[i] for i in engine(training).argmax(1)]

@@ -175,10 +175,11 @@ def check_onnx_source(source: EngineSource, target: Target, precision: str) -> d
 
 
 def _check_eval(source: EngineSource, eval_data: tuple) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """Check the shapes of (x, y, reference logits or None) without copying x (it may be memory-mapped)."""
+    """Check the shapes of (x, y, reference logits or None) without reading x: it may be memory-mapped or a lazy
+    array-like source (edgekd.streaming) that decodes only the rows it is indexed with."""
     if not isinstance(eval_data, tuple) or len(eval_data) != 3:
         raise EdgekdError("build: eval_data must be a tuple (x, y, reference_logits or None)")
-    x, y, ref = (a if a is None or isinstance(a, np.ndarray) else np.asarray(a) for a in eval_data)
+    x, y, ref = (a if a is None or hasattr(a, "shape") else np.asarray(a) for a in eval_data)
     if x.ndim != len(source.input_shape) + 1 or tuple(x.shape[1:]) != tuple(source.input_shape):
         raise EdgekdError(f"build: eval x has shape {x.shape}, expected (N, "
                           f"{', '.join(map(str, source.input_shape))})")
