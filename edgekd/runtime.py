@@ -178,10 +178,18 @@ class Engine:
         shape = [1, -1] + [1] * (x.ndim - 2)
         return ((x - self.mean.reshape(shape)) / self.std.reshape(shape)).astype(np.float32)
 
-    def classify(self, images: Any) -> tuple[list[str], np.ndarray]:
+    def classify(self, images: Any, batch_size: int = 64) -> tuple[list[str], np.ndarray]:
         """Top-1 class names and softmax probabilities (N, num_classes) for images (anything preprocess()
-        takes), run in batches the engine accepts. Names are class indices as strings without class names."""
-        logits = self.logits(self.preprocess(images))
+        takes), decoded and run `batch_size` at a time (or the engine's maximum batch), so a long list of files
+        never sits in memory at once. Names are class indices as strings when the bundle has no class names."""
+        if isinstance(images, (list, tuple)) or (isinstance(images, np.ndarray) and images.ndim >= 4):
+            if not len(images):
+                raise EdgekdError(f"bundle {self.bundle_dir}: no images given")
+            step = min(batch_size, self.max_batch or batch_size)
+            logits = np.concatenate([self.logits(self.preprocess(images[i:i + step]))
+                                     for i in range(0, len(images), step)])
+        else:
+            logits = self.logits(self.preprocess(images))
         z = np.exp(logits - logits.max(axis=1, keepdims=True))
         probs = z / z.sum(axis=1, keepdims=True)
         top = probs.argmax(axis=1)

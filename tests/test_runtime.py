@@ -208,6 +208,9 @@ def test_classify_images_from_paths_bytes_pil_and_arrays(image_bundle) -> None:
         got_names, got = engine.classify(images)
         assert got_names == names
         np.testing.assert_allclose(got, probs, atol=1e-6)
+    chunked_names, chunked = engine.classify(files, batch_size=2)   # decoded and run two at a time
+    assert chunked_names == names
+    np.testing.assert_allclose(chunked, probs, atol=1e-6)
     one_name, one = engine.classify(files[3])   # a single image is a batch of one
     assert one_name == names[3:4] and one.shape == (1, 3)
     assert engine.preprocess(pixels[0][None])[0] == pytest.approx(engine.preprocess(files[0])[0], abs=1e-6)
