@@ -101,9 +101,15 @@ def _fashion_mnist(folder: Path) -> dict[str, Any]:
     return out
 
 
-def _npz(path: Path) -> dict[str, Any]:
+MMAP_AUTO_BYTES = 512 * 2**20   # [data] memory_map unset: .npz files larger than this are mapped, not loaded
+
+
+def _npz(path: Path, cfg: DataConfig) -> dict[str, Any]:
     import zipfile
 
+    mapped = cfg.memory_map if cfg.memory_map is not None else path.stat().st_size > MMAP_AUTO_BYTES
+    if mapped and zipfile.is_zipfile(path):
+        return _mapped_npz(path, cfg)
     if not zipfile.is_zipfile(path):  # np.load would take anything else for a pickle
         raise EdgekdError(f"data {path}: not a readable .npz file (expected a zip of .npy arrays, as numpy.savez "
                           "writes)")
@@ -126,6 +132,48 @@ def _npz(path: Path) -> dict[str, Any]:
                           f"x_test, y_test; optional x_unlabeled, class_names); found {', '.join(arrays) or 'none'}")
     if "class_names" in arrays:
         arrays["class_names"] = [str(c) for c in arrays["class_names"].tolist()]
+    return arrays
+
+
+def _mapped_npz(path: Path, cfg: DataConfig) -> dict[str, Any]:
+    """An .npz written by numpy.savez (members stored, not compressed) with its x_* arrays mapped from disk:
+    each is a LazyArray read row by row; labels and class names are small and read."""
+    import zipfile
+
+    arrays: dict[str, Any] = {}
+    try:
+        with zipfile.ZipFile(path) as z, open(path, "rb") as f:
+            for info in z.infolist():
+                key = info.filename.removesuffix(".npy")
+                if info.compress_type != zipfile.ZIP_STORED:
+                    raise EdgekdError(f"data {path}: array {key!r} is compressed (numpy.savez_compressed) and cannot "
+                                      "be memory-mapped; write it with numpy.savez or set [data] memory_map = false")
+                if not key.startswith("x"):
+                    with z.open(info) as member:
+                        arrays[key] = np.lib.format.read_array(member, allow_pickle=False)
+                    continue
+                f.seek(info.header_offset + 26)   # the local header: 30 bytes, then the name and extra field
+                name_len, extra_len = (int.from_bytes(f.read(2), "little") for _ in range(2))
+                f.seek(info.header_offset + 30 + name_len + extra_len)
+                version = np.lib.format.read_magic(f)
+                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                               else np.lib.format.read_array_header_2_0)
+                shape, fortran, dtype = read_header(f)
+                if dtype.kind not in "fiu" or len(shape) < 2:
+                    raise EdgekdError(f"data {path}: {key} is {dtype} of shape {shape}; expected numbers (float, or "
+                                      "uint8 images) of shape (samples, ...)")
+                base = np.memmap(path, dtype=dtype, mode="r", offset=f.tell(), shape=shape,
+                                 order="F" if fortran else "C")
+                item = (1, *shape[1:]) if len(shape) == 3 else tuple(shape[1:])
+                arrays[key] = streaming.LazyArray(base, item, 1 / 255 if dtype == np.uint8 else 1.0,
+                                                  options=loader_options(cfg))
+    except EdgekdError:
+        raise
+    except Exception as e:
+        raise EdgekdError(f"data {path}: not a readable .npz file ({type(e).__name__}: {e})") from None
+    if "class_names" in arrays:
+        arrays["class_names"] = [str(c) for c in arrays["class_names"].tolist()]
+    arrays["report"] = {"source": "memory-mapped .npz"}
     return arrays
 
 
@@ -233,19 +281,34 @@ def loader_options(cfg: DataConfig) -> streaming.LoaderOptions:
     return streaming.LoaderOptions(workers, cfg.pin_memory, cfg.prefetch_factor, cfg.persistent_workers)
 
 
-def _dataset_to_arrays(ds: Any, where: str) -> tuple[np.ndarray, np.ndarray]:
-    xs, ys = [], []
+def _dataset_source(ds: Any, where: str, cfg: DataConfig) -> tuple[streaming.LazyArray, np.ndarray]:
+    """A map-style torch Dataset of (input, label) pairs, used as it is: inputs are read per batch by the
+    DataLoader workers (uint8 inputs scaled by 1/255). Labels come from `ds.targets` (torchvision's convention)
+    when it has them, else from reading each item once (one pass, nothing kept but the labels)."""
+    if not hasattr(ds, "__getitem__") or not hasattr(ds, "__len__"):
+        raise EdgekdError(f"{where}: {type(ds).__name__} has no len() and indexing (an IterableDataset?); return "
+                          "map-style Datasets of (input, label) pairs")
+    if not len(ds):
+        raise EdgekdError(f"{where}: the dataset is empty")
     try:
-        for i in range(len(ds)):
-            x, y = ds[i]
-            xs.append(np.asarray(x, dtype=np.float32))
-            ys.append(int(y))
+        first = ds[0][0]
+        first = first.numpy() if hasattr(first, "numpy") else np.asarray(first)
+        targets = getattr(ds, "targets", None)
+        labels = targets if targets is not None else [ds[i][1] for i in range(len(ds))]
+        y = np.asarray([int(v) for v in labels], dtype=np.int64)
+    except EdgekdError:
+        raise
     except Exception as e:
         raise EdgekdError(f"{where}: could not read items as (input, label) pairs ({type(e).__name__}: {e})") from e
-    return np.stack(xs), np.asarray(ys, dtype=np.int64)
+    if first.dtype.kind not in "fiu" or first.ndim < 1:
+        raise EdgekdError(f"{where}: inputs are {first.dtype} of shape {first.shape}; expected numbers (float, or "
+                          "uint8 images)")
+    shape = (1, *first.shape) if first.ndim == 2 else first.shape
+    x = streaming.LazyArray(ds, shape, 1 / 255 if first.dtype == np.uint8 else 1.0, options=loader_options(cfg))
+    return x, y
 
 
-def _function(ref: str) -> dict[str, Any]:
+def _function(ref: str, cfg: DataConfig) -> dict[str, Any]:
     from edgekd.models import load_factory
 
     fn = load_factory(ref, "data source")
@@ -254,9 +317,10 @@ def _function(ref: str) -> dict[str, Any]:
     except Exception as e:
         raise EdgekdError(f"data source {ref!r} raised {type(e).__name__}: {e}") from e
     if isinstance(out, tuple) and len(out) == 2:
-        x_train, y_train = _dataset_to_arrays(out[0], f"data source {ref!r} train dataset")
-        x_test, y_test = _dataset_to_arrays(out[1], f"data source {ref!r} test dataset")
-        return {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test}
+        x_train, y_train = _dataset_source(out[0], f"data source {ref!r} train dataset", cfg)
+        x_test, y_test = _dataset_source(out[1], f"data source {ref!r} test dataset", cfg)
+        return {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test,
+                "report": {"source": "torch Datasets"}}
     if isinstance(out, dict):
         return dict(out)
     raise EdgekdError(f"data source {ref!r} returned {type(out).__name__}; expected a dict of arrays "
@@ -353,11 +417,11 @@ def load_data(cfg: DataConfig, base_dir: str | Path = ".") -> Dataset:
     elif src.endswith(".npz") or path.is_file():
         if not path.is_file():
             raise EdgekdError(f"data {path}: file not found")
-        raw = _npz(path)
+        raw = _npz(path, cfg)
     elif path.is_dir():
         raw = _image_folder(path, cfg)
     elif ":" in src and not src.startswith((".", "/")):
-        raw = _function(src)
+        raw = _function(src, cfg)
         where = f"data source {src!r}"
     else:
         raise EdgekdError(f"data {path}: not found (expected 'digits', an .npz file, an image folder, "
