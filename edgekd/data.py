@@ -136,41 +136,25 @@ def _npz(path: Path, cfg: DataConfig) -> dict[str, Any]:
 
 
 def _mapped_npz(path: Path, cfg: DataConfig) -> dict[str, Any]:
-    """An .npz written by numpy.savez (members stored, not compressed) with its x_* arrays mapped from disk:
-    each is a LazyArray read row by row; labels and class names are small and read."""
-    import zipfile
-
-    arrays: dict[str, Any] = {}
+    """An .npz written by numpy.savez with its x_* arrays mapped from disk: each is a LazyArray read row by
+    row; labels and class names are small and read."""
     try:
-        with zipfile.ZipFile(path) as z, open(path, "rb") as f:
-            for info in z.infolist():
-                key = info.filename.removesuffix(".npy")
-                if info.compress_type != zipfile.ZIP_STORED:
-                    raise EdgekdError(f"data {path}: array {key!r} is compressed (numpy.savez_compressed) and cannot "
-                                      "be memory-mapped; write it with numpy.savez or set [data] memory_map = false")
-                if not key.startswith("x"):
-                    with z.open(info) as member:
-                        arrays[key] = np.lib.format.read_array(member, allow_pickle=False)
-                    continue
-                f.seek(info.header_offset + 26)   # the local header: 30 bytes, then the name and extra field
-                name_len, extra_len = (int.from_bytes(f.read(2), "little") for _ in range(2))
-                f.seek(info.header_offset + 30 + name_len + extra_len)
-                version = np.lib.format.read_magic(f)
-                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                               else np.lib.format.read_array_header_2_0)
-                shape, fortran, dtype = read_header(f)
-                if dtype.kind not in "fiu" or len(shape) < 2:
-                    raise EdgekdError(f"data {path}: {key} is {dtype} of shape {shape}; expected numbers (float, or "
-                                      "uint8 images) of shape (samples, ...)")
-                base = np.memmap(path, dtype=dtype, mode="r", offset=f.tell(), shape=shape,
-                                 order="F" if fortran else "C")
-                item = (1, *shape[1:]) if len(shape) == 3 else tuple(shape[1:])
-                arrays[key] = streaming.LazyArray(base, item, 1 / 255 if dtype == np.uint8 else 1.0,
-                                                  options=loader_options(cfg))
+        mapped = streaming.map_npz(path)
     except EdgekdError:
         raise
     except Exception as e:
         raise EdgekdError(f"data {path}: not a readable .npz file ({type(e).__name__}: {e})") from None
+    arrays: dict[str, Any] = {}
+    for key, a in mapped.items():
+        if not key.startswith("x"):
+            arrays[key] = np.array(a)
+            continue
+        if a.dtype.kind not in "fiu" or a.ndim < 2:
+            raise EdgekdError(f"data {path}: {key} is {a.dtype} of shape {a.shape}; expected numbers (float, or "
+                              "uint8 images) of shape (samples, ...)")
+        item = (1, *a.shape[1:]) if a.ndim == 3 else tuple(a.shape[1:])
+        arrays[key] = streaming.LazyArray(a, item, 1 / 255 if a.dtype == np.uint8 else 1.0,
+                                          options=loader_options(cfg))
     if "class_names" in arrays:
         arrays["class_names"] = [str(c) for c in arrays["class_names"].tolist()]
     arrays["report"] = {"source": "memory-mapped .npz"}
