@@ -11,7 +11,6 @@ sources (`edgekd.streaming`) that DataLoader workers read batch by batch.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ import numpy as np
 
 from edgekd import streaming
 from edgekd.errors import EdgekdError
-from edgekd.preprocess import NAMED_STATS, PreprocessSpec, apply, probe_image
+from edgekd.preprocess import NAMED_STATS, PreprocessSpec, apply, is_image_file, probe_image
 from edgekd.recipe import DataConfig
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -243,7 +242,7 @@ def _scan(folders: dict[str, list[Path]], classes: list[str], spec: PreprocessSp
     out = []
     for name, files in folders.items():
         for f in files:
-            if not os.path.isfile(f):   # follows links; FIFOs, sockets, devices are not files
+            if not is_image_file(f):   # follows links; FIFOs, sockets, devices are never opened
                 skipped.append((str(f), "not a regular file"))
                 continue
             try:
