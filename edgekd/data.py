@@ -19,7 +19,7 @@ import numpy as np
 
 from edgekd import streaming
 from edgekd.errors import EdgekdError
-from edgekd.preprocess import NAMED_STATS, PreprocessSpec, apply, is_image_file, probe_image
+from edgekd.preprocess import NAMED_STATS, PreprocessSpec, is_image_file
 from edgekd.recipe import DataConfig
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -239,23 +239,24 @@ def _scan(folders: dict[str, list[Path]], classes: list[str], spec: PreprocessSp
     naming the file, or with skip_bad_images is counted in `skipped`. Only regular files are read (a FIFO or
     device named like an image is skipped). With skip_bad_images every image is also decoded once here, so a
     truncated body is found before training rather than in the middle of it."""
-    out = []
+    candidates = []
     for name, files in folders.items():
         for f in files:
-            if not is_image_file(f):   # follows links; FIFOs, sockets, devices are never opened
+            if is_image_file(f):   # follows links; FIFOs, sockets, devices are never opened
+                candidates.append((str(f), classes.index(name)))
+            else:
                 skipped.append((str(f), "not a regular file"))
-                continue
-            try:
-                h, w = probe_image(f, cfg.max_pixels)
-                if cfg.skip_bad_images:
-                    apply(spec, f, cfg.max_pixels)
-            except EdgekdError as e:
-                if not cfg.skip_bad_images:
-                    raise EdgekdError(f"{e}; set [data] skip_bad_images = true to skip such files") from None
-                skipped.append((str(f), str(e).split(": ", 1)[-1]))
-                continue
-            oh, ow = spec.output_size(h, w)
-            out.append((str(f), classes.index(name), (spec.channels, oh, ow)))
+    checked = streaming.check_files([f for f, _ in candidates], spec, cfg.max_pixels, cfg.skip_bad_images,
+                                    loader_options(cfg).num_workers)
+    out = []
+    for (f, label), got in zip(candidates, checked, strict=True):
+        if isinstance(got, str):
+            if not cfg.skip_bad_images:
+                raise EdgekdError(f"{got}; set [data] skip_bad_images = true to skip such files")
+            skipped.append((f, got.split(": ", 1)[-1]))
+            continue
+        oh, ow = spec.output_size(*got)
+        out.append((f, label, (spec.channels, oh, ow)))
     return out
 
 

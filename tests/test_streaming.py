@@ -75,3 +75,18 @@ def test_feed_batches_follow_the_chunks_and_errors_in_workers_are_one_line(tmp_p
     with pytest.raises(EdgekdError, match=r"^image .*c1/2.png: not a readable image") as e:
         list(Feed(d.x_train)([np.arange(8)]))
     assert "\n" not in str(e.value)
+
+
+def test_the_folder_scan_runs_in_workers_and_keeps_file_order(tmp_path):
+    from edgekd.preprocess import PreprocessSpec
+    from edgekd.streaming import check_files
+
+    files = []
+    for i in range(600):
+        f = tmp_path / f"{i:03d}.png"
+        Image.fromarray(np.full((4 + i % 3, 5, 3), i % 255, np.uint8)).save(f)
+        files.append(str(f))
+    (tmp_path / "007.png").write_bytes(b"")
+    got = check_files(files, PreprocessSpec(), 10**6, decode=True, workers=2)
+    assert got == check_files(files, PreprocessSpec(), 10**6, decode=True, workers=0)
+    assert got[7].endswith("007.png: empty file (0 bytes)") and got[8] == (6, 5) and got[9] == (4, 5)
