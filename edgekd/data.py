@@ -11,7 +11,6 @@ sources (`edgekd.streaming`) that DataLoader workers read batch by batch.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ import numpy as np
 
 from edgekd import streaming
 from edgekd.errors import EdgekdError
-from edgekd.preprocess import NAMED_STATS, PreprocessSpec, apply, probe_image
+from edgekd.preprocess import NAMED_STATS, PreprocessSpec, is_image_file
 from edgekd.recipe import DataConfig
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -101,9 +100,15 @@ def _fashion_mnist(folder: Path) -> dict[str, Any]:
     return out
 
 
-def _npz(path: Path) -> dict[str, Any]:
+MMAP_AUTO_BYTES = 512 * 2**20   # [data] memory_map unset: .npz files larger than this are mapped, not loaded
+
+
+def _npz(path: Path, cfg: DataConfig) -> dict[str, Any]:
     import zipfile
 
+    mapped = cfg.memory_map if cfg.memory_map is not None else path.stat().st_size > MMAP_AUTO_BYTES
+    if mapped and zipfile.is_zipfile(path):
+        return _mapped_npz(path, cfg)
     if not zipfile.is_zipfile(path):  # np.load would take anything else for a pickle
         raise EdgekdError(f"data {path}: not a readable .npz file (expected a zip of .npy arrays, as numpy.savez "
                           "writes)")
@@ -126,6 +131,32 @@ def _npz(path: Path) -> dict[str, Any]:
                           f"x_test, y_test; optional x_unlabeled, class_names); found {', '.join(arrays) or 'none'}")
     if "class_names" in arrays:
         arrays["class_names"] = [str(c) for c in arrays["class_names"].tolist()]
+    return arrays
+
+
+def _mapped_npz(path: Path, cfg: DataConfig) -> dict[str, Any]:
+    """An .npz written by numpy.savez with its x_* arrays mapped from disk: each is a LazyArray read row by
+    row; labels and class names are small and read."""
+    try:
+        mapped = streaming.map_npz(path)
+    except EdgekdError:
+        raise
+    except Exception as e:
+        raise EdgekdError(f"data {path}: not a readable .npz file ({type(e).__name__}: {e})") from None
+    arrays: dict[str, Any] = {}
+    for key, a in mapped.items():
+        if not key.startswith("x"):
+            arrays[key] = np.array(a)
+            continue
+        if a.dtype.kind not in "fiu" or a.ndim < 2:
+            raise EdgekdError(f"data {path}: {key} is {a.dtype} of shape {a.shape}; expected numbers (float, or "
+                              "uint8 images) of shape (samples, ...)")
+        item = (1, *a.shape[1:]) if a.ndim == 3 else tuple(a.shape[1:])
+        arrays[key] = streaming.LazyArray(a, item, 1 / 255 if a.dtype == np.uint8 else 1.0,
+                                          options=loader_options(cfg))
+    if "class_names" in arrays:
+        arrays["class_names"] = [str(c) for c in arrays["class_names"].tolist()]
+    arrays["report"] = {"source": "memory-mapped .npz"}
     return arrays
 
 
@@ -208,23 +239,24 @@ def _scan(folders: dict[str, list[Path]], classes: list[str], spec: PreprocessSp
     naming the file, or with skip_bad_images is counted in `skipped`. Only regular files are read (a FIFO or
     device named like an image is skipped). With skip_bad_images every image is also decoded once here, so a
     truncated body is found before training rather than in the middle of it."""
-    out = []
+    candidates = []
     for name, files in folders.items():
         for f in files:
-            if not os.path.isfile(f):   # follows links; FIFOs, sockets, devices are not files
+            if is_image_file(f):   # follows links; FIFOs, sockets, devices are never opened
+                candidates.append((str(f), classes.index(name)))
+            else:
                 skipped.append((str(f), "not a regular file"))
-                continue
-            try:
-                h, w = probe_image(f, cfg.max_pixels)
-                if cfg.skip_bad_images:
-                    apply(spec, f, cfg.max_pixels)
-            except EdgekdError as e:
-                if not cfg.skip_bad_images:
-                    raise EdgekdError(f"{e}; set [data] skip_bad_images = true to skip such files") from None
-                skipped.append((str(f), str(e).split(": ", 1)[-1]))
-                continue
-            oh, ow = spec.output_size(h, w)
-            out.append((str(f), classes.index(name), (spec.channels, oh, ow)))
+    checked = streaming.check_files([f for f, _ in candidates], spec, cfg.max_pixels, cfg.skip_bad_images,
+                                    loader_options(cfg).num_workers)
+    out = []
+    for (f, label), got in zip(candidates, checked, strict=True):
+        if isinstance(got, str):
+            if not cfg.skip_bad_images:
+                raise EdgekdError(f"{got}; set [data] skip_bad_images = true to skip such files")
+            skipped.append((f, got.split(": ", 1)[-1]))
+            continue
+        oh, ow = spec.output_size(*got)
+        out.append((f, label, (spec.channels, oh, ow)))
     return out
 
 
@@ -233,19 +265,34 @@ def loader_options(cfg: DataConfig) -> streaming.LoaderOptions:
     return streaming.LoaderOptions(workers, cfg.pin_memory, cfg.prefetch_factor, cfg.persistent_workers)
 
 
-def _dataset_to_arrays(ds: Any, where: str) -> tuple[np.ndarray, np.ndarray]:
-    xs, ys = [], []
+def _dataset_source(ds: Any, where: str, cfg: DataConfig) -> tuple[streaming.LazyArray, np.ndarray]:
+    """A map-style torch Dataset of (input, label) pairs, used as it is: inputs are read per batch by the
+    DataLoader workers (uint8 inputs scaled by 1/255). Labels come from `ds.targets` (torchvision's convention)
+    when it has them, else from reading each item once (one pass, nothing kept but the labels)."""
+    if not hasattr(ds, "__getitem__") or not hasattr(ds, "__len__"):
+        raise EdgekdError(f"{where}: {type(ds).__name__} has no len() and indexing (an IterableDataset?); return "
+                          "map-style Datasets of (input, label) pairs")
+    if not len(ds):
+        raise EdgekdError(f"{where}: the dataset is empty")
     try:
-        for i in range(len(ds)):
-            x, y = ds[i]
-            xs.append(np.asarray(x, dtype=np.float32))
-            ys.append(int(y))
+        first = ds[0][0]
+        first = first.numpy() if hasattr(first, "numpy") else np.asarray(first)
+        targets = getattr(ds, "targets", None)
+        labels = targets if targets is not None else [ds[i][1] for i in range(len(ds))]
+        y = np.asarray([int(v) for v in labels], dtype=np.int64)
+    except EdgekdError:
+        raise
     except Exception as e:
         raise EdgekdError(f"{where}: could not read items as (input, label) pairs ({type(e).__name__}: {e})") from e
-    return np.stack(xs), np.asarray(ys, dtype=np.int64)
+    if first.dtype.kind not in "fiu" or first.ndim < 1:
+        raise EdgekdError(f"{where}: inputs are {first.dtype} of shape {first.shape}; expected numbers (float, or "
+                          "uint8 images)")
+    shape = (1, *first.shape) if first.ndim == 2 else first.shape
+    x = streaming.LazyArray(ds, shape, 1 / 255 if first.dtype == np.uint8 else 1.0, options=loader_options(cfg))
+    return x, y
 
 
-def _function(ref: str) -> dict[str, Any]:
+def _function(ref: str, cfg: DataConfig) -> dict[str, Any]:
     from edgekd.models import load_factory
 
     fn = load_factory(ref, "data source")
@@ -254,9 +301,10 @@ def _function(ref: str) -> dict[str, Any]:
     except Exception as e:
         raise EdgekdError(f"data source {ref!r} raised {type(e).__name__}: {e}") from e
     if isinstance(out, tuple) and len(out) == 2:
-        x_train, y_train = _dataset_to_arrays(out[0], f"data source {ref!r} train dataset")
-        x_test, y_test = _dataset_to_arrays(out[1], f"data source {ref!r} test dataset")
-        return {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test}
+        x_train, y_train = _dataset_source(out[0], f"data source {ref!r} train dataset", cfg)
+        x_test, y_test = _dataset_source(out[1], f"data source {ref!r} test dataset", cfg)
+        return {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test,
+                "report": {"source": "torch Datasets"}}
     if isinstance(out, dict):
         return dict(out)
     raise EdgekdError(f"data source {ref!r} returned {type(out).__name__}; expected a dict of arrays "
@@ -353,11 +401,11 @@ def load_data(cfg: DataConfig, base_dir: str | Path = ".") -> Dataset:
     elif src.endswith(".npz") or path.is_file():
         if not path.is_file():
             raise EdgekdError(f"data {path}: file not found")
-        raw = _npz(path)
+        raw = _npz(path, cfg)
     elif path.is_dir():
         raw = _image_folder(path, cfg)
     elif ":" in src and not src.startswith((".", "/")):
-        raw = _function(src)
+        raw = _function(src, cfg)
         where = f"data source {src!r}"
     else:
         raise EdgekdError(f"data {path}: not found (expected 'digits', an .npz file, an image folder, "

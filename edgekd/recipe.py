@@ -39,6 +39,7 @@ class DataConfig:
     pin_memory: bool | None = None  # default: when training on CUDA
     prefetch_factor: int = 2        # batches each worker reads ahead
     persistent_workers: bool = True  # keep workers alive across epochs
+    memory_map: bool | None = None  # .npz inputs mapped from disk, read per batch (default: files over 512 MiB)
 
 
 @dataclass(frozen=True)

@@ -168,6 +168,88 @@ class LazyArray(_Lazy):
         return out
 
 
+def map_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """The arrays of an .npz written by numpy.savez, each memory-mapped from the zip (members are stored, not
+    compressed: a member's bytes are an .npy file at a fixed offset). Compressed members are refused."""
+    import zipfile
+
+    out = {}
+    with zipfile.ZipFile(path) as z, open(path, "rb") as f:
+        for info in z.infolist():
+            key = info.filename.removesuffix(".npy")
+            if info.compress_type != zipfile.ZIP_STORED:
+                raise EdgekdError(f"data {path}: array {key!r} is compressed (numpy.savez_compressed) and cannot "
+                                  "be memory-mapped; write it with numpy.savez")
+            f.seek(info.header_offset + 26)   # the local header: 30 bytes, then the name and extra field
+            name_len, extra_len = (int.from_bytes(f.read(2), "little") for _ in range(2))
+            f.seek(info.header_offset + 30 + name_len + extra_len)
+            version = np.lib.format.read_magic(f)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            shape, fortran, dtype = read_header(f)
+            if dtype.hasobject:
+                raise EdgekdError(f"data {path}: array {key!r} holds Python objects; only numbers are read")
+            out[key] = np.memmap(path, dtype=dtype, mode="r", offset=f.tell(), shape=shape,
+                                 order="F" if fortran else "C")
+    return out
+
+
+def fingerprint(x: Any) -> str:
+    """sha256 naming what a lazy source reads: for image files the transform spec and each file's path, size
+    and modification time (in the source's row order); for a mapped array its file, layout, rows and scaling.
+    Keys caches built on the source without reading its data."""
+    import hashlib
+    import json
+
+    if isinstance(x, LazyImages):
+        files = [x.paths[r] for r in x.rows]
+        stats = [(f, st.st_size, st.st_mtime_ns) for f in files for st in [os.stat(f)]]
+        payload = {"spec": x.spec.to_dict(), "files": stats, "max_pixels": x.max_pixels}
+    elif isinstance(x, LazyArray) and isinstance(x.base, np.memmap):
+        st = os.stat(x.base.filename)
+        payload = {"file": [x.base.filename, st.st_size, st.st_mtime_ns], "offset": x.base.offset,
+                   "shape": list(x.base.shape), "dtype": x.base.dtype.str, "rows": x.rows.tolist(),
+                   "scale": x.scale, "mean": list(x.mean), "std": list(x.std)}
+    else:
+        raise EdgekdError(f"a {type(getattr(x, 'base', x)).__name__} source has no fingerprint for a cache; use "
+                          "arrays, an .npz or an image folder")
+    return hashlib.sha256(json.dumps(payload).encode()).hexdigest()
+
+
+class _Check:
+    """Item i: (height, width) of file i from its header (also fully decoded with `decode`), or the one-line
+    error naming it. A Dataset, so the folder scan runs in the DataLoader workers."""
+
+    def __init__(self, files: Sequence[str], spec: PreprocessSpec, max_pixels: int, decode: bool) -> None:
+        self.files, self.spec, self.max_pixels, self.decode = files, spec, max_pixels, decode
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[int, int] | str:
+        from edgekd.preprocess import probe_image
+
+        try:
+            size = probe_image(self.files[i], self.max_pixels)
+            if self.decode:
+                apply(self.spec, self.files[i], self.max_pixels)
+            return size
+        except EdgekdError as e:
+            return str(e)
+
+
+def check_files(files: Sequence[str], spec: PreprocessSpec, max_pixels: int, decode: bool,
+                workers: int) -> list[tuple[int, int] | str]:
+    """`_Check` of every file, in order, spread over `workers` processes (in this one for small folders)."""
+    check = _Check(files, spec, max_pixels, decode)
+    if workers == 0 or len(files) < 512:
+        return [check[i] for i in range(len(files))]
+    import torch
+
+    loader = torch.utils.data.DataLoader(check, batch_size=64, num_workers=workers, collate_fn=list)
+    return [item for batch in loader for item in batch]
+
+
 def is_lazy(x: Any) -> bool:
     return isinstance(x, _Lazy)
 

@@ -76,9 +76,17 @@ def check_model_fits(model: nn.Module, input_shape: tuple[int, ...], num_classes
                           f"{num_classes} classes, so expected ({num_classes},)")
 
 
+EVAL_BATCH_BYTES = 64 * 2**20   # evaluation batches hold at most this much input (and at most 512 samples)
+
+
 @torch.no_grad()
 def predict_logits(model: nn.Module, x: np.ndarray, device: torch.device | str = "cpu",
-                   batch_size: int = 512, set_mode: Callable[[nn.Module, bool], None] | None = None) -> np.ndarray:
+                   batch_size: int | None = None,
+                   set_mode: Callable[[nn.Module, bool], None] | None = None) -> np.ndarray:
+    """Logits for every input of `x` (an array or a lazy source), in order. The default batch size keeps a
+    batch's input under EVAL_BATCH_BYTES: 512 digits, 111 RGB images of 224x224, so activations stay bounded."""
+    if batch_size is None:
+        batch_size = max(1, min(512, EVAL_BATCH_BYTES // (4 * math.prod(x.shape[1:]) or 1)))
     if set_mode is None:
         model.eval()
     else:

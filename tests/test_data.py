@@ -180,6 +180,10 @@ def test_mixed_sizes_need_image_size_and_are_each_resized_to_it(tmp_path):
         load_data(DataConfig(source=str(root)))
     d = load_data(DataConfig(source=str(root), image_size=[6, 5], test_fraction=0.0, val_fraction=0.0))
     assert d.input_shape == (3, 6, 5) and d.x_train[:].shape == (7, 3, 6, 5)
+    d = load_data(DataConfig(source=str(root), image_size=[6, 5], resize=8, test_fraction=0.0, val_fraction=0.0))
+    assert (d.preprocess.resize, d.preprocess.crop) == (8, (6, 5)) and d.input_shape == (3, 6, 5)
+    with pytest.raises(EdgekdError, match=r"data.crop \[4, 4\] and data.image_size \[6, 5\] differ"):
+        load_data(DataConfig(source=str(root), image_size=[6, 5], crop=[4, 4]))
 
 
 def _bad_files(root):
@@ -245,22 +249,91 @@ def test_training_on_a_streamed_folder_through_workers_matches_the_same_arrays_i
         accuracy(model, np.asarray(d.x_test), d.y_test)
 
 
-def test_an_image_that_breaks_while_streaming_is_one_line_naming_it(tmp_path):
-    """A file that passes the header scan but fails to decode in a worker (truncated body)."""
-    import io
+def test_cli_distills_a_streamed_folder_skipping_and_counting_bad_images(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
 
+    root = _folder(tmp_path / "imgs", per_class=10)
+    _bad_files(root)
+    recipe = tmp_path / "r.toml"
+    body = """
+[data]
+source = "imgs"
+image_size = [8, 8]
+num_workers = 1
+{extra}
+[teacher]
+model = "cnn:widths=4"
+epochs = 1
+batch_size = 8
+[student]
+model = "mlp:hidden=8"
+epochs = 1
+batch_size = 8
+[distill]
+baseline = false
+"""
+
+    def run(extra):
+        recipe.write_text(body.format(extra=extra))
+        return subprocess.run([sys.executable, "-m", "edgekd", "distill", str(recipe), "--out", str(tmp_path / "run"),
+                               "--device", "cpu", "--quiet"], capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+    r = run("")
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        f"error: image {root / 'cat' / 'empty.png'}: empty file (0 bytes); set [data] skip_bad_images = true to "
+        "skip such files"]
+    r = run("skip_bad_images = true")
+    assert r.returncode == 0, r.stderr
+    data = json.loads((tmp_path / "run" / "metrics.json").read_text())["data"]
+    assert data["skipped"] == 4 and data["images"] == 22 and data["streamed"] and data["workers"] == 1
+
+
+def test_large_npz_is_memory_mapped_and_reads_like_the_loaded_one(tmp_path):
+    from edgekd.streaming import LazyArray
+
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", x_train=rng.integers(0, 255, (50, 5, 6), dtype=np.uint8), y_train=np.arange(50) % 4,
+             x_test=rng.integers(0, 255, (20, 5, 6), dtype=np.uint8), y_test=np.arange(20) % 4,
+             class_names=np.array(list("abcd")))
+    loaded = load_data(DataConfig(source="d.npz", val_fraction=0.2), tmp_path)
+    mapped = load_data(DataConfig(source="d.npz", val_fraction=0.2, memory_map=True, stats_samples=1000), tmp_path)
+    assert isinstance(mapped.x_train, LazyArray) and isinstance(mapped.x_train.base, np.memmap)
+    assert mapped.class_names == loaded.class_names and mapped.input_shape == loaded.input_shape == (1, 5, 6)
+    np.testing.assert_allclose(mapped.mean + mapped.std, loaded.mean + loaded.std, rtol=1e-5)
+    np.testing.assert_allclose(mapped.x_test[:], loaded.x_test, atol=1e-4)
+    np.testing.assert_array_equal(mapped.y_val, loaded.y_val)
+    np.savez_compressed(tmp_path / "c.npz", x_train=np.zeros((4, 3)), y_train=np.zeros(4, int),
+                        x_test=np.zeros((2, 3)), y_test=np.zeros(2, int))
+    with pytest.raises(EdgekdError, match=r"c.npz: array 'x_train' is compressed"):
+        load_data(DataConfig(source="c.npz", memory_map=True), tmp_path)
+
+
+def iterable_source():
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter([])
+    return Stream(), Stream()
+
+
+def test_torch_dataset_sources_are_used_as_they_are(tmp_path):
+    from edgekd.models import build_model
     from edgekd.recipe import ModelConfig
+    from edgekd.streaming import LazyArray
     from edgekd.train import fit
 
-    root = _folder(tmp_path / "imgs", per_class=4, suffix=".jpg")
-    d = load_data(DataConfig(source=str(root), num_workers=1, test_fraction=0.0, val_fraction=0.0))
-    buf = io.BytesIO()
-    Image.fromarray(np.zeros((10, 12, 3), np.uint8)).save(buf, "JPEG")
-    (root / "dog" / "2.jpg").write_bytes(buf.getvalue()[:200])   # truncated after indexing
-    from edgekd.models import build_model
-
+    d = load_data(DataConfig(source="tests.test_data:datasets_source", val_fraction=0.2, num_workers=1))
+    assert isinstance(d.x_train, LazyArray) and isinstance(d.x_train.base, torch.utils.data.TensorDataset)
+    assert d.input_shape == (1, 4, 4) and (len(d.x_train), len(d.x_val), len(d.x_test)) == (24, 6, 10)
+    train, _ = datasets_source()
+    row = d.x_train.rows[0]
+    np.testing.assert_allclose(d.x_train[0], (train[row][0].numpy() - d.mean[0]) / d.std[0], atol=1e-6)
     model = build_model("cnn:widths=4", d.input_shape, d.num_classes)
-    with pytest.raises(EdgekdError, match=r"^image .*2.jpg: not a readable image") as e:
-        fit(model, d.x_train, d.y_train, ModelConfig(epochs=1, batch_size=4), device=torch.device("cpu"),
-            desc="t", progress=False)
-    assert "\n" not in str(e.value)
+    history = fit(model, d.x_train, d.y_train, ModelConfig(epochs=1, batch_size=8), device=torch.device("cpu"),
+                  desc="t", progress=False, x_val=d.x_val, y_val=d.y_val)
+    assert 0.0 <= history[0]["val_accuracy"] <= 1.0
+    with pytest.raises(EdgekdError, match="has no len\\(\\) and indexing"):
+        load_data(DataConfig(source="tests.test_data:iterable_source"))

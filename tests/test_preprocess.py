@@ -129,3 +129,15 @@ def test_preprocess_imports_without_torch():
             "edgekd.preprocess.apply(edgekd.preprocess.PreprocessSpec(), np.zeros((4, 4, 3), np.uint8)); "
             "assert 'torch' not in sys.modules, 'torch was imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_probe_reads_the_size_from_the_header_with_the_same_checks(tmp_path):
+    from edgekd.preprocess import probe_image
+
+    Image.fromarray(_rgb(30, 40)).save(tmp_path / "a.jpg")
+    assert probe_image(tmp_path / "a.jpg") == (30, 40)
+    with pytest.raises(EdgekdError, match=r"a.jpg: 40x30 is 1200 pixels, more than the limit of 1000"):
+        probe_image(tmp_path / "a.jpg", max_pixels=1000)
+    (tmp_path / "e.png").write_bytes(b"")
+    with pytest.raises(EdgekdError, match=r"e.png: empty file"):
+        probe_image(tmp_path / "e.png")
