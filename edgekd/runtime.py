@@ -49,7 +49,6 @@ def _open_torch(bundle_dir: Path, manifest: dict, threads: int | None) -> Any:
 OPENERS = {"onnxruntime": _open_ort, "tensorrt": _open_trt, "torch": _open_torch}
 
 
-Image = Any   # a path, encoded bytes, a PIL image, or a uint8 (H, W[, C]) RGB/grey array
 RANGE_MARGIN = 1.0   # inputs may exceed the recorded input range by this many times its width before refusal
 RANGE_CHECK_VALUES = 4096   # values of each input batch the range check reads
 
@@ -75,7 +74,7 @@ class Engine:
         norm = pre.get("normalization") or {}
         self.mean = np.asarray(self.spec.mean if self.spec else norm.get("mean", [0.0]), np.float32)
         self.std = np.asarray(self.spec.std if self.spec else norm.get("std", [1.0]), np.float32)
-        self.input_range = tuple(float(v) for v in pre["input_range"]) if pre.get("input_range") else None
+        self.input_range = _input_range(bundle_dir, pre.get("input_range"))
 
     def _check(self, x: np.ndarray) -> np.ndarray:
         if not isinstance(x, np.ndarray):
@@ -103,7 +102,7 @@ class Engine:
         if self.input_range is None or not x.size:
             return
         lo, hi = self.input_range
-        margin = RANGE_MARGIN * (hi - lo)
+        margin = RANGE_MARGIN * max(hi - lo, 1.0)
         flat = x.reshape(-1)
         flat = flat[::max(1, flat.size // RANGE_CHECK_VALUES)]
         x_lo, x_hi = float(np.min(flat)), float(np.max(flat))
@@ -221,6 +220,18 @@ def _pad(x: np.ndarray, min_batch: int) -> np.ndarray:
     if len(x) >= min_batch:
         return x
     return np.concatenate([x, np.repeat(x[-1:], min_batch - len(x), axis=0)])
+
+
+def _input_range(bundle_dir: Path, value: Any) -> tuple[float, float] | None:
+    """The manifest's preprocessing.input_range [lo, hi] (None in bundles written before it was recorded)."""
+    if value is None:
+        return None
+    ok = (isinstance(value, list) and len(value) == 2 and all(isinstance(v, (int, float)) for v in value)
+          and all(np.isfinite(value)) and value[0] <= value[1])
+    if not ok:
+        raise EdgekdError(f"bundle {bundle_dir}: manifest.json preprocessing.input_range is {value!r}; expected "
+                          "[lo, hi], two finite numbers with lo <= hi")
+    return float(value[0]), float(value[1])
 
 
 def _spec(bundle_dir: Path, d: Any, input_shape: tuple[int, ...]) -> Any:

@@ -256,6 +256,10 @@ def test_older_and_inconsistent_manifests(image_bundle, edge_ort_bundle: Path, t
         write_manifest(bad, {**manifest, "preprocessing": {**manifest["preprocessing"], "spec": spec}})
         with pytest.raises(EdgekdError, match=f"bundle {bad}.*{message}"):
             runtime.load(bad)
+    for value in ("wide", [1.0], [2.0, -2.0], [0.0, float("nan")]):
+        write_manifest(bad, {**manifest, "preprocessing": {**manifest["preprocessing"], "input_range": value}})
+        with pytest.raises(EdgekdError, match=r"preprocessing.input_range is .*; expected \[lo, hi\]"):
+            runtime.load(bad)
 
 
 def test_runtime_only_install_classifies_jpegs_without_torch(image_bundle, tmp_path: Path) -> None:
