@@ -16,7 +16,9 @@ Storage. A folder: `manifest.json` and `epoch-00000.npz`, ... each holding
                                      and float16 is most precise near 0); probabilities are stored as log p
     indices  int16/int32 (N, k)      their class ids
 written atomically, with the manifest (rewritten after every epoch, so a killed build resumes) recording
-their sha256 and the cache key: sha256 of x, augment key, seed, epochs, top_k and the teacher's identity.
+their sha256 and the cache key: sha256 of x (for a streamed source, `streaming.fingerprint`: file list, sizes,
+modification times, transform spec), augment key, seed, epochs, top_k and the teacher's identity. The arrays
+are memory-mapped when a run loads the cache, so it takes no RAM beyond the pages batches touch.
 `load_cache` refuses a cache whose key differs from what the training run asks for, naming the key.
 
 Training loss: `edgekd.losses.topk_soft_target_loss(s, values, indices, T, values_are="logits")`.
@@ -25,7 +27,6 @@ Training loss: `edgekd.losses.topk_soft_target_loss(s, values, indices, T, value
 from __future__ import annotations
 
 import datetime
-import io
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from edgekd import fileio
+from edgekd import fileio, streaming
 from edgekd.errors import EdgekdError
 from edgekd.teachers import TeacherOutput, array_sha256, teacher_identity, teacher_name, validate_output
 
@@ -157,8 +158,8 @@ class TeacherCache:
 
     path: Path
     manifest: dict[str, Any] = field(repr=False)
-    values: np.ndarray = field(repr=False)     # float16 (stored epochs, N, k)
-    indices: np.ndarray = field(repr=False)    # int16/int32 (stored epochs, N, k)
+    values: tuple[np.ndarray, ...] = field(repr=False)    # per stored epoch: float16 (N, k), memory-mapped
+    indices: tuple[np.ndarray, ...] = field(repr=False)   # per stored epoch: int16/int32 (N, k), memory-mapped
 
     @property
     def epochs(self) -> int:
@@ -167,7 +168,7 @@ class TeacherCache:
 
     @property
     def top_k(self) -> int:
-        return int(self.values.shape[2])
+        return int(self.values[0].shape[1])
 
     def lookup(self, epoch: int, indices: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(top-k logits float32 (B, k), class ids int64 (B, k)) of samples `indices` in `epoch`."""
@@ -179,11 +180,11 @@ class TeacherCache:
         else:
             raise EdgekdError(f"teacher cache {self.path}: holds epochs 0..{self.epochs - 1}, asked for epoch {epoch}; "
                               "rebuild it with at least as many epochs as training runs")
-        n = self.values.shape[1]
+        n = self.values[0].shape[0]
         if idx.size and (idx.min() < 0 or idx.max() >= n):
             raise EdgekdError(f"teacher cache {self.path}: sample index {int(idx.max())} out of range for "
                               f"{n} cached samples")
-        return self.values[stored, idx].astype(np.float32), self.indices[stored, idx].astype(np.int64)
+        return self.values[stored][idx].astype(np.float32), self.indices[stored][idx].astype(np.int64)
 
 
 def _now() -> str:
@@ -268,7 +269,7 @@ def build_cache(teacher: Any, x: np.ndarray, out_path: str | Path, *, top_k: int
     A folder holding a cache with another key is refused. `augment_key` defaults to augment_key_of(augment).
     """
     out = Path(out_path)
-    x = np.ascontiguousarray(x, dtype=np.float32)
+    x = x if streaming.is_lazy(x) else np.ascontiguousarray(x, dtype=np.float32)
     if x.ndim < 2 or len(x) == 0:
         raise EdgekdError(f"teacher cache {out}: inputs have shape {x.shape}; expected (samples, *input_shape)")
     for name, value in (("top_k", top_k), ("epochs", epochs), ("batch_size", batch_size)):
@@ -277,7 +278,7 @@ def build_cache(teacher: Any, x: np.ndarray, out_path: str | Path, *, top_k: int
     if not isinstance(seed, int) or seed < 0:
         raise EdgekdError(f"teacher cache {out}: seed must be an integer >= 0, got {seed!r}")
     who = teacher_name(teacher)
-    key = {"x_sha256": array_sha256(x), "augment": augment_key or augment_key_of(augment), "seed": seed,
+    key = {"x_sha256": data_key(x), "augment": augment_key or augment_key_of(augment), "seed": seed,
            "epochs": epochs, "top_k": top_k, "teacher": teacher_identity(teacher)}
     mpath = out / MANIFEST
     if out.exists() and not out.is_dir():
@@ -350,12 +351,11 @@ def load_cache(path: str | Path, *, x: np.ndarray, augment_key: str, seed: int, 
     if not manifest.get("complete"):
         raise EdgekdError(f"teacher cache {path}: incomplete ({len(manifest.get('files', []))} of "
                           f"{manifest.get('stored_epochs')} epochs); rerun the same `edgekd cache-teacher` to finish")
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    if manifest["x_sha256"] != array_sha256(x):
+    if manifest["x_sha256"] != data_key(x):
         raise EdgekdError(f"teacher cache {path}: built for other data (key x_sha256: cache has "
                           f"{manifest['samples']} samples of shape {tuple(manifest['input_shape'])}, sha256 "
                           f"{manifest['x_sha256'][:12]}...; this run has {len(x)} of {tuple(x.shape[1:])}, sha256 "
-                          f"{array_sha256(x)[:12]}...); rebuild the cache on this data")
+                          f"{data_key(x)[:12]}...); rebuild the cache on this data")
     asked = {"augment": augment_key, "seed": seed, "top_k": top_k}
     if teacher_identity is not None:
         asked["teacher"] = teacher_identity
@@ -369,14 +369,13 @@ def load_cache(path: str | Path, *, x: np.ndarray, augment_key: str, seed: int, 
     values, indices = [], []
     for entry in manifest["files"]:
         fpath = path / entry["file"]
-        data = fileio.read_confined(path, entry["file"], what=f"teacher cache file {fpath} (named by {mpath})",
-                                    remedy="rebuild the cache", sha256=entry["sha256"])
+        fpath = fileio.verify_confined(path, entry["file"], entry["sha256"],
+                                       what=f"teacher cache file {fpath} (named by {mpath})", remedy=REMEDY)
         try:
-            with np.load(io.BytesIO(data), allow_pickle=False) as f:
-                v, i = f["values"], f["indices"]
-        except Exception as e:
-            raise EdgekdError(f"teacher cache file {fpath}: not an .npz with values and indices without pickles "
-                              f"({type(e).__name__}); {REMEDY}") from None
+            mapped = streaming.map_npz(fpath)   # top-k stays on disk: pages are read as batches look them up
+            v, i = mapped["values"], mapped["indices"]
+        except (EdgekdError, KeyError, ValueError, OSError) as e:
+            raise EdgekdError(f"teacher cache file {fpath}: not a readable cache file ({e}); {REMEDY}") from None
         if v.shape != (manifest["samples"], manifest["top_k_stored"]) or i.shape != v.shape:
             raise EdgekdError(f"teacher cache file {fpath}: arrays have shapes {v.shape}/{i.shape}; expected "
                               f"({manifest['samples']}, {manifest['top_k_stored']})")
@@ -384,7 +383,13 @@ def load_cache(path: str | Path, *, x: np.ndarray, augment_key: str, seed: int, 
         indices.append(i)
     if len(values) != manifest["stored_epochs"]:
         raise EdgekdError(f"teacher cache {path}: manifest lists {len(values)} of {manifest['stored_epochs']} epochs")
-    return TeacherCache(path, manifest, np.stack(values), np.stack(indices))
+    return TeacherCache(path, manifest, tuple(values), tuple(indices))
+
+
+def data_key(x: Any) -> str:
+    """The cache key of the inputs: sha256 of an array's bytes, or a streamed source's fingerprint (file list,
+    sizes, modification times, transform spec), so a folder is never read to check a key."""
+    return streaming.fingerprint(x) if streaming.is_lazy(x) else array_sha256(np.ascontiguousarray(x, np.float32))
 
 
 def _version() -> str:

@@ -246,6 +246,8 @@ def distill(recipe: Recipe, out: str | Path, *, device: str = "auto", progress: 
     metrics["student"].update(temperature=temperature, alpha=alpha, samples=int(len(x)),
                               labelled=int((y >= 0).sum()), function_matching=d.function_matching,
                               teacher_outputs="computed once" if once else "every step, on the student's view")
+    if data.report:
+        metrics["data"] = data.report   # streamed source: layout, images, skipped files, where mean/std came from
     _save_run_files(out, recipe, metrics)   # a run killed during the baseline keeps the finished student
     return _finish_with_baseline(recipe, out, data, dev, progress, resume, schedule, metrics, student_samples=len(x))
 

@@ -27,6 +27,19 @@ class DataConfig:
     labelled: int | float | None = None   # keep N (or this fraction of) training labels; the rest join the pool
     train_samples: int | None = None   # keep a stratified, seeded subset of the training pool (before the val split)
     test_samples: int | None = None    # keep a stratified, seeded subset of the test split
+    # image folders (streamed from disk; see edgekd.preprocess for each step of the eval transform)
+    resize: int | list[int] | None = None  # shorter side, or exact [height, width] (default: image_size, if set)
+    crop: list[int] | None = None   # centre crop [height, width] after resize (default: image_size, with resize)
+    mean: list[float] | str | None = None  # per channel on [0, 1] pixels, or "imagenet" (default: estimated)
+    std: list[float] | str | None = None
+    stats_samples: int = 500        # training images the mean/std estimate reads (seeded draw)
+    skip_bad_images: bool = False   # skip (and count) unreadable images instead of stopping at the first
+    max_pixels: int = 89_478_485    # refuse larger images before decoding (Pillow's decompression-bomb limit)
+    num_workers: int | None = None  # DataLoader worker processes for streamed sources (default: cores - 1, <= 8)
+    pin_memory: bool | None = None  # default: when training on CUDA
+    prefetch_factor: int = 2        # batches each worker reads ahead
+    persistent_workers: bool = True  # keep workers alive across epochs
+    memory_map: bool | None = None  # .npz inputs mapped from disk, read per batch (default: files over 512 MiB)
 
 
 @dataclass(frozen=True)
@@ -255,6 +268,11 @@ def _validate(r: Recipe, where: str) -> None:
         v = getattr(r.data, key)
         if v is not None and v < 1:
             raise EdgekdError(f"{where} [data].{key}: must be >= 1, got {v}")
+    for key in ("stats_samples", "max_pixels", "prefetch_factor"):
+        if getattr(r.data, key) < 1:
+            raise EdgekdError(f"{where} [data].{key}: must be >= 1, got {getattr(r.data, key)}")
+    if r.data.num_workers is not None and r.data.num_workers < 0:
+        raise EdgekdError(f"{where} [data].num_workers: must be >= 0, got {r.data.num_workers}")
     if r.embedding is not None:
         _validate_embedding(r.embedding, where)
 

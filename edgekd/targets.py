@@ -65,6 +65,7 @@ class Target:
     latency_budget_ms: float | None = None
     memory_budget_mb: float | None = None
     quant_scheme: str = "none"
+    eval_samples: int = 256
     path: str = ""
 
 
@@ -92,6 +93,7 @@ _SCHEMA: dict[str, tuple[str, str]] = {
     "latency_budget_ms": ("float", "a number of milliseconds"),
     "memory_budget_mb": ("float", "a number of MiB"),
     "quant_scheme": ("str", f"one of {', '.join(QUANT_SCHEMES)}"),
+    "eval_samples": ("int", "a number of test samples >= 0 (0: no eval.npz in the bundle)"),
 }
 
 _DEFAULT_QUANT_SCHEME = {"onnxruntime": "ort-cpu", "tensorrt": "tensorrt", "torch": "none"}
@@ -234,6 +236,9 @@ def _from_dict(file: Path, data: dict[str, Any]) -> Target:
     if v.get("compile") and runtime != "torch":
         raise EdgekdError(f"target file {file}: key 'compile' (torch.compile) only applies to runtime "
                           "'torch'")
+    if v.get("eval_samples", 0) < 0:
+        raise EdgekdError(f"target file {file}: key 'eval_samples' must be >= 0 (0: no eval.npz), got "
+                          f"{v['eval_samples']}")
     for key in ("latency_budget_ms", "memory_budget_mb"):
         if key in v and v[key] <= 0:
             raise EdgekdError(f"target file {file}: key {key!r} must be positive, got {v[key]}")
@@ -282,6 +287,7 @@ def _from_dict(file: Path, data: dict[str, Any]) -> Target:
         latency_budget_ms=v.get("latency_budget_ms"),
         memory_budget_mb=v.get("memory_budget_mb"),
         quant_scheme=scheme,
+        eval_samples=v.get("eval_samples", 256),
         path=str(file),
     )
 
