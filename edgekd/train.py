@@ -154,8 +154,20 @@ def _key(name: str) -> str:
 
 
 def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    """Write atomically; a full disk or a read-only folder is one error naming the checkpoint (the previous
+    checkpoint, if any, is left as it was)."""
+    try:
+        with atomic_path(path) as tmp:
+            torch.save(state, tmp)
+    except (OSError, RuntimeError) as e:   # torch.save reports a failed write as a RuntimeError
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[0]
+        raise EdgekdError(f"checkpoint {path}: cannot be written ({reason}); free disk space or pick another "
+                          "--out") from None
+
+
+def _last_good(checkpoint: Path | None) -> str:
+    """Name the checkpoint a failed run can resume from, only when one was written."""
+    return f" (the last good checkpoint is {checkpoint})" if checkpoint is not None and checkpoint.is_file() else ""
 
 
 def _load_checkpoint(path: Path, fingerprint: str) -> dict[str, Any]:
@@ -265,8 +277,8 @@ def fit(model: nn.Module, x: np.ndarray, y: np.ndarray, cfg: ModelConfig, *, dev
         if checkpoint is not None and main:
             weights = trainee.state_dict()
             if not all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point()):
-                raise EdgekdError(f"{desc}: weights became NaN/Inf at epoch {epoch + 1}; lower the learning rate "
-                                  f"(the last good checkpoint is {checkpoint})")
+                raise EdgekdError(f"{desc}: weights became NaN/Inf at epoch {epoch + 1}; lower the learning rate"
+                                  f"{_last_good(checkpoint)}")
             _save_checkpoint(checkpoint, {
                 "fingerprint": fingerprint, "model": weights, "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(), "epoch": epoch, "step": step, "history": history,
@@ -317,7 +329,7 @@ def fit(model: nn.Module, x: np.ndarray, y: np.ndarray, cfg: ModelConfig, *, dev
                 if not torch.isfinite(loss):
                     raise EdgekdError(f"{desc}: loss became {loss.item()} at epoch {epoch + 1} step {step + 1}; "
                                       "lower the learning rate or check the data for extreme values"
-                                      + (f" (the last good checkpoint is {checkpoint})" if checkpoint else ""))
+                                      + _last_good(checkpoint))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
