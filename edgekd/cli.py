@@ -101,15 +101,18 @@ def distill(recipe: str, out: Path, device: str, quiet: bool, resume: bool, labe
 @click.option("--min-confidence", type=click.FloatRange(0, 1), default=0.0, show_default=True,
               help="Report how many pseudo-labels a confidence threshold keeps per class.")
 @click.option("--balance", is_flag=True, help="Report the effect of class-balancing the pseudo-labels.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=600.0, show_default=True,
+              help="Seconds a 'cmd:' teacher may take per batch before its process group is killed.")
 @QUIET
 def label(recipe: str, teacher_spec: str, pool: Path | None, out: Path, top_k: int, temperature: float,
-          shard_size: int, min_confidence: float, balance: bool, quiet: bool) -> None:
+          shard_size: int, min_confidence: float, balance: bool, timeout: float, quiet: bool) -> None:
     """Label an unlabelled pool with a black-box teacher into resumable, checksummed shards."""
     from edgekd.distillation import label as run_label
     from edgekd.recipe import load_recipe
 
     result = run_label(load_recipe(recipe), teacher_spec, out, pool=pool, top_k=top_k, temperature=temperature,
-                       shard_size=shard_size, min_confidence=min_confidence, balance=balance, progress=not quiet)
+                       shard_size=shard_size, min_confidence=min_confidence, balance=balance, timeout_s=timeout,
+                       progress=not quiet)
     m = result["manifest"]
     click.echo(result["table"])
     click.echo(f"\nwrote {out}: {m['samples']} samples in {len(m['shards'])} shards ({m['output_kind']})")

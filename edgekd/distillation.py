@@ -386,7 +386,7 @@ def _distill_offline(recipe: Recipe, out: Path, data: Dataset, dev: Any, progres
 
 def label(recipe: Recipe, teacher: str, out: str | Path, *, pool: str | Path | None = None, top_k: int = 5,
           temperature: float = 1.0, shard_size: int = 1024, min_confidence: float = 0.0,
-          balance: bool = False, progress: bool = True) -> dict[str, Any]:
+          balance: bool = False, timeout_s: float = 600.0, progress: bool = True) -> dict[str, Any]:
     """Have a black-box teacher (.onnx, .safetensors, or `cmd:...`) label the unlabelled pool into `out`.
 
     The pool is `pool` (raw inputs, normalized here like the training data) or the recipe's [data] unlabeled.
@@ -394,11 +394,12 @@ def label(recipe: Recipe, teacher: str, out: str | Path, *, pool: str | Path | N
     """
     with runfolder.locked(out):
         return _label(recipe, teacher, Path(out), pool, top_k, temperature, shard_size, min_confidence, balance,
-                      progress)
+                      timeout_s, progress)
 
 
 def _label(recipe: Recipe, teacher: str, out: Path, pool: str | Path | None, top_k: int, temperature: float,
-           shard_size: int, min_confidence: float, balance: bool, progress: bool) -> dict[str, Any]:
+           shard_size: int, min_confidence: float, balance: bool, timeout_s: float, progress: bool
+           ) -> dict[str, Any]:
     from edgekd import labels as teacher_labels
     from edgekd.data import load_pool, normalize_like
     from edgekd.teachers import load_teacher as load_black_box
@@ -408,7 +409,7 @@ def _label(recipe: Recipe, teacher: str, out: Path, pool: str | Path | None, top
     if x is None:
         raise EdgekdError("label: no pool to label; pass --pool or set [data] unlabeled in the recipe")
     t = load_black_box(teacher, model_spec=recipe.teacher.model if str(teacher).endswith(".safetensors") else None,
-                       input_shape=data.input_shape, num_classes=data.num_classes)
+                       input_shape=data.input_shape, num_classes=data.num_classes, timeout_s=timeout_s)
     manifest = teacher_labels.label_pool(t, x, out, shard_size=shard_size, temperature=temperature, top_k=top_k,
                                          num_classes=data.num_classes, progress=progress)
     kept, report = teacher_labels.filter_labels(teacher_labels.read_labels(out, pool=x),

@@ -116,10 +116,17 @@ def _softmax(z: np.ndarray) -> np.ndarray:
 def _read_manifest(path: Path) -> dict[str, Any]:
     try:
         manifest = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise EdgekdError(f"labels manifest {path}: not readable JSON ({e}); delete the folder to start over") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise EdgekdError(f"labels manifest {path}: not readable JSON ({type(e).__name__}: {e}); delete the folder "
+                          "to start over") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise EdgekdError(f"labels manifest {path}: not an edgekd labels manifest (expected format {FORMAT!r})")
+    for key, low in (("samples", 1), ("shard_size", 1)):
+        value = manifest.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise EdgekdError(f"labels manifest {path}: {key} must be an integer >= {low}, got {value!r}")
+    if not isinstance(manifest.get("shards"), list):
+        raise EdgekdError(f"labels manifest {path}: shards must be a list")
     return manifest
 
 

@@ -321,6 +321,8 @@ def load_recipe(path: str | Path) -> Recipe:
         raise EdgekdError(f"recipe {path}: not valid TOML ({e})") from None
     except UnicodeDecodeError:
         raise EdgekdError(f"recipe {path}: not a text file") from None
+    except RecursionError:
+        raise EdgekdError(f"recipe {path}: arrays or tables nested too deeply to read") from None
     # built-in recipes name repository paths (calibration/...): resolve them against the repository
     base = path.parent if path.parent != Path(__file__).parent / "recipes" else Path(__file__).parent.parent
     return recipe_from_dict(raw, where=f"recipe {path}", base_dir=base)
