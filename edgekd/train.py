@@ -153,13 +153,37 @@ def _key(name: str) -> str:
     return name.replace(".", "__")   # ModuleDict keys cannot contain dots
 
 
+class _KeepWriteError:
+    """A file wrapper that remembers the OSError of a failed write: torch.save reports a full disk only as
+    "[enforce fail at inline_container.cc] unexpected pos", which names neither the file nor the cause."""
+
+    def __init__(self, f: Any) -> None:
+        self.f, self.error = f, None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
 def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """Write atomically; a full disk or a read-only folder is one error naming the checkpoint (the previous
     checkpoint, if any, is left as it was)."""
     try:
-        with atomic_path(path) as tmp:
-            torch.save(state, tmp)
-    except (OSError, RuntimeError) as e:   # torch.save reports a failed write as a RuntimeError
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            writer = _KeepWriteError(f)
+            try:
+                torch.save(state, writer)
+            except RuntimeError:
+                if writer.error is not None:
+                    raise writer.error from None
+                raise
+    except (OSError, RuntimeError) as e:
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[0]
         raise EdgekdError(f"checkpoint {path}: cannot be written ({reason}); free disk space or pick another "
                           "--out") from None
