@@ -93,7 +93,7 @@ def load_teacher(recipe: Recipe, out: Path, data: Dataset) -> tuple[nn.Module, P
     path = out / "teacher.safetensors"
     differ = runfolder.stale(out, path.name, teacher_inputs(recipe)) if path.is_file() else None
     if differ:
-        raise EdgekdError(f"{path}: was trained with a different recipe ({', '.join(differ)} differ); delete it to "
+        raise EdgekdError(f"{path}: was trained with a different recipe ({'; '.join(differ)}); delete it to "
                           "train the teacher again, or use another --out")
     if not path.is_file() and recipe.teacher.checkpoint:
         path = recipe.path(recipe.teacher.checkpoint)

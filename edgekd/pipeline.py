@@ -60,8 +60,8 @@ class RunContext:
             expected = teacher_inputs(self.recipe) if model == "teacher" else student_inputs(self.recipe)
             differ = runfolder.stale(self.dir, path.name, expected)
             if differ:
-                raise EdgekdError(f"{path}: was not made from this run's recipe and files ({', '.join(differ)} "
-                                  f"differ); run `edgekd distill` into {self.dir} again, or use another folder")
+                raise EdgekdError(f"{path}: not made from this run's recipe and files ({'; '.join(differ)}); run "
+                                  f"`edgekd distill` into {self.dir} again, or use another folder")
         return path
 
     def weights_input(self, model: str) -> dict[str, str]:
@@ -215,7 +215,7 @@ def _profile(run_dir: Path, target_name: str, quick: bool) -> list[dict[str, Any
         verify(bundle)
         differ = runfolder.stale(run_dir, bundle.relative_to(run_dir).as_posix())
         if differ:
-            raise EdgekdError(f"{bundle}: built from files that have changed since ({', '.join(differ)}); "
+            raise EdgekdError(f"{bundle}: stale, built from other files than the run's ({'; '.join(differ)}); "
                               f"rebuild it with `edgekd build {run_dir} --target {target.name}`")
     timing = ["--warmup", "3", "--min-runs", "10", "--min-seconds", "0.2"] if quick else []
     results = []

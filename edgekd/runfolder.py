@@ -175,10 +175,10 @@ def record(folder: str | Path, rel: str, made_from: dict[str, str]) -> None:
 
 def stale(folder: str | Path, rel: str, expected: dict[str, str] | None = None, _depth: int = 0) -> list[str] | None:
     """Why `folder/rel` is not what it should be made from now: None when it has no record (an older run
-    folder, or hand-placed), [] when it is current, else the inputs that differ.
+    folder, or hand-placed), [] when it is current, else one phrase per difference.
 
-    Differences: the artifact itself changed since it was recorded; a key of `expected` differs from the
-    record; a `file:` input changed (or is itself stale, followed a few levels down).
+    Differences: the artifact is not the one recorded (replaced since); a key of `expected` differs from the
+    record; a `file:` input has changed (or is itself stale, followed a few levels down).
     """
     folder = Path(folder)
     entry = _read(folder).get(rel)
@@ -186,16 +186,16 @@ def stale(folder: str | Path, rel: str, expected: dict[str, str] | None = None, 
         return None
     path = folder / rel
     if not path.exists() or artifact_hash(path) != entry.get("sha256"):
-        return [f"{rel} itself (changed since it was made)"]
+        return [f"{rel} is not the one recorded (replaced since)"]
     made_from: dict[str, str] = entry["made_from"]
-    differ = [key for key, value in (expected or {}).items() if made_from.get(key) != value]
+    differ = [f"{key} differs" for key, value in (expected or {}).items() if made_from.get(key) != value]
     for key, value in made_from.items():
-        if not key.startswith("file:") or key in differ:
+        if not key.startswith("file:"):
             continue
-        dep = folder / key.removeprefix("file:")
-        if not dep.exists() or artifact_hash(dep) != value:
-            differ.append(key.removeprefix("file:"))
-        elif _depth < 4 and (deeper := stale(folder, key.removeprefix("file:"), None, _depth + 1)):
+        dep = key.removeprefix("file:")
+        if not (folder / dep).exists() or artifact_hash(folder / dep) != value:
+            differ.append(f"{dep} has changed since")
+        elif _depth < 4 and (deeper := stale(folder, dep, None, _depth + 1)):
             differ += deeper
     return differ
 
