@@ -315,6 +315,12 @@ def main(argv: list[str] | None = None) -> None:
             raise
         click.echo(f"error: {_one_line(str(e))}", err=True)
         sys.exit(2)
+    except OSError as e:   # a read or write the OS refused where no stage expected it (full disk, read-only)
+        if debug:
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        click.echo(f"error: {where}{_one_line(e.strerror or str(e))}", err=True)
+        sys.exit(2)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)

@@ -267,7 +267,8 @@ def run(recipe: Recipe, out: str | Path, *, targets: tuple[str, ...] = DEFAULT_T
         from edgekd.embedding import run_embedding
 
         _import_torchao_quietly()   # transformers imports torchao when it is installed
-        return run_embedding(recipe, out, targets=targets, progress=progress, quick_profile=quick_profile)
+        with runfolder.locked(out):
+            return run_embedding(recipe, out, targets=targets, progress=progress, quick_profile=quick_profile)
     from edgekd.distillation import distill
 
     out = Path(out)

@@ -119,8 +119,17 @@ def _can_mount() -> bool:
     return r.returncode == 0
 
 
-READ_ONLY = ("unshare", "-rm", "sh", "-c", 'mount --bind out out && mount -o remount,bind,ro out || exit 99; "$@"',
-             "sh")
+def read_only(folder: str) -> tuple[str, ...]:
+    """Run the command with `folder` bind-mounted read-only (in a private mount namespace)."""
+    return ("unshare", "-rm", "sh", "-c",
+            f'mount --bind {folder} {folder} && mount -o remount,bind,ro {folder} || exit 99; "$@"', "sh")
+
+
+def calibrate_read_only(d: Path) -> list[str]:
+    """A write the OS refuses deep inside a stage (no stage checks it first): still one line naming the file."""
+    (d / "cal").mkdir()
+    (d / "r.toml").write_text(recipe())
+    return ["calibrate", "r.toml", "--out", "cal/set.toml", "--samples", "8"]
 # mount the tmpfs, run the command, then list the files left on the tmpfs on stdout (it vanishes with the namespace)
 UNSHARE = ("unshare", "-rm", "sh", "-c",
            'mount -t tmpfs -o size=128k tmpfs disk || exit 99; "$@"; rc=$?; find disk -type f; exit $rc', "sh")
@@ -144,7 +153,9 @@ CASES = [
     Case("labels-shard-size-zero", ("manifest.json: shard_size must be an integer >= 1, got 0",),
          labels_shard_size_zero),
     Case("read-only-out", ("out: cannot write into this run folder (Read-only file system)",), read_only_out,
-         READ_ONLY),
+         read_only("out")),
+    Case("read-only-calibration-folder", ("cal/.set.npz.", "Read-only file system"), calibrate_read_only,
+         read_only("cal"), "cal"),
     Case("disk-full-checkpoint", ("checkpoints/teacher.ckpt: cannot be written (No space left on device)",),
          disk_full, UNSHARE, "disk/out"),
     Case("temperature-nan", ("[distill].temperature: must be a finite number, got nan",),
