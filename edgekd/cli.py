@@ -307,9 +307,12 @@ def _one_line(message: str) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: one clear line and exit code 2 for errors the user can fix."""
+    from edgekd.fileio import exit_on_sigterm
+
     debug = os.environ.get("EDGEKD_DEBUG") == "1"
     try:
-        cli.main(args=argv, prog_name="edgekd", standalone_mode=False)
+        with exit_on_sigterm():   # SIGTERM unwinds like Ctrl-C: temp files go, the run folder's lock is released
+            cli.main(args=argv, prog_name="edgekd", standalone_mode=False)
     except EdgekdError as e:
         if debug:
             raise

@@ -20,7 +20,6 @@ callable you name). `load_teacher(spec)` picks one from a string.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -29,7 +28,7 @@ import signal
 import subprocess
 import tempfile
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -37,7 +36,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from edgekd.errors import EdgekdError
-from edgekd.fileio import sha256_file
+from edgekd.fileio import exit_on_sigterm, sha256_file
 
 KINDS = ("logits", "probs", "topk", "labels")
 PROBS_TOLERANCE = 1e-4   # rows within this of summing to 1 (and non-negative) are probabilities
@@ -303,7 +302,7 @@ class CommandTeacher:
 
     def __call__(self, x: np.ndarray) -> TeacherOutput:
         n = len(x)
-        with _exit_on_sigterm(), tempfile.TemporaryDirectory(prefix="edgekd-teacher-") as tmp:
+        with exit_on_sigterm(), tempfile.TemporaryDirectory(prefix="edgekd-teacher-") as tmp:
             in_path, out_path = Path(tmp) / "in.npz", Path(tmp) / "out.npz"
             np.savez(in_path, x=np.ascontiguousarray(x, dtype=np.float32))
             stderr = self._run([*self.argv, str(in_path), str(out_path)], n)
@@ -402,25 +401,6 @@ class _Tail:
 
     def text(self) -> str:
         return bytes(self._buf[-OUTPUT_TAIL:]).decode(errors="replace")
-
-
-@contextlib.contextmanager
-def _exit_on_sigterm() -> Iterator[None]:
-    """Turn SIGTERM into SystemExit(143) for the block, so `finally` blocks run (the command's process group is
-    ended, its temporary folder removed) instead of the process dying on the spot. Only where SIGTERM still
-    has its default action and only in the main thread (the only one that may set handlers)."""
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
-        yield
-        return
-
-    def handler(signum: int, _frame: Any) -> None:
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _kill_group(proc: subprocess.Popen) -> None:

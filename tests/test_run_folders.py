@@ -101,7 +101,7 @@ def test_second_writer_is_refused_naming_the_holder(trained, tmp_path):
 
 def test_two_distill_commands_into_one_folder_cannot_both_run(trained, tmp_path):
     """The issue's example: two `distill` processes into one --out. The second is refused while the first
-    trains; the first is then stopped (the test does not need its result)."""
+    trains; the first is then stopped with SIGTERM, which unwinds it: the lock and any temporary file go."""
     write_recipe(tmp_path / "slow.toml", trained / "data.npz", teacher_epochs=100000)
     first = subprocess.Popen([sys.executable, "-m", "edgekd", "distill", "slow.toml", "--out", "run", "--device",
                               "cpu", "--quiet"], cwd=tmp_path, env=cli_env(), stderr=subprocess.PIPE, text=True)
@@ -115,9 +115,12 @@ def test_two_distill_commands_into_one_folder_cannot_both_run(trained, tmp_path)
         assert_refused(r, f"run: in use by pid {first.pid}", "edgekd distill slow.toml --out run")
         assert first.poll() is None
     finally:
-        first.send_signal(signal.SIGINT)
-        first.wait(timeout=60)
-    assert not (tmp_path / "run" / "student.safetensors").exists()
+        first.send_signal(signal.SIGTERM)
+        _, err = first.communicate(timeout=60)
+    assert first.returncode == 128 + signal.SIGTERM and "Traceback" not in err, err
+    left = sorted(p.name for p in (tmp_path / "run").rglob("*"))
+    assert runfolder.LOCK not in left and not [n for n in left if fileio.is_temp(n)], left
+    assert "student.safetensors" not in left
 
 
 # --- Stale or mixed artifacts ------------------------------------------------------------------------------
