@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import os
@@ -64,6 +65,10 @@ def _acquire(folder: Path) -> int:
             holder = _holder(fd)
             os.close(fd)
             raise EdgekdError(f"{folder}: in use by {holder}; wait for it to finish or use another folder") from None
+        except OSError as e:   # a file system without flock (some network mounts): run unlocked, as before
+            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+            break
         try:   # the holder before us may have removed the file between our open and our lock: try again
             if os.fstat(fd).st_ino == os.stat(path).st_ino:
                 break
