@@ -324,6 +324,12 @@ def main(argv: list[str] | None = None) -> None:
         where = f"{e.filename}: " if e.filename else ""
         click.echo(f"error: {where}{_one_line(e.strerror or str(e))}", err=True)
         sys.exit(2)
+    except MemoryError:
+        if debug:
+            raise
+        click.echo("error: out of memory; use a smaller model, batch_size or data subset ([data] train_samples)",
+                   err=True)
+        sys.exit(2)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
