@@ -154,8 +154,9 @@ def _key(name: str) -> str:
 
 
 class _KeepWriteError:
-    """A file wrapper that remembers the OSError of a failed write: torch.save reports a full disk only as
-    "[enforce fail at inline_container.cc] unexpected pos", which names neither the file nor the cause."""
+    """A file wrapper that remembers what interrupted a write: torch.save turns it into "[enforce fail at
+    inline_container.cc] unexpected pos", which names neither the file nor the cause, be it a full disk
+    (OSError) or Ctrl-C / SIGTERM (KeyboardInterrupt / SystemExit, which must still stop the run)."""
 
     def __init__(self, f: Any) -> None:
         self.f, self.error = f, None
@@ -163,7 +164,7 @@ class _KeepWriteError:
     def write(self, data: bytes) -> int:
         try:
             return self.f.write(data)
-        except OSError as e:
+        except BaseException as e:
             self.error = e
             raise
 
