@@ -444,6 +444,9 @@ def load_data(cfg: DataConfig, base_dir: str | Path = ".") -> Dataset:
             raise EdgekdError(f"{where}: x_unlabeled samples have shape {x_unl.shape[1:]}, expected "
                               f"{x_train.shape[1:]} like x_train")
 
+    if not len(y_train) or (not len(y_test) and cfg.test_fraction > 0):
+        raise EdgekdError(f"{where}: {len(y_train)} training and {len(y_test)} test samples; each split needs at "
+                          f"least one (test_fraction = {cfg.test_fraction}; more data, or another split)")
     num_classes = int(max(y_train.max(), y_test.max(initial=0))) + 1   # test_fraction = 0 leaves no test split
     names = raw.get("class_names")
     class_names = tuple(str(c) for c in names) if names is not None else tuple(str(i) for i in range(num_classes))

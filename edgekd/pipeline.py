@@ -7,6 +7,7 @@ from `profile`, and report.json / report.md / report.png.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgekd import fileio, streaming
+from edgekd import fileio, runfolder, streaming
 from edgekd.data import Dataset, load_data
 from edgekd.engines import check_target
 from edgekd.errors import EdgekdError
@@ -44,6 +45,10 @@ class RunContext:
         return self.recipe.teacher.model if model == "teacher" else self.recipe.student.model
 
     def weights(self, model: str) -> Path:
+        """The model's checkpoint; refused when the folder records it as made from another recipe than the
+        run's (or from a teacher that has changed since): a folder whose files come from different runs."""
+        from edgekd.distillation import student_inputs, teacher_inputs
+
         if model not in MODELS:
             raise EdgekdError(f"--model {model!r}: expected one of {', '.join(MODELS)}")
         path = self.dir / f"{model}.safetensors"
@@ -51,7 +56,25 @@ class RunContext:
             path = self.recipe.path(self.recipe.teacher.checkpoint)   # distilled from a given teacher
         if not path.is_file():
             raise EdgekdError(f"{path}: not found; run `edgekd distill` into {self.dir} first")
+        if path.parent == self.dir:
+            expected = teacher_inputs(self.recipe) if model == "teacher" else student_inputs(self.recipe)
+            differ = runfolder.stale(self.dir, path.name, expected)
+            if differ:
+                raise EdgekdError(f"{path}: not made from this run's recipe and files ({'; '.join(differ)}); run "
+                                  f"`edgekd distill` into {self.dir} again, or use another folder")
         return path
+
+    def weights_input(self, model: str) -> dict[str, str]:
+        """The made_from entry of an artifact built from the model's checkpoint (edgekd.runfolder)."""
+        return dict([runfolder.file_key(self.dir, self.weights(model))])
+
+    def fresh_onnx(self, model: str) -> bool:
+        """onnx/<model>.onnx exists and the folder records it as exported from the current checkpoint."""
+        path = self.onnx_path(model)
+        return path.is_file() and runfolder.stale(self.dir, self.rel(path), self.weights_input(model)) == []
+
+    def rel(self, path: Path) -> str:
+        return path.relative_to(self.dir).as_posix()
 
     def model(self, name: str) -> nn.Module:
         model = build_model(self.spec(name), self.data.input_shape, self.data.num_classes)
@@ -74,13 +97,18 @@ class RunContext:
 
 def export(run_dir: str | Path, model: str = "student", *, ctx: RunContext | None = None) -> dict[str, Any]:
     """Export a trained model to ONNX and measure its parity with PyTorch on the test split."""
+    with runfolder.locked(ctx.dir if ctx else run_dir):
+        return _export(ctx or RunContext(run_dir), model)
+
+
+def _export(ctx: RunContext, model: str) -> dict[str, Any]:
     from edgekd.export import export_onnx, parity
 
-    ctx = ctx or RunContext(run_dir)
     net = ctx.model(model)
     path = ctx.onnx_path(model)
     example = torch.from_numpy(ctx.data.x_test[:2])
     export_onnx(net, example, path, metadata=ctx.metadata(model))
+    runfolder.record(ctx.dir, ctx.rel(path), ctx.weights_input(model))
     x = ctx.data.x_test   # a streamed test split: the first 512 (parity is a check of the export, not accuracy)
     check = parity(net, path, x[:512] if streaming.is_lazy(x) else x)
     result = {"model": model, "path": str(path), "size_bytes": path.stat().st_size, "parity": check}
@@ -98,10 +126,15 @@ def build(run_dir: str | Path, target_name: str, *, models: tuple[str, ...] = ("
     """Build every float engine the target asks for (and int8 engines from `quantized` Q/DQ ONNX files,
     keyed by quantization: {"ptq": path, "qat": path}) for `models`. Engines that cannot be built on this
     machine (no TensorRT, no GPU) are listed under "skipped" with the reason instead of failing the run."""
-    from edgekd.engines import EngineSource, check_target
+    with runfolder.locked(ctx.dir if ctx else run_dir):
+        return _build(ctx or RunContext(run_dir), target_name, models, quantized)
+
+
+def _build(ctx: RunContext, target_name: str, models: tuple[str, ...],
+           quantized: dict[str, Path] | None) -> dict[str, Any]:
+    from edgekd.engines import EngineSource
     from edgekd.engines import build as build_engine
 
-    ctx = ctx or RunContext(run_dir)
     target = load_target(target_name)
     status = check_target(target)
     problem = "" if status == "ok" else status
@@ -134,15 +167,19 @@ def build(run_dir: str | Path, target_name: str, *, models: tuple[str, ...] = ("
             onnx_path = qpath
             if target.runtime != "torch" and onnx_path is None:
                 onnx_path = ctx.onnx_path(model)
-                if not onnx_path.is_file():
+                if not ctx.fresh_onnx(model):   # missing, or left by an earlier checkpoint: export again
                     export(ctx.dir, model, ctx=ctx)
             source = EngineSource(model_name=model, onnx_path=onnx_path, weights_path=ctx.weights(model),
                                   model_spec=ctx.spec(model), input_shape=ctx.data.input_shape,
                                   num_classes=ctx.data.num_classes, class_names=ctx.data.class_names,
                                   normalization=ctx.data.normalization, quantization=quantization,
                                   preprocessing=_preprocessing(ctx.data))
+            made_from = (dict([runfolder.file_key(ctx.dir, onnx_path)]) if onnx_path is not None
+                         else ctx.weights_input(model))
+            made_from["target"] = runfolder.digest(dataclasses.asdict(target))
             try:
                 built.append(str(build_engine(source, target, precision, out, eval_data=evals)))
+                runfolder.record(ctx.dir, ctx.rel(out), made_from)
             except EdgekdError as e:
                 if target.runtime == "tensorrt" or target.device != "cpu":
                     skipped.append({"target": target.name, "model": model, "precision": precision,
@@ -163,21 +200,30 @@ def profile(run_dir: str | Path, target_name: str, *, quick: bool = False) -> li
     Each bundle is profiled in its own `python -m edgekd.runtime profile` process, as on the device: the
     training process (torch and its threads) would otherwise inflate memory and disturb the timings.
     """
+    with runfolder.locked(run_dir):
+        return _profile(Path(run_dir), target_name, quick)
+
+
+def _profile(run_dir: Path, target_name: str, quick: bool) -> list[dict[str, Any]]:
     import subprocess
     import sys
     import tempfile
 
-    run_dir = Path(run_dir)
     target = load_target(target_name)
     folder = run_dir / "engines" / target.name
-    bundles = sorted(p for p in folder.iterdir() if (p / "manifest.json").is_file()) if folder.is_dir() else []
+    bundles = sorted(p for p in folder.iterdir() if (p / "manifest.json").is_file() and not fileio.is_temp(p)
+                     ) if folder.is_dir() else []
     if not bundles:
         raise EdgekdError(f"{folder}: no engines built for target {target.name}; run `edgekd build {run_dir} "
                           f"--target {target.name}` first")
     from edgekd.bundle import verify
 
-    for bundle in bundles:  # a tampered bundle fails before any other bundle's manifest gets metrics
+    for bundle in bundles:  # a tampered or stale bundle fails before any other bundle's manifest gets metrics
         verify(bundle)
+        differ = runfolder.stale(run_dir, bundle.relative_to(run_dir).as_posix())
+        if differ:
+            raise EdgekdError(f"{bundle}: stale, built from other files than the run's ({'; '.join(differ)}); "
+                              f"rebuild it with `edgekd build {run_dir} --target {target.name}`")
     timing = ["--warmup", "3", "--min-runs", "10", "--min-seconds", "0.2"] if quick else []
     results = []
     with tempfile.TemporaryDirectory(prefix="edgekd-profile-") as tmp:
@@ -196,13 +242,19 @@ def profile(run_dir: str | Path, target_name: str, *, quick: bool = False) -> li
 def report(run_dir: str | Path, targets: tuple[str, ...] | None = None,
            skipped: list[dict[str, Any]] | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Assemble report.json/.md/.png from metrics.json and the profile-<target>.json files in the run folder."""
-    from edgekd.distillation import read_metrics
-    from edgekd.report import build_report, engine_entry, write_report
-
     run_dir = Path(run_dir)
     if not (run_dir / "metrics.json").is_file():
         raise EdgekdError(f"{run_dir}: not a run folder (no metrics.json); run `edgekd distill` or `edgekd run` "
                           "into it first")
+    with runfolder.locked(run_dir):
+        return _report(run_dir, targets, skipped, extra)
+
+
+def _report(run_dir: Path, targets: tuple[str, ...] | None, skipped: list[dict[str, Any]] | None,
+            extra: dict[str, Any] | None) -> dict[str, Any]:
+    from edgekd.distillation import read_metrics
+    from edgekd.report import build_report, engine_entry, write_report
+
     files = sorted(run_dir.glob("profile-*.json"))
     if targets is not None:
         files = [run_dir / f"profile-{t}.json" for t in targets if (run_dir / f"profile-{t}.json").is_file()]
@@ -222,15 +274,17 @@ def run(recipe: Recipe, out: str | Path, *, targets: tuple[str, ...] = DEFAULT_T
         from edgekd.embedding import run_embedding
 
         _import_torchao_quietly()   # transformers imports torchao when it is installed
-        return run_embedding(recipe, out, targets=targets, progress=progress, quick_profile=quick_profile)
+        with runfolder.locked(out):
+            return run_embedding(recipe, out, targets=targets, progress=progress, quick_profile=quick_profile)
     from edgekd.distillation import distill
 
     out = Path(out)
     loaded = [load_target(t) for t in targets]   # fail on a bad target before training anything
-    ctx_data = load_data(recipe.data, recipe.base_dir)
-    distill(recipe, out, device=device, progress=progress, data=ctx_data)
-    return engines(RunContext(out, recipe, ctx_data), loaded, device=device, progress=progress,
-                   quick_profile=quick_profile)
+    with runfolder.locked(out):
+        ctx_data = load_data(recipe.data, recipe.base_dir)
+        distill(recipe, out, device=device, progress=progress, data=ctx_data)
+        return engines(RunContext(out, recipe, ctx_data), loaded, device=device, progress=progress,
+                       quick_profile=quick_profile)
 
 
 def engines(ctx: RunContext, loaded: list[Target], *, device: str = "auto", progress: bool = True,
@@ -270,8 +324,14 @@ def quantize(run_dir: str | Path, scheme: str, *, ctx: RunContext | None = None,
 
     _import_torchao_quietly()
     require_torchao()
-    ctx = ctx or RunContext(run_dir)
-    return quantize_student(ctx, scheme, device=device, progress=progress)
+    with runfolder.locked(ctx.dir if ctx else run_dir):
+        ctx = ctx or RunContext(run_dir)
+        result = quantize_student(ctx, scheme, device=device, progress=progress)
+        made_from = {**ctx.weights_input("student"), **runfolder.sections(ctx.recipe, "quantize")}
+        for path in result["onnx"].values():
+            if Path(path).is_relative_to(ctx.dir):
+                runfolder.record(ctx.dir, ctx.rel(Path(path)), made_from)
+        return result
 
 
 def _import_torchao_quietly() -> None:

@@ -162,9 +162,46 @@ def _key(name: str) -> str:
     return name.replace(".", "__")   # ModuleDict keys cannot contain dots
 
 
+class _KeepWriteError:
+    """A file wrapper that remembers what interrupted a write: torch.save turns it into "[enforce fail at
+    inline_container.cc] unexpected pos", which names neither the file nor the cause, be it a full disk
+    (OSError) or Ctrl-C / SIGTERM (KeyboardInterrupt / SystemExit, which must still stop the run)."""
+
+    def __init__(self, f: Any) -> None:
+        self.f, self.error = f, None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.f.write(data)
+        except BaseException as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
 def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    """Write atomically; a full disk or a read-only folder is one error naming the checkpoint (the previous
+    checkpoint, if any, is left as it was)."""
+    try:
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            writer = _KeepWriteError(f)
+            try:
+                torch.save(state, writer)
+            except RuntimeError:
+                if writer.error is not None:
+                    raise writer.error from None
+                raise
+    except (OSError, RuntimeError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[0]
+        raise EdgekdError(f"checkpoint {path}: cannot be written ({reason}); free disk space or pick another "
+                          "--out") from None
+
+
+def _last_good(checkpoint: Path | None) -> str:
+    """Name the checkpoint a failed run can resume from, only when one was written."""
+    return f" (the last good checkpoint is {checkpoint})" if checkpoint is not None and checkpoint.is_file() else ""
 
 
 def _load_checkpoint(path: Path, fingerprint: str) -> dict[str, Any]:
@@ -275,8 +312,8 @@ def fit(model: nn.Module, x: np.ndarray, y: np.ndarray, cfg: ModelConfig, *, dev
         if checkpoint is not None and main:
             weights = trainee.state_dict()
             if not all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point()):
-                raise EdgekdError(f"{desc}: weights became NaN/Inf at epoch {epoch + 1}; lower the learning rate "
-                                  f"(the last good checkpoint is {checkpoint})")
+                raise EdgekdError(f"{desc}: weights became NaN/Inf at epoch {epoch + 1}; lower the learning rate"
+                                  f"{_last_good(checkpoint)}")
             _save_checkpoint(checkpoint, {
                 "fingerprint": fingerprint, "model": weights, "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(), "epoch": epoch, "step": step, "history": history,
@@ -327,7 +364,7 @@ def fit(model: nn.Module, x: np.ndarray, y: np.ndarray, cfg: ModelConfig, *, dev
                 if not torch.isfinite(loss):
                     raise EdgekdError(f"{desc}: loss became {loss.item()} at epoch {epoch + 1} step {step + 1}; "
                                       "lower the learning rate or check the data for extreme values"
-                                      + (f" (the last good checkpoint is {checkpoint})" if checkpoint else ""))
+                                      + _last_good(checkpoint))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
