@@ -27,6 +27,9 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".we
 
 @dataclass(frozen=True)
 class Dataset:
+    """The splits. Each x_* is an array or, for streamed sources, a lazy source (edgekd.streaming) that
+    indexes like one: len, shape, x[i], x[indices], x.take(indices, axis=0)."""
+
     x_train: np.ndarray
     y_train: np.ndarray
     x_val: np.ndarray
@@ -411,6 +414,8 @@ def load_data(cfg: DataConfig, base_dir: str | Path = ".") -> Dataset:
         raise EdgekdError(f"data {path}: not found (expected 'digits', an .npz file, an image folder, "
                           "or 'package.module:function')")
 
+    if "preprocess" not in raw and (cfg.resize is not None or cfg.crop is not None or cfg.skip_bad_images):
+        raise EdgekdError(f"{where}: [data] resize, crop and skip_bad_images apply to image folders only")
     rng = np.random.default_rng(cfg.seed)
     if "x" in raw:  # one pool: carve the test split
         x = _as_inputs(raw["x"], "x", where)

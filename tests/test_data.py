@@ -337,3 +337,8 @@ def test_torch_dataset_sources_are_used_as_they_are(tmp_path):
     assert 0.0 <= history[0]["val_accuracy"] <= 1.0
     with pytest.raises(EdgekdError, match="has no len\\(\\) and indexing"):
         load_data(DataConfig(source="tests.test_data:iterable_source"))
+
+
+def test_image_keys_on_other_sources_are_refused():
+    with pytest.raises(EdgekdError, match=r"resize, crop and skip_bad_images apply to image folders only"):
+        load_data(DataConfig(source="tests.test_data:arrays_source", resize=8))
