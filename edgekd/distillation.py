@@ -19,7 +19,7 @@ from edgekd import distributed, fileio
 from edgekd.augment import BatchAugment
 from edgekd.data import Dataset, load_data
 from edgekd.errors import EdgekdError
-from edgekd.models import build_model, count_params, load_weights, save_weights
+from edgekd.models import build_model, check_spec, count_params, load_weights, save_weights
 from edgekd.recipe import Recipe, resolved, to_toml
 from edgekd.train import (
     KDConfig,
@@ -54,8 +54,17 @@ def read_metrics(out: Path) -> dict[str, Any]:
 def _save_run_files(out: Path, recipe: Recipe, metrics: dict[str, Any]) -> None:
     if not distributed.is_main():
         return
+    from edgekd.pipeline import record_recipe_dir
+
     fileio.write_text(out / "recipe.toml", to_toml(resolved(recipe)))
+    record_recipe_dir(out, recipe)   # relative paths in recipe.toml resolve against the recipe's folder
     fileio.write_json(out / "metrics.json", metrics)
+
+
+def check_specs(recipe: Recipe) -> None:
+    """Parse both model specs and import their factories before any data loads: a typo fails in a second."""
+    for spec in (recipe.teacher.model, recipe.student.model):
+        check_spec(spec)
 
 
 def build_role_model(recipe: Recipe, role: str, data: Dataset) -> nn.Module:
@@ -139,6 +148,7 @@ def train_teacher(recipe: Recipe, out: str | Path, *, device: str = "auto", prog
     """Train the teacher on the task, or fine-tune it from [teacher].checkpoint; writes teacher.safetensors."""
     distributed.init_from_env()
     out = Path(out)
+    check_specs(recipe)
     data = data or load_data(recipe.data, recipe.base_dir)
     dev = distributed.local_device(resolve_device(device))
     model = build_role_model(recipe, "teacher", data)
@@ -155,7 +165,8 @@ def _entry(model: nn.Module, data: Dataset, dev: Any, history: list[dict], start
     return {"accuracy": accuracy(model, data.x_test, data.y_test, dev), "test_samples": len(data.y_test),
             "params": count_params(model),
             "val_accuracy": accuracy(model, data.x_val, data.y_val, dev) if len(data.y_val) else None,
-            "epochs": len(history), "train_seconds": round(time.perf_counter() - start, 2)}
+            "epochs": len(history),   # a model loaded as is (no epochs) has no training time
+            **({"train_seconds": round(time.perf_counter() - start, 2)} if history else {})}
 
 
 def _offline_source(recipe: Recipe, data: Dataset, labels: Path | None, cache: Path | None
@@ -166,11 +177,9 @@ def _offline_source(recipe: Recipe, data: Dataset, labels: Path | None, cache: P
 
     d = resolved(recipe).distill
     if labels is not None:
-        if data.x_unlabeled is None:
-            raise EdgekdError(f"--labels {labels}: the recipe has no unlabelled pool; set [data] unlabeled to the "
-                              "pool that `edgekd label` labelled")
-        lab = teacher_labels.read_labels(labels, pool=data.x_unlabeled)
-        x = data.x_unlabeled[lab.indices]
+        pool = data.x_unlabeled if data.x_unlabeled is not None else _labelled_pool(labels, data)
+        lab = teacher_labels.read_labels(labels, pool=pool)   # verifies the pool's sha256 against the manifest
+        x = pool[lab.indices]
         info = {"source": "labels", "path": str(labels), "samples": int(len(x)), "teacher": lab.manifest["teacher"],
                 "soft": lab.topk_probs is not None}
         if lab.topk_probs is None:   # the teacher gave only class indices: plain cross-entropy on them
@@ -193,6 +202,25 @@ def _offline_source(recipe: Recipe, data: Dataset, labels: Path | None, cache: P
     return x, y, OfflineTargets(fetch, d.temperature, d.alpha, "logits"), info
 
 
+POOL_SOURCE = "pool-source.json"   # in a labels folder: {"pool": the --pool file `edgekd label` labelled}
+
+
+def _labelled_pool(labels: Path, data: Dataset) -> np.ndarray:
+    """The pool `edgekd label --pool` labelled, as recorded beside its labels (normalized like the training data);
+    read_labels then checks it against the manifest's sha256."""
+    from edgekd.data import load_pool, normalize_like
+
+    record = labels / POOL_SOURCE
+    if not record.is_file():
+        raise EdgekdError(f"--labels {labels}: no {POOL_SOURCE} naming the labelled pool and the recipe has no "
+                          "[data] unlabeled; set it to the pool that `edgekd label` labelled")
+    try:
+        path = json.loads(record.read_text())["pool"]
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+        raise EdgekdError(f"{record}: expected {{\"pool\": a file path}}; relabel or set [data] unlabeled") from None
+    return normalize_like(data, load_pool(str(path)))
+
+
 def distill(recipe: Recipe, out: str | Path, *, device: str = "auto", progress: bool = True,
             data: Dataset | None = None, resume: bool = False, labels: str | Path | None = None,
             cache: str | Path | None = None) -> dict[str, Any]:
@@ -205,6 +233,7 @@ def distill(recipe: Recipe, out: str | Path, *, device: str = "auto", progress: 
     """
     distributed.init_from_env()
     out = Path(out)
+    check_specs(recipe)
     data = data or load_data(recipe.data, recipe.base_dir)
     dev = distributed.local_device(resolve_device(device))
     if labels is not None or cache is not None:
@@ -354,6 +383,8 @@ def label(recipe: Recipe, teacher: str, out: str | Path, *, pool: str | Path | N
                        input_shape=data.input_shape, num_classes=data.num_classes)
     manifest = teacher_labels.label_pool(t, x, out, shard_size=shard_size, temperature=temperature, top_k=top_k,
                                          num_classes=data.num_classes, progress=progress)
+    if pool is not None:   # `distill --labels` finds the pool here (its sha256 is in the manifest)
+        fileio.write_json(Path(out) / POOL_SOURCE, {"pool": str(Path(pool).resolve())})
     kept, report = teacher_labels.filter_labels(teacher_labels.read_labels(out, pool=x),
                                                 min_confidence=min_confidence, balance=balance)
     return {"manifest": manifest, "filter": report,

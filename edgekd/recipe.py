@@ -297,7 +297,11 @@ def load_recipe(path: str | Path) -> Recipe:
         raise EdgekdError(f"recipe {path}: not a text file") from None
     # built-in recipes name repository paths (calibration/...): resolve them against the repository
     base = path.parent if path.parent != Path(__file__).parent / "recipes" else Path(__file__).parent.parent
-    return recipe_from_dict(raw, where=f"recipe {path}", base_dir=base)
+    recipe = recipe_from_dict(raw, where=f"recipe {path}", base_dir=base)
+    from edgekd.models import add_import_dir   # module:function specs beside the recipe import without PYTHONPATH
+
+    add_import_dir(base)
+    return recipe
 
 
 BUILTIN: dict[str, Path] = {"digits": Path(__file__).parent / "recipes" / "digits.toml"}
