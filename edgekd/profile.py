@@ -150,6 +150,7 @@ def profile_bundle(bundle_dir: str | Path, *, batch_sizes: tuple[int, ...] | Non
         "device": manifest.get("device"),
         "precision": manifest.get("precision"),
         "quantization": manifest.get("quantization"),
+        "quant_scheme": manifest.get("quant_scheme"),
         "size_bytes": int(size_bytes),
         "accuracy": accuracy,
         "agreement": agreement,

@@ -55,6 +55,7 @@ def engine_entry(profile: dict[str, Any], run_dir: Path) -> dict[str, Any]:
         "latency_ms": {k: first[k] for k in ("batch", "p50", "p90", "p99", "mean")},
         "throughput_per_s": first["throughput_per_s"],
         "per_batch": rows,
+        "quant_scheme": profile.get("quant_scheme") if profile["precision"] == "int8" else None,
         "accuracy_ci": accuracy_ci(profile["accuracy"], profile.get("eval_samples")),
         "eval_samples": profile.get("eval_samples"),
         "peak_rss_mb": profile.get("peak_rss_mb"),
@@ -195,7 +196,11 @@ def markdown(report: dict[str, Any]) -> str:
         lines += [tabulate(rows, headers=["T", "alpha", "val accuracy", "seconds", ""], tablefmt="github"), ""]
     lines += ["## Engines (accuracy measured on the engine, 95% CI; memory: peak RSS of a fresh profiling process)",
               "", engines_table(report["engines"], report.get("dominated")), ""]
-    lines += [f"- {note}" for note in report.get("notes") or []] + ([""] if report.get("notes") else [])
+    schemes = {(e["target"], e["quant_scheme"]["scheme"]): e["quant_scheme"]["reason"] for e in report["engines"]
+               if e.get("quant_scheme")}
+    notes = [f"int8 scheme on {t}: {scheme} ({reason})" for (t, scheme), reason in schemes.items()]
+    notes += report.get("notes") or []
+    lines += [f"- {note}" for note in notes] + ([""] if notes else [])
     if report["engines"]:
         lines += ["![accuracy against latency](report.png)", "", "![latency against batch size](report_batch.png)",
                   ""]

@@ -15,10 +15,7 @@ from typing import Any
 
 from edgekd.errors import EdgekdError
 
-try:  # Python >= 3.11
-    import tomllib
-except ModuleNotFoundError:  # pragma: no cover - we require 3.11 at runtime
-    tomllib = None  # type: ignore[assignment]
+import tomllib
 
 RUNTIMES = ("onnxruntime", "tensorrt", "torch")
 DEVICES = ("cpu", "cuda", "dla")
@@ -296,8 +293,6 @@ def _from_dict(file: Path, data: dict[str, Any]) -> Target:
 
 
 def _read(file: Path) -> Target:
-    if tomllib is None:  # pragma: no cover
-        raise EdgekdError("reading target files needs Python >= 3.11 (tomllib)")
     try:
         with open(file, "rb") as f:
             data = tomllib.load(f)
