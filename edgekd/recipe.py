@@ -298,9 +298,9 @@ def load_recipe(path: str | Path) -> Recipe:
     # built-in recipes name repository paths (calibration/...): resolve them against the repository
     base = path.parent if path.parent != Path(__file__).parent / "recipes" else Path(__file__).parent.parent
     recipe = recipe_from_dict(raw, where=f"recipe {path}", base_dir=base)
-    from edgekd.models import add_import_dir   # module:function specs beside the recipe import without PYTHONPATH
+    from edgekd.models import add_import_dir
 
-    add_import_dir(base)
+    add_import_dir(base)   # module:function specs beside the recipe import without PYTHONPATH
     return recipe
 
 

@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgekd.errors import EdgekdError
-
 import tomllib
+
+from edgekd.errors import EdgekdError
 
 RUNTIMES = ("onnxruntime", "tensorrt", "torch")
 DEVICES = ("cpu", "cuda", "dla")
