@@ -209,7 +209,8 @@ def markdown(report: dict[str, Any]) -> str:
         lines += [f"- {s['target']} {s['model']} {s['precision']}: {s['reason']}" for s in report["skipped"]]
         lines.append("")
     for key, value in report.items():
-        if key not in ("models", "engines", "skipped", "headline", "distillation", "search", "dominated", "notes"):
+        if key not in ("models", "engines", "skipped", "headline", "distillation", "search", "dominated", "notes",
+                       "quant_scheme"):
             lines += [f"## {key}", "", "```json", json.dumps(value, indent=2), "```", ""]
     return "\n".join(lines)
 
