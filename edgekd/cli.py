@@ -259,8 +259,7 @@ def calibrate(recipe: str, out: Path, samples: int, seed: int, split: str) -> No
 @cli.command()
 @RUN_DIR
 @click.option("--mode", type=click.Choice(["ptq", "qat"]), default=None,
-              help="PTQ only, or PTQ and quantization-aware distillation (default: the recipe's [quantize].mode, "
-                   "ptq when that is \"none\").")
+              help="PTQ only, or PTQ and quantization-aware distillation (default: the recipe's [quantize].mode).")
 @TARGET
 @DEVICE
 @QUIET
@@ -286,11 +285,11 @@ def _print_quantized(run_dir: Path, result: dict) -> None:
 @DEVICE
 @QUIET
 def qat(run_dir: Path, scheme: str | None, device: str, quiet: bool) -> None:
-    """`quantize --mode qat` by scheme name (kept for old scripts): PTQ baseline and quantization-aware
-    distillation of RUN_DIR's student."""
+    """`quantize` by scheme name (the old name, kept for scripts): PTQ baseline and quantization-aware
+    distillation of RUN_DIR's student, per its recipe's [quantize]."""
     from edgekd.pipeline import quantize as run_quantize
 
-    _print_quantized(run_dir, run_quantize(run_dir, scheme, mode="qat", device=device, progress=not quiet))
+    _print_quantized(run_dir, run_quantize(run_dir, scheme, device=device, progress=not quiet))
 
 
 @cli.command()

@@ -386,8 +386,8 @@ def quantize(run_dir: str | Path, scheme: str | None = None, *, target: str | Ta
              mode: str | None = None, ctx: RunContext | None = None, device: str = "auto", progress: bool = True,
              resume: bool = False) -> dict[str, Any]:
     """PTQ and (with mode "qat") quantization-aware distillation of the run's student, for `scheme` or the
-    scheme of `target` (default x86-cpu-ort). `mode` overrides [quantize].mode; the default is the recipe's, or
-    "ptq" when the recipe says "none". Writes onnx/student.<ptq|qat>-<scheme>.onnx, which `build` picks up.
+    scheme of `target` (default x86-cpu-ort). `mode` overrides [quantize].mode (which must then not be "none").
+    Writes onnx/student.<ptq|qat>-<scheme>.onnx, which `build` picks up.
     With `resume`, a result whose ONNX files are newer than the student is kept."""
     from edgekd.compress import quantize_student, require_torchao
 
@@ -397,7 +397,10 @@ def quantize(run_dir: str | Path, scheme: str | None = None, *, target: str | Ta
         if "int8" not in t.precisions:
             raise EdgekdError(f"target {t.name} ({t.path}): has no int8 precision, so nothing to quantize for")
         scheme = t.quant_scheme
-    wanted = mode or (ctx.recipe.quantize.mode if ctx.recipe.quantize.mode != "none" else "ptq")
+    wanted = mode or ctx.recipe.quantize.mode
+    if wanted == "none":
+        raise EdgekdError(f"{ctx.dir}/recipe.toml: [quantize].mode is \"none\"; set it to \"ptq\" or \"qat\" (or pass "
+                          "--mode)")
     if wanted != ctx.recipe.quantize.mode:
         ctx.recipe = dataclasses.replace(ctx.recipe, quantize=dataclasses.replace(ctx.recipe.quantize, mode=wanted))
     record = ctx.dir / "onnx" / f"quantize-{scheme}.json"
