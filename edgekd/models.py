@@ -132,8 +132,8 @@ def load_factory(ref: str, what: str) -> Callable[..., Any]:
         if not missing_itself:   # the module was found but imports something that is not installed
             raise EdgekdError(f"{what} {ref!r}: importing module {module_name!r} failed ({type(e).__name__}: {e})"
                               ) from e
-        raise EdgekdError(f"{what} {ref!r}: no module {module_name!r} in the recipe's folder, the current directory "
-                          f"or sys.path (looked in {', '.join(import_dirs())} first); put "
+        raise EdgekdError(f"{what} {ref!r}: cannot import module {module_name!r}: not in the recipe's folder, the "
+                          f"current directory or sys.path (looked in {', '.join(import_dirs())} first); put "
                           f"{module_name.replace('.', '/')}.py beside the recipe or set PYTHONPATH") from e
     except Exception as e:  # the module raising at import time
         raise EdgekdError(f"{what} {ref!r}: cannot import module {module_name!r} ({type(e).__name__}: {e})") from e

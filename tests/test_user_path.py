@@ -151,7 +151,8 @@ def test_model_spec_typos_fail_before_the_data_loads(project, tmp_path):
     assert r.returncode == 2 and "'studnet'" in r.stderr and "missing.npz" not in r.stderr
     bad.write_text(RECIPE.replace("mymodels:student", "nomodels:student"))
     r = edgekd("distill", bad, "--out", tmp_path / "o", "--device", "cpu", "--quiet", cwd=tmp_path)
-    assert r.returncode == 2 and f"looked in {recipes}" in r.stderr and "beside the recipe" in r.stderr
+    assert r.returncode == 2 and "cannot import module 'nomodels'" in r.stderr
+    assert f"looked in {recipes}" in r.stderr and "beside the recipe" in r.stderr
 
 
 def test_labels_pool_comes_from_the_labels_folder(project):
