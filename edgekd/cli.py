@@ -161,7 +161,8 @@ def export(run_dir: Path, model: str) -> None:
 @RUN_DIR
 @TARGET
 def build(run_dir: Path, target: str) -> None:
-    """Build the engines a target asks for (teacher and student) into RUN_DIR/engines/<target>/."""
+    """Build the engines a target asks for (teacher and student) into RUN_DIR/engines/<target>/: float engines,
+    and int8 student engines from what `edgekd quantize` wrote for the target's scheme."""
     from edgekd.pipeline import build as run_build
 
     result = run_build(run_dir, target)
