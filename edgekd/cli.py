@@ -102,15 +102,18 @@ def distill(recipe: str, out: Path, device: str, quiet: bool, resume: bool, labe
 @click.option("--min-confidence", type=click.FloatRange(0, 1), default=0.0, show_default=True,
               help="Report how many pseudo-labels a confidence threshold keeps per class.")
 @click.option("--balance", is_flag=True, help="Report the effect of class-balancing the pseudo-labels.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=600.0, show_default=True,
+              help="Seconds a 'cmd:' teacher may take per batch before its process group is killed.")
 @QUIET
 def label(recipe: str, teacher_spec: str, pool: Path | None, out: Path, top_k: int, temperature: float,
-          shard_size: int, min_confidence: float, balance: bool, quiet: bool) -> None:
+          shard_size: int, min_confidence: float, balance: bool, timeout: float, quiet: bool) -> None:
     """Label an unlabelled pool with a black-box teacher into resumable, checksummed shards."""
     from edgekd.distillation import label as run_label
     from edgekd.recipe import load_recipe
 
     result = run_label(load_recipe(recipe), teacher_spec, out, pool=pool, top_k=top_k, temperature=temperature,
-                       shard_size=shard_size, min_confidence=min_confidence, balance=balance, progress=not quiet)
+                       shard_size=shard_size, min_confidence=min_confidence, balance=balance, timeout_s=timeout,
+                       progress=not quiet)
     m = result["manifest"]
     click.echo(result["table"])
     click.echo(f"\nwrote {out}: {m['samples']} samples in {len(m['shards'])} shards ({m['output_kind']})")
@@ -342,13 +345,28 @@ def _one_line(message: str) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: one clear line and exit code 2 for errors the user can fix."""
+    from edgekd.fileio import exit_on_sigterm
+
     debug = os.environ.get("EDGEKD_DEBUG") == "1"
     try:
-        cli.main(args=argv, prog_name="edgekd", standalone_mode=False)
+        with exit_on_sigterm():   # SIGTERM unwinds like Ctrl-C: temp files go, the run folder's lock is released
+            cli.main(args=argv, prog_name="edgekd", standalone_mode=False)
     except EdgekdError as e:
         if debug:
             raise
         click.echo(f"error: {_one_line(str(e))}", err=True)
+        sys.exit(2)
+    except OSError as e:   # a read or write the OS refused where no stage expected it (full disk, read-only)
+        if debug:
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        click.echo(f"error: {where}{_one_line(e.strerror or str(e))}", err=True)
+        sys.exit(2)
+    except MemoryError:
+        if debug:
+            raise
+        click.echo("error: out of memory; use a smaller model, batch_size or data subset ([data] train_samples)",
+                   err=True)
         sys.exit(2)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)

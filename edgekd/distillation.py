@@ -15,11 +15,11 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from edgekd import distributed, fileio
+from edgekd import distributed, fileio, runfolder
 from edgekd.augment import BatchAugment
 from edgekd.data import Dataset, load_data
 from edgekd.errors import EdgekdError
-from edgekd.models import build_model, check_spec, count_params, load_weights, save_weights
+from edgekd.models import build_model, count_params, load_weights, save_weights
 from edgekd.recipe import Recipe, resolved, to_toml
 from edgekd.train import (
     KDConfig,
@@ -61,12 +61,6 @@ def _save_run_files(out: Path, recipe: Recipe, metrics: dict[str, Any]) -> None:
     fileio.write_json(out / "metrics.json", metrics)
 
 
-def check_specs(recipe: Recipe) -> None:
-    """Parse both model specs and import their factories before any data loads: a typo fails in a second."""
-    for spec in (recipe.teacher.model, recipe.student.model):
-        check_spec(spec)
-
-
 def build_role_model(recipe: Recipe, role: str, data: Dataset) -> nn.Module:
     """The teacher, or the student architecture (student and scratch share it), seeded for reproducibility."""
     cfg = recipe.teacher if role == "teacher" else recipe.student
@@ -76,9 +70,34 @@ def build_role_model(recipe: Recipe, role: str, data: Dataset) -> nn.Module:
     return model
 
 
+def teacher_inputs(recipe: Recipe) -> dict[str, str]:
+    """What teacher.safetensors is made from (edgekd.runfolder): [data], [teacher] and the checkpoint it
+    fine-tunes."""
+    made = runfolder.sections(recipe, "data", "teacher")
+    if recipe.teacher.checkpoint and recipe.path(recipe.teacher.checkpoint).is_file():
+        made["teacher checkpoint"] = fileio.sha256_file(recipe.path(recipe.teacher.checkpoint))
+    return made
+
+
+def student_inputs(recipe: Recipe, out: Path | None = None, teacher: Path | None = None) -> dict[str, str]:
+    """What the student and the scratch baseline are made from: [data], [student], [distill], [augment], and
+    for the student what taught it (teacher.safetensors, a checkpoint, a labels or cache manifest)."""
+    made = runfolder.sections(recipe, "data", "student", "distill", "augment")
+    if out is not None and teacher is not None:
+        made.update([runfolder.file_key(out, teacher)])
+    return made
+
+
 def load_teacher(recipe: Recipe, out: Path, data: Dataset) -> tuple[nn.Module, Path] | None:
-    """The teacher already trained in `out`, or named by [teacher].checkpoint; None when there is none."""
+    """The teacher already trained in `out`, or named by [teacher].checkpoint; None when there is none.
+
+    A teacher.safetensors that `out` records as made from another [data]/[teacher] is refused.
+    """
     path = out / "teacher.safetensors"
+    differ = runfolder.stale(out, path.name, teacher_inputs(recipe)) if path.is_file() else None
+    if differ:
+        raise EdgekdError(f"{path}: was trained with a different recipe ({'; '.join(differ)}); delete it to "
+                          "train the teacher again, or use another --out")
     if not path.is_file() and recipe.teacher.checkpoint:
         path = recipe.path(recipe.teacher.checkpoint)
         if not path.is_file():
@@ -94,11 +113,11 @@ def _train_role(recipe: Recipe, out: Path, role: str, data: Dataset, dev: Any, *
                 model: nn.Module, teacher: nn.Module | None = None, kd: KDConfig | None = None,
                 schedule: dict[str, Any] | None = None, metrics: dict[str, Any] | None = None,
                 x: np.ndarray | None = None, y: np.ndarray | None = None,
-                offline: OfflineTargets | None = None) -> dict[str, Any]:
+                offline: OfflineTargets | None = None, made_from: dict[str, str] | None = None) -> dict[str, Any]:
     """Train one role with checkpoints in out/checkpoints/<role>.ckpt; write <role>.safetensors (rank 0).
 
     With `resume`, a role whose safetensors and metrics already exist is not retrained, and a role with a
-    checkpoint continues from it.
+    checkpoint continues from it. `made_from` goes into the run folder's provenance (edgekd.runfolder).
     """
     final = out / f"{role}.safetensors"
     if resume and final.is_file() and metrics and role in metrics:
@@ -117,6 +136,7 @@ def _train_role(recipe: Recipe, out: Path, role: str, data: Dataset, dev: Any, *
     spec = recipe.teacher.model if role == "teacher" else recipe.student.model
     if distributed.is_main():
         save_weights(model, final, _metadata(spec, data, role))
+        runfolder.record(out, final.name, made_from or {})
         ckpt.unlink(missing_ok=True)
     distributed.barrier()
     entry = _entry(model, data, dev, history, start)
@@ -148,7 +168,14 @@ def train_teacher(recipe: Recipe, out: str | Path, *, device: str = "auto", prog
     """Train the teacher on the task, or fine-tune it from [teacher].checkpoint; writes teacher.safetensors."""
     distributed.init_from_env()
     out = Path(out)
-    check_specs(recipe)
+    with runfolder.locked(out):
+        if resume:
+            runfolder.check_resume(out, recipe)
+        return _train_teacher(recipe, out, device, progress, data, resume)
+
+
+def _train_teacher(recipe: Recipe, out: Path, device: str, progress: bool, data: Dataset | None,
+                   resume: bool) -> dict[str, Any]:
     data = data or load_data(recipe.data, recipe.base_dir)
     dev = distributed.local_device(resolve_device(device))
     model = build_role_model(recipe, "teacher", data)
@@ -156,7 +183,7 @@ def train_teacher(recipe: Recipe, out: str | Path, *, device: str = "auto", prog
         load_weights(model, recipe.path(recipe.teacher.checkpoint))
     metrics = read_metrics(out)
     metrics["teacher"] = _train_role(recipe, out, "teacher", data, dev, progress=progress, resume=resume,
-                                     model=model, metrics=metrics)
+                                     model=model, metrics=metrics, made_from=teacher_inputs(recipe))
     _save_run_files(out, recipe, metrics)
     return metrics
 
@@ -233,7 +260,14 @@ def distill(recipe: Recipe, out: str | Path, *, device: str = "auto", progress: 
     """
     distributed.init_from_env()
     out = Path(out)
-    check_specs(recipe)
+    with runfolder.locked(out):
+        if resume:
+            runfolder.check_resume(out, recipe)
+        return _distill(recipe, out, device, progress, data, resume, labels, cache)
+
+
+def _distill(recipe: Recipe, out: Path, device: str, progress: bool, data: Dataset | None, resume: bool,
+             labels: str | Path | None, cache: str | Path | None) -> dict[str, Any]:
     data = data or load_data(recipe.data, recipe.base_dir)
     dev = distributed.local_device(resolve_device(device))
     if labels is not None or cache is not None:
@@ -244,9 +278,10 @@ def distill(recipe: Recipe, out: str | Path, *, device: str = "auto", progress: 
     if found is None:
         metrics = train_teacher(recipe, out, device=device, progress=progress, data=data, resume=resume)
         teacher = build_role_model(recipe, "teacher", data)
-        load_weights(teacher, out / "teacher.safetensors")
+        teacher_path = out / "teacher.safetensors"
+        load_weights(teacher, teacher_path)
     else:
-        teacher, _ = found
+        teacher, teacher_path = found
         metrics = read_metrics(out)
         if "teacher" not in metrics:
             metrics["teacher"] = _entry(teacher.to(dev), data, dev, [], time.perf_counter())
@@ -271,10 +306,13 @@ def distill(recipe: Recipe, out: str | Path, *, device: str = "auto", progress: 
     student = build_role_model(recipe, "student", data)
     metrics["student"] = _train_role(recipe, out, "student", data, dev, progress=progress, resume=resume,
                                      model=student, teacher=None if once else teacher, kd=kd, schedule=schedule,
-                                     metrics=metrics, x=x, y=y, offline=once)
+                                     metrics=metrics, x=x, y=y, offline=once,
+                                     made_from=student_inputs(recipe, out, teacher_path))
     metrics["student"].update(temperature=temperature, alpha=alpha, samples=int(len(x)),
                               labelled=int((y >= 0).sum()), function_matching=d.function_matching,
                               teacher_outputs="computed once" if once else "every step, on the student's view")
+    if data.report:
+        metrics["data"] = data.report   # streamed source: layout, images, skipped files, where mean/std came from
     _save_run_files(out, recipe, metrics)   # a run killed during the baseline keeps the finished student
     return _finish_with_baseline(recipe, out, data, dev, progress, resume, schedule, metrics, student_samples=len(x))
 
@@ -342,7 +380,8 @@ def _finish_with_baseline(recipe: Recipe, out: Path, data: Dataset, dev: Any, pr
                         schedule["batch_size"]) / math.ceil(n / schedule["batch_size"]))}
         scratch = build_role_model(recipe, "scratch", data)
         metrics["scratch"] = _train_role(recipe, out, "scratch", data, dev, progress=progress, resume=resume,
-                                         model=scratch, schedule=schedule, metrics=metrics)
+                                         model=scratch, schedule=schedule, metrics=metrics,
+                                         made_from=student_inputs(recipe))
         metrics["scratch"]["samples"] = n
     _save_run_files(out, recipe, metrics)
     return metrics
@@ -350,13 +389,18 @@ def _finish_with_baseline(recipe: Recipe, out: Path, data: Dataset, dev: Any, pr
 
 def _distill_offline(recipe: Recipe, out: Path, data: Dataset, dev: Any, progress: bool, resume: bool,
                      labels: Path | None, cache: Path | None) -> dict[str, Any]:
+    from edgekd import cache as teacher_cache
+    from edgekd import labels as teacher_labels
+
     d = resolved(recipe).distill
     schedule = {"epochs": d.epochs, "lr": d.lr, "batch_size": d.batch_size, "seed": d.seed}
     x, y, offline, info = _offline_source(recipe, data, labels, cache)
     metrics = read_metrics(out)
     student = build_role_model(recipe, "student", data)
+    source = labels / teacher_labels.MANIFEST if labels is not None else cache / teacher_cache.MANIFEST
     metrics["student"] = _train_role(recipe, out, "student", data, dev, progress=progress, resume=resume,
-                                     model=student, schedule=schedule, metrics=metrics, x=x, y=y, offline=offline)
+                                     model=student, schedule=schedule, metrics=metrics, x=x, y=y, offline=offline,
+                                     made_from=student_inputs(recipe, out, source))
     metrics["student"]["offline"] = info
     _save_run_files(out, recipe, metrics)
     return _finish_with_baseline(recipe, out, data, dev, progress, resume, schedule, metrics,
@@ -365,12 +409,20 @@ def _distill_offline(recipe: Recipe, out: Path, data: Dataset, dev: Any, progres
 
 def label(recipe: Recipe, teacher: str, out: str | Path, *, pool: str | Path | None = None, top_k: int = 5,
           temperature: float = 1.0, shard_size: int = 1024, min_confidence: float = 0.0,
-          balance: bool = False, progress: bool = True) -> dict[str, Any]:
+          balance: bool = False, timeout_s: float = 600.0, progress: bool = True) -> dict[str, Any]:
     """Have a black-box teacher (.onnx, .safetensors, or `cmd:...`) label the unlabelled pool into `out`.
 
     The pool is `pool` (raw inputs, normalized here like the training data) or the recipe's [data] unlabeled.
     Confidence filtering / class balancing are reported; the labels on disk are the teacher's, unfiltered.
     """
+    with runfolder.locked(out):
+        return _label(recipe, teacher, Path(out), pool, top_k, temperature, shard_size, min_confidence, balance,
+                      timeout_s, progress)
+
+
+def _label(recipe: Recipe, teacher: str, out: Path, pool: str | Path | None, top_k: int, temperature: float,
+           shard_size: int, min_confidence: float, balance: bool, timeout_s: float, progress: bool
+           ) -> dict[str, Any]:
     from edgekd import labels as teacher_labels
     from edgekd.data import load_pool, normalize_like
     from edgekd.teachers import load_teacher as load_black_box
@@ -380,7 +432,7 @@ def label(recipe: Recipe, teacher: str, out: str | Path, *, pool: str | Path | N
     if x is None:
         raise EdgekdError("label: no pool to label; pass --pool or set [data] unlabeled in the recipe")
     t = load_black_box(teacher, model_spec=recipe.teacher.model if str(teacher).endswith(".safetensors") else None,
-                       input_shape=data.input_shape, num_classes=data.num_classes)
+                       input_shape=data.input_shape, num_classes=data.num_classes, timeout_s=timeout_s)
     manifest = teacher_labels.label_pool(t, x, out, shard_size=shard_size, temperature=temperature, top_k=top_k,
                                          num_classes=data.num_classes, progress=progress)
     if pool is not None:   # `distill --labels` finds the pool here (its sha256 is in the manifest)
@@ -395,10 +447,16 @@ def cache_teacher(recipe: Recipe, out: str | Path, *, top_k: int = 5, epochs: in
                   seed: int = 0, device: str = "auto", progress: bool = True) -> dict[str, Any]:
     """Precompute the run's teacher on the transfer set (the training split and the unlabelled pool; top-k
     logits, float16) into out/teacher-cache."""
+    out = Path(out)
+    with runfolder.locked(out):
+        return _cache_teacher(recipe, out, top_k, epochs, augment, seed, device, progress)
+
+
+def _cache_teacher(recipe: Recipe, out: Path, top_k: int, epochs: int, augment: str, seed: int, device: str,
+                   progress: bool) -> dict[str, Any]:
     from edgekd import cache as teacher_cache
     from edgekd.teachers import TorchTeacher
 
-    out = Path(out)
     data = load_data(recipe.data, recipe.base_dir)
     found = load_teacher(recipe, out, data)
     if found is None:

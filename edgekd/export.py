@@ -26,6 +26,9 @@ from edgekd.fileio import atomic_path
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
+# Pinned, not the exporter's default (which moves with torch): the newest opset the ONNX parser of the oldest
+# supported TensorRT reads (edgekd.engines.trt_onnx.TRT_OPSET_RANGE); onnxruntime reads it too.
+OPSET = 20
 
 
 def _to_eval(model: torch.nn.Module) -> None:
@@ -73,7 +76,7 @@ def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: str | Path,
                 if isinstance(model, torch.fx.GraphModule):  # its .training flag cannot be cleared (see _to_eval)
                     warnings.filterwarnings("ignore", message="Exporting a model while it is in training mode")
                 torch.onnx.export(model, (example,), str(raw), dynamo=True, external_data=False,
-                                  dynamic_shapes=dynamic_shapes, input_names=[INPUT_NAME],
+                                  opset_version=OPSET, dynamic_shapes=dynamic_shapes, input_names=[INPUT_NAME],
                                   output_names=[OUTPUT_NAME], verbose=False)
         except Exception as e:
             raise EdgekdError(f"export {path}: torch.onnx.export failed for input shape "

@@ -146,59 +146,76 @@ def load_factory(ref: str, what: str) -> Callable[..., Any]:
     return fn
 
 
-def check_spec(spec: str) -> None:
-    """Parse a model spec and import its factory without building it (the input shape comes with the data):
-    a typo fails before any data loads."""
+# Knob ranges of the built-in families, checked before anything is built.
+_KNOB_RANGES = {"ints": (1, None), "float": (0.0, 1.0)}   # widths/hidden >= 1; dropout in [0, 1)
+
+
+def _family_kwargs(spec: str) -> tuple[type[nn.Module], dict[str, Any]] | None:
+    """(class, keyword arguments) of a built-in family spec, each knob parsed and range-checked; None for a
+    `package.module:factory` spec."""
     name, _, body = spec.partition(":")
-    if name in FAMILIES:
-        _family_kwargs(spec, body)
-    elif ":" in spec and "=" not in body:
-        load_factory(spec, "model factory")
-    else:
-        raise _unknown_family(spec, name)
-
-
-def _unknown_family(spec: str, name: str) -> EdgekdError:
-    return EdgekdError(f"model spec {spec!r}: unknown family {name!r} (expected one of {sorted(FAMILIES)} "
-                       "or 'package.module:factory')")
-
-
-def _family_kwargs(spec: str, body: str) -> dict[str, Any]:
-    _, knob_kinds = FAMILIES[spec.partition(":")[0]]
+    if name not in FAMILIES:
+        if ":" in spec and "=" not in body:
+            return None
+        raise EdgekdError(f"model spec {spec!r}: unknown family {name!r} (expected one of {sorted(FAMILIES)} "
+                          "or 'package.module:factory')")
+    cls, knob_kinds = FAMILIES[name]
     kwargs: dict[str, Any] = {}
     for key, value in _parse_knobs(spec, body).items():
         if key not in knob_kinds:
             raise EdgekdError(f"model spec {spec!r}: unknown knob {key!r} (expected one of {sorted(knob_kinds)})")
         if knob_kinds[key] == "ints":
             kwargs[key] = _ints(value, key, spec)
+            if not kwargs[key] or min(kwargs[key]) < 1:
+                raise EdgekdError(f"model spec {spec!r}: {key} must be positive integers like 32,64, got {value!r}")
         else:
             try:
                 kwargs[key] = float(value)
             except ValueError:
                 raise EdgekdError(f"model spec {spec!r}: {key} must be a number, got {value!r}") from None
-    return kwargs
+            if not 0.0 <= kwargs[key] < 1.0:
+                raise EdgekdError(f"model spec {spec!r}: {key} must be in [0, 1), got {value}")
+    return cls, kwargs
+
+
+def check_spec(spec: str, where: str = "model spec") -> None:
+    """Check a spec before any data is loaded: a built-in family's knobs parse and are in range; a factory's
+    module imports and names a callable. Building it needs the data's input shape (build_model)."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise EdgekdError(f"{where}: expected a model spec like 'cnn:widths=32,64', got {spec!r}")
+    if _family_kwargs(spec) is None:
+        load_factory(spec, "model factory")
 
 
 def build_model(spec: str, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
-    """Build a model from its spec string for inputs of `input_shape` (no batch dim) and `num_classes` outputs."""
-    name, _, body = spec.partition(":")
-    if name in FAMILIES:
-        cls, _ = FAMILIES[name]
-        kwargs = _family_kwargs(spec, body)
+    """Build a model from its spec string for inputs of `input_shape` (no batch dim) and `num_classes` outputs.
+
+    Anything torch raises while allocating it (a model too big for memory, sizes it rejects) is an EdgekdError
+    naming the spec.
+    """
+    family = _family_kwargs(spec)
+    if family is not None:
+        cls, kwargs = family
         try:
             return cls(tuple(input_shape), num_classes, **kwargs)
         except EdgekdError as e:  # name the spec: the family alone does not say which model of the recipe
             raise EdgekdError(f"model spec {spec!r}: {e}") from None
-    if ":" in spec and "=" not in body:
-        factory = load_factory(spec, "model factory")
-        try:
-            model = factory(tuple(input_shape), num_classes)
-        except Exception as e:
-            raise EdgekdError(f"model factory {spec!r} raised {type(e).__name__}: {e}") from e
-        if not isinstance(model, nn.Module):
-            raise EdgekdError(f"model factory {spec!r} returned {type(model).__name__}, expected a torch.nn.Module")
-        return model
-    raise _unknown_family(spec, name)
+        except (RuntimeError, ValueError, OverflowError, MemoryError) as e:
+            raise EdgekdError(f"model spec {spec!r}: cannot build it for inputs {tuple(input_shape)} and "
+                              f"{num_classes} classes ({type(e).__name__}: {_first_line(e)})") from None
+    factory = load_factory(spec, "model factory")
+    try:
+        model = factory(tuple(input_shape), num_classes)
+    except Exception as e:
+        raise EdgekdError(f"model factory {spec!r} raised {type(e).__name__}: {e}") from e
+    if not isinstance(model, nn.Module):
+        raise EdgekdError(f"model factory {spec!r} returned {type(model).__name__}, expected a torch.nn.Module")
+    return model
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else "no message"
 
 
 def count_params(model: nn.Module) -> int:

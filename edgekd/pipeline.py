@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgekd import fileio
+from edgekd import fileio, runfolder, streaming
 from edgekd.data import Dataset, load_data
 from edgekd.engines import check_target
 from edgekd.errors import EdgekdError
@@ -52,10 +52,9 @@ def load_run_recipe(run_dir: str | Path) -> Recipe:
     path = run_dir / "recipe.toml"
     if not path.is_file():
         raise EdgekdError(f"{run_dir}: not a run folder (no recipe.toml); run `edgekd distill` first")
-    recipe = load_recipe(path)
     source = run_dir / RECIPE_SOURCE
     if not source.is_file():
-        return recipe
+        return load_recipe(path)
     try:
         folder = json.loads(source.read_text()).get("recipe_dir")
     except (json.JSONDecodeError, AttributeError, UnicodeDecodeError):
@@ -64,12 +63,12 @@ def load_run_recipe(run_dir: str | Path) -> Recipe:
         raise EdgekdError(f"{source}: expected {{\"recipe_dir\": an existing folder}}, got "
                           f"{source.read_text()[:200]!r}; rerun `edgekd distill` or delete the file to resolve paths "
                           "against the run folder")
-    add_import_dir(folder)
-    return dataclasses.replace(recipe, base_dir=folder)
+    add_import_dir(folder)   # before loading: the recipe's model specs are checked as it loads
+    return dataclasses.replace(load_recipe(path), base_dir=folder)
 
 
-def _current(output: Path, *inputs: Path) -> bool:
-    """An output is current when it exists and is at least as new as every input it was made from."""
+def _newer(output: Path, *inputs: Path) -> bool:
+    """`output` exists and is at least as new as every input (for files the provenance record does not cover)."""
     return output.exists() and all(output.stat().st_mtime >= p.stat().st_mtime for p in inputs if p.exists())
 
 
@@ -96,6 +95,10 @@ class RunContext:
         return self.recipe.teacher.model if model == "teacher" else self.recipe.student.model
 
     def weights(self, model: str) -> Path:
+        """The model's checkpoint; refused when the folder records it as made from another recipe than the
+        run's (or from a teacher that has changed since): a folder whose files come from different runs."""
+        from edgekd.distillation import student_inputs, teacher_inputs
+
         if model not in MODELS:
             raise EdgekdError(f"--model {model!r}: expected one of {', '.join(MODELS)}")
         path = self.dir / f"{model}.safetensors"
@@ -103,7 +106,25 @@ class RunContext:
             path = self.recipe.path(self.recipe.teacher.checkpoint)   # distilled from a given teacher
         if not path.is_file():
             raise EdgekdError(f"{path}: not found; run `edgekd distill` into {self.dir} first")
+        if path.parent == self.dir:
+            expected = teacher_inputs(self.recipe) if model == "teacher" else student_inputs(self.recipe)
+            differ = runfolder.stale(self.dir, path.name, expected)
+            if differ:
+                raise EdgekdError(f"{path}: not made from this run's recipe and files ({'; '.join(differ)}); run "
+                                  f"`edgekd distill` into {self.dir} again, or use another folder")
         return path
+
+    def weights_input(self, model: str) -> dict[str, str]:
+        """The made_from entry of an artifact built from the model's checkpoint (edgekd.runfolder)."""
+        return dict([runfolder.file_key(self.dir, self.weights(model))])
+
+    def fresh_onnx(self, model: str) -> bool:
+        """onnx/<model>.onnx exists and the folder records it as exported from the current checkpoint."""
+        path = self.onnx_path(model)
+        return path.is_file() and runfolder.stale(self.dir, self.rel(path), self.weights_input(model)) == []
+
+    def rel(self, path: Path) -> str:
+        return path.relative_to(self.dir).as_posix()
 
     def model(self, name: str) -> nn.Module:
         model = build_model(self.spec(name), self.data.input_shape, self.data.num_classes)
@@ -127,18 +148,24 @@ class RunContext:
 def export(run_dir: str | Path, model: str = "student", *, ctx: RunContext | None = None,
            resume: bool = False) -> dict[str, Any]:
     """Export a trained model to ONNX and measure its parity with PyTorch on the test split. With `resume`, an
-    ONNX newer than its checkpoint (and its parity record) is kept."""
+    ONNX the run folder records as exported from the current checkpoint (and its parity record) is kept."""
+    with runfolder.locked(ctx.dir if ctx else run_dir):
+        return _export(ctx or RunContext(run_dir), model, resume)
+
+
+def _export(ctx: RunContext, model: str, resume: bool = False) -> dict[str, Any]:
     from edgekd.export import export_onnx, parity
 
-    ctx = ctx or RunContext(run_dir)
     path = ctx.onnx_path(model)
     record = path.with_suffix(".parity.json")
-    if resume and _current(path, ctx.weights(model)) and _current(record, path):
+    if resume and ctx.fresh_onnx(model) and _newer(record, path):
         return json.loads(record.read_text())
     net = ctx.model(model)
     example = torch.from_numpy(ctx.data.x_test[:2])
     export_onnx(net, example, path, metadata=ctx.metadata(model))
-    check = parity(net, path, ctx.data.x_test)
+    runfolder.record(ctx.dir, ctx.rel(path), ctx.weights_input(model))
+    x = ctx.data.x_test   # a streamed test split: the first 512 (parity is a check of the export, not accuracy)
+    check = parity(net, path, x[:512] if streaming.is_lazy(x) else x)
     result = {"model": model, "path": str(path), "size_bytes": path.stat().st_size, "parity": check}
     fileio.write_json(record, result)
     return result
@@ -151,18 +178,19 @@ def _bundle_dir(ctx: RunContext, target: Target, model: str, precision: str, qua
 
 def quantized_onnx(ctx: RunContext, target: Target) -> tuple[dict[str, Path], list[str]]:
     """The student's Q/DQ ONNX files for the target's scheme that `edgekd quantize` wrote ({"ptq": path, ...}),
-    and why int8 engines cannot be built when there are none (or they are older than the student)."""
+    and why int8 engines cannot be built when there are none (or they were made from another student)."""
     scheme = target.quant_scheme
     found: dict[str, Path] = {}
     stale = []
-    student = ctx.weights("student")
+    student = ctx.weights_input("student")
     for q in QUANTIZATIONS:
         path = ctx.onnx_path("student", q, scheme)
         if path.is_file():
-            if _current(path, student):
+            differ = runfolder.stale(ctx.dir, ctx.rel(path), student)   # None: an older folder, no record
+            if not differ:
                 found[q] = path
             else:
-                stale.append(f"{path} is older than {student}")
+                stale.append(f"{path} is stale ({'; '.join(differ)})")
     if found:
         return found, []
     how = f"run `edgekd quantize {ctx.dir} --target {target.path or target.name}`"
@@ -178,15 +206,20 @@ def build(run_dir: str | Path, target: str | Target, *, models: tuple[str, ...] 
     """Build every float engine the target asks for, and int8 engines from the student's Q/DQ ONNX files of the
     target's scheme (`quantized`, keyed by "ptq"/"qat"; default: what `edgekd quantize` wrote into the run folder),
     for `models`. Engines that cannot be built here (no TensorRT, no GPU, no quantized student) are listed under
-    "skipped" with the reason instead of failing the run. With `resume`, a bundle newer than its source is kept.
+    "skipped" with the reason instead of failing the run. With `resume`, a bundle the run folder records as built
+    from the same source and target is kept.
 
     Returns {"target", "built": [bundle paths], "engines": [{model, precision, quantization, path, reused}],
     "skipped": [{target, model, precision, quantization, reason}]}."""
-    from edgekd.engines import EngineSource, check_target
+    with runfolder.locked(ctx.dir if ctx else run_dir):
+        return _build(ctx or RunContext(run_dir), load_target(target), models, quantized, resume)
+
+
+def _build(ctx: RunContext, target: Target, models: tuple[str, ...], quantized: dict[str, Path] | None,
+           resume: bool) -> dict[str, Any]:
+    from edgekd.engines import EngineSource
     from edgekd.engines import build as build_engine
 
-    ctx = ctx or RunContext(run_dir)
-    target = load_target(target)
     status = check_target(target)
     problem = "" if status == "ok" else status
     int8_missing: list[str] = []
@@ -224,10 +257,12 @@ def build(run_dir: str | Path, target: str | Target, *, models: tuple[str, ...] 
             onnx_path = qpath
             if target.runtime != "torch" and onnx_path is None:
                 onnx_path = ctx.onnx_path(model)
-                if not onnx_path.is_file():
+                if not ctx.fresh_onnx(model):   # missing, or left by an earlier checkpoint: export again
                     export(ctx.dir, model, ctx=ctx)
-            source_file = onnx_path if onnx_path is not None else ctx.weights(model)
-            if resume and _current(out / "manifest.json", source_file):
+            made_from = (dict([runfolder.file_key(ctx.dir, onnx_path)]) if onnx_path is not None
+                         else ctx.weights_input(model))
+            made_from["target"] = runfolder.digest(dataclasses.asdict(target))
+            if resume and (out / "manifest.json").is_file() and runfolder.stale(ctx.dir, ctx.rel(out), made_from) == []:
                 built.append(str(out))
                 engines.append({"model": model, "precision": precision, "quantization": quantization,
                                 "path": str(out), "reused": True})
@@ -236,11 +271,13 @@ def build(run_dir: str | Path, target: str | Target, *, models: tuple[str, ...] 
             source = EngineSource(model_name=model, onnx_path=onnx_path, weights_path=ctx.weights(model),
                                   model_spec=ctx.spec(model), input_shape=ctx.data.input_shape,
                                   num_classes=ctx.data.num_classes, class_names=ctx.data.class_names,
-                                  normalization=ctx.data.normalization, quantization=quantization)
+                                  normalization=ctx.data.normalization, quantization=quantization,
+                                  preprocessing=_preprocessing(ctx.data))
             try:
                 built.append(str(build_engine(source, target, precision, out, eval_data=evals)))
                 engines.append({"model": model, "precision": precision, "quantization": quantization,
                                 "path": str(out), "reused": False})
+                runfolder.record(ctx.dir, ctx.rel(out), made_from)
             except EdgekdError as e:
                 if target.runtime == "tensorrt" or target.device != "cpu":
                     skipped.append({"target": target.name, "model": model, "precision": precision,
@@ -252,6 +289,11 @@ def build(run_dir: str | Path, target: str | Target, *, models: tuple[str, ...] 
             "built": built, "engines": engines, "skipped": skipped}
 
 
+def _preprocessing(data: Dataset) -> dict[str, Any] | None:
+    """The eval PreprocessSpec of image inputs as the bundle records it (None for array sources)."""
+    return data.preprocess.to_dict() if data.preprocess is not None else None
+
+
 def profile(run_dir: str | Path, target: str | Target, *, quick: bool = False,
             resume: bool = False) -> list[dict[str, Any]]:
     """Profile every bundle built for the target; writes profile-<target>.json and returns the results.
@@ -260,22 +302,30 @@ def profile(run_dir: str | Path, target: str | Target, *, quick: bool = False,
     training process (torch and its threads) would otherwise disturb the timings, and the memory figure is that
     process's own peak (edgekd.profile). With `resume`, a profile newer than every bundle is kept.
     """
+    with runfolder.locked(run_dir):
+        return _profile(Path(run_dir), load_target(target), quick, resume)
+
+
+def _profile(run_dir: Path, target: Target, quick: bool, resume: bool) -> list[dict[str, Any]]:
     import subprocess
     import tempfile
 
-    run_dir = Path(run_dir)
-    target = load_target(target)
     folder = run_dir / "engines" / target.name
-    bundles = sorted(p for p in folder.iterdir() if (p / "manifest.json").is_file()) if folder.is_dir() else []
+    bundles = sorted(p for p in folder.iterdir() if (p / "manifest.json").is_file() and not fileio.is_temp(p)
+                     ) if folder.is_dir() else []
     if not bundles:
         raise EdgekdError(f"{folder}: no engines built for target {target.name}; run `edgekd build {run_dir} "
                           f"--target {target.path or target.name}` first")
     from edgekd.bundle import verify
 
-    for bundle in bundles:  # a tampered bundle fails before any other bundle's manifest gets metrics
+    for bundle in bundles:  # a tampered or stale bundle fails before any other bundle's manifest gets metrics
         verify(bundle)
+        differ = runfolder.stale(run_dir, bundle.relative_to(run_dir).as_posix())
+        if differ:
+            raise EdgekdError(f"{bundle}: stale, built from other files than the run's ({'; '.join(differ)}); "
+                              f"rebuild it with `edgekd build {run_dir} --target {target.name}`")
     record = run_dir / f"profile-{target.name}.json"
-    if resume and _current(record, *(b / "manifest.json" for b in bundles)):
+    if resume and _newer(record, *(b / "manifest.json" for b in bundles)):
         return json.loads(record.read_text())
     timing = ["--warmup", "3", "--min-runs", "10", "--min-seconds", "0.2"] if quick else []
     results = []
@@ -295,13 +345,19 @@ def profile(run_dir: str | Path, target: str | Target, *, quick: bool = False,
 def report(run_dir: str | Path, targets: tuple[str, ...] | None = None,
            skipped: list[dict[str, Any]] | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Assemble report.json/.md/.png from metrics.json and the profile-<target>.json files in the run folder."""
-    from edgekd.distillation import read_metrics
-    from edgekd.report import build_report, engine_entry, write_report
-
     run_dir = Path(run_dir)
     if not (run_dir / "metrics.json").is_file():
         raise EdgekdError(f"{run_dir}: not a run folder (no metrics.json); run `edgekd distill` or `edgekd run` "
                           "into it first")
+    with runfolder.locked(run_dir):
+        return _report(run_dir, targets, skipped, extra)
+
+
+def _report(run_dir: Path, targets: tuple[str, ...] | None, skipped: list[dict[str, Any]] | None,
+            extra: dict[str, Any] | None) -> dict[str, Any]:
+    from edgekd.distillation import read_metrics
+    from edgekd.report import build_report, engine_entry, write_report
+
     files = sorted(run_dir.glob("profile-*.json"))
     if targets is not None:
         files = [run_dir / f"profile-{t}.json" for t in targets if (run_dir / f"profile-{t}.json").is_file()]
@@ -324,16 +380,17 @@ def run(recipe: Recipe, out: str | Path, *, targets: tuple[str | Target, ...] = 
         from edgekd.embedding import run_embedding
 
         _import_torchao_quietly()   # transformers imports torchao when it is installed
-        return run_embedding(recipe, out, targets=targets, progress=progress, quick_profile=quick_profile)
-    from edgekd.distillation import check_specs, distill
+        with runfolder.locked(out):
+            return run_embedding(recipe, out, targets=targets, progress=progress, quick_profile=quick_profile)
+    from edgekd.distillation import distill
 
     out = Path(out)
     loaded = [load_target(t) for t in targets]   # resolved once: a bad target fails before training anything
-    check_specs(recipe)
-    ctx_data = load_data(recipe.data, recipe.base_dir)
-    distill(recipe, out, device=device, progress=progress, data=ctx_data, resume=resume)
-    return engines(RunContext(out, recipe, ctx_data), loaded, device=device, progress=progress,
-                   quick_profile=quick_profile, resume=resume)
+    with runfolder.locked(out):
+        ctx_data = load_data(recipe.data, recipe.base_dir)
+        distill(recipe, out, device=device, progress=progress, data=ctx_data, resume=resume)
+        return engines(RunContext(out, recipe, ctx_data), loaded, device=device, progress=progress,
+                       quick_profile=quick_profile, resume=resume)
 
 
 def engines(ctx: RunContext, loaded: list[Target], *, device: str = "auto", progress: bool = True,
@@ -388,10 +445,15 @@ def quantize(run_dir: str | Path, scheme: str | None = None, *, target: str | Ta
     """PTQ and (with mode "qat") quantization-aware distillation of the run's student, for `scheme` or the
     scheme of `target` (default x86-cpu-ort). `mode` overrides [quantize].mode (which must then not be "none").
     Writes onnx/student.<ptq|qat>-<scheme>.onnx, which `build` picks up.
-    With `resume`, a result whose ONNX files are newer than the student is kept."""
+    With `resume`, a result the run folder records as made from the current student and [quantize] is kept."""
+    with runfolder.locked(ctx.dir if ctx else run_dir):
+        return _quantize(ctx or RunContext(run_dir), scheme, target, mode, device, progress, resume)
+
+
+def _quantize(ctx: RunContext, scheme: str | None, target: str | Target | None, mode: str | None, device: str,
+              progress: bool, resume: bool) -> dict[str, Any]:
     from edgekd.compress import quantize_student, require_torchao
 
-    ctx = ctx or RunContext(run_dir)
     if scheme is None:
         t = load_target(target or DEFAULT_TARGETS[0])
         if "int8" not in t.precisions:
@@ -403,16 +465,22 @@ def quantize(run_dir: str | Path, scheme: str | None = None, *, target: str | Ta
                           "--mode)")
     if wanted != ctx.recipe.quantize.mode:
         ctx.recipe = dataclasses.replace(ctx.recipe, quantize=dataclasses.replace(ctx.recipe.quantize, mode=wanted))
+    made_from = {**ctx.weights_input("student"), **runfolder.sections(ctx.recipe, "quantize")}
     record = ctx.dir / "onnx" / f"quantize-{scheme}.json"
     if resume and record.is_file():
         done = json.loads(record.read_text())
         kinds = ("ptq", "qat") if wanted == "qat" and ctx.recipe.quantize.epochs > 0 else ("ptq",)
         paths = [Path(done.get("onnx", {}).get(k, "")) for k in kinds]
-        if all(p.is_file() and _current(p, ctx.weights("student")) for p in paths):
+        if all(p.is_file() and p.is_relative_to(ctx.dir) and runfolder.stale(ctx.dir, ctx.rel(p), made_from) == []
+               for p in paths):
             return done
     _import_torchao_quietly()
     require_torchao()
-    return quantize_student(ctx, scheme, device=device, progress=progress)
+    result = quantize_student(ctx, scheme, device=device, progress=progress)
+    for path in result["onnx"].values():
+        if Path(path).is_relative_to(ctx.dir):
+            runfolder.record(ctx.dir, ctx.rel(Path(path)), made_from)
+    return result
 
 
 def _import_torchao_quietly() -> None:

@@ -33,7 +33,7 @@ VNNI_FLAGS = ("avx512_vnni", "avx_vnni")
 
 # What each runtime can build; int8 always means "from a Q/DQ ONNX", never calibration inside the builder.
 RUNTIME_PRECISIONS = {
-    "onnxruntime": ("fp32", "int8"),
+    "onnxruntime": ("fp32", "fp16", "int8"),  # fp16 only with the TensorRT execution provider first
     "tensorrt": ("fp32", "fp16", "int8"),
     "torch": ("fp32", "fp16"),
 }
@@ -71,6 +71,7 @@ class Target:
     memory_budget_mb: float | None = None
     quant_scheme: str = "none"
     quant_scheme_reason: str = ""   # why this scheme: pinned by the file, the runtime's default, or the CPU's flags
+    eval_samples: int = 256
     path: str = ""
 
 
@@ -98,6 +99,7 @@ _SCHEMA: dict[str, tuple[str, str]] = {
     "latency_budget_ms": ("float", "a number of milliseconds"),
     "memory_budget_mb": ("float", "a number of MiB"),
     "quant_scheme": ("str", f"one of {', '.join(QUANT_SCHEMES)}, or {AUTO!r} (from the CPU's instruction sets)"),
+    "eval_samples": ("int", "a number of test samples >= 0 (0: no eval.npz in the bundle)"),
 }
 
 _DEFAULT_QUANT_SCHEME = {"onnxruntime": "ort-cpu", "tensorrt": "tensorrt", "torch": "none"}
@@ -246,6 +248,9 @@ def _from_dict(file: Path, data: dict[str, Any]) -> Target:
     if v.get("compile") and runtime != "torch":
         raise EdgekdError(f"target file {file}: key 'compile' (torch.compile) only applies to runtime "
                           "'torch'")
+    if v.get("eval_samples", 0) < 0:
+        raise EdgekdError(f"target file {file}: key 'eval_samples' must be >= 0 (0: no eval.npz), got "
+                          f"{v['eval_samples']}")
     for key in ("latency_budget_ms", "memory_budget_mb"):
         if key in v and v[key] <= 0:
             raise EdgekdError(f"target file {file}: key {key!r} must be positive, got {v[key]}")
@@ -263,6 +268,13 @@ def _from_dict(file: Path, data: dict[str, Any]) -> Target:
     if stray:
         raise EdgekdError(f"target file {file}: provider_options names provider {stray[0]!r}, which is not "
                           f"in providers {list(providers)}")
+    if runtime == "onnxruntime" and "fp16" in precisions and providers[:1] != ("TensorrtExecutionProvider",):
+        raise EdgekdError(f"target file {file}: precision 'fp16' is not supported by runtime 'onnxruntime' "
+                          "without 'TensorrtExecutionProvider' first in providers (it builds the fp16 kernels)")
+    if "TensorrtExecutionProvider" in provider_options:
+        from edgekd.engines.ort import check_trt_ep_options
+
+        check_trt_ep_options(str(file), provider_options["TensorrtExecutionProvider"])
 
     return Target(
         name=v.get("name", file.stem),
@@ -288,6 +300,7 @@ def _from_dict(file: Path, data: dict[str, Any]) -> Target:
         memory_budget_mb=v.get("memory_budget_mb"),
         quant_scheme=scheme,
         quant_scheme_reason=reason,
+        eval_samples=v.get("eval_samples", 256),
         path=str(file),
     )
 

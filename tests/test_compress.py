@@ -42,6 +42,20 @@ def test_fp32_ptq_and_qat_engines_side_by_side(qat_run):
         assert ops & {"QuantizeLinear", "QLinearConv", "DequantizeLinear"}, ops
 
 
+def test_int8_engines_record_what_they_were_made_from(qat_run):
+    """Each INT8 bundle records its quantized ONNX, which records the student and the [quantize] section
+    (edgekd.runfolder), so a later student or recipe makes them stale."""
+    from edgekd import runfolder
+
+    made = json.loads((qat_run / runfolder.PROVENANCE).read_text())["artifacts"]
+    for kind in ("ptq", "qat"):
+        bundle = f"engines/x86-cpu-ort/student-int8-{kind}"
+        onnx_file = f"onnx/student.{kind}-ort-cpu-avx2.onnx"
+        assert f"file:{onnx_file}" in made[bundle]["made_from"]
+        assert {"file:student.safetensors", "[quantize]"} <= set(made[onnx_file]["made_from"])
+        assert runfolder.stale(qat_run, bundle) == []
+
+
 def test_bad_quantize_keys_are_refused(tmp_path):
     recipe = tmp_path / "r.toml"
     recipe.write_text('[quantize]\nmode = "int4"\n')

@@ -10,6 +10,7 @@ import numpy as np
 
 from edgekd import runtime
 from edgekd.bundle import read_manifest, update_metrics
+from edgekd.fileio import write_signed_json
 from edgekd.profile import format_table, profile_bundle
 
 KEYS = {"bundle", "model", "target", "runtime", "precision", "quantization", "size_bytes", "accuracy", "agreement",
@@ -54,8 +55,9 @@ def test_profile_without_eval_set_and_metrics(edge_ort_bundle: Path, tmp_path: P
     manifest = json.loads((copy / "manifest.json").read_text())
     (copy / "eval.npz").unlink()
     del manifest["files"]["eval.npz"]
+    manifest["eval"] = None
     manifest["budgets"] = {"latency_ms": None, "memory_mb": None}
-    (copy / "manifest.json").write_text(json.dumps(manifest))
+    write_signed_json(copy / "manifest.json", manifest)  # a bundle built without an eval set
     result = profile_bundle(copy, batch_sizes=(3,), warmup=1, min_runs=3, min_seconds=0.0)
     assert result["accuracy"] is None and result["agreement"] is None
     assert result["budgets"] == {"pass": None}

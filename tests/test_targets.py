@@ -106,6 +106,8 @@ def test_wrong_type_names_file_and_key(tmp_path: Path, body: str, key: str) -> N
     ('runtime = "onnxruntime"\ndevice = "cpu"\nprecisions = ["fp32"]\n[provider_options.CUDAExecutionProvider]\n'
      'device_id = 0\n', "not in providers"),
     ('runtime = "onnxruntime"\ndevice = "cpu"\nprecisions = ["fp32"\n', "not valid TOML"),
+    ('runtime = "onnxruntime"\ndevice = "cpu"\nprecisions = ["fp32"]\neval_samples = -1\n',
+     "'eval_samples' must be >= 0"),
 ])
 def test_invalid_combinations(tmp_path: Path, text: str, match: str) -> None:
     path = tmp_path / "bad.toml"
