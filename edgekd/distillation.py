@@ -54,7 +54,10 @@ def read_metrics(out: Path) -> dict[str, Any]:
 def _save_run_files(out: Path, recipe: Recipe, metrics: dict[str, Any]) -> None:
     if not distributed.is_main():
         return
+    from edgekd.pipeline import record_recipe_dir
+
     fileio.write_text(out / "recipe.toml", to_toml(resolved(recipe)))
+    record_recipe_dir(out, recipe)   # relative paths in recipe.toml resolve against the recipe's folder
     fileio.write_json(out / "metrics.json", metrics)
 
 
@@ -189,7 +192,8 @@ def _entry(model: nn.Module, data: Dataset, dev: Any, history: list[dict], start
     return {"accuracy": accuracy(model, data.x_test, data.y_test, dev), "test_samples": len(data.y_test),
             "params": count_params(model),
             "val_accuracy": accuracy(model, data.x_val, data.y_val, dev) if len(data.y_val) else None,
-            "epochs": len(history), "train_seconds": round(time.perf_counter() - start, 2)}
+            "epochs": len(history),   # a model loaded as is (no epochs) has no training time
+            **({"train_seconds": round(time.perf_counter() - start, 2)} if history else {})}
 
 
 def _offline_source(recipe: Recipe, data: Dataset, labels: Path | None, cache: Path | None
@@ -200,11 +204,9 @@ def _offline_source(recipe: Recipe, data: Dataset, labels: Path | None, cache: P
 
     d = resolved(recipe).distill
     if labels is not None:
-        if data.x_unlabeled is None:
-            raise EdgekdError(f"--labels {labels}: the recipe has no unlabelled pool; set [data] unlabeled to the "
-                              "pool that `edgekd label` labelled")
-        lab = teacher_labels.read_labels(labels, pool=data.x_unlabeled)
-        x = data.x_unlabeled[lab.indices]
+        pool = data.x_unlabeled if data.x_unlabeled is not None else _labelled_pool(labels, data)
+        lab = teacher_labels.read_labels(labels, pool=pool)   # verifies the pool's sha256 against the manifest
+        x = pool[lab.indices]
         info = {"source": "labels", "path": str(labels), "samples": int(len(x)), "teacher": lab.manifest["teacher"],
                 "soft": lab.topk_probs is not None}
         if lab.topk_probs is None:   # the teacher gave only class indices: plain cross-entropy on them
@@ -225,6 +227,25 @@ def _offline_source(recipe: Recipe, data: Dataset, labels: Path | None, cache: P
         return views, v, i
     info = {"source": "cache", "path": str(cache), "top_k": manifest["top_k"], "augment": manifest["augment"]}
     return x, y, OfflineTargets(fetch, d.temperature, d.alpha, "logits"), info
+
+
+POOL_SOURCE = "pool-source.json"   # in a labels folder: {"pool": the --pool file `edgekd label` labelled}
+
+
+def _labelled_pool(labels: Path, data: Dataset) -> np.ndarray:
+    """The pool `edgekd label --pool` labelled, as recorded beside its labels (normalized like the training data);
+    read_labels then checks it against the manifest's sha256."""
+    from edgekd.data import load_pool, normalize_like
+
+    record = labels / POOL_SOURCE
+    if not record.is_file():
+        raise EdgekdError(f"--labels {labels}: no {POOL_SOURCE} naming the labelled pool and the recipe has no "
+                          "[data] unlabeled; set it to the pool that `edgekd label` labelled")
+    try:
+        path = json.loads(record.read_text())["pool"]
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+        raise EdgekdError(f"{record}: expected {{\"pool\": a file path}}; relabel or set [data] unlabeled") from None
+    return normalize_like(data, load_pool(str(path)))
 
 
 def distill(recipe: Recipe, out: str | Path, *, device: str = "auto", progress: bool = True,
@@ -414,6 +435,8 @@ def _label(recipe: Recipe, teacher: str, out: Path, pool: str | Path | None, top
                        input_shape=data.input_shape, num_classes=data.num_classes, timeout_s=timeout_s)
     manifest = teacher_labels.label_pool(t, x, out, shard_size=shard_size, temperature=temperature, top_k=top_k,
                                          num_classes=data.num_classes, progress=progress)
+    if pool is not None:   # `distill --labels` finds the pool here (its sha256 is in the manifest)
+        fileio.write_json(Path(out) / POOL_SOURCE, {"pool": str(Path(pool).resolve())})
     kept, report = teacher_labels.filter_labels(teacher_labels.read_labels(out, pool=x),
                                                 min_confidence=min_confidence, balance=balance)
     return {"manifest": manifest, "filter": report,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import tempfile
 import warnings
 from pathlib import Path
@@ -37,6 +38,15 @@ def _to_eval(model: torch.nn.Module) -> None:
         model.eval()
 
 
+_REGISTRATION_LOG = "torch.onnx._internal.exporter._registration"
+
+
+def _no_torchvision_notice(record: logging.LogRecord) -> bool:
+    """The exporter logs "torchvision is not installed. Skipping torchvision::nms" (and three more ops) on every
+    export; edgekd never exports torchvision ops, so the notice is nothing the user can act on."""
+    return not record.getMessage().startswith("torchvision is not installed")
+
+
 def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: str | Path, *, metadata: dict[str, str],
                 dynamic_batch: bool = True) -> Path:
     """Export `model` to one self-contained ONNX file at `path` (atomically) and return the path.
@@ -58,6 +68,8 @@ def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: str | Path,
     with tempfile.TemporaryDirectory(prefix="edgekd-export-") as tmp:
         raw = Path(tmp) / "model.onnx"
         log = io.StringIO()
+        registration = logging.getLogger(_REGISTRATION_LOG)
+        registration.addFilter(_no_torchvision_notice)
         try:
             with contextlib.redirect_stdout(log), warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)  # torch-internal deprecations, not the user's
@@ -70,6 +82,8 @@ def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: str | Path,
             raise EdgekdError(f"export {path}: torch.onnx.export failed for input shape "
                               f"{tuple(example.shape)} ({type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else ''})") from e
+        finally:
+            registration.removeFilter(_no_torchvision_notice)
         proto = onnx.load(str(raw))
 
     input_shape: list[int | str] = list(example.shape)

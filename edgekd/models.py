@@ -2,11 +2,17 @@
 
 A model spec is a string: `"mlp:hidden=128,64"`, `"cnn:widths=32,64"` (optionally `,dropout=0.1`), or
 `"package.module:factory"`, a callable `factory(input_shape, num_classes) -> nn.Module`.
+
+`module:function` specs (models, and data sources) are imported from the folders of the recipes loaded in this
+process, then the current directory, then the usual `sys.path`: a `mymodels.py` beside the recipe is found
+without setting PYTHONPATH.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -96,15 +102,44 @@ FAMILIES: dict[str, tuple[type[nn.Module], dict[str, str]]] = {
 }
 
 
+_RECIPE_DIRS: list[str] = []
+
+
+def add_import_dir(folder: str | Path) -> None:
+    """Put a recipe's folder on the import path of `module:function` specs (first added, first searched)."""
+    folder = str(Path(folder).resolve())
+    if folder not in _RECIPE_DIRS:
+        _RECIPE_DIRS.append(folder)
+
+
+def import_dirs() -> list[str]:
+    """Where `module:function` specs are looked for before sys.path: the recipes' folders, then the cwd."""
+    return list(dict.fromkeys([*_RECIPE_DIRS, os.getcwd()]))
+
+
 def load_factory(ref: str, what: str) -> Callable[..., Any]:
-    """Import `package.module:function`, with an error that names the reference when it is not there."""
+    """Import `package.module:function` from import_dirs() + sys.path; the error names the reference and where
+    it looked."""
     module_name, _, attr = ref.partition(":")
     if not module_name or not attr:
         raise EdgekdError(f"{what} {ref!r}: expected 'package.module:function'")
+    extra = [d for d in import_dirs() if d not in sys.path]
+    sys.path[:0] = extra
     try:
         module = importlib.import_module(module_name)
-    except Exception as e:  # ImportError, or the module raising at import time
+    except ModuleNotFoundError as e:
+        missing_itself = e.name is not None and (module_name == e.name or module_name.startswith(e.name + "."))
+        if not missing_itself:   # the module was found but imports something that is not installed
+            raise EdgekdError(f"{what} {ref!r}: importing module {module_name!r} failed ({type(e).__name__}: {e})"
+                              ) from e
+        raise EdgekdError(f"{what} {ref!r}: cannot import module {module_name!r}: not in the recipe's folder, the "
+                          f"current directory or sys.path (looked in {', '.join(import_dirs())} first); put "
+                          f"{module_name.replace('.', '/')}.py beside the recipe or set PYTHONPATH") from e
+    except Exception as e:  # the module raising at import time
         raise EdgekdError(f"{what} {ref!r}: cannot import module {module_name!r} ({type(e).__name__}: {e})") from e
+    finally:
+        for d in extra:
+            sys.path.remove(d)
     fn = getattr(module, attr, None)
     if not callable(fn):
         raise EdgekdError(f"{what} {ref!r}: module {module_name!r} has no callable {attr!r}")

@@ -1,8 +1,13 @@
 """Profile a bundle where it runs: latency percentiles, throughput, memory, size, accuracy, budgets.
 
 numpy + the bundle's runtime only (no torch at import), so `python -m edgekd.runtime profile BUNDLE` works on
-a Jetson or a Pi that has nothing else installed. Run it in a fresh process: peak RSS (ru_maxrss) is a
-process-lifetime high-water mark and includes whatever the process loaded before (a training run, torch).
+a Jetson or a Pi that has nothing else installed.
+
+Memory: `peak_rss_mb` is the whole profiling process's peak resident set (interpreter, numpy, the runtime, the
+engine, its buffers), read from the kernel's VmHWM, which starts afresh when a program is exec'd; that is why
+`edgekd profile` runs each bundle in its own `python -m edgekd.runtime profile` process. (getrusage's ru_maxrss
+is not used on Linux: it carries the parent's peak across fork+exec, so a child of a 1.5 GB training process
+would report 1.5 GB.) `rss_growth_mb` is what loading and running the engine added to the current RSS.
 """
 
 from __future__ import annotations
@@ -34,6 +39,14 @@ def _rss_mb() -> float | None:
 
 
 def _peak_rss_mb() -> float:
+    """This process image's peak RSS in MiB: VmHWM from /proc/self/status (Linux), else ru_maxrss."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024   # kB
+    except (OSError, ValueError, IndexError):
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
 
@@ -121,8 +134,8 @@ def profile_bundle(bundle_dir: str | Path, *, batch_sizes: tuple[int, ...] | Non
                                  "metric": f"p99 at batch {smallest['batch']}",
                                  "pass": smallest["p99"] <= latency_budget}
     if memory_budget is not None:
-        budgets["memory_mb"] = {"budget": memory_budget, "measured": peak, "metric": "peak process RSS",
-                                "pass": peak <= memory_budget}
+        budgets["memory_mb"] = {"budget": memory_budget, "measured": peak,
+                                "metric": "peak RSS of the profiling process", "pass": peak <= memory_budget}
     budgets["pass"] = all(b["pass"] for b in budgets.values()) if budgets else None
 
     return {
@@ -133,6 +146,7 @@ def profile_bundle(bundle_dir: str | Path, *, batch_sizes: tuple[int, ...] | Non
         "device": manifest.get("device"),
         "precision": manifest.get("precision"),
         "quantization": manifest.get("quantization"),
+        "quant_scheme": manifest.get("quant_scheme"),
         "size_bytes": int(size_bytes),
         "accuracy": spot["accuracy"],
         "agreement": spot["agreement"],

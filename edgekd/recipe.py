@@ -340,6 +340,9 @@ def load_recipe(path: str | Path) -> Recipe:
         raise EdgekdError(f"recipe {path}: arrays or tables nested too deeply to read") from None
     # built-in recipes name repository paths (calibration/...): resolve them against the repository
     base = path.parent if path.parent != Path(__file__).parent / "recipes" else Path(__file__).parent.parent
+    from edgekd.models import add_import_dir
+
+    add_import_dir(base)   # module:function specs beside the recipe import without PYTHONPATH (checked below)
     return recipe_from_dict(raw, where=f"recipe {path}", base_dir=base)
 
 

@@ -67,3 +67,17 @@ def test_a_safetensors_file_whose_header_length_starts_with_0x80_loads(tmp_path)
             break
     assert path.read_bytes()[:1] == b"\x80"
     assert load_weights(build_model("mlp:hidden=4", (3,), 2), path)["pad"] == "." * pad
+
+
+def test_factories_import_from_the_recipe_folder_and_say_where_they_looked(tmp_path, monkeypatch):
+    from edgekd import models
+
+    (tmp_path / "beside.py").write_text("from torch import nn\n\ndef f(shape, n):\n    return nn.Linear(64, n)\n")
+    monkeypatch.setattr(models, "_RECIPE_DIRS", [])
+    with pytest.raises(EdgekdError, match="cannot import module 'beside'.*looked in"):
+        models.check_spec("beside:f")
+    models.add_import_dir(tmp_path)
+    models.check_spec("beside:f")   # imported, not built: no input shape needed
+    assert str(tmp_path) not in __import__("sys").path   # the search path is extended only while importing
+    with pytest.raises(EdgekdError, match="unknown knob 'depth'"):
+        models.check_spec("cnn:depth=3")

@@ -312,6 +312,7 @@ def build(source: EngineSource, target: Target, precision: str, out_dir: str | P
             "device": target.device,
             "precision": precision,
             "quantization": source.quantization,
+            "quant_scheme": {"scheme": target.quant_scheme, "reason": target.quant_scheme_reason},
             "input": {"name": result.get("input_name", "input"), "shape": [batch_dim, *source.input_shape],
                       "dtype": "float32"},
             "output": {"name": result.get("output_name", "logits"), "shape": [batch_dim, source.num_classes],
