@@ -187,8 +187,11 @@ def profile(run_dir: str | Path, target_name: str, *, quick: bool = False) -> li
 
 
 def report(run_dir: str | Path, targets: tuple[str, ...] | None = None,
-           skipped: list[dict[str, Any]] | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Assemble report.json/.md/.png from metrics.json and the profile-<target>.json files in the run folder."""
+           skipped: list[dict[str, Any]] | None = None, extra: dict[str, Any] | None = None, *,
+           ship_slower_int8: bool = False) -> dict[str, Any]:
+    """Assemble report.json/.md/.png from metrics.json and the profile-<target>.json files in the run folder.
+
+    The headline never picks an INT8 engine slower than its FP32 engine unless `ship_slower_int8`."""
     from edgekd.distillation import read_metrics
     from edgekd.report import build_report, engine_entry, write_report
 
@@ -201,7 +204,7 @@ def report(run_dir: str | Path, targets: tuple[str, ...] | None = None,
         files = [run_dir / f"profile-{t}.json" for t in targets if (run_dir / f"profile-{t}.json").is_file()]
     engines = [engine_entry(p, run_dir) for f in files for p in json.loads(f.read_text())]
     names = list(targets) if targets else [f.stem.removeprefix("profile-") for f in files]
-    rep = build_report(read_metrics(run_dir), engines, skipped or [], names, extra)
+    rep = build_report(read_metrics(run_dir), engines, skipped or [], names, extra, ship_slower_int8=ship_slower_int8)
     write_report(run_dir, rep)
     return rep
 
@@ -236,6 +239,7 @@ def engines(ctx: RunContext, loaded: list[Target], *, device: str = "auto", prog
     skipped: list[dict[str, Any]] = []
     profiled: list[str] = []
     quantized: dict[str, dict[str, Any]] = {}   # scheme -> quantize_student() result
+    fallbacks: dict[str, dict[str, Any]] = {}
     for target in loaded:
         q_paths = None
         if recipe.quantize.mode != "none" and "int8" in target.precisions and target.quant_scheme != "none":
@@ -247,13 +251,67 @@ def engines(ctx: RunContext, loaded: list[Target], *, device: str = "auto", prog
         result = build(out, target.name, ctx=ctx, quantized=q_paths)
         skipped += result["skipped"]
         if result["built"]:
-            profile(out, target.name, quick=quick_profile)
+            profiles = profile(out, target.name, quick=quick_profile)
             profiled.append(target.name)
+            if q_paths and "ptq" in q_paths and not recipe.quantize.ship_slower_int8:
+                decision = int8_fallback(ctx, target, profiles, quantized[target.quant_scheme], quick=quick_profile)
+                if decision is not None:
+                    fallbacks[target.name] = decision
     extra: dict[str, Any] = {"export_parity": {m: e["parity"] for m, e in exports.items()}}
     if quantized:
         extra["quantization"] = {scheme: {k: v for k, v in q.items() if k not in ("qat_history", "onnx")}
                                  for scheme, q in quantized.items()}
-    return report(out, tuple(profiled), skipped, extra=extra)
+    if fallbacks:
+        extra["int8_fallback"] = fallbacks
+    return report(out, tuple(profiled), skipped, extra=extra, ship_slower_int8=recipe.quantize.ship_slower_int8)
+
+
+def _ptq_verdict(ctx: RunContext, target: Target, profiles: list[dict[str, Any]]) -> dict[str, Any] | None:
+    from edgekd.report import engine_entry, int8_vs_fp32
+
+    name = f"student-{target.name}-int8-ptq"
+    return next((v for v in int8_vs_fp32([engine_entry(p, ctx.dir) for p in profiles]) if v["engine"] == name), None)
+
+
+def int8_fallback(ctx: RunContext, target: Target, profiles: list[dict[str, Any]], quantized: dict[str, Any], *,
+                  quick: bool = False) -> dict[str, Any] | None:
+    """INT8 never ships slower than FP32 unless the recipe asks: when the student's PTQ engine profiled slower
+    than its FP32 engine at one of the target's batch sizes, measure each layer's kernels in both (onnxruntime's
+    profiler, at the slowest such batch), keep in float the layers INT8 slows down, rebuild and re-profile.
+
+    Returns None when INT8 is not slower, else what was measured and chosen: "int8 with float layers" when the
+    rebuilt engine beats FP32 at every batch size, else "fp32" (the report's headline then skips the INT8 engine).
+    """
+    from edgekd import compress
+    from edgekd.quantize import quantizable_layers
+
+    before = _ptq_verdict(ctx, target, profiles)
+    if before is None or not before["slower_at_batches"]:
+        return None
+    decision: dict[str, Any] = {"engine": before["engine"], "speedup_vs_fp32": before["speedup_vs_fp32"],
+                                "slower_at_batches": before["slower_at_batches"]}
+    if target.runtime != "onnxruntime":
+        return {**decision, "chose": "fp32", "why": "per-layer costs are measured on onnxruntime targets only"}
+    batch = max(before["slower_at_batches"])
+    rows = compress.layer_latency(ctx, ctx.onnx_path("student"), Path(quantized["onnx"]["ptq"]), batch, target.threads)
+    keep = compress.slower_in_int8(rows)
+    decision.update(layer_ms={"batch": batch, "rows": rows}, kept_float_for_speed=keep)
+    skip = tuple(dict.fromkeys([*quantized.get("kept_float", []), *keep]))
+    if not keep or set(skip) >= set(quantizable_layers(ctx.model("student"))):
+        why = ("no layer's INT8 kernels are slower than its FP32 ones" if not keep else
+               "every layer is slower in INT8")
+        return {**decision, "chose": "fp32", "why": f"{why}; the INT8 engine is not shipped"}
+    mixed = compress.ptq_keep_float(ctx, target.quant_scheme, skip,
+                                    ctx.dir / "onnx" / f"student.ptq-{target.quant_scheme}-keep-float.onnx")
+    build(ctx.dir, target.name, models=("student",), ctx=ctx, quantized={"ptq": mixed})
+    after = _ptq_verdict(ctx, target, profile(ctx.dir, target.name, quick=quick))
+    decision["after"] = after
+    if after is not None and not after["slower_at_batches"]:
+        return {**decision, "chose": "int8 with float layers",
+                "why": f"kept {keep} in float (their INT8 kernels took longer than FP32's at batch {batch}); the "
+                       f"rebuilt INT8 engine beats FP32 at every batch size"}
+    return {**decision, "chose": "fp32", "why": f"kept {keep} in float, but the INT8 engine is still slower than "
+                                                "FP32; it is not shipped"}
 
 
 def quantize(run_dir: str | Path, scheme: str, *, ctx: RunContext | None = None, device: str = "auto",

@@ -42,8 +42,28 @@ def engine_entry(profile: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     }
 
 
-def headline(engines: list[dict[str, Any]], target: str) -> dict[str, Any] | None:
-    on_target = [e for e in engines if e["target"] == target]
+def int8_vs_fp32(engines: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each int8 engine against the fp32 engine of the same model on the same target, at every profiled batch:
+    speedup = fp32 p50 / int8 p50 (same profiling run); `slower_at_batches` lists the batches where it is < 1."""
+    out = []
+    for e in engines:
+        base = next((f for f in engines if f["precision"] == "fp32" and f["model"] == e["model"]
+                     and f["target"] == e["target"]), None)
+        if e["precision"] != "int8" or base is None:
+            continue
+        fp32 = {r["batch"]: r["p50"] for r in base["per_batch"]}
+        speedup = {r["batch"]: fp32[r["batch"]] / r["p50"] for r in e["per_batch"]
+                   if r["batch"] in fp32 and r["p50"] > 0}
+        out.append({"engine": e["name"], "fp32_engine": base["name"], "target": e["target"],
+                    "speedup_vs_fp32": speedup, "slower_at_batches": sorted(b for b, v in speedup.items() if v < 1)})
+    return out
+
+
+def headline(engines: list[dict[str, Any]], target: str, *, ship_slower_int8: bool = False) -> dict[str, Any] | None:
+    """The trade on `target`. An int8 engine slower than its fp32 engine at a profiled batch size is never the
+    one shipped unless `ship_slower_int8` (the recipe's [quantize] ship_slower_int8) asks for it."""
+    slower = set() if ship_slower_int8 else {v["engine"] for v in int8_vs_fp32(engines) if v["slower_at_batches"]}
+    on_target = [e for e in engines if e["target"] == target and e["name"] not in slower]
     teachers = [e for e in on_target if e["model"] == "teacher" and e["precision"] == "fp32"]
     students = [e for e in on_target if e["model"] == "student"]
     if not teachers or not students:
@@ -64,15 +84,18 @@ def headline(engines: list[dict[str, Any]], target: str) -> dict[str, Any] | Non
 
 
 def build_report(models: dict[str, Any], engines: list[dict[str, Any]], skipped: list[dict[str, Any]],
-                 targets: list[str], extra: dict[str, Any] | None = None) -> dict[str, Any]:
+                 targets: list[str], extra: dict[str, Any] | None = None, *,
+                 ship_slower_int8: bool = False) -> dict[str, Any]:
     keep = ("accuracy", "params", "test_samples", "epochs", "train_seconds", "samples", "labelled", "temperature",
             "alpha", "function_matching", "teacher_outputs")
     report = {"models": {k: {f: v[f] for f in keep if f in v} for k, v in models.items()
                          if k in ("teacher", "scratch", "student")},
               "distillation": distillation_summary(models), "search": models.get("search"),
               "engines": engines, "skipped": skipped, "headline": None}
+    if verdicts := int8_vs_fp32(engines):
+        report["int8_vs_fp32"] = verdicts
     for target in targets:
-        if (h := headline(engines, target)) is not None:
+        if (h := headline(engines, target, ship_slower_int8=ship_slower_int8)) is not None:
             report["headline"] = h
             break
     report.update(extra or {})
