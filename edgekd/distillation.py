@@ -111,6 +111,8 @@ def _train_role(recipe: Recipe, out: Path, role: str, data: Dataset, dev: Any, *
         ckpt.unlink(missing_ok=True)
     distributed.barrier()
     entry = _entry(model, data, dev, history, start)
+    if role == "teacher" and final.is_file():
+        entry.update(_score_key(final, data))
     if distributed.is_distributed():
         entry.update(world_size=distributed.world_size(),
                      max_param_divergence=history[-1].get("max_param_divergence", 0.0) if history else 0.0)
@@ -149,6 +151,29 @@ def train_teacher(recipe: Recipe, out: str | Path, *, device: str = "auto", prog
                                      model=model, metrics=metrics)
     _save_run_files(out, recipe, metrics)
     return metrics
+
+
+def _score_key(weights: Path, data: Dataset) -> dict[str, str]:
+    """What a teacher's test/validation scores depend on: its weights file and the evaluation splits."""
+    from edgekd.teachers import array_sha256
+
+    parts = [array_sha256(a) for a in (data.x_test, data.y_test, data.x_val, data.y_val)]
+    return {"weights_sha256": fileio.sha256_file(weights), "eval_data_sha256": array_sha256(np.array(parts))}
+
+
+def _recorded_teacher(weights: Path, data: Dataset) -> dict[str, Any] | None:
+    """The teacher's metrics recorded in the run folder of a [teacher].checkpoint, when they were measured on
+    these weights and these evaluation splits (same hashes): distill then does not score the teacher again."""
+    try:
+        recorded = read_metrics(weights.parent).get("teacher")
+    except EdgekdError:
+        return None
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("accuracy"), (int, float)):
+        return None
+    key = _score_key(weights, data)
+    if any(recorded.get(k) != v for k, v in key.items()):
+        return None
+    return {**recorded, "metrics_from": str(weights.parent / "metrics.json")}
 
 
 def _entry(model: nn.Module, data: Dataset, dev: Any, history: list[dict], start: float) -> dict[str, Any]:
@@ -217,10 +242,11 @@ def distill(recipe: Recipe, out: str | Path, *, device: str = "auto", progress: 
         teacher = build_role_model(recipe, "teacher", data)
         load_weights(teacher, out / "teacher.safetensors")
     else:
-        teacher, _ = found
+        teacher, path = found
         metrics = read_metrics(out)
         if "teacher" not in metrics:
-            metrics["teacher"] = _entry(teacher.to(dev), data, dev, [], time.perf_counter())
+            metrics["teacher"] = _recorded_teacher(path, data) or {
+                **_entry(teacher.to(dev), data, dev, [], time.perf_counter()), **_score_key(path, data)}
     d = resolved(recipe).distill
     schedule = {"epochs": d.epochs, "lr": d.lr, "batch_size": d.batch_size, "seed": d.seed}
     x, y = transfer_set(data)
