@@ -186,8 +186,35 @@ def quantize_static_onnx(fp32: Path, out: Path, batches: list[np.ndarray]) -> Pa
     return out
 
 
+def qat_kd(model: nn.Module, calib: np.ndarray, steps: int, lr: float) -> nn.Module:
+    """edgekd's QAT with the FP32 model as teacher on the calibration images (unlabelled, random flips): ranges
+    and BatchNorm statistics from calibration, frozen (`quantize.freeze`), then `steps` KD steps of batch 8 on
+    the fake-quantized weights, then convert. No labels, no other data than PTQ uses."""
+    from edgekd.losses import kd_loss
+
+    batches = [torch.from_numpy(calib[i:i + 8]) for i in range(0, len(calib), 8)]
+    prepared = q.prepare(model, batches[0], q.QuantConfig(scheme="ort-cpu"), qat=True)
+    q.calibrate(prepared, batches)
+    q.freeze(prepared)
+    params = [p for p in prepared.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=lr)
+    gen = torch.Generator().manual_seed(0)
+    x_all = torch.from_numpy(calib)
+    for step in range(steps):
+        x = x_all[torch.randint(0, len(calib), (8,), generator=gen)]
+        x = x.flip(-1) if step % 2 else x
+        with torch.no_grad():
+            target = model(x)
+        loss = kd_loss(prepared(x), target, None, temperature=1.0, alpha=1.0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return q.convert(prepared)
+
+
 def build_engines(model: nn.Module, calib: np.ndarray, work: Path, threads: int,
-                  observers: tuple[str, ...]) -> tuple[dict[str, Path], dict[str, Any]]:
+                  observers: tuple[str, ...], qat_steps: int = 0,
+                  qat_lr: float = 1e-5) -> tuple[dict[str, Path], dict[str, Any]]:
     """Bundles for FP32, edgekd PTQ per scheme (and observer variants) and quantize_static; and what it took."""
     base = dataclasses.replace(load_target("x86-cpu-ort"), threads=threads)
     batches = [calib[i:i + 8] for i in range(0, len(calib), 8)]
@@ -204,6 +231,12 @@ def build_engines(model: nn.Module, calib: np.ndarray, work: Path, threads: int,
         info["ptq_seconds"][name] = round(time.perf_counter() - start, 1)
         onnx_files[name] = (export_onnx(gm, example, work / f"{name.replace(' ', '_')}.onnx",
                                         metadata={"quant_scheme": scheme}), scheme)
+    if qat_steps:
+        start = time.perf_counter()
+        gm = qat_kd(model, calib, qat_steps, qat_lr)
+        info["ptq_seconds"]["edgekd ort-cpu QAT-KD"] = round(time.perf_counter() - start, 1)
+        onnx_files["edgekd ort-cpu QAT-KD"] = (export_onnx(gm, example, work / "qat.onnx",
+                                                           metadata={"quant_scheme": "ort-cpu"}), "ort-cpu")
     start = time.perf_counter()
     onnx_files["quantize_static"] = (quantize_static_onnx(onnx_files["fp32"][0], work / "qs.onnx", batches),
                                      "ort-cpu")
@@ -254,9 +287,11 @@ def speed(engines: dict[str, Any], x: np.ndarray, rounds: int) -> dict[str, dict
 
 def run_model(name: str, model: nn.Module, calib: np.ndarray, evals: np.ndarray, args: argparse.Namespace,
               threads: int) -> dict[str, Any]:
-    observers = ("mse", "percentile") if "EfficientNet" in name else ()
+    efficientnet = "EfficientNet" in name
+    observers = tuple(args.observers) if efficientnet else ()
     with tempfile.TemporaryDirectory(prefix="edgekd-int8-edge-") as tmp:
-        bundles, info = build_engines(model, calib, Path(tmp), threads, observers)
+        bundles, info = build_engines(model, calib, Path(tmp), threads, observers,
+                                      qat_steps=args.qat_steps if efficientnet else 0, qat_lr=args.qat_lr)
         engines = {n: runtime.load(path, threads=threads) for n, path in bundles.items()}
         info["fidelity"] = fidelity(engines, evals)
         timed = {n: e for n, e in engines.items() if n in TIMED}
@@ -307,6 +342,11 @@ def main() -> None:
     parser.add_argument("--rounds8", type=int, default=15, help="interleaved rounds at batch 8")
     parser.add_argument("--calib", type=int, default=64, help="calibration images")
     parser.add_argument("--eval", type=int, default=256, help="evaluation images")
+    parser.add_argument("--observers", nargs="*", default=["mse", "percentile"], choices=["mse", "percentile"],
+                        help="EfficientNet-Lite0 also gets edgekd PTQ with these activation observers")
+    parser.add_argument("--qat-steps", type=int, default=0,
+                        help="EfficientNet-Lite0 also gets edgekd QAT-KD from the FP32 model for this many steps")
+    parser.add_argument("--qat-lr", type=float, default=1e-5, help="Adam learning rate of those QAT-KD steps")
     parser.add_argument("--models", nargs="*", help="substrings of the model names to run (default: all)")
     args = parser.parse_args()
     if args.quick:
