@@ -190,10 +190,17 @@ def qat_kd(model: nn.Module, calib: np.ndarray, steps: int, lr: float) -> nn.Mod
     """edgekd's QAT with the FP32 model as teacher on the calibration images (unlabelled, random flips): ranges
     and BatchNorm statistics from calibration, frozen (`quantize.freeze`), then `steps` KD steps of batch 8 on
     the fake-quantized weights, then convert. No labels, no other data than PTQ uses."""
+    import copy
+
     from edgekd.losses import kd_loss
 
+    student = copy.deepcopy(model)
+    if hasattr(student, "_global_params"):
+        # EfficientNet's drop-connect branches on self.training in Python: QAT exports in training mode, so
+        # its random ops would be baked into the INT8 graph (9 unfused Q/DQ pairs and a stochastic engine).
+        student._global_params = student._global_params._replace(drop_connect_rate=0.0)
     batches = [torch.from_numpy(calib[i:i + 8]) for i in range(0, len(calib), 8)]
-    prepared = q.prepare(model, batches[0], q.QuantConfig(scheme="ort-cpu"), qat=True)
+    prepared = q.prepare(student, batches[0], q.QuantConfig(scheme="ort-cpu"), qat=True)
     q.calibrate(prepared, batches)
     q.freeze(prepared)
     params = [p for p in prepared.parameters() if p.requires_grad]
