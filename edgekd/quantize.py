@@ -681,13 +681,32 @@ def freeze(prepared: GraphModule) -> None:
     prepared.recompile()
 
 
+_RANDOM_OPS = {_aten.rand_like.default, _aten.randn_like.default, _aten.rand.default, _aten.randn.default,
+               _aten.bernoulli.default, _aten.bernoulli.p, _aten.bernoulli_.float, _aten.native_dropout.default,
+               _aten.randint_like.default}
+
+
+def _check_no_random_ops(gm: GraphModule) -> None:
+    """A QAT model is exported in training mode: a training-only Python branch in its forward (stochastic depth,
+    drop-connect) is captured with its random ops, which torchao's train/eval switch cannot remove."""
+    found = [n for n in gm.graph.nodes if _is_call(n, _RANDOM_OPS)]
+    if found:
+        where = sorted({p for n in found for p in _module_paths(n)[-1:]} or {"the model's forward"})
+        raise EdgekdError(f"the quantized model still draws random numbers ({found[0].target}) in {where}: a "
+                          "training-only branch (stochastic depth, drop-connect) was captured when the model was "
+                          "exported in training mode for QAT; turn it off (e.g. drop_connect_rate = 0) before QAT")
+
+
 def convert(prepared: GraphModule) -> GraphModule:
-    """Observers/fake-quant -> Q/DQ ops (BN folded); the result runs in PyTorch and exports to ONNX."""
+    """Observers/fake-quant -> Q/DQ ops (BN folded); the result runs in PyTorch and exports to ONNX.
+
+    Refuses a graph that would still draw random numbers at inference (see `_check_no_random_ops`)."""
     move_exported_model_to_eval(prepared)
     scheme = prepared.meta.get("edgekd_scheme")
     int32_bias = prepared.meta.get("edgekd_int32_bias", False)
     with _skip_absent_conv_kinds(prepared):
         converted = convert_pt2e(prepared)
+    _check_no_random_ops(converted)
     if int32_bias:
         _quantize_biases(converted)
     converted.meta["edgekd_scheme"] = scheme
