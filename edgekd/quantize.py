@@ -48,6 +48,7 @@ from torchao.quantization.pt2e.quantizer import (
     Quantizer,
     SharedQuantizationSpec,
 )
+from torchao.quantization.pt2e.quantizer.utils import get_module_name_filter
 
 from edgekd.errors import EdgekdError
 
@@ -254,9 +255,9 @@ def _module_paths(node: Node) -> list[str]:
 
 
 def _in_paths(node: Node, paths: Iterable[str]) -> bool:
-    """True when the node comes from one of the module paths (or a module below one)."""
-    mine = _module_paths(node)
-    return any(p == s or p.startswith(s + ".") for s in paths for p in mine)
+    """True when the node comes from one of the module paths (or a module below one): torchao's module-name
+    filter, which looks the path up in the node's module stack (every enclosing module)."""
+    return any(get_module_name_filter(path)(node) for path in paths)
 
 
 def _is_call(node: object, ops: set) -> bool:
