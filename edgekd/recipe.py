@@ -104,6 +104,7 @@ class QuantizeConfig:
     observer: str = "minmax"        # PTQ activation observer: minmax | percentile | mse
     percentile: float = 99.99
     keep_float: int = 0             # keep the N most sensitive layers in float (runs the sensitivity pass)
+    ship_slower_int8: bool = False  # let an INT8 engine slower than its FP32 one be the engine shipped
 
 
 @dataclass(frozen=True)
