@@ -279,9 +279,15 @@ def _dataset_source(ds: Any, where: str, cfg: DataConfig) -> tuple[streaming.Laz
     """A map-style torch Dataset of (input, label) pairs, used as it is: inputs are read per batch by the
     DataLoader workers (uint8 inputs scaled by 1/255). Labels come from `ds.targets` (torchvision's convention)
     when it has them, else from reading each item once (one pass, nothing kept but the labels)."""
+    import torch
+
+    if isinstance(ds, torch.utils.data.IterableDataset):
+        raise EdgekdError(f"{where}: {type(ds).__name__} is an IterableDataset; edgekd needs samples by index (resume "
+                          "mid-epoch, the teacher cache and the stratified splits address them by index): return "
+                          "map-style Datasets, or use an image folder, an .npz or tar shards (edgekd shards)")
     if not hasattr(ds, "__getitem__") or not hasattr(ds, "__len__"):
-        raise EdgekdError(f"{where}: {type(ds).__name__} has no len() and indexing (an IterableDataset?); return "
-                          "map-style Datasets of (input, label) pairs")
+        raise EdgekdError(f"{where}: {type(ds).__name__} has no len() and indexing; return map-style Datasets of "
+                          "(input, label) pairs")
     if not len(ds):
         raise EdgekdError(f"{where}: the dataset is empty")
     try:

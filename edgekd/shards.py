@@ -87,9 +87,9 @@ def _check_images(files: list[Path], workers: int | None) -> None:
 
 def _write_shard(path: Path, files: list[tuple[Path, int]], first: int) -> dict[str, Any]:
     """One tar of `files` (keys numbered from `first`), written atomically; its wids shardlist entry."""
-    from webdataset import TarWriter
-
     from edgekd.fileio import atomic_path
+
+    TarWriter = _need("webdataset").TarWriter
 
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f, TarWriter(f) as sink:
@@ -97,6 +97,16 @@ def _write_shard(path: Path, files: list[tuple[Path, int]], first: int) -> dict[
                 sink.write({"__key__": f"{k:09d}", file.suffix.lower().lstrip("."): file.read_bytes(),
                             "cls": str(label).encode("ascii")})
     return {"url": path.name, "nsamples": len(files), "filesize": path.stat().st_size}
+
+
+def _need(module: str) -> Any:
+    """The shards extra's module, or one line saying how to install it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise EdgekdError(f"tar shards need the {module.split('.')[0]} package: pip install 'edgekd[shards]'") from None
 
 
 def descriptors(path: Path) -> dict[str, Path]:
@@ -177,8 +187,7 @@ class LazyShards(streaming.LazyImages):
         if file in self._open:
             self._open.move_to_end(file)
             return self._open[file]
-        from wids.wids import IndexedTarSamples
-
+        IndexedTarSamples = _need("wids.wids").IndexedTarSamples
         expected = dict(self.shards)[file]
         try:
             tar = IndexedTarSamples(path=file)

@@ -15,6 +15,9 @@ from edgekd.recipe import DataConfig
 from edgekd.shards import LazyShards, write_shards
 from tests.test_cli import edgekd
 
+pytest.importorskip("webdataset")   # the optional extra edgekd[shards]
+pytest.importorskip("wids")
+
 
 def _folder(root, splits=("train", "test"), classes=("cat", "dog", "eel"), per_class=5, size=(12, 10)):
     """Real PNG and JPEG files; every image is one grey level (a running number), so a read-back input names
