@@ -203,3 +203,23 @@ def test_cli_writes_shards_that_train_a_teacher(tmp_path):
     assert (tmp_path / "run" / "teacher.safetensors").is_file()
     r = edgekd("shards", tmp_path / "nope", "--out", tmp_path / "sh2")
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: shards: ")
+
+
+def test_torchrun_ranks_train_in_step_on_shards_with_workers(tmp_path):
+    """2 DDP processes (gloo), each with a DataLoader worker reading its DistributedSampler's samples from the
+    shards, with per-batch resized crops: the run ends with identical replicas."""
+    import subprocess
+    import sys
+
+    _folder(tmp_path / "imgs", per_class=6, size=(8, 8))
+    write_shards(tmp_path / "imgs", tmp_path / "sh", shard_size=5, workers=0)
+    (tmp_path / "r.toml").write_text('[data]\nsource = "sh"\nnum_workers = 1\ngrayscale = true\n'
+                                     '[teacher]\nmodel = "cnn:widths=4,8"\nepochs = 2\nbatch_size = 4\n'
+                                     '[augment]\nresized_crop = [0.5, 1.0]\n')
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    r = subprocess.run([*torchrun, "-m", "edgekd", "teacher", "r.toml", "--out", "run", "--device", "cpu", "--quiet"],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())["teacher"]
+    assert m["world_size"] == 2 and m["max_param_divergence"] == 0.0
