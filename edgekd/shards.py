@@ -12,9 +12,9 @@ by index.
 Shard files are data. The descriptor is parsed here, not by `wids.ShardListDataset` (which would download
 URLs and run `pipe:` commands): every shard must be a plain relative file name inside the descriptor's
 folder, of the recorded size and sample count. Members are read through wids' memory-mapped tar index
-(`wids.wids.IndexedTarSamples`), never extracted; only image members (through `edgekd.preprocess`, with its
-pixel limit) and a `.cls` of at most MAX_LABEL_BYTES are decoded. Anything else in a sample (.pyd, .pth,
-.pkl, ...) is never read, so a pickle in a shard cannot run.
+(`wids.wids.IndexedTarSamples`), never extracted; only image members (at most MAX_IMAGE_BYTES, through
+`edgekd.preprocess` with its pixel limit) and a `.cls` of at most MAX_LABEL_BYTES are decoded. Anything
+else in a sample (.pyd, .pth, .pkl, ...) is never read, so a pickle in a shard cannot run.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from edgekd.streaming import LoaderOptions
 SPLIT_NAMES = {"": "all", "train": "train", "val": "val", "test": "test"}   # folder split -> descriptor name
 MAX_INDEX_BYTES = 64 * 2**20   # a descriptor larger than this is refused before parsing
 MAX_LABEL_BYTES = 32
+MAX_IMAGE_BYTES = 256 * 2**20   # an image member larger than this is refused before it is copied out of the map
 MAX_OPEN_SHARDS = 16           # tar indexes kept open per process (least recently used closed first)
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
@@ -211,6 +212,9 @@ class LazyShards(streaming.LazyImages):
             ext = "." + member.rsplit(".", 1)[-1].lower()
             name = f"{file}:{member.rsplit('.', 1)[0]}"
             if image and ext in IMAGE_EXTS and "image" not in out:
+                if size > MAX_IMAGE_BYTES:
+                    raise EdgekdError(f"shard {name}: {ext} member of {size} bytes, more than {MAX_IMAGE_BYTES}; "
+                                      "refused")
                 out["image"] = tar.reader.get_at_offset(offset)[1]
             elif ext == ".cls":
                 if size > MAX_LABEL_BYTES:

@@ -145,6 +145,29 @@ def test_pickles_in_a_shard_are_never_decoded(tmp_path):
     assert not marker.exists()
 
 
+def test_oversized_members_are_refused_before_they_are_read(tmp_path, monkeypatch):
+    from edgekd import shards
+
+    folder = tmp_path / "sh"
+    folder.mkdir()
+    png = __import__("io").BytesIO()
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(png, format="PNG")
+    _tar(folder / "s0.tar", [("0.png", png.getvalue()), ("0.cls", b"0" * 40), ("1.png", png.getvalue()),
+                             ("1.cls", b"1")])
+    _descriptor(folder, [{"url": "s0.tar", "nsamples": 2}])
+    x = LazyShards([(str(folder / "s0.tar"), 2)], shards.PreprocessSpec(mode="L"), (1, 4, 4))
+    with pytest.raises(EdgekdError, match=r"s0.tar:0: .cls member of 40 bytes; expected a class index"):
+        x.label(0)
+    assert x.label(1) == 1 and x.read(1).shape == (1, 4, 4)
+    monkeypatch.setattr(shards, "MAX_IMAGE_BYTES", 16)
+    with pytest.raises(EdgekdError, match=r"s0.tar:1: .png member of \d+ bytes, more than 16; refused"):
+        x.read(1)
+    (folder / "all.json").write_bytes(b"{" + b" " * 64 + b"}")
+    monkeypatch.setattr(shards, "MAX_INDEX_BYTES", 32)
+    with pytest.raises(EdgekdError, match=r"all.json: descriptor larger than 32 bytes; refused"):
+        load_data(DataConfig(source="sh"), tmp_path)
+
+
 @pytest.mark.parametrize("url", ["../outside.tar", "pipe:touch {marker}", "/etc/passwd", "sub/s0.tar",
                                  "http://example.com/s0.tar"])
 def test_a_descriptor_names_only_files_in_its_own_folder(tmp_path, url):
