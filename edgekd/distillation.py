@@ -149,12 +149,14 @@ def _train_role(recipe: Recipe, out: Path, role: str, data: Dataset, dev: Any, *
 
 
 def role_augment(recipe: Recipe, role: str) -> BatchAugment | None:
-    """[augment] for a role: crop/flip for all; mixup/cutmix for the student (and scratch with mix_scratch)."""
+    """[augment] for a role: resized crop/crop/flip for all; mixup/cutmix for the student (and scratch with
+    mix_scratch)."""
     a = recipe.augment
-    aug = BatchAugment(crop=a.crop, flip=a.flip, mixup=a.mixup, cutmix=a.cutmix)
+    aug = BatchAugment(crop=a.crop, flip=a.flip, mixup=a.mixup, cutmix=a.cutmix,
+                       resized_crop=tuple(a.resized_crop) if a.resized_crop else None)
     if role == "teacher" or (role == "scratch" and not a.mix_scratch):
         aug = aug.without_mixing()
-    return aug if (aug.crop or aug.flip or aug.mixes) else None
+    return aug if (aug.crop or aug.flip or aug.mixes or aug.resized_crop) else None
 
 
 def transfer_set(data: Dataset) -> tuple[np.ndarray, np.ndarray]:
