@@ -196,7 +196,7 @@ def test_hostile_input_is_refused_before_any_write(case: Case, tmp_path: Path):
 
 # --- Every range in the table is enforced (in-process: one recipe_from_dict per key) ------------------------
 
-BAD = {">= 1": 0, ">= 0": -1, "> 0": 0, "[0, 1]": 1.5, "[0, 1)": 1.0, "(0, 100]": 0}
+BAD = {">= 1": 0, ">= 0": -1, "> 0": 0, "[0, 1]": 1.5, "[0, 1)": 1.0, "(0, 100]": 0, "(0, 1]": 0}
 
 
 def _bad_value(section: str, key: str, rule: str) -> object:
