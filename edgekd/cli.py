@@ -19,6 +19,9 @@ DEVICE = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), de
 OUT = click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
                    help="Run folder to write into.")
 QUIET = click.option("--quiet", is_flag=True, help="No progress bars.")
+REUSE_TEACHER = click.option("--reuse-teacher", is_flag=True,
+                             help="Use OUT/teacher.safetensors as it is even when it was trained with another "
+                                  "[data]/[teacher] section (by default that is refused).")
 RESUME = click.option("--resume", is_flag=True, help="Continue a killed run from OUT/checkpoints/ and skip the "
                       "models already trained.")
 
@@ -67,8 +70,9 @@ def teacher(recipe: str, out: Path, device: str, quiet: bool, resume: bool) -> N
               help="Learn from what a black-box teacher said about the unlabelled pool (`edgekd label` output).")
 @click.option("--cache", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Offline KD from stored top-k teacher logits (`edgekd cache-teacher` output).")
+@REUSE_TEACHER
 def distill(recipe: str, out: Path, device: str, quiet: bool, resume: bool, labels: Path | None,
-            cache: Path | None) -> None:
+            cache: Path | None, reuse_teacher: bool) -> None:
     """Distill the student from the teacher, and train the same student from scratch as the baseline.
 
     Uses OUT/teacher.safetensors (or [teacher].checkpoint) when present, else trains the teacher first.
@@ -80,7 +84,7 @@ def distill(recipe: str, out: Path, device: str, quiet: bool, resume: bool, labe
     if labels is not None and cache is not None:
         raise EdgekdError("--labels and --cache: pick one source of teacher outputs")
     metrics = run_distill(load_recipe(recipe), out, device=device, progress=not quiet, resume=resume, labels=labels,
-                          cache=cache)
+                          cache=cache, reuse_teacher=reuse_teacher)
     if not _is_main():
         return
     click.echo(metrics_table(metrics))
@@ -226,7 +230,9 @@ def _print_report(rep: dict, out: Path) -> None:
 @QUIET
 @click.option("--resume", is_flag=True, help="Continue a run in OUT: skip the models already trained and the stages "
               "whose outputs are complete and newer than their inputs.")
-def run(recipe: str, out: Path, targets: tuple[str, ...], device: str, quiet: bool, resume: bool) -> None:
+@REUSE_TEACHER
+def run(recipe: str, out: Path, targets: tuple[str, ...], device: str, quiet: bool, resume: bool,
+        reuse_teacher: bool) -> None:
     """The whole pipeline: teacher, distill, export, quantize, build, profile, report.
 
     RECIPE is a TOML file, or the built-in name 'digits'.
@@ -236,7 +242,7 @@ def run(recipe: str, out: Path, targets: tuple[str, ...], device: str, quiet: bo
     from edgekd.recipe import load_recipe
 
     rep = run_pipeline(load_recipe(recipe), out, targets=targets or DEFAULT_TARGETS, device=device,
-                       progress=not quiet, resume=resume)
+                       progress=not quiet, resume=resume, reuse_teacher=reuse_teacher)
     _print_report(rep, out)
 
 

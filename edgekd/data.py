@@ -403,6 +403,22 @@ def load_pool(path: str | Path, raw_scale: bool = False) -> np.ndarray:
     return _as_inputs(x, "x", f"pool {path}") if raw_scale else x
 
 
+def _numbered_classes(num_classes: int | None, splits: tuple[Any, ...], where: str) -> tuple[str, ...]:
+    """Class names "0".."K-1" for a source without class_names. K is [data].num_classes when given; otherwise the
+    labels must be 0..K-1 with none missing: one stray label (99 among 0..9) would silently make a 100-class task."""
+    if num_classes is not None:
+        return tuple(str(i) for i in range(num_classes))
+    found = np.unique(np.concatenate([np.asarray(y).ravel() for y in splits if y is not None and len(y)]))
+    if len(found) and found.min() >= 0 and len(found) != int(found.max()) + 1:
+        missing = sorted(set(range(int(found.max()) + 1)) - set(found.tolist()))
+        shown = ", ".join(map(str, found[:20].tolist())) + (", ..." if len(found) > 20 else "")
+        raise EdgekdError(f"{where}: the labels use class ids {shown} ({len(found)} classes), but ids "
+                          f"{', '.join(map(str, missing[:10]))}{', ...' if len(missing) > 10 else ''} have no "
+                          "sample; give class_names in the data, or set [data] num_classes if those classes "
+                          "really exist, or relabel to 0..K-1")
+    return tuple(str(i) for i in range(int(found.max()) + 1 if len(found) else 0))
+
+
 def load_data(cfg: DataConfig, base_dir: str | Path = ".") -> Dataset:
     """Load, split (test, then validation from train) and normalize a data source."""
     src = cfg.source
@@ -467,9 +483,12 @@ def load_data(cfg: DataConfig, base_dir: str | Path = ".") -> Dataset:
     if not len(y_train) or (not len(y_test) and cfg.test_fraction > 0):
         raise EdgekdError(f"{where}: {len(y_train)} training and {len(y_test)} test samples; each split needs at "
                           f"least one (test_fraction = {cfg.test_fraction}; more data, or another split)")
-    num_classes = int(max(y_train.max(), y_test.max(initial=0))) + 1   # test_fraction = 0 leaves no test split
     names = raw.get("class_names")
-    class_names = tuple(str(c) for c in names) if names is not None else tuple(str(i) for i in range(num_classes))
+    class_names = (tuple(str(c) for c in names) if names is not None else
+                   _numbered_classes(cfg.num_classes, (y_train, y_test, raw.get("y_val")), where))
+    if cfg.num_classes is not None and len(class_names) != cfg.num_classes:
+        raise EdgekdError(f"{where}: [data].num_classes = {cfg.num_classes}, but the source names "
+                          f"{len(class_names)} classes (class_names); remove one of them")
     for name, y in (("y_train", y_train), ("y_test", y_test)):
         if len(y) and (y.min() < 0 or y.max() >= len(class_names)):
             raise EdgekdError(f"{where}: {name} has labels in [{y.min()}, {y.max()}]; "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -88,20 +89,34 @@ def student_inputs(recipe: Recipe, out: Path | None = None, teacher: Path | None
     return made
 
 
-def load_teacher(recipe: Recipe, out: Path, data: Dataset) -> tuple[nn.Module, Path] | None:
+def _say(progress: bool, text: str) -> None:
+    """One line on stderr for the user (main process only)."""
+    if progress and distributed.is_main():
+        print(text, file=sys.stderr, flush=True)
+
+
+def load_teacher(recipe: Recipe, out: Path, data: Dataset, *, reuse: bool = False,
+                 progress: bool = False) -> tuple[nn.Module, Path] | None:
     """The teacher already trained in `out`, or named by [teacher].checkpoint; None when there is none.
 
-    A teacher.safetensors that `out` records as made from another [data]/[teacher] is refused.
+    A reused teacher is announced. A teacher.safetensors that `out` records as made from another [data]/[teacher]
+    is refused, unless `reuse` (--reuse-teacher) says to use it as it is.
     """
     path = out / "teacher.safetensors"
     differ = runfolder.stale(out, path.name, teacher_inputs(recipe)) if path.is_file() else None
-    if differ:
+    if differ and not reuse:
         raise EdgekdError(f"{path}: was trained with a different recipe ({'; '.join(differ)}); delete it to "
-                          "train the teacher again, or use another --out")
+                          "train the teacher again, use another --out, or pass --reuse-teacher to use it as it is")
     if not path.is_file() and recipe.teacher.checkpoint:
         path = recipe.path(recipe.teacher.checkpoint)
         if not path.is_file():
             raise EdgekdError(f"[teacher].checkpoint {path}: file not found")
+        _say(progress, f"teacher: using [teacher].checkpoint {path} as it is (not trained here)")
+    elif path.is_file():
+        why = (f"--reuse-teacher, although it was trained with: {'; '.join(differ)}" if differ else
+               "trained earlier in this run folder from the same [data] and [teacher]" if differ == [] else
+               "this run folder has no record of the recipe it was trained with")
+        _say(progress, f"teacher: reusing {path} ({why}; delete it to train the teacher again)")
     if not path.is_file():
         return None
     model = build_role_model(recipe, "teacher", data)
@@ -122,6 +137,7 @@ def _train_role(recipe: Recipe, out: Path, role: str, data: Dataset, dev: Any, *
     final = out / f"{role}.safetensors"
     if resume and final.is_file() and metrics and role in metrics:
         load_weights(model, final)
+        _say(progress, f"{role}: kept {final} (--resume; trained earlier from the same recipe)")
         return metrics[role]
     cfg = recipe.teacher if role == "teacher" else recipe.student
     ckpt = out / "checkpoints" / f"{role}.ckpt"
@@ -281,7 +297,7 @@ def _labelled_pool(labels: Path, data: Dataset) -> np.ndarray:
 
 def distill(recipe: Recipe, out: str | Path, *, device: str = "auto", progress: bool = True,
             data: Dataset | None = None, resume: bool = False, labels: str | Path | None = None,
-            cache: str | Path | None = None) -> dict[str, Any]:
+            cache: str | Path | None = None, reuse_teacher: bool = False) -> dict[str, Any]:
     """Distill the student from the teacher (training the teacher first if `out` has none), and train the
     same student from scratch with the same data, seed and schedule as the baseline.
 
@@ -294,18 +310,18 @@ def distill(recipe: Recipe, out: str | Path, *, device: str = "auto", progress: 
     with runfolder.locked(out):
         if resume:
             runfolder.check_resume(out, recipe)
-        return _distill(recipe, out, device, progress, data, resume, labels, cache)
+        return _distill(recipe, out, device, progress, data, resume, labels, cache, reuse_teacher)
 
 
 def _distill(recipe: Recipe, out: Path, device: str, progress: bool, data: Dataset | None, resume: bool,
-             labels: str | Path | None, cache: str | Path | None) -> dict[str, Any]:
+             labels: str | Path | None, cache: str | Path | None, reuse_teacher: bool) -> dict[str, Any]:
     data = data or load_data(recipe.data, recipe.base_dir)
     dev = distributed.local_device(resolve_device(device))
     if labels is not None or cache is not None:
         return _distill_offline(recipe, out, data, dev, progress, resume,
                                 Path(labels) if labels else None, Path(cache) if cache else None)
     build_role_model(recipe, "student", data)   # a student that cannot take the data fails before any training
-    found = load_teacher(recipe, out, data)
+    found = load_teacher(recipe, out, data, reuse=reuse_teacher, progress=progress)
     if found is None:
         metrics = train_teacher(recipe, out, device=device, progress=progress, data=data, resume=resume)
         teacher = build_role_model(recipe, "teacher", data)

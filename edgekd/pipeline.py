@@ -373,7 +373,7 @@ def _report(run_dir: Path, targets: tuple[str, ...] | None, skipped: list[dict[s
 
 def run(recipe: Recipe, out: str | Path, *, targets: tuple[str | Target, ...] = DEFAULT_TARGETS,
         device: str = "auto", progress: bool = True, quick_profile: bool = False,
-        resume: bool = False) -> dict[str, Any]:
+        resume: bool = False, reuse_teacher: bool = False) -> dict[str, Any]:
     """The whole pipeline for one recipe: teacher, distill (+ scratch), export, quantize, build, profile, report.
 
     Targets and model specs are checked before any data loads; with `resume`, stages whose outputs are complete
@@ -391,7 +391,8 @@ def run(recipe: Recipe, out: str | Path, *, targets: tuple[str | Target, ...] = 
     loaded = [load_target(t) for t in targets]   # resolved once: a bad target fails before training anything
     with runfolder.locked(out):
         ctx_data = load_data(recipe.data, recipe.base_dir)
-        distill(recipe, out, device=device, progress=progress, data=ctx_data, resume=resume)
+        distill(recipe, out, device=device, progress=progress, data=ctx_data, resume=resume,
+                reuse_teacher=reuse_teacher)
         return engines(RunContext(out, recipe, ctx_data), loaded, device=device, progress=progress,
                        quick_profile=quick_profile, resume=resume)
 

@@ -28,6 +28,8 @@ class DataConfig:
     labelled: int | float | None = None   # keep N (or this fraction of) training labels; the rest join the pool
     train_samples: int | None = None   # keep a stratified, seeded subset of the training pool (before the val split)
     test_samples: int | None = None    # keep a stratified, seeded subset of the test split
+    num_classes: int | None = None  # sources without class_names: the number of classes (default: labels 0..K-1,
+                                    # none missing; a gap in the ids is refused unless this says so)
     # image folders (streamed from disk; see edgekd.preprocess for each step of the eval transform)
     resize: int | list[int] | None = None  # shorter side, or exact [height, width] (default: image_size, if set)
     crop: list[int] | None = None   # centre crop [height, width] after resize (default: image_size, with resize)
@@ -229,7 +231,8 @@ _TRAIN = {"epochs": ">= 1", "lr": "> 0", "batch_size": ">= 1", "weight_decay": "
           "checkpoint_every": ">= 0"}
 RANGES: dict[str, dict[str, str]] = {
     "data": {"test_fraction": "[0, 1)", "val_fraction": "[0, 1)", "seed": ">= 0", "image_size": ">= 1",
-             "train_samples": ">= 1", "test_samples": ">= 1", "labelled": "> 0", "resize": ">= 1", "crop": ">= 1",
+             "train_samples": ">= 1", "test_samples": ">= 1", "num_classes": ">= 1", "labelled": "> 0",
+             "resize": ">= 1", "crop": ">= 1",
              "std": "> 0", "stats_samples": ">= 1", "max_pixels": ">= 1", "num_workers": ">= 0",
              "prefetch_factor": ">= 1"},
     "teacher": _TRAIN, "student": _TRAIN,

@@ -195,3 +195,52 @@ def test_help_and_doctor_say_what_a_new_user_needs():
     assert "'digits'" in _ok(edgekd("run", "--help"))
     doctor = _ok(edgekd("doctor"))
     assert "int8 scheme" in doctor and "avx2" in doctor.split("cpu", 1)[1]
+
+
+def test_a_stray_label_is_refused_with_the_ids_found(tmp_path: Path) -> None:
+    """Item 8: labels 0..9 and one 99 (no class_names) would train a 100-class model; refused naming the ids,
+    accepted when [data] num_classes says the classes exist."""
+    from edgekd.data import load_data
+    from edgekd.errors import EdgekdError
+    from edgekd.recipe import DataConfig
+
+    rng = np.random.default_rng(0)
+    y = np.arange(60) % 10
+    y[7] = 99
+    np.savez(tmp_path / "d.npz", x_train=rng.random((60, 4), dtype=np.float32), y_train=y,
+             x_test=rng.random((20, 4), dtype=np.float32), y_test=np.arange(20) % 10)
+    (tmp_path / "r.toml").write_text('[data]\nsource = "d.npz"\n\n[teacher]\nmodel = "mlp:hidden=8"\n\n'
+                                     '[student]\nmodel = "mlp:hidden=4"\n')
+    r = edgekd("distill", "r.toml", "--out", "out", "--device", "cpu", "--quiet", cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.count("error:") == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "class ids 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 99 (11 classes)" in r.stderr and "10, 11, 12" in r.stderr
+    assert not (tmp_path / "out").exists()
+    d = load_data(DataConfig(source="d.npz", num_classes=100), tmp_path)
+    assert d.num_classes == 100
+    with pytest.raises(EdgekdError, match=r"labels in \[0, 99\]; expected 0..4 for 5 classes"):
+        load_data(DataConfig(source="d.npz", num_classes=5), tmp_path)
+
+
+def test_a_reused_teacher_is_announced_and_a_changed_one_refused_unless_asked(tmp_path: Path) -> None:
+    """Item 9: distill announces the teacher it reuses; after [teacher] changes it refuses the old teacher and
+    names --reuse-teacher, which uses it as it is (and says so)."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x, y = digits.images.astype(np.float32)[:, None][:600], digits.target[:600]
+    np.savez(tmp_path / "d.npz", x_train=x[:500], y_train=y[:500], x_test=x[500:], y_test=y[500:])
+    recipe = ('[data]\nsource = "d.npz"\n\n[teacher]\nmodel = "mlp:hidden=16"\nepochs = 1\nlr = 0.003\n\n'
+              '[student]\nmodel = "mlp:hidden=8"\nepochs = 1\n\n[distill]\nbaseline = false\n')
+    (tmp_path / "r.toml").write_text(recipe)
+    _ok(edgekd("teacher", "r.toml", "--out", "out", "--device", "cpu", "--quiet", cwd=tmp_path))
+    said = _ok(edgekd("distill", "r.toml", "--out", "out", "--device", "cpu", cwd=tmp_path))
+    assert "teacher: reusing out/teacher.safetensors (trained earlier in this run folder" in said
+    before = (tmp_path / "out" / "teacher.safetensors").read_bytes()
+
+    (tmp_path / "r.toml").write_text(recipe.replace("lr = 0.003", "lr = 0.01"))
+    r = edgekd("distill", "r.toml", "--out", "out", "--device", "cpu", "--quiet", cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.count("error:") == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "was trained with a different recipe" in r.stderr and "--reuse-teacher" in r.stderr
+    said = _ok(edgekd("distill", "r.toml", "--out", "out", "--device", "cpu", "--reuse-teacher", cwd=tmp_path))
+    assert "(--reuse-teacher, although it was trained with:" in said and "[teacher]" in said
+    assert (tmp_path / "out" / "teacher.safetensors").read_bytes() == before   # used as it is, not retrained
