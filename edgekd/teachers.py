@@ -63,7 +63,8 @@ def array_sha256(a: np.ndarray) -> str:
     """sha256 over dtype, shape and the C-order bytes of an array (so a reshaped or re-typed copy differs)."""
     a = np.ascontiguousarray(a)
     h = hashlib.sha256(f"{a.dtype.str}{tuple(a.shape)}".encode())
-    h.update(memoryview(a).cast("B"))
+    if a.size:   # an empty array (e.g. no validation split) has no bytes; memoryview cannot cast it
+        h.update(memoryview(a).cast("B"))
     return h.hexdigest()
 
 

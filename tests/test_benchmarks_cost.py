@@ -1,4 +1,4 @@
-"""Smoke tests of the cost benchmarks (suites 3 and 4 of benchmarks/): each script runs end to end in --quick
+"""Smoke tests of the cost benchmarks (suites 3, 4 and 10 of benchmarks/): each script runs end to end in --quick
 mode in a subprocess, as a user would run it, and writes JSON with the expected rows and sane numbers."""
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ needs_fashion = pytest.mark.skipif(not (FASHION / "train-images-idx3-ubyte.gz").
                                    reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
 
 
-SCRIPTS = {"test_engine_cost_quick": "bench_engine_cost.py", "test_training_cost_quick": "bench_training_cost.py"}
+SCRIPTS = {"test_engine_cost_quick": "bench_engine_cost.py", "test_training_cost_quick": "bench_training_cost.py",
+           "test_distill_overhead_quick": "bench_distill_overhead.py"}
 
 
 @pytest.fixture(scope="module")
@@ -95,3 +96,15 @@ def test_training_cost_quick(launched: dict) -> None:
     one = data["one_time"]
     assert _positive(one["cache_build_s"], one["qat_setup_s_mean"]) and one["qat_convert_s"] is None
     assert (out / data["plot"]).stat().st_size > 1000
+
+
+def test_distill_overhead_quick(launched: dict) -> None:
+    # digits in --quick mode: no Fashion-MNIST needed
+    data, _ = _result(launched, "test_distill_overhead_quick")
+    assert len(data["rounds"]) == 1 and data["budget"] == 1.3
+    r = data["rounds"][0]
+    assert _positive(r["edgekd_s"], r["plain_s"]) and r["ratio"] == pytest.approx(r["edgekd_s"] / r["plain_s"])
+    assert data["ratio_median"] == r["ratio"]
+    assert data["teacher_scores_reused"] is True   # [teacher].checkpoint's recorded scores, not a new pass
+    assert all(0.0 <= a <= 1.0 for a in data["accuracy"].values())
+    assert "load average" in data["uptime_before"] and "load average" in data["uptime_after"]

@@ -69,6 +69,20 @@ def test_teacher_checkpoint_is_used_as_is(tmp_path, tiny_recipe):
         distill(missing, tmp_path / "m", device="cpu", progress=False)
 
 
+def test_teacher_without_a_validation_split_is_scored_once_and_reused(tmp_path, tiny_recipe):
+    # val_fraction = 0 leaves empty validation arrays; their hash is part of the teacher's score key
+    recipe = load_recipe(tiny_recipe)
+    recipe = dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, val_fraction=0.0))
+    train_teacher(recipe, tmp_path / "t", device="cpu", progress=False)
+    recorded = json.loads((tmp_path / "t" / "metrics.json").read_text())["teacher"]
+    assert recorded["val_accuracy"] is None and recorded["eval_data_sha256"]
+    r2 = dataclasses.replace(recipe, teacher=dataclasses.replace(
+        recipe.teacher, checkpoint=str(tmp_path / "t" / "teacher.safetensors")),
+        distill=dataclasses.replace(recipe.distill, baseline=False))
+    metrics = distill(r2, tmp_path / "s", device="cpu", progress=False)
+    assert metrics["teacher"]["metrics_from"] == str(tmp_path / "t" / "metrics.json")
+
+
 def test_feature_distillation_through_hooks_trains_a_projection():
     data = load_data(load_recipe("digits").data)
     torch.manual_seed(0)

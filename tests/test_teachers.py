@@ -15,6 +15,7 @@ from edgekd.teachers import (
     OnnxTeacher,
     TeacherOutput,
     TorchTeacher,
+    array_sha256,
     load_teacher,
     validate_output,
 )
@@ -211,3 +212,10 @@ def test_validate_output_checks_kinds_and_function_teacher(x):
         validate_output(TeacherOutput("logits", np.array([[np.nan, 0.0]], np.float32)), 1, "t")
     soft = FunctionTeacher(lambda a: np.full((len(a), 4), 0.25, np.float32), identity="uniform")
     assert soft(x).kind == "probs" and soft.identity() == "uniform"
+
+
+def test_array_sha256_of_empty_arrays_names_dtype_and_shape():
+    empty = np.zeros((0, 1, 8, 8), np.float32)
+    assert array_sha256(empty) == array_sha256(empty.copy())
+    assert array_sha256(empty) != array_sha256(np.zeros((0, 1, 4, 4), np.float32))
+    assert array_sha256(np.zeros(0, np.int64)) != array_sha256(np.zeros(0, np.float32))
