@@ -1,12 +1,15 @@
 """Built-in student/teacher families and `package.module:factory` models; safetensors checkpoints.
 
 A model spec is a string: `"mlp:hidden=128,64"`, `"cnn:widths=32,64"` (optionally `,dropout=0.1`), or
-`"package.module:factory"`, a callable `factory(input_shape, num_classes) -> nn.Module`.
+`"package.module:factory"`, a callable `factory(input_shape, num_classes) -> nn.Module`
+(`"package.module:factory,width=1.5"` calls it with `width=1.5`: how `edgekd size` scales a factory).
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -131,10 +134,15 @@ def build_model(spec: str, input_shape: tuple[int, ...], num_classes: int) -> nn
             return cls(tuple(input_shape), num_classes, **kwargs)
         except EdgekdError as e:  # name the spec: the family alone does not say which model of the recipe
             raise EdgekdError(f"model spec {spec!r}: {e}") from None
-    if ":" in spec and "=" not in body:
-        factory = load_factory(spec, "model factory")
+    ref, _, width = spec.partition(",width=")   # a factory scaled by edgekd size (see scaled_spec)
+    if ":" in ref and "=" not in ref.partition(":")[2]:
+        factory = load_factory(ref, "model factory")
         try:
-            model = factory(tuple(input_shape), num_classes)
+            extra = {"width": float(width)} if width else {}
+        except ValueError:
+            raise EdgekdError(f"model spec {spec!r}: width must be a number, got {width!r}") from None
+        try:
+            model = factory(tuple(input_shape), num_classes, **extra)
         except Exception as e:
             raise EdgekdError(f"model factory {spec!r} raised {type(e).__name__}: {e}") from e
         if not isinstance(model, nn.Module):
@@ -142,6 +150,35 @@ def build_model(spec: str, input_shape: tuple[int, ...], num_classes: int) -> nn
         return model
     raise EdgekdError(f"model spec {spec!r}: unknown family {name!r} (expected one of {sorted(FAMILIES)} "
                       "or 'package.module:factory')")
+
+
+SCALED_KNOBS = {"mlp": "hidden", "cnn": "widths"}   # the knob a width multiplier scales, per family
+
+
+def scaled_spec(spec: str, multiplier: float, divisor: int = 8) -> str:
+    """`spec` with every width times `multiplier`, each rounded to a multiple of `divisor` (at least `divisor`):
+    width' = max(d, d * floor(w * m / d + 1/2)). A `package.module:factory` spec gets `,width=m` instead, and is
+    built as factory(input_shape, num_classes, width=m)."""
+    name, _, body = spec.partition(":")
+    if name not in FAMILIES:
+        return f"{spec.split(',width=')[0]},width={multiplier:.6g}"
+    key = SCALED_KNOBS[name]
+    knobs = _parse_knobs(spec, body)
+    cls = FAMILIES[name][0]
+    base = _ints(knobs[key], key, spec) if key in knobs else inspect.signature(cls).parameters[key].default
+    knobs[key] = ",".join(str(max(divisor, divisor * math.floor(w * multiplier / divisor + 0.5))) for w in base)
+    return f"{name}:" + ",".join(f"{k}={v}" for k, v in knobs.items())
+
+
+def family_widths(spec: str) -> tuple[int, ...] | None:
+    """The widths a multiplier scales in a built-in family spec (None for a factory)."""
+    name, _, body = spec.partition(":")
+    if name not in FAMILIES:
+        return None
+    key = SCALED_KNOBS[name]
+    knobs = _parse_knobs(spec, body)
+    return _ints(knobs[key], key, spec) if key in knobs else tuple(
+        inspect.signature(FAMILIES[name][0]).parameters[key].default)
 
 
 def count_params(model: nn.Module) -> int:

@@ -156,10 +156,6 @@ def profile(run_dir: str | Path, target_name: str, *, quick: bool = False) -> li
     Each bundle is profiled in its own `python -m edgekd.runtime profile` process, as on the device: the
     training process (torch and its threads) would otherwise inflate memory and disturb the timings.
     """
-    import subprocess
-    import sys
-    import tempfile
-
     run_dir = Path(run_dir)
     target = load_target(target_name)
     folder = run_dir / "engines" / target.name
@@ -172,18 +168,26 @@ def profile(run_dir: str | Path, target_name: str, *, quick: bool = False) -> li
     for bundle in bundles:  # a tampered bundle fails before any other bundle's manifest gets metrics
         verify(bundle)
     timing = ["--warmup", "3", "--min-runs", "10", "--min-seconds", "0.2"] if quick else []
-    results = []
-    with tempfile.TemporaryDirectory(prefix="edgekd-profile-") as tmp:
-        for i, bundle in enumerate(bundles):
-            out = Path(tmp) / f"{i}.json"
-            proc = subprocess.run([sys.executable, "-m", "edgekd.runtime", "profile", str(bundle), "--json", str(out),
-                                   "--save-metrics", *timing], capture_output=True, text=True)
-            if proc.returncode != 0:
-                lines = (proc.stderr or proc.stdout).strip().splitlines() or ["no output"]
-                raise EdgekdError(f"profiling {bundle} failed: {lines[-1].removeprefix('error: ')}")
-            results.append(json.loads(out.read_text()))
+    results = [profile_in_subprocess(bundle, ["--save-metrics", *timing]) for bundle in bundles]
     fileio.write_json(run_dir / f"profile-{target.name}.json", results)
     return results
+
+
+def profile_in_subprocess(bundle: Path, args: list[str]) -> dict[str, Any]:
+    """`python -m edgekd.runtime profile BUNDLE --json ... *args` in a fresh process, as on the device; returns
+    its result (see edgekd.profile.profile_bundle)."""
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="edgekd-profile-") as tmp:
+        out = Path(tmp) / "profile.json"
+        proc = subprocess.run([sys.executable, "-m", "edgekd.runtime", "profile", str(bundle), "--json", str(out),
+                               *args], capture_output=True, text=True)
+        if proc.returncode != 0:
+            lines = (proc.stderr or proc.stdout).strip().splitlines() or ["no output"]
+            raise EdgekdError(f"profiling {bundle} failed: {lines[-1].removeprefix('error: ')}")
+        return json.loads(out.read_text())
 
 
 def report(run_dir: str | Path, targets: tuple[str, ...] | None = None,

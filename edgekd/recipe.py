@@ -124,6 +124,25 @@ class EmbeddingConfig:
 
 
 @dataclass(frozen=True)
+class SizeConfig:
+    """`edgekd size`: the most accurate student of a family that meets a latency budget on a target
+    (edgekd.sizing); the CLI options override these values."""
+
+    budget_ms: float | None = None  # latency budget for `metric` at `batch` on the target's shipped engine
+    target: str = "x86-cpu-ort"
+    batch: int = 1
+    metric: str = "p50"             # p50 | p90 | p99
+    margin: float = 0.05            # a candidate fits when latency * (1 + margin) <= budget (measurement noise)
+    model: str | None = None        # the family to scale (default: [student].model)
+    min_multiplier: float = 0.25
+    max_multiplier: float = 4.0
+    divisor: int = 8                # scaled widths are multiples of this
+    precision: str = "auto"         # the engine that decides: auto (int8 when [quantize] and the target build it)
+    profile_seconds: float = 1.0    # timed seconds per candidate engine (after 10 warm-up runs, at least 30 runs)
+    train_neighbours: bool = True   # also distill the next smaller and next larger candidates
+
+
+@dataclass(frozen=True)
 class Recipe:
     data: DataConfig = field(default_factory=DataConfig)
     teacher: ModelConfig = field(default_factory=lambda: ModelConfig(model="cnn:widths=32,64,128", epochs=15))
@@ -132,6 +151,7 @@ class Recipe:
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     embedding: EmbeddingConfig | None = None   # set: the run is sentence-embedding distillation (edgekd.embedding)
+    size: SizeConfig | None = None  # set: `edgekd size` settings (edgekd.sizing)
     base_dir: str = "."             # folder relative paths in the recipe resolve against (not a TOML key)
 
     def path(self, value: str) -> Path:
@@ -142,10 +162,11 @@ class Recipe:
 
 SECTIONS: dict[str, type] = {"data": DataConfig, "teacher": ModelConfig, "student": ModelConfig,
                              "distill": DistillConfig, "quantize": QuantizeConfig,
-                             "augment": AugmentConfig, "embedding": EmbeddingConfig}
+                             "augment": AugmentConfig, "embedding": EmbeddingConfig, "size": SizeConfig}
 CHOICES: dict[str, tuple[str, ...]] = {"optimizer": ("adamw", "sgd"), "schedule": ("cosine", "onecycle", "constant"),
                                        "mode": ("none", "ptq", "qat"), "observer": ("minmax", "percentile", "mse"),
-                                       "amp": ("none", "bf16"), "init": ("pca", "random")}
+                                       "amp": ("none", "bf16"), "init": ("pca", "random"),
+                                       "metric": ("p50", "p90", "p99"), "precision": ("auto", "fp32", "fp16", "int8")}
 
 
 def _type_name(tp: Any) -> str:
@@ -257,6 +278,23 @@ def _validate(r: Recipe, where: str) -> None:
             raise EdgekdError(f"{where} [data].{key}: must be >= 1, got {v}")
     if r.embedding is not None:
         _validate_embedding(r.embedding, where)
+    if r.size is not None:
+        validate_size(r.size, f"{where} [size]")
+
+
+def validate_size(s: SizeConfig, where: str) -> None:
+    """Checks shared by the [size] section and the `edgekd size` options that override it."""
+    if s.budget_ms is not None and s.budget_ms <= 0:
+        raise EdgekdError(f"{where}.budget_ms: must be > 0 ms, got {s.budget_ms}")
+    if s.batch < 1 or s.divisor < 1:
+        raise EdgekdError(f"{where}: batch and divisor must be >= 1, got {s.batch} and {s.divisor}")
+    if not 0.0 <= s.margin < 1.0:
+        raise EdgekdError(f"{where}.margin: must be in [0, 1), got {s.margin}")
+    if not 0 < s.min_multiplier <= s.max_multiplier:
+        raise EdgekdError(f"{where}: need 0 < min_multiplier <= max_multiplier, got {s.min_multiplier} and "
+                          f"{s.max_multiplier}")
+    if s.profile_seconds <= 0:
+        raise EdgekdError(f"{where}.profile_seconds: must be > 0, got {s.profile_seconds}")
 
 
 def _validate_embedding(e: EmbeddingConfig, where: str) -> None:
