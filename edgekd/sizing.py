@@ -246,10 +246,11 @@ class CandidateBuilder:
         quantization, onnx_path, weights = "none", None, None
         work = self.folder / ".work"
         if precision == "int8":
-            from edgekd import quantize
             from edgekd.pipeline import _import_torchao_quietly
 
             _import_torchao_quietly()
+            from edgekd import quantize
+
             q = self.recipe.quantize
             qcfg = quantize.QuantConfig(scheme=self.target.quant_scheme, observer=q.observer, percentile=q.percentile)
             net = quantize.ptq(net, self.example, self.batches, qcfg)
