@@ -231,14 +231,16 @@ def run(recipe: Recipe, out: str | Path, *, targets: tuple[str, ...] = DEFAULT_T
 
 
 def engines(ctx: RunContext, loaded: list[Target], *, device: str = "auto", progress: bool = True,
-            quick_profile: bool = False) -> dict[str, Any]:
+            quick_profile: bool = False, profile_here: bool = True) -> dict[str, Any]:
     """Everything after training, for a run folder with a distilled student: export, quantize (PTQ, QAT-KD),
-    build and profile the engines of each target, and write the report."""
+    build and profile the engines of each target, and write the report. Without `profile_here` (the targets are
+    other machines) the bundles are built and listed under "built_not_profiled" for profiling on the device."""
     out = ctx.dir
     recipe = ctx.recipe
     exports = {m: export(out, m, ctx=ctx) for m in ("teacher", "student")}
     skipped: list[dict[str, Any]] = []
     profiled: list[str] = []
+    unprofiled: list[str] = []
     quantized: dict[str, dict[str, Any]] = {}   # scheme -> quantize_student() result
     for target in loaded:
         q_paths = None
@@ -248,12 +250,17 @@ def engines(ctx: RunContext, loaded: list[Target], *, device: str = "auto", prog
                     quantized[target.quant_scheme] = quantize(out, target.quant_scheme, ctx=ctx, device=device,
                                                               progress=progress)
                 q_paths = {k: Path(v) for k, v in quantized[target.quant_scheme]["onnx"].items()}
-        result = build(out, target.name, ctx=ctx, quantized=q_paths)
+        where = target.path or target.name   # a target given as a file outside the catalog is found again
+        result = build(out, where, ctx=ctx, quantized=q_paths)
         skipped += result["skipped"]
-        if result["built"]:
-            profile(out, target.name, quick=quick_profile)
+        if result["built"] and profile_here:
+            profile(out, where, quick=quick_profile)
             profiled.append(target.name)
+        elif result["built"]:
+            unprofiled += result["built"]
     extra: dict[str, Any] = {"export_parity": {m: e["parity"] for m, e in exports.items()}}
+    if unprofiled:
+        extra["built_not_profiled"] = unprofiled
     if quantized:
         extra["quantization"] = {scheme: {k: v for k, v in q.items() if k not in ("qat_history", "onnx")}
                                  for scheme, q in quantized.items()}

@@ -139,6 +139,7 @@ class SizeConfig:
     divisor: int = 8                # scaled widths are multiples of this
     precision: str = "auto"         # the engine that decides: auto (int8 when [quantize] and the target build it)
     profile_seconds: float = 1.0    # timed seconds per candidate engine (after 10 warm-up runs, at least 30 runs)
+    train: bool = True              # distill the chosen student (false: stop after the search)
     train_neighbours: bool = True   # also distill the next smaller and next larger candidates
 
 

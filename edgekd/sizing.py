@@ -349,12 +349,17 @@ def size(recipe: Recipe, out: str | Path, cfg: SizeConfig, *, measurements: str 
             f"{fastest['decision_ms']:.4f} ms at batch {cfg.batch}, over {cfg.budget_ms:g} ms less the "
             f"{cfg.margin:.0%} margin ({limit:.4f} ms); raise --budget-ms or lower [size] min_multiplier "
             f"(report: {out / 'size-report.md'})")
-    if remote:
-        rep["trained"] = []
-        rep["note"] = ("the search used measurements from the device; distill the chosen student with `edgekd run` "
-                       f"after setting [student] model = \"{rep['chosen']['spec']}\", and profile its bundles there")
-    else:
-        rep["trained"] = _train(recipe, out, cfg, target, data, rep, device, progress)
+    rep["trained"] = _train(recipe, out, cfg, target, data, rep, device, progress, here=not remote) if cfg.train \
+        else []
+    if remote and cfg.train:
+        bundles = [str(Path(t["run_dir"]) / b) for t in rep["trained"] for b in t["bundles"]]
+        rep["note"] = ("The search used measurements from the device. The distilled students' bundles were built "
+                       "here; profile them on the device (accuracy on the engine, latency, and their budget) with: "
+                       f"`for b in {' '.join(bundles)}; do python -m edgekd.runtime profile \"$b\" --batch "
+                       f"{cfg.batch}; done`" if bundles else
+                       "The search used measurements from the device; the students' engines cannot be built on "
+                       "this machine (see each run folder's report.md): build and profile them on the device.")
+    elif cfg.train:
         rep["energy"] = _energy(rep["trained"], precision, cfg.batch, data, progress)
     _write(out, rep)
     return rep
@@ -429,9 +434,10 @@ def _search_report(cands: list[Candidate], latencies: dict, order: list[int], st
 
 
 def _train(recipe: Recipe, out: Path, cfg: SizeConfig, target: Target, data: Any, rep: dict, device: str,
-           progress: bool) -> list[dict[str, Any]]:
+           progress: bool, here: bool = True) -> list[dict[str, Any]]:
     """Distill the chosen student (and its neighbours), then quantize, build and profile as `edgekd run` does,
-    and re-profile each student engine at the search's batch and settings so the numbers compare."""
+    and re-profile each student engine at the search's batch and settings so the numbers compare. For a remote
+    target (`here` False) the bundles are built and left for the device to profile."""
     from edgekd.distillation import distill, train_teacher
     from edgekd.pipeline import RunContext, engines, profile_in_subprocess
 
@@ -452,8 +458,17 @@ def _train(recipe: Recipe, out: Path, cfg: SizeConfig, target: Target, data: Any
                                 teacher=dataclasses.replace(recipe.teacher, checkpoint=str(teacher.resolve())))
         run_dir = out / "students" / _slug(cand["spec"])
         metrics = distill(r, run_dir, device=device, progress=progress, data=data, resume=True)
-        run_rep = engines(RunContext(run_dir, r, data), [target], device=device, progress=progress)
-        final = []
+        run_rep = engines(RunContext(run_dir, r, data), [target], device=device, progress=progress,
+                          profile_here=here)
+        entry = {"role": role, "spec": cand["spec"], "multiplier": cand["multiplier"], "params": cand["params"],
+                 "run_dir": str(run_dir), "pytorch_accuracy": metrics["student"]["accuracy"],
+                 "teacher_accuracy": metrics["teacher"]["accuracy"], "engines": []}
+        if not here:
+            entry["bundles"] = [str(Path(b).relative_to(run_dir)) for b in run_rep.get("built_not_profiled", [])
+                                if Path(b).name.startswith("student-")]
+            trained.append(entry)
+            continue
+        final = entry["engines"]
         for e in run_rep["engines"]:
             if e["model"] != "student":
                 continue
@@ -464,10 +479,7 @@ def _train(recipe: Recipe, out: Path, cfg: SizeConfig, target: Target, data: Any
                           "accuracy": e["accuracy"], "agreement": e["agreement"],
                           "latency_ms": {k: row[k] for k in ("p50", "p90", "p99", "mean", "runs")},
                           "meets_budget": row[cfg.metric] <= cfg.budget_ms})
-        trained.append({"role": role, "spec": cand["spec"], "multiplier": cand["multiplier"],
-                        "params": cand["params"], "run_dir": str(run_dir),
-                        "pytorch_accuracy": metrics["student"]["accuracy"],
-                        "teacher_accuracy": metrics["teacher"]["accuracy"], "engines": final})
+        trained.append(entry)
     return trained
 
 
@@ -512,8 +524,9 @@ def markdown(rep: dict[str, Any]) -> str:
                   "under the budget."]
         if rep["next_larger"]:
             n = rep["next_larger"]
+            itself = "over the budget itself" if n["decision_ms"] > rep["budget_ms"] else "within the budget itself"
             lines += [f"Next larger: {n['spec']} ({n['params']:,} params): {m} {n['decision_ms']:.4f} ms, over "
-                      f"the limit by {n['decision_ms'] - rep['limit_ms']:.4f} ms."]
+                      f"the budget less the margin by {n['decision_ms'] - rep['limit_ms']:.4f} ms ({itself})."]
         elif rep["all_fit"]:
             lines += ["Every candidate meets the budget: the largest in the range was chosen (raise "
                       "[size] max_multiplier to look further)."]
@@ -527,7 +540,7 @@ def markdown(rep: dict[str, Any]) -> str:
     lines += ["## Candidates measured (untrained, on the engine)", "",
               tabulate(rows, headers=["#", "multiplier", "model", "params", *[f"{p} {m} ms" for p in precisions],
                                       "fits", ""], tablefmt="github"), ""]
-    if rep.get("trained"):
+    if any(t["engines"] for t in rep.get("trained") or []):
         rows = [[t["role"], t["spec"], f"{t['params']:,}", e["precision"], e["quantization"], f"{e['accuracy']:.4f}",
                  f"{e['latency_ms']['p50']:.4f}", f"{e['latency_ms']['p90']:.4f}", f"{e['latency_ms']['p99']:.4f}",
                  "yes" if e["meets_budget"] else "no"]
@@ -556,7 +569,7 @@ def plot(rep: dict[str, Any], path: Path) -> None:
     from edgekd.report import pyplot, save_png
 
     plt = pyplot()
-    trained = rep.get("trained") or []
+    trained = [t for t in rep.get("trained") or [] if t["engines"]]
     fig, axes = plt.subplots(2 if trained else 1, 1, figsize=(7, 6.5 if trained else 4), sharex=True, squeeze=False)
     ax = axes[0][0]
     m = rep["metric"]

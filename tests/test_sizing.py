@@ -55,15 +55,16 @@ min_multiplier = {lo}
 max_multiplier = {hi}
 divisor = 4
 profile_seconds = 0.05
+train = {train}
 train_neighbours = false
 """
 
 
-def _setup(tmp_path, family="cnn:widths=8,16", lo=0.5, hi=2.0, precisions='["fp32", "int8"]'):
+def _setup(tmp_path, family="cnn:widths=8,16", lo=0.5, hi=2.0, precisions='["fp32", "int8"]', train=False):
     target = tmp_path / "fake-board.toml"
     target.write_text(FAKE_TARGET.format(precisions=precisions))
     path = tmp_path / "recipe.toml"
-    path.write_text(RECIPE.format(family=family, target=target, lo=lo, hi=hi))
+    path.write_text(RECIPE.format(family=family, target=target, lo=lo, hi=hi, train=str(train).lower()))
     return path, target
 
 
@@ -171,7 +172,7 @@ def test_remote_rounds_write_bundles_and_one_device_command(tmp_path, monkeypatc
     would run it (real bundles, real onnxruntime profiles), then the fake board's latencies replace the timings,
     and `--measurements` continues the search until it settles."""
     monkeypatch.setattr(sizing, "ROUND_BUNDLES", 3)
-    recipe, _ = _setup(tmp_path, family="mlp:hidden=8", lo=0.5, hi=4.0, precisions='["fp32"]')
+    recipe, _ = _setup(tmp_path, family="mlp:hidden=8", lo=0.5, hi=4.0, precisions='["fp32"]', train=True)
     r, _, cands = _ladder(recipe)
     lat = [fake_latency(c.params, "fp32") for c in cands]
     k = 2
@@ -196,13 +197,18 @@ def test_remote_rounds_write_bundles_and_one_device_command(tmp_path, monkeypatc
         rep = sizing.size(r, out, cfg, measurements=results, progress=False)
     assert rounds >= 2
     assert rep["chosen"]["spec"] == cands[k].spec and rep["next_larger"]["spec"] == cands[k + 1].spec
-    assert rep["trained"] == [] and "edgekd run" in rep["note"]
+    (trained,) = rep["trained"]   # distilled and built here, left for the device to profile
+    assert trained["spec"] == cands[k].spec and trained["engines"] == []
+    assert trained["bundles"] == ["engines/fake-board/student-fp32"]
+    assert (Path(trained["run_dir"]) / trained["bundles"][0] / "manifest.json").is_file()
+    assert "python -m edgekd.runtime profile" in rep["note"] and "profile-fake-board.json" not in \
+        {p.name for p in Path(trained["run_dir"]).iterdir()}
 
 
 def test_cli_sizes_digits_on_real_engines(tmp_path):
     """Through the real entry point on this machine: untrained candidates built and profiled on x86-cpu-ort,
     the chosen student distilled, quantized, built and profiled; energy is said to be unreadable here."""
-    recipe, _ = _setup(tmp_path, family="mlp:hidden=8", lo=1.0, hi=2.0)
+    recipe, _ = _setup(tmp_path, family="mlp:hidden=8", lo=1.0, hi=2.0, train=True)
     text = recipe.read_text().replace(f'target = "{tmp_path / "fake-board.toml"}"', 'target = "x86-cpu-ort"')
     text = text.replace("epochs = 1", "epochs = 4\nlr = 0.01")
     recipe.write_text(text)
