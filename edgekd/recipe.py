@@ -139,6 +139,7 @@ class SizeConfig:
     divisor: int = 8                # scaled widths are multiples of this
     precision: str = "auto"         # the engine that decides: auto (int8 when [quantize] and the target build it)
     profile_seconds: float = 1.0    # timed seconds per candidate engine (after 10 warm-up runs, at least 30 runs)
+    repeats: int = 3                # profiling sessions per engine (fresh processes); the least disturbed counts
     train: bool = True              # distill the chosen student (false: stop after the search)
     train_neighbours: bool = True   # also distill the next smaller and next larger candidates
 
@@ -287,8 +288,9 @@ def validate_size(s: SizeConfig, where: str) -> None:
     """Checks shared by the [size] section and the `edgekd size` options that override it."""
     if s.budget_ms is not None and s.budget_ms <= 0:
         raise EdgekdError(f"{where}.budget_ms: must be > 0 ms, got {s.budget_ms}")
-    if s.batch < 1 or s.divisor < 1:
-        raise EdgekdError(f"{where}: batch and divisor must be >= 1, got {s.batch} and {s.divisor}")
+    if min(s.batch, s.divisor, s.repeats) < 1:
+        raise EdgekdError(f"{where}: batch, divisor and repeats must be >= 1, got {s.batch}, {s.divisor} and "
+                          f"{s.repeats}")
     if not 0.0 <= s.margin < 1.0:
         raise EdgekdError(f"{where}.margin: must be in [0, 1), got {s.margin}")
     if not 0 < s.min_multiplier <= s.max_multiplier:

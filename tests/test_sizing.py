@@ -55,16 +55,19 @@ min_multiplier = {lo}
 max_multiplier = {hi}
 divisor = 4
 profile_seconds = 0.05
+repeats = {repeats}
 train = {train}
 train_neighbours = false
 """
 
 
-def _setup(tmp_path, family="cnn:widths=8,16", lo=0.5, hi=2.0, precisions='["fp32", "int8"]', train=False):
+def _setup(tmp_path, family="cnn:widths=8,16", lo=0.5, hi=2.0, precisions='["fp32", "int8"]', train=False,
+           repeats=1):
     target = tmp_path / "fake-board.toml"
     target.write_text(FAKE_TARGET.format(precisions=precisions))
     path = tmp_path / "recipe.toml"
-    path.write_text(RECIPE.format(family=family, target=target, lo=lo, hi=hi, train=str(train).lower()))
+    path.write_text(RECIPE.format(family=family, target=target, lo=lo, hi=hi, train=str(train).lower(),
+                                   repeats=repeats))
     return path, target
 
 
@@ -172,7 +175,8 @@ def test_remote_rounds_write_bundles_and_one_device_command(tmp_path, monkeypatc
     would run it (real bundles, real onnxruntime profiles), then the fake board's latencies replace the timings,
     and `--measurements` continues the search until it settles."""
     monkeypatch.setattr(sizing, "ROUND_BUNDLES", 3)
-    recipe, _ = _setup(tmp_path, family="mlp:hidden=8", lo=0.5, hi=4.0, precisions='["fp32"]', train=True)
+    recipe, _ = _setup(tmp_path, family="mlp:hidden=8", lo=0.5, hi=4.0, precisions='["fp32"]', train=True,
+                       repeats=2)
     r, _, cands = _ladder(recipe)
     lat = [fake_latency(c.params, "fp32") for c in cands]
     k = 2
@@ -187,16 +191,19 @@ def test_remote_rounds_write_bundles_and_one_device_command(tmp_path, monkeypatc
                                                 for b in rep["bundles"])
         proc = subprocess.run(["bash", "-c", rep["command"]], cwd=out, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr
-        for name in rep["bundles"]:   # the device's real profile, with the fake board's latency
-            file = results / f"{name}.json"
-            result = json.loads(file.read_text())
-            params = next(c.params for c in cands if c.spec == result["model"])
-            result["rows"] = profile_result(result["model"], "fp32", params, target="fake-board")["rows"]
-            file.write_text(json.dumps(result))
+        for name in rep["bundles"]:   # the device's real profiles, with the fake board's latencies
+            for session, disturbed in ((1, 3.0), (2, 1.0)):   # another process slowed the first session down
+                file = results / f"{name}.{session}.json"
+                result = json.loads(file.read_text())
+                params = next(c.params for c in cands if c.spec == result["model"])
+                (row,) = profile_result(result["model"], "fp32", params, target="fake-board")["rows"]
+                result["rows"] = [{**row, **{k: row[k] * disturbed for k in ("p50", "p90", "p99", "mean")}}]
+                file.write_text(json.dumps(result))
         assert rep["then"].endswith(f"--measurements {results}")
         rep = sizing.size(r, out, cfg, measurements=results, progress=False)
     assert rounds >= 2
     assert rep["chosen"]["spec"] == cands[k].spec and rep["next_larger"]["spec"] == cands[k + 1].spec
+    assert rep["chosen"]["decision_ms"] == pytest.approx(lat[k])   # the undisturbed session counts
     (trained,) = rep["trained"]   # distilled and built here, left for the device to profile
     assert trained["spec"] == cands[k].spec and trained["engines"] == []
     assert trained["bundles"] == ["engines/fake-board/student-fp32"]
