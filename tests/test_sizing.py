@@ -233,3 +233,11 @@ def test_cli_sizes_digits_on_real_engines(tmp_path):
     assert "## Distilled students" in r.stdout and "mlp:hidden=16" in r.stdout
     if not Path("/sys/class/powercap").is_dir():
         assert rep["energy"]["available"] is False and "Not measured: energy counters not readable" in r.stdout
+
+
+def test_factory_family_ladder_steps_the_width_and_skips_equal_models(tmp_path):
+    recipe, _ = _setup(tmp_path, family="tests.test_models:scalable_mlp", lo=0.5, hi=2.0)
+    _, _, cands = _ladder(recipe)
+    assert cands[0].spec == "tests.test_models:scalable_mlp,width=0.5"
+    assert cands[-1].spec == "tests.test_models:scalable_mlp,width=2"
+    assert all(a.params < b.params for a, b in zip(cands, cands[1:], strict=False))
