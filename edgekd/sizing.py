@@ -321,27 +321,9 @@ def size(recipe: Recipe, out: str | Path, cfg: SizeConfig, *, measurements: str 
                    f"widths in multiples of {cfg.divisor}); {precision} {cfg.metric} at batch {cfg.batch} must be "
                    f"<= {cfg.budget_ms:g} ms / (1 + {cfg.margin:g}) = {limit:.4f} ms on {target.name}")
     found = read_measurements(measurements, target.name, cfg.batch, cfg.metric) if measurements is not None else {}
-    latencies: dict[int, dict[str, dict[str, Any]]] = {}
-    order: list[int] = []
-
-    def known(i: int) -> bool:
-        return all((cands[i].spec, p) in found for p in builder.precisions)
-
-    while True:
-        step = search(len(cands), {i: latencies[i][precision][cfg.metric] for i in latencies}, limit)
-        if "need" not in step:
-            break
-        need = step["need"]
-        if remote and not all(known(i) for i in need):
-            wanted = list(dict.fromkeys(need + lookahead(step["lo"], step["hi"], ROUND_BUNDLES)))
-            wanted = [i for i in wanted if not known(i)][:max(ROUND_BUNDLES, len(need))]
-            return _request(out, recipe, cfg, target, builder, [cands[i] for i in wanted], here, progress)
-        for i in need:
-            if remote:
-                latencies[i] = {p: found[(cands[i].spec, p)] for p in builder.precisions}
-            else:
-                latencies[i] = _measure_here(builder, cands[i], cfg, progress)
-            order.append(i)
+    step, latencies, order = _run_search(cands, builder, cfg, precision, limit, found if remote else None, progress)
+    if "need" in step:
+        return _request(out, cfg, target, builder, [cands[i] for i in step["need"]], here, progress)
     rep = _search_report(cands, latencies, order, step, cfg, target, precision, limit, family, builder)
     if step["chosen"] is None:
         _write(out, rep)
@@ -355,17 +337,46 @@ def size(recipe: Recipe, out: str | Path, cfg: SizeConfig, *, measurements: str 
     rep["trained"] = _train(recipe, out, cfg, target, data, rep, device, progress, here=not remote) if cfg.train \
         else []
     if remote and cfg.train:
-        bundles = [str(Path(t["run_dir"]) / b) for t in rep["trained"] for b in t["bundles"]]
-        rep["note"] = ("The search used measurements from the device. The distilled students' bundles were built "
-                       "here; profile them on the device (accuracy on the engine, latency, and their budget) with: "
-                       f"`for b in {' '.join(bundles)}; do python -m edgekd.runtime profile \"$b\" --batch "
-                       f"{cfg.batch}; done`" if bundles else
-                       "The search used measurements from the device; the students' engines cannot be built on "
-                       "this machine (see each run folder's report.md): build and profile them on the device.")
+        rep["note"] = _remote_note(rep["trained"], cfg)
     elif cfg.train:
         rep["energy"] = _energy(rep["trained"], precision, cfg.batch, data, progress)
     _write(out, rep)
     return rep
+
+
+def _run_search(cands: list[Candidate], builder: CandidateBuilder, cfg: SizeConfig, precision: str, limit: float,
+                found: dict[tuple[str, str], dict[str, Any]] | None, progress: bool) -> tuple[dict, dict, list[int]]:
+    """Bisect, measuring here (`found` None) or reading the device's measurements; returns the last search step
+    (with "need": the candidates a remote round must measure, prefetching the next bisection levels), the
+    latencies per candidate and precision, and the order they were measured in."""
+    latencies: dict[int, dict[str, dict[str, Any]]] = {}
+    order: list[int] = []
+    while True:
+        step = search(len(cands), {i: latencies[i][precision][cfg.metric] for i in latencies}, limit)
+        if "need" not in step:
+            return step, latencies, order
+        if found is not None:
+            def known(i: int) -> bool:
+                return all((cands[i].spec, p) in found for p in builder.precisions)
+
+            if not all(known(i) for i in step["need"]):
+                wanted = list(dict.fromkeys(step["need"] + lookahead(step["lo"], step["hi"], ROUND_BUNDLES)))
+                step["need"] = [i for i in wanted if not known(i)][:max(ROUND_BUNDLES, len(step["need"]))]
+                return step, latencies, order
+        for i in step["need"]:
+            latencies[i] = ({p: found[(cands[i].spec, p)] for p in builder.precisions} if found is not None
+                            else _measure_here(builder, cands[i], cfg, progress))
+            order.append(i)
+
+
+def _remote_note(trained: list[dict[str, Any]], cfg: SizeConfig) -> str:
+    bundles = [str(Path(t["run_dir"]) / b) for t in trained for b in t["bundles"]]
+    if not bundles:
+        return ("The search used measurements from the device; the students' engines cannot be built on this "
+                "machine (see each run folder's report.md): build and profile them on the device.")
+    return ("The search used measurements from the device. The distilled students' bundles were built here; "
+            "profile them on the device (accuracy on the engine, latency, and their budget) with: "
+            f"`for b in {' '.join(bundles)}; do python -m edgekd.runtime profile \"$b\" --batch {cfg.batch}; done`")
 
 
 def _measure_here(builder: CandidateBuilder, c: Candidate, cfg: SizeConfig, progress: bool) -> dict[str, Any]:
@@ -393,7 +404,7 @@ def _profile_best(bundle: Path, cfg: SizeConfig, target: str) -> dict[str, Any]:
     return best
 
 
-def _request(out: Path, recipe: Recipe, cfg: SizeConfig, target: Target, builder: CandidateBuilder,
+def _request(out: Path, cfg: SizeConfig, target: Target, builder: CandidateBuilder,
              wanted: list[Candidate], here: str, progress: bool) -> dict[str, Any]:
     """Write the bundles a remote round needs and the one command that profiles them on the device."""
     names = []
