@@ -152,13 +152,13 @@ def measure(run: Callable[[], Any], *, seconds: float = 1.0, root: Path = SYSFS)
         return {"available": False, "reason": meter}
     run()   # warm
     n = 0
+    start = time.perf_counter()   # the interval spans the meter's, so watts are never overstated
     meter.start()
-    start = time.perf_counter()
     while n < 10 or time.perf_counter() - start < seconds:
         run()
         n += 1
-    elapsed = time.perf_counter() - start
     joules = meter.stop()
+    elapsed = time.perf_counter() - start
     return {"available": True, "source": meter.source, "inferences": n, "seconds": round(elapsed, 4),
             "joules": joules, "joules_per_inference": joules / n, "watts": joules / elapsed,
             "note": "package or board energy: includes idle power and other processes"}

@@ -65,6 +65,7 @@ def test_jetson_ina3221_board_input_rail(tmp_path):
         (hw / f"in{n}_label").write_text(label + "\n")
         (hw / f"in{n}_input").write_text(f"{mv}\n")
         (hw / f"curr{n}_input").write_text(f"{ma}\n")
-    result = energy.measure(lambda: None, seconds=0.05, root=tmp_path)
+    result = energy.measure(lambda: None, seconds=0.3, root=tmp_path)
     assert result["available"] and result["source"] == "INA3221 VDD_IN"
-    assert result["watts"] == pytest.approx(6.0, rel=0.05)   # 5 V x 1.2 A on the board input, not the sum
+    # 5 V x 1.2 A on the board input, not the 8 W sum; the interval around the meter's can only lower it
+    assert 4.0 < result["watts"] <= 6.0 + 1e-9
