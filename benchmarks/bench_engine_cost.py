@@ -46,6 +46,7 @@ from edgekd import pipeline, profile, runtime  # noqa: E402
 from edgekd.data import FASHION_MNIST_DIR, Dataset, load_data  # noqa: E402
 from edgekd.models import build_model, count_params, save_weights  # noqa: E402
 from edgekd.recipe import DataConfig, recipe_from_dict  # noqa: E402
+from edgekd.report import engine_accuracy  # noqa: E402
 from edgekd.targets import load_target  # noqa: E402
 from edgekd.train import fit, seed_everything  # noqa: E402
 
@@ -161,7 +162,7 @@ class Gemm:
 
 def open_engine(record: dict[str, Any], threads: int, eval_samples: int) -> dict[str, Any]:
     """Load a bundle with edgekd.runtime, read what the tables need from its manifest (accuracy and size through
-    edgekd.profile.profile_bundle, over the bundle's whole eval.npz), take up to `eval_samples` of its eval
+    edgekd.report.engine_accuracy: the whole test split's, from the build), take up to `eval_samples` of its eval
     inputs as timing inputs, and count its FLOPs."""
     bundle = Path(record["bundle"])
     engine = runtime.load(bundle, threads=threads)
@@ -176,12 +177,14 @@ def open_engine(record: dict[str, Any], threads: int, eval_samples: int) -> dict
         with np.load(bundle / "eval.npz") as f:
             eval_x = f["x"][:max(eval_samples, 64)]
     prof = profile.profile_bundle(bundle, batch_sizes=(1,), warmup=0, min_runs=1, min_seconds=0.0, threads=threads)
+    accuracy = engine_accuracy(prof)   # the whole test split's, measured when the bundle was built
     name = bundle.name
     key = f"w{record['width']}/{name}" if "width" in record else f"{record['group']}/{name}"
     return {**record, "key": key, "name": name, "engine": engine, "eval_x": eval_x,
             "model": m.get("model"), "precision": m["precision"], "quantization": m["quantization"],
             "spec": spec, "flops_per_sample": flops_per_sample(spec, engine.input_shape, num_classes),
-            "accuracy": prof["accuracy"], "eval_samples": prof["eval_samples"], "size_bytes": prof["size_bytes"],
+            "accuracy": accuracy["accuracy"], "eval_samples": accuracy.get("test_samples", prof["eval_samples"]),
+            "size_bytes": prof["size_bytes"],
             "threads_at_load": engine.info.get("threads")}
 
 
@@ -193,7 +196,7 @@ def measure(cells: list[tuple[dict[str, Any], int]], gemm: Gemm, *, rounds: int,
     timings: dict[tuple[str, int], dict[str, list]] = {(e["key"], b): {"ms": [], "round_tput": [], "round": []}
                                                        for e, b in cells}
     peaks: list[dict[str, float]] = []
-    inputs = {(e["key"], b): profile._inputs(e["eval_x"], e["engine"].input_shape, b) for e, b in cells}
+    inputs = {(e["key"], b): profile._inputs(e["eval_x"], e["engine"], b) for e, b in cells}
     order = list(cells)
     for r in range(rounds):
         peaks.append(gemm())

@@ -3,18 +3,20 @@
 A bundle is what gets copied to a device. The manifest is the single description of how to feed the engine
 (input name/shape/dtype, normalization, class names) and of how it was built (target, precision, library
 versions), and its checksums make a truncated `scp` or an edited engine fail loudly at load instead of
-returning wrong logits. Standard library only: this module runs on devices that have numpy and a runtime
-library but no torch.
+returning wrong logits. The manifest carries its own checksum too (edited preprocessing, class names or engine
+entry are refused), every name it lists must stay inside the folder, and every file it names must be listed
+(see edgekd.fileio: the one place that confines and bounds what manifests name). Standard library only: this
+module runs on devices that have numpy and a runtime library but no torch.
 """
 
 from __future__ import annotations
 
-import json
+import os
 from pathlib import Path
 from typing import Any
 
+from edgekd import fileio
 from edgekd.errors import EdgekdError
-from edgekd.fileio import sha256_file, write_json
 
 FORMAT = "edgekd-bundle/1"
 MANIFEST = "manifest.json"
@@ -32,59 +34,77 @@ def edgekd_version() -> str:
         return "dev"
 
 
+REMEDY = "rebuild the bundle (`edgekd build`), or copy the whole bundle folder again from where it was built"
+
+
 def _bundle_files(bundle_dir: Path) -> list[str]:
     return sorted(str(p.relative_to(bundle_dir).as_posix()) for p in bundle_dir.rglob("*")
-                  if p.is_file() and p.name != MANIFEST and not p.name.startswith("."))
+                  if p.is_file() and not p.is_symlink() and p.name != MANIFEST and not p.name.startswith("."))
 
 
 def write_manifest(bundle_dir: str | Path, manifest: dict[str, Any]) -> dict[str, Any]:
-    """Checksum every file in `bundle_dir` into manifest['files'] and write manifest.json atomically.
+    """Checksum every file in `bundle_dir` into manifest['files'] and write manifest.json atomically, with the
+    manifest's own checksum (fileio.SIGNATURE_KEY) so an edited manifest is refused like an edited engine.
 
-    Returns the manifest as written. The manifest does not checksum itself (metrics are added later).
+    Returns the manifest as written.
     """
     bundle_dir = Path(bundle_dir)
     if not bundle_dir.is_dir():
         raise EdgekdError(f"bundle {bundle_dir}: folder not found")
     out = dict(manifest)
     out["format"] = FORMAT
-    out["files"] = {name: sha256_file(bundle_dir / name) for name in _bundle_files(bundle_dir)}
+    out["files"] = {name: fileio.sha256_file(bundle_dir / name) for name in _bundle_files(bundle_dir)}
     out.setdefault("metrics", {})
-    write_json(bundle_dir / MANIFEST, out)
-    return out
+    _check_named_files(bundle_dir, out)
+    return fileio.write_signed_json(bundle_dir / MANIFEST, out)
+
+
+def _check_named_files(bundle_dir: Path, manifest: dict[str, Any]) -> None:
+    """Every file the manifest names (engine.file, engine.fallback_file, eval.file, any other `*file` key of those
+    sections) must be a listed, checksummed entry of `files`; there is no other way to name a file."""
+    for section in ("engine", "eval"):
+        entry = manifest.get(section)
+        if entry is None and section == "eval":
+            continue
+        if not isinstance(entry, dict):
+            raise EdgekdError(f"bundle {bundle_dir}: {MANIFEST} has no {section!r} entry (an object); {REMEDY}")
+        for key, name in entry.items():
+            if (key == "file" or key.endswith("_file")) and name is not None and name not in manifest["files"]:
+                raise EdgekdError(f"bundle {bundle_dir}: {MANIFEST} {section}.{key} names {name!r}, which is not a "
+                                  f"listed, checksummed file of the bundle; {REMEDY}")
+        if not isinstance(entry.get("file"), str):
+            raise EdgekdError(f"bundle {bundle_dir}: {MANIFEST} {section}.file is {entry.get('file')!r}; expected "
+                              f"a file name; {REMEDY}")
 
 
 def read_manifest(bundle_dir: str | Path, *, verify: bool = True) -> dict[str, Any]:
-    """Read manifest.json and (by default) check every listed file against its sha256.
+    """Read manifest.json (bounded JSON, its own checksum checked) and (by default) every listed file's sha256.
 
-    A missing or tampered file raises EdgekdError naming it: a bundle is used whole or not at all.
+    Every listed name must be a plain relative name that stays inside the bundle, and every file the manifest names
+    must be listed. A missing, tampered or out-of-folder file, or an edited manifest, raises EdgekdError naming
+    it: a bundle is used whole or not at all.
     """
     bundle_dir = Path(bundle_dir)
     if not bundle_dir.is_dir():
         raise EdgekdError(f"bundle {bundle_dir}: folder not found (build it with `edgekd build`)")
-    path = bundle_dir / MANIFEST
-    if not path.is_file():
+    if not os.path.lexists(bundle_dir / MANIFEST):
         raise EdgekdError(f"bundle {bundle_dir}: no {MANIFEST}; not an edgekd bundle, or its build was "
                           "interrupted")
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise EdgekdError(f"bundle {bundle_dir}: {MANIFEST} is not valid JSON ({e}); rebuild the "
-                          "bundle") from e
+    what = f"bundle {bundle_dir}: {MANIFEST}"
+    manifest = fileio.read_json(bundle_dir, MANIFEST, what=what, remedy=REMEDY)
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
         raise EdgekdError(f"bundle {bundle_dir}: {MANIFEST} has format {got!r}, expected {FORMAT!r}")
+    fileio.check_signed(manifest, what=what, remedy=REMEDY)
     files = manifest.get("files")
     if not isinstance(files, dict) or not files:
-        raise EdgekdError(f"bundle {bundle_dir}: {MANIFEST} lists no files; rebuild the bundle")
+        raise EdgekdError(f"bundle {bundle_dir}: {MANIFEST} lists no files; {REMEDY}")
+    for name in files:
+        fileio.check_name(name, what=what, remedy=REMEDY)
+    _check_named_files(bundle_dir, manifest)
     if verify:
         for name, digest in files.items():
-            file = bundle_dir / name
-            if not file.is_file():
-                raise EdgekdError(f"bundle {bundle_dir}: file {name} is missing; copy the whole bundle "
-                                  "folder or rebuild it")
-            if sha256_file(file) != digest:
-                raise EdgekdError(f"bundle {bundle_dir}: file {name} fails its sha256 check (tampered or "
-                                  "truncated); rebuild the bundle")
+            fileio.verify_confined(bundle_dir, name, digest, what=f"bundle {bundle_dir}", remedy=REMEDY)
     return manifest
 
 
@@ -93,13 +113,42 @@ def verify(bundle_dir: str | Path) -> dict[str, Any]:
     return read_manifest(bundle_dir, verify=True)
 
 
-def update_metrics(bundle_dir: str | Path, metrics: dict[str, Any]) -> None:
-    """Merge measured metrics into manifest['metrics'] and rewrite manifest.json atomically.
+def read_listed(bundle_dir: str | Path, manifest: dict[str, Any], name: str) -> bytes:
+    """The bytes of a file the manifest lists, checked against its sha256 on exactly these bytes (so a file replaced
+    after `read_manifest` verified it is still refused). An unlisted name is refused."""
+    files = manifest.get("files") or {}
+    if name not in files:
+        raise EdgekdError(f"bundle {bundle_dir}: {name} is not listed in {MANIFEST}; {REMEDY}")
+    return fileio.read_confined(bundle_dir, name, what=f"bundle {bundle_dir}", remedy=REMEDY, sha256=files[name])
 
-    The engine files are verified first: metrics must describe the files that are actually there.
+
+def read_eval(bundle_dir: str | Path, manifest: dict[str, Any]) -> dict[str, Any] | None:
+    """The arrays of the bundle's eval set (manifest 'eval'.file, listed and verified), or None when it has none.
+
+    Loaded without pickles from the verified bytes."""
+    import io
+
+    import numpy as np
+
+    entry = manifest.get("eval")
+    if not entry:
+        return None
+    data = read_listed(bundle_dir, manifest, entry["file"])
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as f:
+            return {k: f[k] for k in f.files}
+    except Exception as e:
+        raise EdgekdError(f"bundle {bundle_dir}: {entry['file']} is not a readable .npz without pickles "
+                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); {REMEDY}") from None
+
+
+def update_metrics(bundle_dir: str | Path, metrics: dict[str, Any]) -> None:
+    """Merge measured metrics into manifest['metrics'] and rewrite manifest.json atomically, re-signed.
+
+    The manifest and the engine files are verified first: metrics must describe the files that are actually there.
     """
     manifest = read_manifest(bundle_dir, verify=True)
     merged = dict(manifest.get("metrics") or {})
     merged.update(metrics)
     manifest["metrics"] = merged
-    write_json(Path(bundle_dir) / MANIFEST, manifest)
+    fileio.write_signed_json(Path(bundle_dir) / MANIFEST, manifest)

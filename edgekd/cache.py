@@ -16,7 +16,9 @@ Storage. A folder: `manifest.json` and `epoch-00000.npz`, ... each holding
                                      and float16 is most precise near 0); probabilities are stored as log p
     indices  int16/int32 (N, k)      their class ids
 written atomically, with the manifest (rewritten after every epoch, so a killed build resumes) recording
-their sha256 and the cache key: sha256 of x, augment key, seed, epochs, top_k and the teacher's identity.
+their sha256 and the cache key: sha256 of x (for a streamed source, `streaming.fingerprint`: file list, sizes,
+modification times, transform spec), augment key, seed, epochs, top_k and the teacher's identity. The arrays
+are memory-mapped when a run loads the cache, so it takes no RAM beyond the pages batches touch.
 `load_cache` refuses a cache whose key differs from what the training run asks for, naming the key.
 
 Training loss: `edgekd.losses.topk_soft_target_loss(s, values, indices, T, values_are="logits")`.
@@ -25,7 +27,7 @@ Training loss: `edgekd.losses.topk_soft_target_loss(s, values, indices, T, value
 from __future__ import annotations
 
 import datetime
-import json
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from edgekd import fileio
+from edgekd import fileio, streaming
 from edgekd.errors import EdgekdError
 from edgekd.teachers import TeacherOutput, array_sha256, teacher_identity, teacher_name, validate_output
 
@@ -156,8 +158,8 @@ class TeacherCache:
 
     path: Path
     manifest: dict[str, Any] = field(repr=False)
-    values: np.ndarray = field(repr=False)     # float16 (stored epochs, N, k)
-    indices: np.ndarray = field(repr=False)    # int16/int32 (stored epochs, N, k)
+    values: tuple[np.ndarray, ...] = field(repr=False)    # per stored epoch: float16 (N, k), memory-mapped
+    indices: tuple[np.ndarray, ...] = field(repr=False)   # per stored epoch: int16/int32 (N, k), memory-mapped
 
     @property
     def epochs(self) -> int:
@@ -166,7 +168,7 @@ class TeacherCache:
 
     @property
     def top_k(self) -> int:
-        return int(self.values.shape[2])
+        return int(self.values[0].shape[1])
 
     def lookup(self, epoch: int, indices: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(top-k logits float32 (B, k), class ids int64 (B, k)) of samples `indices` in `epoch`."""
@@ -178,11 +180,11 @@ class TeacherCache:
         else:
             raise EdgekdError(f"teacher cache {self.path}: holds epochs 0..{self.epochs - 1}, asked for epoch {epoch}; "
                               "rebuild it with at least as many epochs as training runs")
-        n = self.values.shape[1]
+        n = self.values[0].shape[0]
         if idx.size and (idx.min() < 0 or idx.max() >= n):
             raise EdgekdError(f"teacher cache {self.path}: sample index {int(idx.max())} out of range for "
                               f"{n} cached samples")
-        return self.values[stored, idx].astype(np.float32), self.indices[stored, idx].astype(np.int64)
+        return self.values[stored][idx].astype(np.float32), self.indices[stored][idx].astype(np.int64)
 
 
 def _now() -> str:
@@ -212,23 +214,44 @@ def _as_topk_logits(out: TeacherOutput, top_k: int, who: str) -> tuple[np.ndarra
     return vals.astype(np.float16), idx.astype(np.int64), kind
 
 
-def _read_manifest(path: Path) -> dict[str, Any]:
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise EdgekdError(f"teacher cache manifest {path}: not readable JSON ({e}); delete the cache to rebuild it"
-                          ) from None
+REMEDY = "delete the cache folder and rebuild it with `edgekd cache-teacher`"
+
+
+def _read_manifest(cache_dir: Path) -> dict[str, Any]:
+    """The cache manifest: bounded JSON, its own checksum, the fields this module reads, every file a plain name."""
+    what = f"teacher cache manifest {cache_dir / MANIFEST}"
+    manifest = fileio.read_json(cache_dir, MANIFEST, what=what, remedy=REMEDY)
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise EdgekdError(f"teacher cache manifest {path}: not an edgekd teacher cache (expected format {FORMAT!r})")
+        raise EdgekdError(f"{what}: not an edgekd teacher cache (expected format {FORMAT!r})")
+    fileio.check_signed(manifest, what=what, remedy=REMEDY)
+    fileio.check_fields(manifest, {"x_sha256": "sha256", "samples": "count", "input_shape": "shape",
+                                   "epochs": "count", "stored_epochs": "count", "top_k": "count", "seed": "index",
+                                   "augment": "str", "teacher": "str", "files": "list", "top_k_stored": "count",
+                                   "num_classes": "count", "teacher_output": "str"},
+                        what=what, remedy=REMEDY, optional=("top_k_stored", "num_classes", "teacher_output"))
+    for entry in manifest["files"]:
+        fileio.check_fields(entry, {"epoch": "index", "file": "str", "sha256": "sha256"},
+                            what=f"{what}: file entry", remedy=REMEDY)
+        fileio.check_name(entry["file"], what=what, remedy=REMEDY)
     return manifest
+
+
+def _file_ok(cache_dir: Path, entry: dict[str, Any]) -> bool:
+    """An epoch file is kept on resume only when it is a regular file inside the folder with the recorded sha256."""
+    try:
+        fileio.verify_confined(cache_dir, entry["file"], entry["sha256"], what=f"teacher cache {cache_dir}",
+                               remedy=REMEDY)
+    except EdgekdError:
+        return False
+    return True
 
 
 def read_manifest(cache_dir: str | Path) -> dict[str, Any]:
     """The manifest of a cache folder (what it was built for: augment, seed, top_k, epochs, teacher)."""
-    path = Path(cache_dir) / "manifest.json"
-    if not path.is_file():
+    cache_dir = Path(cache_dir)
+    if not os.path.lexists(cache_dir / MANIFEST):
         raise EdgekdError(f"teacher cache {cache_dir}: no manifest.json; build it with `edgekd cache-teacher`")
-    return _read_manifest(path)
+    return _read_manifest(cache_dir)
 
 
 def _describe(key: str, value: Any) -> str:
@@ -246,7 +269,7 @@ def build_cache(teacher: Any, x: np.ndarray, out_path: str | Path, *, top_k: int
     A folder holding a cache with another key is refused. `augment_key` defaults to augment_key_of(augment).
     """
     out = Path(out_path)
-    x = np.ascontiguousarray(x, dtype=np.float32)
+    x = x if streaming.is_lazy(x) else np.ascontiguousarray(x, dtype=np.float32)
     if x.ndim < 2 or len(x) == 0:
         raise EdgekdError(f"teacher cache {out}: inputs have shape {x.shape}; expected (samples, *input_shape)")
     for name, value in (("top_k", top_k), ("epochs", epochs), ("batch_size", batch_size)):
@@ -255,13 +278,13 @@ def build_cache(teacher: Any, x: np.ndarray, out_path: str | Path, *, top_k: int
     if not isinstance(seed, int) or seed < 0:
         raise EdgekdError(f"teacher cache {out}: seed must be an integer >= 0, got {seed!r}")
     who = teacher_name(teacher)
-    key = {"x_sha256": array_sha256(x), "augment": augment_key or augment_key_of(augment), "seed": seed,
+    key = {"x_sha256": data_key(x), "augment": augment_key or augment_key_of(augment), "seed": seed,
            "epochs": epochs, "top_k": top_k, "teacher": teacher_identity(teacher)}
     mpath = out / MANIFEST
     if out.exists() and not out.is_dir():
         raise EdgekdError(f"teacher cache {out}: exists and is not a folder")
-    if mpath.is_file():
-        manifest = _read_manifest(mpath)
+    if os.path.lexists(mpath):
+        manifest = _read_manifest(out)
         differ = [k for k in KEY_FIELDS if manifest.get(k) != key[k]]
         if differ:
             what = "; ".join(f"{k}: folder has {_describe(k, manifest.get(k))}, this build {_describe(k, key[k])}"
@@ -273,8 +296,7 @@ def build_cache(teacher: Any, x: np.ndarray, out_path: str | Path, *, top_k: int
                     "stored_epochs": 1 if augment is None else epochs, "values": "logits",
                     "teacher_output": None, "top_k_stored": None, "num_classes": None, "files": [],
                     "complete": False, "created": _now(), "edgekd_version": _version()}
-    files = {e["epoch"]: e for e in manifest["files"]
-             if (out / e["file"]).is_file() and fileio.sha256_file(out / e["file"]) == e["sha256"]}
+    files = {e["epoch"]: e for e in manifest["files"] if _file_ok(out, e)}
     manifest["files"] = sorted(files.values(), key=lambda e: e["epoch"])
     if manifest.get("complete") and len(files) == manifest["stored_epochs"]:
         return manifest
@@ -311,11 +333,10 @@ def build_cache(teacher: Any, x: np.ndarray, out_path: str | Path, *, top_k: int
                 np.savez(f, values=np.concatenate(vals), indices=np.concatenate(idxs).astype(index_dtype))
         files[epoch] = {"epoch": epoch, "file": name, "sha256": fileio.sha256_file(out / name)}
         manifest["files"] = sorted(files.values(), key=lambda e: e["epoch"])
-        fileio.write_json(mpath, manifest)
+        manifest = fileio.write_signed_json(mpath, manifest)
     manifest["complete"] = True
     manifest["completed"] = _now()
-    fileio.write_json(mpath, manifest)
-    return manifest
+    return fileio.write_signed_json(mpath, manifest)
 
 
 def load_cache(path: str | Path, *, x: np.ndarray, augment_key: str, seed: int, top_k: int,
@@ -324,18 +345,17 @@ def load_cache(path: str | Path, *, x: np.ndarray, augment_key: str, seed: int, 
     (or, given `epochs`, with fewer augmented epochs than training needs). Verifies every file's sha256."""
     path = Path(path)
     mpath = path / MANIFEST
-    if not mpath.is_file():
+    if not os.path.lexists(mpath):
         raise EdgekdError(f"teacher cache {path}: no {MANIFEST} (build one with `edgekd cache-teacher`)")
-    manifest = _read_manifest(mpath)
+    manifest = _read_manifest(path)
     if not manifest.get("complete"):
         raise EdgekdError(f"teacher cache {path}: incomplete ({len(manifest.get('files', []))} of "
                           f"{manifest.get('stored_epochs')} epochs); rerun the same `edgekd cache-teacher` to finish")
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    if manifest["x_sha256"] != array_sha256(x):
+    if manifest["x_sha256"] != data_key(x):
         raise EdgekdError(f"teacher cache {path}: built for other data (key x_sha256: cache has "
                           f"{manifest['samples']} samples of shape {tuple(manifest['input_shape'])}, sha256 "
                           f"{manifest['x_sha256'][:12]}...; this run has {len(x)} of {tuple(x.shape[1:])}, sha256 "
-                          f"{array_sha256(x)[:12]}...); rebuild the cache on this data")
+                          f"{data_key(x)[:12]}...); rebuild the cache on this data")
     asked = {"augment": augment_key, "seed": seed, "top_k": top_k}
     if teacher_identity is not None:
         asked["teacher"] = teacher_identity
@@ -349,10 +369,13 @@ def load_cache(path: str | Path, *, x: np.ndarray, augment_key: str, seed: int, 
     values, indices = [], []
     for entry in manifest["files"]:
         fpath = path / entry["file"]
-        fileio.verify_sha256(fpath, entry["sha256"], what="teacher cache file", named_by=mpath,
-                             remedy="rebuild the cache")
-        with np.load(fpath, allow_pickle=False) as f:
-            v, i = f["values"], f["indices"]
+        fpath = fileio.verify_confined(path, entry["file"], entry["sha256"],
+                                       what=f"teacher cache file {fpath} (named by {mpath})", remedy=REMEDY)
+        try:
+            mapped = streaming.map_npz(fpath)   # top-k stays on disk: pages are read as batches look them up
+            v, i = mapped["values"], mapped["indices"]
+        except (EdgekdError, KeyError, ValueError, OSError) as e:
+            raise EdgekdError(f"teacher cache file {fpath}: not a readable cache file ({e}); {REMEDY}") from None
         if v.shape != (manifest["samples"], manifest["top_k_stored"]) or i.shape != v.shape:
             raise EdgekdError(f"teacher cache file {fpath}: arrays have shapes {v.shape}/{i.shape}; expected "
                               f"({manifest['samples']}, {manifest['top_k_stored']})")
@@ -360,7 +383,13 @@ def load_cache(path: str | Path, *, x: np.ndarray, augment_key: str, seed: int, 
         indices.append(i)
     if len(values) != manifest["stored_epochs"]:
         raise EdgekdError(f"teacher cache {path}: manifest lists {len(values)} of {manifest['stored_epochs']} epochs")
-    return TeacherCache(path, manifest, np.stack(values), np.stack(indices))
+    return TeacherCache(path, manifest, tuple(values), tuple(indices))
+
+
+def data_key(x: Any) -> str:
+    """The cache key of the inputs: sha256 of an array's bytes, or a streamed source's fingerprint (file list,
+    sizes, modification times, transform spec), so a folder is never read to check a key."""
+    return streaming.fingerprint(x) if streaming.is_lazy(x) else array_sha256(np.ascontiguousarray(x, np.float32))
 
 
 def _version() -> str:

@@ -57,7 +57,8 @@ def load(path: str | Path, input_shape: tuple[int, ...]) -> tuple[np.ndarray, di
     for key in ("file", "sha256", "samples"):
         if key not in manifest:
             raise EdgekdError(f"calibration manifest {path}: missing key {key!r}")
-    npz = path.parent / manifest["file"]
+    remedy = "rebuild it with `edgekd calibrate`"
+    npz = fileio.confined(path.parent, manifest["file"], what=f"calibration manifest {path}", remedy=remedy)
     if not npz.is_file():
         raise EdgekdError(f"calibration set {npz}: file not found (named by {path})")
     if fileio.sha256_file(npz) != manifest["sha256"]:

@@ -84,7 +84,8 @@ def distill(recipe: str, out: Path, device: str, quiet: bool, resume: bool, labe
     if not _is_main():
         return
     click.echo(metrics_table(metrics))
-    click.echo(f"\nwrote {out}/{{student,scratch}}.safetensors, metrics.json, recipe.toml")
+    models = ",".join(m for m in ("student", "scratch") if (out / f"{m}.safetensors").is_file() and m in metrics)
+    click.echo(f"\nwrote {out}/{{{models}}}.safetensors, metrics.json, recipe.toml")
 
 
 @cli.command()
@@ -101,15 +102,18 @@ def distill(recipe: str, out: Path, device: str, quiet: bool, resume: bool, labe
 @click.option("--min-confidence", type=click.FloatRange(0, 1), default=0.0, show_default=True,
               help="Report how many pseudo-labels a confidence threshold keeps per class.")
 @click.option("--balance", is_flag=True, help="Report the effect of class-balancing the pseudo-labels.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=600.0, show_default=True,
+              help="Seconds a 'cmd:' teacher may take per batch before its process group is killed.")
 @QUIET
 def label(recipe: str, teacher_spec: str, pool: Path | None, out: Path, top_k: int, temperature: float,
-          shard_size: int, min_confidence: float, balance: bool, quiet: bool) -> None:
+          shard_size: int, min_confidence: float, balance: bool, timeout: float, quiet: bool) -> None:
     """Label an unlabelled pool with a black-box teacher into resumable, checksummed shards."""
     from edgekd.distillation import label as run_label
     from edgekd.recipe import load_recipe
 
     result = run_label(load_recipe(recipe), teacher_spec, out, pool=pool, top_k=top_k, temperature=temperature,
-                       shard_size=shard_size, min_confidence=min_confidence, balance=balance, progress=not quiet)
+                       shard_size=shard_size, min_confidence=min_confidence, balance=balance, timeout_s=timeout,
+                       progress=not quiet)
     m = result["manifest"]
     click.echo(result["table"])
     click.echo(f"\nwrote {out}: {m['samples']} samples in {len(m['shards'])} shards ({m['output_kind']})")
@@ -160,12 +164,16 @@ def export(run_dir: Path, model: str) -> None:
 @RUN_DIR
 @TARGET
 def build(run_dir: Path, target: str) -> None:
-    """Build the engines a target asks for (teacher and student) into RUN_DIR/engines/<target>/."""
+    """Build the engines a target asks for (teacher and student) into RUN_DIR/engines/<target>/: float engines,
+    and int8 student engines from what `edgekd quantize` wrote for the target's scheme."""
     from edgekd.pipeline import build as run_build
 
     result = run_build(run_dir, target)
-    for path in result["built"]:
-        click.echo(f"built {path}")
+    scheme = result["quant_scheme"]
+    for e in result["engines"]:
+        quant = "" if e["quantization"] == "none" else f" ({e['quantization']}, scheme {scheme['scheme']}: " \
+                                                       f"{scheme['reason']})"
+        click.echo(f"built {e['model']} {e['precision']}{quant}: {e['path']}")
     for s in result["skipped"]:
         click.echo(f"skipped {s['model']} {s['precision']}: {s['reason']}")
 
@@ -201,14 +209,19 @@ def _print_report(rep: dict, out: Path) -> None:
               "(default: x86-cpu-ort).")
 @DEVICE
 @QUIET
-def run(recipe: str, out: Path, targets: tuple[str, ...], device: str, quiet: bool) -> None:
-    """The whole pipeline: teacher, distill, export, build, profile, report."""
+@click.option("--resume", is_flag=True, help="Continue a run in OUT: skip the models already trained and the stages "
+              "whose outputs are complete and newer than their inputs.")
+def run(recipe: str, out: Path, targets: tuple[str, ...], device: str, quiet: bool, resume: bool) -> None:
+    """The whole pipeline: teacher, distill, export, quantize, build, profile, report.
+
+    RECIPE is a TOML file, or the built-in name 'digits'.
+    """
     from edgekd.pipeline import DEFAULT_TARGETS
     from edgekd.pipeline import run as run_pipeline
     from edgekd.recipe import load_recipe
 
     rep = run_pipeline(load_recipe(recipe), out, targets=targets or DEFAULT_TARGETS, device=device,
-                       progress=not quiet)
+                       progress=not quiet, resume=resume)
     _print_report(rep, out)
 
 
@@ -249,20 +262,38 @@ def calibrate(recipe: str, out: Path, samples: int, seed: int, split: str) -> No
 
 @cli.command()
 @RUN_DIR
-@click.option("--scheme", type=click.Choice(["ort-cpu", "ort-cpu-avx2", "tensorrt"]), default="ort-cpu-avx2",
-              show_default=True,
-              help="Quantization scheme (a target's quant_scheme).")
+@click.option("--mode", type=click.Choice(["ptq", "qat"]), default=None,
+              help="PTQ only, or PTQ and quantization-aware distillation (default: the recipe's [quantize].mode).")
+@TARGET
 @DEVICE
 @QUIET
-def qat(run_dir: Path, scheme: str, device: str, quiet: bool) -> None:
-    """PTQ baseline and quantization-aware distillation of RUN_DIR's student, per its recipe's [quantize]."""
-    from edgekd.pipeline import quantize
+def quantize(run_dir: Path, mode: str | None, target: str, device: str, quiet: bool) -> None:
+    """Quantize RUN_DIR's student for a target's int8 scheme into Q/DQ ONNX, which `edgekd build` turns into int8
+    engines."""
+    from edgekd.pipeline import quantize as run_quantize
 
-    result = quantize(run_dir, scheme, device=device, progress=not quiet)
-    if not result["onnx"]:
-        raise EdgekdError(f"{run_dir}/recipe.toml: [quantize].mode is \"none\"; set it to \"ptq\" or \"qat\"")
+    _print_quantized(run_dir, run_quantize(run_dir, target=target, mode=mode, device=device, progress=not quiet))
+
+
+def _print_quantized(run_dir: Path, result: dict) -> None:
     for kind, path in result["onnx"].items():
-        click.echo(f"{kind}: {path} (PyTorch accuracy {result['pytorch_accuracy'][kind]:.4f})")
+        accuracy = result["pytorch_accuracy"][kind]
+        click.echo(f"{kind}: {path} (scheme {result['scheme']}, PyTorch accuracy {accuracy:.4f})")
+    click.echo(f"next: `edgekd build {run_dir} --target ...` builds int8 engines from them")
+
+
+@cli.command()
+@RUN_DIR
+@click.option("--scheme", type=click.Choice(["ort-cpu", "ort-cpu-avx2", "tensorrt"]), default=None,
+              help="Quantization scheme (a target's quant_scheme; default: x86-cpu-ort's for this CPU).")
+@DEVICE
+@QUIET
+def qat(run_dir: Path, scheme: str | None, device: str, quiet: bool) -> None:
+    """`quantize` by scheme name (the old name, kept for scripts): PTQ baseline and quantization-aware
+    distillation of RUN_DIR's student, per its recipe's [quantize]."""
+    from edgekd.pipeline import quantize as run_quantize
+
+    _print_quantized(run_dir, run_quantize(run_dir, scheme, device=device, progress=not quiet))
 
 
 @cli.command()
@@ -325,11 +356,21 @@ def targets() -> None:
 
 @cli.command()
 def doctor() -> None:
-    """Which runtimes and devices work on this machine."""
+    """Which runtimes and devices work on this machine, and the CPU instruction sets int8 speed depends on."""
     from edgekd.engines import available_runtimes
+    from edgekd.targets import ISA_FLAGS, cpu_flags, cpu_quant_scheme
 
     for name, status in available_runtimes().items():
         click.echo(f"{name:14s} {status}")
+    cpu = cpu_flags()
+    known = ISA_FLAGS.get(cpu["arch"], ())
+    if cpu["flags"] is None:
+        flags = "unknown (no /proc/cpuinfo)"
+    else:
+        flags = " ".join(f if f in cpu["flags"] else f"no-{f}" for f in known) or "(none tracked for this arch)"
+    click.echo(f"{'cpu':14s} {cpu['arch']}: {flags}")
+    scheme, reason = cpu_quant_scheme(cpu)
+    click.echo(f"{'int8 scheme':14s} {scheme} for x86-cpu-ort (quant_scheme = \"auto\"): {reason}")
 
 
 def _one_line(message: str) -> str:
@@ -339,13 +380,28 @@ def _one_line(message: str) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: one clear line and exit code 2 for errors the user can fix."""
+    from edgekd.fileio import exit_on_sigterm
+
     debug = os.environ.get("EDGEKD_DEBUG") == "1"
     try:
-        cli.main(args=argv, prog_name="edgekd", standalone_mode=False)
+        with exit_on_sigterm():   # SIGTERM unwinds like Ctrl-C: temp files go, the run folder's lock is released
+            cli.main(args=argv, prog_name="edgekd", standalone_mode=False)
     except EdgekdError as e:
         if debug:
             raise
         click.echo(f"error: {_one_line(str(e))}", err=True)
+        sys.exit(2)
+    except OSError as e:   # a read or write the OS refused where no stage expected it (full disk, read-only)
+        if debug:
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        click.echo(f"error: {where}{_one_line(e.strerror or str(e))}", err=True)
+        sys.exit(2)
+    except MemoryError:
+        if debug:
+            raise
+        click.echo("error: out of memory; use a smaller model, batch_size or data subset ([data] train_samples)",
+                   err=True)
         sys.exit(2)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)

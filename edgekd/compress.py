@@ -44,6 +44,14 @@ def _export(ctx: Any, gm: nn.Module, quantization: str, scheme: str) -> Path:
     path = ctx.onnx_path("student", quantization, scheme)
     export_onnx(gm, torch.from_numpy(ctx.data.x_test[:2]), path,
                 metadata=ctx.metadata("student", {"quantization": quantization, "quant_scheme": scheme}))
+    if scheme == "tensorrt":  # the gate: what TensorRT 10's parser and explicit quantization accept
+        from edgekd.engines.trt_onnx import require_tensorrt_onnx
+
+        try:
+            require_tensorrt_onnx(path)
+        except EdgekdError:
+            path.unlink()  # nothing that looks like a usable TensorRT model stays behind
+            raise
     return path
 
 

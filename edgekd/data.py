@@ -4,17 +4,22 @@ Sources: "digits" (scikit-learn's bundled 8x8 digits), an `.npz` with x_train, y
 (optional x_unlabeled, class_names), a folder of images with one sub-folder per class, or
 "package.module:function" returning such a dict or a (train, test) pair of torch Datasets.
 Images are float32 (N, C, H, W) in [0, 1] before normalization; flat features stay (N, F).
+
+Image folders, memory-mapped .npz arrays and torch Datasets are not read into memory: their splits are lazy
+sources (`edgekd.streaming`) that DataLoader workers read batch by batch.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from edgekd import streaming
 from edgekd.errors import EdgekdError
+from edgekd.preprocess import NAMED_STATS, PreprocessSpec, is_image_file
 from edgekd.recipe import DataConfig
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -22,6 +27,9 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".we
 
 @dataclass(frozen=True)
 class Dataset:
+    """The splits. Each x_* is an array or, for streamed sources, a lazy source (edgekd.streaming) that
+    indexes like one: len, shape, x[i], x[indices], x.take(indices, axis=0)."""
+
     x_train: np.ndarray
     y_train: np.ndarray
     x_val: np.ndarray
@@ -32,6 +40,8 @@ class Dataset:
     class_names: tuple[str, ...]
     mean: tuple[float, ...]     # per channel (or one value for flat features), applied to every split
     std: tuple[float, ...]
+    preprocess: PreprocessSpec | None = None   # image folders: the eval transform (what a device must apply)
+    report: dict[str, Any] = field(default_factory=dict)   # how the data was read (streamed, skipped files)
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -93,9 +103,15 @@ def _fashion_mnist(folder: Path) -> dict[str, Any]:
     return out
 
 
-def _npz(path: Path) -> dict[str, Any]:
+MMAP_AUTO_BYTES = 512 * 2**20   # [data] memory_map unset: .npz files larger than this are mapped, not loaded
+
+
+def _npz(path: Path, cfg: DataConfig) -> dict[str, Any]:
     import zipfile
 
+    mapped = cfg.memory_map if cfg.memory_map is not None else path.stat().st_size > MMAP_AUTO_BYTES
+    if mapped and zipfile.is_zipfile(path):
+        return _mapped_npz(path, cfg)
     if not zipfile.is_zipfile(path):  # np.load would take anything else for a pickle
         raise EdgekdError(f"data {path}: not a readable .npz file (expected a zip of .npy arrays, as numpy.savez "
                           "writes)")
@@ -121,50 +137,165 @@ def _npz(path: Path) -> dict[str, Any]:
     return arrays
 
 
-def _image_folder(path: Path, cfg: DataConfig) -> dict[str, Any]:
-    from PIL import Image
+def _mapped_npz(path: Path, cfg: DataConfig) -> dict[str, Any]:
+    """An .npz written by numpy.savez with its x_* arrays mapped from disk: each is a LazyArray read row by
+    row; labels and class names are small and read."""
+    try:
+        mapped = streaming.map_npz(path)
+    except EdgekdError:
+        raise
+    except Exception as e:
+        raise EdgekdError(f"data {path}: not a readable .npz file ({type(e).__name__}: {e})") from None
+    arrays: dict[str, Any] = {}
+    for key, a in mapped.items():
+        if not key.startswith("x"):
+            arrays[key] = np.array(a)
+            continue
+        if a.dtype.kind not in "fiu" or a.ndim < 2:
+            raise EdgekdError(f"data {path}: {key} is {a.dtype} of shape {a.shape}; expected numbers (float, or "
+                              "uint8 images) of shape (samples, ...)")
+        item = (1, *a.shape[1:]) if a.ndim == 3 else tuple(a.shape[1:])
+        arrays[key] = streaming.LazyArray(a, item, 1 / 255 if a.dtype == np.uint8 else 1.0,
+                                          options=loader_options(cfg))
+    if "class_names" in arrays:
+        arrays["class_names"] = [str(c) for c in arrays["class_names"].tolist()]
+    arrays["report"] = {"source": "memory-mapped .npz"}
+    return arrays
 
+
+def _class_folders(path: Path) -> dict[str, list[Path]]:
+    """{class name: its image files}, classes sorted; hidden entries and other suffixes are ignored."""
     classes = sorted(p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise EdgekdError(f"data {path}: an image folder needs one sub-folder per class; found none")
-    size = tuple(cfg.image_size) if cfg.image_size else None
-    if size is not None and len(size) != 2:
-        raise EdgekdError(f"data.image_size: expected [height, width], got {list(size)}")
-    images, labels = [], []
-    mode = "L" if cfg.grayscale else "RGB"
-    for label, name in enumerate(classes):
-        files = sorted(p for p in (path / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    out = {}
+    for name in classes:
+        files = sorted(p for p in (path / name).iterdir()
+                       if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
         if not files:
             raise EdgekdError(f"data {path / name}: class folder has no images ({', '.join(IMAGE_SUFFIXES)})")
+        out[name] = files
+    return out
+
+
+SPLITS = ("train", "val", "test")
+
+
+def _image_folder(path: Path, cfg: DataConfig) -> dict[str, Any]:
+    """Index an image folder (paths and labels; nothing decoded): one folder of class folders, or train/,
+    test/ (and optional val/) folders of the same class folders. Every header is read once, so a bad file or
+    a folder of mixed sizes is reported before training."""
+    subs = {p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")}
+    splits = {"": path} if not ("train" in subs and subs <= set(SPLITS)) else {s: path / s for s in SPLITS if s in subs}
+    if "" not in splits and "test" not in splits:
+        raise EdgekdError(f"data {path}: has train/ but no test/ folder; expected train/ and test/ (val/ optional), "
+                          "each with one folder per class, or class folders only")
+    folders = {split: _class_folders(p) for split, p in splits.items()}
+    classes = list(folders.get("", folders.get("train")))
+    for split, f in folders.items():
+        if split not in ("", "train") and list(f) != classes:
+            extra, missing = sorted(set(f) - set(classes)), sorted(set(classes) - set(f))
+            raise EdgekdError(f"data {splits[split]}: class folders differ from {splits['train']}'s"
+                              + (f"; not in train/: {', '.join(extra)}" if extra else "")
+                              + (f"; missing here: {', '.join(missing)}" if missing else ""))
+    spec = _spec(cfg)
+    skipped: list[tuple[str, str]] = []
+    kept = {split: _scan(f, classes, spec, cfg, skipped) for split, f in folders.items()}
+    shapes = {shape for files in kept.values() for _, _, shape in files}
+    if len(shapes) > 1:
+        first = next(iter(kept.values()))[0]
+        odd = next(f for files in kept.values() for f, _, shape in files if shape != first[2])
+        raise EdgekdError(f"data {path}: images differ in size ({odd} gives {shapes - {first[2]}}, {first[0]} gives "
+                          f"{first[2]}); set [data] image_size = [height, width] to resize every image to it")
+    if not shapes:
+        raise EdgekdError(f"data {path}: no readable images ({len(skipped)} skipped)")
+    options = loader_options(cfg)
+    out: dict[str, Any] = {"class_names": classes, "preprocess": spec, "report": {
+        "source": "image folder", "layout": "class folders" if "" in kept else "/".join(kept),
+        "images": sum(len(v) for v in kept.values()), "skipped": len(skipped),
+        "skipped_files": [f"{f}: {why}" for f, why in skipped[:20]]}}
+    for split, files in kept.items():
+        if not files:
+            raise EdgekdError(f"data {splits[split]}: no readable images ({len(skipped)} skipped)")
+        x = streaming.LazyImages([f for f, _, _ in files], spec, files[0][2], cfg.max_pixels, options)
+        y = np.asarray([label for _, label, _ in files], dtype=np.int64)
+        out.update({"x": x, "y": y} if split == "" else {f"x_{split}": x, f"y_{split}": y})
+    return out
+
+
+def _spec(cfg: DataConfig) -> PreprocessSpec:
+    """The eval transform from [data]: image_size alone resizes to it; with resize it is the centre crop."""
+    size = list(cfg.image_size) if cfg.image_size else None
+    if size is not None and (len(size) != 2 or min(size) < 1):
+        raise EdgekdError(f"data.image_size: expected [height, width], got {size}")
+    crop = cfg.crop if cfg.crop is not None else size if cfg.resize is not None else None
+    if size is not None and cfg.crop is not None and list(cfg.crop) != size:
+        raise EdgekdError(f"data.crop {list(cfg.crop)} and data.image_size {size} differ; set one of them")
+    resize = cfg.resize if cfg.resize is not None else size if cfg.crop is None else None
+    return PreprocessSpec.from_dict({"mode": "L" if cfg.grayscale else "RGB", "resize": resize, "crop": crop},
+                                    where="[data]")
+
+
+def _scan(folders: dict[str, list[Path]], classes: list[str], spec: PreprocessSpec, cfg: DataConfig,
+          skipped: list[tuple[str, str]]) -> list[tuple[str, int, tuple[int, ...]]]:
+    """(file, label, model input shape) of every readable image, from its header; anything else is an error
+    naming the file, or with skip_bad_images is counted in `skipped`. Only regular files are read (a FIFO or
+    device named like an image is skipped). With skip_bad_images every image is also decoded once here, so a
+    truncated body is found before training rather than in the middle of it."""
+    candidates = []
+    for name, files in folders.items():
         for f in files:
-            try:
-                with Image.open(f) as im:
-                    im = im.convert(mode)
-                    if size is None:
-                        size = (im.height, im.width)
-                    if (im.height, im.width) != size:
-                        im = im.resize((size[1], size[0]), Image.BILINEAR)
-                    arr = np.asarray(im, dtype=np.float32) / 255.0
-            except OSError as e:
-                raise EdgekdError(f"data {f}: not a readable image ({e})") from None
-            images.append(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1))
-            labels.append(label)
-    return {"x": np.stack(images), "y": np.asarray(labels, dtype=np.int64), "class_names": classes}
+            if is_image_file(f):   # follows links; FIFOs, sockets, devices are never opened
+                candidates.append((str(f), classes.index(name)))
+            else:
+                skipped.append((str(f), "not a regular file"))
+    checked = streaming.check_files([f for f, _ in candidates], spec, cfg.max_pixels, cfg.skip_bad_images,
+                                    loader_options(cfg).num_workers)
+    out = []
+    for (f, label), got in zip(candidates, checked, strict=True):
+        if isinstance(got, str):
+            if not cfg.skip_bad_images:
+                raise EdgekdError(f"{got}; set [data] skip_bad_images = true to skip such files")
+            skipped.append((f, got.split(": ", 1)[-1]))
+            continue
+        oh, ow = spec.output_size(*got)
+        out.append((f, label, (spec.channels, oh, ow)))
+    return out
 
 
-def _dataset_to_arrays(ds: Any, where: str) -> tuple[np.ndarray, np.ndarray]:
-    xs, ys = [], []
+def loader_options(cfg: DataConfig) -> streaming.LoaderOptions:
+    workers = cfg.num_workers if cfg.num_workers is not None else streaming.default_workers()
+    return streaming.LoaderOptions(workers, cfg.pin_memory, cfg.prefetch_factor, cfg.persistent_workers)
+
+
+def _dataset_source(ds: Any, where: str, cfg: DataConfig) -> tuple[streaming.LazyArray, np.ndarray]:
+    """A map-style torch Dataset of (input, label) pairs, used as it is: inputs are read per batch by the
+    DataLoader workers (uint8 inputs scaled by 1/255). Labels come from `ds.targets` (torchvision's convention)
+    when it has them, else from reading each item once (one pass, nothing kept but the labels)."""
+    if not hasattr(ds, "__getitem__") or not hasattr(ds, "__len__"):
+        raise EdgekdError(f"{where}: {type(ds).__name__} has no len() and indexing (an IterableDataset?); return "
+                          "map-style Datasets of (input, label) pairs")
+    if not len(ds):
+        raise EdgekdError(f"{where}: the dataset is empty")
     try:
-        for i in range(len(ds)):
-            x, y = ds[i]
-            xs.append(np.asarray(x, dtype=np.float32))
-            ys.append(int(y))
+        first = ds[0][0]
+        first = first.numpy() if hasattr(first, "numpy") else np.asarray(first)
+        targets = getattr(ds, "targets", None)
+        labels = targets if targets is not None else [ds[i][1] for i in range(len(ds))]
+        y = np.asarray([int(v) for v in labels], dtype=np.int64)
+    except EdgekdError:
+        raise
     except Exception as e:
         raise EdgekdError(f"{where}: could not read items as (input, label) pairs ({type(e).__name__}: {e})") from e
-    return np.stack(xs), np.asarray(ys, dtype=np.int64)
+    if first.dtype.kind not in "fiu" or first.ndim < 1:
+        raise EdgekdError(f"{where}: inputs are {first.dtype} of shape {first.shape}; expected numbers (float, or "
+                          "uint8 images)")
+    shape = (1, *first.shape) if first.ndim == 2 else first.shape
+    x = streaming.LazyArray(ds, shape, 1 / 255 if first.dtype == np.uint8 else 1.0, options=loader_options(cfg))
+    return x, y
 
 
-def _function(ref: str) -> dict[str, Any]:
+def _function(ref: str, cfg: DataConfig) -> dict[str, Any]:
     from edgekd.models import load_factory
 
     fn = load_factory(ref, "data source")
@@ -173,9 +304,10 @@ def _function(ref: str) -> dict[str, Any]:
     except Exception as e:
         raise EdgekdError(f"data source {ref!r} raised {type(e).__name__}: {e}") from e
     if isinstance(out, tuple) and len(out) == 2:
-        x_train, y_train = _dataset_to_arrays(out[0], f"data source {ref!r} train dataset")
-        x_test, y_test = _dataset_to_arrays(out[1], f"data source {ref!r} test dataset")
-        return {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test}
+        x_train, y_train = _dataset_source(out[0], f"data source {ref!r} train dataset", cfg)
+        x_test, y_test = _dataset_source(out[1], f"data source {ref!r} test dataset", cfg)
+        return {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test,
+                "report": {"source": "torch Datasets"}}
     if isinstance(out, dict):
         return dict(out)
     raise EdgekdError(f"data source {ref!r} returned {type(out).__name__}; expected a dict of arrays "
@@ -183,6 +315,8 @@ def _function(ref: str) -> dict[str, Any]:
 
 
 def _as_inputs(x: Any, name: str, where: str) -> np.ndarray:
+    if streaming.is_lazy(x):   # read, scaled and checked row by row when used
+        return x
     x = np.asarray(x)
     if x.dtype.kind not in "fiu" or x.dtype == np.bool_:
         raise EdgekdError(f"{where}: {name} has dtype {x.dtype}; expected numbers (float, or uint8 images)")
@@ -270,22 +404,24 @@ def load_data(cfg: DataConfig, base_dir: str | Path = ".") -> Dataset:
     elif src.endswith(".npz") or path.is_file():
         if not path.is_file():
             raise EdgekdError(f"data {path}: file not found")
-        raw = _npz(path)
+        raw = _npz(path, cfg)
     elif path.is_dir():
         raw = _image_folder(path, cfg)
     elif ":" in src and not src.startswith((".", "/")):
-        raw = _function(src)
+        raw = _function(src, cfg)
         where = f"data source {src!r}"
     else:
         raise EdgekdError(f"data {path}: not found (expected 'digits', an .npz file, an image folder, "
                           "or 'package.module:function')")
 
+    if "preprocess" not in raw and (cfg.resize is not None or cfg.crop is not None or cfg.skip_bad_images):
+        raise EdgekdError(f"{where}: [data] resize, crop and skip_bad_images apply to image folders only")
     rng = np.random.default_rng(cfg.seed)
     if "x" in raw:  # one pool: carve the test split
         x = _as_inputs(raw["x"], "x", where)
         y = _as_labels(raw["y"], len(x), "y", where)
         tr, te = _split(len(x), cfg.test_fraction, rng, y)
-        x_train, y_train, x_test, y_test = x[tr], y[tr], x[te], y[te]
+        x_train, y_train, x_test, y_test = x.take(tr, axis=0), y[tr], x.take(te, axis=0), y[te]
     else:
         for k in ("x_train", "y_train", "x_test", "y_test"):
             if k not in raw:
@@ -297,10 +433,10 @@ def load_data(cfg: DataConfig, base_dir: str | Path = ".") -> Dataset:
     subset_rng = np.random.default_rng([cfg.seed, 1])   # its own stream: the splits below stay as without subsets
     if cfg.train_samples is not None:
         keep = _subset(y_train, cfg.train_samples, subset_rng)
-        x_train, y_train = x_train[keep], y_train[keep]
+        x_train, y_train = x_train.take(keep, axis=0), y_train[keep]
     if cfg.test_samples is not None:
         keep = _subset(y_test, cfg.test_samples, subset_rng)
-        x_test, y_test = x_test[keep], y_test[keep]
+        x_test, y_test = x_test.take(keep, axis=0), y_test[keep]
     if x_train.shape[1:] != x_test.shape[1:]:
         raise EdgekdError(f"{where}: x_train samples have shape {x_train.shape[1:]} but x_test samples have "
                           f"{x_test.shape[1:]}; they must match")
@@ -313,32 +449,37 @@ def load_data(cfg: DataConfig, base_dir: str | Path = ".") -> Dataset:
             raise EdgekdError(f"{where}: x_unlabeled samples have shape {x_unl.shape[1:]}, expected "
                               f"{x_train.shape[1:]} like x_train")
 
-    num_classes = int(max(y_train.max(), y_test.max())) + 1
+    if not len(y_train) or (not len(y_test) and cfg.test_fraction > 0):
+        raise EdgekdError(f"{where}: {len(y_train)} training and {len(y_test)} test samples; each split needs at "
+                          f"least one (test_fraction = {cfg.test_fraction}; more data, or another split)")
+    num_classes = int(max(y_train.max(), y_test.max(initial=0))) + 1   # test_fraction = 0 leaves no test split
     names = raw.get("class_names")
     class_names = tuple(str(c) for c in names) if names is not None else tuple(str(i) for i in range(num_classes))
     for name, y in (("y_train", y_train), ("y_test", y_test)):
-        if y.min() < 0 or y.max() >= len(class_names):
+        if len(y) and (y.min() < 0 or y.max() >= len(class_names)):
             raise EdgekdError(f"{where}: {name} has labels in [{y.min()}, {y.max()}]; "
                               f"expected 0..{len(class_names) - 1} for {len(class_names)} classes")
 
-    tr, va = _split(len(x_train), cfg.val_fraction, rng, y_train)
-    x_val, y_val = x_train[va], y_train[va]
-    x_train, y_train = x_train[tr], y_train[tr]
+    if "x_val" in raw:   # the source's own validation split (an image folder's val/)
+        x_val, y_val = raw["x_val"], _as_labels(raw["y_val"], len(raw["x_val"]), "y_val", where)
+    else:
+        tr, va = _split(len(x_train), cfg.val_fraction, rng, y_train)
+        x_val, y_val = x_train.take(va, axis=0), y_train[va]
+        x_train, y_train = x_train.take(tr, axis=0), y_train[tr]
     if len(x_train) == 0:
         raise EdgekdError(f"{where}: no training samples left after the test/validation splits")
+    lazy = streaming.is_lazy(x_train)
+    if lazy and (x_unl is not None or cfg.labelled is not None):
+        raise EdgekdError(f"{where}: [data] unlabeled and labelled are not supported with streamed sources (image "
+                          "folders, memory-mapped or Dataset sources) yet; use an .npz source for them")
 
-    axes = (0, 2, 3) if x_train.ndim == 4 else tuple(range(x_train.ndim))
-    if cfg.normalize:
-        mean = x_train.mean(axis=axes)
-        std = x_train.std(axis=axes) + 1e-6
-    else:
-        mean = np.zeros(x_train.shape[1] if x_train.ndim == 4 else 1, np.float32)
-        std = np.ones_like(mean)
-    mean, std = np.atleast_1d(mean).astype(np.float32), np.atleast_1d(std).astype(np.float32)
+    mean, std = _statistics(cfg, x_train, where)
 
     def norm(a: np.ndarray | None) -> np.ndarray | None:
         if a is None:
             return None
+        if streaming.is_lazy(a):
+            return a.normalized(tuple(mean), tuple(std))
         shape = (1, -1, 1, 1) if a.ndim == 4 else (1, -1) if len(mean) > 1 else (1,) * a.ndim
         return ((a - mean.reshape(shape)) / std.reshape(shape)).astype(np.float32)
 
@@ -348,8 +489,48 @@ def load_data(cfg: DataConfig, base_dir: str | Path = ".") -> Dataset:
         pool = x_train[np.setdiff1d(np.arange(len(x_train)), keep)]
         x_unl = pool if x_unl is None else np.concatenate([pool, x_unl])
         x_train, y_train = x_train[keep], y_train[keep]
+    spec = raw.get("preprocess")
+    if spec is not None:
+        spec = replace(spec, mean=tuple(float(v) for v in mean), std=tuple(float(v) for v in std))
+    report = dict(raw.get("report", {}))
+    if lazy:
+        report.update(streamed=True, workers=x_train.options.num_workers,
+                      statistics=_stats_origin(cfg, len(x_train)))
     return Dataset(x_train, y_train, norm(x_val), y_val, norm(x_test), y_test, x_unl, class_names,
-                   tuple(float(v) for v in mean), tuple(float(v) for v in std))
+                   tuple(float(v) for v in mean), tuple(float(v) for v in std), spec, report)
+
+
+def _statistics(cfg: DataConfig, x_train: Any, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean/std: [data] mean/std if given (numbers or a name like "imagenet"), else from the
+    training split (arrays: all of it; streamed sources: `stats_samples` inputs drawn at random), or 0/1
+    with normalize = false."""
+    channels = x_train.shape[1] if x_train.ndim == 4 else 1
+    if (cfg.mean is None) != (cfg.std is None):
+        raise EdgekdError(f"{where}: set both [data] mean and std (or neither, to estimate them)")
+    if cfg.mean is not None:
+        mean, std = (NAMED_STATS[v][k] if isinstance(v, str) and v in NAMED_STATS else v
+                     for k, v in ((0, cfg.mean), (1, cfg.std)))
+        for key, v in (("mean", mean), ("std", std)):
+            if isinstance(v, str) or len(v) not in (1, channels):
+                raise EdgekdError(f"{where}: [data] {key} = {v!r}; expected 1 or {channels} numbers or one of "
+                                  f"{', '.join(NAMED_STATS)}")
+    elif not cfg.normalize:
+        mean, std = np.zeros(channels), np.ones(channels)
+    elif streaming.is_lazy(x_train):
+        mean, std = streaming.channel_stats(x_train, cfg.stats_samples, cfg.seed)
+    else:
+        axes = (0, 2, 3) if x_train.ndim == 4 else tuple(range(x_train.ndim))
+        mean, std = x_train.mean(axis=axes), x_train.std(axis=axes) + 1e-6
+    exact = np.float64 if cfg.mean is not None else np.float32   # given numbers are kept as written
+    return np.atleast_1d(mean).astype(exact), np.atleast_1d(std).astype(exact)
+
+
+def _stats_origin(cfg: DataConfig, n: int) -> str:
+    if cfg.mean is not None:
+        return "[data] mean/std"
+    if not cfg.normalize:
+        return "none (normalize = false)"
+    return f"estimated from {min(n, cfg.stats_samples)} training inputs (seeded draw)"
 
 
 def labelled_subset(y: np.ndarray, labelled: int | float, seed: int, where: str) -> np.ndarray:

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from edgekd import distributed, fileio
+from edgekd import distributed, fileio, runfolder
 from edgekd.augment import BatchAugment
 from edgekd.data import Dataset, load_data
 from edgekd.errors import EdgekdError
@@ -54,7 +54,10 @@ def read_metrics(out: Path) -> dict[str, Any]:
 def _save_run_files(out: Path, recipe: Recipe, metrics: dict[str, Any]) -> None:
     if not distributed.is_main():
         return
+    from edgekd.pipeline import record_recipe_dir
+
     fileio.write_text(out / "recipe.toml", to_toml(resolved(recipe)))
+    record_recipe_dir(out, recipe)   # relative paths in recipe.toml resolve against the recipe's folder
     fileio.write_json(out / "metrics.json", metrics)
 
 
@@ -67,9 +70,34 @@ def build_role_model(recipe: Recipe, role: str, data: Dataset) -> nn.Module:
     return model
 
 
+def teacher_inputs(recipe: Recipe) -> dict[str, str]:
+    """What teacher.safetensors is made from (edgekd.runfolder): [data], [teacher] and the checkpoint it
+    fine-tunes."""
+    made = runfolder.sections(recipe, "data", "teacher")
+    if recipe.teacher.checkpoint and recipe.path(recipe.teacher.checkpoint).is_file():
+        made["teacher checkpoint"] = fileio.sha256_file(recipe.path(recipe.teacher.checkpoint))
+    return made
+
+
+def student_inputs(recipe: Recipe, out: Path | None = None, teacher: Path | None = None) -> dict[str, str]:
+    """What the student and the scratch baseline are made from: [data], [student], [distill], [augment], and
+    for the student what taught it (teacher.safetensors, a checkpoint, a labels or cache manifest)."""
+    made = runfolder.sections(recipe, "data", "student", "distill", "augment")
+    if out is not None and teacher is not None:
+        made.update([runfolder.file_key(out, teacher)])
+    return made
+
+
 def load_teacher(recipe: Recipe, out: Path, data: Dataset) -> tuple[nn.Module, Path] | None:
-    """The teacher already trained in `out`, or named by [teacher].checkpoint; None when there is none."""
+    """The teacher already trained in `out`, or named by [teacher].checkpoint; None when there is none.
+
+    A teacher.safetensors that `out` records as made from another [data]/[teacher] is refused.
+    """
     path = out / "teacher.safetensors"
+    differ = runfolder.stale(out, path.name, teacher_inputs(recipe)) if path.is_file() else None
+    if differ:
+        raise EdgekdError(f"{path}: was trained with a different recipe ({'; '.join(differ)}); delete it to "
+                          "train the teacher again, or use another --out")
     if not path.is_file() and recipe.teacher.checkpoint:
         path = recipe.path(recipe.teacher.checkpoint)
         if not path.is_file():
@@ -85,11 +113,11 @@ def _train_role(recipe: Recipe, out: Path, role: str, data: Dataset, dev: Any, *
                 model: nn.Module, teacher: nn.Module | None = None, kd: KDConfig | None = None,
                 schedule: dict[str, Any] | None = None, metrics: dict[str, Any] | None = None,
                 x: np.ndarray | None = None, y: np.ndarray | None = None,
-                offline: OfflineTargets | None = None) -> dict[str, Any]:
+                offline: OfflineTargets | None = None, made_from: dict[str, str] | None = None) -> dict[str, Any]:
     """Train one role with checkpoints in out/checkpoints/<role>.ckpt; write <role>.safetensors (rank 0).
 
     With `resume`, a role whose safetensors and metrics already exist is not retrained, and a role with a
-    checkpoint continues from it.
+    checkpoint continues from it. `made_from` goes into the run folder's provenance (edgekd.runfolder).
     """
     final = out / f"{role}.safetensors"
     if resume and final.is_file() and metrics and role in metrics:
@@ -108,6 +136,7 @@ def _train_role(recipe: Recipe, out: Path, role: str, data: Dataset, dev: Any, *
     spec = recipe.teacher.model if role == "teacher" else recipe.student.model
     if distributed.is_main():
         save_weights(model, final, _metadata(spec, data, role))
+        runfolder.record(out, final.name, made_from or {})
         ckpt.unlink(missing_ok=True)
     distributed.barrier()
     entry = _entry(model, data, dev, history, start)
@@ -139,6 +168,14 @@ def train_teacher(recipe: Recipe, out: str | Path, *, device: str = "auto", prog
     """Train the teacher on the task, or fine-tune it from [teacher].checkpoint; writes teacher.safetensors."""
     distributed.init_from_env()
     out = Path(out)
+    with runfolder.locked(out):
+        if resume:
+            runfolder.check_resume(out, recipe)
+        return _train_teacher(recipe, out, device, progress, data, resume)
+
+
+def _train_teacher(recipe: Recipe, out: Path, device: str, progress: bool, data: Dataset | None,
+                   resume: bool) -> dict[str, Any]:
     data = data or load_data(recipe.data, recipe.base_dir)
     dev = distributed.local_device(resolve_device(device))
     model = build_role_model(recipe, "teacher", data)
@@ -146,7 +183,7 @@ def train_teacher(recipe: Recipe, out: str | Path, *, device: str = "auto", prog
         load_weights(model, recipe.path(recipe.teacher.checkpoint))
     metrics = read_metrics(out)
     metrics["teacher"] = _train_role(recipe, out, "teacher", data, dev, progress=progress, resume=resume,
-                                     model=model, metrics=metrics)
+                                     model=model, metrics=metrics, made_from=teacher_inputs(recipe))
     _save_run_files(out, recipe, metrics)
     return metrics
 
@@ -155,7 +192,8 @@ def _entry(model: nn.Module, data: Dataset, dev: Any, history: list[dict], start
     return {"accuracy": accuracy(model, data.x_test, data.y_test, dev), "test_samples": len(data.y_test),
             "params": count_params(model),
             "val_accuracy": accuracy(model, data.x_val, data.y_val, dev) if len(data.y_val) else None,
-            "epochs": len(history), "train_seconds": round(time.perf_counter() - start, 2)}
+            "epochs": len(history),   # a model loaded as is (no epochs) has no training time
+            **({"train_seconds": round(time.perf_counter() - start, 2)} if history else {})}
 
 
 def _offline_source(recipe: Recipe, data: Dataset, labels: Path | None, cache: Path | None
@@ -166,11 +204,9 @@ def _offline_source(recipe: Recipe, data: Dataset, labels: Path | None, cache: P
 
     d = resolved(recipe).distill
     if labels is not None:
-        if data.x_unlabeled is None:
-            raise EdgekdError(f"--labels {labels}: the recipe has no unlabelled pool; set [data] unlabeled to the "
-                              "pool that `edgekd label` labelled")
-        lab = teacher_labels.read_labels(labels, pool=data.x_unlabeled)
-        x = data.x_unlabeled[lab.indices]
+        pool = data.x_unlabeled if data.x_unlabeled is not None else _labelled_pool(labels, data)
+        lab = teacher_labels.read_labels(labels, pool=pool)   # verifies the pool's sha256 against the manifest
+        x = pool[lab.indices]
         info = {"source": "labels", "path": str(labels), "samples": int(len(x)), "teacher": lab.manifest["teacher"],
                 "soft": lab.topk_probs is not None}
         if lab.topk_probs is None:   # the teacher gave only class indices: plain cross-entropy on them
@@ -193,6 +229,25 @@ def _offline_source(recipe: Recipe, data: Dataset, labels: Path | None, cache: P
     return x, y, OfflineTargets(fetch, d.temperature, d.alpha, "logits"), info
 
 
+POOL_SOURCE = "pool-source.json"   # in a labels folder: {"pool": the --pool file `edgekd label` labelled}
+
+
+def _labelled_pool(labels: Path, data: Dataset) -> np.ndarray:
+    """The pool `edgekd label --pool` labelled, as recorded beside its labels (normalized like the training data);
+    read_labels then checks it against the manifest's sha256."""
+    from edgekd.data import load_pool, normalize_like
+
+    record = labels / POOL_SOURCE
+    if not record.is_file():
+        raise EdgekdError(f"--labels {labels}: no {POOL_SOURCE} naming the labelled pool and the recipe has no "
+                          "[data] unlabeled; set it to the pool that `edgekd label` labelled")
+    try:
+        path = json.loads(record.read_text())["pool"]
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+        raise EdgekdError(f"{record}: expected {{\"pool\": a file path}}; relabel or set [data] unlabeled") from None
+    return normalize_like(data, load_pool(str(path)))
+
+
 def distill(recipe: Recipe, out: str | Path, *, device: str = "auto", progress: bool = True,
             data: Dataset | None = None, resume: bool = False, labels: str | Path | None = None,
             cache: str | Path | None = None) -> dict[str, Any]:
@@ -205,6 +260,14 @@ def distill(recipe: Recipe, out: str | Path, *, device: str = "auto", progress: 
     """
     distributed.init_from_env()
     out = Path(out)
+    with runfolder.locked(out):
+        if resume:
+            runfolder.check_resume(out, recipe)
+        return _distill(recipe, out, device, progress, data, resume, labels, cache)
+
+
+def _distill(recipe: Recipe, out: Path, device: str, progress: bool, data: Dataset | None, resume: bool,
+             labels: str | Path | None, cache: str | Path | None) -> dict[str, Any]:
     data = data or load_data(recipe.data, recipe.base_dir)
     dev = distributed.local_device(resolve_device(device))
     if labels is not None or cache is not None:
@@ -215,9 +278,10 @@ def distill(recipe: Recipe, out: str | Path, *, device: str = "auto", progress: 
     if found is None:
         metrics = train_teacher(recipe, out, device=device, progress=progress, data=data, resume=resume)
         teacher = build_role_model(recipe, "teacher", data)
-        load_weights(teacher, out / "teacher.safetensors")
+        teacher_path = out / "teacher.safetensors"
+        load_weights(teacher, teacher_path)
     else:
-        teacher, _ = found
+        teacher, teacher_path = found
         metrics = read_metrics(out)
         if "teacher" not in metrics:
             metrics["teacher"] = _entry(teacher.to(dev), data, dev, [], time.perf_counter())
@@ -242,10 +306,13 @@ def distill(recipe: Recipe, out: str | Path, *, device: str = "auto", progress: 
     student = build_role_model(recipe, "student", data)
     metrics["student"] = _train_role(recipe, out, "student", data, dev, progress=progress, resume=resume,
                                      model=student, teacher=None if once else teacher, kd=kd, schedule=schedule,
-                                     metrics=metrics, x=x, y=y, offline=once)
+                                     metrics=metrics, x=x, y=y, offline=once,
+                                     made_from=student_inputs(recipe, out, teacher_path))
     metrics["student"].update(temperature=temperature, alpha=alpha, samples=int(len(x)),
                               labelled=int((y >= 0).sum()), function_matching=d.function_matching,
                               teacher_outputs="computed once" if once else "every step, on the student's view")
+    if data.report:
+        metrics["data"] = data.report   # streamed source: layout, images, skipped files, where mean/std came from
     _save_run_files(out, recipe, metrics)   # a run killed during the baseline keeps the finished student
     return _finish_with_baseline(recipe, out, data, dev, progress, resume, schedule, metrics, student_samples=len(x))
 
@@ -313,7 +380,8 @@ def _finish_with_baseline(recipe: Recipe, out: Path, data: Dataset, dev: Any, pr
                         schedule["batch_size"]) / math.ceil(n / schedule["batch_size"]))}
         scratch = build_role_model(recipe, "scratch", data)
         metrics["scratch"] = _train_role(recipe, out, "scratch", data, dev, progress=progress, resume=resume,
-                                         model=scratch, schedule=schedule, metrics=metrics)
+                                         model=scratch, schedule=schedule, metrics=metrics,
+                                         made_from=student_inputs(recipe))
         metrics["scratch"]["samples"] = n
     _save_run_files(out, recipe, metrics)
     return metrics
@@ -321,13 +389,18 @@ def _finish_with_baseline(recipe: Recipe, out: Path, data: Dataset, dev: Any, pr
 
 def _distill_offline(recipe: Recipe, out: Path, data: Dataset, dev: Any, progress: bool, resume: bool,
                      labels: Path | None, cache: Path | None) -> dict[str, Any]:
+    from edgekd import cache as teacher_cache
+    from edgekd import labels as teacher_labels
+
     d = resolved(recipe).distill
     schedule = {"epochs": d.epochs, "lr": d.lr, "batch_size": d.batch_size, "seed": d.seed}
     x, y, offline, info = _offline_source(recipe, data, labels, cache)
     metrics = read_metrics(out)
     student = build_role_model(recipe, "student", data)
+    source = labels / teacher_labels.MANIFEST if labels is not None else cache / teacher_cache.MANIFEST
     metrics["student"] = _train_role(recipe, out, "student", data, dev, progress=progress, resume=resume,
-                                     model=student, schedule=schedule, metrics=metrics, x=x, y=y, offline=offline)
+                                     model=student, schedule=schedule, metrics=metrics, x=x, y=y, offline=offline,
+                                     made_from=student_inputs(recipe, out, source))
     metrics["student"]["offline"] = info
     _save_run_files(out, recipe, metrics)
     return _finish_with_baseline(recipe, out, data, dev, progress, resume, schedule, metrics,
@@ -336,12 +409,20 @@ def _distill_offline(recipe: Recipe, out: Path, data: Dataset, dev: Any, progres
 
 def label(recipe: Recipe, teacher: str, out: str | Path, *, pool: str | Path | None = None, top_k: int = 5,
           temperature: float = 1.0, shard_size: int = 1024, min_confidence: float = 0.0,
-          balance: bool = False, progress: bool = True) -> dict[str, Any]:
+          balance: bool = False, timeout_s: float = 600.0, progress: bool = True) -> dict[str, Any]:
     """Have a black-box teacher (.onnx, .safetensors, or `cmd:...`) label the unlabelled pool into `out`.
 
     The pool is `pool` (raw inputs, normalized here like the training data) or the recipe's [data] unlabeled.
     Confidence filtering / class balancing are reported; the labels on disk are the teacher's, unfiltered.
     """
+    with runfolder.locked(out):
+        return _label(recipe, teacher, Path(out), pool, top_k, temperature, shard_size, min_confidence, balance,
+                      timeout_s, progress)
+
+
+def _label(recipe: Recipe, teacher: str, out: Path, pool: str | Path | None, top_k: int, temperature: float,
+           shard_size: int, min_confidence: float, balance: bool, timeout_s: float, progress: bool
+           ) -> dict[str, Any]:
     from edgekd import labels as teacher_labels
     from edgekd.data import load_pool, normalize_like
     from edgekd.teachers import load_teacher as load_black_box
@@ -351,9 +432,11 @@ def label(recipe: Recipe, teacher: str, out: str | Path, *, pool: str | Path | N
     if x is None:
         raise EdgekdError("label: no pool to label; pass --pool or set [data] unlabeled in the recipe")
     t = load_black_box(teacher, model_spec=recipe.teacher.model if str(teacher).endswith(".safetensors") else None,
-                       input_shape=data.input_shape, num_classes=data.num_classes)
+                       input_shape=data.input_shape, num_classes=data.num_classes, timeout_s=timeout_s)
     manifest = teacher_labels.label_pool(t, x, out, shard_size=shard_size, temperature=temperature, top_k=top_k,
                                          num_classes=data.num_classes, progress=progress)
+    if pool is not None:   # `distill --labels` finds the pool here (its sha256 is in the manifest)
+        fileio.write_json(Path(out) / POOL_SOURCE, {"pool": str(Path(pool).resolve())})
     kept, report = teacher_labels.filter_labels(teacher_labels.read_labels(out, pool=x),
                                                 min_confidence=min_confidence, balance=balance)
     return {"manifest": manifest, "filter": report,
@@ -364,10 +447,16 @@ def cache_teacher(recipe: Recipe, out: str | Path, *, top_k: int = 5, epochs: in
                   seed: int = 0, device: str = "auto", progress: bool = True) -> dict[str, Any]:
     """Precompute the run's teacher on the transfer set (the training split and the unlabelled pool; top-k
     logits, float16) into out/teacher-cache."""
+    out = Path(out)
+    with runfolder.locked(out):
+        return _cache_teacher(recipe, out, top_k, epochs, augment, seed, device, progress)
+
+
+def _cache_teacher(recipe: Recipe, out: Path, top_k: int, epochs: int, augment: str, seed: int, device: str,
+                   progress: bool) -> dict[str, Any]:
     from edgekd import cache as teacher_cache
     from edgekd.teachers import TorchTeacher
 
-    out = Path(out)
     data = load_data(recipe.data, recipe.base_dir)
     found = load_teacher(recipe, out, data)
     if found is None:

@@ -143,9 +143,13 @@ def profile_bundle(bundle_dir: str | Path, *, batch_sizes: tuple[int, ...] | Non
 
     bundle_dir = Path(bundle_dir)
     run, manifest = load(bundle_dir, threads=threads)
-    with np.load(bundle_dir / "eval.npz") as data:
-        rows = unpad(data["ids"], data["lengths"])
-        reference = data["reference"]
+    from edgekd.bundle import read_eval
+
+    data = read_eval(bundle_dir, manifest) or {}   # the listed eval file, verified on the bytes that are used
+    if not {"ids", "lengths", "reference"} <= set(data):
+        raise EdgekdError(f"bundle {bundle_dir}: no eval set with ids, lengths and reference; rebuild the bundle")
+    rows = unpad(data["ids"], data["lengths"])
+    reference = data["reference"]
     pad_id = int(manifest["input"]["pad_id"])
     sizes = tuple(batch_sizes or manifest.get("batch_sizes") or (1,))
     timing = []

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import tempfile
 import warnings
 from pathlib import Path
@@ -25,6 +26,9 @@ from edgekd.fileio import atomic_path
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
+# Pinned, not the exporter's default (which moves with torch): the newest opset the ONNX parser of the oldest
+# supported TensorRT reads (edgekd.engines.trt_onnx.TRT_OPSET_RANGE); onnxruntime reads it too.
+OPSET = 20
 
 
 def _to_eval(model: torch.nn.Module) -> None:
@@ -32,6 +36,15 @@ def _to_eval(model: torch.nn.Module) -> None:
     # move_exported_model_to_eval, which the quantize stage already ran.
     if not isinstance(model, torch.fx.GraphModule):
         model.eval()
+
+
+_REGISTRATION_LOG = "torch.onnx._internal.exporter._registration"
+
+
+def _no_torchvision_notice(record: logging.LogRecord) -> bool:
+    """The exporter logs "torchvision is not installed. Skipping torchvision::nms" (and three more ops) on every
+    export; edgekd never exports torchvision ops, so the notice is nothing the user can act on."""
+    return not record.getMessage().startswith("torchvision is not installed")
 
 
 def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: str | Path, *, metadata: dict[str, str],
@@ -55,18 +68,22 @@ def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: str | Path,
     with tempfile.TemporaryDirectory(prefix="edgekd-export-") as tmp:
         raw = Path(tmp) / "model.onnx"
         log = io.StringIO()
+        registration = logging.getLogger(_REGISTRATION_LOG)
+        registration.addFilter(_no_torchvision_notice)
         try:
             with contextlib.redirect_stdout(log), warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)  # torch-internal deprecations, not the user's
                 if isinstance(model, torch.fx.GraphModule):  # its .training flag cannot be cleared (see _to_eval)
                     warnings.filterwarnings("ignore", message="Exporting a model while it is in training mode")
                 torch.onnx.export(model, (example,), str(raw), dynamo=True, external_data=False,
-                                  dynamic_shapes=dynamic_shapes, input_names=[INPUT_NAME],
+                                  opset_version=OPSET, dynamic_shapes=dynamic_shapes, input_names=[INPUT_NAME],
                                   output_names=[OUTPUT_NAME], verbose=False)
         except Exception as e:
             raise EdgekdError(f"export {path}: torch.onnx.export failed for input shape "
                               f"{tuple(example.shape)} ({type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else ''})") from e
+        finally:
+            registration.removeFilter(_no_torchvision_notice)
         proto = onnx.load(str(raw))
 
     input_shape: list[int | str] = list(example.shape)

@@ -25,7 +25,8 @@ manifest written for another teacher, pool or settings is refused rather than mi
 from __future__ import annotations
 
 import datetime
-import json
+import io
+import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -113,19 +114,35 @@ def _softmax(z: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-def _read_manifest(path: Path) -> dict[str, Any]:
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise EdgekdError(f"labels manifest {path}: not readable JSON ({e}); delete the folder to start over") from None
+REMEDY = "delete the labels folder and rerun `edgekd label`"
+SHARD_FIELDS = {"file": "str", "start": "index", "stop": "count", "sha256": "sha256"}
+
+
+def _read_manifest(out_dir: Path) -> dict[str, Any]:
+    """The labels manifest: bounded JSON, its own checksum, the fields this module reads, every shard a plain name."""
+    what = f"labels manifest {out_dir / MANIFEST}"
+    manifest = fileio.read_json(out_dir, MANIFEST, what=what, remedy=REMEDY)
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise EdgekdError(f"labels manifest {path}: not an edgekd labels manifest (expected format {FORMAT!r})")
+        raise EdgekdError(f"{what}: not an edgekd labels manifest (expected format {FORMAT!r})")
+    fileio.check_signed(manifest, what=what, remedy=REMEDY)
+    fileio.check_fields(manifest, {"samples": "count", "shard_size": "count", "temperature": "positive",
+                                   "top_k": "count", "input_shape": "shape", "pool_sha256": "sha256",
+                                   "shards": "list", "num_classes": "count", "top_k_stored": "count",
+                                   "teacher": "str", "keep": "str", "output_kind": "str", "stored": "str"},
+                        what=what, remedy=REMEDY, optional=("num_classes", "top_k_stored", "output_kind", "stored"))
+    for entry in manifest["shards"]:
+        fileio.check_fields(entry, SHARD_FIELDS, what=f"{what}: shard entry", remedy=REMEDY)
+        fileio.check_name(entry["file"], what=what, remedy=REMEDY)
     return manifest
 
 
 def _shard_ok(out_dir: Path, entry: dict[str, Any]) -> bool:
-    path = out_dir / entry["file"]
-    return path.is_file() and fileio.sha256_file(path) == entry["sha256"]
+    """A shard is kept on resume only when it is a regular file inside the folder with the recorded sha256."""
+    try:
+        fileio.verify_confined(out_dir, entry["file"], entry["sha256"], what=f"labels {out_dir}", remedy=REMEDY)
+    except EdgekdError:
+        return False
+    return True
 
 
 def label_pool(teacher: Any, pool: np.ndarray, out_dir: str | Path, *, shard_size: int = 1024,
@@ -155,8 +172,8 @@ def label_pool(teacher: Any, pool: np.ndarray, out_dir: str | Path, *, shard_siz
                 "temperature": float(temperature), "top_k": top_k, "keep": keep, "shard_size": shard_size}
     mpath = out_dir / MANIFEST
     n_shards = -(-len(pool) // shard_size)
-    if mpath.is_file():
-        manifest = _read_manifest(mpath)
+    if os.path.lexists(mpath):
+        manifest = _read_manifest(out_dir)
         differ = [k for k in RESUME_KEYS if manifest.get(k) != settings[k]]
         if differ:
             what = "; ".join(f"{k}: folder has {manifest.get(k)!r}, this run {settings[k]!r}" for k in differ)
@@ -193,11 +210,10 @@ def label_pool(teacher: Any, pool: np.ndarray, out_dir: str | Path, *, shard_siz
                 np.savez(f, **arrays)
         manifest["shards"].append({"file": name, "start": start, "stop": stop, "sha256": fileio.sha256_file(path)})
         manifest["shards"].sort(key=lambda e: e["start"])
-        fileio.write_json(mpath, manifest)
+        manifest = fileio.write_signed_json(mpath, manifest)
     manifest["complete"] = True
     manifest["completed"] = _now()
-    fileio.write_json(mpath, manifest)
-    return manifest
+    return fileio.write_signed_json(mpath, manifest)
 
 
 def _record_kind(manifest: dict[str, Any], out: TeacherOutput, keep: str, who: str) -> None:
@@ -248,9 +264,9 @@ def read_labels(out_dir: str | Path, *, pool: np.ndarray | None = None) -> Label
     that was labelled)."""
     out_dir = Path(out_dir)
     mpath = out_dir / MANIFEST
-    if not mpath.is_file():
+    if not os.path.lexists(mpath):
         raise EdgekdError(f"labels {out_dir}: no {MANIFEST} (make labels with `edgekd label`)")
-    manifest = _read_manifest(mpath)
+    manifest = _read_manifest(out_dir)
     n_shards = -(-manifest["samples"] // manifest["shard_size"])
     if not manifest.get("complete") or len(manifest["shards"]) != n_shards:
         raise EdgekdError(f"labels {out_dir}: incomplete ({len(manifest['shards'])} of {n_shards} shards); rerun "
@@ -264,10 +280,14 @@ def read_labels(out_dir: str | Path, *, pool: np.ndarray | None = None) -> Label
     cols: dict[str, list[np.ndarray]] = {}
     for entry in manifest["shards"]:
         path = out_dir / entry["file"]
-        fileio.verify_sha256(path, entry["sha256"], what="labels shard", named_by=mpath,
-                             remedy="rerun `edgekd label` to redo it")
-        with np.load(path, allow_pickle=False) as f:
-            arrays = {k: f[k] for k in f.files}
+        data = fileio.read_confined(out_dir, entry["file"], what=f"labels shard {path} (named by {mpath})",
+                                    remedy="rerun `edgekd label` to redo it", sha256=entry["sha256"])
+        try:
+            with np.load(io.BytesIO(data), allow_pickle=False) as f:
+                arrays = {k: f[k] for k in f.files}
+        except Exception as e:
+            raise EdgekdError(f"labels shard {path}: not a readable .npz without pickles ({type(e).__name__}); "
+                              f"{REMEDY}") from None
         n = entry["stop"] - entry["start"]
         want = ["indices", "labels"] + (["topk_probs", "topk_indices"] if manifest["stored"] == "topk" else [])
         for key in want:

@@ -3,6 +3,10 @@
 A model spec is a string: `"mlp:hidden=128,64"`, `"cnn:widths=32,64"` (optionally `,dropout=0.1`), or
 `"package.module:factory"`, a callable `factory(input_shape, num_classes) -> nn.Module`
 (`"package.module:factory,width=1.5"` calls it with `width=1.5`: how `edgekd size` scales a factory).
+
+`module:function` specs (models, and data sources) are imported from the folders of the recipes loaded in this
+process, then the current directory, then the usual `sys.path`: a `mymodels.py` beside the recipe is found
+without setting PYTHONPATH.
 """
 
 from __future__ import annotations
@@ -10,6 +14,8 @@ from __future__ import annotations
 import importlib
 import inspect
 import math
+import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -99,57 +105,125 @@ FAMILIES: dict[str, tuple[type[nn.Module], dict[str, str]]] = {
 }
 
 
+_RECIPE_DIRS: list[str] = []
+
+
+def add_import_dir(folder: str | Path) -> None:
+    """Put a recipe's folder on the import path of `module:function` specs (first added, first searched)."""
+    folder = str(Path(folder).resolve())
+    if folder not in _RECIPE_DIRS:
+        _RECIPE_DIRS.append(folder)
+
+
+def import_dirs() -> list[str]:
+    """Where `module:function` specs are looked for before sys.path: the recipes' folders, then the cwd."""
+    return list(dict.fromkeys([*_RECIPE_DIRS, os.getcwd()]))
+
+
 def load_factory(ref: str, what: str) -> Callable[..., Any]:
-    """Import `package.module:function`, with an error that names the reference when it is not there."""
+    """Import `package.module:function` from import_dirs() + sys.path; the error names the reference and where
+    it looked."""
     module_name, _, attr = ref.partition(":")
     if not module_name or not attr:
         raise EdgekdError(f"{what} {ref!r}: expected 'package.module:function'")
+    extra = [d for d in import_dirs() if d not in sys.path]
+    sys.path[:0] = extra
     try:
         module = importlib.import_module(module_name)
-    except Exception as e:  # ImportError, or the module raising at import time
+    except ModuleNotFoundError as e:
+        missing_itself = e.name is not None and (module_name == e.name or module_name.startswith(e.name + "."))
+        if not missing_itself:   # the module was found but imports something that is not installed
+            raise EdgekdError(f"{what} {ref!r}: importing module {module_name!r} failed ({type(e).__name__}: {e})"
+                              ) from e
+        raise EdgekdError(f"{what} {ref!r}: cannot import module {module_name!r}: not in the recipe's folder, the "
+                          f"current directory or sys.path (looked in {', '.join(import_dirs())} first); put "
+                          f"{module_name.replace('.', '/')}.py beside the recipe or set PYTHONPATH") from e
+    except Exception as e:  # the module raising at import time
         raise EdgekdError(f"{what} {ref!r}: cannot import module {module_name!r} ({type(e).__name__}: {e})") from e
+    finally:
+        for d in extra:
+            sys.path.remove(d)
     fn = getattr(module, attr, None)
     if not callable(fn):
         raise EdgekdError(f"{what} {ref!r}: module {module_name!r} has no callable {attr!r}")
     return fn
 
 
-def build_model(spec: str, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
-    """Build a model from its spec string for inputs of `input_shape` (no batch dim) and `num_classes` outputs."""
+# Knob ranges of the built-in families, checked before anything is built.
+_KNOB_RANGES = {"ints": (1, None), "float": (0.0, 1.0)}   # widths/hidden >= 1; dropout in [0, 1)
+
+
+def _family_kwargs(spec: str) -> tuple[type[nn.Module], dict[str, Any]] | None:
+    """(class, keyword arguments) of a built-in family spec, each knob parsed and range-checked; None for a
+    `package.module:factory` spec."""
     name, _, body = spec.partition(":")
-    if name in FAMILIES:
-        cls, knob_kinds = FAMILIES[name]
-        kwargs: dict[str, Any] = {}
-        for key, value in _parse_knobs(spec, body).items():
-            if key not in knob_kinds:
-                raise EdgekdError(f"model spec {spec!r}: unknown knob {key!r} (expected one of {sorted(knob_kinds)})")
-            if knob_kinds[key] == "ints":
-                kwargs[key] = _ints(value, key, spec)
-            else:
-                try:
-                    kwargs[key] = float(value)
-                except ValueError:
-                    raise EdgekdError(f"model spec {spec!r}: {key} must be a number, got {value!r}") from None
+    if name not in FAMILIES:
+        if ":" in spec and "=" not in body.partition(",width=")[0]:   # a factory, maybe scaled by edgekd size
+            return None
+        raise EdgekdError(f"model spec {spec!r}: unknown family {name!r} (expected one of {sorted(FAMILIES)} "
+                          "or 'package.module:factory')")
+    cls, knob_kinds = FAMILIES[name]
+    kwargs: dict[str, Any] = {}
+    for key, value in _parse_knobs(spec, body).items():
+        if key not in knob_kinds:
+            raise EdgekdError(f"model spec {spec!r}: unknown knob {key!r} (expected one of {sorted(knob_kinds)})")
+        if knob_kinds[key] == "ints":
+            kwargs[key] = _ints(value, key, spec)
+            if not kwargs[key] or min(kwargs[key]) < 1:
+                raise EdgekdError(f"model spec {spec!r}: {key} must be positive integers like 32,64, got {value!r}")
+        else:
+            try:
+                kwargs[key] = float(value)
+            except ValueError:
+                raise EdgekdError(f"model spec {spec!r}: {key} must be a number, got {value!r}") from None
+            if not 0.0 <= kwargs[key] < 1.0:
+                raise EdgekdError(f"model spec {spec!r}: {key} must be in [0, 1), got {value}")
+    return cls, kwargs
+
+
+def check_spec(spec: str, where: str = "model spec") -> None:
+    """Check a spec before any data is loaded: a built-in family's knobs parse and are in range; a factory's
+    module imports and names a callable. Building it needs the data's input shape (build_model)."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise EdgekdError(f"{where}: expected a model spec like 'cnn:widths=32,64', got {spec!r}")
+    if _family_kwargs(spec) is None:
+        load_factory(spec.partition(",width=")[0], "model factory")
+
+
+def build_model(spec: str, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """Build a model from its spec string for inputs of `input_shape` (no batch dim) and `num_classes` outputs.
+
+    Anything torch raises while allocating it (a model too big for memory, sizes it rejects) is an EdgekdError
+    naming the spec.
+    """
+    family = _family_kwargs(spec)
+    if family is not None:
+        cls, kwargs = family
         try:
             return cls(tuple(input_shape), num_classes, **kwargs)
         except EdgekdError as e:  # name the spec: the family alone does not say which model of the recipe
             raise EdgekdError(f"model spec {spec!r}: {e}") from None
+        except (RuntimeError, ValueError, OverflowError, MemoryError) as e:
+            raise EdgekdError(f"model spec {spec!r}: cannot build it for inputs {tuple(input_shape)} and "
+                              f"{num_classes} classes ({type(e).__name__}: {_first_line(e)})") from None
     ref, _, width = spec.partition(",width=")   # a factory scaled by edgekd size (see scaled_spec)
-    if ":" in ref and "=" not in ref.partition(":")[2]:
-        factory = load_factory(ref, "model factory")
-        try:
-            extra = {"width": float(width)} if width else {}
-        except ValueError:
-            raise EdgekdError(f"model spec {spec!r}: width must be a number, got {width!r}") from None
-        try:
-            model = factory(tuple(input_shape), num_classes, **extra)
-        except Exception as e:
-            raise EdgekdError(f"model factory {spec!r} raised {type(e).__name__}: {e}") from e
-        if not isinstance(model, nn.Module):
-            raise EdgekdError(f"model factory {spec!r} returned {type(model).__name__}, expected a torch.nn.Module")
-        return model
-    raise EdgekdError(f"model spec {spec!r}: unknown family {name!r} (expected one of {sorted(FAMILIES)} "
-                      "or 'package.module:factory')")
+    factory = load_factory(ref, "model factory")
+    try:
+        extra = {"width": float(width)} if width else {}
+    except ValueError:
+        raise EdgekdError(f"model spec {spec!r}: width must be a number, got {width!r}") from None
+    try:
+        model = factory(tuple(input_shape), num_classes, **extra)
+    except Exception as e:
+        raise EdgekdError(f"model factory {spec!r} raised {type(e).__name__}: {e}") from e
+    if not isinstance(model, nn.Module):
+        raise EdgekdError(f"model factory {spec!r} returned {type(model).__name__}, expected a torch.nn.Module")
+    return model
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else "no message"
 
 
 SCALED_KNOBS = {"mlp": "hidden", "cnn": "widths"}   # the knob a width multiplier scales, per family

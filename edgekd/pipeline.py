@@ -1,13 +1,19 @@
 """The only place that knows the stage order: distill -> export -> (quantize) -> build -> profile -> report.
 
-A run folder holds everything: the checkpoints and recipe.toml from `distill`, onnx/<model>.onnx from
-`export`, engines/<target>/<model>-<precision>[-<quant>]/ bundles from `build`, profile-<target>.json
-from `profile`, and report.json / report.md / report.png.
+A run folder holds everything: the checkpoints, recipe.toml and recipe-source.json (the recipe's own folder,
+which its relative paths resolve against from any working directory) from `distill`, onnx/<model>.onnx from
+`export`, onnx/student.<ptq|qat>-<scheme>.onnx from `quantize`, engines/<target>/<model>-<precision>[-<quant>]/
+bundles from `build`, profile-<target>.json from `profile`, and report.json / report.md / report.png.
+The stage commands compose to `run`: each reads what the previous one wrote.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,16 +21,65 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgekd import fileio
+from edgekd import fileio, runfolder, streaming
 from edgekd.data import Dataset, load_data
 from edgekd.engines import check_target
 from edgekd.errors import EdgekdError
-from edgekd.models import build_model, load_weights
+from edgekd.models import add_import_dir, build_model, load_weights
 from edgekd.recipe import Recipe, load_recipe
 from edgekd.targets import Target, load_target
 
 MODELS = ("teacher", "student", "scratch")
 DEFAULT_TARGETS = ("x86-cpu-ort",)
+QUANTIZATIONS = ("ptq", "qat")
+RECIPE_SOURCE = "recipe-source.json"   # {"recipe_dir": the absolute folder of the recipe the run was made from}
+
+
+def record_recipe_dir(out: str | Path, recipe: Recipe) -> None:
+    """Write out/recipe-source.json, so that the relative paths of out/recipe.toml resolve against the recipe's own
+    folder from any working directory. A recipe read from the run folder itself keeps the existing record."""
+    out = Path(out)
+    base = Path(recipe.base_dir).resolve()
+    if base == out.resolve() and (out / RECIPE_SOURCE).is_file():
+        return
+    fileio.write_json(out / RECIPE_SOURCE, {"recipe_dir": str(base)})
+
+
+def load_run_recipe(run_dir: str | Path) -> Recipe:
+    """A run folder's recipe.toml, with its relative paths (and module:function specs) resolved against the
+    folder recorded in recipe-source.json (the run folder itself for runs made before it existed)."""
+    run_dir = Path(run_dir)
+    path = run_dir / "recipe.toml"
+    if not path.is_file():
+        raise EdgekdError(f"{run_dir}: not a run folder (no recipe.toml); run `edgekd distill` first")
+    source = run_dir / RECIPE_SOURCE
+    if not source.is_file():
+        return load_recipe(path)
+    try:
+        folder = json.loads(source.read_text()).get("recipe_dir")
+    except (json.JSONDecodeError, AttributeError, UnicodeDecodeError):
+        folder = None
+    if not isinstance(folder, str) or not Path(folder).is_dir():
+        raise EdgekdError(f"{source}: expected {{\"recipe_dir\": an existing folder}}, got "
+                          f"{source.read_text()[:200]!r}; rerun `edgekd distill` or delete the file to resolve paths "
+                          "against the run folder")
+    add_import_dir(folder)   # before loading: the recipe's model specs are checked as it loads
+    return dataclasses.replace(load_recipe(path), base_dir=folder)
+
+
+def _newer(output: Path, *inputs: Path) -> bool:
+    """`output` exists and is at least as new as every input (for files the provenance record does not cover)."""
+    return output.exists() and all(output.stat().st_mtime >= p.stat().st_mtime for p in inputs if p.exists())
+
+
+def _stage(progress: bool, name: str, fn: Callable[[], Any], note: Callable[[Any], str] | None = None) -> Any:
+    """Run one stage and, with `progress`, print one line for it with its wall time (stderr)."""
+    start = time.perf_counter()
+    result = fn()
+    if progress:
+        detail = f" ({note(result)})" if note else ""
+        print(f"{name}: {time.perf_counter() - start:.1f} s{detail}", file=sys.stderr, flush=True)
+    return result
 
 
 class RunContext:
@@ -32,18 +87,18 @@ class RunContext:
 
     def __init__(self, run_dir: str | Path, recipe: Recipe | None = None, data: Dataset | None = None) -> None:
         self.dir = Path(run_dir)
-        if recipe is None:
-            path = self.dir / "recipe.toml"
-            if not path.is_file():
-                raise EdgekdError(f"{self.dir}: not a run folder (no recipe.toml); run `edgekd distill` first")
-            recipe = load_recipe(path)
-        self.recipe = recipe
+        self.recipe = recipe if recipe is not None else load_run_recipe(self.dir)
+        recipe = self.recipe
         self.data = data or load_data(recipe.data, recipe.base_dir)
 
     def spec(self, model: str) -> str:
         return self.recipe.teacher.model if model == "teacher" else self.recipe.student.model
 
     def weights(self, model: str) -> Path:
+        """The model's checkpoint; refused when the folder records it as made from another recipe than the
+        run's (or from a teacher that has changed since): a folder whose files come from different runs."""
+        from edgekd.distillation import student_inputs, teacher_inputs
+
         if model not in MODELS:
             raise EdgekdError(f"--model {model!r}: expected one of {', '.join(MODELS)}")
         path = self.dir / f"{model}.safetensors"
@@ -51,7 +106,25 @@ class RunContext:
             path = self.recipe.path(self.recipe.teacher.checkpoint)   # distilled from a given teacher
         if not path.is_file():
             raise EdgekdError(f"{path}: not found; run `edgekd distill` into {self.dir} first")
+        if path.parent == self.dir:
+            expected = teacher_inputs(self.recipe) if model == "teacher" else student_inputs(self.recipe)
+            differ = runfolder.stale(self.dir, path.name, expected)
+            if differ:
+                raise EdgekdError(f"{path}: not made from this run's recipe and files ({'; '.join(differ)}); run "
+                                  f"`edgekd distill` into {self.dir} again, or use another folder")
         return path
+
+    def weights_input(self, model: str) -> dict[str, str]:
+        """The made_from entry of an artifact built from the model's checkpoint (edgekd.runfolder)."""
+        return dict([runfolder.file_key(self.dir, self.weights(model))])
+
+    def fresh_onnx(self, model: str) -> bool:
+        """onnx/<model>.onnx exists and the folder records it as exported from the current checkpoint."""
+        path = self.onnx_path(model)
+        return path.is_file() and runfolder.stale(self.dir, self.rel(path), self.weights_input(model)) == []
+
+    def rel(self, path: Path) -> str:
+        return path.relative_to(self.dir).as_posix()
 
     def model(self, name: str) -> nn.Module:
         model = build_model(self.spec(name), self.data.input_shape, self.data.num_classes)
@@ -72,18 +145,29 @@ class RunContext:
         return self.dir / "onnx" / f"{name}{suffix}.onnx"
 
 
-def export(run_dir: str | Path, model: str = "student", *, ctx: RunContext | None = None) -> dict[str, Any]:
-    """Export a trained model to ONNX and measure its parity with PyTorch on the test split."""
+def export(run_dir: str | Path, model: str = "student", *, ctx: RunContext | None = None,
+           resume: bool = False) -> dict[str, Any]:
+    """Export a trained model to ONNX and measure its parity with PyTorch on the test split. With `resume`, an
+    ONNX the run folder records as exported from the current checkpoint (and its parity record) is kept."""
+    with runfolder.locked(ctx.dir if ctx else run_dir):
+        return _export(ctx or RunContext(run_dir), model, resume)
+
+
+def _export(ctx: RunContext, model: str, resume: bool = False) -> dict[str, Any]:
     from edgekd.export import export_onnx, parity
 
-    ctx = ctx or RunContext(run_dir)
-    net = ctx.model(model)
     path = ctx.onnx_path(model)
+    record = path.with_suffix(".parity.json")
+    if resume and ctx.fresh_onnx(model) and _newer(record, path):
+        return json.loads(record.read_text())
+    net = ctx.model(model)
     example = torch.from_numpy(ctx.data.x_test[:2])
     export_onnx(net, example, path, metadata=ctx.metadata(model))
-    check = parity(net, path, ctx.data.x_test)
+    runfolder.record(ctx.dir, ctx.rel(path), ctx.weights_input(model))
+    x = ctx.data.x_test   # a streamed test split: the first 512 (parity is a check of the export, not accuracy)
+    check = parity(net, path, x[:512] if streaming.is_lazy(x) else x)
     result = {"model": model, "path": str(path), "size_bytes": path.stat().st_size, "parity": check}
-    fileio.write_json(path.with_suffix(".parity.json"), result)
+    fileio.write_json(record, result)
     return result
 
 
@@ -92,18 +176,55 @@ def _bundle_dir(ctx: RunContext, target: Target, model: str, precision: str, qua
     return ctx.dir / "engines" / target.name / name
 
 
-def build(run_dir: str | Path, target_name: str, *, models: tuple[str, ...] = ("teacher", "student"),
-          ctx: RunContext | None = None, quantized: dict[str, Path] | None = None) -> dict[str, Any]:
-    """Build every float engine the target asks for (and int8 engines from `quantized` Q/DQ ONNX files,
-    keyed by quantization: {"ptq": path, "qat": path}) for `models`. Engines that cannot be built on this
-    machine (no TensorRT, no GPU) are listed under "skipped" with the reason instead of failing the run."""
-    from edgekd.engines import EngineSource, check_target
+def quantized_onnx(ctx: RunContext, target: Target) -> tuple[dict[str, Path], list[str]]:
+    """The student's Q/DQ ONNX files for the target's scheme that `edgekd quantize` wrote ({"ptq": path, ...}),
+    and why int8 engines cannot be built when there are none (or they were made from another student)."""
+    scheme = target.quant_scheme
+    found: dict[str, Path] = {}
+    stale = []
+    student = ctx.weights_input("student")
+    for q in QUANTIZATIONS:
+        path = ctx.onnx_path("student", q, scheme)
+        if path.is_file():
+            differ = runfolder.stale(ctx.dir, ctx.rel(path), student)   # None: an older folder, no record
+            if not differ:
+                found[q] = path
+            else:
+                stale.append(f"{path} is stale ({'; '.join(differ)})")
+    if found:
+        return found, []
+    how = f"run `edgekd quantize {ctx.dir} --target {target.path or target.name}`"
+    if stale:
+        return {}, [f"{'; '.join(stale)}; {how} again"]
+    return {}, [f"no quantized student for scheme {scheme} in {ctx.dir / 'onnx'} ({target.quant_scheme_reason}); "
+                f"{how} first"]
+
+
+def build(run_dir: str | Path, target: str | Target, *, models: tuple[str, ...] = ("teacher", "student"),
+          ctx: RunContext | None = None, quantized: dict[str, Path] | None = None,
+          resume: bool = False) -> dict[str, Any]:
+    """Build every float engine the target asks for, and int8 engines from the student's Q/DQ ONNX files of the
+    target's scheme (`quantized`, keyed by "ptq"/"qat"; default: what `edgekd quantize` wrote into the run folder),
+    for `models`. Engines that cannot be built here (no TensorRT, no GPU, no quantized student) are listed under
+    "skipped" with the reason instead of failing the run. With `resume`, a bundle the run folder records as built
+    from the same source and target is kept.
+
+    Returns {"target", "built": [bundle paths], "engines": [{model, precision, quantization, path, reused}],
+    "skipped": [{target, model, precision, quantization, reason}]}."""
+    with runfolder.locked(ctx.dir if ctx else run_dir):
+        return _build(ctx or RunContext(run_dir), load_target(target), models, quantized, resume)
+
+
+def _build(ctx: RunContext, target: Target, models: tuple[str, ...], quantized: dict[str, Path] | None,
+           resume: bool) -> dict[str, Any]:
+    from edgekd.engines import EngineSource
     from edgekd.engines import build as build_engine
 
-    ctx = ctx or RunContext(run_dir)
-    target = load_target(target_name)
     status = check_target(target)
     problem = "" if status == "ok" else status
+    int8_missing: list[str] = []
+    if quantized is None and "int8" in target.precisions and "student" in models and not problem:
+        quantized, int8_missing = quantized_onnx(ctx, target)
     # Read every checkpoint and existing ONNX this build uses before writing any bundle, so that a bad
     # student.onnx fails the build with the teacher's bundle untouched instead of rebuilt.
     nets = {model: ctx.model(model) for model in models}
@@ -113,15 +234,18 @@ def build(run_dir: str | Path, target_name: str, *, models: tuple[str, ...] = ("
         for path in [ctx.onnx_path(m) for m in models] + [Path(p) for p in (quantized or {}).values()]:
             if path.is_file():
                 onnx_info(path)
-    built, skipped = [], []
+    built: list[str] = []
+    engines: list[dict[str, Any]] = []
+    skipped = [{"target": target.name, "model": "student", "precision": "int8", "quantization": "-", "reason": r}
+               for r in int8_missing]
     for model in models:
         net = nets[model]
-        evals = ctx.eval_data(net)
+        evals = None
         jobs: list[tuple[str, str, Path | None]] = []
         for precision in target.precisions:
             if precision == "int8":
                 if model == "student":
-                    jobs += [("int8", q, p) for q, p in (quantized or {}).items()]
+                    jobs += [("int8", q, Path(p)) for q, p in (quantized or {}).items()]
             else:
                 jobs.append((precision, "none", None))
         for precision, quantization, qpath in jobs:
@@ -133,43 +257,76 @@ def build(run_dir: str | Path, target_name: str, *, models: tuple[str, ...] = ("
             onnx_path = qpath
             if target.runtime != "torch" and onnx_path is None:
                 onnx_path = ctx.onnx_path(model)
-                if not onnx_path.is_file():
+                if not ctx.fresh_onnx(model):   # missing, or left by an earlier checkpoint: export again
                     export(ctx.dir, model, ctx=ctx)
+            made_from = (dict([runfolder.file_key(ctx.dir, onnx_path)]) if onnx_path is not None
+                         else ctx.weights_input(model))
+            made_from["target"] = runfolder.digest(dataclasses.asdict(target))
+            if resume and (out / "manifest.json").is_file() and runfolder.stale(ctx.dir, ctx.rel(out), made_from) == []:
+                built.append(str(out))
+                engines.append({"model": model, "precision": precision, "quantization": quantization,
+                                "path": str(out), "reused": True})
+                continue
+            evals = evals if evals is not None else ctx.eval_data(net)
             source = EngineSource(model_name=model, onnx_path=onnx_path, weights_path=ctx.weights(model),
                                   model_spec=ctx.spec(model), input_shape=ctx.data.input_shape,
                                   num_classes=ctx.data.num_classes, class_names=ctx.data.class_names,
-                                  normalization=ctx.data.normalization, quantization=quantization)
+                                  normalization=ctx.data.normalization, quantization=quantization,
+                                  preprocessing=_preprocessing(ctx.data))
             try:
                 built.append(str(build_engine(source, target, precision, out, eval_data=evals)))
+                engines.append({"model": model, "precision": precision, "quantization": quantization,
+                                "path": str(out), "reused": False})
+                runfolder.record(ctx.dir, ctx.rel(out), made_from)
             except EdgekdError as e:
                 if target.runtime == "tensorrt" or target.device != "cpu":
                     skipped.append({"target": target.name, "model": model, "precision": precision,
                                     "quantization": quantization, "reason": str(e)})
                 else:
                     raise
-    return {"target": target.name, "built": built, "skipped": skipped}
+    return {"target": target.name, "quant_scheme": {"scheme": target.quant_scheme,
+                                                    "reason": target.quant_scheme_reason},
+            "built": built, "engines": engines, "skipped": skipped}
 
 
-def profile(run_dir: str | Path, target_name: str, *, quick: bool = False) -> list[dict[str, Any]]:
+def _preprocessing(data: Dataset) -> dict[str, Any] | None:
+    """The eval PreprocessSpec of image inputs as the bundle records it (None for array sources)."""
+    return data.preprocess.to_dict() if data.preprocess is not None else None
+
+
+def profile(run_dir: str | Path, target: str | Target, *, quick: bool = False,
+            resume: bool = False) -> list[dict[str, Any]]:
     """Profile every bundle built for the target; writes profile-<target>.json and returns the results.
 
     Each bundle is profiled in its own `python -m edgekd.runtime profile` process, as on the device: the
-    training process (torch and its threads) would otherwise inflate memory and disturb the timings.
+    training process (torch and its threads) would otherwise disturb the timings, and the memory figure is that
+    process's own peak (edgekd.profile). With `resume`, a profile newer than every bundle is kept.
     """
-    run_dir = Path(run_dir)
-    target = load_target(target_name)
+    with runfolder.locked(run_dir):
+        return _profile(Path(run_dir), load_target(target), quick, resume)
+
+
+def _profile(run_dir: Path, target: Target, quick: bool, resume: bool) -> list[dict[str, Any]]:
     folder = run_dir / "engines" / target.name
-    bundles = sorted(p for p in folder.iterdir() if (p / "manifest.json").is_file()) if folder.is_dir() else []
+    bundles = sorted(p for p in folder.iterdir() if (p / "manifest.json").is_file() and not fileio.is_temp(p)
+                     ) if folder.is_dir() else []
     if not bundles:
         raise EdgekdError(f"{folder}: no engines built for target {target.name}; run `edgekd build {run_dir} "
-                          f"--target {target.name}` first")
+                          f"--target {target.path or target.name}` first")
     from edgekd.bundle import verify
 
-    for bundle in bundles:  # a tampered bundle fails before any other bundle's manifest gets metrics
+    for bundle in bundles:  # a tampered or stale bundle fails before any other bundle's manifest gets metrics
         verify(bundle)
+        differ = runfolder.stale(run_dir, bundle.relative_to(run_dir).as_posix())
+        if differ:
+            raise EdgekdError(f"{bundle}: stale, built from other files than the run's ({'; '.join(differ)}); "
+                              f"rebuild it with `edgekd build {run_dir} --target {target.name}`")
+    record = run_dir / f"profile-{target.name}.json"
+    if resume and _newer(record, *(b / "manifest.json" for b in bundles)):
+        return json.loads(record.read_text())
     timing = ["--warmup", "3", "--min-runs", "10", "--min-seconds", "0.2"] if quick else []
     results = [profile_in_subprocess(bundle, ["--save-metrics", *timing]) for bundle in bundles]
-    fileio.write_json(run_dir / f"profile-{target.name}.json", results)
+    fileio.write_json(record, results)
     return results
 
 
@@ -193,13 +350,19 @@ def profile_in_subprocess(bundle: Path, args: list[str]) -> dict[str, Any]:
 def report(run_dir: str | Path, targets: tuple[str, ...] | None = None,
            skipped: list[dict[str, Any]] | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Assemble report.json/.md/.png from metrics.json and the profile-<target>.json files in the run folder."""
-    from edgekd.distillation import read_metrics
-    from edgekd.report import build_report, engine_entry, write_report
-
     run_dir = Path(run_dir)
     if not (run_dir / "metrics.json").is_file():
         raise EdgekdError(f"{run_dir}: not a run folder (no metrics.json); run `edgekd distill` or `edgekd run` "
                           "into it first")
+    with runfolder.locked(run_dir):
+        return _report(run_dir, targets, skipped, extra)
+
+
+def _report(run_dir: Path, targets: tuple[str, ...] | None, skipped: list[dict[str, Any]] | None,
+            extra: dict[str, Any] | None) -> dict[str, Any]:
+    from edgekd.distillation import read_metrics
+    from edgekd.report import build_report, engine_entry, write_report
+
     files = sorted(run_dir.glob("profile-*.json"))
     if targets is not None:
         files = [run_dir / f"profile-{t}.json" for t in targets if (run_dir / f"profile-{t}.json").is_file()]
@@ -210,72 +373,125 @@ def report(run_dir: str | Path, targets: tuple[str, ...] | None = None,
     return rep
 
 
-def run(recipe: Recipe, out: str | Path, *, targets: tuple[str, ...] = DEFAULT_TARGETS, device: str = "auto",
-        progress: bool = True, quick_profile: bool = False) -> dict[str, Any]:
-    """The whole pipeline for one recipe: teacher, distill (+ scratch), export, build, profile, report.
+def run(recipe: Recipe, out: str | Path, *, targets: tuple[str | Target, ...] = DEFAULT_TARGETS,
+        device: str = "auto", progress: bool = True, quick_profile: bool = False,
+        resume: bool = False) -> dict[str, Any]:
+    """The whole pipeline for one recipe: teacher, distill (+ scratch), export, quantize, build, profile, report.
 
+    Targets and model specs are checked before any data loads; with `resume`, stages whose outputs are complete
+    and newer than their inputs are skipped (trained models, ONNX files, quantized students, bundles, profiles).
     A recipe with an [embedding] section runs sentence-embedding distillation instead (edgekd.embedding)."""
     if recipe.embedding is not None:
         from edgekd.embedding import run_embedding
 
         _import_torchao_quietly()   # transformers imports torchao when it is installed
-        return run_embedding(recipe, out, targets=targets, progress=progress, quick_profile=quick_profile)
+        with runfolder.locked(out):
+            return run_embedding(recipe, out, targets=targets, progress=progress, quick_profile=quick_profile)
     from edgekd.distillation import distill
 
     out = Path(out)
-    loaded = [load_target(t) for t in targets]   # fail on a bad target before training anything
-    ctx_data = load_data(recipe.data, recipe.base_dir)
-    distill(recipe, out, device=device, progress=progress, data=ctx_data)
-    return engines(RunContext(out, recipe, ctx_data), loaded, device=device, progress=progress,
-                   quick_profile=quick_profile)
+    loaded = [load_target(t) for t in targets]   # resolved once: a bad target fails before training anything
+    with runfolder.locked(out):
+        ctx_data = load_data(recipe.data, recipe.base_dir)
+        distill(recipe, out, device=device, progress=progress, data=ctx_data, resume=resume)
+        return engines(RunContext(out, recipe, ctx_data), loaded, device=device, progress=progress,
+                       quick_profile=quick_profile, resume=resume)
 
 
 def engines(ctx: RunContext, loaded: list[Target], *, device: str = "auto", progress: bool = True,
-            quick_profile: bool = False, profile_here: bool = True) -> dict[str, Any]:
-    """Everything after training, for a run folder with a distilled student: export, quantize (PTQ, QAT-KD),
-    build and profile the engines of each target, and write the report. Without `profile_here` (the targets are
-    other machines) the bundles are built and listed under "built_not_profiled" for profiling on the device."""
+            quick_profile: bool = False, resume: bool = False, profile_here: bool = True) -> dict[str, Any]:
+    """Everything after training, for a run folder with a distilled student, as the stage commands do it: export,
+    quantize (PTQ, QAT-KD) for each target's scheme, build (which picks the quantized student up), profile, report.
+    One line per stage with its time when `progress`. Without `profile_here` (the targets are other machines) the
+    bundles are built and listed under "built_not_profiled" for profiling on the device."""
     out = ctx.dir
     recipe = ctx.recipe
-    exports = {m: export(out, m, ctx=ctx) for m in ("teacher", "student")}
+    exports = {m: _stage(progress, f"export {m}", lambda m=m: export(out, m, ctx=ctx, resume=resume))
+               for m in ("teacher", "student")}
     skipped: list[dict[str, Any]] = []
     profiled: list[str] = []
     unprofiled: list[str] = []
     quantized: dict[str, dict[str, Any]] = {}   # scheme -> quantize_student() result
     for target in loaded:
-        q_paths = None
-        if recipe.quantize.mode != "none" and "int8" in target.precisions and target.quant_scheme != "none":
-            if check_target(target) == "ok":
-                if target.quant_scheme not in quantized:
-                    quantized[target.quant_scheme] = quantize(out, target.quant_scheme, ctx=ctx, device=device,
-                                                              progress=progress)
-                q_paths = {k: Path(v) for k, v in quantized[target.quant_scheme]["onnx"].items()}
-        where = target.path or target.name   # a target given as a file outside the catalog is found again
-        result = build(out, where, ctx=ctx, quantized=q_paths)
+        scheme = target.quant_scheme
+        if (recipe.quantize.mode != "none" and "int8" in target.precisions and scheme != "none"
+                and check_target(target) == "ok" and scheme not in quantized):
+            quantized[scheme] = _stage(progress, f"quantize {recipe.quantize.mode} {scheme}",
+                                       lambda s=scheme: quantize(out, s, ctx=ctx, device=device, progress=progress,
+                                                        resume=resume), _quantize_note)
+        result = _stage(progress, f"build {target.name}", lambda t=target: build(out, t, ctx=ctx, resume=resume),
+                        _build_note)
         skipped += result["skipped"]
         if result["built"] and profile_here:
-            profile(out, where, quick=quick_profile)
+            _stage(progress, f"profile {target.name}",
+                   lambda t=target: profile(out, t, quick=quick_profile, resume=resume))
             profiled.append(target.name)
         elif result["built"]:
             unprofiled += result["built"]
-    extra: dict[str, Any] = {"export_parity": {m: e["parity"] for m, e in exports.items()}}
+    extra: dict[str, Any] = {"export_parity": {m: e["parity"] for m, e in exports.items()},
+                             "quant_scheme": {t.name: {"scheme": t.quant_scheme, "reason": t.quant_scheme_reason}
+                                              for t in loaded if "int8" in t.precisions}}
     if unprofiled:
         extra["built_not_profiled"] = unprofiled
     if quantized:
         extra["quantization"] = {scheme: {k: v for k, v in q.items() if k not in ("qat_history", "onnx")}
                                  for scheme, q in quantized.items()}
-    return report(out, tuple(profiled), skipped, extra=extra)
+    return _stage(progress, "report", lambda: report(out, tuple(profiled), skipped, extra=extra))
 
 
-def quantize(run_dir: str | Path, scheme: str, *, ctx: RunContext | None = None, device: str = "auto",
-             progress: bool = True) -> dict[str, Any]:
-    """PTQ and (when [quantize].mode = "qat") quantization-aware distillation of the run's student."""
+def _quantize_note(result: dict[str, Any]) -> str:
+    parts = [f"{k.upper()} {result[f'{k}_seconds']:.1f} s" for k in QUANTIZATIONS if f"{k}_seconds" in result]
+    return ", ".join(parts) or "reused"
+
+
+def _build_note(result: dict[str, Any]) -> str:
+    made = [f"{e['model']} {e['precision']}" + (f"/{e['quantization']}" if e["quantization"] != "none" else "")
+            + (" (kept)" if e["reused"] else "") for e in result["engines"]]
+    return ", ".join(made) + (f"; {len(result['skipped'])} skipped" if result["skipped"] else "") or "nothing built"
+
+
+def quantize(run_dir: str | Path, scheme: str | None = None, *, target: str | Target | None = None,
+             mode: str | None = None, ctx: RunContext | None = None, device: str = "auto", progress: bool = True,
+             resume: bool = False) -> dict[str, Any]:
+    """PTQ and (with mode "qat") quantization-aware distillation of the run's student, for `scheme` or the
+    scheme of `target` (default x86-cpu-ort). `mode` overrides [quantize].mode (which must then not be "none").
+    Writes onnx/student.<ptq|qat>-<scheme>.onnx, which `build` picks up.
+    With `resume`, a result the run folder records as made from the current student and [quantize] is kept."""
+    with runfolder.locked(ctx.dir if ctx else run_dir):
+        return _quantize(ctx or RunContext(run_dir), scheme, target, mode, device, progress, resume)
+
+
+def _quantize(ctx: RunContext, scheme: str | None, target: str | Target | None, mode: str | None, device: str,
+              progress: bool, resume: bool) -> dict[str, Any]:
     from edgekd.compress import quantize_student, require_torchao
 
+    if scheme is None:
+        t = load_target(target or DEFAULT_TARGETS[0])
+        if "int8" not in t.precisions:
+            raise EdgekdError(f"target {t.name} ({t.path}): has no int8 precision, so nothing to quantize for")
+        scheme = t.quant_scheme
+    wanted = mode or ctx.recipe.quantize.mode
+    if wanted == "none":
+        raise EdgekdError(f"{ctx.dir}/recipe.toml: [quantize].mode is \"none\"; set it to \"ptq\" or \"qat\" (or pass "
+                          "--mode)")
+    if wanted != ctx.recipe.quantize.mode:
+        ctx.recipe = dataclasses.replace(ctx.recipe, quantize=dataclasses.replace(ctx.recipe.quantize, mode=wanted))
+    made_from = {**ctx.weights_input("student"), **runfolder.sections(ctx.recipe, "quantize")}
+    record = ctx.dir / "onnx" / f"quantize-{scheme}.json"
+    if resume and record.is_file():
+        done = json.loads(record.read_text())
+        kinds = ("ptq", "qat") if wanted == "qat" and ctx.recipe.quantize.epochs > 0 else ("ptq",)
+        paths = [Path(done.get("onnx", {}).get(k, "")) for k in kinds]
+        if all(p.is_file() and p.is_relative_to(ctx.dir) and runfolder.stale(ctx.dir, ctx.rel(p), made_from) == []
+               for p in paths):
+            return done
     _import_torchao_quietly()
     require_torchao()
-    ctx = ctx or RunContext(run_dir)
-    return quantize_student(ctx, scheme, device=device, progress=progress)
+    result = quantize_student(ctx, scheme, device=device, progress=progress)
+    for path in result["onnx"].values():
+        if Path(path).is_relative_to(ctx.dir):
+            runfolder.record(ctx.dir, ctx.rel(Path(path)), made_from)
+    return result
 
 
 def _import_torchao_quietly() -> None:

@@ -1,8 +1,13 @@
 """Profile a bundle where it runs: latency percentiles, throughput, memory, size, accuracy, budgets.
 
 numpy + the bundle's runtime only (no torch at import), so `python -m edgekd.runtime profile BUNDLE` works on
-a Jetson or a Pi that has nothing else installed. Run it in a fresh process: peak RSS (ru_maxrss) is a
-process-lifetime high-water mark and includes whatever the process loaded before (a training run, torch).
+a Jetson or a Pi that has nothing else installed.
+
+Memory: `peak_rss_mb` is the whole profiling process's peak resident set (interpreter, numpy, the runtime, the
+engine, its buffers), read from the kernel's VmHWM, which starts afresh when a program is exec'd; that is why
+`edgekd profile` runs each bundle in its own `python -m edgekd.runtime profile` process. (getrusage's ru_maxrss
+is not used on Linux: it carries the parent's peak across fork+exec, so a child of a 1.5 GB training process
+would report 1.5 GB.) `rss_growth_mb` is what loading and running the engine added to the current RSS.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import platform
 import resource
 import sys
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,15 +39,27 @@ def _rss_mb() -> float | None:
 
 
 def _peak_rss_mb() -> float:
+    """This process image's peak RSS in MiB: VmHWM from /proc/self/status (Linux), else ru_maxrss."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024   # kB
+    except (OSError, ValueError, IndexError):
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
 
 
-def _inputs(eval_x: np.ndarray | None, shape: tuple[int, ...], batch: int) -> np.ndarray:
+def _inputs(eval_x: np.ndarray | None, engine: Any, batch: int) -> np.ndarray:
+    """Timing input: eval.npz samples (repeated to fill the batch), else seeded noise in the engine's input range
+    (standard normal where the bundle records none)."""
     if eval_x is not None and len(eval_x):
         reps = -(-batch // len(eval_x))
         return np.ascontiguousarray(np.concatenate([eval_x] * reps)[:batch] if reps > 1 else eval_x[:batch])
-    return np.random.default_rng(0).standard_normal((batch, *shape)).astype(np.float32)
+    rng, shape = np.random.default_rng(0), (batch, *engine.input_shape)
+    x = rng.uniform(*engine.input_range, size=shape) if engine.input_range else rng.standard_normal(shape)
+    return x.astype(np.float32)
 
 
 def _time(engine: Any, x: np.ndarray, warmup: int, min_runs: int, min_seconds: float) -> list[float]:
@@ -61,9 +79,12 @@ def profile_bundle(bundle_dir: str | Path, *, batch_sizes: tuple[int, ...] | Non
     """Measure a bundle on this machine; returns the result dict (see the keys in the return statement).
 
     Per batch size: `warmup` untimed runs, then timed runs until both `min_runs` and `min_seconds` are reached
-    (at most 2000). Accuracy/agreement run the whole eval.npz through the engine in batches.
+    (at most 2000). Accuracy/agreement run the bundle's eval.npz (a bounded sample of the test split) through
+    the engine on this machine; test_accuracy/test_agreement are the build host's figures on the whole test
+    split, from the manifest's metrics.
     """
     from edgekd import runtime
+    from edgekd.bundle import read_eval
 
     bundle_dir = Path(bundle_dir)
     rss_before = _rss_mb()
@@ -75,15 +96,14 @@ def profile_bundle(bundle_dir: str | Path, *, batch_sizes: tuple[int, ...] | Non
         raise EdgekdError(f"profile {bundle_dir}: batch sizes must be positive, got {list(sizes)}")
 
     eval_x = eval_y = ref = None
-    eval_file = bundle_dir / "eval.npz"
-    if eval_file.is_file():
-        with np.load(eval_file) as data:
-            eval_x, eval_y = data["x"], data["y"]
-            ref = data["reference_logits"] if "reference_logits" in data.files else None
+    data = read_eval(bundle_dir, manifest)   # only the listed eval file, verified on the bytes that are used
+    if data is not None:
+        eval_x, eval_y = data["x"], data["y"]
+        ref = data.get("reference_logits")
 
     rows = []
     for batch in sizes:
-        x = _inputs(eval_x, engine.input_shape, batch)
+        x = _inputs(eval_x, engine, batch)
         times = np.asarray(_time(engine, x, warmup, min_runs, min_seconds))
         mean = float(times.mean())
         rows.append({
@@ -96,20 +116,9 @@ def profile_bundle(bundle_dir: str | Path, *, batch_sizes: tuple[int, ...] | Non
             "runs": int(len(times)),
         })
 
-    accuracy = agreement = None
-    eval_samples = 0
-    if eval_x is not None:
-        chunk = engine.max_batch or max(max(sizes), 64)
-        parts = []
-        for i in range(0, len(eval_x), chunk):
-            part = eval_x[i:i + chunk]
-            parts.append(engine(_pad(part, engine.min_batch))[:len(part)])
-        logits = np.concatenate(parts)
-        top1 = logits.argmax(axis=1)
-        accuracy = float(np.mean(top1 == eval_y))
-        if ref is not None:
-            agreement = float(np.mean(top1 == ref.argmax(axis=1)))
-        eval_samples = int(len(eval_x))
+    spot = score(engine, batches_of(eval_x, eval_y, ref, size=engine.max_batch or max(max(sizes), 64))) \
+        if eval_x is not None else {"accuracy": None, "agreement": None, "samples": 0}
+    test = (manifest.get("metrics") or {}).get("test") or {}
 
     rss_after = _rss_mb()
     peak = _peak_rss_mb()
@@ -125,8 +134,8 @@ def profile_bundle(bundle_dir: str | Path, *, batch_sizes: tuple[int, ...] | Non
                                  "metric": f"p99 at batch {smallest['batch']}",
                                  "pass": smallest["p99"] <= latency_budget}
     if memory_budget is not None:
-        budgets["memory_mb"] = {"budget": memory_budget, "measured": peak, "metric": "peak process RSS",
-                                "pass": peak <= memory_budget}
+        budgets["memory_mb"] = {"budget": memory_budget, "measured": peak,
+                                "metric": "peak RSS of the profiling process", "pass": peak <= memory_budget}
     budgets["pass"] = all(b["pass"] for b in budgets.values()) if budgets else None
 
     return {
@@ -137,10 +146,14 @@ def profile_bundle(bundle_dir: str | Path, *, batch_sizes: tuple[int, ...] | Non
         "device": manifest.get("device"),
         "precision": manifest.get("precision"),
         "quantization": manifest.get("quantization"),
+        "quant_scheme": manifest.get("quant_scheme"),
         "size_bytes": int(size_bytes),
-        "accuracy": accuracy,
-        "agreement": agreement,
-        "eval_samples": eval_samples,
+        "accuracy": spot["accuracy"],
+        "agreement": spot["agreement"],
+        "eval_samples": spot["samples"],
+        "test_accuracy": test.get("accuracy"),
+        "test_agreement": test.get("agreement"),
+        "test_samples": test.get("samples"),
         "peak_rss_mb": float(peak),
         "rss_growth_mb": (float(rss_after - rss_before) if rss_before is not None and rss_after is not None
                           else None),
@@ -153,11 +166,35 @@ def profile_bundle(bundle_dir: str | Path, *, batch_sizes: tuple[int, ...] | Non
     }
 
 
-def _pad(x: np.ndarray, min_batch: int) -> np.ndarray:
-    """Repeat the last sample so a short final chunk still meets an engine's minimum batch."""
-    if len(x) >= min_batch:
-        return x
-    return np.concatenate([x, np.repeat(x[-1:], min_batch - len(x), axis=0)])
+Batch = tuple[np.ndarray, np.ndarray, "np.ndarray | None"]
+
+
+def batches_of(x: np.ndarray, y: np.ndarray, ref: np.ndarray | None, *, size: int) -> Iterator[Batch]:
+    """(x, y, reference logits or None) in slices of `size`; a memory-mapped x is read one slice at a time."""
+    for i in range(0, len(x), size):
+        yield (np.ascontiguousarray(x[i:i + size], dtype=np.float32), np.asarray(y[i:i + size]),
+               None if ref is None else np.asarray(ref[i:i + size]))
+
+
+def score(engine: Any, batches: Iterable[Batch]) -> dict[str, Any]:
+    """Top-1 accuracy mean(argmax(engine(x)) == y) and agreement mean(argmax(engine(x)) == argmax(reference))
+    over batches (x normalized, y, reference logits or None), so a test split of any size streams through the
+    engine (Engine.logits splits and pads to its batch range). input_range: the smallest and largest input."""
+    correct = agree = n = 0
+    with_ref = True
+    lo, hi = np.inf, -np.inf
+    for x, y, ref in batches:
+        top1 = engine.logits(x).argmax(axis=1)
+        correct += int(np.sum(top1 == np.asarray(y)))
+        if ref is None:
+            with_ref = False
+        else:
+            agree += int(np.sum(top1 == np.asarray(ref).argmax(axis=1)))
+        n += len(x)
+        if len(x):
+            lo, hi = min(lo, float(np.min(x))), max(hi, float(np.max(x)))
+    return {"accuracy": correct / n if n else None, "agreement": agree / n if n and with_ref else None,
+            "samples": n, "input_range": [lo, hi] if n else None}
 
 
 def format_table(result: dict) -> str:
@@ -174,6 +211,9 @@ def format_table(result: dict) -> str:
     growth = "n/a" if result["rss_growth_mb"] is None else f"{result['rss_growth_mb']:.1f} MiB"
     lines.append(f"accuracy {acc} on {result['eval_samples']} samples, agreement with PyTorch {agr}; peak "
                  f"RSS {result['peak_rss_mb']:.1f} MiB, growth {growth}")
+    if result.get("test_accuracy") is not None:
+        lines.append(f"build host, whole test split: accuracy {100 * result['test_accuracy']:.2f}% on "
+                     f"{result['test_samples']} samples")
     for key, b in result["budgets"].items():
         if isinstance(b, dict):
             lines.append(f"budget {key}: {b['measured']:.2f} ({b['metric']}) vs {b['budget']} -> "

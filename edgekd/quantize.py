@@ -10,8 +10,10 @@ Where the Q/DQ pairs go decides what a runtime can fuse, so each target gets its
 - `"ort-cpu-avx2"`: the same with 7-bit weights, for x86 CPUs with AVX2 but no VNNI, where onnxruntime's
   u8 x s8 kernels saturate with full-range int8 weights.
 - `"tensorrt"`: int8 symmetric activations (zero point 0, range [-128, 127]) and int8 symmetric per-channel
-  weights (range [-127, 127]) with Q/DQ on the *inputs* of conv/linear/matmul and on both inputs of adds;
-  biases stay float. That is TensorRT's explicit-quantization convention (it rejects non-zero zero points).
+  weights (range [-127, 127]) with Q/DQ on the *inputs* of conv/linear/matmul; on a residual add only the skip
+  input is quantized, so TensorRT fuses conv[-bn] + add [+ relu] into one INT8 kernel (NVIDIA's placement
+  guidance; Model Optimizer's ONNX INT8 export drops the Q/DQ of the conv-branch input the same way). Other
+  adds get Q/DQ on both inputs; biases stay float. TensorRT rejects non-zero zero points.
 
 Flow: `prepare` (torch.export + prepare_pt2e / prepare_qat_pt2e) -> `calibrate` (PTQ) or training with a KD
 loss (QAT) -> `freeze` (last QAT phase) -> `convert`. `ptq` does PTQ in one call; `sensitivity` ranks layers
@@ -389,8 +391,55 @@ class OrtCpuAvx2Quantizer(OrtCpuQuantizer):
     weight_bound = 64
 
 
+def _conv_backbone(node: object) -> Node | None:
+    """The conv that `node` is the [bn] [relu] tail of (the branch TensorRT fuses into an add), else None."""
+    while isinstance(node, Node) and (_is_call(node, _BN_OPS) or _is_call(node, _RELU_OPS)):
+        node = node.args[0]
+    return node if _is_call(node, _CONV_OPS) else None
+
+
+def _ancestor_depths(node: Node) -> dict[Node, int]:
+    """Shortest number of edges from `node` back to each of its ancestors (itself at 0)."""
+    depths = {node: 0}
+    frontier = [node]
+    while frontier:
+        nxt = []
+        for n in frontier:
+            for arg in n.all_input_nodes:
+                if arg not in depths:
+                    depths[arg] = depths[n] + 1
+                    nxt.append(arg)
+        frontier = nxt
+    return depths
+
+
+def _residual_branch(add: Node) -> int | None:
+    """Index (0/1) of the add input that is the conv branch of a residual block, or None if not residual.
+
+    Model Optimizer's rule (modelopt.onnx.quantization.graph_utils.build_non_residual_input_map): an input
+    whose producer is a conv [bn] [relu] tail is the fusible branch; with two such inputs (a downsampling
+    shortcut conv) the one on the longer path to their lowest common ancestor is the main branch; when the
+    lowest common ancestor is that conv itself the add is not a residual add.
+    """
+    a, b = add.args[0], add.args[1]
+    if not (isinstance(a, Node) and isinstance(b, Node)):
+        return None
+    conv_a, conv_b = _conv_backbone(a), _conv_backbone(b)
+    if conv_a is None and conv_b is None:
+        return None
+    da, db = _ancestor_depths(a), _ancestor_depths(b)
+    common = [n for n in da if n in db]
+    lca = min(common, key=lambda n: da[n] + db[n]) if common else None
+    if conv_a is not None and conv_b is not None:
+        if conv_a is conv_b or lca is None:
+            return None
+        return 0 if da[lca] > db[lca] else 1
+    conv, index = (conv_a, 0) if conv_a is not None else (conv_b, 1)
+    return None if lca is conv else index
+
+
 class TensorRTQuantizer(_SchemeQuantizer):
-    """Q/DQ on the inputs of conv/linear/matmul and adds, symmetric int8: TensorRT's explicit quantization."""
+    """Symmetric int8 Q/DQ on the inputs of conv/linear/matmul and on the skip input of residual adds."""
 
     scheme = "tensorrt"
 
@@ -404,9 +453,14 @@ class TensorRTQuantizer(_SchemeQuantizer):
                 continue
             if _is_call(node, _MATMUL_OPS) or _is_call(node, _ADD_OPS):
                 a, b = node.args[0], node.args[1]
-                if _is_float_tensor(a) and _is_float_tensor(b):
-                    node.meta[_ANNOTATION_KEY] = QuantizationAnnotation(
-                        input_qspec_map={a: self.act, b: self.act}, _annotated=True)
+                if not (_is_float_tensor(a) and _is_float_tensor(b)):
+                    continue
+                inputs = [a, b]
+                branch = _residual_branch(node) if _is_call(node, _ADD_OPS) else None
+                if branch is not None:  # leave the conv branch unquantized: conv + add fuse in TensorRT
+                    del inputs[branch]
+                node.meta[_ANNOTATION_KEY] = QuantizationAnnotation(
+                    input_qspec_map={x: self.act for x in inputs}, _annotated=True)
         return model
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -27,6 +28,19 @@ class DataConfig:
     labelled: int | float | None = None   # keep N (or this fraction of) training labels; the rest join the pool
     train_samples: int | None = None   # keep a stratified, seeded subset of the training pool (before the val split)
     test_samples: int | None = None    # keep a stratified, seeded subset of the test split
+    # image folders (streamed from disk; see edgekd.preprocess for each step of the eval transform)
+    resize: int | list[int] | None = None  # shorter side, or exact [height, width] (default: image_size, if set)
+    crop: list[int] | None = None   # centre crop [height, width] after resize (default: image_size, with resize)
+    mean: list[float] | str | None = None  # per channel on [0, 1] pixels, or "imagenet" (default: estimated)
+    std: list[float] | str | None = None
+    stats_samples: int = 500        # training images the mean/std estimate reads (seeded draw)
+    skip_bad_images: bool = False   # skip (and count) unreadable images instead of stopping at the first
+    max_pixels: int = 89_478_485    # refuse larger images before decoding (Pillow's decompression-bomb limit)
+    num_workers: int | None = None  # DataLoader worker processes for streamed sources (default: cores - 1, <= 8)
+    pin_memory: bool | None = None  # default: when training on CUDA
+    prefetch_factor: int = 2        # batches each worker reads ahead
+    persistent_workers: bool = True  # keep workers alive across epochs
+    memory_map: bool | None = None  # .npz inputs mapped from disk, read per batch (default: files over 512 MiB)
 
 
 @dataclass(frozen=True)
@@ -230,58 +244,85 @@ def recipe_from_dict(raw: dict[str, Any], where: str = "recipe", base_dir: str |
     return recipe
 
 
+# Numeric ranges, checked when the recipe is read (one place): "> 0", ">= 0", ">= 1", "[0, 1]", "[0, 1)",
+# "(0, 100]". Every float must also be finite (NaN passes any comparison, so it is refused first).
+_TRAIN = {"epochs": ">= 1", "lr": "> 0", "batch_size": ">= 1", "weight_decay": ">= 0", "seed": ">= 0",
+          "checkpoint_every": ">= 0"}
+RANGES: dict[str, dict[str, str]] = {
+    "data": {"test_fraction": "[0, 1)", "val_fraction": "[0, 1)", "seed": ">= 0", "image_size": ">= 1",
+             "train_samples": ">= 1", "test_samples": ">= 1", "labelled": "> 0", "resize": ">= 1", "crop": ">= 1",
+             "std": "> 0", "stats_samples": ">= 1", "max_pixels": ">= 1", "num_workers": ">= 0",
+             "prefetch_factor": ">= 1"},
+    "teacher": _TRAIN, "student": _TRAIN,
+    "distill": {"temperature": "> 0", "alpha": "[0, 1]", "epochs": ">= 1", "lr": "> 0", "batch_size": ">= 1",
+                "seed": ">= 0", "feature_weight": ">= 0", "search_temperatures": "> 0", "search_alphas": "[0, 1]",
+                "search_epochs": ">= 1"},
+    "augment": {"crop": ">= 0", "mixup": ">= 0", "cutmix": ">= 0"},
+    "quantize": {"epochs": ">= 0", "lr": "> 0", "freeze_fraction": "[0, 1]", "calibration_size": ">= 1",
+                 "calibration_seed": ">= 0", "percentile": "(0, 100]", "keep_float": ">= 0"},
+    "embedding": {"lr": "> 0", "weight_decay": ">= 0", "seed": ">= 0", "mse_weight": ">= 0",
+                  "cosine_weight": ">= 0", "similarity_weight": ">= 0"},
+}
+
+
+def _in_range(value: float, rule: str) -> bool:
+    if rule.startswith((">", "<")):
+        op, bound = rule.split()
+        return value > float(bound) if op == ">" else value >= float(bound)
+    lo, hi = (float(v.strip("[]()")) for v in rule.split(","))
+    return ((lo < value) if rule[0] == "(" else (lo <= value)) and ((value < hi) if rule[-1] == ")" else (value <= hi))
+
+
+def _check_numbers(r: Recipe, where: str) -> None:
+    """Every number in the recipe is finite and inside its documented range (RANGES), named by its key."""
+    for name in SECTIONS:
+        section = getattr(r, name)
+        if section is None:
+            continue
+        for f in dataclasses.fields(section):
+            value = getattr(section, f.name)
+            values = value if isinstance(value, list) else [value]
+            for v in values:
+                if isinstance(v, bool) or not isinstance(v, (int, float)):
+                    continue
+                got = value if isinstance(value, list) else v
+                if not math.isfinite(v):
+                    raise EdgekdError(f"{where} [{name}].{f.name}: must be a finite number, got {got}")
+                rule = RANGES.get(name, {}).get(f.name)
+                if rule and not _in_range(v, rule):
+                    each = "each " if isinstance(value, list) else ""
+                    shown = f"in {rule}" if rule[0] in "[(" else rule
+                    raise EdgekdError(f"{where} [{name}].{f.name}: {each}must be {shown}, got {got}")
+
+
 def _validate(r: Recipe, where: str) -> None:
+    _check_numbers(r, where)
     d = r.distill
-    if d.temperature <= 0:
-        raise EdgekdError(f"{where} [distill].temperature: must be > 0, got {d.temperature}")
-    if not 0.0 <= d.alpha <= 1.0:
-        raise EdgekdError(f"{where} [distill].alpha: must be in [0, 1], got {d.alpha}")
-    for t in d.search_temperatures:
-        if t <= 0:
-            raise EdgekdError(f"{where} [distill].search_temperatures: each must be > 0, got {t}")
-    for a in d.search_alphas:
-        if not 0.0 <= a <= 1.0:
-            raise EdgekdError(f"{where} [distill].search_alphas: each must be in [0, 1], got {a}")
     if bool(d.search_temperatures) != bool(d.search_alphas) and not d.function_matching:
         raise EdgekdError(f"{where} [distill]: set both search_temperatures and search_alphas (or neither)")
-    if d.search_epochs < 1:
-        raise EdgekdError(f"{where} [distill].search_epochs: must be >= 1, got {d.search_epochs}")
     a = r.augment
-    if a.crop < 0 or a.mixup < 0 or a.cutmix < 0:
-        raise EdgekdError(f"{where} [augment]: crop, mixup and cutmix must be >= 0")
     if d.function_matching and not (a.mixup > 0 or a.cutmix > 0):
         raise EdgekdError(f"{where} [distill].function_matching: needs mixed views; set [augment] mixup "
                           "(e.g. 1.0) or cutmix")
     n = r.data.labelled
-    if n is not None and (n <= 0 or (isinstance(n, float) and n >= 1.0)):
+    if n is not None and isinstance(n, float) and n >= 1.0:
         raise EdgekdError(f"{where} [data].labelled: expected a count >= 1 or a fraction in (0, 1), got {n!r}")
+    size = r.data.image_size
+    if size is not None and len(size) != 2:
+        raise EdgekdError(f"{where} [data].image_size: expected [height, width], got {size}")
     for pair in d.features:
         if len(pair) != 2:
             raise EdgekdError(f"{where} [distill].features: each entry is [\"student.layer\", \"teacher.layer\"], "
                               f"got {pair!r}")
-    for name, m in (("teacher", r.teacher), ("student", r.student)):
-        for key in ("epochs", "batch_size"):
-            if getattr(m, key) < 1:
-                raise EdgekdError(f"{where} [{name}].{key}: must be >= 1, got {getattr(m, key)}")
-        if m.lr <= 0:
-            raise EdgekdError(f"{where} [{name}].lr: must be > 0, got {m.lr}")
-    q = r.quantize
-    if not 0.0 <= q.freeze_fraction <= 1.0:
-        raise EdgekdError(f"{where} [quantize].freeze_fraction: must be in [0, 1], got {q.freeze_fraction}")
-    if q.calibration_size < 1 or q.epochs < 0 or q.keep_float < 0:
-        raise EdgekdError(f"{where} [quantize]: calibration_size must be >= 1, epochs and keep_float >= 0")
-    for key in ("test_fraction", "val_fraction"):
-        v = getattr(r.data, key)
-        if not 0.0 <= v < 1.0:
-            raise EdgekdError(f"{where} [data].{key}: must be in [0, 1), got {v}")
-    for key in ("train_samples", "test_samples"):
-        v = getattr(r.data, key)
-        if v is not None and v < 1:
-            raise EdgekdError(f"{where} [data].{key}: must be >= 1, got {v}")
-    if r.embedding is not None:
-        _validate_embedding(r.embedding, where)
     if r.size is not None:
         validate_size(r.size, f"{where} [size]")
+    if r.embedding is not None:
+        _validate_embedding(r.embedding, where)
+        return
+    from edgekd.models import check_spec  # torch: only for recipes that build models
+
+    for name in ("teacher", "student"):
+        check_spec(getattr(r, name).model, f"{where} [{name}].model")
 
 
 def validate_size(s: SizeConfig, where: str) -> None:
@@ -336,8 +377,13 @@ def load_recipe(path: str | Path) -> Recipe:
         raise EdgekdError(f"recipe {path}: not valid TOML ({e})") from None
     except UnicodeDecodeError:
         raise EdgekdError(f"recipe {path}: not a text file") from None
+    except RecursionError:
+        raise EdgekdError(f"recipe {path}: arrays or tables nested too deeply to read") from None
     # built-in recipes name repository paths (calibration/...): resolve them against the repository
     base = path.parent if path.parent != Path(__file__).parent / "recipes" else Path(__file__).parent.parent
+    from edgekd.models import add_import_dir
+
+    add_import_dir(base)   # module:function specs beside the recipe import without PYTHONPATH (checked below)
     return recipe_from_dict(raw, where=f"recipe {path}", base_dir=base)
 
 

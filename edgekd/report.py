@@ -3,7 +3,9 @@
 The headline is the trade on one target: the deployed student (the fastest student engine within 0.5
 points of the most accurate one) keeps N% of the teacher's accuracy
 (student engine accuracy / teacher engine accuracy) at M% of its latency (student p50 / teacher p50,
-both at batch 1, measured in the same profiling run).
+both at batch 1, measured in the same profiling run), and the distilled student's gain over the same student
+trained without the teacher. Every accuracy carries a 95% Wilson binomial interval over its test samples
+(one seed: the interval is the test set's sampling error, not seed-to-seed variation).
 """
 
 from __future__ import annotations
@@ -17,6 +19,22 @@ from edgekd import fileio
 from edgekd.errors import EdgekdError
 
 ACCURACY_SLACK = 0.005   # a student engine within 0.5 points of the best student engine counts as as accurate
+CONFIDENCE = 0.95
+
+
+def accuracy_ci(accuracy: float | None, samples: int | None) -> list[float] | None:
+    """The 95% Wilson score interval of an accuracy measured on `samples` test samples (scipy's binomtest)."""
+    if accuracy is None or not samples:
+        return None
+    from scipy.stats import binomtest
+
+    ci = binomtest(round(accuracy * samples), samples).proportion_ci(CONFIDENCE, method="wilson")
+    return [float(ci.low), float(ci.high)]
+
+
+def _pct(accuracy: float, ci: list[float] | None) -> str:
+    """82.50% [78.47, 85.91]: the accuracy and its 95% interval, in percent."""
+    return f"{accuracy * 100:.2f}%" + (f" [{ci[0] * 100:.2f}, {ci[1] * 100:.2f}]" if ci else "")
 
 
 def engine_entry(profile: dict[str, Any], run_dir: Path) -> dict[str, Any]:
@@ -33,16 +51,29 @@ def engine_entry(profile: dict[str, Any], run_dir: Path) -> dict[str, Any]:
                 + (f"-{profile['quantization']}" if profile["quantization"] != "none" else ""),
         "model": profile["model"], "target": profile["target"], "runtime": profile["runtime"],
         "precision": profile["precision"], "quantization": profile["quantization"], "path": path,
-        "size_bytes": profile["size_bytes"], "accuracy": profile["accuracy"], "agreement": profile["agreement"],
+        "size_bytes": profile["size_bytes"], **(acc := engine_accuracy(profile)),
+        "accuracy_ci": accuracy_ci(acc["accuracy"], acc.get("test_samples", profile.get("eval_samples"))),
         "latency_ms": {k: first[k] for k in ("batch", "p50", "p90", "p99", "mean")},
         "throughput_per_s": first["throughput_per_s"],
         "per_batch": rows,
+        "quant_scheme": profile.get("quant_scheme") if profile["precision"] == "int8" else None,
         "peak_rss_mb": profile.get("peak_rss_mb"),
         "budgets": profile.get("budgets", {}),
     }
 
 
-def headline(engines: list[dict[str, Any]], target: str) -> dict[str, Any] | None:
+def engine_accuracy(profile: dict[str, Any]) -> dict[str, Any]:
+    """The engine's accuracy on the whole test split (measured on the build host) where the bundle records it,
+    else on its eval.npz sample (measured where it was profiled); the sample's figure is kept beside it."""
+    if profile.get("test_accuracy") is None:
+        return {"accuracy": profile["accuracy"], "agreement": profile["agreement"]}
+    return {"accuracy": profile["test_accuracy"], "agreement": profile["test_agreement"],
+            "test_samples": profile["test_samples"], "spot_accuracy": profile["accuracy"],
+            "spot_samples": profile.get("eval_samples")}
+
+
+def headline(engines: list[dict[str, Any]], target: str, models: dict[str, Any] | None = None
+             ) -> dict[str, Any] | None:
     on_target = [e for e in engines if e["target"] == target]
     teachers = [e for e in on_target if e["model"] == "teacher" and e["precision"] == "fp32"]
     students = [e for e in on_target if e["model"] == "student"]
@@ -56,23 +87,31 @@ def headline(engines: list[dict[str, Any]], target: str) -> dict[str, Any] | Non
         return None
     retention = student["accuracy"] / teacher["accuracy"]
     ratio = student["latency_ms"]["p50"] / teacher["latency_ms"]["p50"]
+    text = (f"the student keeps {retention * 100:.1f}% of the teacher's accuracy at {ratio * 100:.1f}% of its "
+            f"latency on target {target} ({student['precision']}, {student['quantization']}, batch "
+            f"{student['latency_ms']['batch']})")
+    scratch = (models or {}).get("scratch")
+    gain = None
+    if scratch and "student" in (models or {}):
+        gain = models["student"]["accuracy"] - scratch["accuracy"]
+        text += (f", and is {abs(gain) * 100:.2f} points {'over' if gain >= 0 else 'under'} the same student trained "
+                 "without the teacher (PyTorch, test split)")
     return {"target": target, "student_engine": student["name"], "teacher_engine": teacher["name"],
-            "accuracy_retention": retention, "latency_ratio": ratio,
-            "text": f"the student keeps {retention * 100:.1f}% of the teacher's accuracy at {ratio * 100:.1f}% of its "
-                    f"latency on target {target} ({student['precision']}, {student['quantization']}, batch "
-                    f"{student['latency_ms']['batch']})"}
+            "accuracy_retention": retention, "latency_ratio": ratio, "gain_over_scratch": gain, "text": text}
 
 
 def build_report(models: dict[str, Any], engines: list[dict[str, Any]], skipped: list[dict[str, Any]],
                  targets: list[str], extra: dict[str, Any] | None = None) -> dict[str, Any]:
     keep = ("accuracy", "params", "test_samples", "epochs", "train_seconds", "samples", "labelled", "temperature",
             "alpha", "function_matching", "teacher_outputs")
-    report = {"models": {k: {f: v[f] for f in keep if f in v} for k, v in models.items()
-                         if k in ("teacher", "scratch", "student")},
-              "distillation": distillation_summary(models), "search": models.get("search"),
-              "engines": engines, "skipped": skipped, "headline": None}
+    kept = {k: {f: v[f] for f in keep if f in v} for k, v in models.items() if k in ("teacher", "scratch", "student")}
+    for v in kept.values():
+        v["accuracy_ci"] = accuracy_ci(v.get("accuracy"), v.get("test_samples"))
+    report = {"models": kept, "distillation": distillation_summary(models), "search": models.get("search"),
+              "engines": engines, "skipped": skipped, "headline": None,
+              "dominated": dominated(engines), "notes": int8_notes(engines)}
     for target in targets:
-        if (h := headline(engines, target)) is not None:
+        if (h := headline(engines, target, models)) is not None:
             report["headline"] = h
             break
     report.update(extra or {})
@@ -81,12 +120,47 @@ def build_report(models: dict[str, Any], engines: list[dict[str, Any]], skipped:
 
 def distillation_summary(models: dict[str, Any]) -> dict[str, Any] | None:
     """What distillation gained over the scratch student, and the fraction of the teacher-student gap it closed:
-    gap recovered = (distilled - scratch) / (teacher - scratch)."""
+    gap recovered = (distilled - scratch) / (teacher - scratch), defined only when the teacher beats scratch (else
+    the ratio's sign flips and means nothing: `scratch_beat_teacher` is set instead)."""
     if not all(k in models for k in ("teacher", "student", "scratch")):
         return None
     t, s, b = (models[k]["accuracy"] for k in ("teacher", "student", "scratch"))
-    return {"gain": s - b, "gap_recovered": (s - b) / (t - b) if t != b else None,
+    return {"gain": s - b, "gap_recovered": (s - b) / (t - b) if t > b else None, "scratch_beat_teacher": b >= t,
             "accuracy_retention": s / t if t else None}
+
+
+def dominated(engines: list[dict[str, Any]]) -> dict[str, str]:
+    """{engine name: the engine that dominates it} per target: another engine at least as fast (batch-1 p50) and
+    at least as accurate, strictly better on one; shipping a dominated engine buys nothing."""
+    out: dict[str, str] = {}
+    for target in dict.fromkeys(e["target"] for e in engines):
+        group = [e for e in engines if e["target"] == target and e.get("accuracy") is not None]
+        points = [(e["latency_ms"]["p50"], e["accuracy"]) for e in group]
+        front = set(pareto_front(points))
+        for i, e in enumerate(group):
+            if i not in front:
+                by = [group[j] for j in front if points[j][0] <= points[i][0] and points[j][1] >= points[i][1]]
+                if by:
+                    out[e["name"]] = max(by, key=lambda b: b["accuracy"])["name"]
+    return out
+
+
+def int8_notes(engines: list[dict[str, Any]]) -> list[str]:
+    """Say in words when an int8 engine is slower than its model's fp32 engine on the same target (batch-1 p50):
+    at this size the quantize/dequantize work costs more than the integer kernels save."""
+    notes = []
+    for e in engines:
+        if e["precision"] != "int8":
+            continue
+        fp32 = next((f for f in engines if f["target"] == e["target"] and f["model"] == e["model"]
+                     and f["precision"] == "fp32"), None)
+        if fp32 is not None and e["latency_ms"]["p50"] > fp32["latency_ms"]["p50"]:
+            slower = e["latency_ms"]["p50"] / fp32["latency_ms"]["p50"]
+            notes.append(f"INT8 is slower than FP32 here: {e['model']} int8/{e['quantization']} on {e['target']} takes "
+                         f"{e['latency_ms']['p50']:.3f} ms at batch {e['latency_ms']['batch']} against "
+                         f"{fp32['latency_ms']['p50']:.3f} ms for fp32 ({slower:.2f}x); it only saves size "
+                         f"({e['size_bytes'] / 1024:.1f} vs {fp32['size_bytes'] / 1024:.1f} KiB).")
+    return notes
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:
@@ -111,14 +185,17 @@ def markdown(report: dict[str, Any]) -> str:
     for k, v in report["models"].items():
         errors = round((1 - v["accuracy"]) * v["test_samples"]) if "test_samples" in v else "-"
         t_a = f"T={v['temperature']:g}, alpha={v['alpha']:g}" if k == "student" and "temperature" in v else ""
-        rows.append([k, f"{v['accuracy']:.4f}", errors, f"{v['params']:,}", v.get("labelled", v.get("samples", "")),
-                     v.get("epochs", ""), v.get("train_seconds", ""), t_a])
-    lines += [tabulate(rows, headers=["model", "accuracy", "test errors", "params", "labels", "epochs",
+        rows.append([k, _pct(v["accuracy"], v.get("accuracy_ci")), errors, f"{v['params']:,}",
+                     v.get("labelled", v.get("samples", "")), v.get("epochs", ""), v.get("train_seconds", ""), t_a])
+    lines += [tabulate(rows, headers=["model", "accuracy [95% CI]", "test errors", "params", "labels", "epochs",
                                       "train s", "distillation"], tablefmt="github"), ""]
     if d := report.get("distillation"):
-        gap = f"{d['gap_recovered'] * 100:.0f}%" if d.get("gap_recovered") is not None else "n/a"
-        lines += [f"Distillation gain over scratch: {d['gain'] * 100:+.2f} points; teacher-student gap recovered: "
-                  f"{gap}.", ""]
+        if d.get("scratch_beat_teacher"):
+            gap = "none to recover: scratch beat the teacher (the student trained without the teacher scored at " \
+                  "least as well as the teacher)"
+        else:
+            gap = f"teacher-student gap recovered: {d['gap_recovered'] * 100:.0f}%"
+        lines += [f"Distillation gain over scratch: {d['gain'] * 100:+.2f} points; {gap}.", ""]
     if search := report.get("search"):
         lines += [f"## T/alpha search (validation split, {search['epochs']} epochs per pair)", ""]
         rows = [[f"{r['temperature']:g}", f"{r['alpha']:g}", f"{r['val_accuracy']:.4f}", r["seconds"],
@@ -126,7 +203,13 @@ def markdown(report: dict[str, Any]) -> str:
                                                                 search["chosen"]["alpha"]) else ""]
                 for r in search["table"]]
         lines += [tabulate(rows, headers=["T", "alpha", "val accuracy", "seconds", ""], tablefmt="github"), ""]
-    lines += ["## Engines (accuracy measured on the engine)", "", engines_table(report["engines"]), ""]
+    lines += ["## Engines (accuracy measured on the engine, 95% CI; memory: peak RSS of a fresh profiling process)",
+              "", engines_table(report["engines"], report.get("dominated")), ""]
+    schemes = {(e["target"], e["quant_scheme"]["scheme"]): e["quant_scheme"]["reason"] for e in report["engines"]
+               if e.get("quant_scheme")}
+    notes = [f"int8 scheme on {t}: {scheme} ({reason})" for (t, scheme), reason in schemes.items()]
+    notes += report.get("notes") or []
+    lines += [f"- {note}" for note in notes] + ([""] if notes else [])
     if report["engines"]:
         lines += ["![accuracy against latency](report.png)", "", "![latency against batch size](report_batch.png)",
                   ""]
@@ -135,23 +218,40 @@ def markdown(report: dict[str, Any]) -> str:
         lines += [f"- {s['target']} {s['model']} {s['precision']}: {s['reason']}" for s in report["skipped"]]
         lines.append("")
     for key, value in report.items():
-        if key not in ("models", "engines", "skipped", "headline", "distillation", "search"):
+        if key not in ("models", "engines", "skipped", "headline", "distillation", "search", "dominated", "notes",
+                       "quant_scheme"):
             lines += [f"## {key}", "", "```json", json.dumps(value, indent=2), "```", ""]
     return "\n".join(lines)
 
 
-def engines_table(engines: list[dict[str, Any]]) -> str:
+def engines_table(engines: list[dict[str, Any]], dominated_by: dict[str, str] | None = None) -> str:
+    """One row per engine and batch size; budgets as measured/budget with PASS/FAIL, dominated engines named."""
     from tabulate import tabulate
 
+    dominated_by = dominated(engines) if dominated_by is None else dominated_by
     rows = []
     for e in engines:
         agreement = f"{e['agreement']:.4f}" if e.get("agreement") is not None else "-"
+        accuracy = _pct(e["accuracy"], e.get("accuracy_ci")) if e.get("accuracy") is not None else "-"
+        mem = f"{e['peak_rss_mb']:.0f}" if e.get("peak_rss_mb") is not None else "-"
         for r in e["per_batch"]:
-            rows.append([e["model"], e["target"], e["precision"], e["quantization"], f"{e['accuracy']:.4f}",
-                         agreement, r["batch"], f"{r['p50']:.3f}", f"{r['p99']:.3f}", f"{r['throughput_per_s']:.0f}",
-                         f"{e['size_bytes'] / 1024:.1f}"])
-    return tabulate(rows, headers=["model", "target", "precision", "quant", "accuracy", "agreement", "batch",
-                                   "p50 ms", "p99 ms", "samples/s", "size KiB"], tablefmt="github")
+            rows.append([e["model"], e["target"], e["precision"], e["quantization"], accuracy, agreement, r["batch"],
+                         f"{r['p50']:.3f}", f"{r['p99']:.3f}", f"{r['throughput_per_s']:.0f}",
+                         f"{e['size_bytes'] / 1024:.1f}", mem, _budgets(e.get("budgets") or {}),
+                         f"dominated by {dominated_by[e['name']]}" if e["name"] in dominated_by else ""])
+    return tabulate(rows, headers=["model", "target", "precision", "quant", "accuracy [95% CI]", "agreement",
+                                   "batch", "p50 ms", "p99 ms", "samples/s", "size KiB", "peak MiB", "budgets", ""],
+                    tablefmt="github")
+
+
+def _budgets(budgets: dict[str, Any]) -> str:
+    """'p99 3.1/5 ms PASS, 137/400 MiB PASS' from a profile's budgets."""
+    parts = []
+    for key, unit in (("latency_ms", "ms"), ("memory_mb", "MiB")):
+        if isinstance(b := budgets.get(key), dict):
+            label = "p99 " if key == "latency_ms" else ""
+            parts.append(f"{label}{b['measured']:.3g}/{b['budget']:g} {unit} {'PASS' if b['pass'] else 'FAIL'}")
+    return ", ".join(parts) or "-"
 
 
 def _label(e: dict[str, Any]) -> str:
@@ -166,11 +266,22 @@ def plot(report: dict[str, Any], path: Path) -> None:
     engines = report["engines"]
     points = [(e["latency_ms"]["p50"], e["accuracy"] * 100) for e in engines]
     for e, (x, y) in zip(engines, points, strict=True):
+        ci = e.get("accuracy_ci")
+        if ci:
+            ax.errorbar(x, y, yerr=[[y - ci[0] * 100], [ci[1] * 100 - y]], fmt="none", ecolor="gray", capsize=3,
+                        zorder=2)
         ax.scatter(x, y, marker=markers.get(e["model"], "x"), s=60, zorder=3)
         ax.annotate(f"{_label(e)}\n{e['target']}", (x, y), fontsize=7, xytext=(4, 4), textcoords="offset points")
     front = [points[i] for i in pareto_front(points)]
     ax.step([x for x, _ in front], [y for _, y in front], where="post", color="black", linestyle="--", linewidth=1,
             label="Pareto front (faster and more accurate than the rest)", zorder=2)
+    scratch = report.get("models", {}).get("scratch")
+    if scratch:   # no scratch engine is built: its PyTorch accuracy is the bar distillation has to clear
+        ax.axhline(scratch["accuracy"] * 100, color="tab:red", linestyle=":", linewidth=1,
+                   label="student trained without the teacher (scratch, PyTorch)")
+        if scratch.get("accuracy_ci"):
+            low, high = scratch["accuracy_ci"]
+            ax.axhspan(low * 100, high * 100, color="tab:red", alpha=0.08)
     ax.legend(fontsize=8)
     ax.set_xlabel("p50 latency at batch 1 (ms)")
     ax.set_ylabel("accuracy on the engine (%)")

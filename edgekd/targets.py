@@ -13,22 +13,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgekd.errors import EdgekdError
+import tomllib
 
-try:  # Python >= 3.11
-    import tomllib
-except ModuleNotFoundError:  # pragma: no cover - we require 3.11 at runtime
-    tomllib = None  # type: ignore[assignment]
+from edgekd.errors import EdgekdError
 
 RUNTIMES = ("onnxruntime", "tensorrt", "torch")
 DEVICES = ("cpu", "cuda", "dla")
 PRECISIONS = ("fp32", "fp16", "int8")
 OPT_LEVELS = ("disable", "basic", "extended", "all")
 QUANT_SCHEMES = ("ort-cpu", "ort-cpu-avx2", "tensorrt", "none")  # edgekd.quantize.SCHEMES, plus "none"
+AUTO = "auto"   # quant_scheme = "auto": pick from the CPU the target builds for (cpu_quant_scheme)
+
+# Instruction sets that decide int8 speed and exactness, as the Linux kernel names them in /proc/cpuinfo.
+ISA_FLAGS = {
+    "x86_64": ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_tile", "amx_int8"),
+    "aarch64": ("asimd", "asimddp", "i8mm", "sve"),   # NEON, dot product, int8 matrix multiply
+}
+VNNI_FLAGS = ("avx512_vnni", "avx_vnni")
 
 # What each runtime can build; int8 always means "from a Q/DQ ONNX", never calibration inside the builder.
 RUNTIME_PRECISIONS = {
-    "onnxruntime": ("fp32", "int8"),
+    "onnxruntime": ("fp32", "fp16", "int8"),  # fp16 only with the TensorRT execution provider first
     "tensorrt": ("fp32", "fp16", "int8"),
     "torch": ("fp32", "fp16"),
 }
@@ -65,6 +70,8 @@ class Target:
     latency_budget_ms: float | None = None
     memory_budget_mb: float | None = None
     quant_scheme: str = "none"
+    quant_scheme_reason: str = ""   # why this scheme: pinned by the file, the runtime's default, or the CPU's flags
+    eval_samples: int = 256
     path: str = ""
 
 
@@ -91,7 +98,8 @@ _SCHEMA: dict[str, tuple[str, str]] = {
     "compile": ("bool", "true or false"),
     "latency_budget_ms": ("float", "a number of milliseconds"),
     "memory_budget_mb": ("float", "a number of MiB"),
-    "quant_scheme": ("str", f"one of {', '.join(QUANT_SCHEMES)}"),
+    "quant_scheme": ("str", f"one of {', '.join(QUANT_SCHEMES)}, or {AUTO!r} (from the CPU's instruction sets)"),
+    "eval_samples": ("int", "a number of test samples >= 0 (0: no eval.npz in the bundle)"),
 }
 
 _DEFAULT_QUANT_SCHEME = {"onnxruntime": "ort-cpu", "tensorrt": "tensorrt", "torch": "none"}
@@ -192,6 +200,12 @@ def _from_dict(file: Path, data: dict[str, Any]) -> Target:
     level = v.get("graph_optimization_level", "all")
     _choice(file, "graph_optimization_level", level, OPT_LEVELS)
     scheme = v.get("quant_scheme", _DEFAULT_QUANT_SCHEME[runtime])
+    reason = f"pinned by {file.name}" if "quant_scheme" in v else f"the {runtime} runtime's default"
+    if scheme == AUTO:
+        if runtime != "onnxruntime" or device != "cpu":
+            raise EdgekdError(f"target file {file}: quant_scheme {AUTO!r} applies to runtime 'onnxruntime' on "
+                              f"device 'cpu' (this target is {runtime} on {device})")
+        scheme, reason = cpu_quant_scheme()
     _choice(file, "quant_scheme", scheme, QUANT_SCHEMES)
     if "int8" in precisions and scheme == "none":
         raise EdgekdError(f"target file {file}: precision 'int8' needs an int8 quant_scheme "
@@ -234,6 +248,9 @@ def _from_dict(file: Path, data: dict[str, Any]) -> Target:
     if v.get("compile") and runtime != "torch":
         raise EdgekdError(f"target file {file}: key 'compile' (torch.compile) only applies to runtime "
                           "'torch'")
+    if v.get("eval_samples", 0) < 0:
+        raise EdgekdError(f"target file {file}: key 'eval_samples' must be >= 0 (0: no eval.npz), got "
+                          f"{v['eval_samples']}")
     for key in ("latency_budget_ms", "memory_budget_mb"):
         if key in v and v[key] <= 0:
             raise EdgekdError(f"target file {file}: key {key!r} must be positive, got {v[key]}")
@@ -251,6 +268,13 @@ def _from_dict(file: Path, data: dict[str, Any]) -> Target:
     if stray:
         raise EdgekdError(f"target file {file}: provider_options names provider {stray[0]!r}, which is not "
                           f"in providers {list(providers)}")
+    if runtime == "onnxruntime" and "fp16" in precisions and providers[:1] != ("TensorrtExecutionProvider",):
+        raise EdgekdError(f"target file {file}: precision 'fp16' is not supported by runtime 'onnxruntime' "
+                          "without 'TensorrtExecutionProvider' first in providers (it builds the fp16 kernels)")
+    if "TensorrtExecutionProvider" in provider_options:
+        from edgekd.engines.ort import check_trt_ep_options
+
+        check_trt_ep_options(str(file), provider_options["TensorrtExecutionProvider"])
 
     return Target(
         name=v.get("name", file.stem),
@@ -275,13 +299,13 @@ def _from_dict(file: Path, data: dict[str, Any]) -> Target:
         latency_budget_ms=v.get("latency_budget_ms"),
         memory_budget_mb=v.get("memory_budget_mb"),
         quant_scheme=scheme,
+        quant_scheme_reason=reason,
+        eval_samples=v.get("eval_samples", 256),
         path=str(file),
     )
 
 
 def _read(file: Path) -> Target:
-    if tomllib is None:  # pragma: no cover
-        raise EdgekdError("reading target files needs Python >= 3.11 (tomllib)")
     try:
         with open(file, "rb") as f:
             data = tomllib.load(f)
@@ -300,8 +324,47 @@ def list_targets() -> list[Target]:
     return [_read(p) for p in sorted(folder.glob("*.toml"))]
 
 
-def load_target(name_or_path: str) -> Target:
-    """Load a catalog target by name (e.g. 'x86-cpu-ort') or any target file by path."""
+def cpu_flags() -> dict[str, Any]:
+    """This machine's architecture and which of ISA_FLAGS its CPU has, read from /proc/cpuinfo (the kernel's own
+    report; Linux, where engines are built). Elsewhere `flags` is None: unknown, not absent."""
+    import platform
+
+    arch = {"amd64": "x86_64", "arm64": "aarch64"}.get(platform.machine().lower(), platform.machine().lower())
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {"arch": arch, "flags": None}
+    found: set[str] = set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            found.update(value.split())
+    return {"arch": arch, "flags": [f for f in ISA_FLAGS.get(arch, ()) if f in found]}
+
+
+def cpu_quant_scheme(cpu: dict[str, Any] | None = None) -> tuple[str, str]:
+    """The onnxruntime CPU int8 scheme for a CPU, and why: "ort-cpu" (8-bit weights) where VNNI exists, whose u8 x s8
+    dot products do not saturate; else "ort-cpu-avx2" (7-bit weights), because the AVX2 kernels without VNNI saturate
+    on pairs of large products (see targets/x86-cpu-ort.toml)."""
+    cpu = cpu or cpu_flags()
+    flags = cpu["flags"]
+    if flags is None:
+        return "ort-cpu-avx2", f"{cpu['arch']}: CPU flags unknown (no /proc/cpuinfo); the 7-bit scheme is exact " \
+                               "everywhere"
+    vnni = [f for f in VNNI_FLAGS if f in flags]
+    if vnni:
+        return "ort-cpu", f"this CPU has {'/'.join(vnni)}: 8-bit weights run exactly"
+    if cpu["arch"] == "x86_64":
+        return "ort-cpu-avx2", "this CPU has no VNNI (avx512_vnni/avx_vnni): 7-bit weights avoid the saturating AVX2 " \
+                               "int8 kernels"
+    return "ort-cpu", f"{cpu['arch']} CPU: onnxruntime's int8 kernels there do not saturate like x86 AVX2 ones"
+
+
+def load_target(name_or_path: str | Target) -> Target:
+    """Load a catalog target by name (e.g. 'x86-cpu-ort') or any target file by path; a Target passes through, so
+    a target is resolved once and handed on."""
+    if isinstance(name_or_path, Target):
+        return name_or_path
     name_or_path = str(name_or_path)
     candidate = Path(name_or_path).expanduser()
     if name_or_path.endswith(".toml") or os.sep in name_or_path or "/" in name_or_path:

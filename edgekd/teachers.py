@@ -27,6 +27,7 @@ import shlex
 import signal
 import subprocess
 import tempfile
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +36,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from edgekd.errors import EdgekdError
-from edgekd.fileio import sha256_file
+from edgekd.fileio import exit_on_sigterm, sha256_file
 
 KINDS = ("logits", "probs", "topk", "labels")
 PROBS_TOLERANCE = 1e-4   # rows within this of summing to 1 (and non-negative) are probabilities
@@ -264,8 +265,10 @@ class CommandTeacher:
     Protocol, per batch:
       1. edgekd writes `in.npz` holding `x` (float32, (N, *input_shape), normalized as the student sees it)
          into a fresh temporary directory;
-      2. it runs `argv + [IN_PATH, OUT_PATH]` (no shell, stdin closed, the environment inherited) and waits at
-         most `timeout_s` seconds (the whole process group is killed after that);
+      2. it runs `argv + [IN_PATH, OUT_PATH]` (no shell, stdin closed, the environment inherited, in its own
+         process group) and waits at most `timeout_s` seconds. Only the last 64 KiB of its stdout and stderr are
+         kept. When it exits, times out, fails, or edgekd gets SIGINT/SIGTERM, the whole process group is
+         killed (nothing it started outlives the batch) and the temporary directory removed;
       3. the command exits 0 after writing `OUT_PATH` (an .npz, written with numpy.savez) holding exactly one of
            `logits` (N, C) float | `probs` (N, C) float, rows summing to 1 |
            `topk_values` (N, k) float + `topk_indices` (N, k) int, with optional `topk_kind` = "logits" or
@@ -299,7 +302,7 @@ class CommandTeacher:
 
     def __call__(self, x: np.ndarray) -> TeacherOutput:
         n = len(x)
-        with tempfile.TemporaryDirectory(prefix="edgekd-teacher-") as tmp:
+        with exit_on_sigterm(), tempfile.TemporaryDirectory(prefix="edgekd-teacher-") as tmp:
             in_path, out_path = Path(tmp) / "in.npz", Path(tmp) / "out.npz"
             np.savez(in_path, x=np.ascontiguousarray(x, dtype=np.float32))
             stderr = self._run([*self.argv, str(in_path), str(out_path)], n)
@@ -315,26 +318,33 @@ class CommandTeacher:
         return validate_output(self._parse(arrays, stderr), n, self.name)
 
     def _run(self, cmd: list[str], n: int) -> str:
+        """Run one batch; returns the tail of its stderr. Its output is drained as it comes and only the last
+        OUTPUT_TAIL bytes of each stream are kept; its whole process group is ended however this returns
+        (exit, timeout, error, KeyboardInterrupt, SIGTERM), so nothing it started outlives the call."""
         try:
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                     start_new_session=True)
         except OSError as e:
             raise EdgekdError(f"{self.name}: cannot start it ({e.strerror or e})") from None
+        tails = [_Tail(proc.stdout), _Tail(proc.stderr)]
+        timed_out = False
         try:
-            _, err = proc.communicate(timeout=self.timeout_s)
+            proc.wait(timeout=self.timeout_s)
         except subprocess.TimeoutExpired:
+            timed_out = True
+        finally:
             _kill_group(proc)
-            _, err = proc.communicate()
+            proc.wait()
+            for tail in tails:
+                tail.close()
+        err = tails[1].text()
+        if timed_out:
             raise EdgekdError(f"{self.name}: did not finish within {self.timeout_s:g} s on a batch of {n} inputs "
-                              f"(killed; raise the timeout or lower the batch size){_last_line(err)}") from None
-        except BaseException:
-            _kill_group(proc)
-            proc.communicate()
-            raise
+                              f"(killed; raise the timeout or lower the batch size){_last_line(err)}")
         if proc.returncode != 0:
             raise EdgekdError(f"{self.name}: exited with code {proc.returncode} on a batch of {n} inputs"
                               f"{_last_line(err)}")
-        return err.decode(errors="replace")
+        return err
 
     def _parse(self, arrays: dict[str, np.ndarray], stderr: str) -> TeacherOutput:
         keys = set(arrays)
@@ -361,7 +371,41 @@ class CommandTeacher:
         return TeacherOutput("topk", values, indices, values_are)
 
 
+OUTPUT_TAIL = 64 * 1024   # bytes of a teacher command's stdout and stderr kept (for the error message)
+
+
+class _Tail:
+    """Drain a pipe in a thread as the command writes it, keeping only its last OUTPUT_TAIL bytes: a command
+    that prints gigabytes costs 64 KiB, and never blocks on a full pipe."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+        self._buf = bytearray()
+        self._thread = threading.Thread(target=self._drain, daemon=True)
+        self._thread.start()
+
+    def _drain(self) -> None:
+        fd = self._stream.fileno()
+        try:
+            while chunk := os.read(fd, 1 << 16):
+                self._buf += chunk
+                if len(self._buf) > 2 * OUTPUT_TAIL:
+                    del self._buf[:-OUTPUT_TAIL]
+        except (OSError, ValueError):   # closed by close() after a wait that gave up
+            pass
+
+    def close(self) -> None:
+        """Wait briefly for the rest (the writers are gone), then close the pipe."""
+        self._thread.join(timeout=5)
+        self._stream.close()
+
+    def text(self) -> str:
+        return bytes(self._buf[-OUTPUT_TAIL:]).decode(errors="replace")
+
+
 def _kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the command's process group (it was started in its own session): the command and whatever it
+    started, still running after it exited, timed out or was interrupted."""
     try:
         if hasattr(os, "killpg"):
             os.killpg(proc.pid, signal.SIGKILL)
@@ -411,8 +455,8 @@ def load_teacher(spec: str, *, model_spec: str | None = None, input_shape: Seque
     """A teacher from a string: `path.onnx` -> OnnxTeacher, `path.safetensors` -> TorchTeacher,
     `cmd:PROGRAM ARGS...` (shlex-split) -> CommandTeacher.
 
-    A safetensors checkpoint needs the architecture: `model_spec`, `input_shape` and `num_classes`, each
-    falling back to the file's metadata (edgekd writes `model`, `input_shape`, `num_classes` there).
+    A safetensors checkpoint needs the architecture: `model_spec`, `input_shape` and `num_classes` from the caller
+    (the recipe or the command line), never from the file's metadata: a checkpoint is data and must not name code.
     """
     if spec.startswith("cmd:"):
         try:
@@ -437,31 +481,19 @@ def load_teacher(spec: str, *, model_spec: str | None = None, input_shape: Seque
 
 def _torch_teacher(path: Path, model_spec: str | None, input_shape: Sequence[int] | None,
                    num_classes: int | None, device: str) -> TorchTeacher:
-    from safetensors import safe_open
-
+    """A safetensors checkpoint with the architecture the caller names (the recipe's [teacher] model or the command
+    line). The file's metadata is never used to choose a model: a checkpoint is data, and a spec can name code."""
     from edgekd.models import build_model, load_weights
 
     if not path.is_file():
         raise EdgekdError(f"teacher {path}: file not found")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-    except Exception:
-        meta = {}   # load_weights below names the problem
-    try:
-        model_spec = model_spec or meta.get("model")
-        if input_shape is None and "input_shape" in meta:
-            input_shape = tuple(json.loads(meta["input_shape"]))
-        if num_classes is None and "num_classes" in meta:
-            num_classes = int(meta["num_classes"])
-    except (ValueError, TypeError):
-        pass
     missing = [name for name, v in (("model_spec", model_spec), ("input_shape", input_shape),
                                     ("num_classes", num_classes)) if v is None]
     if missing:
-        raise EdgekdError(f"teacher {path}: a safetensors checkpoint needs the architecture; {', '.join(missing)} "
-                          "not given and not in the file's metadata (pass the teacher's model spec, e.g. "
-                          "'cnn:widths=32,64', with the data's input shape and class count)")
+        raise EdgekdError(f"teacher {path}: a safetensors checkpoint needs the architecture from the recipe or the "
+                          f"command line; {', '.join(missing)} not given (pass the teacher's model spec, e.g. "
+                          "'cnn:widths=32,64', with the data's input shape and class count; the file's own metadata "
+                          "is never used to pick code)")
     model = build_model(model_spec, tuple(input_shape), int(num_classes))
     load_weights(model, path)
     return TorchTeacher(model.to(device), identity="torch:" + sha256_file(path), name=f"torch teacher {path}")

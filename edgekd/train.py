@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from edgekd import streaming
 from edgekd.augment import BatchAugment, step_generator
 from edgekd.errors import EdgekdError
 from edgekd.fileio import atomic_path
@@ -75,17 +76,25 @@ def check_model_fits(model: nn.Module, input_shape: tuple[int, ...], num_classes
                           f"{num_classes} classes, so expected ({num_classes},)")
 
 
+EVAL_BATCH_BYTES = 64 * 2**20   # evaluation batches hold at most this much input (and at most 512 samples)
+
+
 @torch.no_grad()
 def predict_logits(model: nn.Module, x: np.ndarray, device: torch.device | str = "cpu",
-                   batch_size: int = 512, set_mode: Callable[[nn.Module, bool], None] | None = None) -> np.ndarray:
+                   batch_size: int | None = None,
+                   set_mode: Callable[[nn.Module, bool], None] | None = None) -> np.ndarray:
+    """Logits for every input of `x` (an array or a lazy source), in order. The default batch size keeps a
+    batch's input under EVAL_BATCH_BYTES: 512 digits, 111 RGB images of 224x224, so activations stay bounded."""
+    if batch_size is None:
+        batch_size = max(1, min(512, EVAL_BATCH_BYTES // (4 * math.prod(x.shape[1:]) or 1)))
     if set_mode is None:
         model.eval()
     else:
         set_mode(model, False)
     outs = []
-    for i in range(0, len(x), batch_size):
-        xb = torch.from_numpy(x[i:i + batch_size]).to(device)
-        outs.append(model(xb).float().cpu())
+    chunks = [slice(i, i + batch_size) for i in range(0, len(x), batch_size)]
+    for xb in streaming.batches(x, chunks):
+        outs.append(model(xb.to(device)).float().cpu())
     return torch.cat(outs).numpy() if outs else np.zeros((0,), np.float32)
 
 
@@ -153,9 +162,46 @@ def _key(name: str) -> str:
     return name.replace(".", "__")   # ModuleDict keys cannot contain dots
 
 
+class _KeepWriteError:
+    """A file wrapper that remembers what interrupted a write: torch.save turns it into "[enforce fail at
+    inline_container.cc] unexpected pos", which names neither the file nor the cause, be it a full disk
+    (OSError) or Ctrl-C / SIGTERM (KeyboardInterrupt / SystemExit, which must still stop the run)."""
+
+    def __init__(self, f: Any) -> None:
+        self.f, self.error = f, None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.f.write(data)
+        except BaseException as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
 def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    """Write atomically; a full disk or a read-only folder is one error naming the checkpoint (the previous
+    checkpoint, if any, is left as it was)."""
+    try:
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            writer = _KeepWriteError(f)
+            try:
+                torch.save(state, writer)
+            except RuntimeError:
+                if writer.error is not None:
+                    raise writer.error from None
+                raise
+    except (OSError, RuntimeError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[0]
+        raise EdgekdError(f"checkpoint {path}: cannot be written ({reason}); free disk space or pick another "
+                          "--out") from None
+
+
+def _last_good(checkpoint: Path | None) -> str:
+    """Name the checkpoint a failed run can resume from, only when one was written."""
+    return f" (the last good checkpoint is {checkpoint})" if checkpoint is not None and checkpoint.is_file() else ""
 
 
 def _load_checkpoint(path: Path, fingerprint: str) -> dict[str, Any]:
@@ -243,7 +289,8 @@ def fit(model: nn.Module, x: np.ndarray, y: np.ndarray, cfg: ModelConfig, *, dev
     opt = _optimizer(list(trainee.parameters()), cfg, lr)
     steps_per_epoch = math.ceil(shard / batch_size)
     sched = _scheduler(opt, cfg.schedule, lr, epochs * steps_per_epoch)
-    x_t, y_t = torch.from_numpy(x), torch.from_numpy(y)
+    feed = streaming.Feed(x, pin=device.type == "cuda")   # lazy sources: DataLoader workers, alive all run
+    y_t = torch.from_numpy(y)
     fingerprint = (f"{desc}|n={len(x)}|epochs={epochs}|lr={lr}|batch={batch_size}|seed={seed}"
                    f"|world={distributed.world_size()}|augment={augment}")
     history: list[dict] = []
@@ -265,8 +312,8 @@ def fit(model: nn.Module, x: np.ndarray, y: np.ndarray, cfg: ModelConfig, *, dev
         if checkpoint is not None and main:
             weights = trainee.state_dict()
             if not all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point()):
-                raise EdgekdError(f"{desc}: weights became NaN/Inf at epoch {epoch + 1}; lower the learning rate "
-                                  f"(the last good checkpoint is {checkpoint})")
+                raise EdgekdError(f"{desc}: weights became NaN/Inf at epoch {epoch + 1}; lower the learning rate"
+                                  f"{_last_good(checkpoint)}")
             _save_checkpoint(checkpoint, {
                 "fingerprint": fingerprint, "model": weights, "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(), "epoch": epoch, "step": step, "history": history,
@@ -289,9 +336,9 @@ def fit(model: nn.Module, x: np.ndarray, y: np.ndarray, cfg: ModelConfig, *, dev
                 totals = [0.0, 0, 0, 0]
             bar = tqdm(range(begin, steps_per_epoch), desc=f"{desc} {epoch + 1}/{epochs}", leave=False,
                        disable=not progress, unit="step")
-            for step in bar:
-                idx = order[step * batch_size:(step + 1) * batch_size]
-                xb, yb = x_t[idx].to(device), y_t[idx].to(device)
+            chunks = [order[step * batch_size:(step + 1) * batch_size] for step in range(begin, steps_per_epoch)]
+            for step, idx, xb in zip(bar, chunks, feed(chunks), strict=True):
+                xb, yb = xb.to(device, non_blocking=True), y_t[idx].to(device)
                 mix = None
                 if augment is not None:
                     xb, mix = augment(xb, step_generator(seed, epoch, step))
@@ -317,7 +364,7 @@ def fit(model: nn.Module, x: np.ndarray, y: np.ndarray, cfg: ModelConfig, *, dev
                 if not torch.isfinite(loss):
                     raise EdgekdError(f"{desc}: loss became {loss.item()} at epoch {epoch + 1} step {step + 1}; "
                                       "lower the learning rate or check the data for extreme values"
-                                      + (f" (the last good checkpoint is {checkpoint})" if checkpoint else ""))
+                                      + _last_good(checkpoint))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

@@ -272,7 +272,8 @@ def calibration_case(kind: str) -> Callable[[Ctx], list[str]]:
             manifest["file"] = "gone.npz"
         (cal / "cal.toml").write_text(tomli_w.dumps(manifest))
         raw = tomllib.loads((run / "recipe.toml").read_text())
-        raw["quantize"].update(mode="ptq", calibration="calibration/cal.toml")
+        # absolute: relative paths in a run folder's recipe.toml resolve against the recipe's own folder (issue 17)
+        raw["quantize"].update(mode="ptq", calibration=str(cal / "cal.toml"))
         (run / "recipe.toml").write_text(tomli_w.dumps(raw))
         c.watch.append(run)
         return ["qat", str(run), "--device", "cpu", "--quiet"]

@@ -12,7 +12,7 @@ import pytest
 
 from edgekd.bundle import FORMAT, read_manifest, update_metrics, verify, write_manifest
 from edgekd.errors import EdgekdError
-from edgekd.fileio import sha256_file
+from edgekd.fileio import sha256_file, write_signed_json
 
 
 def _bundle(tmp_path: Path) -> Path:
@@ -69,7 +69,7 @@ def test_missing_manifest_folder_and_bad_format(tmp_path: Path) -> None:
     folder = _bundle(tmp_path)
     manifest = json.loads((folder / "manifest.json").read_text())
     manifest["format"] = "something-else/9"
-    (folder / "manifest.json").write_text(json.dumps(manifest))
+    write_signed_json(folder / "manifest.json", manifest)
     with pytest.raises(EdgekdError, match="format 'something-else/9'"):
         read_manifest(folder)
     (folder / "manifest.json").write_text("{not json")

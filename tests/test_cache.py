@@ -93,7 +93,7 @@ def test_cache_stores_topk_logits_of_views_the_training_loop_can_regenerate(mode
     build_cache(again, x, tmp_path / "c", top_k=3, epochs=3, augment=augment, seed=7, batch_size=8)
     assert again.seen == []
     (tmp_path / "c" / "epoch-00002.npz").write_bytes(b"broken")
-    with pytest.raises(EdgekdError, match=r"epoch-00002.npz: sha256 does not match"):
+    with pytest.raises(EdgekdError, match=r"epoch-00002.npz fails its sha256 check"):
         load_cache(tmp_path / "c", x=x, augment_key=augment.key, seed=7, top_k=3)
     build_cache(again, x, tmp_path / "c", top_k=3, epochs=3, augment=augment, seed=7, batch_size=16)
     assert len(again.seen) == 2
@@ -197,3 +197,35 @@ def test_topk_loss_equals_full_kd_for_k_equal_classes():
     y = torch.arange(16) % 7
     assert torch.allclose(topk_kd_loss(s, vals, idx, y, 2.0, 1.0), hand, atol=1e-5)
     assert torch.allclose(hard_label_loss(s, y), torch.nn.functional.cross_entropy(s, y))
+
+
+def test_cache_of_a_streamed_folder_is_memory_mapped_and_keyed_to_its_files(tmp_path):
+    """A teacher cache built on an image folder streamed from disk: lookups come from memory-mapped files
+    and match the teacher on the same inputs; touching one image file changes the key."""
+    import os
+
+    from PIL import Image
+
+    from edgekd.data import load_data
+    from edgekd.recipe import DataConfig
+
+    rng = np.random.default_rng(0)
+    for c in range(2):
+        (tmp_path / "imgs" / f"c{c}").mkdir(parents=True)
+        for i in range(6):
+            px = rng.integers(0, 255, (6, 6, 3), dtype=np.uint8)
+            Image.fromarray(px).save(tmp_path / "imgs" / f"c{c}" / f"{i}.png")
+    d = load_data(DataConfig(source=str(tmp_path / "imgs"), val_fraction=0.0, num_workers=0))
+    torch.manual_seed(0)
+    teacher = TorchTeacher(build_model("cnn:widths=4", d.input_shape, 2).eval(), identity="t")
+    build_cache(teacher, d.x_train, tmp_path / "c", top_k=2, epochs=1, augment=None, seed=0)
+    cache = load_cache(tmp_path / "c", x=d.x_train, augment_key="none", seed=0, top_k=2)
+    assert isinstance(cache.values[0], np.memmap) and isinstance(cache.indices[0], np.memmap)
+    values, classes = cache.lookup(0, [3, 1])
+    logits = teacher.model(torch.from_numpy(d.x_train[np.array([3, 1])])).detach().numpy()
+    np.testing.assert_array_equal(classes, np.argsort(-logits, axis=1))
+    np.testing.assert_allclose(values[:, 1], np.sort(logits, axis=1)[:, 0] - logits.max(1), atol=1e-2)
+    f = d.x_train.files()[0]
+    os.utime(f, ns=(os.stat(f).st_atime_ns, os.stat(f).st_mtime_ns + 10**9))
+    with pytest.raises(EdgekdError, match=r"built for other data \(key x_sha256"):
+        load_cache(tmp_path / "c", x=d.x_train, augment_key="none", seed=0, top_k=2)

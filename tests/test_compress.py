@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from edgekd.targets import load_target
 from tests.test_cli import edgekd
 
 pytest.importorskip("torchao")
@@ -27,7 +28,7 @@ def test_fp32_ptq_and_qat_engines_side_by_side(qat_run):
     students = {e["quantization"]: e for e in rep["engines"] if e["model"] == "student"}
     assert {"none", "ptq", "qat"} <= set(students)
     assert students["ptq"]["precision"] == students["qat"]["precision"] == "int8"
-    q = rep["quantization"]["ort-cpu-avx2"]   # the x86-cpu-ort scheme
+    q = rep["quantization"][load_target("x86-cpu-ort").quant_scheme]   # chosen from this CPU
     assert q["calibration"]["samples"] == 128 and q["calibration"]["split"] == "train"
     # the INT8 engine reproduces the converted PyTorch model's accuracy (within a few samples of the test split)
     for kind in ("ptq", "qat"):
@@ -39,6 +40,20 @@ def test_fp32_ptq_and_qat_engines_side_by_side(qat_run):
         bundle = qat_run / students[kind]["path"]
         ops = {n.op_type for f in bundle.glob("*.onnx") for n in onnx.load(f).graph.node}
         assert ops & {"QuantizeLinear", "QLinearConv", "DequantizeLinear"}, ops
+
+
+def test_int8_engines_record_what_they_were_made_from(qat_run):
+    """Each INT8 bundle records its quantized ONNX, which records the student and the [quantize] section
+    (edgekd.runfolder), so a later student or recipe makes them stale."""
+    from edgekd import runfolder
+
+    made = json.loads((qat_run / runfolder.PROVENANCE).read_text())["artifacts"]
+    for kind in ("ptq", "qat"):
+        bundle = f"engines/x86-cpu-ort/student-int8-{kind}"
+        onnx_file = f"onnx/student.{kind}-{load_target('x86-cpu-ort').quant_scheme}.onnx"   # follows the CPU
+        assert f"file:{onnx_file}" in made[bundle]["made_from"]
+        assert {"file:student.safetensors", "[quantize]"} <= set(made[onnx_file]["made_from"])
+        assert runfolder.stale(qat_run, bundle) == []
 
 
 def test_bad_quantize_keys_are_refused(tmp_path):

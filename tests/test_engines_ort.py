@@ -16,7 +16,7 @@ from edgekd.bundle import read_manifest
 from edgekd.engines import available_runtimes, build, check_target
 from edgekd.engines.ort import host_fingerprint
 from edgekd.errors import EdgekdError
-from edgekd.fileio import sha256_file
+from edgekd.fileio import sha256_file, write_signed_json
 from edgekd.targets import load_target
 
 
@@ -27,7 +27,9 @@ def test_bundle_layout_and_manifest(edge_ort_bundle: Path, edge_eval) -> None:
     assert (m["model"], m["target"], m["runtime"], m["device"]) == ("student", "x86-cpu-ort", "onnxruntime", "cpu")
     assert (m["precision"], m["quantization"]) == ("fp32", "none")
     assert m["input"] == {"name": "input", "shape": ["batch", 1, 8, 8], "dtype": "float32"}
-    assert m["preprocessing"] == {"normalization": {"mean": [0.5], "std": [0.25]}, "layout": "NCHW"}
+    # no image spec (array inputs): the range of the normalized test split, for the runtime's wrong-scale check
+    assert m["preprocessing"] == {"normalization": {"mean": [0.5], "std": [0.25]}, "layout": "NCHW",
+                                  "input_range": [float(edge_eval[0].min()), float(edge_eval[0].max())]}
     assert m["class_names"][:2] == ["class0", "class1"]
     assert m["budgets"] == {"latency_ms": 5.0, "memory_mb": 400.0}
     assert m["versions"]["onnxruntime"] == ort.__version__ and m["versions"]["edgekd"]
@@ -67,7 +69,7 @@ def test_other_host_falls_back_to_portable_model(edge_ort_bundle: Path, tmp_path
     shutil.copytree(edge_ort_bundle, copy)
     manifest = json.loads((copy / "manifest.json").read_text())
     manifest["engine"]["build_fingerprint"]["isa"] = ["avx512f", "avx512_vnni"]  # built on another CPU
-    (copy / "manifest.json").write_text(json.dumps(manifest))
+    write_signed_json(copy / "manifest.json", manifest)  # as that other host's build wrote it
     engine = runtime.load(copy)
     assert engine.info["file"] == "model.onnx" and engine.info["optimization_level_at_load"] == "all"
     assert "differs from the build host" in engine.info["notes"][0]
@@ -92,7 +94,9 @@ def test_int8_from_qdq_onnx(edge_source, edge_qdq, tmp_path: Path, edge_eval) ->
 
     gm, qdq_path = edge_qdq
     source = replace(edge_source, onnx_path=qdq_path, quantization="ptq")
-    out = build(source, load_target("x86-cpu-ort"), "int8", tmp_path / "int8", eval_data=edge_eval)
+    # the fixture's graph is labelled ort-cpu-avx2: pin that scheme (x86-cpu-ort's follows the CPU since issue 17)
+    x86 = replace(load_target("x86-cpu-ort"), quant_scheme="ort-cpu-avx2")
+    out = build(source, x86, "int8", tmp_path / "int8", eval_data=edge_eval)
     m = read_manifest(out)
     assert (m["precision"], m["quantization"]) == ("int8", "ptq")
     logits = runtime.load(out)(edge_eval[0])
@@ -173,3 +177,38 @@ def test_available_runtimes_and_check_target() -> None:
     assert check_target(load_target("x86-cpu-ort")) == "ok"
     if status["tensorrt"] != "ok":
         assert "jetson-orin-nano-trt" in check_target(load_target("jetson-orin-nano-trt"))
+
+
+def test_eval_npz_is_a_bounded_sample_and_the_host_scores_the_whole_test_split(edge_source, edge_eval,
+                                                                                tmp_path: Path) -> None:
+    """eval.npz keeps `eval_samples` rows of the test split (0: none); metrics["test"] is the engine's accuracy
+    and agreement on all of it, measured at build time. The test split may be memory-mapped."""
+    from edgekd.profile import profile_bundle
+    from edgekd.report import engine_entry
+
+    x, y, ref = edge_eval
+    np.save(tmp_path / "x.npy", x)
+    mapped = np.load(tmp_path / "x.npy", mmap_mode="r")
+    target = replace(load_target("x86-cpu-ort"), eval_samples=10)
+    out = build(edge_source, target, "fp32", tmp_path / "b", eval_data=(mapped, y, ref))
+    m = read_manifest(out)
+    assert m["eval"] == {"file": "eval.npz", "samples": 10, "has_reference_logits": True}
+    with np.load(out / "eval.npz") as data:
+        rows = [int(np.flatnonzero((x == row).all(axis=(1, 2, 3)))[0]) for row in data["x"]]
+        assert len(set(rows)) == 10 and rows == sorted(rows)  # distinct test rows, in order
+        np.testing.assert_array_equal(data["y"], y[rows])
+        np.testing.assert_array_equal(data["reference_logits"], ref[rows])
+    top1 = runtime.load(out)(x).argmax(1)
+    test = m["metrics"]["test"]
+    assert test["samples"] == 48 and test["accuracy"] == float(np.mean(top1 == y)) and test["agreement"] == 1.0
+    assert 0.5 < test["accuracy"] < 1.0   # a quarter of the labels were flipped
+
+    result = profile_bundle(out, batch_sizes=(1,), warmup=1, min_runs=2, min_seconds=0.0)
+    assert result["eval_samples"] == 10 and result["accuracy"] == float(np.mean(top1[rows] == y[rows]))
+    assert (result["test_accuracy"], result["test_samples"]) == (test["accuracy"], 48)
+    entry = engine_entry(result, tmp_path)
+    assert (entry["accuracy"], entry["test_samples"], entry["spot_samples"]) == (test["accuracy"], 48, 10)
+
+    none = build(edge_source, replace(target, eval_samples=0), "fp32", tmp_path / "none", eval_data=edge_eval)
+    assert not (none / "eval.npz").exists() and read_manifest(none)["eval"] is None
+    assert read_manifest(none)["metrics"]["test"]["accuracy"] == test["accuracy"]

@@ -75,7 +75,7 @@ def test_label_pool_writes_topk_soft_targets_at_temperature(model, pool, tmp_pat
     with open(tmp_path / "l" / "shard-00002.npz", "r+b") as f:
         f.seek(100)
         f.write(b"\xff\xfe\xfd")
-    with pytest.raises(EdgekdError, match=r"shard-00002.npz: sha256 does not match"):
+    with pytest.raises(EdgekdError, match=r"shard-00002.npz fails its sha256 check"):
         read_labels(tmp_path / "l")
 
 

@@ -88,3 +88,17 @@ def test_scaled_spec_rounds_widths_and_passes_width_to_factories():
     assert build_model(spec, (1, 8, 8), 10).features[1].out_features == 32
     with pytest.raises(EdgekdError, match="width must be a number"):
         build_model("tests.test_models:scalable_mlp,width=wide", (1, 8, 8), 10)
+
+
+def test_factories_import_from_the_recipe_folder_and_say_where_they_looked(tmp_path, monkeypatch):
+    from edgekd import models
+
+    (tmp_path / "beside.py").write_text("from torch import nn\n\ndef f(shape, n):\n    return nn.Linear(64, n)\n")
+    monkeypatch.setattr(models, "_RECIPE_DIRS", [])
+    with pytest.raises(EdgekdError, match="cannot import module 'beside'.*looked in"):
+        models.check_spec("beside:f")
+    models.add_import_dir(tmp_path)
+    models.check_spec("beside:f")   # imported, not built: no input shape needed
+    assert str(tmp_path) not in __import__("sys").path   # the search path is extended only while importing
+    with pytest.raises(EdgekdError, match="unknown knob 'depth'"):
+        models.check_spec("cnn:depth=3")

@@ -10,6 +10,7 @@ import numpy as np
 
 from edgekd import runtime
 from edgekd.bundle import read_manifest, update_metrics
+from edgekd.fileio import write_signed_json
 from edgekd.profile import format_table, profile_bundle
 
 KEYS = {"bundle", "model", "target", "runtime", "precision", "quantization", "size_bytes", "accuracy", "agreement",
@@ -54,11 +55,35 @@ def test_profile_without_eval_set_and_metrics(edge_ort_bundle: Path, tmp_path: P
     manifest = json.loads((copy / "manifest.json").read_text())
     (copy / "eval.npz").unlink()
     del manifest["files"]["eval.npz"]
+    manifest["eval"] = None
     manifest["budgets"] = {"latency_ms": None, "memory_mb": None}
-    (copy / "manifest.json").write_text(json.dumps(manifest))
+    write_signed_json(copy / "manifest.json", manifest)  # a bundle built without an eval set
     result = profile_bundle(copy, batch_sizes=(3,), warmup=1, min_runs=3, min_seconds=0.0)
     assert result["accuracy"] is None and result["agreement"] is None
     assert result["budgets"] == {"pass": None}
     assert "n/a" in format_table(result)
     update_metrics(copy, {"profile": result})
     assert read_manifest(copy)["metrics"]["profile"]["rows"][0]["batch"] == 3
+
+
+def test_pipeline_profile_memory_is_the_profiling_process_own(edge_ort_bundle: Path, tmp_path: Path) -> None:
+    """`edgekd profile` from a process holding ~500 MiB reports what a standalone `python -m edgekd.runtime profile`
+    of the same bundle reports (within 20%), not the parent's peak (ru_maxrss is inherited across fork+exec)."""
+    import subprocess
+    import sys
+
+    from edgekd import pipeline
+
+    run = tmp_path / "run"
+    shutil.copytree(edge_ort_bundle, run / "engines" / "x86-cpu-ort" / "student-fp32")
+    ballast = np.ones(500 * 2**20 // 8)   # touched: the parent's RSS and peak are >= 500 MiB
+    (piped,) = pipeline.profile(run, "x86-cpu-ort", quick=True)
+    del ballast
+    out = tmp_path / "alone.json"
+    # `; exit $?` keeps the shell between: the profiler is forked from a small shell, not exec'd over this process
+    subprocess.run(["/bin/sh", "-c", f'"{sys.executable}" -m edgekd.runtime profile "$0" --json "$1" --warmup 3 '
+                    '--min-runs 10 --min-seconds 0.2 >/dev/null; exit $?', run / "engines" / "x86-cpu-ort" /
+                    "student-fp32", out], check=True)
+    alone = json.loads(out.read_text())
+    assert piped["peak_rss_mb"] < 400
+    assert abs(piped["peak_rss_mb"] - alone["peak_rss_mb"]) <= 0.2 * alone["peak_rss_mb"]

@@ -333,8 +333,12 @@ def test_tensorrt_qdq_placement(residual_models) -> None:
         assert g.source(op.input[0]) == g.source(op.input[1]) == "DequantizeLinear"
         if len(op.input) > 2:
             assert g.source(op.input[2]) == "initializer", "TensorRT keeps the bias float"
+    # Residual add: Q/DQ on the skip input only; the conv branch feeds the add directly so TensorRT fuses
+    # conv + add (+ relu) into one INT8 kernel (NVIDIA's placement, as Model Optimizer's ONNX export).
     (add,) = g.of_type("Add")
-    assert [g.source(i) for i in add.input] == ["DequantizeLinear", "DequantizeLinear"]
+    assert sorted(g.source(i) for i in add.input) == ["Conv", "DequantizeLinear"]
+    skip = next(i for i in add.input if g.source(i) == "DequantizeLinear")
+    assert g.source(g.producer[g.producer[skip].input[0]].input[0]) == "Relu", "the skip is the stem's output"
     # No Q/DQ after the add's ReLU (its consumer is the pool, not a quantizable op).
     (relu,) = g.consumers[add.output[0]]
     assert "QuantizeLinear" not in {n.op_type for n in g.consumers[relu.output[0]]}

@@ -43,3 +43,16 @@ def test_malformed_toml_is_reported(tmp_path):
     p.write_text("[data\nsource = 1")
     with pytest.raises(EdgekdError, match="not valid TOML"):
         load_recipe(p)
+
+
+def test_streaming_data_keys_are_checked():
+    import re
+
+    r = recipe_from_dict({"data": {"resize": 256, "crop": [224, 224], "mean": "imagenet", "std": [0.2, 0.2, 0.2],
+                                   "num_workers": 0, "skip_bad_images": True}})
+    assert r.data.resize == 256 and r.data.mean == "imagenet" and r.data.std == [0.2, 0.2, 0.2]
+    for bad, fragment in (({"num_workers": -1}, "num_workers: must be >= 0"),
+                          ({"stats_samples": 0}, "stats_samples: must be >= 1"),
+                          ({"resize": "big"}, "[data].resize: expected int or list")):
+        with pytest.raises(EdgekdError, match=re.escape(fragment)):
+            recipe_from_dict({"data": bad})

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from edgekd.errors import EdgekdError
-from edgekd.targets import Target, list_targets, load_target, targets_dir
+from edgekd.targets import ISA_FLAGS, Target, cpu_flags, cpu_quant_scheme, list_targets, load_target, targets_dir
 
 CATALOG = sorted(targets_dir().glob("*.toml"))
 REQUIRED = {"x86-cpu-ort", "arm64-cpu-ort", "jetson-orin-nano-trt", "jetson-agx-orin-dla", "cuda-torch"}
@@ -37,7 +37,9 @@ def test_catalog_has_the_documented_targets() -> None:
 def test_catalog_choices() -> None:
     x86 = load_target("x86-cpu-ort")
     assert (x86.runtime, x86.device, x86.threads, x86.batch_sizes) == ("onnxruntime", "cpu", 2, (1, 8))
-    assert x86.precisions == ("fp32", "int8") and x86.quant_scheme == "ort-cpu-avx2" and x86.dynamic_batch
+    # quant_scheme = "auto": decided by this CPU (issue 17; was always ort-cpu-avx2)
+    assert x86.precisions == ("fp32", "int8") and x86.quant_scheme == cpu_quant_scheme()[0] and x86.dynamic_batch
+    assert x86.quant_scheme_reason == cpu_quant_scheme()[1]
     assert x86.providers == ("CPUExecutionProvider",)
     arm = load_target("arm64-cpu-ort")
     assert arm.threads == 4 and arm.quant_scheme == "ort-cpu"
@@ -104,6 +106,8 @@ def test_wrong_type_names_file_and_key(tmp_path: Path, body: str, key: str) -> N
     ('runtime = "onnxruntime"\ndevice = "cpu"\nprecisions = ["fp32"]\n[provider_options.CUDAExecutionProvider]\n'
      'device_id = 0\n', "not in providers"),
     ('runtime = "onnxruntime"\ndevice = "cpu"\nprecisions = ["fp32"\n', "not valid TOML"),
+    ('runtime = "onnxruntime"\ndevice = "cpu"\nprecisions = ["fp32"]\neval_samples = -1\n',
+     "'eval_samples' must be >= 0"),
 ])
 def test_invalid_combinations(tmp_path: Path, text: str, match: str) -> None:
     path = tmp_path / "bad.toml"
@@ -124,3 +128,32 @@ def test_defaults_and_env_override(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert load_target("mine") == target
     with pytest.raises(EdgekdError, match="available in .*: mine"):
         load_target("x86-cpu-ort")
+
+
+@pytest.mark.parametrize(("cpu", "scheme", "why"), [
+    ({"arch": "x86_64", "flags": ["avx2", "avx512f", "avx512_vnni"]}, "ort-cpu", "avx512_vnni"),
+    ({"arch": "x86_64", "flags": ["avx2", "avx_vnni"]}, "ort-cpu", "avx_vnni"),
+    ({"arch": "x86_64", "flags": ["avx2", "avx512f"]}, "ort-cpu-avx2", "no VNNI"),
+    ({"arch": "aarch64", "flags": ["asimd", "asimddp"]}, "ort-cpu", "aarch64"),
+    ({"arch": "x86_64", "flags": None}, "ort-cpu-avx2", "unknown"),
+])
+def test_cpu_picks_the_int8_scheme(cpu, scheme, why) -> None:
+    got, reason = cpu_quant_scheme(cpu)
+    assert got == scheme and why in reason
+
+
+def test_cpu_flags_reads_this_machine() -> None:
+    cpu = cpu_flags()
+    assert cpu["arch"] and (cpu["flags"] is None or set(cpu["flags"]) <= set(ISA_FLAGS.get(cpu["arch"], ())))
+
+
+def test_auto_scheme_only_for_onnxruntime_cpu_and_pinning_is_recorded(tmp_path: Path) -> None:
+    trt = tmp_path / "t.toml"
+    trt.write_text('runtime = "tensorrt"\ndevice = "cuda"\nprecisions = ["int8"]\nquant_scheme = "auto"\n')
+    with pytest.raises(EdgekdError, match="'auto' applies to runtime 'onnxruntime'"):
+        load_target(str(trt))
+    pinned = tmp_path / "pinned.toml"
+    pinned.write_text('runtime = "onnxruntime"\ndevice = "cpu"\nprecisions = ["int8"]\nquant_scheme = "ort-cpu-avx2"\n')
+    t = load_target(str(pinned))
+    assert t.quant_scheme == "ort-cpu-avx2" and t.quant_scheme_reason == "pinned by pinned.toml"
+    assert load_target(t) is t   # a resolved target passes through: resolved once, handed on

@@ -26,6 +26,7 @@ from edgekd.fileio import atomic_path
 from edgekd.targets import Target
 
 QUANTIZATIONS = ("none", "ptq", "qat")
+HOST_EVAL_BATCH = 64   # test samples per engine call when the build host measures accuracy on the test split
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,7 @@ class EngineSource:
     class_names: tuple[str, ...]
     normalization: dict
     quantization: str = "none"
+    preprocessing: dict | None = None   # the eval PreprocessSpec.to_dict() of image inputs (edgekd.preprocess)
 
 
 def cuda_device_count() -> tuple[int, str]:
@@ -172,24 +174,70 @@ def check_onnx_source(source: EngineSource, target: Target, precision: str) -> d
     return info
 
 
-def _check_eval(source: EngineSource, eval_data: tuple) -> dict[str, np.ndarray]:
+def _check_eval(source: EngineSource, eval_data: tuple) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Check the shapes of (x, y, reference logits or None) without reading x: it may be memory-mapped or a lazy
+    array-like source (edgekd.streaming) that decodes only the rows it is indexed with."""
     if not isinstance(eval_data, tuple) or len(eval_data) != 3:
         raise EdgekdError("build: eval_data must be a tuple (x, y, reference_logits or None)")
-    x, y, ref = eval_data
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    y = np.asarray(y).astype(np.int64)
+    x, y, ref = (a if a is None or hasattr(a, "shape") else np.asarray(a) for a in eval_data)
     if x.ndim != len(source.input_shape) + 1 or tuple(x.shape[1:]) != tuple(source.input_shape):
         raise EdgekdError(f"build: eval x has shape {x.shape}, expected (N, "
                           f"{', '.join(map(str, source.input_shape))})")
     if y.shape != (len(x),):
         raise EdgekdError(f"build: eval y has shape {y.shape}, expected ({len(x)},) to match x")
-    out = {"x": x, "y": y}
+    if ref is not None and ref.shape != (len(x), source.num_classes):
+        raise EdgekdError(f"build: eval reference_logits have shape {ref.shape}, expected ({len(x)}, "
+                          f"{source.num_classes})")
+    return x, y, ref
+
+
+def eval_sample(n: int, k: int, seed: int = 0) -> np.ndarray:
+    """Sorted indices of min(k, n) items drawn uniformly without replacement (seeded): the bundle's eval.npz."""
+    if k >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, size=k, replace=False))
+
+
+def _write_eval(path: Path, evals: tuple[np.ndarray, np.ndarray, np.ndarray | None], k: int) -> dict | None:
+    """Write eval.npz with a bounded sample of the test split (k items; 0: none); returns the manifest entry."""
+    x, y, ref = evals
+    idx = eval_sample(len(x), k)
+    if not len(idx):
+        return None
+    arrays = {"x": np.ascontiguousarray(x[idx], dtype=np.float32), "y": np.asarray(y)[idx].astype(np.int64)}
     if ref is not None:
-        ref = np.ascontiguousarray(ref, dtype=np.float32)
-        if ref.shape != (len(x), source.num_classes):
-            raise EdgekdError(f"build: eval reference_logits have shape {ref.shape}, expected ({len(x)}, "
-                              f"{source.num_classes})")
-        out["reference_logits"] = ref
+        arrays["reference_logits"] = np.ascontiguousarray(np.asarray(ref)[idx], dtype=np.float32)
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+    return {"file": path.name, "samples": int(len(idx)), "has_reference_logits": ref is not None}
+
+
+def _test_metrics(bundle_dir: Path, evals: tuple[np.ndarray, np.ndarray, np.ndarray | None]) -> dict[str, Any]:
+    """Accuracy/agreement of the built engine on the whole test split, run here on the build host in batches."""
+    from edgekd import runtime
+    from edgekd.profile import batches_of, score
+
+    engine = runtime.load(bundle_dir)
+    result = score(engine, batches_of(*evals, size=HOST_EVAL_BATCH))
+    return {**result, "measured_on": platform.node(),
+            "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def _preprocessing(source: EngineSource) -> dict[str, Any]:
+    """The manifest's preprocessing: normalization and layout, plus for image inputs the eval spec (what
+    edgekd.runtime applies to image files) and the range its normalized output takes, [(0 - mean) / std,
+    (255 * scale - mean) / std] over the channels, which the runtime uses to refuse input in the wrong scale.
+    Without a spec the range observed on the test split is recorded when the engine is scored."""
+    out: dict[str, Any] = {"normalization": dict(source.normalization or {}),
+                           "layout": _layout(tuple(source.input_shape))}
+    if source.preprocessing is not None:
+        from edgekd.preprocess import PreprocessSpec
+
+        spec = PreprocessSpec.from_dict(dict(source.preprocessing), where=f"build {source.model_name}: preprocessing")
+        mean, std = np.asarray(spec.mean), np.asarray(spec.std)
+        ends = np.concatenate([(0.0 - mean) / std, (255.0 * spec.scale - mean) / std])
+        out.update(spec=spec.to_dict(), normalization={"mean": list(spec.mean), "std": list(spec.std)},
+                   input_range=[float(ends.min()), float(ends.max())])
     return out
 
 
@@ -226,8 +274,10 @@ def build(source: EngineSource, target: Target, precision: str, out_dir: str | P
           eval_data: tuple[np.ndarray, np.ndarray, np.ndarray | None] | None = None) -> Path:
     """Build one engine for `target` at `precision` and write its bundle folder at `out_dir`; returns it.
 
-    `eval_data` = (x already normalized, y, PyTorch reference logits or None) is stored as eval.npz so the
-    device can measure accuracy and agreement with only numpy and its runtime installed.
+    `eval_data` = (x already normalized, y, PyTorch reference logits or None) is the test split (x may be
+    memory-mapped). The built engine runs all of it here, in batches, into manifest metrics["test"] (accuracy,
+    agreement, samples); eval.npz keeps only a seeded sample of `target.eval_samples` items (0: none) so the
+    device can spot-check accuracy and agreement with only numpy and its runtime installed.
     """
     out_dir = Path(out_dir)
     if precision not in target.precisions:
@@ -250,9 +300,7 @@ def build(source: EngineSource, target: Target, precision: str, out_dir: str | P
     with atomic_path(out_dir) as tmp:
         tmp.mkdir(parents=True)
         result = builder(source, target, precision, tmp)
-        if evals is not None:
-            with open(tmp / "eval.npz", "wb") as f:
-                np.savez(f, **evals)
+        eval_entry = _write_eval(tmp / "eval.npz", evals, target.eval_samples) if evals is not None else None
         batch_dim: int | str = "batch" if target.dynamic_batch else target.batch_sizes[0]
         manifest = {
             "format": FORMAT,
@@ -264,19 +312,18 @@ def build(source: EngineSource, target: Target, precision: str, out_dir: str | P
             "device": target.device,
             "precision": precision,
             "quantization": source.quantization,
+            "quant_scheme": {"scheme": target.quant_scheme, "reason": target.quant_scheme_reason},
             "input": {"name": result.get("input_name", "input"), "shape": [batch_dim, *source.input_shape],
                       "dtype": "float32"},
             "output": {"name": result.get("output_name", "logits"), "shape": [batch_dim, source.num_classes],
                        "dtype": "float32"},
-            "preprocessing": {"normalization": dict(source.normalization or {}),
-                              "layout": _layout(tuple(source.input_shape))},
+            "preprocessing": _preprocessing(source),
             "class_names": list(source.class_names),
             "batch": {"sizes": list(target.batch_sizes), "dynamic": target.dynamic_batch,
                       "min": target.min_batch, "opt": target.opt_batch, "max": target.max_batch},
             "budgets": {"latency_ms": target.latency_budget_ms, "memory_mb": target.memory_budget_mb},
             "engine": result["engine"],
-            "eval": ({"file": "eval.npz", "samples": int(len(evals["x"])),
-                      "has_reference_logits": "reference_logits" in evals} if evals is not None else None),
+            "eval": eval_entry,
             "versions": {"edgekd": edgekd_version(), "python": platform.python_version(),
                          "numpy": np.__version__, **result.get("versions", {})},
             "build": {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -287,4 +334,9 @@ def build(source: EngineSource, target: Target, precision: str, out_dir: str | P
             "metrics": {},
         }
         write_manifest(tmp, manifest)
+        if evals is not None and len(evals[0]):
+            test = _test_metrics(tmp, evals)
+            pre = manifest["preprocessing"]
+            observed = {"input_range": test.pop("input_range")} if "input_range" not in pre else {}
+            write_manifest(tmp, {**manifest, "preprocessing": {**pre, **observed}, "metrics": {"test": test}})
     return out_dir

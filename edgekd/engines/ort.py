@@ -7,8 +7,11 @@ to the CPU that optimized it; for those bundles the portable model.onnx travels 
 saved graph only on a host with the same fingerprint (arch, CPU vector ISA, onnxruntime version), otherwise
 it loads model.onnx and optimizes at start-up. Levels up to "extended" are saved without a fallback.
 
-Precisions: fp32, and int8 from a Q/DQ ONNX (onnxruntime fuses Q/DQ into QLinearConv/QGemm). fp16 is
-refused: onnxruntime's CPU provider has no fast fp16 kernels, and edgekd does not convert graphs to fp16.
+Precisions: fp32, and int8 from a Q/DQ ONNX (onnxruntime fuses Q/DQ into QLinearConv/QGemm). fp16 only
+with the TensorRT execution provider first (it builds fp16 kernels from the float graph, trt_fp16_enable);
+onnxruntime's CPU provider has no fast fp16 kernels. For TensorRT EP targets (onnxruntime-gpu, a GPU path that
+needs none of edgekd's TensorRT code) `trt_ep_options` writes the provider options: precision, engine and
+timing caches, workspace, builder level and the optimization-profile shapes.
 
 Only numpy and onnxruntime are imported at run time (`onnx` is used at build time only).
 """
@@ -67,12 +70,81 @@ def host_fingerprint() -> dict[str, Any]:
             "onnxruntime": _ort().__version__}
 
 
-def _provider_options(providers: list[str], options: dict[str, dict]) -> list[dict[str, str]]:
-    # onnxruntime's Python API takes provider options as strings.
-    def text(v: Any) -> str:
-        return str(v).lower() if isinstance(v, bool) else str(v)
+TRT_EP = "TensorrtExecutionProvider"
+# Option names of onnxruntime's TensorRT EP (onnxruntime/core/providers/tensorrt/
+# tensorrt_execution_provider_info.cc, provider_option_names; documented on onnxruntime.ai's TensorRT EP page).
+TRT_EP_OPTION_NAMES = frozenset("""
+device_id has_user_compute_stream user_compute_stream trt_max_partition_iterations trt_min_subgraph_size
+trt_max_workspace_size trt_fp16_enable trt_bf16_enable trt_int8_enable trt_int8_calibration_table_name
+trt_int8_use_native_calibration_table trt_dla_enable trt_dla_core trt_dump_subgraphs trt_engine_cache_enable
+trt_engine_cache_path trt_weight_stripped_engine_enable trt_onnx_model_folder_path trt_engine_cache_prefix
+trt_engine_decryption_enable trt_engine_decryption_lib_path trt_force_sequential_engine_build
+trt_context_memory_sharing_enable trt_layer_norm_fp32_fallback trt_timing_cache_enable trt_timing_cache_path
+trt_force_timing_cache trt_detailed_build_log trt_build_heuristics_enable trt_sparsity_enable
+trt_builder_optimization_level trt_auxiliary_streams trt_tactic_sources trt_extra_plugin_lib_paths
+trt_profile_min_shapes trt_profile_max_shapes trt_profile_opt_shapes trt_cuda_graph_enable
+trt_ep_context_embed_mode trt_ep_context_file_path trt_dump_ep_context_model
+""".split())
+_TRT_EP_PRECISION_KEYS = ("trt_fp16_enable", "trt_int8_enable")
 
-    return [{k: text(v) for k, v in options.get(p, {}).items()} for p in providers]
+
+def check_trt_ep_options(file: str, options: dict[str, Any]) -> None:
+    """Refuse a TensorRT EP option name onnxruntime does not define (a typo would be silently ignored)."""
+    unknown = sorted(set(options) - TRT_EP_OPTION_NAMES)
+    if unknown:
+        raise EdgekdError(f"target file {file}: provider_options.{TRT_EP}.{unknown[0]} is not a TensorRT "
+                          "execution provider option (see onnxruntime's TensorRT EP docs)")
+
+
+def _text(v: Any) -> str:
+    # onnxruntime's Python API takes provider options as strings (booleans "true"/"false").
+    return str(v).lower() if isinstance(v, bool) else str(v)
+
+
+def trt_ep_options(target: Any, precision: str, input_name: str, input_shape: tuple[int, ...]) -> dict[str, str]:
+    """onnxruntime TensorRT EP options for `target` at `precision`, as strings.
+
+    Generated: trt_fp16_enable (fp16, and int8 so layers outside Q/DQ pairs run fp16, as trtexec --int8 --fp16),
+    trt_int8_enable (int8: TensorRT 10 needs the INT8 flag for a Q/DQ network; no calibration table, the scales
+    are in the ONNX), engine and timing caches under ~/.cache/edgekd/ort-trt/<target>, workspace, builder level,
+    and profile shapes "name:NxCxHxW" from the target's batch range. The target's own options win, except that
+    a precision switch contradicting `precision` is an error.
+    """
+    user = dict(target.provider_options.get(TRT_EP, {}))
+    check_trt_ep_options(target.path or target.name, user)
+    dims = "x".join(str(d) for d in input_shape)
+    cache = f"~/.cache/edgekd/ort-trt/{target.name}"
+    generated: dict[str, Any] = {
+        "trt_fp16_enable": precision in ("fp16", "int8"),
+        "trt_int8_enable": precision == "int8",
+        "trt_engine_cache_enable": True,
+        "trt_engine_cache_path": cache,
+        "trt_timing_cache_enable": True,
+        "trt_timing_cache_path": cache,
+        "trt_max_workspace_size": int(target.workspace_mb) << 20,
+        "trt_builder_optimization_level": int(target.builder_optimization_level),
+        "trt_profile_min_shapes": f"{input_name}:{target.min_batch}x{dims}",
+        "trt_profile_opt_shapes": f"{input_name}:{target.opt_batch}x{dims}",
+        "trt_profile_max_shapes": f"{input_name}:{target.max_batch}x{dims}",
+    }
+    for key in _TRT_EP_PRECISION_KEYS:
+        if key in user and _text(user[key]).lower() != _text(generated[key]).lower():
+            raise EdgekdError(f"target {target.name}: provider_options.{TRT_EP}.{key} = {user[key]!r} "
+                              f"contradicts precision {precision} (edgekd sets {key} from the precision)")
+    return {k: _text(v) for k, v in {**generated, **user}.items()}
+
+
+def _provider_options(providers: list[str], options: dict[str, dict]) -> list[dict[str, str]]:
+    """Per-provider option strings; cache paths ("~/...") expanded and created on this host."""
+    out = []
+    for p in providers:
+        opts = {k: _text(v) for k, v in options.get(p, {}).items()}
+        for key in ("trt_engine_cache_path", "trt_timing_cache_path"):
+            if key in opts:
+                opts[key] = str(Path(opts[key]).expanduser())
+                Path(opts[key]).mkdir(parents=True, exist_ok=True)
+        out.append(opts)
+    return out
 
 
 def _session(path: Path, level: str, threads: int | None, providers: list[str], provider_options: dict,
@@ -99,13 +171,16 @@ def build_engine(source: Any, target: Any, precision: str, out: Path) -> dict[st
     from edgekd.engines import check_onnx_source
 
     ort = _ort()
-    if precision == "fp16":
+    requested = list(target.providers) or ["CPUExecutionProvider"]
+    if precision == "fp16" and requested[0] != TRT_EP:
         raise EdgekdError(f"target {target.name}: onnxruntime engines are fp32 or int8 (Q/DQ); fp16 is not "
-                          "offered (the CPU provider has no fast fp16 kernels and edgekd does not convert "
-                          "graphs to fp16) - use a tensorrt or torch target for fp16")
+                          f"offered without the {TRT_EP} first in providers (the CPU provider has no fast fp16 "
+                          "kernels and edgekd does not convert graphs to fp16) - or use a tensorrt or torch target")
     info = check_onnx_source(source, target, precision)
     notes: list[str] = []
-    requested = list(target.providers) or ["CPUExecutionProvider"]
+    provider_options = dict(target.provider_options)
+    if TRT_EP in requested:
+        provider_options[TRT_EP] = trt_ep_options(target, precision, info["input_name"], tuple(source.input_shape))
     available = ort.get_available_providers()
     missing = [p for p in requested if p not in available]
 
@@ -127,7 +202,7 @@ def build_engine(source: Any, target: Any, precision: str, out: Path) -> dict[st
     if saved_level == "disable":
         engine_file = portable
     else:
-        _session(portable, saved_level, target.threads, build_providers, target.provider_options,
+        _session(portable, saved_level, target.threads, build_providers, provider_options,
                  optimized_out=engine_file)
         if not engine_file.is_file():
             raise EdgekdError(f"onnxruntime did not write the optimized model {engine_file}")
@@ -140,7 +215,7 @@ def build_engine(source: Any, target: Any, precision: str, out: Path) -> dict[st
             portable.unlink()
 
     # Smoke test: the saved graph loads with optimizations off and runs one batch.
-    session = _session(engine_file, "disable", target.threads, build_providers, target.provider_options)
+    session = _session(engine_file, "disable", target.threads, build_providers, provider_options)
     batch = np.zeros((target.min_batch, *source.input_shape), np.float32)
     logits = session.run(None, {info["input_name"]: batch})[0]
     if logits.shape != (target.min_batch, source.num_classes):
@@ -155,7 +230,7 @@ def build_engine(source: Any, target: Any, precision: str, out: Path) -> dict[st
         "hardware_specific": hardware_specific,
         "build_fingerprint": host_fingerprint(),
         "providers": requested,
-        "provider_options": dict(target.provider_options),
+        "provider_options": provider_options,
         "threads": target.threads,
         "opset": info["opset"],
         "onnx_metadata": info["metadata"],

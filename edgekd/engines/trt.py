@@ -1,28 +1,34 @@
-"""TensorRT engines (TensorRT 10+): a pure build plan, the builder, and the device-side runner.
+"""TensorRT engines (TensorRT 10.3 to 11.x): a pure build plan, the builder, and the device-side runner.
 
-`plan()` turns (target, precision, ONNX input shape, TensorRT version) into every builder decision -
-network typing, builder flags, optimization profile, workspace, DLA settings - as plain data, so those
-decisions are tested on machines without a GPU. `build_engine()` and `TrtRunner` apply the plan through the
-real `tensorrt` API and are imported/run only where TensorRT and a CUDA GPU exist.
+`plan()` turns (target, precision, ONNX input shape, TensorRT version) into every builder decision - network
+typing, builder flags, the ONNX variant to parse, optimization profile, workspace, DLA settings - as plain
+data, so those decisions are tested on machines without a GPU. `build_engine()` and `TrtRunner` apply the plan
+through the real `tensorrt` API; CPU tests drive them through tests/fake_tensorrt.py, a strict stand-in
+transcribed from the 10.3 and 11.1 Python binding sources.
 
-Precision rules (TensorRT docs, "Working with Quantized Types" / "Strong Typing vs Weak Typing"):
-- TensorRT 10: networks are always explicit-batch. fp16 sets BuilderFlag.FP16 on a weakly typed network. int8
-  comes only from an explicitly quantized (Q/DQ) ONNX - the implicit-quantization calibrators are deprecated
-  since 10.1. A weakly typed Q/DQ network still needs BuilderFlag.INT8 (NVIDIA/TensorRT#4021), and FP16 is set
-  too so layers outside Q/DQ pairs run in fp16 instead of fp32 (trtexec's `--int8 --fp16`).
-- TensorRT 11 removed the FP16/INT8 builder flags: networks are strongly typed and the ONNX types decide. An
-  int8 Q/DQ ONNX builds as is (non-quantized layers in fp32); fp16 would need an fp16-typed ONNX, which edgekd
-  does not produce, so it is refused with that explanation. DLA support ended with TensorRT 10.7 (JetPack 6
-  ships 10.3), so DLA plans require TensorRT 10.
-- DLA runs fp16/int8 only; BuilderFlag.GPU_FALLBACK lets unsupported layers run on the GPU. DLA engines are
-  built for one static batch size.
+Two API generations (TensorRT docs "Strong Typing vs Weak Typing", 11.x migration guide):
+- TensorRT 10 (JetPack 6 ships 10.3): weakly typed networks with builder flags. fp16 sets BuilderFlag.FP16;
+  int8 comes from an explicitly quantized (Q/DQ) ONNX and still needs BuilderFlag.INT8 (NVIDIA/TensorRT#4021),
+  with FP16 so layers outside Q/DQ pairs run in fp16 (trtexec's `--int8 --fp16`).
+- TensorRT 11 removed the FP16/INT8 flags and weak typing: every network is strongly typed and the ONNX types
+  decide. fp16 parses an fp16-typed copy of the float ONNX (onnxconverter-common, `trt_onnx.to_fp16`); int8
+  parses the Q/DQ ONNX as is (non-quantized layers in fp32).
+- DLA (fp16/int8 only, one static batch, BuilderFlag.GPU_FALLBACK for layers it cannot run; the fallback count
+  is recorded). On 10.x DLA does not run explicit Q/DQ networks, so int8 strips the Q/DQ nodes, writes their
+  scales as a calibration cache and builds the float ONNX with implicit INT8 (NVIDIA's Q/DQ Translator route;
+  Model Optimizer PR #1661: "DLA still only supports IQ"). TensorRT 11.0-11.4.0 have no DLA on Jetson; 11.4.1
+  brings it back on AGX Orin with JetPack 7.2.2, strongly typed: fp16 from the fp16-typed ONNX; int8 is refused
+  there (no calibrators in 11, and DLA under strong typing needs Q/DQ on every tensor, which the `tensorrt`
+  scheme's placement does not give).
 
-Buffers at run time are torch CUDA tensors: torch is present on every machine that has TensorRT and CUDA
-(JetPack wheels, CUDA hosts), and it saves a dependency on cuda-python/pycuda.
+Buffers at run time come from NVIDIA's cuda-python (`cuda.bindings.runtime`): TensorRT's own Python samples use
+it since 10.14, it installs on Jetson and CUDA hosts without torch, and every call returns its cudaError_t to
+check. Where cuda-python is missing but torch with CUDA is present, torch's allocator is used instead.
 """
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +38,12 @@ import numpy as np
 from edgekd.errors import EdgekdError
 
 ENGINE_FILE = "model.engine"
+CALIBRATION_FILE = "dla_int8.cache"
 GPU_HINT = "TensorRT needs an NVIDIA GPU; not installable on this CPU machine"
+SUPPORTED = "TensorRT 10.3 to 11.x"  # as the `tensorrt` extra in pyproject.toml
+MIN_VERSION = (10, 3, 0)
+DLA_11_MIN = (11, 4, 1)  # 11.4.1 release notes: DLA on Jetson AGX Orin with JetPack 7.2.2, strongly typed
+MAX_TIMING_CACHE_BYTES = 256 << 20
 
 
 @dataclass(frozen=True)
@@ -49,35 +60,20 @@ class TrtBuildPlan:
     input_name: str
     profile: tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]  # (min, opt, max) input shapes
     timing_cache: str | None
+    onnx_variant: str = "as-is"  # "as-is" | "fp16" (to_fp16 copy) | "implicit-int8" (stripped Q/DQ + cache)
     notes: tuple[str, ...] = field(default_factory=tuple)
 
 
-def _major(version: str) -> int:
+def parse_version(version: str) -> tuple[int, int, int]:
+    """(major, minor, patch) of tensorrt.__version__ ("10.3.0.26" -> (10, 3, 0))."""
     try:
-        return int(str(version).split(".")[0])
+        parts = [int(p) for p in str(version).split(".")[:3]]
     except ValueError:
         raise EdgekdError(f"cannot parse TensorRT version {version!r}") from None
+    return tuple((parts + [0, 0, 0])[:3])  # type: ignore[return-value]
 
 
-def plan(target: Any, precision: str, onnx_input_shape: tuple | list, *, trt_version: str = "10.3",
-         input_name: str = "input") -> TrtBuildPlan:
-    """Decide how to build `target` at `precision` for an ONNX input of `onnx_input_shape`.
-
-    `onnx_input_shape` includes the batch dimension, symbolic (a string, -1 or None) when the ONNX has a
-    dynamic batch. `trt_version` is tensorrt.__version__ of the builder.
-    """
-    if target.runtime != "tensorrt":
-        raise EdgekdError(f"target {target.name}: runtime is {target.runtime!r}, not 'tensorrt'")
-    if precision not in target.precisions:
-        raise EdgekdError(f"target {target.name} ({target.path}): precision {precision!r} is not offered "
-                          f"(precisions: {', '.join(target.precisions)})")
-    major = _major(trt_version)
-    if major < 10:
-        raise EdgekdError(f"TensorRT {trt_version} is too old: edgekd builds with TensorRT 10+ (explicit "
-                          "Q/DQ quantization; JetPack 6 or a CUDA 12 host)")
-    dla = target.device == "dla"
-    notes: list[str] = []
-
+def _profile(target: Any, onnx_input_shape: tuple | list, input_name: str, dla: bool) -> tuple:
     shape = list(onnx_input_shape)
     if len(shape) < 2:
         raise EdgekdError(f"ONNX input {input_name!r} has shape {shape}, expected (batch, ...)")
@@ -102,40 +98,82 @@ def plan(target: Any, precision: str, onnx_input_shape: tuple | list, *, trt_ver
     if dla and lo != hi:
         raise EdgekdError(f"target {target.name}: DLA engines need a static batch (min_batch == max_batch), "
                           f"got {lo}..{hi}; set dynamic_batch = false and one batch size")
-    profile = (tuple([lo, *rest]), tuple([opt, *rest]), tuple([hi, *rest]))
+    return (tuple([lo, *rest]), tuple([opt, *rest]), tuple([hi, *rest]))
 
-    flags: list[str] = []
-    if major >= 11:
-        strongly_typed = True
-        if dla:
-            raise EdgekdError(f"target {target.name}: DLA builds need TensorRT 10 (10.7 was the last release "
-                              f"with DLA support); this builder is TensorRT {trt_version}")
-        if precision == "fp16":
-            raise EdgekdError(f"target {target.name}: TensorRT {trt_version} removed BuilderFlag.FP16 "
-                              "(networks are strongly typed, precision comes from the ONNX types) and edgekd "
-                              "exports fp32 ONNX; build fp16 engines with TensorRT 10, or use int8 (Q/DQ) "
-                              "here")
-        if precision == "int8":
-            notes.append("strongly typed Q/DQ network: quantized layers in int8, the rest in the ONNX's fp32")
+
+def _precision_10(target: Any, precision: str, dla: bool) -> tuple[list[str], str, list[str]]:
+    """TensorRT 10: (flags, onnx variant, notes) for a weakly typed network."""
+    if precision == "fp16":
+        return ["FP16"], "as-is", []
+    if precision == "int8" and dla:
+        return ["INT8", "FP16"], "implicit-int8", [
+            "DLA on TensorRT 10 runs implicit INT8 only: the Q/DQ nodes are stripped and their scales given as a "
+            "calibration cache (tensors without a scale run in fp16 or fall back to the GPU)"]
+    if precision == "int8":
+        return ["INT8", "FP16"], "as-is", [
+            "weakly typed Q/DQ network: INT8 for the Q/DQ-quantized layers, FP16 allowed elsewhere"]
+    if dla:
+        raise EdgekdError(f"target {target.name}: DLA runs fp16 or int8 only, not {precision}")
+    return [], "as-is", []
+
+
+def _precision_11(target: Any, precision: str, dla: bool, version: tuple[int, int, int]) -> tuple[
+        list[str], str, list[str]]:
+    """TensorRT 11: strongly typed, no precision flags; (flags, onnx variant, notes)."""
+    shown = ".".join(map(str, version))
+    if dla and version < DLA_11_MIN:
+        raise EdgekdError(f"target {target.name}: TensorRT {shown} has no DLA on Jetson (DLA was unavailable "
+                          "in 11.0-11.3 and 11.4.0 had it only on Windows on ARM); use TensorRT >= 11.4.1 "
+                          "with JetPack 7.2.2 on AGX Orin, or TensorRT 10.x on JetPack 6")
+    if dla and precision == "int8":
+        raise EdgekdError(f"target {target.name}: int8 on DLA with TensorRT {shown} is refused: TensorRT 11 has "
+                          "no implicit INT8 (calibrators were removed) and a strongly typed DLA network needs a "
+                          "Q/DQ scale on every tensor, which the 'tensorrt' scheme's placement does not give; "
+                          "build int8 DLA engines with TensorRT 10.x (JetPack 6), or fp16 here")
+    if dla and precision != "fp16":
+        raise EdgekdError(f"target {target.name}: DLA runs fp16 or int8 only, not {precision}")
+    if precision == "fp16":
+        return [], "fp16", ["strongly typed: fp16 comes from an fp16-typed copy of the ONNX (onnxconverter-common,"
+                            " float32 inputs/outputs kept)"]
+    if precision == "int8":
+        return [], "as-is", ["strongly typed Q/DQ network: quantized layers in int8, the rest in the ONNX's fp32"]
+    return [], "as-is", []
+
+
+def plan(target: Any, precision: str, onnx_input_shape: tuple | list, *, trt_version: str = "10.3",
+         input_name: str = "input") -> TrtBuildPlan:
+    """Decide how to build `target` at `precision` for an ONNX input of `onnx_input_shape`.
+
+    `onnx_input_shape` includes the batch dimension, symbolic (a string, -1 or None) when the ONNX has a
+    dynamic batch. `trt_version` is tensorrt.__version__ of the builder.
+    """
+    if target.runtime != "tensorrt":
+        raise EdgekdError(f"target {target.name}: runtime is {target.runtime!r}, not 'tensorrt'")
+    if precision not in target.precisions:
+        raise EdgekdError(f"target {target.name} ({target.path}): precision {precision!r} is not offered "
+                          f"(precisions: {', '.join(target.precisions)})")
+    version = parse_version(trt_version)
+    if version < MIN_VERSION:
+        raise EdgekdError(f"TensorRT {trt_version} is too old: edgekd builds with {SUPPORTED} (explicit Q/DQ "
+                          "quantization; JetPack 6 or a CUDA 12 host)")
+    if version[0] > 11:
+        raise EdgekdError(f"TensorRT {trt_version} is newer than edgekd supports ({SUPPORTED}); its Python API "
+                          "has not been checked")
+    dla = target.device == "dla"
+    profile = _profile(target, onnx_input_shape, input_name, dla)
+    if version[0] >= 11:
+        flags, variant, notes = _precision_11(target, precision, dla, version)
     else:
-        strongly_typed = False
-        if precision == "fp16":
-            flags.append("FP16")
-        elif precision == "int8":
-            flags += ["INT8", "FP16"]
-            notes.append("weakly typed Q/DQ network: INT8 for the Q/DQ-quantized layers, FP16 allowed "
-                         "elsewhere")
-        elif dla:
-            raise EdgekdError(f"target {target.name}: DLA runs fp16 or int8 only, not {precision}")
+        flags, variant, notes = _precision_10(target, precision, dla)
     device_type = "GPU"
     if dla:
         device_type = "DLA"
         flags.append("GPU_FALLBACK")
-        notes.append(f"DLA core {target.dla_core}; layers DLA cannot run fall back to the GPU")
-
+        notes.append(f"DLA core {target.dla_core}; layers DLA cannot run fall back to the GPU (counted in the "
+                     "manifest's engine.dla)")
     return TrtBuildPlan(
-        trt_major=major,
-        strongly_typed=strongly_typed,
+        trt_major=version[0],
+        strongly_typed=version[0] >= 11,
         flags=tuple(flags),
         device_type=device_type,
         dla_core=target.dla_core if dla else None,
@@ -144,6 +182,7 @@ def plan(target: Any, precision: str, onnx_input_shape: tuple | list, *, trt_ver
         input_name=input_name,
         profile=profile,
         timing_cache=str(Path(target.timing_cache).expanduser()) if target.timing_cache else None,
+        onnx_variant=variant,
         notes=tuple(notes),
     )
 
@@ -154,13 +193,102 @@ def _trt() -> Any:
     except ImportError as e:
         raise EdgekdError(f"this needs the `tensorrt` Python package, which is not installed ({e}). "
                           f"{GPU_HINT}: build TensorRT bundles on the device (JetPack) or a CUDA host with "
-                          "`pip install tensorrt`") from e
+                          "`pip install 'edgekd[tensorrt]'`") from e
     return tensorrt
+
+
+# --------------------------------------------------------------------------------------------------- build
+
+
+def _prepare_onnx(source: Any, p: TrtBuildPlan, trt_version: str, work: Path, out: Path) -> tuple[Path, bytes]:
+    """The ONNX file to parse for this plan, and the calibration cache (b"" unless implicit-int8)."""
+    from edgekd.engines import trt_onnx
+
+    onnx_path = Path(source.onnx_path)
+    if p.onnx_variant == "fp16":
+        return trt_onnx.to_fp16(onnx_path, work / "model.fp16.onnx"), b""
+    if p.onnx_variant == "implicit-int8":
+        import onnx
+
+        model, scales = trt_onnx.strip_qdq(onnx_path)
+        path = work / "model.float.onnx"
+        onnx.save(model, str(path))
+        cache = trt_onnx.calibration_cache(scales, trt_version)
+        (out / CALIBRATION_FILE).write_bytes(cache)  # kept in the bundle: the scales the DLA engine used
+        return path, cache
+    return onnx_path, b""
+
+
+def _calibrator(trt: Any, cache: bytes) -> Any:
+    """An IInt8EntropyCalibrator2 that only hands TensorRT the precomputed cache (no calibration batches)."""
+
+    class CacheCalibrator(trt.IInt8EntropyCalibrator2):
+        def __init__(self) -> None:
+            trt.IInt8EntropyCalibrator2.__init__(self)
+
+        def get_batch_size(self) -> int:
+            return 1
+
+        def get_batch(self, names: list[str]) -> None:
+            return None  # never asked for data: every tensor's scale is in the cache
+
+        def read_calibration_cache(self) -> bytes:
+            return cache
+
+        def write_calibration_cache(self, cache: bytes) -> None:
+            return None
+
+    return CacheCalibrator()
+
+
+def _parse(trt: Any, builder: Any, logger: Any, onnx_path: Path) -> tuple[Any, Any]:
+    """The parsed network and its parser (which owns the weights: keep it alive until the build)."""
+    network = builder.create_network(0)  # TensorRT 10: weakly typed; 11: strongly typed is the only mode
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise EdgekdError(f"TensorRT {trt.__version__} cannot parse {onnx_path}: {errors or 'no error reported'}")
+    return network, parser
+
+
+def _attach_timing_cache(config: Any, path: Path | None, notes: list[str]) -> Any:
+    """Load the timing cache file into `config`; a cache TensorRT rejects (another GPU or TensorRT version,
+    or a corrupt file) is replaced by a fresh one, with a note. Returns the attached cache."""
+    blob = b""
+    if path is not None and path.is_file():
+        if path.stat().st_size > MAX_TIMING_CACHE_BYTES:
+            notes.append(f"timing cache {path} is larger than {MAX_TIMING_CACHE_BYTES >> 20} MiB; ignored it and "
+                         "started a fresh one")
+        else:
+            blob = path.read_bytes()
+    try:
+        cache = config.create_timing_cache(blob)
+    except Exception:  # a corrupt blob: the binding may raise instead of returning None
+        cache = None
+    if cache is not None and config.set_timing_cache(cache, ignore_mismatch=False):
+        if blob:
+            notes.append(f"reused timing cache {path}")
+        return cache
+    if blob:
+        notes.append(f"timing cache {path} was rejected (made by another GPU or TensorRT version, or corrupt); "
+                     "built with a fresh cache, which replaces it")
+    cache = config.create_timing_cache(b"")
+    if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
+        raise EdgekdError("TensorRT refused even an empty timing cache (set_timing_cache returned False)")
+    return cache
+
+
+def _dla_fallback(config: Any, network: Any) -> dict[str, Any]:
+    """Layers of the parsed network that DLA cannot run (they fall back to the GPU), by config.can_run_on_DLA."""
+    names = [network.get_layer(i).name for i in range(network.num_layers)
+             if not config.can_run_on_DLA(network.get_layer(i))]
+    return {"layers": int(network.num_layers), "gpu_fallback_layers": len(names), "gpu_fallback_names": names[:50]}
 
 
 def build_engine(source: Any, target: Any, precision: str, out: Path) -> dict[str, Any]:
     """Parse the ONNX, apply plan(), build and serialize model.engine into `out` (needs TensorRT + GPU)."""
     from edgekd.engines import check_onnx_source, cuda_device_count
+    from edgekd.engines.trt_onnx import require_tensorrt_onnx
     from edgekd.fileio import write_bytes
 
     trt = _trt()
@@ -168,39 +296,41 @@ def build_engine(source: Any, target: Any, precision: str, out: Path) -> dict[st
     if not count:
         raise EdgekdError(f"target {target.name}: cannot build a TensorRT engine here: {reason}")
     info = check_onnx_source(source, target, precision)
-    p = plan(target, precision, info["input_shape"], trt_version=trt.__version__,
-             input_name=info["input_name"])
+    require_tensorrt_onnx(source.onnx_path)
+    p = plan(target, precision, info["input_shape"], trt_version=trt.__version__, input_name=info["input_name"])
+    notes = list(p.notes)
 
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network_flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if p.strongly_typed else 0
-    network = builder.create_network(network_flags)
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(source.onnx_path)):
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise EdgekdError(f"TensorRT {trt.__version__} cannot parse {source.onnx_path}: {errors}")
-
-    config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, p.workspace_bytes)
-    config.builder_optimization_level = p.builder_optimization_level
-    for flag in p.flags:
-        config.set_flag(getattr(trt.BuilderFlag, flag))
-    if p.device_type == "DLA":
-        if builder.num_DLA_cores <= p.dla_core:
-            raise EdgekdError(f"target {target.name}: asks for DLA core {p.dla_core}, this device has "
-                              f"{builder.num_DLA_cores} DLA cores")
-        config.default_device_type = trt.DeviceType.DLA
-        config.DLA_core = p.dla_core
-    profile = builder.create_optimization_profile()
-    profile.set_shape(p.input_name, *p.profile)
-    config.add_optimization_profile(profile)
-
-    cache_file = Path(p.timing_cache) if p.timing_cache else None
-    cache_blob = cache_file.read_bytes() if cache_file and cache_file.is_file() else b""
-    cache = config.create_timing_cache(cache_blob)
-    config.set_timing_cache(cache, ignore_mismatch=False)
-
-    serialized = builder.build_serialized_network(network, config)
+    with tempfile.TemporaryDirectory(prefix="edgekd-trt-") as tmp:
+        onnx_path, calibration = _prepare_onnx(source, p, trt.__version__, Path(tmp), out)
+        network, _parser = _parse(trt, builder, logger, onnx_path)
+        config = builder.create_builder_config()
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, p.workspace_bytes)
+        config.builder_optimization_level = p.builder_optimization_level
+        # Layer precisions/devices stay inspectable (IEngineInspector, polygraphy inspect); no runtime cost.
+        config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
+        for flag in p.flags:
+            config.set_flag(getattr(trt.BuilderFlag, flag))
+        dla = None
+        if p.device_type == "DLA":
+            if builder.num_DLA_cores <= p.dla_core:
+                raise EdgekdError(f"target {target.name}: asks for DLA core {p.dla_core}, this device has "
+                                  f"{builder.num_DLA_cores} DLA cores")
+            config.default_device_type = trt.DeviceType.DLA
+            config.DLA_core = p.dla_core
+            dla = _dla_fallback(config, network)
+            if calibration:
+                dla["int8_scales"] = calibration.count(b"\n") - 1  # tensors the calibration cache gives a scale
+            notes.append(f"DLA: {dla['gpu_fallback_layers']} of {dla['layers']} layers fall back to the GPU")
+        if calibration:
+            config.int8_calibrator = _calibrator(trt, calibration)
+        profile = builder.create_optimization_profile()
+        profile.set_shape(p.input_name, *p.profile)
+        config.add_optimization_profile(profile)
+        cache_file = Path(p.timing_cache) if p.timing_cache else None
+        _attach_timing_cache(config, cache_file, notes)
+        serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise EdgekdError(f"TensorRT {trt.__version__} failed to build {source.onnx_path} for target "
                           f"{target.name} at {precision} (see the TensorRT log above)")
@@ -212,35 +342,141 @@ def build_engine(source: Any, target: Any, precision: str, out: Path) -> dict[st
         "file": ENGINE_FILE,
         "plan": {"strongly_typed": p.strongly_typed, "flags": list(p.flags), "device_type": p.device_type,
                  "dla_core": p.dla_core, "workspace_bytes": p.workspace_bytes,
-                 "builder_optimization_level": p.builder_optimization_level,
+                 "builder_optimization_level": p.builder_optimization_level, "onnx_variant": p.onnx_variant,
                  "profile": {"min": list(p.profile[0]), "opt": list(p.profile[1]), "max": list(p.profile[2])},
                  "timing_cache": p.timing_cache},
+        "dla": dla,
+        "calibration_cache": CALIBRATION_FILE if calibration else None,
         "onnx_metadata": info["metadata"],
         "note": "TensorRT engines run only on the GPU model and TensorRT version that built them",
     }
-    return {"engine": engine, "versions": {"tensorrt": trt.__version__}, "notes": list(p.notes),
+    return {"engine": engine, "versions": {"tensorrt": trt.__version__}, "notes": notes,
             "input_name": info["input_name"], "output_name": info["output_name"]}
 
 
-class TrtRunner:
-    """Runs a TensorRT bundle with torch CUDA tensors as I/O buffers: logits = runner(x)."""
+# ----------------------------------------------------------------------------------------------- run
 
-    def __init__(self, bundle_dir: Path, manifest: dict[str, Any], threads: int | None = None) -> None:
-        trt = _trt()
+
+class CudaPython:
+    """Device memory and a stream through NVIDIA's cuda-python runtime bindings; every call's error checked."""
+
+    def __init__(self) -> None:
         try:
-            import torch
-        except ImportError as e:
-            raise EdgekdError("running TensorRT bundles needs torch (with CUDA) for the GPU buffers; install "
-                              f"the JetPack/CUDA torch wheel ({e})") from e
+            from cuda.bindings import runtime as cudart
+        except ImportError:
+            try:
+                from cuda import cudart  # cuda-python < 12.6 layout
+            except ImportError as e:
+                raise EdgekdError(f"cuda-python is not installed ({e}); pip install cuda-python") from e
+        self.rt = cudart
+        self.stream = self._call(cudart.cudaStreamCreate(), "cudaStreamCreate")
+
+    def _call(self, result: tuple, what: str) -> Any:
+        err = result[0]
+        if int(err) != 0:
+            name = self.rt.cudaGetErrorName(err)[1]
+            raise EdgekdError(f"CUDA {what} failed: {name.decode() if isinstance(name, bytes) else name}")
+        return result[1] if len(result) == 2 else result[1:] or None
+
+    def malloc(self, nbytes: int) -> int:
+        return int(self._call(self.rt.cudaMalloc(nbytes), f"cudaMalloc({nbytes})"))
+
+    def free(self, ptr: int) -> None:
+        self._call(self.rt.cudaFree(ptr), "cudaFree")
+
+    def to_device(self, ptr: int, host: np.ndarray) -> None:
+        kind = self.rt.cudaMemcpyKind.cudaMemcpyHostToDevice
+        self._call(self.rt.cudaMemcpyAsync(ptr, host.ctypes.data, host.nbytes, kind, self.stream), "copy to device")
+
+    def to_host(self, host: np.ndarray, ptr: int) -> None:
+        kind = self.rt.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        self._call(self.rt.cudaMemcpyAsync(host.ctypes.data, ptr, host.nbytes, kind, self.stream), "copy to host")
+
+    def stream_handle(self) -> int:
+        """The cudaStream_t address TensorRT's execute_async_v3 takes (int(stream) is deprecated since 12.9.1)."""
+        try:
+            from cuda.bindings.utils import get_cuda_native_handle
+        except ImportError:
+            return int(self.stream)
+        return int(get_cuda_native_handle(self.stream))
+
+    def synchronize(self) -> None:
+        self._call(self.rt.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
+
+    def device_name(self) -> str:
+        device = self._call(self.rt.cudaGetDevice(), "cudaGetDevice")
+        props = self._call(self.rt.cudaGetDeviceProperties(device), "cudaGetDeviceProperties")
+        name = props.name
+        return (name.decode() if isinstance(name, bytes) else str(name)).rstrip("\x00")
+
+
+class TorchCuda:
+    """The same interface over torch's CUDA allocator and stream, for hosts that have torch but no cuda-python."""
+
+    def __init__(self) -> None:
+        import torch
+
         if not torch.cuda.is_available():
-            raise EdgekdError(f"bundle {bundle_dir}: TensorRT engine needs a CUDA GPU, and torch reports "
-                              "none")
+            raise EdgekdError("torch reports no CUDA GPU (torch.cuda.is_available() is False)")
         self.torch = torch
+        self.stream = torch.cuda.Stream()
+        self._buffers: dict[int, Any] = {}
+
+    def malloc(self, nbytes: int) -> int:
+        buf = self.torch.empty(max(nbytes, 1), dtype=self.torch.uint8, device="cuda")
+        self._buffers[buf.data_ptr()] = buf
+        return buf.data_ptr()
+
+    def free(self, ptr: int) -> None:
+        self._buffers.pop(ptr, None)
+
+    def to_device(self, ptr: int, host: np.ndarray) -> None:
+        with self.torch.cuda.stream(self.stream):
+            self._buffers[ptr][:host.nbytes].copy_(self.torch.from_numpy(host.reshape(-1).view(np.uint8)))
+
+    def to_host(self, host: np.ndarray, ptr: int) -> None:
+        with self.torch.cuda.stream(self.stream):
+            data = self._buffers[ptr][:host.nbytes].cpu()
+        host.reshape(-1).view(np.uint8)[:] = data.numpy()
+
+    def stream_handle(self) -> int:
+        return int(self.stream.cuda_stream)
+
+    def synchronize(self) -> None:
+        self.stream.synchronize()
+
+    def device_name(self) -> str:
+        return str(self.torch.cuda.get_device_name(0))
+
+
+def cuda_binding() -> Any:
+    """cuda-python if installed (no torch needed), else torch's CUDA; the error names both when neither works."""
+    try:
+        return CudaPython()
+    except EdgekdError as first:
+        try:
+            return TorchCuda()
+        except ImportError:
+            raise first from None
+        except EdgekdError as second:
+            raise EdgekdError(f"{first}; torch fallback: {second}") from None
+
+
+class TrtRunner:
+    """Runs a TensorRT bundle: logits = runner(x); device buffers from `cuda` (default: cuda_binding())."""
+
+    def __init__(self, bundle_dir: Path, manifest: dict[str, Any], threads: int | None = None,
+                 cuda: Any = None) -> None:
+        trt = _trt()
+        self.trt = trt
         engine_info = manifest["engine"]
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)
         dla_core = (engine_info.get("plan") or {}).get("dla_core")
         if dla_core is not None:
+            if self.runtime.num_DLA_cores <= int(dla_core):
+                raise EdgekdError(f"bundle {bundle_dir}: engine runs on DLA core {dla_core}, this device has "
+                                  f"{self.runtime.num_DLA_cores} DLA cores")
             self.runtime.DLA_core = int(dla_core)
         self.engine = self.runtime.deserialize_cuda_engine((bundle_dir / engine_info["file"]).read_bytes())
         if self.engine is None:
@@ -249,27 +485,63 @@ class TrtRunner:
                               f"{manifest['versions'].get('tensorrt')} on another GPU? rebuild it on this "
                               "device)")
         self.context = self.engine.create_execution_context()
+        if self.context is None:
+            raise EdgekdError(f"bundle {bundle_dir}: TensorRT could not create an execution context")
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        if len(inputs) != 1 or len(outputs) != 1:
+            raise EdgekdError(f"bundle {bundle_dir}: engine has inputs {inputs} and outputs {outputs}, expected "
+                              "one of each")
         self.input_name, self.output_name = inputs[0], outputs[0]
-        dtypes = {trt.float32: torch.float32, trt.float16: torch.float16}
-        self.input_dtype = dtypes[self.engine.get_tensor_dtype(self.input_name)]
-        self.output_dtype = dtypes[self.engine.get_tensor_dtype(self.output_name)]
-        self.stream = torch.cuda.Stream()
-        self.info = {"file": engine_info["file"], "tensorrt": trt.__version__,
-                     "device": torch.cuda.get_device_name(0), "notes": []}
+        dtypes = {trt.DataType.FLOAT: np.float32, trt.DataType.HALF: np.float16}
+        got = {n: self.engine.get_tensor_dtype(n) for n in (self.input_name, self.output_name)}
+        if any(d not in dtypes for d in got.values()):
+            raise EdgekdError(f"bundle {bundle_dir}: engine I/O types {got}, expected float32 or float16")
+        self.input_dtype, self.output_dtype = dtypes[got[self.input_name]], dtypes[got[self.output_name]]
+        self.cuda = cuda if cuda is not None else cuda_binding()
+        self._buffers: dict[str, tuple[int, int]] = {}  # name -> (pointer, capacity in bytes)
+        self.info = {"file": engine_info["file"], "tensorrt": trt.__version__, "device": self.cuda.device_name(),
+                     "cuda_binding": type(self.cuda).__name__, "dla": engine_info.get("dla"), "notes": []}
+
+    def _buffer(self, name: str, nbytes: int) -> int:
+        ptr, size = self._buffers.get(name, (0, 0))
+        if size < nbytes:
+            if ptr:
+                self.cuda.free(ptr)
+            ptr, size = self.cuda.malloc(nbytes), nbytes
+            self._buffers[name] = (ptr, size)
+        return ptr
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        torch = self.torch
-        with torch.cuda.stream(self.stream):
-            xt = torch.from_numpy(x).to("cuda", dtype=self.input_dtype, non_blocking=False).contiguous()
-            self.context.set_input_shape(self.input_name, tuple(xt.shape))
-            out = torch.empty(tuple(self.context.get_tensor_shape(self.output_name)), dtype=self.output_dtype,
-                              device="cuda")
-            self.context.set_tensor_address(self.input_name, xt.data_ptr())
-            self.context.set_tensor_address(self.output_name, out.data_ptr())
-            if not self.context.execute_async_v3(self.stream.cuda_stream):
-                raise EdgekdError(f"TensorRT execution failed for input shape {tuple(x.shape)}")
-        self.stream.synchronize()
-        return out.float().cpu().numpy()
+        host_in = np.ascontiguousarray(x, dtype=self.input_dtype)
+        if not self.context.set_input_shape(self.input_name, tuple(host_in.shape)):
+            raise EdgekdError(f"TensorRT rejected input shape {tuple(host_in.shape)} for {self.input_name!r} "
+                              "(outside the engine's optimization profile?)")
+        out_shape = tuple(self.context.get_tensor_shape(self.output_name))
+        if any(d < 0 for d in out_shape):
+            raise EdgekdError(f"TensorRT left output {self.output_name!r} with unresolved shape {out_shape}")
+        host_out = np.empty(out_shape, dtype=self.output_dtype)
+        in_ptr = self._buffer(self.input_name, host_in.nbytes)
+        out_ptr = self._buffer(self.output_name, host_out.nbytes)
+        self.cuda.to_device(in_ptr, host_in)
+        for name, ptr in ((self.input_name, in_ptr), (self.output_name, out_ptr)):
+            if not self.context.set_tensor_address(name, ptr):
+                raise EdgekdError(f"TensorRT rejected the device address of {name!r}")
+        if not self.context.execute_async_v3(self.cuda.stream_handle()):
+            raise EdgekdError(f"TensorRT execution failed for input shape {tuple(x.shape)}")
+        self.cuda.to_host(host_out, out_ptr)
+        self.cuda.synchronize()
+        return host_out.astype(np.float32)
+
+    def close(self) -> None:
+        """Free the device buffers (also done when the runner is garbage collected)."""
+        for ptr, _ in self._buffers.values():
+            self.cuda.free(ptr)
+        self._buffers.clear()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
