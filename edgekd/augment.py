@@ -1,4 +1,5 @@
-"""Per-batch augmentation on tensors: random crop with padding, horizontal flip, mixup and cutmix.
+"""Per-batch augmentation on tensors: random resized crop, random crop with padding, horizontal flip, mixup
+and cutmix, in that order, for the whole batch at once on the training device.
 
 Randomness comes from a generator seeded by (seed, epoch, step), so a resumed run draws the same views and
 the teacher can be run on exactly the batch the student sees (consistent teaching, Beyer et al. 2022).
@@ -11,6 +12,7 @@ The hard-label loss is lam * CE(s, y) + (1 - lam) * CE(s, y[perm]) (losses.mixed
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,19 +36,22 @@ class BatchAugment:
     flip: bool = False
     mixup: float = 0.0
     cutmix: float = 0.0
+    resized_crop: tuple[float, float] | None = None   # (min_scale, max_scale) of the image area
 
     @property
     def mixes(self) -> bool:
         return self.mixup > 0 or self.cutmix > 0
 
     def without_mixing(self) -> BatchAugment:
-        return BatchAugment(crop=self.crop, flip=self.flip)
+        return BatchAugment(crop=self.crop, flip=self.flip, resized_crop=self.resized_crop)
 
     def __call__(self, x: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, Mix | None]:
-        if (self.crop or self.flip or self.cutmix) and x.dim() != 4:
-            raise EdgekdError(f"[augment]: crop, flip and cutmix need (N, C, H, W) images, got a batch of shape "
-                              f"{tuple(x.shape)}; use mixup only, or no augmentation")
+        if (self.crop or self.flip or self.cutmix or self.resized_crop) and x.dim() != 4:
+            raise EdgekdError(f"[augment]: resized_crop, crop, flip and cutmix need (N, C, H, W) images, got a batch "
+                              f"of shape {tuple(x.shape)}; use mixup only, or no augmentation")
         n = len(x)
+        if self.resized_crop:
+            x = random_resized_crop(x, self.resized_crop, gen)
         if self.crop:
             x = random_crop(x, self.crop, gen)
         if self.flip:
@@ -83,6 +88,38 @@ def random_crop(x: torch.Tensor, pad: int, gen: torch.Generator) -> torch.Tensor
     batch = torch.arange(n, device=x.device)[:, None, None, None]
     chans = torch.arange(c, device=x.device)[None, :, None, None]
     return padded[batch, chans, rows, cols]
+
+
+RATIO = (3 / 4, 4 / 3)   # resized crop: width / height of the box, log-uniform (torchvision's default)
+TRIES = 10               # boxes drawn per sample before falling back to the whole image (as torchvision)
+
+
+def random_resized_crop(x: torch.Tensor, scale: tuple[float, float], gen: torch.Generator,
+                        ratio: tuple[float, float] = RATIO) -> torch.Tensor:
+    """Per sample, a box of area s * H * W (s ~ U(scale)) and aspect w / h = exp(U(log ratio)), at a uniform
+    position inside the image, resized back to (H, W) with bilinear sampling (torchvision's
+    RandomResizedCrop, boxes in continuous coordinates). All samples at once: one affine_grid + grid_sample.
+    A sample whose TRIES boxes all fall outside the image keeps the whole image."""
+    n, _, h, w = x.shape
+    area = torch.empty(n, TRIES).uniform_(scale[0], scale[1], generator=gen)
+    log_r = torch.empty(n, TRIES).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=gen)
+    # box size as fractions of the image's width and height: (bw * W) / (bh * H) = r, bw * bh = area
+    bw = torch.sqrt(area * torch.exp(log_r) * h / w)
+    bh = torch.sqrt(area / torch.exp(log_r) * w / h)
+    fits = (bw <= 1) & (bh <= 1)
+    first = torch.where(fits.any(1), fits.float().argmax(1), torch.full((n,), -1))
+    pick = first.clamp(min=0)[:, None]
+    bw = torch.where(first >= 0, bw.gather(1, pick)[:, 0], torch.ones(n))
+    bh = torch.where(first >= 0, bh.gather(1, pick)[:, 0], torch.ones(n))
+    left = torch.rand(n, generator=gen) * (1 - bw)
+    top = torch.rand(n, generator=gen) * (1 - bh)
+    # affine_grid maps output coordinates u in [-1, 1] to input coordinates: centre + half-size * u
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 2] = bw, 2 * left + bw - 1
+    theta[:, 1, 1], theta[:, 1, 2] = bh, 2 * top + bh - 1
+    theta = theta.to(device=x.device, dtype=x.dtype if x.is_floating_point() else torch.float32)
+    grid = F.affine_grid(theta, [n, x.shape[1], h, w], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
 def _cutmix(x: torch.Tensor, perm: torch.Tensor, lam: float, gen: torch.Generator) -> tuple[torch.Tensor, float]:

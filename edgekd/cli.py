@@ -141,6 +141,21 @@ def cache_teacher(recipe: str, out: Path, top_k: int, epochs: int, augment: str,
                f"{m['epochs']} epoch(s), augment {m['augment']!r}; train with `edgekd distill --cache`")
 
 
+@cli.command()
+@click.argument("folder", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Folder to write the shards and descriptors into.")
+@click.option("--shard-size", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="Samples per tar shard.")
+def shards(folder: Path, out: Path, shard_size: int) -> None:
+    """Write an image FOLDER as WebDataset tar shards + wids descriptors in OUT (a [data] source)."""
+    from edgekd.shards import write_shards
+
+    s = write_shards(folder, out, shard_size)
+    parts = ", ".join(f"{name}: {v['samples']} samples in {v['shards']} shard(s)" for name, v in s["splits"].items())
+    click.echo(f"wrote {out}: {len(s['classes'])} classes; {parts}; use [data] source = \"{out}\"")
+
+
 RUN_DIR = click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
 TARGET = click.option("--target", "target", default="x86-cpu-ort", show_default=True,
                       help="A target name from targets/ (see `edgekd targets`) or a path to a target .toml.")

@@ -134,6 +134,44 @@ def quantize_student(ctx: Any, scheme: str, *, device: str = "cpu", progress: bo
     return result
 
 
+def layer_latency(ctx: Any, fp32_onnx: Path, int8_onnx: Path, batch: int, threads: int | None) -> list[dict]:
+    """Per quantizable student layer: onnxruntime kernel milliseconds in the INT8 and the FP32 model at `batch`
+    (`edgekd.engines.ort.segment_times`: a layer's kernels with its BatchNorm, activation and Q/DQ), the layer
+    INT8 slows down most first. Empty when the two graphs do not split into the same layers."""
+    from edgekd.engines.ort import segment_layers, segment_times
+    from edgekd.quantize import quantizable_layers
+
+    names = segment_layers(int8_onnx, quantizable_layers(ctx.model("student")))
+    x = ctx.data.x_test[:batch]
+    x = np.concatenate([x] * -(-batch // len(x)))[:batch]
+    int8, fp32 = segment_times(int8_onnx, x, threads=threads), segment_times(fp32_onnx, x, threads=threads)
+    if len(int8) != len(fp32) or len(int8) != len(names):
+        return []
+    rows = [{"layer": n, "int8_ms": round(a, 4), "fp32_ms": round(b, 4)}
+            for n, a, b in zip(names, int8, fp32, strict=True) if n]
+    return sorted(rows, key=lambda r: r["int8_ms"] - r["fp32_ms"], reverse=True)
+
+
+def slower_in_int8(rows: list[dict]) -> list[str]:
+    """The layers whose measured INT8 kernels take longer than their FP32 ones: the ones to keep in float."""
+    return [r["layer"] for r in rows if r["int8_ms"] > r["fp32_ms"]]
+
+
+def ptq_keep_float(ctx: Any, scheme: str, layers: tuple[str, ...], path: Path) -> Path:
+    """PTQ of the student with `layers` kept in float, exported to `path` (the layers in its metadata)."""
+    from edgekd import quantize
+    from edgekd.export import export_onnx
+
+    cfg = ctx.recipe.quantize
+    x_cal, _ = calibration_inputs(ctx, cfg)
+    skip = tuple(dict.fromkeys(layers))
+    qcfg = quantize.QuantConfig(scheme=scheme, observer=cfg.observer, percentile=cfg.percentile, skip=skip)
+    model = quantize.ptq(ctx.model("student"), torch.from_numpy(ctx.data.x_train[:2]), _batches(x_cal), qcfg)
+    return export_onnx(model, torch.from_numpy(ctx.data.x_test[:2]), path,
+                       metadata=ctx.metadata("student", {"quantization": "ptq", "quant_scheme": scheme,
+                                                         "kept_float": list(skip)}))
+
+
 def require_torchao() -> None:
     try:
         import torchao  # noqa: F401

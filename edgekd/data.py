@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from edgekd import streaming
+from edgekd import shards, streaming
 from edgekd.errors import EdgekdError
 from edgekd.preprocess import NAMED_STATS, PreprocessSpec, is_image_file
 from edgekd.recipe import DataConfig
@@ -185,19 +185,7 @@ def _image_folder(path: Path, cfg: DataConfig) -> dict[str, Any]:
     """Index an image folder (paths and labels; nothing decoded): one folder of class folders, or train/,
     test/ (and optional val/) folders of the same class folders. Every header is read once, so a bad file or
     a folder of mixed sizes is reported before training."""
-    subs = {p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")}
-    splits = {"": path} if not ("train" in subs and subs <= set(SPLITS)) else {s: path / s for s in SPLITS if s in subs}
-    if "" not in splits and "test" not in splits:
-        raise EdgekdError(f"data {path}: has train/ but no test/ folder; expected train/ and test/ (val/ optional), "
-                          "each with one folder per class, or class folders only")
-    folders = {split: _class_folders(p) for split, p in splits.items()}
-    classes = list(folders.get("", folders.get("train")))
-    for split, f in folders.items():
-        if split not in ("", "train") and list(f) != classes:
-            extra, missing = sorted(set(f) - set(classes)), sorted(set(classes) - set(f))
-            raise EdgekdError(f"data {splits[split]}: class folders differ from {splits['train']}'s"
-                              + (f"; not in train/: {', '.join(extra)}" if extra else "")
-                              + (f"; missing here: {', '.join(missing)}" if missing else ""))
+    folders, classes = folder_layout(path)
     spec = _spec(cfg)
     skipped: list[tuple[str, str]] = []
     kept = {split: _scan(f, classes, spec, cfg, skipped) for split, f in folders.items()}
@@ -216,11 +204,30 @@ def _image_folder(path: Path, cfg: DataConfig) -> dict[str, Any]:
         "skipped_files": [f"{f}: {why}" for f, why in skipped[:20]]}}
     for split, files in kept.items():
         if not files:
-            raise EdgekdError(f"data {splits[split]}: no readable images ({len(skipped)} skipped)")
+            raise EdgekdError(f"data {path / split}: no readable images ({len(skipped)} skipped)")
         x = streaming.LazyImages([f for f, _, _ in files], spec, files[0][2], cfg.max_pixels, options)
         y = np.asarray([label for _, label, _ in files], dtype=np.int64)
         out.update({"x": x, "y": y} if split == "" else {f"x_{split}": x, f"y_{split}": y})
     return out
+
+
+def folder_layout(path: Path) -> tuple[dict[str, dict[str, list[Path]]], list[str]]:
+    """({split: {class: image files}}, class names) of an image folder: split "" for one folder of class
+    folders, else "train", "test" (and "val") for train/, test/, val/ folders of the same class folders."""
+    subs = {p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")}
+    splits = {"": path} if not ("train" in subs and subs <= set(SPLITS)) else {s: path / s for s in SPLITS if s in subs}
+    if "" not in splits and "test" not in splits:
+        raise EdgekdError(f"data {path}: has train/ but no test/ folder; expected train/ and test/ (val/ optional), "
+                          "each with one folder per class, or class folders only")
+    folders = {split: _class_folders(p) for split, p in splits.items()}
+    classes = list(folders.get("", folders.get("train")))
+    for split, f in folders.items():
+        if split not in ("", "train") and list(f) != classes:
+            extra, missing = sorted(set(f) - set(classes)), sorted(set(classes) - set(f))
+            raise EdgekdError(f"data {splits[split]}: class folders differ from {splits['train']}'s"
+                              + (f"; not in train/: {', '.join(extra)}" if extra else "")
+                              + (f"; missing here: {', '.join(missing)}" if missing else ""))
+    return folders, classes
 
 
 def _spec(cfg: DataConfig) -> PreprocessSpec:
@@ -272,9 +279,15 @@ def _dataset_source(ds: Any, where: str, cfg: DataConfig) -> tuple[streaming.Laz
     """A map-style torch Dataset of (input, label) pairs, used as it is: inputs are read per batch by the
     DataLoader workers (uint8 inputs scaled by 1/255). Labels come from `ds.targets` (torchvision's convention)
     when it has them, else from reading each item once (one pass, nothing kept but the labels)."""
+    import torch
+
+    if isinstance(ds, torch.utils.data.IterableDataset):
+        raise EdgekdError(f"{where}: {type(ds).__name__} is an IterableDataset; edgekd needs samples by index (resume "
+                          "mid-epoch, the teacher cache and the stratified splits address them by index): return "
+                          "map-style Datasets, or use an image folder, an .npz or tar shards (edgekd shards)")
     if not hasattr(ds, "__getitem__") or not hasattr(ds, "__len__"):
-        raise EdgekdError(f"{where}: {type(ds).__name__} has no len() and indexing (an IterableDataset?); return "
-                          "map-style Datasets of (input, label) pairs")
+        raise EdgekdError(f"{where}: {type(ds).__name__} has no len() and indexing; return map-style Datasets of "
+                          "(input, label) pairs")
     if not len(ds):
         raise EdgekdError(f"{where}: the dataset is empty")
     try:
@@ -401,6 +414,8 @@ def load_data(cfg: DataConfig, base_dir: str | Path = ".") -> Dataset:
     elif src == "fashion-mnist" or src.startswith("fashion-mnist:"):
         folder = src.partition(":")[2]
         raw = _fashion_mnist(Path(folder).expanduser() if folder else FASHION_MNIST_DIR)
+    elif shards.descriptors(path):   # WebDataset tar shards with wids descriptors (edgekd shards)
+        raw = shards.load(path, cfg)
     elif src.endswith(".npz") or path.is_file():
         if not path.is_file():
             raise EdgekdError(f"data {path}: file not found")

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from edgekd import distributed, fileio, runfolder
+from edgekd import distributed, fileio, runfolder, streaming
 from edgekd.augment import BatchAugment
 from edgekd.data import Dataset, load_data
 from edgekd.errors import EdgekdError
@@ -140,6 +140,8 @@ def _train_role(recipe: Recipe, out: Path, role: str, data: Dataset, dev: Any, *
         ckpt.unlink(missing_ok=True)
     distributed.barrier()
     entry = _entry(model, data, dev, history, start)
+    if role == "teacher" and final.is_file():
+        entry.update(_score_key(final, data))
     if distributed.is_distributed():
         entry.update(world_size=distributed.world_size(),
                      max_param_divergence=history[-1].get("max_param_divergence", 0.0) if history else 0.0)
@@ -147,12 +149,14 @@ def _train_role(recipe: Recipe, out: Path, role: str, data: Dataset, dev: Any, *
 
 
 def role_augment(recipe: Recipe, role: str) -> BatchAugment | None:
-    """[augment] for a role: crop/flip for all; mixup/cutmix for the student (and scratch with mix_scratch)."""
+    """[augment] for a role: resized crop/crop/flip for all; mixup/cutmix for the student (and scratch with
+    mix_scratch)."""
     a = recipe.augment
-    aug = BatchAugment(crop=a.crop, flip=a.flip, mixup=a.mixup, cutmix=a.cutmix)
+    aug = BatchAugment(crop=a.crop, flip=a.flip, mixup=a.mixup, cutmix=a.cutmix,
+                       resized_crop=tuple(a.resized_crop) if a.resized_crop else None)
     if role == "teacher" or (role == "scratch" and not a.mix_scratch):
         aug = aug.without_mixing()
-    return aug if (aug.crop or aug.flip or aug.mixes) else None
+    return aug if (aug.crop or aug.flip or aug.mixes or aug.resized_crop) else None
 
 
 def transfer_set(data: Dataset) -> tuple[np.ndarray, np.ndarray]:
@@ -186,6 +190,33 @@ def _train_teacher(recipe: Recipe, out: Path, device: str, progress: bool, data:
                                      model=model, metrics=metrics, made_from=teacher_inputs(recipe))
     _save_run_files(out, recipe, metrics)
     return metrics
+
+
+def _score_key(weights: Path, data: Dataset) -> dict[str, str]:
+    """What a teacher's test/validation scores depend on: its weights file and the evaluation splits."""
+    from edgekd.teachers import array_sha256
+
+    # a streamed split is named by its files and transform, never read whole
+    parts = [streaming.fingerprint(a) if streaming.is_lazy(a) else array_sha256(a)
+             for a in (data.x_test, data.y_test, data.x_val, data.y_val)]
+    return {"weights_sha256": fileio.sha256_file(weights), "eval_data_sha256": array_sha256(np.array(parts))}
+
+
+def _recorded_teacher(weights: Path, data: Dataset) -> dict[str, Any] | None:
+    """The teacher's metrics recorded in the run folder of a [teacher].checkpoint, when they were measured on
+    these weights and these evaluation splits (same hashes): distill then does not score the teacher again."""
+    try:
+        recorded = read_metrics(weights.parent).get("teacher")
+    except EdgekdError:
+        return None
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("accuracy"), (int, float)):
+        return None
+    key = _score_key(weights, data)
+    if any(recorded.get(k) != v for k, v in key.items()):
+        return None
+    # this run did not train it: no training time (the recorded run's epochs and time stay in its own folder)
+    kept = {k: v for k, v in recorded.items() if k not in ("train_seconds", "history")}
+    return {**kept, "epochs": 0, "metrics_from": str(weights.parent / "metrics.json")}
 
 
 def _entry(model: nn.Module, data: Dataset, dev: Any, history: list[dict], start: float) -> dict[str, Any]:
@@ -284,7 +315,8 @@ def _distill(recipe: Recipe, out: Path, device: str, progress: bool, data: Datas
         teacher, teacher_path = found
         metrics = read_metrics(out)
         if "teacher" not in metrics:
-            metrics["teacher"] = _entry(teacher.to(dev), data, dev, [], time.perf_counter())
+            metrics["teacher"] = _recorded_teacher(teacher_path, data) or {
+                **_entry(teacher.to(dev), data, dev, [], time.perf_counter()), **_score_key(teacher_path, data)}
     d = resolved(recipe).distill
     schedule = {"epochs": d.epochs, "lr": d.lr, "batch_size": d.batch_size, "seed": d.seed}
     x, y = transfer_set(data)

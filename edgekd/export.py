@@ -53,7 +53,8 @@ def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: str | Path,
 
     `example` is a batch of inputs (N, *input_shape). With `dynamic_batch` the batch dimension is symbolic;
     torch.export specializes a size-1 dimension, so a batch-1 example is repeated to 2. `metadata` values are
-    stored as strings (non-strings as JSON) next to input_name, input_shape and edgekd_version.
+    stored as strings (non-strings as JSON) next to input_name, input_shape and edgekd_version. In a Q/DQ
+    model, constant zero pads in front of convs are folded into the convs (`edgekd.qdq.fold_pads_into_convs`).
     """
     path = Path(path)
     if not isinstance(example, torch.Tensor) or example.dim() < 2:
@@ -85,6 +86,10 @@ def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: str | Path,
         finally:
             registration.removeFilter(_no_torchvision_notice)
         proto = onnx.load(str(raw))
+    if any(n.op_type == "QuantizeLinear" for n in proto.graph.node):
+        from edgekd.qdq import fold_pads_into_convs
+
+        fold_pads_into_convs(proto)   # ZeroPad2d between Q/DQ -> the conv's own pads (onnxruntime fuses it)
 
     input_shape: list[int | str] = list(example.shape)
     if dynamic_batch:

@@ -348,18 +348,21 @@ def profile_in_subprocess(bundle: Path, args: list[str]) -> dict[str, Any]:
 
 
 def report(run_dir: str | Path, targets: tuple[str, ...] | None = None,
-           skipped: list[dict[str, Any]] | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Assemble report.json/.md/.png from metrics.json and the profile-<target>.json files in the run folder."""
+           skipped: list[dict[str, Any]] | None = None, extra: dict[str, Any] | None = None, *,
+           ship_slower_int8: bool = False) -> dict[str, Any]:
+    """Assemble report.json/.md/.png from metrics.json and the profile-<target>.json files in the run folder.
+
+    The headline never picks an INT8 engine slower than its FP32 engine unless `ship_slower_int8`."""
     run_dir = Path(run_dir)
     if not (run_dir / "metrics.json").is_file():
         raise EdgekdError(f"{run_dir}: not a run folder (no metrics.json); run `edgekd distill` or `edgekd run` "
                           "into it first")
     with runfolder.locked(run_dir):
-        return _report(run_dir, targets, skipped, extra)
+        return _report(run_dir, targets, skipped, extra, ship_slower_int8)
 
 
 def _report(run_dir: Path, targets: tuple[str, ...] | None, skipped: list[dict[str, Any]] | None,
-            extra: dict[str, Any] | None) -> dict[str, Any]:
+            extra: dict[str, Any] | None, ship_slower_int8: bool) -> dict[str, Any]:
     from edgekd.distillation import read_metrics
     from edgekd.report import build_report, engine_entry, write_report
 
@@ -368,7 +371,7 @@ def _report(run_dir: Path, targets: tuple[str, ...] | None, skipped: list[dict[s
         files = [run_dir / f"profile-{t}.json" for t in targets if (run_dir / f"profile-{t}.json").is_file()]
     engines = [engine_entry(p, run_dir) for f in files for p in json.loads(f.read_text())]
     names = list(targets) if targets else [f.stem.removeprefix("profile-") for f in files]
-    rep = build_report(read_metrics(run_dir), engines, skipped or [], names, extra)
+    rep = build_report(read_metrics(run_dir), engines, skipped or [], names, extra, ship_slower_int8=ship_slower_int8)
     write_report(run_dir, rep)
     return rep
 
@@ -412,6 +415,7 @@ def engines(ctx: RunContext, loaded: list[Target], *, device: str = "auto", prog
     profiled: list[str] = []
     unprofiled: list[str] = []
     quantized: dict[str, dict[str, Any]] = {}   # scheme -> quantize_student() result
+    fallbacks: dict[str, dict[str, Any]] = {}
     for target in loaded:
         scheme = target.quant_scheme
         if (recipe.quantize.mode != "none" and "int8" in target.precisions and scheme != "none"
@@ -423,9 +427,15 @@ def engines(ctx: RunContext, loaded: list[Target], *, device: str = "auto", prog
                         _build_note)
         skipped += result["skipped"]
         if result["built"] and profile_here:
-            _stage(progress, f"profile {target.name}",
-                   lambda t=target: profile(out, t, quick=quick_profile, resume=resume))
+            profiles = _stage(progress, f"profile {target.name}",
+                              lambda t=target: profile(out, t, quick=quick_profile, resume=resume))
             profiled.append(target.name)
+            q = quantized.get(scheme) or {}
+            if "ptq" in q.get("onnx", {}) and not recipe.quantize.ship_slower_int8:
+                decision = _stage(progress, f"int8 vs fp32 {target.name}",
+                                  lambda t=target, p=profiles, q=q: int8_fallback(ctx, t, p, q, quick=quick_profile))
+                if decision is not None:
+                    fallbacks[target.name] = decision
         elif result["built"]:
             unprofiled += result["built"]
     extra: dict[str, Any] = {"export_parity": {m: e["parity"] for m, e in exports.items()},
@@ -436,7 +446,58 @@ def engines(ctx: RunContext, loaded: list[Target], *, device: str = "auto", prog
     if quantized:
         extra["quantization"] = {scheme: {k: v for k, v in q.items() if k not in ("qat_history", "onnx")}
                                  for scheme, q in quantized.items()}
-    return _stage(progress, "report", lambda: report(out, tuple(profiled), skipped, extra=extra))
+    if fallbacks:
+        extra["int8_fallback"] = fallbacks
+    return _stage(progress, "report", lambda: report(out, tuple(profiled), skipped, extra=extra,
+                                                     ship_slower_int8=recipe.quantize.ship_slower_int8))
+
+
+def _ptq_verdict(ctx: RunContext, target: Target, profiles: list[dict[str, Any]]) -> dict[str, Any] | None:
+    from edgekd.report import engine_entry, int8_vs_fp32
+
+    name = f"student-{target.name}-int8-ptq"
+    return next((v for v in int8_vs_fp32([engine_entry(p, ctx.dir) for p in profiles]) if v["engine"] == name), None)
+
+
+def int8_fallback(ctx: RunContext, target: Target, profiles: list[dict[str, Any]], quantized: dict[str, Any], *,
+                  quick: bool = False) -> dict[str, Any] | None:
+    """INT8 never ships slower than FP32 unless the recipe asks: when the student's PTQ engine profiled slower
+    than its FP32 engine at one of the target's batch sizes, measure each layer's kernels in both (onnxruntime's
+    profiler, at the slowest such batch), keep in float the layers INT8 slows down, rebuild and re-profile.
+
+    Returns None when INT8 is not slower, else what was measured and chosen: "int8 with float layers" when the
+    rebuilt engine beats FP32 at every batch size, else "fp32" (the report's headline then skips the INT8 engine).
+    """
+    from edgekd import compress
+    from edgekd.quantize import quantizable_layers
+
+    before = _ptq_verdict(ctx, target, profiles)
+    if before is None or not before["slower_at_batches"]:
+        return None
+    decision: dict[str, Any] = {"engine": before["engine"], "speedup_vs_fp32": before["speedup_vs_fp32"],
+                                "slower_at_batches": before["slower_at_batches"]}
+    if target.runtime != "onnxruntime":
+        return {**decision, "chose": "fp32", "why": "per-layer costs are measured on onnxruntime targets only"}
+    batch = max(before["slower_at_batches"])
+    rows = compress.layer_latency(ctx, ctx.onnx_path("student"), Path(quantized["onnx"]["ptq"]), batch, target.threads)
+    keep = compress.slower_in_int8(rows)
+    decision.update(layer_ms={"batch": batch, "rows": rows}, kept_float_for_speed=keep)
+    skip = tuple(dict.fromkeys([*quantized.get("kept_float", []), *keep]))
+    if not keep or set(skip) >= set(quantizable_layers(ctx.model("student"))):
+        why = ("no layer's INT8 kernels are slower than its FP32 ones" if not keep else
+               "every layer is slower in INT8")
+        return {**decision, "chose": "fp32", "why": f"{why}; the INT8 engine is not shipped"}
+    mixed = compress.ptq_keep_float(ctx, target.quant_scheme, skip,
+                                    ctx.dir / "onnx" / f"student.ptq-{target.quant_scheme}-keep-float.onnx")
+    build(ctx.dir, target, models=("student",), ctx=ctx, quantized={"ptq": mixed})
+    after = _ptq_verdict(ctx, target, profile(ctx.dir, target, quick=quick))
+    decision["after"] = after
+    if after is not None and not after["slower_at_batches"]:
+        return {**decision, "chose": "int8 with float layers",
+                "why": f"kept {keep} in float (their INT8 kernels took longer than FP32's at batch {batch}); the "
+                       f"rebuilt INT8 engine beats FP32 at every batch size"}
+    return {**decision, "chose": "fp32", "why": f"kept {keep} in float, but the INT8 engine is still slower than "
+                                                "FP32; it is not shipped"}
 
 
 def _quantize_note(result: dict[str, Any]) -> str:

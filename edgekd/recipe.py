@@ -81,11 +81,12 @@ class DistillConfig:
 class AugmentConfig:
     """Train-time augmentation, applied per batch; the teacher sees exactly the student's view.
 
-    Crop and flip apply to every role; mixup/cutmix to the distilled student (and to the scratch baseline
+    Resized crop, crop and flip apply to every role; mixup/cutmix to the distilled student (and to the scratch baseline
     with `mix_scratch`), never to teacher training.
     """
 
     crop: int = 0                   # random crop after zero-padding by this many pixels (0: off)
+    resized_crop: list[float] | None = None   # [min_scale, max_scale]: random resized crop (e.g. [0.08, 1.0])
     flip: bool = False              # random horizontal flip
     mixup: float = 0.0              # mixup strength: lambda ~ Beta(a, a) between random pairs (0: off)
     cutmix: float = 0.0             # cutmix strength, Beta(a, a) (0: off); with mixup too, each batch picks one
@@ -104,6 +105,7 @@ class QuantizeConfig:
     observer: str = "minmax"        # PTQ activation observer: minmax | percentile | mse
     percentile: float = 99.99
     keep_float: int = 0             # keep the N most sensitive layers in float (runs the sensitivity pass)
+    ship_slower_int8: bool = False  # let an INT8 engine slower than its FP32 one be the engine shipped
 
 
 @dataclass(frozen=True)
@@ -257,7 +259,7 @@ RANGES: dict[str, dict[str, str]] = {
     "distill": {"temperature": "> 0", "alpha": "[0, 1]", "epochs": ">= 1", "lr": "> 0", "batch_size": ">= 1",
                 "seed": ">= 0", "feature_weight": ">= 0", "search_temperatures": "> 0", "search_alphas": "[0, 1]",
                 "search_epochs": ">= 1"},
-    "augment": {"crop": ">= 0", "mixup": ">= 0", "cutmix": ">= 0"},
+    "augment": {"crop": ">= 0", "mixup": ">= 0", "cutmix": ">= 0", "resized_crop": "(0, 1]"},
     "quantize": {"epochs": ">= 0", "lr": "> 0", "freeze_fraction": "[0, 1]", "calibration_size": ">= 1",
                  "calibration_seed": ">= 0", "percentile": "(0, 100]", "keep_float": ">= 0"},
     "embedding": {"lr": "> 0", "weight_decay": ">= 0", "seed": ">= 0", "mse_weight": ">= 0",
@@ -304,6 +306,9 @@ def _validate(r: Recipe, where: str) -> None:
     if d.function_matching and not (a.mixup > 0 or a.cutmix > 0):
         raise EdgekdError(f"{where} [distill].function_matching: needs mixed views; set [augment] mixup "
                           "(e.g. 1.0) or cutmix")
+    if a.resized_crop is not None and (len(a.resized_crop) != 2 or a.resized_crop[0] > a.resized_crop[1]):
+        raise EdgekdError(f"{where} [augment].resized_crop: expected [min_scale, max_scale] with min <= max, got "
+                          f"{a.resized_crop}")
     n = r.data.labelled
     if n is not None and isinstance(n, float) and n >= 1.0:
         raise EdgekdError(f"{where} [data].labelled: expected a count >= 1 or a fraction in (0, 1), got {n!r}")

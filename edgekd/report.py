@@ -72,9 +72,29 @@ def engine_accuracy(profile: dict[str, Any]) -> dict[str, Any]:
             "spot_samples": profile.get("eval_samples")}
 
 
-def headline(engines: list[dict[str, Any]], target: str, models: dict[str, Any] | None = None
-             ) -> dict[str, Any] | None:
-    on_target = [e for e in engines if e["target"] == target]
+def int8_vs_fp32(engines: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each int8 engine against the fp32 engine of the same model on the same target, at every profiled batch:
+    speedup = fp32 p50 / int8 p50 (same profiling run); `slower_at_batches` lists the batches where it is < 1."""
+    out = []
+    for e in engines:
+        base = next((f for f in engines if f["precision"] == "fp32" and f["model"] == e["model"]
+                     and f["target"] == e["target"]), None)
+        if e["precision"] != "int8" or base is None:
+            continue
+        fp32 = {r["batch"]: r["p50"] for r in base["per_batch"]}
+        speedup = {r["batch"]: fp32[r["batch"]] / r["p50"] for r in e["per_batch"]
+                   if r["batch"] in fp32 and r["p50"] > 0}
+        out.append({"engine": e["name"], "fp32_engine": base["name"], "target": e["target"],
+                    "speedup_vs_fp32": speedup, "slower_at_batches": sorted(b for b, v in speedup.items() if v < 1)})
+    return out
+
+
+def headline(engines: list[dict[str, Any]], target: str, models: dict[str, Any] | None = None, *,
+             ship_slower_int8: bool = False) -> dict[str, Any] | None:
+    """The trade on `target`. An int8 engine slower than its fp32 engine at a profiled batch size is never the
+    one shipped unless `ship_slower_int8` (the recipe's [quantize] ship_slower_int8) asks for it."""
+    slower = set() if ship_slower_int8 else {v["engine"] for v in int8_vs_fp32(engines) if v["slower_at_batches"]}
+    on_target = [e for e in engines if e["target"] == target and e["name"] not in slower]
     teachers = [e for e in on_target if e["model"] == "teacher" and e["precision"] == "fp32"]
     students = [e for e in on_target if e["model"] == "student"]
     if not teachers or not students:
@@ -101,7 +121,8 @@ def headline(engines: list[dict[str, Any]], target: str, models: dict[str, Any] 
 
 
 def build_report(models: dict[str, Any], engines: list[dict[str, Any]], skipped: list[dict[str, Any]],
-                 targets: list[str], extra: dict[str, Any] | None = None) -> dict[str, Any]:
+                 targets: list[str], extra: dict[str, Any] | None = None, *,
+                 ship_slower_int8: bool = False) -> dict[str, Any]:
     keep = ("accuracy", "params", "test_samples", "epochs", "train_seconds", "samples", "labelled", "temperature",
             "alpha", "function_matching", "teacher_outputs")
     kept = {k: {f: v[f] for f in keep if f in v} for k, v in models.items() if k in ("teacher", "scratch", "student")}
@@ -110,8 +131,10 @@ def build_report(models: dict[str, Any], engines: list[dict[str, Any]], skipped:
     report = {"models": kept, "distillation": distillation_summary(models), "search": models.get("search"),
               "engines": engines, "skipped": skipped, "headline": None,
               "dominated": dominated(engines), "notes": int8_notes(engines)}
+    if verdicts := int8_vs_fp32(engines):
+        report["int8_vs_fp32"] = verdicts
     for target in targets:
-        if (h := headline(engines, target, models)) is not None:
+        if (h := headline(engines, target, models, ship_slower_int8=ship_slower_int8)) is not None:
             report["headline"] = h
             break
     report.update(extra or {})
@@ -146,20 +169,19 @@ def dominated(engines: list[dict[str, Any]]) -> dict[str, str]:
 
 
 def int8_notes(engines: list[dict[str, Any]]) -> list[str]:
-    """Say in words when an int8 engine is slower than its model's fp32 engine on the same target (batch-1 p50):
-    at this size the quantize/dequantize work costs more than the integer kernels save."""
+    """Say in words when an int8 engine is slower than its model's fp32 engine on the same target (int8_vs_fp32's
+    verdicts): at this size the quantize/dequantize work costs more than the integer kernels save."""
+    by_name = {e["name"]: e for e in engines}
     notes = []
-    for e in engines:
-        if e["precision"] != "int8":
+    for v in int8_vs_fp32(engines):
+        if not v["slower_at_batches"]:
             continue
-        fp32 = next((f for f in engines if f["target"] == e["target"] and f["model"] == e["model"]
-                     and f["precision"] == "fp32"), None)
-        if fp32 is not None and e["latency_ms"]["p50"] > fp32["latency_ms"]["p50"]:
-            slower = e["latency_ms"]["p50"] / fp32["latency_ms"]["p50"]
-            notes.append(f"INT8 is slower than FP32 here: {e['model']} int8/{e['quantization']} on {e['target']} takes "
-                         f"{e['latency_ms']['p50']:.3f} ms at batch {e['latency_ms']['batch']} against "
-                         f"{fp32['latency_ms']['p50']:.3f} ms for fp32 ({slower:.2f}x); it only saves size "
-                         f"({e['size_bytes'] / 1024:.1f} vs {fp32['size_bytes'] / 1024:.1f} KiB).")
+        e, fp32 = by_name[v["engine"]], by_name[v["fp32_engine"]]
+        batch = min(v["slower_at_batches"], key=lambda b: v["speedup_vs_fp32"][b])
+        notes.append(f"INT8 is slower than FP32 here: {e['model']} int8/{e['quantization']} on {e['target']} takes "
+                     f"{1 / v['speedup_vs_fp32'][batch]:.2f}x the fp32 engine's time at batch {batch} (slower at "
+                     f"batch {', '.join(map(str, v['slower_at_batches']))}); it only saves size "
+                     f"({e['size_bytes'] / 1024:.1f} vs {fp32['size_bytes'] / 1024:.1f} KiB).")
     return notes
 
 

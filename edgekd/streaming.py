@@ -113,15 +113,28 @@ class LazyImages(_Lazy):
         self.rows = np.arange(len(self.paths))
         self.spec, self.item_shape, self.max_pixels, self.options = spec, tuple(item_shape), max_pixels, options
 
+    def image(self, i: int) -> Any:
+        """What `apply` decodes for base row i: a path here (encoded bytes for tar shards)."""
+        return self.paths[i]
+
+    def name(self, i: int) -> str:
+        return self.paths[i]
+
     def read(self, i: int) -> np.ndarray:
-        x = apply(self.spec, self.paths[i], self.max_pixels)
+        x = apply(self.spec, self.image(i), self.max_pixels)
         if x.shape != self.item_shape:
-            raise EdgekdError(f"image {self.paths[i]}: gives an input of shape {x.shape}, other images give "
+            raise EdgekdError(f"image {self.name(i)}: gives an input of shape {x.shape}, other images give "
                               f"{self.item_shape}; set [data] image_size so every image is resized to one size")
         return x
 
     def raw(self, i: int) -> np.ndarray:
-        return apply(replace(self.spec, mean=(0.0,), std=(1.0,)), self.paths[i], self.max_pixels)
+        return apply(replace(self.spec, mean=(0.0,), std=(1.0,)), self.image(i), self.max_pixels)
+
+    def identity(self) -> dict[str, Any]:
+        """What the fingerprint hashes: the transform spec and each file's path, size and mtime, in row order."""
+        files = [self.paths[r] for r in self.rows]
+        stats = [(f, st.st_size, st.st_mtime_ns) for f in files for st in [os.stat(f)]]
+        return {"spec": self.spec.to_dict(), "files": stats, "max_pixels": self.max_pixels}
 
     def files(self) -> list[str]:
         return [self.paths[r] for r in self.rows]
@@ -201,10 +214,8 @@ def fingerprint(x: Any) -> str:
     import hashlib
     import json
 
-    if isinstance(x, LazyImages):
-        files = [x.paths[r] for r in x.rows]
-        stats = [(f, st.st_size, st.st_mtime_ns) for f in files for st in [os.stat(f)]]
-        payload = {"spec": x.spec.to_dict(), "files": stats, "max_pixels": x.max_pixels}
+    if isinstance(x, LazyImages):   # image files, or samples of tar shards (edgekd.shards.LazyShards)
+        payload = x.identity()
     elif isinstance(x, LazyArray) and isinstance(x.base, np.memmap):
         st = os.stat(x.base.filename)
         payload = {"file": [x.base.filename, st.st_size, st.st_mtime_ns], "offset": x.base.offset,

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgekd.augment import BatchAugment, Mix, random_crop, step_generator
+from edgekd.augment import BatchAugment, Mix, random_crop, random_resized_crop, step_generator
 from edgekd.data import load_data
 from edgekd.distillation import distill, transfer_set
 from edgekd.errors import EdgekdError
@@ -26,6 +26,51 @@ def test_crop_shifts_each_image_inside_its_padding():
         padded = F.pad(x[i:i + 1], (2, 2, 2, 2))
         windows = [padded[0, :, dy:dy + 5, dx:dx + 5] for dy in range(5) for dx in range(5)]
         assert any(torch.equal(out[i], w) for w in windows)
+
+
+def _ramps(n, h, w):
+    """Two channels holding each pixel's column and row: a bilinear view of them names the box it was cut from."""
+    cols = torch.arange(w, dtype=torch.float32).expand(h, w)
+    rows = torch.arange(h, dtype=torch.float32)[:, None].expand(h, w)
+    return torch.stack([cols, rows])[None].repeat(n, 1, 1, 1)
+
+
+def test_resized_crop_boxes_cover_the_scale_range_with_bounded_aspect():
+    n, h, w = 400, 20, 20
+    out = random_resized_crop(_ramps(n, h, w), (0.08, 1.0), step_generator(0, 0, 0))
+    assert out.shape == (n, 2, h, w)
+    # sampled at pixel centres, a box of width bw (a fraction of W) spans bw * (W - 1) columns of the ramp
+    bw = (out[:, 0, 0, -1] - out[:, 0, 0, 0]) / (w - 1)
+    bh = (out[:, 1, -1, 0] - out[:, 1, 0, 0]) / (h - 1)
+    area, ratio = bw * bh, bw / bh
+    assert area.min() >= 0.08 - 0.02 and area.max() <= 1.0 + 1e-5
+    assert (area < 0.3).sum() > 50 and (area > 0.7).sum() > 20   # the whole range is drawn, not one scale
+    assert ratio.min() >= 3 / 4 - 0.05 and ratio.max() <= 4 / 3 + 0.05
+    # every box lies inside the image: its interior columns and rows stay on one straight ramp (a box reaching
+    # past an edge would resample the clamped border: a flat run); the outermost column may touch the
+    # half-pixel border
+    for line in (out[:, 0, 0, 1:-1], out[:, 1, 1:-1, 0]):
+        t = torch.linspace(0, 1, line.shape[1])
+        straight = line[:, :1] + (line[:, -1:] - line[:, :1]) * t
+        assert (line - straight).abs().max() < 1e-3
+    narrow = random_resized_crop(_ramps(200, h, w), (0.2, 0.25), step_generator(0, 0, 1))
+    a2 = ((narrow[:, 0, 0, -1] - narrow[:, 0, 0, 0]) / (w - 1)) * ((narrow[:, 1, -1, 0] - narrow[:, 1, 0, 0]) / (h - 1))
+    assert a2.min() >= 0.2 - 0.02 and a2.max() <= 0.25 + 0.02
+
+
+def test_resized_crop_of_the_whole_image_is_the_image_and_views_are_seeded():
+    x = torch.randn(8, 3, 12, 12)
+    # scale 1 on a square image fits only at ratio 1: every draw falls back to the whole image, resampled
+    # at its own pixel centres
+    torch.testing.assert_close(random_resized_crop(x, (1.0, 1.0), step_generator(0, 0, 0)), x, atol=1e-5, rtol=0)
+    aug = BatchAugment(resized_crop=(0.08, 1.0), flip=True)
+    a, _ = aug(x, step_generator(5, 2, 3))
+    b, _ = aug(x, step_generator(5, 2, 3))
+    c, _ = aug(x, step_generator(5, 2, 4))
+    assert torch.equal(a, b) and not torch.equal(a, c) and a.shape == x.shape
+    assert aug.without_mixing().resized_crop == (0.08, 1.0)
+    with pytest.raises(EdgekdError, match=r"resized_crop, crop, flip and cutmix need \(N, C, H, W\) images"):
+        aug(torch.randn(4, 6), step_generator(0, 0, 0))
 
 
 def test_views_are_seeded_by_seed_epoch_and_step():
@@ -97,7 +142,7 @@ def test_teacher_sees_exactly_the_students_augmented_and_mixed_view():
     student, teacher = _Recorder(), _Recorder()
     cfg = ModelConfig(epochs=2, batch_size=16, lr=1e-3)
     fit(student, x, y, cfg, device=torch.device("cpu"), desc="t", teacher=teacher, kd=KDConfig(4.0, 0.5),
-        progress=False, augment=BatchAugment(crop=2, flip=True, mixup=1.0, cutmix=1.0))
+        progress=False, augment=BatchAugment(crop=2, flip=True, mixup=1.0, cutmix=1.0, resized_crop=(0.3, 1.0)))
     assert len(teacher.seen) == len(student.seen) == 2 * math.ceil(40 / 16)
     for s, t in zip(student.seen, teacher.seen, strict=True):
         assert torch.equal(s, t)
@@ -147,6 +192,12 @@ def test_recipe_checks_function_matching_and_labelled(tmp_path):
         load_recipe(bad)
     bad.write_text("[augment]\ncrop = -1\n")
     with pytest.raises(EdgekdError, match=r"\[augment\]"):
+        load_recipe(bad)
+    bad.write_text("[augment]\nresized_crop = [0.5, 0.1]\n")
+    with pytest.raises(EdgekdError, match=r"\[augment\].resized_crop: expected \[min_scale, max_scale\] with min <="):
+        load_recipe(bad)
+    bad.write_text("[augment]\nresized_crop = [0, 1]\n")
+    with pytest.raises(EdgekdError, match=r"\[augment\].resized_crop: each must be in \(0, 1\]"):
         load_recipe(bad)
 
 

@@ -56,6 +56,25 @@ def test_int8_engines_record_what_they_were_made_from(qat_run):
         assert runfolder.stale(qat_run, bundle) == []
 
 
+def test_int8_never_ships_slower_than_fp32(qat_run):
+    """Each INT8 engine is compared with the FP32 one as profiled; a slower PTQ engine triggers the per-layer
+    fallback (layers whose INT8 kernels took longer kept in float) and the headline never picks a slower INT8."""
+    rep = json.loads((qat_run / "report.json").read_text())
+    verdicts = {v["engine"]: v for v in rep["int8_vs_fp32"]}
+    assert set(verdicts) == {e["name"] for e in rep["engines"] if e["precision"] == "int8"}
+    for v in verdicts.values():
+        assert v["fp32_engine"] == "student-x86-cpu-ort-fp32" and set(v["speedup_vs_fp32"]) == {"1", "8"}
+        assert v["slower_at_batches"] == sorted(int(b) for b, s in v["speedup_vs_fp32"].items() if s < 1)
+    assert rep["headline"]["student_engine"] not in {n for n, v in verdicts.items() if v["slower_at_batches"]}
+    fallback = rep.get("int8_fallback", {}).get("x86-cpu-ort")
+    if fallback is not None:   # the PTQ engine profiled slower than FP32 at some batch size on this machine
+        assert fallback["chose"] in ("fp32", "int8 with float layers") and fallback["why"]
+        layers = [r["layer"] for r in fallback["layer_ms"]["rows"]]
+        assert sorted(layers) == ["features.0", "features.4", "head"]
+        assert fallback["kept_float_for_speed"] == [r["layer"] for r in fallback["layer_ms"]["rows"]
+                                                    if r["int8_ms"] > r["fp32_ms"]]
+
+
 def test_bad_quantize_keys_are_refused(tmp_path):
     recipe = tmp_path / "r.toml"
     recipe.write_text('[quantize]\nmode = "int4"\n')

@@ -51,6 +51,19 @@ def test_teacher_checkpoint_is_used_as_is(tmp_path, tiny_recipe):
     metrics = distill(r2, tmp_path / "s", device="cpu", progress=False)
     assert not (tmp_path / "s" / "teacher.safetensors").exists()
     assert "scratch" not in metrics and "student" in metrics
+    # The checkpoint's run folder recorded its scores on the same weights and data: reused, not re-scored.
+    recorded = json.loads((tmp_path / "t" / "metrics.json").read_text())["teacher"]
+    # ... and shown without a training time: this run did not train it (issue 17)
+    trained_here = {k: v for k, v in recorded.items() if k not in ("train_seconds", "history")}
+    assert metrics["teacher"] == {**trained_here, "epochs": 0, "metrics_from": str(tmp_path / "t" / "metrics.json")}
+    # Other weights under the same name: the hashes differ, so the teacher is scored again.
+    torch.manual_seed(5)
+    other = build_model(recipe.teacher.model, (1, 8, 8), 10)
+    from edgekd.models import save_weights
+
+    save_weights(other, tmp_path / "t" / "teacher.safetensors", {})
+    again = distill(r2, tmp_path / "s2", device="cpu", progress=False)["teacher"]
+    assert "metrics_from" not in again and again["weights_sha256"] != recorded["weights_sha256"]
     missing = dataclasses.replace(recipe, teacher=dataclasses.replace(recipe.teacher, checkpoint="nope.safetensors"))
     with pytest.raises(EdgekdError, match="nope.safetensors: file not found"):
         distill(missing, tmp_path / "m", device="cpu", progress=False)

@@ -212,3 +212,25 @@ def test_eval_npz_is_a_bounded_sample_and_the_host_scores_the_whole_test_split(e
     none = build(edge_source, replace(target, eval_samples=0), "fp32", tmp_path / "none", eval_data=edge_eval)
     assert not (none / "eval.npz").exists() and read_manifest(none)["eval"] is None
     assert read_manifest(none)["metrics"]["test"]["accuracy"] == test["accuracy"]
+
+
+def test_segment_times_split_float_and_int8_graphs_alike(tmp_path: Path) -> None:
+    """Per-layer kernel time: the float and Q/DQ exports of one model split into the same layers, named after
+    the student's quantizable layers, each with a measured (non-negative, not all zero) time."""
+    import torch
+
+    from edgekd import quantize as q
+    from edgekd.engines.ort import segment_layers, segment_times
+    from edgekd.export import export_onnx
+    from edgekd.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("cnn:widths=8,16", (1, 8, 8), 10).eval()
+    x = torch.randn(16, 1, 8, 8)
+    layers = q.quantizable_layers(model)
+    fp32 = export_onnx(model, x, tmp_path / "fp32.onnx", metadata={})
+    int8 = export_onnx(q.ptq(model, x, [x], q.QuantConfig()), x, tmp_path / "int8.onnx", metadata={})
+    assert segment_layers(int8, layers) == layers == ["features.0", "features.4", "head"]
+    for path in (fp32, int8):
+        times = segment_times(path, x.numpy(), threads=1, runs=5)
+        assert len(times) == len(layers) and min(times) >= 0 and sum(times) > 0, times

@@ -502,6 +502,29 @@ def test_sensitivity_one_row_per_layer_sorted(cnn: nn.Module, data) -> None:
 # ------------------------------------------------------------------------------------------ bad input
 
 
+def test_qat_refuses_a_captured_training_only_random_branch() -> None:
+    """Drop-connect written as `if self.training:` is captured by the training-mode QAT export; convert refuses
+    the graph instead of shipping a stochastic INT8 engine."""
+
+    class DropConnect(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(1, 4, 3, padding=1)
+            self.head = nn.Linear(4 * 8 * 8, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.conv(x)
+            if self.training:
+                y = y * (torch.rand_like(y) > 0.2) / 0.8
+            return self.head(torch.flatten(y + x, 1))
+
+    x = torch.randn(4, *SHAPE)
+    prepared = q.prepare(DropConnect(), x, q.QuantConfig(), qat=True)
+    q.calibrate(prepared, [x])
+    with pytest.raises(EdgekdError, match="random numbers .* drop_connect_rate"):
+        q.convert(prepared)
+
+
 def test_unknown_scheme_and_observer_name_the_choices() -> None:
     with pytest.raises(EdgekdError, match="ort-cpu.*tensorrt"):
         q.make_quantizer(q.QuantConfig(scheme="tflite"), qat=False)

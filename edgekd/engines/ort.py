@@ -19,6 +19,7 @@ Only numpy and onnxruntime are imported at run time (`onnx` is used at build tim
 from __future__ import annotations
 
 import platform
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -250,6 +251,89 @@ def _copy_metadata(src: Path, dst: Path) -> None:
     del model.metadata_props[:]
     model.metadata_props.extend(meta)
     onnx.save(model, str(dst))
+
+
+_WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+def _segments(model: Any) -> tuple[dict[str, int], list[list[str]]]:
+    """Split the graph at its Conv/Gemm/MatMul nodes: segment k is the k-th of them and every node after it up
+    to the next (its BatchNorm, activation, Q/DQ, pooling), nodes before the first belong to segment 0.
+    Returns (node name and output names -> k, the module scopes the torch exporter recorded for each k-th op).
+    Float and Q/DQ exports of one model have the same segments in the same order."""
+    import ast
+
+    index: dict[str, int] = {}
+    scopes: list[list[str]] = []
+    for node in model.graph.node:
+        if node.op_type in _WEIGHTED_OPS:
+            meta = {p.key: p.value for p in node.metadata_props}
+            try:   # a list literal written by the exporter: parsed, never run
+                names = ast.literal_eval(meta.get("pkg.torch.onnx.name_scopes", "[]"))
+            except (ValueError, SyntaxError):
+                names = []
+            scopes.append([str(n) for n in names if n])
+        for key in (node.name, *node.output):
+            index.setdefault(key, max(len(scopes) - 1, 0))
+    return index, scopes
+
+
+def _source(kernel: str, known: dict[str, int]) -> int | None:
+    """onnxruntime names a rewritten node after its source node (or its output) plus "_token_N" or "_nchwc"."""
+    name = kernel.removesuffix("_kernel_time")
+    while name not in known:
+        stripped = re.sub(r"(_token_\d+|_nchwc)$", "", name)
+        if stripped == name:
+            return None
+        name = stripped
+    return known[name]
+
+
+def segment_layers(onnx_path: Path, layers: list[str]) -> list[str | None]:
+    """The module path (the deepest of `layers` in its exporter scopes) of each segment's Conv/Gemm/MatMul."""
+    import onnx
+
+    _, scopes = _segments(onnx.load(str(onnx_path), load_external_data=False))
+    wanted = set(layers)
+    return [next((s for s in reversed(names) if s in wanted), None) for names in scopes]
+
+
+def segment_times(onnx_path: Path, x: np.ndarray, *, threads: int | None = None, runs: int = 20) -> list[float]:
+    """Milliseconds per run that onnxruntime's CPU kernels spend in each segment (`_segments`) of the graph.
+
+    Median over `runs` runs after 3 warm-up runs, at level "all" with onnxruntime's profiler on. Every kernel
+    counts for the source node it was fused from: a QLinearConv and the Q/DQ around it for its conv, a float
+    Conv fused with its ReLU too. Layout reorders and kernels named after no source node are not counted.
+    """
+    import json
+    import tempfile
+
+    import onnx
+
+    ort = _ort()
+    known, scopes = _segments(onnx.load(str(onnx_path), load_external_data=False))
+    with tempfile.TemporaryDirectory(prefix="edgekd-segment-times-") as tmp:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = _level(ort, "all")
+        options.log_severity_level = 3
+        options.enable_profiling = True
+        options.profile_file_prefix = str(Path(tmp) / "profile")
+        if threads:
+            options.intra_op_num_threads = threads
+        session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+        feed = {session.get_inputs()[0].name: np.ascontiguousarray(x, dtype=np.float32)}
+        for _ in range(runs + 3):
+            session.run(None, feed)
+        events = json.loads(Path(session.end_profiling()).read_text())
+    runs_at = sorted((e["ts"], e["ts"] + e.get("dur", 0)) for e in events if e.get("name") == "model_run")
+    per_run = np.zeros((len(runs_at), max(len(scopes), 1)))
+    for event in events:
+        if event.get("cat") == "Node" and str(event.get("name", "")).endswith("_kernel_time"):
+            k = _source(event["name"], known)
+            r = next((i for i, (start, end) in enumerate(runs_at) if start <= event["ts"] <= end), None)
+            if k is not None and r is not None:
+                per_run[r, k] += event.get("dur", 0) / 1000.0
+    return [float(v) for v in np.median(per_run[min(3, len(per_run) - 1):], axis=0)]
 
 
 class OrtRunner:
