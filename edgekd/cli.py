@@ -327,6 +327,41 @@ def report(run_dir: Path) -> None:
 
 
 @cli.command()
+@click.argument("recipe")
+@click.option("--target", default=None, help="Target name or .toml path (default: [size] target, x86-cpu-ort).")
+@click.option("--budget-ms", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Latency budget in ms (default: [size] budget_ms).")
+@click.option("--batch", type=click.IntRange(min=1), default=None, help="Batch size of the budget (default 1).")
+@click.option("--metric", type=click.Choice(["p50", "p90", "p99"]), default=None, help="Latency percentile "
+              "(default p50).")
+@click.option("--margin", type=click.FloatRange(0, 1, max_open=True), default=None,
+              help="Noise margin: fits when latency * (1 + margin) <= budget (default 0.05).")
+@OUT
+@click.option("--measurements", type=click.Path(path_type=Path), default=None,
+              help="Profile results from the device (a results folder or .json) for a remote target.")
+@click.option("--remote", is_flag=True, help="The target is another machine: write the candidate bundles and "
+              "the device command instead of profiling here.")
+@DEVICE
+@QUIET
+def size(recipe: str, target: str | None, budget_ms: float | None, batch: int | None, metric: str | None,
+         margin: float | None, out: Path, measurements: Path | None, remote: bool, device: str, quiet: bool) -> None:
+    """The most accurate student of the recipe's family that meets a latency budget measured on the target."""
+    from edgekd.recipe import load_recipe
+    from edgekd.sizing import size as run_size
+    from edgekd.sizing import size_config
+
+    r = load_recipe(recipe)
+    cfg = size_config(r, target=target, budget_ms=budget_ms, batch=batch, metric=metric, margin=margin)
+    rep = run_size(r, out, cfg, measurements=measurements, remote=remote, device=device, progress=not quiet)
+    if rep.get("status") == "needs measurements":
+        click.echo(f"wrote {len(rep['bundles'])} candidate bundles to {rep['folder']}; on the device run:\n\n"
+                   f"  {rep['command']}\n\nthen copy the results folder back and run:\n\n  {rep['then']}")
+        return
+    click.echo((out / "size-report.md").read_text())
+    click.echo(f"wrote {out / 'size-report.json'}, {out / 'size-report.md'}, {out / 'size-report.png'}")
+
+
+@cli.command()
 def targets() -> None:
     """The target catalog (targets/*.toml)."""
     from tabulate import tabulate

@@ -1,7 +1,8 @@
 """Built-in student/teacher families and `package.module:factory` models; safetensors checkpoints.
 
 A model spec is a string: `"mlp:hidden=128,64"`, `"cnn:widths=32,64"` (optionally `,dropout=0.1`), or
-`"package.module:factory"`, a callable `factory(input_shape, num_classes) -> nn.Module`.
+`"package.module:factory"`, a callable `factory(input_shape, num_classes) -> nn.Module`
+(`"package.module:factory,width=1.5"` calls it with `width=1.5`: how `edgekd size` scales a factory).
 
 `module:function` specs (models, and data sources) are imported from the folders of the recipes loaded in this
 process, then the current directory, then the usual `sys.path`: a `mymodels.py` beside the recipe is found
@@ -11,6 +12,8 @@ without setting PYTHONPATH.
 from __future__ import annotations
 
 import importlib
+import inspect
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -155,7 +158,7 @@ def _family_kwargs(spec: str) -> tuple[type[nn.Module], dict[str, Any]] | None:
     `package.module:factory` spec."""
     name, _, body = spec.partition(":")
     if name not in FAMILIES:
-        if ":" in spec and "=" not in body:
+        if ":" in spec and "=" not in body.partition(",width=")[0]:   # a factory, maybe scaled by edgekd size
             return None
         raise EdgekdError(f"model spec {spec!r}: unknown family {name!r} (expected one of {sorted(FAMILIES)} "
                           "or 'package.module:factory')")
@@ -184,7 +187,7 @@ def check_spec(spec: str, where: str = "model spec") -> None:
     if not isinstance(spec, str) or not spec.strip():
         raise EdgekdError(f"{where}: expected a model spec like 'cnn:widths=32,64', got {spec!r}")
     if _family_kwargs(spec) is None:
-        load_factory(spec, "model factory")
+        load_factory(spec.partition(",width=")[0], "model factory")
 
 
 def build_model(spec: str, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
@@ -203,9 +206,14 @@ def build_model(spec: str, input_shape: tuple[int, ...], num_classes: int) -> nn
         except (RuntimeError, ValueError, OverflowError, MemoryError) as e:
             raise EdgekdError(f"model spec {spec!r}: cannot build it for inputs {tuple(input_shape)} and "
                               f"{num_classes} classes ({type(e).__name__}: {_first_line(e)})") from None
-    factory = load_factory(spec, "model factory")
+    ref, _, width = spec.partition(",width=")   # a factory scaled by edgekd size (see scaled_spec)
+    factory = load_factory(ref, "model factory")
     try:
-        model = factory(tuple(input_shape), num_classes)
+        extra = {"width": float(width)} if width else {}
+    except ValueError:
+        raise EdgekdError(f"model spec {spec!r}: width must be a number, got {width!r}") from None
+    try:
+        model = factory(tuple(input_shape), num_classes, **extra)
     except Exception as e:
         raise EdgekdError(f"model factory {spec!r} raised {type(e).__name__}: {e}") from e
     if not isinstance(model, nn.Module):
@@ -216,6 +224,35 @@ def build_model(spec: str, input_shape: tuple[int, ...], num_classes: int) -> nn
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0][:300] if text else "no message"
+
+
+SCALED_KNOBS = {"mlp": "hidden", "cnn": "widths"}   # the knob a width multiplier scales, per family
+
+
+def scaled_spec(spec: str, multiplier: float, divisor: int = 8) -> str:
+    """`spec` with every width times `multiplier`, each rounded to a multiple of `divisor` (at least `divisor`):
+    width' = max(d, d * floor(w * m / d + 1/2)). A `package.module:factory` spec gets `,width=m` instead, and is
+    built as factory(input_shape, num_classes, width=m)."""
+    name, _, body = spec.partition(":")
+    if name not in FAMILIES:
+        return f"{spec.split(',width=')[0]},width={multiplier:.6g}"
+    key = SCALED_KNOBS[name]
+    knobs = _parse_knobs(spec, body)
+    cls = FAMILIES[name][0]
+    base = _ints(knobs[key], key, spec) if key in knobs else inspect.signature(cls).parameters[key].default
+    knobs[key] = ",".join(str(max(divisor, divisor * math.floor(w * multiplier / divisor + 0.5))) for w in base)
+    return f"{name}:" + ",".join(f"{k}={v}" for k, v in knobs.items())
+
+
+def family_widths(spec: str) -> tuple[int, ...] | None:
+    """The widths a multiplier scales in a built-in family spec (None for a factory)."""
+    name, _, body = spec.partition(":")
+    if name not in FAMILIES:
+        return None
+    key = SCALED_KNOBS[name]
+    knobs = _parse_knobs(spec, body)
+    return _ints(knobs[key], key, spec) if key in knobs else tuple(
+        inspect.signature(FAMILIES[name][0]).parameters[key].default)
 
 
 def count_params(model: nn.Module) -> int:

@@ -307,9 +307,6 @@ def profile(run_dir: str | Path, target: str | Target, *, quick: bool = False,
 
 
 def _profile(run_dir: Path, target: Target, quick: bool, resume: bool) -> list[dict[str, Any]]:
-    import subprocess
-    import tempfile
-
     folder = run_dir / "engines" / target.name
     bundles = sorted(p for p in folder.iterdir() if (p / "manifest.json").is_file() and not fileio.is_temp(p)
                      ) if folder.is_dir() else []
@@ -328,18 +325,26 @@ def _profile(run_dir: Path, target: Target, quick: bool, resume: bool) -> list[d
     if resume and _newer(record, *(b / "manifest.json" for b in bundles)):
         return json.loads(record.read_text())
     timing = ["--warmup", "3", "--min-runs", "10", "--min-seconds", "0.2"] if quick else []
-    results = []
-    with tempfile.TemporaryDirectory(prefix="edgekd-profile-") as tmp:
-        for i, bundle in enumerate(bundles):
-            out = Path(tmp) / f"{i}.json"
-            proc = subprocess.run([sys.executable, "-m", "edgekd.runtime", "profile", str(bundle), "--json", str(out),
-                                   "--save-metrics", *timing], capture_output=True, text=True)
-            if proc.returncode != 0:
-                lines = (proc.stderr or proc.stdout).strip().splitlines() or ["no output"]
-                raise EdgekdError(f"profiling {bundle} failed: {lines[-1].removeprefix('error: ')}")
-            results.append(json.loads(out.read_text()))
+    results = [profile_in_subprocess(bundle, ["--save-metrics", *timing]) for bundle in bundles]
     fileio.write_json(record, results)
     return results
+
+
+def profile_in_subprocess(bundle: Path, args: list[str]) -> dict[str, Any]:
+    """`python -m edgekd.runtime profile BUNDLE --json ... *args` in a fresh process, as on the device; returns
+    its result (see edgekd.profile.profile_bundle)."""
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="edgekd-profile-") as tmp:
+        out = Path(tmp) / "profile.json"
+        proc = subprocess.run([sys.executable, "-m", "edgekd.runtime", "profile", str(bundle), "--json", str(out),
+                               *args], capture_output=True, text=True)
+        if proc.returncode != 0:
+            lines = (proc.stderr or proc.stdout).strip().splitlines() or ["no output"]
+            raise EdgekdError(f"profiling {bundle} failed: {lines[-1].removeprefix('error: ')}")
+        return json.loads(out.read_text())
 
 
 def report(run_dir: str | Path, targets: tuple[str, ...] | None = None,
@@ -398,16 +403,18 @@ def run(recipe: Recipe, out: str | Path, *, targets: tuple[str | Target, ...] = 
 
 
 def engines(ctx: RunContext, loaded: list[Target], *, device: str = "auto", progress: bool = True,
-            quick_profile: bool = False, resume: bool = False) -> dict[str, Any]:
+            quick_profile: bool = False, resume: bool = False, profile_here: bool = True) -> dict[str, Any]:
     """Everything after training, for a run folder with a distilled student, as the stage commands do it: export,
     quantize (PTQ, QAT-KD) for each target's scheme, build (which picks the quantized student up), profile, report.
-    One line per stage with its time when `progress`."""
+    One line per stage with its time when `progress`. Without `profile_here` (the targets are other machines) the
+    bundles are built and listed under "built_not_profiled" for profiling on the device."""
     out = ctx.dir
     recipe = ctx.recipe
     exports = {m: _stage(progress, f"export {m}", lambda m=m: export(out, m, ctx=ctx, resume=resume))
                for m in ("teacher", "student")}
     skipped: list[dict[str, Any]] = []
     profiled: list[str] = []
+    unprofiled: list[str] = []
     quantized: dict[str, dict[str, Any]] = {}   # scheme -> quantize_student() result
     fallbacks: dict[str, dict[str, Any]] = {}
     for target in loaded:
@@ -420,7 +427,7 @@ def engines(ctx: RunContext, loaded: list[Target], *, device: str = "auto", prog
         result = _stage(progress, f"build {target.name}", lambda t=target: build(out, t, ctx=ctx, resume=resume),
                         _build_note)
         skipped += result["skipped"]
-        if result["built"]:
+        if result["built"] and profile_here:
             profiles = _stage(progress, f"profile {target.name}",
                               lambda t=target: profile(out, t, quick=quick_profile, resume=resume))
             profiled.append(target.name)
@@ -430,9 +437,13 @@ def engines(ctx: RunContext, loaded: list[Target], *, device: str = "auto", prog
                                   lambda t=target, p=profiles, q=q: int8_fallback(ctx, t, p, q, quick=quick_profile))
                 if decision is not None:
                     fallbacks[target.name] = decision
+        elif result["built"]:
+            unprofiled += result["built"]
     extra: dict[str, Any] = {"export_parity": {m: e["parity"] for m, e in exports.items()},
                              "quant_scheme": {t.name: {"scheme": t.quant_scheme, "reason": t.quant_scheme_reason}
                                               for t in loaded if "int8" in t.precisions}}
+    if unprofiled:
+        extra["built_not_profiled"] = unprofiled
     if quantized:
         extra["quantization"] = {scheme: {k: v for k, v in q.items() if k not in ("qat_history", "onnx")}
                                  for scheme, q in quantized.items()}

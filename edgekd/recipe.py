@@ -142,6 +142,27 @@ class EmbeddingConfig:
 
 
 @dataclass(frozen=True)
+class SizeConfig:
+    """`edgekd size`: the most accurate student of a family that meets a latency budget on a target
+    (edgekd.sizing); the CLI options override these values."""
+
+    budget_ms: float | None = None  # latency budget for `metric` at `batch` on the target's shipped engine
+    target: str = "x86-cpu-ort"
+    batch: int = 1
+    metric: str = "p50"             # p50 | p90 | p99
+    margin: float = 0.05            # a candidate fits when latency * (1 + margin) <= budget (measurement noise)
+    model: str | None = None        # the family to scale (default: [student].model)
+    min_multiplier: float = 0.25
+    max_multiplier: float = 4.0
+    divisor: int = 8                # scaled widths are multiples of this
+    precision: str = "auto"         # the engine that decides: auto (int8 when [quantize] and the target build it)
+    profile_seconds: float = 1.0    # timed seconds per candidate engine (after 10 warm-up runs, at least 30 runs)
+    repeats: int = 3                # profiling sessions per engine (fresh processes); the least disturbed counts
+    train: bool = True              # distill the chosen student (false: stop after the search)
+    train_neighbours: bool = True   # also distill the next smaller and next larger candidates
+
+
+@dataclass(frozen=True)
 class Recipe:
     data: DataConfig = field(default_factory=DataConfig)
     teacher: ModelConfig = field(default_factory=lambda: ModelConfig(model="cnn:widths=32,64,128", epochs=15))
@@ -150,6 +171,7 @@ class Recipe:
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     embedding: EmbeddingConfig | None = None   # set: the run is sentence-embedding distillation (edgekd.embedding)
+    size: SizeConfig | None = None  # set: `edgekd size` settings (edgekd.sizing)
     base_dir: str = "."             # folder relative paths in the recipe resolve against (not a TOML key)
 
     def path(self, value: str) -> Path:
@@ -160,10 +182,11 @@ class Recipe:
 
 SECTIONS: dict[str, type] = {"data": DataConfig, "teacher": ModelConfig, "student": ModelConfig,
                              "distill": DistillConfig, "quantize": QuantizeConfig,
-                             "augment": AugmentConfig, "embedding": EmbeddingConfig}
+                             "augment": AugmentConfig, "embedding": EmbeddingConfig, "size": SizeConfig}
 CHOICES: dict[str, tuple[str, ...]] = {"optimizer": ("adamw", "sgd"), "schedule": ("cosine", "onecycle", "constant"),
                                        "mode": ("none", "ptq", "qat"), "observer": ("minmax", "percentile", "mse"),
-                                       "amp": ("none", "bf16"), "init": ("pca", "random")}
+                                       "amp": ("none", "bf16"), "init": ("pca", "random"),
+                                       "metric": ("p50", "p90", "p99"), "precision": ("auto", "fp32", "fp16", "int8")}
 
 
 def _type_name(tp: Any) -> str:
@@ -299,6 +322,8 @@ def _validate(r: Recipe, where: str) -> None:
         if len(pair) != 2:
             raise EdgekdError(f"{where} [distill].features: each entry is [\"student.layer\", \"teacher.layer\"], "
                               f"got {pair!r}")
+    if r.size is not None:
+        validate_size(r.size, f"{where} [size]")
     if r.embedding is not None:
         _validate_embedding(r.embedding, where)
         return
@@ -306,6 +331,22 @@ def _validate(r: Recipe, where: str) -> None:
 
     for name in ("teacher", "student"):
         check_spec(getattr(r, name).model, f"{where} [{name}].model")
+
+
+def validate_size(s: SizeConfig, where: str) -> None:
+    """Checks shared by the [size] section and the `edgekd size` options that override it."""
+    if s.budget_ms is not None and s.budget_ms <= 0:
+        raise EdgekdError(f"{where}.budget_ms: must be > 0 ms, got {s.budget_ms}")
+    if min(s.batch, s.divisor, s.repeats) < 1:
+        raise EdgekdError(f"{where}: batch, divisor and repeats must be >= 1, got {s.batch}, {s.divisor} and "
+                          f"{s.repeats}")
+    if not 0.0 <= s.margin < 1.0:
+        raise EdgekdError(f"{where}.margin: must be in [0, 1), got {s.margin}")
+    if not 0 < s.min_multiplier <= s.max_multiplier:
+        raise EdgekdError(f"{where}: need 0 < min_multiplier <= max_multiplier, got {s.min_multiplier} and "
+                          f"{s.max_multiplier}")
+    if s.profile_seconds <= 0:
+        raise EdgekdError(f"{where}.profile_seconds: must be > 0, got {s.profile_seconds}")
 
 
 def _validate_embedding(e: EmbeddingConfig, where: str) -> None:

@@ -69,6 +69,27 @@ def test_a_safetensors_file_whose_header_length_starts_with_0x80_loads(tmp_path)
     assert load_weights(build_model("mlp:hidden=4", (3,), 2), path)["pad"] == "." * pad
 
 
+def scalable_mlp(input_shape, num_classes, width=1.0):
+    """A user factory that `edgekd size` can scale: it takes a width multiplier."""
+    from edgekd.models import MLP
+
+    return MLP(input_shape, num_classes, hidden=(max(1, round(16 * width)),))
+
+
+def test_scaled_spec_rounds_widths_and_passes_width_to_factories():
+    from edgekd.models import scaled_spec
+
+    assert scaled_spec("cnn:widths=8,16,32,dropout=0.1", 1.5, 8) == "cnn:widths=16,24,48,dropout=0.1"
+    assert scaled_spec("cnn:widths=8,16", 0.1, 4) == "cnn:widths=4,4"   # never below the divisor
+    assert scaled_spec("mlp", 0.5, 8) == "mlp:hidden=64"                # the family's default widths
+    spec = scaled_spec("tests.test_models:scalable_mlp", 2.0)
+    assert spec == "tests.test_models:scalable_mlp,width=2"
+    assert scaled_spec(spec, 0.5) == "tests.test_models:scalable_mlp,width=0.5"   # rescaled, not appended
+    assert build_model(spec, (1, 8, 8), 10).features[1].out_features == 32
+    with pytest.raises(EdgekdError, match="width must be a number"):
+        build_model("tests.test_models:scalable_mlp,width=wide", (1, 8, 8), 10)
+
+
 def test_factories_import_from_the_recipe_folder_and_say_where_they_looked(tmp_path, monkeypatch):
     from edgekd import models
 
