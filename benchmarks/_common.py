@@ -57,17 +57,10 @@ def cpu_model() -> str:
 
 
 def _cpu_flags() -> list[str]:
-    """The SIMD features that decide which kernels onnxruntime and torch pick (AVX2, AVX-512, VNNI, NEON...)."""
-    wanted = ("avx", "avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "asimd", "asimddp", "sve")
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith(("flags", "Features")):
-                    present = set(line.split(":", 1)[1].split())
-                    return [w for w in wanted if w in present]
-    except OSError:
-        pass
-    return []
+    """The SIMD features that decide which kernels onnxruntime and torch pick (edgekd.targets.ISA_FLAGS)."""
+    from edgekd.targets import cpu_flags
+
+    return cpu_flags()["flags"] or []
 
 
 def _version(package: str) -> str | None:

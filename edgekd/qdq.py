@@ -31,7 +31,8 @@ QUANTIZED_WEIGHTED = ("QLinearConv", "QGemm", "QLinearMatMul", "MatMulIntegerToF
 FLOAT_WEIGHTED = ("Conv", "FusedConv", "ConvTranspose", "Gemm", "FusedGemm", "MatMul", "FusedMatMul")
 
 
-def _constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+def constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """Initializers and Constant-node outputs of an ONNX graph, by name."""
     values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     for node in model.graph.node:
         if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
@@ -83,7 +84,7 @@ def fold_pads_into_convs(model: onnx.ModelProto) -> int:
     give a pad its input's), the then redundant Q -> DQ goes too, so the conv reads that DQ. Returns the number
     of pads folded; constants only they used are dropped.
     """
-    consts = _constants(model)
+    consts = constants(model)
     nodes = list(model.graph.node)
     producer = {o: n for n in nodes for o in n.output}
     consumers: dict[str, list[onnx.NodeProto]] = {}
@@ -158,7 +159,7 @@ def ort_graph_check(onnx_path: str | Path, *, threads: int = 1) -> dict[str, Any
         optimized = Path(tmp) / "model.opt.onnx"
         _session(onnx_path, "all", threads, ["CPUExecutionProvider"], {}, optimized_out=optimized)
         model = onnx.load(str(optimized))
-    consts = set(_constants(model))
+    consts = set(constants(model))
     ops = Counter(n.op_type for n in model.graph.node)
     pairs = sum(1 for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] not in consts)
     return {"qdq_pairs": pairs,

@@ -26,8 +26,9 @@ AUTO = "auto"   # quant_scheme = "auto": pick from the CPU the target builds for
 
 # Instruction sets that decide int8 speed and exactness, as the Linux kernel names them in /proc/cpuinfo.
 ISA_FLAGS = {
-    "x86_64": ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_tile", "amx_int8"),
-    "aarch64": ("asimd", "asimddp", "i8mm", "sve"),   # NEON, dot product, int8 matrix multiply
+    "x86_64": ("avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_tile", "amx_int8",
+               "amx_bf16"),
+    "aarch64": ("asimd", "asimddp", "i8mm", "sve", "sve2", "bf16"),   # NEON, dot product, int8 matrix multiply
 }
 VNNI_FLAGS = ("avx512_vnni", "avx_vnni")
 

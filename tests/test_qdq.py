@@ -200,7 +200,7 @@ def test_relu6_range_is_observed_after_the_clip(built: dict, tmp_path: Path) -> 
     b = built["mobilenetv2"]
     gm = q.ptq(b["model"], b["calib"][0], b["calib"], q.QuantConfig(scheme="ort-cpu"))
     model = onnx.load(str(export_onnx(gm, b["calib"][0], tmp_path / "m.onnx", metadata={})))
-    consts = qdq._constants(model)
+    consts = qdq.constants(model)
     producer = {o: n for n in model.graph.node for o in n.output}
     consumers: dict[str, list[onnx.NodeProto]] = {}
     for n in model.graph.node:

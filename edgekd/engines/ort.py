@@ -33,10 +33,6 @@ PORTABLE_FILE = "model.onnx"
 HARDWARE_SPECIFIC_LEVELS = ("all",)
 
 # CPU features that change which kernels/layouts onnxruntime's optimizer picks.
-_ISA_FLAGS = ("avx", "avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8", "amx_bf16",
-              "asimd", "asimddp", "sve", "sve2", "i8mm", "bf16")
-
-
 def _ort() -> Any:
     try:
         import onnxruntime
@@ -57,17 +53,9 @@ def _level(ort: Any, name: str) -> Any:
 
 def host_fingerprint() -> dict[str, Any]:
     """What must match for an optimized graph saved at level "all" to be reused on this host."""
-    isa: list[str] = []
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith(("flags", "Features")):
-                    present = set(line.split(":", 1)[1].split())
-                    isa = [flag for flag in _ISA_FLAGS if flag in present]
-                    break
-    except OSError:
-        pass
-    return {"machine": platform.machine(), "system": platform.system(), "isa": isa,
+    from edgekd.targets import cpu_flags
+
+    return {"machine": platform.machine(), "system": platform.system(), "isa": cpu_flags()["flags"] or [],
             "onnxruntime": _ort().__version__}
 
 

@@ -65,17 +65,6 @@ def _load(model: Any) -> onnx.ModelProto:
         raise EdgekdError(f"ONNX file {path}: cannot be read ({e})") from e
 
 
-def _constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    """Initializers and Constant-node outputs by name."""
-    from onnx import numpy_helper
-
-    values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
-            values[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
-    return values
-
-
 def _attr(node: onnx.NodeProto, name: str, default: int) -> int:
     for a in node.attribute:
         if a.name == name:
@@ -125,7 +114,9 @@ def check_tensorrt_onnx(model: Any) -> list[str]:
             problems.append(f"node {node.name!r}: op {node.domain}::{node.op_type} is not a standard ONNX op")
         elif node.op_type not in TRT_SUPPORTED_OPS:
             problems.append(f"node {node.name!r}: op {node.op_type} is not in onnx-tensorrt's supported list")
-    consts = _constants(proto)
+    from edgekd.qdq import constants
+
+    consts = constants(proto)
     consumers: dict[str, list[onnx.NodeProto]] = {}
     for node in proto.graph.node:
         for name in node.input:
@@ -224,7 +215,9 @@ def strip_qdq(model: Any) -> tuple[onnx.ModelProto, dict[str, float]]:
 
     proto = copy.deepcopy(_load(model))
     graph = proto.graph
-    consts = _constants(proto)
+    from edgekd.qdq import constants
+
+    consts = constants(proto)
     producer = {o: n for n in graph.node for o in n.output}
     rename: dict[str, str] = {}
     scales: dict[str, float] = {}
