@@ -239,11 +239,30 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["## Not built here", ""]
         lines += [f"- {s['target']} {s['model']} {s['precision']}: {s['reason']}" for s in report["skipped"]]
         lines.append("")
+    if report.get("int8_fallback"):
+        lines += int8_fallback_lines(report["int8_fallback"])
     for key, value in report.items():
         if key not in ("models", "engines", "skipped", "headline", "distillation", "search", "dominated", "notes",
-                       "quant_scheme"):
+                       "quant_scheme", "int8_fallback", "int8_vs_fp32"):
             lines += [f"## {key}", "", "```json", json.dumps(value, indent=2), "```", ""]
     return "\n".join(lines)
+
+
+def int8_fallback_lines(fallbacks: dict[str, dict[str, Any]]) -> list[str]:
+    """The INT8-vs-FP32 decision per target in words, with the per-layer kernel times it was based on."""
+    from tabulate import tabulate
+
+    lines = ["## INT8 against FP32 (what ships)", ""]
+    for target, d in fallbacks.items():
+        speed = ", ".join(f"{float(v):.2f}x at batch {b}" for b, v in d["speedup_vs_fp32"].items())
+        lines += [f"- {target}: {d['engine']} ran at {speed} of the FP32 engine's speed; chose **{d['chose']}**: "
+                  f"{d['why']}.", ""]
+        rows = (d.get("layer_ms") or {}).get("rows") or []
+        if rows:
+            lines += [tabulate([[r["layer"], r["fp32_ms"], r["int8_ms"], "yes" if r["int8_ms"] > r["fp32_ms"] else ""]
+                                for r in rows], headers=[f"layer (batch {d['layer_ms']['batch']})", "fp32 ms",
+                                                         "int8 ms", "slower in int8"], tablefmt="github"), ""]
+    return lines
 
 
 def engines_table(engines: list[dict[str, Any]], dominated_by: dict[str, str] | None = None) -> str:

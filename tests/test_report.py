@@ -57,3 +57,19 @@ def test_dominated_engines_and_slow_int8_are_named() -> None:
     assert "1.50 points" not in md and "5.00 points over the same student trained without the teacher" in md
     engines[2] = _engine("student", "int8", 0.5, 0.84, "ptq")   # faster int8: nothing said, nothing dominated
     assert int8_notes(engines) == [] and dominated(engines) == {}
+
+
+def test_the_int8_fallback_decision_is_said_in_words_with_its_layer_times() -> None:
+    decision = {"engine": "student-t-int8-ptq", "speedup_vs_fp32": {"1": 0.5}, "slower_at_batches": [1],
+                "layer_ms": {"batch": 1, "rows": [{"layer": "features.0", "int8_ms": 0.02, "fp32_ms": 0.01},
+                                                  {"layer": "head", "int8_ms": 0.001, "fp32_ms": 0.002}]},
+                "kept_float_for_speed": ["features.0"], "chose": "int8 with float layers",
+                "why": "kept ['features.0'] in float"}
+    md = markdown(build_report(_models(0.9, 0.85, 0.8), [], [], [], {"int8_fallback": {"t": decision}}))
+    assert ("- t: student-t-int8-ptq ran at 0.50x at batch 1 of the FP32 engine's speed; chose **int8 with float "
+            "layers**: kept ['features.0'] in float.") in md
+    rows = [line.split("|")[1:5] for line in md.splitlines() if line.startswith("| features.0") or
+            line.startswith("| head")]
+    assert [[c.strip() for c in r] for r in rows] == [["features.0", "0.01", "0.02", "yes"],
+                                                      ["head", "0.002", "0.001", ""]]
+    assert "## int8_fallback" not in md   # not dumped again as JSON
