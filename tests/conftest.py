@@ -2,6 +2,17 @@ import numpy as np
 import pytest
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run several times faster on one torch thread (and the 2-core runners are shared)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def tiny_recipe_text():
     """A recipe small enough to train teacher, student and scratch on digits in a few seconds."""
