@@ -178,7 +178,8 @@ def record(folder: str | Path, rel: str, made_from: dict[str, str]) -> None:
     write_json(folder / PROVENANCE, {"format": FORMAT, "artifacts": artifacts})
 
 
-def stale(folder: str | Path, rel: str, expected: dict[str, str] | None = None, _depth: int = 0) -> list[str] | None:
+def stale(folder: str | Path, rel: str, expected: dict[str, str] | None = None, _depth: int = 0,
+          _hashed: bool = False) -> list[str] | None:
     """Why `folder/rel` is not what it should be made from now: None when it has no record (an older run
     folder, or hand-placed), [] when it is current, else one phrase per difference.
 
@@ -190,7 +191,7 @@ def stale(folder: str | Path, rel: str, expected: dict[str, str] | None = None, 
     if not isinstance(entry, dict) or not isinstance(entry.get("made_from"), dict):
         return None
     path = folder / rel
-    if not path.exists() or artifact_hash(path) != entry.get("sha256"):
+    if not _hashed and (not path.exists() or artifact_hash(path) != entry.get("sha256")):
         return [f"{rel} is not the one recorded (replaced since)"]
     made_from: dict[str, str] = entry["made_from"]
     differ = [f"{key} differs" for key, value in (expected or {}).items() if made_from.get(key) != value]
@@ -200,7 +201,7 @@ def stale(folder: str | Path, rel: str, expected: dict[str, str] | None = None, 
         dep = key.removeprefix("file:")
         if not (folder / dep).exists() or artifact_hash(folder / dep) != value:
             differ.append(f"{dep} has changed since")
-        elif _depth < 4 and (deeper := stale(folder, dep, None, _depth + 1)):
+        elif _depth < 4 and (deeper := stale(folder, dep, None, _depth + 1, _hashed=True)):
             differ += deeper
     return differ
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from edgekd.bundle import FORMAT, edgekd_version, write_manifest
+from edgekd.bundle import FORMAT, edgekd_version, rewrite_manifest, write_manifest
 from edgekd.errors import EdgekdError
 from edgekd.fileio import atomic_path
 from edgekd.targets import Target
@@ -333,7 +333,7 @@ def build(source: EngineSource, target: Target, precision: str, out_dir: str | P
                       "notes": list(result.get("notes", []))},
             "metrics": {},
         }
-        write_manifest(tmp, manifest)
+        written = write_manifest(tmp, manifest)
         if evals is not None and len(evals[0]):
             try:
                 test = _test_metrics(tmp, evals)
@@ -346,5 +346,5 @@ def build(source: EngineSource, target: Target, precision: str, out_dir: str | P
             pre = manifest["preprocessing"]
             observed = {"input_range": test.pop("input_range")} if "input_range" in test and "input_range" not in pre \
                 else {}
-            write_manifest(tmp, {**manifest, "preprocessing": {**pre, **observed}, "metrics": {"test": test}})
+            rewrite_manifest(tmp, {**written, "preprocessing": {**pre, **observed}, "metrics": {"test": test}})
     return out_dir
