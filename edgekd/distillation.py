@@ -218,16 +218,16 @@ def _score_key(weights: Path, data: Dataset) -> dict[str, str]:
     return {"weights_sha256": fileio.sha256_file(weights), "eval_data_sha256": array_sha256(np.array(parts))}
 
 
-def _recorded_teacher(weights: Path, data: Dataset) -> dict[str, Any] | None:
+def _recorded_teacher(weights: Path, key: dict[str, str]) -> dict[str, Any] | None:
     """The teacher's metrics recorded in the run folder of a [teacher].checkpoint, when they were measured on
-    these weights and these evaluation splits (same hashes): distill then does not score the teacher again."""
+    these weights and these evaluation splits (the same `key`, _score_key): distill then does not score the teacher
+    again."""
     try:
         recorded = read_metrics(weights.parent).get("teacher")
     except EdgekdError:
         return None
     if not isinstance(recorded, dict) or not isinstance(recorded.get("accuracy"), (int, float)):
         return None
-    key = _score_key(weights, data)
     if any(recorded.get(k) != v for k, v in key.items()):
         return None
     # this run did not train it: no training time (the recorded run's epochs and time stay in its own folder)
@@ -331,8 +331,9 @@ def _distill(recipe: Recipe, out: Path, device: str, progress: bool, data: Datas
         teacher, teacher_path = found
         metrics = read_metrics(out)
         if "teacher" not in metrics:
-            metrics["teacher"] = _recorded_teacher(teacher_path, data) or {
-                **_entry(teacher.to(dev), data, dev, [], time.perf_counter()), **_score_key(teacher_path, data)}
+            key = _score_key(teacher_path, data)   # hashes the weights and names the evaluation splits: once
+            metrics["teacher"] = _recorded_teacher(teacher_path, key) or {
+                **_entry(teacher.to(dev), data, dev, [], time.perf_counter()), **key}
     d = resolved(recipe).distill
     schedule = {"epochs": d.epochs, "lr": d.lr, "batch_size": d.batch_size, "seed": d.seed}
     x, y = transfer_set(data)
