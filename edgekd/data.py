@@ -19,10 +19,8 @@ import numpy as np
 
 from edgekd import shards, streaming
 from edgekd.errors import EdgekdError
-from edgekd.preprocess import NAMED_STATS, PreprocessSpec, is_image_file
+from edgekd.preprocess import IMAGE_SUFFIXES, NAMED_STATS, PreprocessSpec, is_image_file
 from edgekd.recipe import DataConfig
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 
 @dataclass(frozen=True)

@@ -21,14 +21,15 @@ import onnx
 import torch
 
 from edgekd.bundle import edgekd_version
+from edgekd.engines.trt_onnx import TRT_OPSET_RANGE
 from edgekd.errors import EdgekdError
 from edgekd.fileio import atomic_path
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 # Pinned, not the exporter's default (which moves with torch): the newest opset the ONNX parser of the oldest
-# supported TensorRT reads (edgekd.engines.trt_onnx.TRT_OPSET_RANGE); onnxruntime reads it too.
-OPSET = 20
+# supported TensorRT reads; onnxruntime reads it too.
+OPSET = TRT_OPSET_RANGE[1]
 
 
 def _to_eval(model: torch.nn.Module) -> None:

@@ -33,6 +33,7 @@ import numpy as np
 from edgekd.errors import EdgekdError
 
 SPEC_VERSION = 1
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")   # what folders and shards read
 # Pillow's own decompression-bomb limit (Image.MAX_IMAGE_PIXELS, 89,478,485 pixels, about 9459 x 9459)
 MAX_PIXELS = 89_478_485
 NAMED_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {

@@ -29,7 +29,7 @@ import numpy as np
 
 from edgekd import streaming
 from edgekd.errors import EdgekdError
-from edgekd.preprocess import MAX_PIXELS, PreprocessSpec
+from edgekd.preprocess import IMAGE_SUFFIXES, MAX_PIXELS, PreprocessSpec
 from edgekd.streaming import LoaderOptions
 
 SPLIT_NAMES = {"": "all", "train": "train", "val": "val", "test": "test"}   # folder split -> descriptor name
@@ -37,7 +37,6 @@ MAX_INDEX_BYTES = 64 * 2**20   # a descriptor larger than this is refused before
 MAX_LABEL_BYTES = 32
 MAX_IMAGE_BYTES = 256 * 2**20   # an image member larger than this is refused before it is copied out of the map
 MAX_OPEN_SHARDS = 16           # tar indexes kept open per process (least recently used closed first)
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 
 def write_shards(folder: str | Path, out: str | Path, shard_size: int = 1000,
@@ -211,7 +210,7 @@ class LazyShards(streaming.LazyImages):
             member, offset, size = tar.reader.by_index[j]
             ext = "." + member.rsplit(".", 1)[-1].lower()
             name = f"{file}:{member.rsplit('.', 1)[0]}"
-            if image and ext in IMAGE_EXTS and "image" not in out:
+            if image and ext in IMAGE_SUFFIXES and "image" not in out:
                 if size > MAX_IMAGE_BYTES:
                     raise EdgekdError(f"shard {name}: {ext} member of {size} bytes, more than {MAX_IMAGE_BYTES}; "
                                       "refused")
@@ -225,7 +224,7 @@ class LazyShards(streaming.LazyImages):
     def image(self, i: int) -> Any:
         name, members = self._members(i)
         if "image" not in members:
-            raise EdgekdError(f"shard {name}: sample has no image member ({', '.join(IMAGE_EXTS)}); other members "
+            raise EdgekdError(f"shard {name}: sample has no image member ({', '.join(IMAGE_SUFFIXES)}); other members "
                               "(.pyd, .pth, .pkl, ...) are never decoded")
         return members["image"]
 
