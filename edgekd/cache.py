@@ -388,7 +388,12 @@ def load_cache(path: str | Path, *, x: np.ndarray, augment_key: str, seed: int, 
 
 def data_key(x: Any) -> str:
     """The cache key of the inputs: sha256 of an array's bytes, or a streamed source's fingerprint (file list,
-    sizes, modification times, transform spec), so a folder is never read to check a key."""
+    sizes, modification times, transform spec), so a folder is never read to check a key. An iterable
+    (IterableDataset) source is refused: cached outputs are looked up by sample index, which it has not."""
+    if streaming.is_stream(x):
+        raise EdgekdError(f"teacher cache: a {type(x.base).__name__} (IterableDataset) source has no sample "
+                          "index to look cached teacher outputs up by; distill it online, or use a map-style "
+                          "Dataset, files or tar shards")
     return streaming.fingerprint(x) if streaming.is_lazy(x) else array_sha256(np.ascontiguousarray(x, np.float32))
 
 

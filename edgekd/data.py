@@ -279,10 +279,10 @@ def _dataset_source(ds: Any, where: str, cfg: DataConfig) -> tuple[streaming.Laz
     when it has them, else from reading each item once (one pass, nothing kept but the labels)."""
     import torch
 
-    if isinstance(ds, torch.utils.data.IterableDataset):
-        raise EdgekdError(f"{where}: {type(ds).__name__} is an IterableDataset; edgekd needs samples by index (resume "
-                          "mid-epoch, the teacher cache and the stratified splits address them by index): return "
-                          "map-style Datasets, or use an image folder, an .npz or tar shards (edgekd shards)")
+    if isinstance(ds, torch.utils.data.IterableDataset):   # read in its own order; one counting pass here
+        x, y, mean, std = streaming.stream_source(ds, where, loader_options(cfg))
+        x.stats = (mean, std)
+        return x, y
     if not hasattr(ds, "__getitem__") or not hasattr(ds, "__len__"):
         raise EdgekdError(f"{where}: {type(ds).__name__} has no len() and indexing; return map-style Datasets of "
                           "(input, label) pairs")
@@ -314,15 +314,16 @@ def _function(ref: str, cfg: DataConfig) -> dict[str, Any]:
         out = fn()
     except Exception as e:
         raise EdgekdError(f"data source {ref!r} raised {type(e).__name__}: {e}") from e
-    if isinstance(out, tuple) and len(out) == 2:
-        x_train, y_train = _dataset_source(out[0], f"data source {ref!r} train dataset", cfg)
-        x_test, y_test = _dataset_source(out[1], f"data source {ref!r} test dataset", cfg)
-        return {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test,
-                "report": {"source": "torch Datasets"}}
+    if isinstance(out, tuple) and len(out) in (2, 3):   # (train, test) or (train, val, test)
+        raw: dict[str, Any] = {"report": {"source": "torch Datasets"}}
+        for split, ds in zip(("train", "test") if len(out) == 2 else SPLITS, out, strict=True):
+            x, y = _dataset_source(ds, f"data source {ref!r} {split} dataset", cfg)
+            raw.update({f"x_{split}": x, f"y_{split}": y})
+        return raw
     if isinstance(out, dict):
         return dict(out)
     raise EdgekdError(f"data source {ref!r} returned {type(out).__name__}; expected a dict of arrays "
-                      "(x_train, y_train, x_test, y_test) or a (train, test) pair of Datasets")
+                      "(x_train, y_train, x_test, y_test) or a (train, test) or (train, val, test) tuple of Datasets")
 
 
 def _as_inputs(x: Any, name: str, where: str) -> np.ndarray:
@@ -445,6 +446,7 @@ def load_data(cfg: DataConfig, base_dir: str | Path = ".") -> Dataset:
 
     if "preprocess" not in raw and (cfg.resize is not None or cfg.crop is not None or cfg.skip_bad_images):
         raise EdgekdError(f"{where}: [data] resize, crop and skip_bad_images apply to image folders only")
+    _check_stream_keys(raw, cfg, where)
     rng = np.random.default_rng(cfg.seed)
     if "x" in raw:  # one pool: carve the test split
         x = _as_inputs(raw["x"], "x", where)
@@ -494,6 +496,8 @@ def load_data(cfg: DataConfig, base_dir: str | Path = ".") -> Dataset:
 
     if "x_val" in raw:   # the source's own validation split (an image folder's val/)
         x_val, y_val = raw["x_val"], _as_labels(raw["y_val"], len(raw["x_val"]), "y_val", where)
+    elif streaming.is_stream(x_train):   # no carve (_check_stream_keys): no validation split
+        x_val, y_val = np.zeros((0, *x_train.shape[1:]), np.float32), np.zeros(0, np.int64)
     else:
         tr, va = _split(len(x_train), cfg.val_fraction, rng, y_train)
         x_val, y_val = x_train.take(va, axis=0), y_train[va]
@@ -527,9 +531,23 @@ def load_data(cfg: DataConfig, base_dir: str | Path = ".") -> Dataset:
     report = dict(raw.get("report", {}))
     if lazy:
         report.update(streamed=True, workers=x_train.options.num_workers,
-                      statistics=_stats_origin(cfg, len(x_train)))
+                      statistics=_stats_origin(cfg, len(x_train), streaming.is_stream(x_train)))
     return Dataset(x_train, y_train, norm(x_val), y_val, norm(x_test), y_test, x_unl, class_names,
                    tuple(float(v) for v in mean), tuple(float(v) for v in std), spec, report)
+
+
+def _check_stream_keys(raw: dict[str, Any], cfg: DataConfig, where: str) -> None:
+    """What an iterable (IterableDataset) source cannot do, refused naming the key: its samples have no index,
+    so no carved validation split, no subsets, no labelled/unlabelled pools."""
+    if not any(streaming.is_stream(raw.get(k)) for k in ("x_train", "x_val", "x_test")):
+        return
+    asked = {"val_fraction": "x_val" not in raw and cfg.val_fraction > 0, "train_samples": cfg.train_samples,
+             "test_samples": cfg.test_samples, "labelled": cfg.labelled, "unlabeled": cfg.unlabeled}
+    bad = next((k for k, v in asked.items() if v is not None and v is not False), None)
+    if bad is not None:
+        fix = ("set it to 0 or return (train, val, test) datasets" if bad == "val_fraction" else "remove it")
+        raise EdgekdError(f"{where}: [data] {bad} needs samples by index, which an IterableDataset source does "
+                          f"not have; {fix}")
 
 
 def _statistics(cfg: DataConfig, x_train: Any, where: str) -> tuple[np.ndarray, np.ndarray]:
@@ -548,6 +566,8 @@ def _statistics(cfg: DataConfig, x_train: Any, where: str) -> tuple[np.ndarray, 
                                   f"{', '.join(NAMED_STATS)}")
     elif not cfg.normalize:
         mean, std = np.zeros(channels), np.ones(channels)
+    elif streaming.is_stream(x_train):   # from the counting pass, over every training input
+        mean, std = x_train.stats
     elif streaming.is_lazy(x_train):
         mean, std = streaming.channel_stats(x_train, cfg.stats_samples, cfg.seed)
     else:
@@ -557,11 +577,13 @@ def _statistics(cfg: DataConfig, x_train: Any, where: str) -> tuple[np.ndarray, 
     return np.atleast_1d(mean).astype(exact), np.atleast_1d(std).astype(exact)
 
 
-def _stats_origin(cfg: DataConfig, n: int) -> str:
+def _stats_origin(cfg: DataConfig, n: int, stream: bool = False) -> str:
     if cfg.mean is not None:
         return "[data] mean/std"
     if not cfg.normalize:
         return "none (normalize = false)"
+    if stream:
+        return f"computed over all {n} training inputs (the iterable source's counting pass)"
     return f"estimated from {min(n, cfg.stats_samples)} training inputs (seeded draw)"
 
 

@@ -335,9 +335,8 @@ def test_torch_dataset_sources_are_used_as_they_are(tmp_path):
     history = fit(model, d.x_train, d.y_train, ModelConfig(epochs=1, batch_size=8), device=torch.device("cpu"),
                   desc="t", progress=False, x_val=d.x_val, y_val=d.y_val)
     assert 0.0 <= history[0]["val_accuracy"] <= 1.0
-    with pytest.raises(EdgekdError, match=r"Stream is an IterableDataset; edgekd needs samples by index \(resume "
-                                          r"mid-epoch, the teacher cache .* an .npz or tar shards"):
-        load_data(DataConfig(source="tests.test_data:iterable_source"))
+    with pytest.raises(EdgekdError, match=r"train dataset: the stream is empty"):
+        load_data(DataConfig(source="tests.test_data:iterable_source", val_fraction=0.0))
 
 
 def test_image_keys_on_other_sources_are_refused():
