@@ -146,19 +146,20 @@ def _mapped_npz(path: Path, cfg: DataConfig) -> dict[str, Any]:
         raise EdgekdError(f"data {path}: not a readable .npz file ({type(e).__name__}: {e})") from None
     arrays: dict[str, Any] = {}
     for key, a in mapped.items():
-        if not key.startswith("x"):
-            arrays[key] = np.array(a)
-            continue
-        if a.dtype.kind not in "fiu" or a.ndim < 2:
-            raise EdgekdError(f"data {path}: {key} is {a.dtype} of shape {a.shape}; expected numbers (float, or "
-                              "uint8 images) of shape (samples, ...)")
-        item = (1, *a.shape[1:]) if a.ndim == 3 else tuple(a.shape[1:])
-        arrays[key] = streaming.LazyArray(a, item, 1 / 255 if a.dtype == np.uint8 else 1.0,
-                                          options=loader_options(cfg))
+        arrays[key] = _mapped_inputs(a, f"data {path}: {key}", cfg) if key.startswith("x") else np.array(a)
     if "class_names" in arrays:
         arrays["class_names"] = [str(c) for c in arrays["class_names"].tolist()]
     arrays["report"] = {"source": "memory-mapped .npz"}
     return arrays
+
+
+def _mapped_inputs(a: np.ndarray, where: str, cfg: DataConfig) -> streaming.LazyArray:
+    """A memory-mapped (samples, ...) array as a LazyArray read row by row (uint8 scaled by 1/255)."""
+    if a.dtype.kind not in "fiu" or a.ndim < 2:
+        raise EdgekdError(f"{where} is {a.dtype} of shape {a.shape}; expected numbers (float, or uint8 images) of "
+                          "shape (samples, ...)")
+    item = (1, *a.shape[1:]) if a.ndim == 3 else tuple(a.shape[1:])
+    return streaming.LazyArray(a, item, 1 / 255 if a.dtype == np.uint8 else 1.0, options=loader_options(cfg))
 
 
 def _class_folders(path: Path) -> dict[str, list[Path]]:
@@ -402,6 +403,44 @@ def load_pool(path: str | Path, raw_scale: bool = False) -> np.ndarray:
     return _as_inputs(x, "x", f"pool {path}") if raw_scale else x
 
 
+def pool_source(path: str | Path, cfg: DataConfig, spec: PreprocessSpec | None) -> Any:
+    """An unlabelled pool in [0, 1] scale, not normalized, never read whole when large: a folder of images (any
+    depth, every header checked like a source folder's) read through the source's eval transform `spec`; an
+    .npz (x or x_unlabeled) or .npy memory-mapped under the data source's rule ([data] memory_map, or larger
+    than MMAP_AUTO_BYTES); else loaded as load_pool does."""
+    path = Path(path)
+    if path.is_dir():
+        if spec is None:
+            raise EdgekdError(f"pool {path}: a folder of images needs an image folder (or shards) data source, "
+                              "whose eval transform it is read through")
+        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES
+                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        skipped: list[tuple[str, str]] = []
+        kept = _scan({"": files}, [""], spec, cfg, skipped)
+        if not kept:
+            raise EdgekdError(f"pool {path}: no readable images ({', '.join(IMAGE_SUFFIXES)}; {len(skipped)} skipped)")
+        shapes = {shape for _, _, shape in kept}
+        if len(shapes) > 1:
+            raise EdgekdError(f"pool {path}: images differ in size ({sorted(shapes)}); set [data] image_size")
+        return streaming.LazyImages([f for f, _, _ in kept], spec, kept[0][2], cfg.max_pixels, loader_options(cfg))
+    mapped = cfg.memory_map if cfg.memory_map is not None else path.is_file() and path.stat().st_size > MMAP_AUTO_BYTES
+    if not mapped or not path.is_file():
+        return load_pool(path, raw_scale=True)
+    try:
+        if path.suffix == ".npy":
+            a = np.load(path, mmap_mode="r", allow_pickle=False)
+        else:
+            arrays = streaming.map_npz(path)
+            a = next((arrays[k] for k in ("x", "x_unlabeled") if k in arrays), None)
+            if a is None:
+                raise EdgekdError(f"pool {path}: expected an array 'x' or 'x_unlabeled', found {', '.join(arrays)}")
+    except EdgekdError:
+        raise
+    except Exception as e:
+        raise EdgekdError(f"pool {path}: not a readable .npz/.npy ({type(e).__name__}: {e})") from None
+    return _mapped_inputs(a, f"pool {path}: x", cfg)
+
+
 def _numbered_classes(num_classes: int | None, splits: tuple[Any, ...], where: str) -> tuple[str, ...]:
     """Class names "0".."K-1" for a source without class_names. K is [data].num_classes when given; otherwise the
     labels must be 0..K-1 with none missing: one stray label (99 among 0..9) would silently make a 100-class task."""
@@ -473,7 +512,7 @@ def load_data(cfg: DataConfig, base_dir: str | Path = ".") -> Dataset:
                           f"{x_test.shape[1:]}; they must match")
     x_unl = raw.get("x_unlabeled")
     if cfg.unlabeled:
-        x_unl = load_pool(Path(base_dir) / Path(cfg.unlabeled).expanduser(), raw_scale=True)
+        x_unl = pool_source(Path(base_dir) / Path(cfg.unlabeled).expanduser(), cfg, raw.get("preprocess"))
     if x_unl is not None:
         x_unl = _as_inputs(x_unl, "x_unlabeled", where)
         if x_unl.shape[1:] != x_train.shape[1:]:
@@ -505,9 +544,6 @@ def load_data(cfg: DataConfig, base_dir: str | Path = ".") -> Dataset:
     if len(x_train) == 0:
         raise EdgekdError(f"{where}: no training samples left after the test/validation splits")
     lazy = streaming.is_lazy(x_train)
-    if lazy and (x_unl is not None or cfg.labelled is not None):
-        raise EdgekdError(f"{where}: [data] unlabeled and labelled are not supported with streamed sources (image "
-                          "folders, memory-mapped or Dataset sources) yet; use an .npz source for them")
 
     mean, std = _statistics(cfg, x_train, where)
 
@@ -521,10 +557,10 @@ def load_data(cfg: DataConfig, base_dir: str | Path = ".") -> Dataset:
 
     x_train, x_unl = norm(x_train), norm(x_unl)
     if cfg.labelled is not None:
-        keep = labelled_subset(y_train, cfg.labelled, cfg.seed, where)
-        pool = x_train[np.setdiff1d(np.arange(len(x_train)), keep)]
-        x_unl = pool if x_unl is None else np.concatenate([pool, x_unl])
-        x_train, y_train = x_train[keep], y_train[keep]
+        keep = labelled_subset(y_train, cfg.labelled, cfg.seed, where)   # indexed: a lazy split stays lazy
+        pool = x_train.take(np.setdiff1d(np.arange(len(x_train)), keep), axis=0)
+        x_unl = pool if x_unl is None else streaming.concat([pool, x_unl])
+        x_train, y_train = x_train.take(keep, axis=0), y_train[keep]
     spec = raw.get("preprocess")
     if spec is not None:
         spec = replace(spec, mean=tuple(float(v) for v in mean), std=tuple(float(v) for v in std))

@@ -179,7 +179,7 @@ def transfer_set(data: Dataset) -> tuple[np.ndarray, np.ndarray]:
     """What the distilled student learns from: the labelled training split plus the unlabelled pool (label -1)."""
     if data.x_unlabeled is None or not len(data.x_unlabeled):
         return data.x_train, data.y_train
-    return (np.concatenate([data.x_train, data.x_unlabeled]),
+    return (streaming.concat([data.x_train, data.x_unlabeled]),   # lazy splits stay lazy (nothing read)
             np.concatenate([data.y_train, np.full(len(data.x_unlabeled), -1, np.int64)]))
 
 

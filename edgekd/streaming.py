@@ -340,6 +340,45 @@ def stream_order(x: LazyStream, batch: int, rank: int, world: int) -> Any:
     return torch.from_numpy(np.concatenate(blocks))
 
 
+class LazyConcat(_Lazy):
+    """Samples of several parts (arrays or lazy sources, each already normalized) one after another: the
+    training split followed by an unlabelled pool, without reading either. Row r of the base is sample
+    r - offset[p] of part p."""
+
+    def __init__(self, parts: Sequence[Any], options: LoaderOptions) -> None:
+        self.parts = tuple(parts)
+        self.offsets = np.cumsum([0] + [len(p) for p in self.parts])
+        self.item_shape = tuple(self.parts[0].shape[1:])
+        self.rows, self.options = np.arange(int(self.offsets[-1])), options
+
+    def _part(self, i: int) -> tuple[Any, int]:
+        p = int(np.searchsorted(self.offsets, i, side="right")) - 1
+        return self.parts[p], i - int(self.offsets[p])
+
+    def read(self, i: int) -> np.ndarray:
+        part, j = self._part(i)
+        return np.asarray(part[j], dtype=np.float32)
+
+    def raw(self, i: int) -> np.ndarray:
+        part, j = self._part(i)
+        return part.raw(int(part.rows[j])) if is_lazy(part) else np.asarray(part[j], dtype=np.float32)
+
+    def identity(self) -> list[str]:
+        """The parts' keys (fingerprints, or sha256 of arrays) and this view's rows."""
+        from edgekd.teachers import array_sha256
+
+        return [fingerprint(p) if is_lazy(p) else array_sha256(np.ascontiguousarray(p, np.float32))
+                for p in self.parts] + [array_sha256(self.rows)]
+
+
+def concat(parts: Sequence[Any]) -> Any:
+    """The parts one after another: np.concatenate for arrays, a LazyConcat (nothing read) when one is lazy."""
+    lazy = [p for p in parts if is_lazy(p)]
+    if not lazy:
+        return np.concatenate(parts)
+    return LazyConcat(parts, lazy[0].options)
+
+
 def map_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """The arrays of an .npz written by numpy.savez, each memory-mapped from the zip (members are stored, not
     compressed: a member's bytes are an .npy file at a fixed offset). Compressed members are refused."""
@@ -377,6 +416,8 @@ def fingerprint(x: Any) -> str:
         payload = x.identity()
     elif isinstance(x, LazyStream):   # cannot be named without reading it: a key of this load only, never reused
         payload = {"stream": type(x.base).__name__, "load": x.token}
+    elif isinstance(x, LazyConcat):
+        payload = {"concat": x.identity()}
     elif isinstance(x, LazyArray) and isinstance(x.base, np.memmap):
         st = os.stat(x.base.filename)
         payload = {"file": [x.base.filename, st.st_size, st.st_mtime_ns], "offset": x.base.offset,
