@@ -640,10 +640,13 @@ def labelled_subset(y: np.ndarray, labelled: int | float, seed: int, where: str)
 
 
 def normalize_like(data: Dataset, x: np.ndarray) -> np.ndarray:
-    """Apply the training split's normalization to another array of raw inputs (an unlabelled pool)."""
+    """Apply the training split's normalization to another array of raw inputs (an unlabelled pool); a lazy
+    pool (`pool_source`) stays lazy, normalized as it is read."""
     x = _as_inputs(x, "x", "pool")
     if x.shape[1:] != data.input_shape:
         raise EdgekdError(f"pool: samples have shape {x.shape[1:]}, the model expects {data.input_shape}")
+    if streaming.is_lazy(x):
+        return x.normalized(tuple(data.mean), tuple(data.std))
     mean, std = np.asarray(data.mean, np.float32), np.asarray(data.std, np.float32)
     shape = (1, -1, 1, 1) if x.ndim == 4 else (1, -1) if len(mean) > 1 else (1,) * x.ndim
     return ((x - mean.reshape(shape)) / std.reshape(shape)).astype(np.float32)

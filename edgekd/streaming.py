@@ -367,8 +367,7 @@ class LazyConcat(_Lazy):
         """The parts' keys (fingerprints, or sha256 of arrays) and this view's rows."""
         from edgekd.teachers import array_sha256
 
-        return [fingerprint(p) if is_lazy(p) else array_sha256(np.ascontiguousarray(p, np.float32))
-                for p in self.parts] + [array_sha256(self.rows)]
+        return [data_key(p) for p in self.parts] + [array_sha256(self.rows)]
 
 
 def concat(parts: Sequence[Any]) -> Any:
@@ -403,6 +402,14 @@ def map_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
             out[key] = np.memmap(path, dtype=dtype, mode="r", offset=f.tell(), shape=shape,
                                  order="F" if fortran else "C")
     return out
+
+
+def data_key(x: Any) -> str:
+    """sha256 naming inputs for a cache or labels key: an array's float32 bytes (teachers.array_sha256), or
+    a lazy source's fingerprint, so a folder is never read to check a key."""
+    from edgekd.teachers import array_sha256
+
+    return fingerprint(x) if is_lazy(x) else array_sha256(np.ascontiguousarray(x, np.float32))
 
 
 def fingerprint(x: Any) -> str:

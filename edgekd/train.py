@@ -34,11 +34,12 @@ class KDConfig:
 class OfflineTargets:
     """Teacher outputs computed before training (labels from `edgekd label`, or the teacher cache).
 
-    `fetch(epoch, sample_indices)` returns (the inputs the teacher saw, or None for the stored ones,
-    top-k values, top-k class indices); the loss is topk_kd_loss at `temperature`.
+    `fetch(epoch, sample_indices, batch)` (batch: those samples as the feed read them, a tensor on the
+    training device, so nothing is read twice) returns (the inputs the teacher saw, or None for the stored
+    ones, top-k values, top-k class indices); the loss is topk_kd_loss at `temperature`.
     """
 
-    fetch: Callable[[int, np.ndarray], tuple[np.ndarray | None, np.ndarray, np.ndarray]]
+    fetch: Callable[[int, np.ndarray, torch.Tensor], tuple[np.ndarray | None, np.ndarray, np.ndarray]]
     temperature: float
     alpha: float
     values_are: str = "logits"
@@ -355,7 +356,7 @@ def fit(model: nn.Module, x: np.ndarray, y: np.ndarray, cfg: ModelConfig, *, dev
                 if augment is not None:
                     xb, mix = augment(xb, step_generator(seed, epoch, step))
                 if offline is not None:
-                    views, top_v, top_i = offline.fetch(epoch, idx.numpy())
+                    views, top_v, top_i = offline.fetch(epoch, idx.numpy(), xb)
                     if views is not None:
                         xb = torch.from_numpy(views).to(device)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):

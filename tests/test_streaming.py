@@ -21,6 +21,23 @@ def _folder(root, per_class=20):
     return root
 
 
+def record_decodes(monkeypatch, log):
+    """Every image decode appends its process id to `log` (DataLoader workers are forked and inherit the
+    patch); returns a function listing them."""
+    import os
+
+    import edgekd.streaming as st
+
+    real = st.apply
+
+    def apply(*args, **kwargs):
+        with open(log, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        return real(*args, **kwargs)
+    monkeypatch.setattr(st, "apply", apply)
+    return lambda: [int(p) for p in log.read_text().split()] if log.exists() else []
+
+
 class _Crash(Exception):
     pass
 
