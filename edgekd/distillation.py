@@ -484,7 +484,8 @@ def _label(recipe: Recipe, teacher: str, out: Path, pool: str | Path | None, top
     t = load_black_box(teacher, model_spec=recipe.teacher.model if str(teacher).endswith(".safetensors") else None,
                        input_shape=data.input_shape, num_classes=data.num_classes, timeout_s=timeout_s)
     manifest = teacher_labels.label_pool(t, x, out, shard_size=shard_size, temperature=temperature, top_k=top_k,
-                                         num_classes=data.num_classes, progress=progress)
+                                         num_classes=data.num_classes, progress=progress,
+                                         batch_size=_teacher_batch(data.input_shape))
     if pool is not None:   # `distill --labels` finds the pool here (its sha256 is in the manifest)
         fileio.write_json(Path(out) / POOL_SOURCE, {"pool": str(Path(pool).resolve())})
     kept, report = teacher_labels.filter_labels(teacher_labels.read_labels(out, pool=x),
@@ -518,7 +519,16 @@ def _cache_teacher(recipe: Recipe, out: Path, top_k: int, epochs: int, augment: 
     aug = teacher_cache.make_augment(augment)
     return teacher_cache.build_cache(t, transfer_set(data)[0], out / "teacher-cache", top_k=top_k,
                                      epochs=epochs if aug is not None else 1, augment=aug, seed=seed,
-                                     augment_key=teacher_cache.augment_key_of(aug), progress=progress)
+                                     augment_key=teacher_cache.augment_key_of(aug), progress=progress,
+                                     batch_size=_teacher_batch(data.input_shape))
+
+
+def _teacher_batch(input_shape: tuple[int, ...]) -> int:
+    """Batch of a teacher pass (label, cache-teacher): at most 256 inputs and EVAL_BATCH_BYTES of them (111
+    RGB images of 224x224), so a batch in flight from the workers stays bounded; outputs do not depend on it."""
+    from edgekd.train import EVAL_BATCH_BYTES
+
+    return max(1, min(256, EVAL_BATCH_BYTES // (4 * math.prod(input_shape))))
 
 
 def metrics_table(metrics: dict[str, Any]) -> str:
