@@ -26,7 +26,6 @@ Training loss: `edgekd.losses.topk_soft_target_loss(s, values, indices, T, value
 
 from __future__ import annotations
 
-import datetime
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -35,12 +34,12 @@ from typing import Any
 
 import numpy as np
 
-from edgekd import fileio, streaming
+from edgekd import fileio, manifest_folder, streaming
 from edgekd.errors import EdgekdError
 from edgekd.teachers import TeacherOutput, teacher_identity, teacher_name, validate_output
 
 FORMAT = "edgekd-teacher-cache/1"
-MANIFEST = "manifest.json"
+MANIFEST = manifest_folder.MANIFEST
 Augment = Callable[[np.ndarray, np.random.Generator], np.ndarray]
 KEY_FIELDS = ("x_sha256", "augment", "seed", "epochs", "top_k", "teacher")
 
@@ -190,10 +189,6 @@ class TeacherCache:
         return self.values[stored][idx].astype(np.float32), self.indices[stored][idx].astype(np.int64)
 
 
-def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-
-
 def _as_topk_logits(out: TeacherOutput, top_k: int, who: str) -> tuple[np.ndarray, np.ndarray, str]:
     """Top-k logits (descending, row max shifted to 0) and indices from a teacher batch."""
     if out.kind == "labels":
@@ -221,32 +216,14 @@ REMEDY = "delete the cache folder and rebuild it with `edgekd cache-teacher`"
 
 
 def _read_manifest(cache_dir: Path) -> dict[str, Any]:
-    """The cache manifest: bounded JSON, its own checksum, the fields this module reads, every file a plain name."""
-    what = f"teacher cache manifest {cache_dir / MANIFEST}"
-    manifest = fileio.read_json(cache_dir, MANIFEST, what=what, remedy=REMEDY)
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise EdgekdError(f"{what}: not an edgekd teacher cache (expected format {FORMAT!r})")
-    fileio.check_signed(manifest, what=what, remedy=REMEDY)
-    fileio.check_fields(manifest, {"x_sha256": "sha256", "samples": "count", "input_shape": "shape",
-                                   "epochs": "count", "stored_epochs": "count", "top_k": "count", "seed": "index",
-                                   "augment": "str", "teacher": "str", "files": "list", "top_k_stored": "count",
-                                   "num_classes": "count", "teacher_output": "str"},
-                        what=what, remedy=REMEDY, optional=("top_k_stored", "num_classes", "teacher_output"))
-    for entry in manifest["files"]:
-        fileio.check_fields(entry, {"epoch": "index", "file": "str", "sha256": "sha256"},
-                            what=f"{what}: file entry", remedy=REMEDY)
-        fileio.check_name(entry["file"], what=what, remedy=REMEDY)
-    return manifest
-
-
-def _file_ok(cache_dir: Path, entry: dict[str, Any]) -> bool:
-    """An epoch file is kept on resume only when it is a regular file inside the folder with the recorded sha256."""
-    try:
-        fileio.verify_confined(cache_dir, entry["file"], entry["sha256"], what=f"teacher cache {cache_dir}",
-                               remedy=REMEDY)
-    except EdgekdError:
-        return False
-    return True
+    """The cache manifest, checked (manifest_folder.read_manifest) for the fields this module reads."""
+    return manifest_folder.read_manifest(
+        cache_dir, kind="teacher cache", fmt=FORMAT, remedy=REMEDY, entries="files",
+        fields={"x_sha256": "sha256", "samples": "count", "input_shape": "shape", "epochs": "count",
+                "stored_epochs": "count", "top_k": "count", "seed": "index", "augment": "str", "teacher": "str",
+                "files": "list", "top_k_stored": "count", "num_classes": "count", "teacher_output": "str"},
+        optional=("top_k_stored", "num_classes", "teacher_output"),
+        entry_fields={"epoch": "index", "file": "str", "sha256": "sha256"})
 
 
 def read_manifest(cache_dir: str | Path) -> dict[str, Any]:
@@ -298,8 +275,9 @@ def build_cache(teacher: Any, x: np.ndarray, out_path: str | Path, *, top_k: int
         manifest = {"format": FORMAT, **key, "samples": int(len(x)), "input_shape": list(x.shape[1:]),
                     "stored_epochs": 1 if augment is None else epochs, "values": "logits",
                     "teacher_output": None, "top_k_stored": None, "num_classes": None, "files": [],
-                    "complete": False, "created": _now(), "edgekd_version": _version()}
-    files = {e["epoch"]: e for e in manifest["files"] if _file_ok(out, e)}
+                    "complete": False, "created": manifest_folder.now(),
+                    "edgekd_version": manifest_folder.version()}
+    files = {e["epoch"]: e for e in manifest["files"] if manifest_folder.entry_ok(out, e, "teacher cache", REMEDY)}
     manifest["files"] = sorted(files.values(), key=lambda e: e["epoch"])
     if manifest.get("complete") and len(files) == manifest["stored_epochs"]:
         return manifest
@@ -319,7 +297,7 @@ def build_cache(teacher: Any, x: np.ndarray, out_path: str | Path, *, top_k: int
         manifest["files"] = sorted(files.values(), key=lambda e: e["epoch"])
         manifest = fileio.write_signed_json(mpath, manifest)
     manifest["complete"] = True
-    manifest["completed"] = _now()
+    manifest["completed"] = manifest_folder.now()
     return fileio.write_signed_json(mpath, manifest)
 
 
@@ -422,9 +400,3 @@ def data_key(x: Any) -> str:
                           "index to look cached teacher outputs up by; distill it online, or use a map-style "
                           "Dataset, files or tar shards")
     return streaming.data_key(x)
-
-
-def _version() -> str:
-    from edgekd.bundle import edgekd_version
-
-    return edgekd_version()

@@ -24,7 +24,6 @@ manifest written for another teacher, pool or settings is refused rather than mi
 
 from __future__ import annotations
 
-import datetime
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -32,12 +31,12 @@ from typing import Any
 
 import numpy as np
 
-from edgekd import fileio, streaming
+from edgekd import fileio, manifest_folder, streaming
 from edgekd.errors import EdgekdError
 from edgekd.teachers import TeacherOutput, teacher_identity, teacher_name, validate_output
 
 FORMAT = "edgekd-labels/1"
-MANIFEST = "manifest.json"
+MANIFEST = manifest_folder.MANIFEST
 KEEP = ("auto", "topk", "labels")
 # Settings that must match for a rerun to resume into an existing folder.
 RESUME_KEYS = ("teacher", "pool_sha256", "samples", "temperature", "top_k", "keep", "shard_size")
@@ -67,10 +66,6 @@ class Labels:
             return None if a is None else a.take(rows, axis=0)
         return replace(self, indices=self.indices[rows], labels=self.labels[rows], confidence=take(self.confidence),
                        topk_probs=take(self.topk_probs), topk_indices=take(self.topk_indices))
-
-
-def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 def _index_dtype(num_classes: int | None, max_index: int) -> type:
@@ -120,30 +115,13 @@ SHARD_FIELDS = {"file": "str", "start": "index", "stop": "count", "sha256": "sha
 
 
 def _read_manifest(out_dir: Path) -> dict[str, Any]:
-    """The labels manifest: bounded JSON, its own checksum, the fields this module reads, every shard a plain name."""
-    what = f"labels manifest {out_dir / MANIFEST}"
-    manifest = fileio.read_json(out_dir, MANIFEST, what=what, remedy=REMEDY)
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise EdgekdError(f"{what}: not an edgekd labels manifest (expected format {FORMAT!r})")
-    fileio.check_signed(manifest, what=what, remedy=REMEDY)
-    fileio.check_fields(manifest, {"samples": "count", "shard_size": "count", "temperature": "positive",
-                                   "top_k": "count", "input_shape": "shape", "pool_sha256": "sha256",
-                                   "shards": "list", "num_classes": "count", "top_k_stored": "count",
-                                   "teacher": "str", "keep": "str", "output_kind": "str", "stored": "str"},
-                        what=what, remedy=REMEDY, optional=("num_classes", "top_k_stored", "output_kind", "stored"))
-    for entry in manifest["shards"]:
-        fileio.check_fields(entry, SHARD_FIELDS, what=f"{what}: shard entry", remedy=REMEDY)
-        fileio.check_name(entry["file"], what=what, remedy=REMEDY)
-    return manifest
-
-
-def _shard_ok(out_dir: Path, entry: dict[str, Any]) -> bool:
-    """A shard is kept on resume only when it is a regular file inside the folder with the recorded sha256."""
-    try:
-        fileio.verify_confined(out_dir, entry["file"], entry["sha256"], what=f"labels {out_dir}", remedy=REMEDY)
-    except EdgekdError:
-        return False
-    return True
+    """The labels manifest, checked (manifest_folder.read_manifest) for the fields this module reads."""
+    return manifest_folder.read_manifest(
+        out_dir, kind="labels", fmt=FORMAT, remedy=REMEDY, entries="shards", entry_fields=SHARD_FIELDS,
+        fields={"samples": "count", "shard_size": "count", "temperature": "positive", "top_k": "count",
+                "input_shape": "shape", "pool_sha256": "sha256", "shards": "list", "num_classes": "count",
+                "top_k_stored": "count", "teacher": "str", "keep": "str", "output_kind": "str", "stored": "str"},
+        optional=("num_classes", "top_k_stored", "output_kind", "stored"))
 
 
 def label_pool(teacher: Any, pool: np.ndarray, out_dir: str | Path, *, shard_size: int = 1024,
@@ -183,8 +161,9 @@ def label_pool(teacher: Any, pool: np.ndarray, out_dir: str | Path, *, shard_siz
     else:
         manifest = {"format": FORMAT, **settings, "input_shape": list(pool.shape[1:]), "output_kind": None,
                     "stored": None, "top_k_stored": None, "num_classes": num_classes, "renormalized": None,
-                    "shards": [], "complete": False, "created": _now(), "edgekd_version": _version()}
-    done = {e["file"]: e for e in manifest["shards"] if _shard_ok(out_dir, e)}
+                    "shards": [], "complete": False, "created": manifest_folder.now(),
+                    "edgekd_version": manifest_folder.version()}
+    done = {e["file"]: e for e in manifest["shards"] if manifest_folder.entry_ok(out_dir, e, "labels", REMEDY)}
     manifest["shards"] = [e for e in manifest["shards"] if e["file"] in done]
     if len(done) == n_shards and manifest.get("complete"):
         return manifest
@@ -209,7 +188,7 @@ def label_pool(teacher: Any, pool: np.ndarray, out_dir: str | Path, *, shard_siz
             bar.update()
     bar.close()
     manifest["complete"] = True
-    manifest["completed"] = _now()
+    manifest["completed"] = manifest_folder.now()
     return fileio.write_signed_json(mpath, manifest)
 
 
@@ -263,12 +242,6 @@ def _shard_arrays(start: int, stop: int, parts: list[tuple], manifest: dict[str,
         arrays["topk_probs"] = probs.astype(np.float16)
         arrays["topk_indices"] = idx.astype(_index_dtype(manifest["num_classes"], int(idx.max())))
     return arrays
-
-
-def _version() -> str:
-    from edgekd.bundle import edgekd_version
-
-    return edgekd_version()
 
 
 def read_labels(out_dir: str | Path, *, pool: np.ndarray | None = None) -> Labels:
