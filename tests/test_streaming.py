@@ -42,6 +42,17 @@ class _Crash(Exception):
     pass
 
 
+def _crash_at_call(module, n):
+    """Raise _Crash on the module's n-th forward call (as a killed process would stop); never with n None."""
+    calls = [0]
+
+    def hook(*_):
+        calls[0] += 1
+        if calls[0] == n:
+            raise _Crash
+    module.register_forward_hook(hook)
+
+
 def test_a_run_interrupted_mid_epoch_resumes_with_workers_to_the_same_weights(tmp_path):
     """Training from a streamed folder through a DataLoader worker, stopped in the middle of epoch 2 (the
     teacher raises, as a killed process would stop), resumed from the step checkpoint: same weights as a run
@@ -53,13 +64,7 @@ def test_a_run_interrupted_mid_epoch_resumes_with_workers_to_the_same_weights(tm
         torch.manual_seed(0)
         student = build_model("cnn:widths=4", d.input_shape, d.num_classes)
         teacher = build_model("cnn:widths=6", d.input_shape, d.num_classes)
-        calls = [0]
-
-        def hook(*_):
-            calls[0] += 1
-            if calls[0] == crash_at:
-                raise _Crash
-        teacher.register_forward_hook(hook)
+        _crash_at_call(teacher, crash_at)
         from edgekd.train import KDConfig
 
         fit(student, d.x_train, d.y_train, cfg, device=torch.device("cpu"), desc="s", progress=False,
@@ -204,13 +209,7 @@ def test_a_stream_resumes_mid_epoch_to_the_same_weights(tmp_path):
     def run(ckpt, crash_at=None, resume=False):
         torch.manual_seed(0)
         model = build_model("mlp:hidden=8", d.input_shape, d.num_classes)
-        calls = [0]
-
-        def hook(*_):
-            calls[0] += 1
-            if calls[0] == crash_at:
-                raise _Crash
-        model.register_forward_hook(hook)
+        _crash_at_call(model, crash_at)
         fit(model, d.x_train, d.y_train, cfg, device=torch.device("cpu"), desc="s", progress=False,
             checkpoint=ckpt, resume=resume)
         return torch.cat([p.detach().flatten() for p in model.parameters()])
