@@ -154,6 +154,7 @@ def profile_bundle(bundle_dir: str | Path, *, batch_sizes: tuple[int, ...] | Non
         "test_accuracy": test.get("accuracy"),
         "test_agreement": test.get("agreement"),
         "test_samples": test.get("samples"),
+        "test_per_class": test.get("per_class"),
         "peak_rss_mb": float(peak),
         "rss_growth_mb": (float(rss_after - rss_before) if rss_before is not None and rss_after is not None
                           else None),
@@ -179,12 +180,20 @@ def batches_of(x: np.ndarray, y: np.ndarray, ref: np.ndarray | None, *, size: in
 def score(engine: Any, batches: Iterable[Batch]) -> dict[str, Any]:
     """Top-1 accuracy mean(argmax(engine(x)) == y) and agreement mean(argmax(engine(x)) == argmax(reference))
     over batches (x normalized, y, reference logits or None), so a test split of any size streams through the
-    engine (Engine.logits splits and pads to its batch range). input_range: the smallest and largest input."""
-    correct = agree = n = 0
+    engine (Engine.logits splits and pads to its batch range). input_range: the smallest and largest input.
+    per_class: edgekd.report.per_class_accuracy of the predictions (None when a label is not a class id)."""
+    from edgekd.report import per_class_accuracy
+
+    correct = agree = n = classes = 0
     with_ref = True
     lo, hi = np.inf, -np.inf
+    labels, predicted = [], []
     for x, y, ref in batches:
-        top1 = engine.logits(x).argmax(axis=1)
+        logits = engine.logits(x)
+        top1 = logits.argmax(axis=1)
+        classes = logits.shape[1]
+        labels.append(np.asarray(y).ravel())
+        predicted.append(top1)
         correct += int(np.sum(top1 == np.asarray(y)))
         if ref is None:
             with_ref = False
@@ -193,8 +202,12 @@ def score(engine: Any, batches: Iterable[Batch]) -> dict[str, Any]:
         n += len(x)
         if len(x):
             lo, hi = min(lo, float(np.min(x))), max(hi, float(np.max(x)))
+    try:
+        per_class = per_class_accuracy(np.concatenate(labels), np.concatenate(predicted), classes) if n else None
+    except (EdgekdError, TypeError, ValueError):   # labels that are not class ids: no per-class figures
+        per_class = None
     return {"accuracy": correct / n if n else None, "agreement": agree / n if n and with_ref else None,
-            "samples": n, "input_range": [lo, hi] if n else None}
+            "samples": n, "input_range": [lo, hi] if n else None, "per_class": per_class}
 
 
 def format_table(result: dict) -> str:
