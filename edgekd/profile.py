@@ -177,13 +177,26 @@ def batches_of(x: np.ndarray, y: np.ndarray, ref: np.ndarray | None, *, size: in
                None if ref is None else np.asarray(ref[i:i + size]))
 
 
+def per_class_accuracy(labels: Any, predictions: Any, num_classes: int) -> dict[str, list]:
+    """Per class c: samples[c] = #(label == c), correct[c] = #(label == c and prediction == c) and
+    accuracy[c] = correct[c] / samples[c] (None for a class with no test sample: nothing to divide by)."""
+    y, p = np.asarray(labels).ravel(), np.asarray(predictions).ravel()
+    if y.shape != p.shape:
+        raise EdgekdError(f"per-class accuracy: {len(y)} labels but {len(p)} predictions; expected one each")
+    if len(y) and (y.min() < 0 or y.max() >= num_classes):
+        raise EdgekdError(f"per-class accuracy: labels range {y.min()}..{y.max()}; expected class ids "
+                          f"0..{num_classes - 1}")
+    samples = np.bincount(y, minlength=num_classes)
+    correct = np.bincount(y[p == y], minlength=num_classes)
+    return {"samples": samples.tolist(), "correct": correct.tolist(),
+            "accuracy": [c / n if n else None for c, n in zip(correct.tolist(), samples.tolist(), strict=True)]}
+
+
 def score(engine: Any, batches: Iterable[Batch]) -> dict[str, Any]:
     """Top-1 accuracy mean(argmax(engine(x)) == y) and agreement mean(argmax(engine(x)) == argmax(reference))
     over batches (x normalized, y, reference logits or None), so a test split of any size streams through the
     engine (Engine.logits splits and pads to its batch range). input_range: the smallest and largest input.
-    per_class: edgekd.report.per_class_accuracy of the predictions (None when a label is not a class id)."""
-    from edgekd.report import per_class_accuracy
-
+    per_class: per_class_accuracy of the predictions (None when a label is not a class id)."""
     correct = agree = n = classes = 0
     with_ref = True
     lo, hi = np.inf, -np.inf

@@ -145,21 +145,10 @@ def build_report(models: dict[str, Any], engines: list[dict[str, Any]], skipped:
     return report
 
 
-def per_class_accuracy(labels: Any, predictions: Any, num_classes: int) -> dict[str, list]:
-    """Per class c: samples[c] = #(label == c), correct[c] = #(label == c and prediction == c) and
-    accuracy[c] = correct[c] / samples[c] (None for a class with no test sample: nothing to divide by)."""
-    import numpy as np
-
-    y, p = np.asarray(labels).ravel(), np.asarray(predictions).ravel()
-    if y.shape != p.shape:
-        raise EdgekdError(f"per-class accuracy: {len(y)} labels but {len(p)} predictions; expected one each")
-    if len(y) and (y.min() < 0 or y.max() >= num_classes):
-        raise EdgekdError(f"per-class accuracy: labels range {y.min()}..{y.max()}; expected class ids "
-                          f"0..{num_classes - 1}")
-    samples = np.bincount(y, minlength=num_classes)
-    correct = np.bincount(y[p == y], minlength=num_classes)
-    return {"samples": samples.tolist(), "correct": correct.tolist(),
-            "accuracy": [c / n if n else None for c, n in zip(correct.tolist(), samples.tolist(), strict=True)]}
+def _lost_first(row: dict[str, Any]) -> tuple[bool, float, float]:
+    """Sort key: lowest retention first (none last); equal retention: more accuracy points lost first."""
+    lost = (row.get("student") or 0.0) - (row.get("teacher") or 0.0)
+    return row["retention"] is None, row["retention"] or 0.0, lost
 
 
 def per_class(models: dict[str, Any], engines: list[dict[str, Any]],
@@ -184,8 +173,7 @@ def per_class(models: dict[str, Any], engines: list[dict[str, Any]],
         t, s = row.get("teacher"), row.get("student")
         row["retention"] = s / t if t and s is not None else None
         rows.append(row)
-    losing = sorted((r for r in rows if r["retention"] is not None and r["retention"] < 1),
-                    key=lambda r: (r["retention"], r["student"] - r["teacher"]))   # ties: more points lost first
+    losing = sorted((r for r in rows if r["retention"] is not None and r["retention"] < 1), key=_lost_first)
     return {"columns": list(columns), "student_engine": student_engine if "student_engine" in columns else None,
             "rows": rows, "loses_most": [r["class"] for r in losing[:LOSES_MOST]],
             "no_test_samples": [r["class"] for r in rows if not r["samples"]],
@@ -309,7 +297,7 @@ def _shown_classes(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """All classes when they fit a table or plot, else the PLOTTED_CLASSES with the lowest retention."""
     if len(rows) <= PLOTTED_CLASSES:
         return rows
-    return sorted(rows, key=lambda r: (r["retention"] is None, r["retention"] or 0.0))[:PLOTTED_CLASSES]
+    return sorted(rows, key=_lost_first)[:PLOTTED_CLASSES]
 
 
 def per_class_lines(pc: dict[str, Any]) -> list[str]:

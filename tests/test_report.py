@@ -8,6 +8,7 @@ import json
 import pytest
 
 from edgekd.errors import EdgekdError
+from edgekd.profile import per_class_accuracy
 from edgekd.report import (
     accuracy_ci,
     build_report,
@@ -16,7 +17,6 @@ from edgekd.report import (
     int8_notes,
     markdown,
     per_class,
-    per_class_accuracy,
 )
 from tests.test_cli import edgekd
 
