@@ -508,9 +508,10 @@ class _EpochSampler:
 class Feed:
     """Batches of `x` for lists of index chunks; one per training run, so the workers outlive epochs. An
     iterable source (LazyStream) is read in blocks of `batch_size` for this DDP rank; its chunks must come
-    from `stream_order`."""
+    from `stream_order` (or be consecutive blocks from 0 with ranks = (0, 1))."""
 
-    def __init__(self, x: Any, pin: bool = False, batch_size: int | None = None) -> None:
+    def __init__(self, x: Any, pin: bool = False, batch_size: int | None = None,
+                 ranks: tuple[int, int] | None = None) -> None:
         import torch
 
         self.x = x
@@ -520,11 +521,11 @@ class Feed:
             return
         o = x.options
         workers = o.num_workers
-        if isinstance(x, LazyStream):
+        if isinstance(x, LazyStream):   # this DDP rank's blocks (`ranks`: (rank, world); default: torchrun's)
             from edgekd import distributed
 
-            dataset, self.sampler = __getattr__("_Blocks")(x, batch_size, distributed.rank(),
-                                                           distributed.world_size()), None
+            rank, world = ranks or (distributed.rank(), distributed.world_size())
+            dataset, self.sampler = __getattr__("_Blocks")(x, batch_size, rank, world), None
         else:
             dataset, self.sampler = x, _EpochSampler()
         batching = {"batch_size": None} if self.sampler is None else {"batch_sampler": self.sampler,
@@ -613,7 +614,7 @@ def batches(x: Any, chunks: Sequence[Any], y: Any = None) -> Iterator[Any]:
     if is_lazy(x):
         x = x.with_options(replace(x.options, persistent_workers=False))
     size = max((len(range(len(x))[c]) if isinstance(c, slice) else len(c) for c in chunks), default=1)
-    return Feed(x, batch_size=size)(chunks, y)
+    return Feed(x, batch_size=size, ranks=(0, 1))(chunks, y)   # every rank reads all of it
 
 
 def is_stream(x: Any) -> bool:

@@ -265,3 +265,24 @@ batch_size = 32
     d = _stream_data()
     with pytest.raises(EdgekdError, match=r"teacher cache: a DigitStream \(IterableDataset\) source has no sample"):
         build_cache(lambda x: x, d.x_train, tmp_path / "c", top_k=2, epochs=1, augment=None, seed=0)
+
+
+def test_two_ddp_ranks_train_on_an_iterable_source_in_step_and_each_evaluates_all_of_it(tmp_path):
+    """torchrun, 2 CPU processes: 5 blocks of 64, each rank reads its own (rank 1 repeats its first), the ranks
+    take the same steps (no hang, replicas identical) and the test split is scored whole."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "r.toml").write_text('[data]\nsource = "tests.test_streaming:stream_splits"\nnum_workers = 1\n'
+                                     '[teacher]\nmodel = "mlp:hidden=32"\nepochs = 20\nbatch_size = 64\n'
+                                     '[student]\nmodel = "mlp:hidden=8"\n')
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    r = subprocess.run([*torchrun, "-m", "edgekd", "teacher", str(tmp_path / "r.toml"), "--out", str(tmp_path / "t"),
+                        "--device", "cpu", "--quiet"], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    m = json.loads((tmp_path / "t" / "metrics.json").read_text())["teacher"]
+    assert m["world_size"] == 2 and m["max_param_divergence"] == 0.0
+    assert m["test_samples"] == 100 and m["accuracy"] > 0.5
