@@ -321,8 +321,17 @@ def run_pools(args: argparse.Namespace, env: dict[str, str], environment: dict) 
         rows.append(row)
         print(json.dumps(row), flush=True)
     large, small = rows[0], rows[-1]
+    # the large pool's cache-teacher again with glibc's mmap threshold fixed at its 128 KiB default (it
+    # otherwise rises to the largest freed block, so freed activation-sized blocks stay in a growing heap):
+    # what remains is what the process holds, not allocator fragmentation
+    shutil.rmtree(runs / f"cache-{sizes[0]}")   # built again from scratch, not resumed
+    diag = run_measured(large["cache_teacher"]["command"].split(), {**env, "MALLOC_MMAP_THRESHOLD_": "131072"},
+                        runs / "cache-fixed-threshold.log")
+    large["cache_teacher_fixed_mmap_threshold"] = diag
     summary = {f"{k}_rss_large_over_small": large[k]["peak_rss_mib"] / small[k]["peak_rss_mib"]
                for k in ("label", "cache_teacher")}
+    summary["cache_teacher_fixed_threshold_large_over_small"] = diag["peak_rss_mib"] / small["cache_teacher"][
+        "peak_rss_mib"]
     summary.update({f"{k}_pss_large_over_small": large[k]["peak_tree_pss_mib"] / small[k]["peak_tree_pss_mib"]
                     for k in ("label", "cache_teacher")})
     array_mib = {n: n * 3 * 224 * 224 * 4 / 2**20 for n in sizes}
@@ -340,8 +349,10 @@ def run_pools(args: argparse.Namespace, env: dict[str, str], environment: dict) 
                     f"Peak RSS, large / small pool: label {summary['label_rss_large_over_small']:.3f}, "
                     f"cache-teacher {summary['cache_teacher_rss_large_over_small']:.3f} (tree PSS "
                     f"{summary['label_pss_large_over_small']:.3f}, "
-                    f"{summary['cache_teacher_pss_large_over_small']:.3f}). Load average at end: "
-                    f"{environment['load_average_at_end']}."])
+                    f"{summary['cache_teacher_pss_large_over_small']:.3f}). cache-teacher on the large pool with "
+                    f"MALLOC_MMAP_THRESHOLD_=131072: peak RSS {diag['peak_rss_mib']:.1f} MiB, "
+                    f"{summary['cache_teacher_fixed_threshold_large_over_small']:.3f} of the small pool's. Load "
+                    f"average at end: {environment['load_average_at_end']}."])
     paths = common.write_results(args.out, common.result_name("streaming_pools", args.quick), data, md)
     print(md)
     print(f"wrote {paths[0]} and {paths[1]}")
