@@ -539,14 +539,14 @@ class Feed:
     def __call__(self, chunks: Sequence[Any], y: Any = None) -> Iterator[Any]:
         """The batches of `chunks`: inputs, or with labels `y` (a tensor) (inputs, labels); a stream gives its
         own labels."""
-        every = np.arange(len(self.x))
-        chunks = [every[c] if isinstance(c, slice) else np.asarray(c, dtype=np.int64) for c in chunks]
-        if self.loader is None:
+        if self.loader is None:   # an array: slices stay views
             xs = (self.x_t[c] for c in chunks)
-        elif self.sampler is None:
-            pairs = self._stream(chunks)
-            return pairs if y is not None else (xb for xb, _ in pairs)
         else:
+            every = np.arange(len(self.x))
+            chunks = [every[c] if isinstance(c, slice) else np.asarray(c, dtype=np.int64) for c in chunks]
+            if self.sampler is None:
+                pairs = self._stream(chunks)
+                return pairs if y is not None else (xb for xb, _ in pairs)
             self.sampler.set(chunks)
             xs = _one_line_errors(iter(self.loader))
         if y is None:
@@ -554,7 +554,7 @@ class Feed:
         import torch
 
         y = torch.as_tensor(y)
-        return ((xb, y[torch.from_numpy(c)]) for xb, c in zip(xs, chunks, strict=True))
+        return ((xb, y[c]) for xb, c in zip(xs, chunks, strict=True))
 
     def _stream(self, chunks: list[np.ndarray]) -> Iterator[tuple[Any, Any]]:
         """The stream's blocks that start where the chunks start; a chunk that starts at or before a block
