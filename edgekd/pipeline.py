@@ -67,6 +67,12 @@ def load_run_recipe(run_dir: str | Path) -> Recipe:
     return dataclasses.replace(load_recipe(path), base_dir=folder)
 
 
+def _embedding_run(run_dir: str | Path) -> bool:
+    """A run folder of the sentence-embedding task (its recipe has an [embedding] section): its stages are
+    edgekd.embedding's; export, engine builds, profiling and the runtime are shared through edgekd.tasks."""
+    return (Path(run_dir) / "recipe.toml").is_file() and load_run_recipe(run_dir).embedding is not None
+
+
 def _newer(output: Path, *inputs: Path) -> bool:
     """`output` exists and is at least as new as every input (for files the provenance record does not cover)."""
     return output.exists() and all(output.stat().st_mtime >= p.stat().st_mtime for p in inputs if p.exists())
@@ -150,6 +156,10 @@ def export(run_dir: str | Path, model: str = "student", *, ctx: RunContext | Non
     """Export a trained model to ONNX and measure its parity with PyTorch on the test split. With `resume`, an
     ONNX the run folder records as exported from the current checkpoint (and its parity record) is kept."""
     with runfolder.locked(ctx.dir if ctx else run_dir):
+        if ctx is None and _embedding_run(run_dir):
+            from edgekd.embedding import export_stage
+
+            return export_stage(run_dir, model)
         return _export(ctx or RunContext(run_dir), model, resume)
 
 
@@ -212,6 +222,10 @@ def build(run_dir: str | Path, target: str | Target, *, models: tuple[str, ...] 
     Returns {"target", "built": [bundle paths], "engines": [{model, precision, quantization, path, reused}],
     "skipped": [{target, model, precision, quantization, reason}]}."""
     with runfolder.locked(ctx.dir if ctx else run_dir):
+        if ctx is None and _embedding_run(run_dir):
+            from edgekd.embedding import build_stage
+
+            return build_stage(run_dir, target)
         return _build(ctx or RunContext(run_dir), load_target(target), models, quantized, resume)
 
 
@@ -354,6 +368,11 @@ def report(run_dir: str | Path, targets: tuple[str, ...] | None = None,
 
     The headline never picks an INT8 engine slower than its FP32 engine unless `ship_slower_int8`."""
     run_dir = Path(run_dir)
+    if _embedding_run(run_dir):
+        from edgekd.report import write_embedding_report
+
+        with runfolder.locked(run_dir):
+            return write_embedding_report(run_dir, skipped)
     if not (run_dir / "metrics.json").is_file():
         raise EdgekdError(f"{run_dir}: not a run folder (no metrics.json); run `edgekd distill` or `edgekd run` "
                           "into it first")
@@ -521,18 +540,27 @@ def quantize(run_dir: str | Path, scheme: str | None = None, *, target: str | Ta
     Writes onnx/student.<ptq|qat>-<scheme>.onnx, which `build` picks up.
     With `resume`, a result the run folder records as made from the current student and [quantize] is kept."""
     with runfolder.locked(ctx.dir if ctx else run_dir):
+        if ctx is None and _embedding_run(run_dir):
+            from edgekd.embedding import quantize_stage
+
+            _import_torchao_quietly()
+            return quantize_stage(run_dir, scheme or _int8_scheme(target), mode=mode, progress=progress)
         return _quantize(ctx or RunContext(run_dir), scheme, target, mode, device, progress, resume)
+
+
+def _int8_scheme(target: str | Target | None) -> str:
+    """The quantization scheme of `target` (default x86-cpu-ort), which must offer int8."""
+    t = load_target(target or DEFAULT_TARGETS[0])
+    if "int8" not in t.precisions:
+        raise EdgekdError(f"target {t.name} ({t.path}): has no int8 precision, so nothing to quantize for")
+    return t.quant_scheme
 
 
 def _quantize(ctx: RunContext, scheme: str | None, target: str | Target | None, mode: str | None, device: str,
               progress: bool, resume: bool) -> dict[str, Any]:
     from edgekd.compress import quantize_student, require_torchao
 
-    if scheme is None:
-        t = load_target(target or DEFAULT_TARGETS[0])
-        if "int8" not in t.precisions:
-            raise EdgekdError(f"target {t.name} ({t.path}): has no int8 precision, so nothing to quantize for")
-        scheme = t.quant_scheme
+    scheme = scheme or _int8_scheme(target)
     wanted = mode or ctx.recipe.quantize.mode
     if wanted == "none":
         raise EdgekdError(f"{ctx.dir}/recipe.toml: [quantize].mode is \"none\"; set it to \"ptq\" or \"qat\" (or pass "

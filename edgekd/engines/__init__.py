@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import platform
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -46,6 +47,7 @@ class EngineSource:
     preprocessing: dict | None = None   # the eval PreprocessSpec.to_dict() of image inputs (edgekd.preprocess)
     task: str = "classification"        # edgekd.tasks: names, dtypes and dynamic axes of input and output
     input_options: dict | None = None   # extra input facts the task records (text: pad_id, max_length)
+    files: tuple[tuple[str, str], ...] = ()   # (name in the bundle, path here): files the device needs (tokenizer)
 
 
 def cuda_device_count() -> tuple[int, str]:
@@ -203,8 +205,8 @@ def _write_eval(path: Path, task: tasks.Task, evals: dict[str, Any], k: int) -> 
     idx = eval_sample(_eval_len(evals), k)
     if not len(idx):
         return None
-    arrays = {name: np.ascontiguousarray(np.asarray(a)[idx] if np.ndim(a) else a, dtype=task.eval_arrays[name])
-              for name, a in evals.items()}
+    arrays = {name: np.ascontiguousarray(np.asarray(a)[idx], dtype=task.eval_arrays[name]) if np.ndim(a)
+              else np.asarray(a, dtype=task.eval_arrays[name]) for name, a in evals.items()}
     with open(path, "wb") as f:
         np.savez(f, **arrays)
     return {"file": path.name, "samples": int(len(idx)), "has_reference_logits": "reference_logits" in evals}
@@ -313,6 +315,9 @@ def build(source: EngineSource, target: Target, precision: str, out_dir: str | P
     with atomic_path(out_dir) as tmp:
         tmp.mkdir(parents=True)
         result = builder(source, target, precision, tmp)
+        for name, path in source.files:
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, tmp / name)
         eval_entry = _write_eval(tmp / "eval.npz", task, evals, target.eval_samples) if evals is not None else None
         batch_dim: int | str = "batch" if target.dynamic_batch else target.batch_sizes[0]
         manifest = {
