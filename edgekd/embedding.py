@@ -13,11 +13,10 @@ augmentation to vary, so they are computed once for the corpus and training read
 
 Quantization goes through edgekd.quantize like the vision students: the same torchao PT2E quantizer per
 target scheme (Q/DQ on Linear layers, attention matmuls and residual adds), PTQ and QAT with this loss,
-exported with dynamic batch and sequence length. The stages (`teacher_stage`, `distill_stage`, `export_stage`,
-`quantize_stage`, `build_stage`; profiling and the report are shared) are what `edgekd teacher`, `distill`,
-`export`, `build`, `profile`, `report` and `run` call for a recipe with an [embedding] section; export, parity,
-engine builds, the device runtime and profiling are the classification pipeline's, reading the embedding task
-(edgekd.tasks).
+exported with dynamic batch and sequence length. `teacher_stage`, `distill_stage` and `quantize_stage` are what
+`edgekd teacher`, `distill` and `quantize` call for a recipe with an [embedding] section; `export`, `build`,
+`profile` and `report` are the classification pipeline's (edgekd.pipeline), reading the run through `TextContext`
+and the embedding task (edgekd.tasks); `run_embedding` composes them.
 """
 
 from __future__ import annotations
@@ -36,8 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgekd import fileio
+from edgekd import fileio, runfolder
 from edgekd.errors import EdgekdError
+from edgekd.pipeline import RunContext
 from edgekd.recipe import EmbeddingConfig, Recipe, to_toml
 from edgekd.tasks import EMBEDDING, embedding_metrics, pad_batch, unpad
 
@@ -578,54 +578,80 @@ def distill_stage(recipe: Recipe, out: str | Path, *, progress: bool = True) -> 
     return result
 
 
-def load_model(run_dir: Path, recipe: Recipe, model: str) -> nn.Module:
-    """The run's teacher, or its student rebuilt from student.safetensors, in eval mode."""
-    from edgekd.models import load_weights
+class TextContext(RunContext):
+    """A sentence-embedding run folder as the shared stages (edgekd.pipeline export, build) read it: the teacher
+    and the student, an example batch of token ids, 64 held-out sentences for parity, the held-out sentences and
+    the teacher's embeddings of them as the eval set, and the embedding task's engine source."""
 
-    cfg = _config(recipe)
-    if model not in MODELS:
-        raise EdgekdError(f"--model {model!r}: a sentence-embedding run has {', '.join(MODELS)}")
-    if model == "teacher":
-        return load_teacher(cfg)[0]
-    path = run_dir / "student.safetensors"
-    if not path.is_file():
-        raise EdgekdError(f"{path}: not found; run `edgekd distill` into {run_dir} first")
-    from safetensors import safe_open
+    task = EMBEDDING
 
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
-    try:
-        student = TinyEncoder(int(meta["vocab_size"]), int(meta["out_dim"]), hidden=cfg.hidden, layers=cfg.layers,
-                              heads=cfg.heads, intermediate=cfg.intermediate, max_length=cfg.max_length,
+    def __init__(self, run_dir: str | Path, recipe: Recipe | None = None) -> None:
+        from edgekd.pipeline import load_run_recipe
+
+        self.dir = Path(run_dir)
+        self.recipe = recipe or load_run_recipe(self.dir)
+        self.cfg, self.split = _config(self.recipe), read_split(self.dir)
+
+    def weights(self, model: str) -> Path:
+        path = self.dir / "student.safetensors"
+        if model not in MODELS or not path.is_file():
+            raise EdgekdError(f"{path}: not found; run `edgekd distill` into {self.dir} first" if model in MODELS
+                              else f"--model {model!r}: a sentence-embedding run has {', '.join(MODELS)}")
+        return path
+
+    def weights_input(self, model: str) -> dict[str, str]:
+        return {"teacher": self.cfg.teacher} if model == "teacher" else super().weights_input(model)
+
+    def model(self, name: str) -> nn.Module:
+        """The teacher, or the student rebuilt from student.safetensors, in eval mode."""
+        from safetensors import safe_open
+
+        from edgekd.models import load_weights
+
+        if name == "teacher":
+            return load_teacher(self.cfg)[0]
+        with safe_open(str(self.weights(name)), "pt") as f:
+            meta = f.metadata() or {}
+        c = self.cfg
+        student = TinyEncoder(int(meta["vocab_size"]), int(meta["out_dim"]), hidden=c.hidden, layers=c.layers,
+                              heads=c.heads, intermediate=c.intermediate, max_length=c.max_length,
                               pad_id=int(meta["pad_id"]))
-    except (KeyError, ValueError):
-        raise EdgekdError(f"{path}: no vocab_size/out_dim/pad_id metadata; run `edgekd distill` again") from None
-    load_weights(student, path)
-    return student.eval()
+        load_weights(student, self.weights(name))
+        return student.eval()
 
+    def metadata(self, name: str, extra: dict[str, str] | None = None) -> dict[str, str]:
+        return {"model": name, "pad_id": str(self.split.pad_id), "max_length": str(self.cfg.max_length),
+                **(extra or {})}
 
-def _metadata(split: TextSplit, cfg: EmbeddingConfig, model: str, **extra: str) -> dict[str, str]:
-    return {"model": model, "pad_id": str(split.pad_id), "max_length": str(cfg.max_length), **extra}
+    def example(self) -> torch.Tensor:
+        return example_ids(self.split.rows, self.split.pad_id)
 
+    def parity_inputs(self) -> np.ndarray:
+        return pad_batch(self.split.held_rows[:64], self.split.pad_id)
 
-def export_stage(run_dir: str | Path, model: str = "student") -> dict[str, Any]:
-    """`edgekd export` on a sentence-embedding run: onnx/<model>.onnx (input_ids (batch, seq) int64 ->
-    sentence_embedding; the student's sequence bounded by max_length) and its parity with PyTorch on 64 held-out
-    sentences (edgekd.export, the same exporter and check as classifiers)."""
-    from edgekd.export import export_onnx, parity
-    from edgekd.pipeline import load_run_recipe
+    def export_options(self, name: str) -> dict[str, Any]:
+        return {"max_length": None if name == "teacher" else self.cfg.max_length}   # the student's position table
 
-    run_dir = Path(run_dir)
-    recipe = load_run_recipe(run_dir)
-    cfg, split = _config(recipe), read_split(run_dir)
-    net = load_model(run_dir, recipe, model)
-    path = run_dir / "onnx" / f"{model}.onnx"
-    export_onnx(net, example_ids(split.rows, split.pad_id), path, metadata=_metadata(split, cfg, model),
-                task=EMBEDDING, max_length=None if model == "teacher" else cfg.max_length)
-    check = parity(net, path, pad_batch(split.held_rows[:64], split.pad_id), task=EMBEDDING)
-    result = {"model": model, "path": str(path), "size_bytes": path.stat().st_size, "parity": check}
-    fileio.write_json(path.with_suffix(".parity.json"), result)
-    return result
+    def target(self, target: Any) -> Any:
+        """The target with the recipe's [embedding].batch_sizes as the profiled batches (where its batch range
+        allows them)."""
+        if target.dynamic_batch and target.max_batch >= max(self.cfg.batch_sizes):
+            return dataclasses.replace(target, batch_sizes=tuple(sorted(set(self.cfg.batch_sizes))))
+        return target
+
+    def eval_data(self, model: nn.Module) -> dict[str, Any]:
+        return self.split.eval_set()
+
+    def engine_source(self, model: str, onnx_path: Path | None, quantization: str) -> Any:
+        from edgekd.engines import EngineSource
+
+        folder = load_teacher(self.cfg)[2]
+        names = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
+        return EngineSource(model, onnx_path, None, None, ("seq",), self.split.held_emb.shape[1], (), {},
+                            quantization=quantization, task=EMBEDDING.name,
+                            input_options={"pad_id": self.split.pad_id, **self.export_options(model)},
+                            files=tuple((f"tokenizer/{n}", str(folder / n)) for n in names
+                                        if folder is not None and (folder / n).is_file()))
 
 
 def quantize_stage(run_dir: str | Path, scheme: str, *, mode: str | None = None, progress: bool = True
@@ -634,82 +660,27 @@ def quantize_stage(run_dir: str | Path, scheme: str, *, mode: str | None = None,
     the student for one scheme: onnx/student.<ptq|qat>-<scheme>.onnx, their parity, and quantization-<scheme>.json
     (PyTorch held-out metrics, calibration, QAT history), which `build` picks up."""
     from edgekd.export import export_onnx, parity
-    from edgekd.pipeline import load_run_recipe
 
-    run_dir = Path(run_dir)
-    recipe = load_run_recipe(run_dir)
+    ctx = TextContext(run_dir)
     if mode is not None:
-        recipe = dataclasses.replace(recipe, quantize=dataclasses.replace(recipe.quantize, mode=mode))
-    if recipe.quantize.mode == "none":
+        ctx.recipe = dataclasses.replace(ctx.recipe, quantize=dataclasses.replace(ctx.recipe.quantize, mode=mode))
+    if ctx.recipe.quantize.mode == "none":
         raise EdgekdError(f"{run_dir}/recipe.toml: [quantize].mode is \"none\"; set it to \"ptq\" or \"qat\" (or "
                           "pass --mode)")
-    cfg, split = _config(recipe), read_split(run_dir)
-    student = load_model(run_dir, recipe, "student")
-    models, info = quantize_student(student, recipe, scheme, split.rows, split.train_emb,
+    split = ctx.split
+    models, info = quantize_student(ctx.model("student"), ctx.recipe, scheme, split.rows, split.train_emb,
                                     (split.held_rows, split.held_emb), split.pad_id, progress=progress)
     info["onnx"], info["parity"], info["pytorch_accuracy"] = {}, {}, {}
     for kind, gm in models.items():
-        path = run_dir / "onnx" / f"student.{kind}-{scheme}.onnx"
-        export_onnx(gm, example_ids(split.rows, split.pad_id), path, task=EMBEDDING, max_length=cfg.max_length,
-                    metadata=_metadata(split, cfg, "student", quantization=kind, quant_scheme=scheme))
+        path = ctx.onnx_path("student", kind, scheme)
+        export_onnx(gm, ctx.example(), path, task=EMBEDDING, metadata=ctx.metadata(
+            "student", {"quantization": kind, "quant_scheme": scheme}), **ctx.export_options("student"))
+        runfolder.record(ctx.dir, ctx.rel(path), ctx.weights_input("student"))
         info["onnx"][kind] = str(path)
+        info["parity"][kind] = parity(gm, path, ctx.parity_inputs(), task=EMBEDDING)
         info["pytorch_accuracy"][kind] = info[kind]["cosine"]   # what `edgekd quantize` prints: cosine to the teacher
-        info["parity"][kind] = parity(gm, path, pad_batch(split.held_rows[:64], split.pad_id), task=EMBEDDING)
-    fileio.write_json(run_dir / f"quantization-{scheme}.json", info)
+    fileio.write_json(ctx.dir / f"quantization-{scheme}.json", info)
     return info
-
-
-def build_stage(run_dir: str | Path, target: Any) -> dict[str, Any]:
-    """`edgekd build` on a sentence-embedding run: float engines of teacher and student, and int8 student engines
-    from the Q/DQ ONNX files of the target's scheme, through edgekd.engines.build (the embedding task's
-    signature, eval set = the held-out sentences and the teacher's embeddings of them, the tokenizer files)."""
-    from edgekd.engines import EngineSource, check_target
-    from edgekd.engines import build as build_engine
-    from edgekd.pipeline import load_run_recipe
-    from edgekd.targets import load_target
-
-    run_dir, target = Path(run_dir), load_target(target)
-    recipe = load_run_recipe(run_dir)
-    cfg, split = _config(recipe), read_split(run_dir)
-    status = check_target(target)
-    if status == "ok" and target.runtime not in EMBEDDING.runtimes:
-        status = (f"target {target.name}: {EMBEDDING.name} engines are built for {', '.join(EMBEDDING.runtimes)} "
-                  "targets only")
-    jobs = [(m, p, "none", run_dir / "onnx" / f"{m}.onnx") for m in MODELS for p in target.precisions if p != "int8"]
-    if "int8" in target.precisions:
-        jobs += [("student", "int8", q, run_dir / "onnx" / f"student.{q}-{target.quant_scheme}.onnx")
-                 for q in ("ptq", "qat") if (run_dir / "onnx" / f"student.{q}-{target.quant_scheme}.onnx").is_file()]
-    result: dict[str, Any] = {"target": target.name, "built": [], "engines": [], "skipped": [],
-                              "quant_scheme": {"scheme": target.quant_scheme, "reason": target.quant_scheme_reason}}
-    if status == "ok" and "int8" in target.precisions and not any(p == "int8" for _, p, _, _ in jobs):
-        result["skipped"].append({"target": target.name, "model": "student", "precision": "int8", "quantization": "-",
-                                  "reason": f"no quantized student for scheme {target.quant_scheme}; run `edgekd "
-                                            f"quantize {run_dir} --target {target.path or target.name}` first"})
-    evals, folder = split.eval_set(), load_teacher(cfg)[2]
-    for model, precision, quant, onnx_path in jobs:
-        if status != "ok":
-            result["skipped"].append({"target": target.name, "model": model, "precision": precision,
-                                      "quantization": quant, "reason": status})
-            continue
-        if not onnx_path.is_file():
-            export_stage(run_dir, model)
-        source = EngineSource(model_name=model, onnx_path=onnx_path, weights_path=None, model_spec=None,
-                              input_shape=("seq",), num_classes=split.held_emb.shape[1], class_names=(),
-                              normalization={}, quantization=quant, task=EMBEDDING.name,
-                              input_options={"pad_id": split.pad_id,
-                                             "max_length": None if model == "teacher" else cfg.max_length},
-                              files=_tokenizer_files(folder))
-        name = f"{model}-{precision}" + ("" if quant == "none" else f"-{quant}")
-        out = build_engine(source, target, precision, run_dir / "engines" / target.name / name, eval_data=evals)
-        result["built"].append(str(out))
-        result["engines"].append({"model": model, "precision": precision, "quantization": quant, "path": str(out),
-                                  "reused": False})
-    return result
-
-
-def _tokenizer_files(folder: Path | None) -> tuple[tuple[str, str], ...]:
-    names = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
-    return tuple((f"tokenizer/{n}", str(folder / n)) for n in names if folder is not None and (folder / n).is_file())
 
 
 def _fingerprint(*parts: Any) -> str:
@@ -721,7 +692,7 @@ def run_embedding(recipe: Recipe, out: str | Path, *, targets: tuple[Any, ...] =
     """The whole sentence-embedding pipeline into `out`, stage by stage as `edgekd teacher`, `distill`, `export`,
     `quantize`, `build`, `profile` and `report` run it: corpus and teacher embeddings, student, ONNX, PTQ/QAT
     per scheme, onnxruntime engines per target, profiling in fresh processes, report.json + report.md."""
-    from edgekd.pipeline import profile
+    from edgekd.pipeline import build, export, profile
     from edgekd.report import write_embedding_report
     from edgekd.targets import load_target
 
@@ -732,15 +703,16 @@ def run_embedding(recipe: Recipe, out: str | Path, *, targets: tuple[Any, ...] =
     out = Path(out)
     loaded = [load_target(t) for t in targets]   # a bad target fails before any training
     distill_stage(recipe, out, progress=progress)
+    ctx = TextContext(out, recipe)
     for model in MODELS:
-        export_stage(out, model)
+        export(out, model, ctx=ctx)
     skipped: list[dict[str, Any]] = []
     schemes: set[str] = set()
     for target in loaded:
         if q.mode != "none" and "int8" in target.precisions and target.quant_scheme not in schemes | {"none"}:
             quantize_stage(out, target.quant_scheme, progress=progress)
             schemes.add(target.quant_scheme)
-        built = build_stage(out, target)
+        built = build(out, target, ctx=ctx)
         skipped += built["skipped"]
         if built["built"]:
             profile(out, target, quick=quick_profile)

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgekd import fileio, runfolder, streaming
+from edgekd import fileio, runfolder, streaming, tasks
 from edgekd.data import Dataset, load_data
 from edgekd.engines import check_target
 from edgekd.errors import EdgekdError
@@ -68,9 +68,17 @@ def load_run_recipe(run_dir: str | Path) -> Recipe:
 
 
 def _embedding_run(run_dir: str | Path) -> bool:
-    """A run folder of the sentence-embedding task (its recipe has an [embedding] section): its stages are
-    edgekd.embedding's; export, engine builds, profiling and the runtime are shared through edgekd.tasks."""
+    """A run folder of the sentence-embedding task (its recipe has an [embedding] section)."""
     return (Path(run_dir) / "recipe.toml").is_file() and load_run_recipe(run_dir).embedding is not None
+
+
+def context(run_dir: str | Path) -> RunContext:
+    """The run folder as the shared stages read it: a classifier's RunContext or a sentence-embedding TextContext."""
+    if _embedding_run(run_dir):
+        from edgekd.embedding import TextContext
+
+        return TextContext(run_dir)
+    return RunContext(run_dir)
 
 
 def _newer(output: Path, *inputs: Path) -> bool:
@@ -89,7 +97,11 @@ def _stage(progress: bool, name: str, fn: Callable[[], Any], note: Callable[[Any
 
 
 class RunContext:
-    """A run folder with its recipe and data loaded once (the data split is deterministic from the recipe)."""
+    """A run folder with its recipe and data loaded once (the data split is deterministic from the recipe).
+    What the shared stages ask of a run (models, example input, parity inputs, eval set, engine source) is
+    answered here for classifiers and by edgekd.embedding.TextContext for sentence embeddings."""
+
+    task = tasks.CLASSIFICATION
 
     def __init__(self, run_dir: str | Path, recipe: Recipe | None = None, data: Dataset | None = None) -> None:
         self.dir = Path(run_dir)
@@ -146,6 +158,28 @@ class RunContext:
 
         return self.data.x_test, self.data.y_test, predict_logits(model, self.data.x_test)
 
+    def example(self) -> torch.Tensor:
+        return torch.from_numpy(self.data.x_test[:2])
+
+    def parity_inputs(self) -> np.ndarray:
+        x = self.data.x_test   # a streamed test split: the first 512 (parity is a check of the export, not accuracy)
+        return x[:512] if streaming.is_lazy(x) else x
+
+    def export_options(self, name: str) -> dict[str, Any]:
+        return {}
+
+    def target(self, target: Target) -> Target:
+        return target
+
+    def engine_source(self, model: str, onnx_path: Path | None, quantization: str) -> Any:
+        from edgekd.engines import EngineSource
+
+        return EngineSource(model_name=model, onnx_path=onnx_path, weights_path=self.weights(model),
+                            model_spec=self.spec(model), input_shape=self.data.input_shape,
+                            num_classes=self.data.num_classes, class_names=self.data.class_names,
+                            normalization=self.data.normalization, quantization=quantization,
+                            preprocessing=_preprocessing(self.data))
+
     def onnx_path(self, name: str, quantization: str = "none", scheme: str = "") -> Path:
         suffix = "" if quantization == "none" else f".{quantization}-{scheme}"
         return self.dir / "onnx" / f"{name}{suffix}.onnx"
@@ -156,11 +190,7 @@ def export(run_dir: str | Path, model: str = "student", *, ctx: RunContext | Non
     """Export a trained model to ONNX and measure its parity with PyTorch on the test split. With `resume`, an
     ONNX the run folder records as exported from the current checkpoint (and its parity record) is kept."""
     with runfolder.locked(ctx.dir if ctx else run_dir):
-        if ctx is None and _embedding_run(run_dir):
-            from edgekd.embedding import export_stage
-
-            return export_stage(run_dir, model)
-        return _export(ctx or RunContext(run_dir), model, resume)
+        return _export(ctx or context(run_dir), model, resume)
 
 
 def _export(ctx: RunContext, model: str, resume: bool = False) -> dict[str, Any]:
@@ -171,11 +201,9 @@ def _export(ctx: RunContext, model: str, resume: bool = False) -> dict[str, Any]
     if resume and ctx.fresh_onnx(model) and _newer(record, path):
         return json.loads(record.read_text())
     net = ctx.model(model)
-    example = torch.from_numpy(ctx.data.x_test[:2])
-    export_onnx(net, example, path, metadata=ctx.metadata(model))
+    export_onnx(net, ctx.example(), path, metadata=ctx.metadata(model), task=ctx.task, **ctx.export_options(model))
     runfolder.record(ctx.dir, ctx.rel(path), ctx.weights_input(model))
-    x = ctx.data.x_test   # a streamed test split: the first 512 (parity is a check of the export, not accuracy)
-    check = parity(net, path, x[:512] if streaming.is_lazy(x) else x)
+    check = parity(net, path, ctx.parity_inputs(), task=ctx.task)
     result = {"model": model, "path": str(path), "size_bytes": path.stat().st_size, "parity": check}
     fileio.write_json(record, result)
     return result
@@ -222,19 +250,17 @@ def build(run_dir: str | Path, target: str | Target, *, models: tuple[str, ...] 
     Returns {"target", "built": [bundle paths], "engines": [{model, precision, quantization, path, reused}],
     "skipped": [{target, model, precision, quantization, reason}]}."""
     with runfolder.locked(ctx.dir if ctx else run_dir):
-        if ctx is None and _embedding_run(run_dir):
-            from edgekd.embedding import build_stage
-
-            return build_stage(run_dir, target)
-        return _build(ctx or RunContext(run_dir), load_target(target), models, quantized, resume)
+        ctx = ctx or context(run_dir)
+        return _build(ctx, ctx.target(load_target(target)), models, quantized, resume)
 
 
 def _build(ctx: RunContext, target: Target, models: tuple[str, ...], quantized: dict[str, Path] | None,
            resume: bool) -> dict[str, Any]:
-    from edgekd.engines import EngineSource
     from edgekd.engines import build as build_engine
 
     status = check_target(target)
+    if status == "ok" and ctx.task.runtimes is not None and target.runtime not in ctx.task.runtimes:
+        status = f"target {target.name}: {ctx.task.name} engines are built for {', '.join(ctx.task.runtimes)} only"
     problem = "" if status == "ok" else status
     int8_missing: list[str] = []
     if quantized is None and "int8" in target.precisions and "student" in models and not problem:
@@ -282,13 +308,9 @@ def _build(ctx: RunContext, target: Target, models: tuple[str, ...], quantized: 
                                 "path": str(out), "reused": True})
                 continue
             evals = evals if evals is not None else ctx.eval_data(net)
-            source = EngineSource(model_name=model, onnx_path=onnx_path, weights_path=ctx.weights(model),
-                                  model_spec=ctx.spec(model), input_shape=ctx.data.input_shape,
-                                  num_classes=ctx.data.num_classes, class_names=ctx.data.class_names,
-                                  normalization=ctx.data.normalization, quantization=quantization,
-                                  preprocessing=_preprocessing(ctx.data))
             try:
-                built.append(str(build_engine(source, target, precision, out, eval_data=evals)))
+                built.append(str(build_engine(ctx.engine_source(model, onnx_path, quantization), target, precision,
+                                              out, eval_data=evals)))
                 engines.append({"model": model, "precision": precision, "quantization": quantization,
                                 "path": str(out), "reused": False})
                 runfolder.record(ctx.dir, ctx.rel(out), made_from)
