@@ -58,7 +58,7 @@ def teacher(recipe: str, out: Path, device: str, quiet: bool, resume: bool) -> N
     if loaded.embedding is not None:
         from edgekd.embedding import teacher_stage
 
-        info = teacher_stage(loaded, out, progress=not quiet)
+        info = teacher_stage(loaded, out, progress=not quiet)[0]
         click.echo(f"teacher {info['name']}: {info['encoded_sentences']} sentences embedded "
                    f"({info['encode_seconds']} s); wrote {out / 'teacher-embeddings.npz'}")
         return

@@ -16,7 +16,7 @@ target scheme (Q/DQ on Linear layers, attention matmuls and residual adds), PTQ 
 exported with dynamic batch and sequence length. `teacher_stage`, `distill_stage` and `quantize_stage` are what
 `edgekd teacher`, `distill` and `quantize` call for a recipe with an [embedding] section; `export`, `build`,
 `profile` and `report` are the classification pipeline's (edgekd.pipeline), reading the run through `TextContext`
-and the embedding task (edgekd.tasks); `run_embedding` composes them.
+and the embedding task (edgekd.tasks); `edgekd run` composes them as for classifiers (edgekd.pipeline.run).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from edgekd import fileio, runfolder
 from edgekd.errors import EdgekdError
 from edgekd.pipeline import RunContext
 from edgekd.recipe import EmbeddingConfig, Recipe, to_toml
-from edgekd.tasks import EMBEDDING, embedding_metrics, pad_batch, unpad
+from edgekd.tasks import EMBEDDING, embed, embedding_metrics, pad_batch, unpad
 
 # ---------------------------------------------------------------------------------------------------- corpus
 
@@ -293,20 +293,16 @@ def _bucketed(lengths: np.ndarray, batch_size: int, rng: np.random.Generator | N
 @torch.no_grad()
 def encode(model: nn.Module, rows: list[np.ndarray], pad_id: int, batch_size: int = 64,
            progress: bool = False, desc: str = "encode") -> np.ndarray:
-    """Embeddings (len(rows), dim) float32 of token-id rows, in batches of similar length, in the rows' order.
-    The caller sets the model's mode (exported PT2E graphs refuse .eval())."""
+    """Embeddings (len(rows), dim) float32 of token-id rows by a PyTorch model, batched as edgekd.tasks.embed
+    batches them for engines. The caller sets the model's mode (exported PT2E graphs refuse .eval())."""
     from tqdm.auto import tqdm
 
-    lengths = np.array([len(r) for r in rows])
-    out: np.ndarray | None = None
-    for idx in tqdm(_bucketed(lengths, batch_size, None), desc=desc, leave=False, disable=not progress):
-        emb = model(torch.from_numpy(pad_batch([rows[i] for i in idx], pad_id))).float().numpy()
-        if out is None:
-            out = np.empty((len(rows), emb.shape[1]), np.float32)
-        out[idx] = emb
-    if out is None:
-        raise EdgekdError("encode: no sentences")
-    return out
+    with tqdm(total=len(rows), desc=desc, leave=False, disable=not progress) as bar:
+        def run(ids: np.ndarray) -> np.ndarray:
+            bar.update(len(ids))
+            return model(torch.from_numpy(ids)).float().numpy()
+
+        return embed(run, rows, pad_id, batch_size)
 
 
 def train_student(model: nn.Module, rows: list[np.ndarray], targets: np.ndarray, cfg: EmbeddingConfig, *,
@@ -482,17 +478,14 @@ def _input_embeddings(teacher: nn.Module) -> tuple[nn.Module, torch.Tensor | Non
     return inner.get_input_embeddings(), position.weight if position is not None else None
 
 
-def teacher_stage(recipe: Recipe, out: str | Path, *, progress: bool = True) -> dict[str, Any]:
+def teacher_stage(recipe: Recipe, out: str | Path, progress: bool = True) -> tuple[dict[str, Any], nn.Module]:
     """`edgekd teacher` on a sentence-embedding recipe: split the corpus, tokenize, and store the teacher's
     embeddings of every training and held-out sentence in teacher-embeddings.npz (offline KD: the teacher has no
-    augmentation to vary). Reused while corpus, tokenizer and teacher are the same. Returns teacher.json."""
-    return _teacher_stage(recipe, Path(out), progress)[0]
-
-
-def _teacher_stage(recipe: Recipe, out: Path, progress: bool) -> tuple[dict[str, Any], nn.Module]:
+    augmentation to vary), reused while corpus, tokenizer and teacher are the same. Returns (teacher.json, teacher).
+    """
     from edgekd.pipeline import record_recipe_dir
 
-    cfg = _config(recipe)
+    cfg, out = _config(recipe), Path(out)
     teacher, tokenizer, folder = load_teacher(cfg)
     train_text, held_text, corpus = corpus_split(cfg, recipe.base_dir)
     rows, held = tokenize(tokenizer, train_text, cfg.max_length), tokenize(tokenizer, held_text, cfg.max_length)
@@ -547,7 +540,7 @@ def distill_stage(recipe: Recipe, out: str | Path, *, progress: bool = True) -> 
     student.json (settings, PyTorch metrics on the held-out sentences before and after, history)."""
     out = Path(out)
     cfg = _config(recipe)
-    _, teacher = _teacher_stage(recipe, out, progress)
+    _, teacher = teacher_stage(recipe, out, progress)
     split = read_split(out)
     word, position = _input_embeddings(teacher)
     student = build_student(cfg, int(word.weight.shape[0]), split.train_emb.shape[1], split.pad_id)
@@ -654,18 +647,17 @@ class TextContext(RunContext):
                                         if folder is not None and (folder / n).is_file()))
 
 
-def quantize_stage(run_dir: str | Path, scheme: str, *, mode: str | None = None, progress: bool = True
+def quantize_stage(ctx: TextContext, scheme: str, *, mode: str | None = None, progress: bool = True
                    ) -> dict[str, Any]:
     """`edgekd quantize` on a sentence-embedding run: PTQ (and QAT with mode "qat"; default [quantize].mode) of
     the student for one scheme: onnx/student.<ptq|qat>-<scheme>.onnx, their parity, and quantization-<scheme>.json
     (PyTorch held-out metrics, calibration, QAT history), which `build` picks up."""
     from edgekd.export import export_onnx, parity
 
-    ctx = TextContext(run_dir)
     if mode is not None:
         ctx.recipe = dataclasses.replace(ctx.recipe, quantize=dataclasses.replace(ctx.recipe.quantize, mode=mode))
     if ctx.recipe.quantize.mode == "none":
-        raise EdgekdError(f"{run_dir}/recipe.toml: [quantize].mode is \"none\"; set it to \"ptq\" or \"qat\" (or "
+        raise EdgekdError(f"{ctx.dir}/recipe.toml: [quantize].mode is \"none\"; set it to \"ptq\" or \"qat\" (or "
                           "pass --mode)")
     split = ctx.split
     models, info = quantize_student(ctx.model("student"), ctx.recipe, scheme, split.rows, split.train_emb,
@@ -685,35 +677,3 @@ def quantize_stage(run_dir: str | Path, scheme: str, *, mode: str | None = None,
 
 def _fingerprint(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def run_embedding(recipe: Recipe, out: str | Path, *, targets: tuple[Any, ...] = ("x86-cpu-ort",),
-                  progress: bool = True, quick_profile: bool = False) -> dict[str, Any]:
-    """The whole sentence-embedding pipeline into `out`, stage by stage as `edgekd teacher`, `distill`, `export`,
-    `quantize`, `build`, `profile` and `report` run it: corpus and teacher embeddings, student, ONNX, PTQ/QAT
-    per scheme, onnxruntime engines per target, profiling in fresh processes, report.json + report.md."""
-    from edgekd.pipeline import build, export, profile
-    from edgekd.report import write_embedding_report
-    from edgekd.targets import load_target
-
-    q = recipe.quantize
-    if q.calibration or q.keep_float:
-        raise EdgekdError("[quantize].calibration and keep_float are not used by [embedding] runs: the student is "
-                          "calibrated on calibration_size training sentences and quantized whole; remove them")
-    out = Path(out)
-    loaded = [load_target(t) for t in targets]   # a bad target fails before any training
-    distill_stage(recipe, out, progress=progress)
-    ctx = TextContext(out, recipe)
-    for model in MODELS:
-        export(out, model, ctx=ctx)
-    skipped: list[dict[str, Any]] = []
-    schemes: set[str] = set()
-    for target in loaded:
-        if q.mode != "none" and "int8" in target.precisions and target.quant_scheme not in schemes | {"none"}:
-            quantize_stage(out, target.quant_scheme, progress=progress)
-            schemes.add(target.quant_scheme)
-        built = build(out, target, ctx=ctx)
-        skipped += built["skipped"]
-        if built["built"]:
-            profile(out, target, quick=quick_profile)
-    return write_embedding_report(out, skipped)

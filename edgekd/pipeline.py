@@ -424,18 +424,19 @@ def run(recipe: Recipe, out: str | Path, *, targets: tuple[str | Target, ...] = 
 
     Targets and model specs are checked before any data loads; with `resume`, stages whose outputs are complete
     and newer than their inputs are skipped (trained models, ONNX files, quantized students, bundles, profiles).
-    A recipe with an [embedding] section runs sentence-embedding distillation instead (edgekd.embedding)."""
-    if recipe.embedding is not None:
-        from edgekd.embedding import run_embedding
-
-        _import_torchao_quietly()   # transformers imports torchao when it is installed
-        with runfolder.locked(out):
-            return run_embedding(recipe, out, targets=targets, progress=progress, quick_profile=quick_profile)
+    A recipe with an [embedding] section distills sentence embeddings (edgekd.embedding), then the same stages."""
     from edgekd.distillation import distill
 
     out = Path(out)
     loaded = [load_target(t) for t in targets]   # resolved once: a bad target fails before training anything
     with runfolder.locked(out):
+        if recipe.embedding is not None:
+            from edgekd.embedding import TextContext, distill_stage
+
+            _import_torchao_quietly()   # transformers imports torchao when it is installed
+            distill_stage(recipe, out, progress=progress)
+            return engines(TextContext(out, recipe), loaded, device=device, progress=progress,
+                           quick_profile=quick_profile, resume=resume)
         ctx_data = load_data(recipe.data, recipe.base_dir)
         distill(recipe, out, device=device, progress=progress, data=ctx_data, resume=resume,
                 reuse_teacher=reuse_teacher)
@@ -473,7 +474,7 @@ def engines(ctx: RunContext, loaded: list[Target], *, device: str = "auto", prog
                               lambda t=target: profile(out, t, quick=quick_profile, resume=resume))
             profiled.append(target.name)
             q = quantized.get(scheme) or {}
-            if "ptq" in q.get("onnx", {}) and not recipe.quantize.ship_slower_int8:
+            if "ptq" in q.get("onnx", {}) and not recipe.quantize.ship_slower_int8 and ctx.task is tasks.CLASSIFICATION:
                 decision = _stage(progress, f"int8 vs fp32 {target.name}",
                                   lambda t=target, p=profiles, q=q: int8_fallback(ctx, t, p, q, quick=quick_profile))
                 if decision is not None:
@@ -562,12 +563,13 @@ def quantize(run_dir: str | Path, scheme: str | None = None, *, target: str | Ta
     Writes onnx/student.<ptq|qat>-<scheme>.onnx, which `build` picks up.
     With `resume`, a result the run folder records as made from the current student and [quantize] is kept."""
     with runfolder.locked(ctx.dir if ctx else run_dir):
-        if ctx is None and _embedding_run(run_dir):
+        ctx = ctx or context(run_dir)
+        if ctx.task is not tasks.CLASSIFICATION:
             from edgekd.embedding import quantize_stage
 
             _import_torchao_quietly()
-            return quantize_stage(run_dir, scheme or _int8_scheme(target), mode=mode, progress=progress)
-        return _quantize(ctx or RunContext(run_dir), scheme, target, mode, device, progress, resume)
+            return quantize_stage(ctx, scheme or _int8_scheme(target), mode=mode, progress=progress)
+        return _quantize(ctx, scheme, target, mode, device, progress, resume)
 
 
 def _int8_scheme(target: str | Target | None) -> str:

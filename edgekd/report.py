@@ -405,10 +405,11 @@ def ms_per_sample(row: dict[str, Any]) -> float:
     return row["p50"] / row["batch"]
 
 
-def embedding_report(run_dir: Path, skipped: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    """report.json of a sentence-embedding run folder, from what its stages wrote."""
+def write_embedding_report(run_dir: str | Path, skipped: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """report.json and report.md of a sentence-embedding run folder, from what its stages wrote."""
     from edgekd.tasks import EMBEDDING
 
+    run_dir = Path(run_dir)
     if not (run_dir / "student.json").is_file():
         raise EdgekdError(f"{run_dir}: no student.json; run `edgekd distill` into it first")
     student = _json(run_dir / "student.json")
@@ -425,18 +426,13 @@ def embedding_report(run_dir: Path, skipped: list[dict[str, Any]] | None = None)
     parity.update({f"student-{k}-{s}": v for s, info in quantization.items()
                    for k, v in info.get("parity", {}).items()})
     ratios = latency_ratios(engines)
-    return {"task": EMBEDDING.name, "teacher": _json(run_dir / "teacher.json"), "student": student["student"],
-            "corpus": corpus, "pytorch": pytorch, "engines": engines, "latency_ratios": ratios,
-            "headline": embedding_headline(engines, ratios), "skipped": list(skipped or []), "export_parity": parity,
-            "quantization": {s: {k: v for k, v in i.items() if k not in ("qat_history", "parity")}
-                             for s, i in quantization.items()},
-            "history": {"student": student["history"],
-                        **{f"qat-{s}": i["qat_history"] for s, i in quantization.items() if "qat_history" in i}}}
-
-
-def write_embedding_report(run_dir: str | Path, skipped: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    run_dir = Path(run_dir)
-    rep = embedding_report(run_dir, skipped)
+    rep = {"task": EMBEDDING.name, "teacher": _json(run_dir / "teacher.json"), "student": student["student"],
+           "corpus": corpus, "pytorch": pytorch, "engines": engines, "latency_ratios": ratios,
+           "headline": embedding_headline(engines, ratios), "skipped": list(skipped or []), "export_parity": parity,
+           "quantization": {s: {k: v for k, v in i.items() if k not in ("qat_history", "parity")}
+                            for s, i in quantization.items()},
+           "history": {"student": student["history"],
+                       **{f"qat-{s}": i["qat_history"] for s, i in quantization.items() if "qat_history" in i}}}
     fileio.write_json(run_dir / "report.json", rep)
     fileio.write_text(run_dir / "report.md", embedding_markdown(rep))
     return rep

@@ -149,6 +149,7 @@ class Engine:
           1/255 first (as an .npz data source is).
         The result is checked against the engine's input range, so 0-255 floats are refused, not misread.
         """
+        self._classifier_only("preprocess")
         if self.spec is not None and _is_images(raw):
             x = self._images(raw)
         elif isinstance(raw, np.ndarray) and raw.dtype.kind in "fiu" and raw.dtype != np.bool_:
@@ -211,8 +212,14 @@ class Engine:
         top = probs.argmax(axis=1)
         return [self.class_names[i] if self.class_names else str(i) for i in top], probs
 
+    def _classifier_only(self, what: str) -> None:
+        if self.task is not tasks.CLASSIFICATION:
+            raise EdgekdError(f"bundle {self.bundle_dir}: engine.{what}() is for classifiers; this bundle's task is "
+                              f"{self.task.name}: call engine(x) with {self.task.input_name} ({self.task.input_dtype})")
+
     def predict(self, x: np.ndarray) -> list[str] | np.ndarray:
         """Top-1 class names (or indices when the bundle has no class names) for a normalized batch."""
+        self._classifier_only("predict")
         top = self(x).argmax(axis=1)
         return [self.class_names[i] for i in top] if self.class_names else top
 

@@ -248,6 +248,8 @@ def embed(run: Callable[[np.ndarray], np.ndarray], rows: list[np.ndarray], pad_i
           batch_size: int = EVAL_BATCH) -> np.ndarray:
     """Embeddings of token-id rows with `run(ids (b, seq) int64) -> (b, dim)`, in batches of similar length
     (sorted by length, so little padding), returned in the rows' order."""
+    if not rows:
+        raise EdgekdError("embed: no sentences")
     order = np.argsort([len(r) for r in rows], kind="stable")
     parts: list[np.ndarray] = []
     for i in range(0, len(order), batch_size):

@@ -191,6 +191,8 @@ def test_tiny_student_exports_with_dynamic_batch_and_sequence(tmp_path) -> None:
                          (np.zeros((2, 4, 1), np.int64), r"does not match the engine's \(N, seq\)")):
         with pytest.raises(EdgekdError, match=message):
             engine(bad)
+    with pytest.raises(EdgekdError, match=r"engine.preprocess\(\) is for classifiers; this bundle's task is embedding"):
+        engine.classify(["a.jpg"])
     result = profile_bundle(bundle, batch_sizes=(1, 4), warmup=1, min_runs=2, min_seconds=0.0)
     assert result["task"] == "embedding" and [r["batch"] for r in result["rows"]] == [1, 4]
     assert result["metrics"]["cosine"] == pytest.approx(10 / 12, abs=1e-5) and result["eval_samples"] == 12
@@ -226,10 +228,12 @@ def test_recipe_embedding_section(tmp_path) -> None:
                           ({"layer": 2}, "unknown key 'layer'")):
         with pytest.raises(EdgekdError, match=fragment):
             recipe_from_dict({"embedding": raw})
+    with pytest.raises(EdgekdError, match=r"\[quantize\].calibration and keep_float are not used by \[embedding\]"):
+        recipe_from_dict({"embedding": {}, "quantize": {"keep_float": 2}})
 
 
 def test_run_goes_through_the_shared_stages(tmp_path, embedding_recipe) -> None:
-    """`pipeline.run` on an [embedding] recipe (what replaced the private run_embedding): teacher outputs,
+    """`pipeline.run` on an [embedding] recipe (the shared stages replaced the private run_embedding): teacher outputs,
     student, ONNX with parity, PTQ, onnxruntime bundles profiled in their own processes, report.json/.md; the
     engine's metrics agree with PyTorch's on the same held-out sentences."""
     pytest.importorskip("torchao")

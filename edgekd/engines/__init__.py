@@ -186,8 +186,8 @@ def _check_eval(source: EngineSource, eval_data: tuple | dict) -> dict[str, Any]
     task = tasks.get(source.task, f"build {source.model_name}")
     if isinstance(eval_data, tuple) and task is tasks.CLASSIFICATION and len(eval_data) == 3:
         eval_data = dict(zip(("x", "y", "reference_logits"), eval_data, strict=True))
-    if not isinstance(eval_data, dict) or not set(task.eval_arrays) >= set(eval_data) - {"reference_logits"} \
-            or any(k not in eval_data for k in list(task.eval_arrays)[:2]):
+    if not isinstance(eval_data, dict) or not set(list(task.eval_arrays)[:2]) <= set(eval_data) <= set(
+            task.eval_arrays):
         raise EdgekdError(f"build: eval_data must be the {task.name} task's arrays ({', '.join(task.eval_arrays)})"
                           + (" or a tuple (x, y, reference_logits or None)" if task is tasks.CLASSIFICATION else ""))
     return task.check_eval(eval_data, source.input_shape, source.num_classes)
