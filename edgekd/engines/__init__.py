@@ -205,8 +205,9 @@ def _write_eval(path: Path, task: tasks.Task, evals: dict[str, Any], k: int) -> 
     idx = eval_sample(_eval_len(evals), k)
     if not len(idx):
         return None
-    arrays = {name: np.ascontiguousarray(np.asarray(a)[idx], dtype=task.eval_arrays[name]) if np.ndim(a)
-              else np.asarray(a, dtype=task.eval_arrays[name]) for name, a in evals.items()}
+    arrays = {name: np.asarray(a, dtype=task.eval_arrays[name]) if not np.ndim(a) else np.ascontiguousarray(
+              (a if hasattr(a, "shape") else np.asarray(a))[idx], dtype=task.eval_arrays[name])   # a lazy x: rows idx
+              for name, a in evals.items()}
     with open(path, "wb") as f:
         np.savez(f, **arrays)
     return {"file": path.name, "samples": int(len(idx)), "has_reference_logits": "reference_logits" in evals}
