@@ -142,6 +142,7 @@ def profile_bundle(bundle_dir: str | Path, *, batch_sizes: tuple[int, ...] | Non
         "test_accuracy": test.get("accuracy"),
         "test_agreement": test.get("agreement"),
         "test_samples": test.get("samples"),
+        "test_per_class": test.get("per_class"),
         "peak_rss_mb": float(peak),
         "rss_growth_mb": (float(rss_after - rss_before) if rss_before is not None and rss_after is not None
                           else None),

@@ -99,21 +99,30 @@ class Classification(Task):
                  size: int = EVAL_BATCH) -> dict[str, Any]:
         """accuracy = mean(argmax(run(x)) == y), agreement = mean(argmax(run(x)) == argmax(reference_logits)),
         streamed in slices of `size` (x may be memory-mapped or a lazy source that decodes only the rows it is
-        indexed with); input_range: the smallest and largest input value seen."""
+        indexed with); input_range: the smallest and largest input value seen; per_class: per_class_accuracy
+        (None when a label is not a class id)."""
         x, y, ref = data["x"], data["y"], data.get("reference_logits")
-        correct = agree = 0
+        correct = agree = classes = 0
         lo, hi = np.inf, -np.inf
+        labels, predicted = [], []
         for i in range(0, len(x), size):
             xb = np.ascontiguousarray(x[i:i + size], dtype=np.float32)
-            top1 = np.asarray(run(xb)).argmax(axis=1)
-            correct += int(np.sum(top1 == np.asarray(y[i:i + size])))
+            logits = np.asarray(run(xb))
+            top1, classes = logits.argmax(axis=1), logits.shape[1]
+            labels.append(np.asarray(y[i:i + size]).ravel())
+            predicted.append(top1)
+            correct += int(np.sum(top1 == labels[-1]))
             if ref is not None:
                 agree += int(np.sum(top1 == np.asarray(ref[i:i + size]).argmax(axis=1)))
             if len(xb):
                 lo, hi = min(lo, float(np.min(xb))), max(hi, float(np.max(xb)))
         n = len(x)
+        try:
+            per_class = per_class_accuracy(np.concatenate(labels), np.concatenate(predicted), classes) if n else None
+        except (EdgekdError, TypeError, ValueError):   # labels that are not class ids: no per-class figures
+            per_class = None
         return {"accuracy": correct / n if n else None, "agreement": agree / n if n and ref is not None else None,
-                "samples": n, "input_range": [lo, hi] if n else None}
+                "samples": n, "input_range": [lo, hi] if n else None, "per_class": per_class}
 
     def timing_batch(self, data: dict[str, np.ndarray] | None, batch: int, sample_shape: tuple[Any, ...],
                      input_range: tuple[float, float] | None) -> np.ndarray:
@@ -126,6 +135,21 @@ class Classification(Task):
         rng, shape = np.random.default_rng(0), (batch, *sample_shape)
         out = rng.uniform(*input_range, size=shape) if input_range else rng.standard_normal(shape)
         return out.astype(np.float32)
+
+
+def per_class_accuracy(labels: Any, predictions: Any, num_classes: int) -> dict[str, list]:
+    """Per class c: samples[c] = #(label == c), correct[c] = #(label == c and prediction == c) and
+    accuracy[c] = correct[c] / samples[c] (None for a class with no test sample: nothing to divide by)."""
+    y, p = np.asarray(labels).ravel(), np.asarray(predictions).ravel()
+    if y.shape != p.shape:
+        raise EdgekdError(f"per-class accuracy: {len(y)} labels but {len(p)} predictions; expected one each")
+    if len(y) and (y.min() < 0 or y.max() >= num_classes):
+        raise EdgekdError(f"per-class accuracy: labels range {y.min()}..{y.max()}; expected class ids "
+                          f"0..{num_classes - 1}")
+    samples = np.bincount(y, minlength=num_classes)
+    correct = np.bincount(y[p == y], minlength=num_classes)
+    return {"samples": samples.tolist(), "correct": correct.tolist(),
+            "accuracy": [c / n if n else None for c, n in zip(correct.tolist(), samples.tolist(), strict=True)]}
 
 
 class SentenceEmbedding(Task):
