@@ -32,7 +32,8 @@ def test_classification_metrics_and_parity_by_hand() -> None:
     logits = np.array([[2.0, 1.0], [0.0, 3.0], [5.0, 1.0], [0.0, 1.0]], np.float32)
     data = {"x": logits, "y": np.array([0, 1, 1, 1]), "reference_logits": np.array([[1, 0], [1, 0], [1, 0], [0, 1.]])}
     got = tasks.CLASSIFICATION.evaluate(lambda x: x, data, size=3)   # the "engine" returns its input
-    assert got == {"accuracy": 0.75, "agreement": 0.75, "samples": 4, "input_range": [0.0, 5.0]}
+    assert got == {"accuracy": 0.75, "agreement": 0.75, "samples": 4, "input_range": [0.0, 5.0],
+                   "per_class": {"samples": [1, 3], "correct": [1, 2], "accuracy": [1.0, 2 / 3]}}
     assert tasks.CLASSIFICATION.evaluate(lambda x: x, {"x": logits, "y": data["y"]})["agreement"] is None
     ours = logits + np.array([[0, 0], [0, 0], [0, 0], [1.5, 0]], np.float32)
     assert tasks.CLASSIFICATION.parity(logits, ours) == {"max_abs_diff": 1.5, "top1_agreement": 0.75}
