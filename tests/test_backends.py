@@ -1,0 +1,163 @@
+"""One conformance suite over every registered backend (edgekd.engines.registry): build a bundle from a tiny model,
+load it through edgekd.runtime, run it through the one runner protocol, compare with PyTorch, refuse a bad batch.
+
+onnxruntime and torch run for real. TensorRT cannot be installed without an NVIDIA GPU: it runs through
+tests/fake_tensorrt.py (transcribed from the 10.3/11.1 bindings; its engine executes the ONNX with onnxruntime),
+with host memory standing in for CUDA buffers, as tests/test_engines_trt.py does; on a machine with TensorRT and
+a GPU the real module is used. A backend registered later is picked up here by name; without a case below it is
+skipped with that reason.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgekd import runtime
+from edgekd.bundle import read_manifest
+from edgekd.engines import build, check_target, registry
+from edgekd.errors import EdgekdError
+from edgekd.targets import load_target
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _tensorrt_case(monkeypatch, tmp_path: Path):
+    """The catalog's Jetson Orin Nano target at fp16, on the fake module unless real TensorRT with a GPU is here."""
+    import edgekd.engines
+    from edgekd.engines import trt as trt_backend
+
+    if trt_backend.availability() != "ok":
+        from tests import fake_tensorrt
+
+        mod = fake_tensorrt.make("10.3.0.26")
+        monkeypatch.setitem(sys.modules, "tensorrt", mod)
+        monkeypatch.setattr(edgekd.engines, "cuda_device_count", lambda: (1, ""))
+        monkeypatch.setattr(trt_backend, "cuda_binding", lambda: fake_tensorrt.HostCuda(mod.fake))
+    target = replace(load_target("jetson-orin-nano-trt"), timing_cache=str(tmp_path / "nano.timing"), workspace_mb=256,
+                     max_batch=64)
+    return target, "fp16", 1e-4
+
+
+CASES = {
+    "onnxruntime": lambda monkeypatch, tmp_path: (load_target("x86-cpu-ort"), "fp32", 1e-5),
+    "torch": lambda monkeypatch, tmp_path: (load_target("x86-cpu-torch"), "fp32", 1e-6),
+    "tensorrt": _tensorrt_case,
+}
+
+
+@pytest.fixture(params=registry.runtimes())
+def backend_case(request, monkeypatch, tmp_path, edge_source, edge_model):
+    """(backend, target, precision, tolerance, source) for one registered runtime."""
+    name = request.param
+    if name not in CASES:
+        pytest.skip(f"no conformance case for runtime {name!r} yet: add one to CASES with a catalog target")
+    target, precision, atol = CASES[name](monkeypatch, tmp_path)
+    status = check_target(target)
+    if status != "ok":
+        pytest.skip(status)
+    b = registry.backend(name)
+    source = edge_source
+    if b.source == "weights":
+        from edgekd.models import save_weights
+
+        weights = tmp_path / "student.safetensors"
+        save_weights(edge_model, weights)
+        source = replace(edge_source, onnx_path=None, weights_path=weights, model_spec="cnn:widths=4,8")
+    return b, target, precision, atol, source
+
+
+def test_declaration_is_complete(backend_case) -> None:
+    b, target, precision, _, _ = backend_case
+    assert set(b.precisions) <= set(registry.PRECISIONS) and set(b.devices) <= set(registry.DEVICES)
+    assert b.default_scheme in (*registry.QUANT_SCHEMES, registry.NO_SCHEME) and b.source in ("onnx", "weights")
+    module = b.functions()
+    assert module.BACKEND is b and all(callable(getattr(module, f)) for f in
+                                       ("availability", "check_target", "build_engine", "open_runner"))
+    assert target.runtime == b.name and precision in target.precisions and target.device in b.devices
+
+
+def test_build_load_run_matches_pytorch(backend_case, edge_eval, tmp_path: Path) -> None:
+    b, target, precision, atol, source = backend_case
+    x, _, ref = edge_eval
+    out = build(source, target, precision, tmp_path / "bundle", eval_data=edge_eval)
+    manifest = read_manifest(out, verify=True)
+    assert manifest["runtime"] == b.name and manifest["metrics"]["test"]["agreement"] == 1.0
+    engine = runtime.load(out)
+    runner = engine.runner
+    assert isinstance(runner, registry.Runner)
+    assert runner.input_names == (manifest["input"]["name"],) and runner.output_names == (manifest["output"]["name"],)
+    outputs = engine.run({runner.input_names[0]: x})
+    assert set(outputs) == set(runner.output_names)
+    np.testing.assert_allclose(outputs[runner.output_names[0]], ref, atol=atol)
+    np.testing.assert_array_equal(engine(x), outputs[runner.output_names[0]])   # the single-input convenience
+    with pytest.raises(EdgekdError, match=r"run\(\) got inputs \['pixels'\], this engine takes"):
+        engine.run({"pixels": x})
+
+
+def test_bad_batch_is_refused(backend_case, edge_eval, tmp_path: Path) -> None:
+    b, target, precision, _, source = backend_case
+    out = build(source, target, precision, tmp_path / "bundle")
+    engine = runtime.load(out)
+    name = engine.runner.input_names[0]
+    with pytest.raises(EdgekdError, match=r"batch of 0 is outside the engine's batch range 1\.\."):
+        engine(np.zeros((0, *source.input_shape), np.float32))
+    if b.batch_profile:   # only the profile's batches: one past its maximum is refused before the engine runs
+        big = np.zeros((target.max_batch + 1, *source.input_shape), np.float32)
+        with pytest.raises(EdgekdError, match=f"batch of {target.max_batch + 1} is outside the engine's batch range "
+                                              f"{target.min_batch}..{target.max_batch}"):
+            engine.run({name: big})
+        x = np.concatenate([edge_eval[0]] * 2)   # 96 > 64: logits() splits at the maximum instead
+        np.testing.assert_allclose(engine.logits(x), np.concatenate([engine(edge_eval[0])] * 2), atol=1e-6)
+    else:
+        assert engine.max_batch is None and engine(np.concatenate([edge_eval[0]] * 3)).shape[0] == 3 * 48
+
+
+def test_every_catalog_runtime_is_registered_and_unknown_ones_are_named() -> None:
+    from edgekd.targets import list_targets
+
+    assert {t.runtime for t in list_targets()} <= set(registry.runtimes())
+    with pytest.raises(EdgekdError, match=r"bundle b: unknown runtime 'openvino' \(expected one of onnxruntime, "):
+        registry.backend("openvino", "bundle b")
+
+
+def test_a_runtime_key_of_another_runtime_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "t.toml"
+    path.write_text('runtime = "torch"\ndevice = "cpu"\nprecisions = ["fp32"]\ntiming_cache = "x.timing"\n')
+    with pytest.raises(EdgekdError, match=r"t.toml: key 'timing_cache' only applies to runtime 'tensorrt' \(this "
+                                          r"target's runtime is 'torch'\)"):
+        load_target(str(path))
+    path.write_text('runtime = "tensorrt"\ndevice = "cuda"\nprecisions = ["fp16"]\n'
+                    'providers = ["CPUExecutionProvider"]\n')
+    with pytest.raises(EdgekdError, match="key 'providers' only applies to runtime 'onnxruntime'"):
+        load_target(str(path))
+
+
+def test_quantization_schemes_are_listed_once() -> None:
+    """The registry's list is what the targets, the qat --scheme choice and the quantizers read."""
+    pytest.importorskip("torchao")
+    from edgekd import cli, quantize, targets
+
+    assert tuple(quantize.SCHEMES) == registry.QUANT_SCHEMES
+    assert all(cls.scheme == name for name, cls in quantize.SCHEMES.items())
+    assert targets.QUANT_SCHEMES == (*registry.QUANT_SCHEMES, "none")
+    choice = next(p for p in cli.cli.commands["qat"].params if p.name == "scheme")
+    assert tuple(choice.type.choices) == registry.QUANT_SCHEMES
+
+
+def test_registry_and_runtime_import_without_torch_or_tensorrt_and_without_a_cycle() -> None:
+    """A device has numpy and its runtime only: the registry lists every backend without importing torch or
+    tensorrt, and edgekd.runtime does not import edgekd.profile (profile imports runtime, one direction)."""
+    code = ("import sys; sys.modules['torch'] = None; sys.modules['tensorrt'] = None\n"
+            "from edgekd.engines import registry; import edgekd.runtime, edgekd.targets\n"
+            "assert 'edgekd.profile' not in sys.modules, 'runtime imported profile'\n"
+            "import edgekd.profile\n"
+            "print(sorted(registry.backends()), registry.backend('torch').availability().startswith('not installed'))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["['onnxruntime',", "'tensorrt',", "'torch']", "True"]
