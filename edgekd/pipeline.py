@@ -478,8 +478,9 @@ def int8_fallback(ctx: RunContext, target: Target, profiles: list[dict[str, Any]
         return None
     decision: dict[str, Any] = {"engine": before["engine"], "speedup_vs_fp32": before["speedup_vs_fp32"],
                                 "slower_at_batches": before["slower_at_batches"]}
-    if target.runtime != "onnxruntime":
-        return {**decision, "chose": "fp32", "why": "per-layer costs are measured on onnxruntime targets only"}
+    if not registry.backend(target.runtime).layer_times:
+        measured = ", ".join(b.name for b in registry.backends().values() if b.layer_times)
+        return {**decision, "chose": "fp32", "why": f"per-layer costs are measured on {measured} targets only"}
     batch = max(before["slower_at_batches"])
     rows = compress.layer_latency(ctx, ctx.onnx_path("student"), Path(quantized["onnx"]["ptq"]), batch, target.threads)
     keep = compress.slower_in_int8(rows)

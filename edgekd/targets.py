@@ -189,21 +189,17 @@ def _from_dict(file: Path, data: dict[str, Any]) -> Target:
         if p not in backend.precisions:
             raise EdgekdError(f"target file {file}: precision {p!r} is not supported by runtime {runtime!r} "
                               f"(supported: {', '.join(backend.precisions)})")
-    if runtime == "torch" and device == "cpu" and "fp16" in precisions:
-        raise EdgekdError(f"target file {file}: precision 'fp16' with the torch runtime needs device 'cuda' "
-                          "(CPU fp16 kernels are slower than fp32)")
-    if device == "dla" and "fp32" in precisions:
-        raise EdgekdError(f"target file {file}: device 'dla' runs only fp16 and int8; remove 'fp32' from "
-                          "precisions")
 
     level = v.get("graph_optimization_level", "all")
     _choice(file, "graph_optimization_level", level, OPT_LEVELS)
     scheme = v.get("quant_scheme", backend.default_scheme)
     reason = f"pinned by {file.name}" if "quant_scheme" in v else f"the {runtime} runtime's default"
     if scheme == AUTO:
-        if runtime != "onnxruntime" or device != "cpu":
-            raise EdgekdError(f"target file {file}: quant_scheme {AUTO!r} applies to runtime 'onnxruntime' on "
-                              f"device 'cpu' (this target is {runtime} on {device})")
+        if device not in backend.auto_scheme_devices:
+            offered = " or ".join(f"runtime {b.name!r} on device {'/'.join(map(repr, b.auto_scheme_devices))}"
+                                  for b in registry.backends().values() if b.auto_scheme_devices)
+            raise EdgekdError(f"target file {file}: quant_scheme {AUTO!r} applies to {offered} (this target is "
+                              f"{runtime} on {device})")
         scheme, reason = cpu_quant_scheme()
     _choice(file, "quant_scheme", scheme, QUANT_SCHEMES)
     if "int8" in precisions and scheme == "none":
@@ -236,14 +232,6 @@ def _from_dict(file: Path, data: dict[str, Any]) -> Target:
     bol = v.get("builder_optimization_level", 3)
     if not 0 <= bol <= 5:
         raise EdgekdError(f"target file {file}: key 'builder_optimization_level' must be 0..5, got {bol}")
-    dla_core = v.get("dla_core")
-    if device == "dla" and dla_core is None:
-        raise EdgekdError(f"target file {file}: device 'dla' needs key 'dla_core' (0 or 1)")
-    if device != "dla" and dla_core is not None:
-        raise EdgekdError(f"target file {file}: key 'dla_core' only applies to device 'dla' (device is "
-                          f"{device!r})")
-    if dla_core is not None and dla_core < 0:
-        raise EdgekdError(f"target file {file}: key 'dla_core' must be >= 0, got {dla_core}")
     if v.get("eval_samples", 0) < 0:
         raise EdgekdError(f"target file {file}: key 'eval_samples' must be >= 0 (0: no eval.npz), got "
                           f"{v['eval_samples']}")
@@ -251,24 +239,7 @@ def _from_dict(file: Path, data: dict[str, Any]) -> Target:
         if key in v and v[key] <= 0:
             raise EdgekdError(f"target file {file}: key {key!r} must be positive, got {v[key]}")
 
-    providers = v.get("providers")
-    if providers is None:
-        providers = ()
-        if runtime == "onnxruntime":
-            providers = ("CUDAExecutionProvider", "CPUExecutionProvider") if device == "cuda" else (
-                "CPUExecutionProvider",)
-    provider_options = v.get("provider_options", {})
-    stray = sorted(set(provider_options) - set(providers))
-    if stray:
-        raise EdgekdError(f"target file {file}: provider_options names provider {stray[0]!r}, which is not "
-                          f"in providers {list(providers)}")
-    if runtime == "onnxruntime" and "fp16" in precisions and providers[:1] != ("TensorrtExecutionProvider",):
-        raise EdgekdError(f"target file {file}: precision 'fp16' is not supported by runtime 'onnxruntime' "
-                          "without 'TensorrtExecutionProvider' first in providers (it builds the fp16 kernels)")
-    if "TensorrtExecutionProvider" in provider_options:
-        from edgekd.engines.ort import check_trt_ep_options
-
-        check_trt_ep_options(str(file), provider_options["TensorrtExecutionProvider"])
+    own = backend.target_rules(file, v)   # the runtime's own rules and the defaults that follow
 
     return Target(
         name=v.get("name", file.stem),
@@ -282,13 +253,13 @@ def _from_dict(file: Path, data: dict[str, Any]) -> Target:
         opt_batch=opt_b,
         max_batch=max_b,
         threads=v.get("threads"),
-        providers=providers,
-        provider_options=provider_options,
+        providers=own.get("providers", v.get("providers", ())),
+        provider_options=v.get("provider_options", {}),
         graph_optimization_level=level,
         workspace_mb=v.get("workspace_mb", 1024),
         builder_optimization_level=bol,
         timing_cache=v.get("timing_cache"),
-        dla_core=dla_core,
+        dla_core=v.get("dla_core"),
         compile=v.get("compile", False),
         latency_budget_ms=v.get("latency_budget_ms"),
         memory_budget_mb=v.get("memory_budget_mb"),

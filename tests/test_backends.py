@@ -78,7 +78,7 @@ def test_declaration_is_complete(backend_case) -> None:
     assert b.default_scheme in (*registry.QUANT_SCHEMES, registry.NO_SCHEME) and b.source in ("onnx", "weights")
     module = b.functions()
     assert module.BACKEND is b and all(callable(getattr(module, f)) for f in
-                                       ("availability", "check_target", "build_engine", "open_runner"))
+                                       ("availability", "check_target", "target_rules", "build_engine", "open_runner"))
     assert target.runtime == b.name and precision in target.precisions and target.device in b.devices
 
 

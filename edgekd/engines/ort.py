@@ -30,7 +30,7 @@ from edgekd.engines.registry import Backend, Runner, check_feeds
 from edgekd.errors import EdgekdError
 
 BACKEND = Backend(name="onnxruntime", module=__name__, precisions=("fp32", "fp16", "int8"), devices=("cpu", "cuda"),
-                  default_scheme="ort-cpu", source="onnx",
+                  default_scheme="ort-cpu", source="onnx", auto_scheme_devices=("cpu",), layer_times=True,
                   # workspace and builder level: for the TensorRT execution provider (trt_ep_options)
                   target_keys=("providers", "provider_options", "graph_optimization_level", "workspace_mb",
                                "builder_optimization_level"))
@@ -73,6 +73,26 @@ def check_target(target: Any) -> str:
         return (f"target {target.name} wants {target.providers[0]}, but this onnxruntime has only "
                 f"{', '.join(available)}")
     return "ok"
+
+
+def target_rules(file: Any, v: dict[str, Any]) -> dict[str, Any]:
+    """Providers (default: CUDA then CPU on device cuda, else CPU), options only for listed providers and with the
+    TensorRT EP's real option names, fp16 only with the TensorRT EP first."""
+    providers = v.get("providers")
+    if providers is None:
+        providers = ("CUDAExecutionProvider", "CPUExecutionProvider") if v["device"] == "cuda" else (
+            "CPUExecutionProvider",)
+    provider_options = v.get("provider_options", {})
+    stray = sorted(set(provider_options) - set(providers))
+    if stray:
+        raise EdgekdError(f"target file {file}: provider_options names provider {stray[0]!r}, which is not "
+                          f"in providers {list(providers)}")
+    if "fp16" in v["precisions"] and providers[:1] != (TRT_EP,):
+        raise EdgekdError(f"target file {file}: precision 'fp16' is not supported by runtime 'onnxruntime' "
+                          f"without {TRT_EP!r} first in providers (it builds the fp16 kernels)")
+    if TRT_EP in provider_options:
+        check_trt_ep_options(str(file), provider_options[TRT_EP])
+    return {"providers": tuple(providers)}
 
 
 def host_fingerprint() -> dict[str, Any]:

@@ -51,6 +51,14 @@ def availability() -> str:
     return "ok"
 
 
+def target_rules(file: Any, v: dict[str, Any]) -> dict[str, Any]:
+    """fp16 only on CUDA (CPU fp16 kernels are slower than fp32)."""
+    if v["device"] == "cpu" and "fp16" in v["precisions"]:
+        raise EdgekdError(f"target file {file}: precision 'fp16' with the torch runtime needs device 'cuda' "
+                          "(CPU fp16 kernels are slower than fp32)")
+    return {}
+
+
 def check_target(target: Any) -> str:
     """"ok" unless the target runs on CUDA and this torch sees no CUDA device."""
     torch = _torch()

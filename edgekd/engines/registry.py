@@ -4,6 +4,8 @@ Each runtime is one module in edgekd/engines/ (listed in MODULES) that declares 
 
     availability() -> str                                  "ok", or why this machine cannot use the runtime
     check_target(target) -> str                            "ok", or why this machine cannot run that target
+    target_rules(file, values) -> dict                     the runtime's own target-file rules (raise EdgekdError
+                                                           naming file and key) and the Target fields they fill
     build_engine(source, target, precision, out) -> dict   write the engine files of a bundle into `out`
     open_runner(bundle_dir, manifest, threads) -> Runner   the device side: open a verified bundle's engine
 
@@ -46,10 +48,15 @@ class Backend:
     source: str                       # "onnx": built from an exported ONNX; "weights": from safetensors + model spec
     batch_profile: bool = False       # the engine takes only batches in the manifest's batch.min..max
     target_keys: tuple[str, ...] = ()   # target-file keys only this runtime reads
+    auto_scheme_devices: tuple[str, ...] = ()   # devices where quant_scheme = "auto" picks from the CPU's flags
+    layer_times: bool = False         # per-layer kernel times can be measured (the INT8-vs-FP32 fallback)
 
     def functions(self) -> Any:
-        """The backend's module (build_engine, open_runner, availability, check_target)."""
+        """The backend's module (build_engine, open_runner, availability, check_target, target_rules)."""
         return importlib.import_module(self.module)
+
+    def target_rules(self, file: Any, values: dict[str, Any]) -> dict[str, Any]:
+        return self.functions().target_rules(file, values)
 
     def availability(self) -> str:
         return self.functions().availability()

@@ -206,6 +206,22 @@ def availability() -> str:
     return "ok" if count else f"tensorrt {trt.__version__} is installed but {reason}"
 
 
+def target_rules(file: Any, v: dict[str, Any]) -> dict[str, Any]:
+    """DLA: fp16/int8 only, on the core named by dla_core (>= 0); dla_core only for device dla."""
+    dla, dla_core = v["device"] == "dla", v.get("dla_core")
+    if dla and "fp32" in v["precisions"]:
+        raise EdgekdError(f"target file {file}: device 'dla' runs only fp16 and int8; remove 'fp32' from "
+                          "precisions")
+    if dla and dla_core is None:
+        raise EdgekdError(f"target file {file}: device 'dla' needs key 'dla_core' (0 or 1)")
+    if not dla and dla_core is not None:
+        raise EdgekdError(f"target file {file}: key 'dla_core' only applies to device 'dla' (device is "
+                          f"{v['device']!r})")
+    if dla_core is not None and dla_core < 0:
+        raise EdgekdError(f"target file {file}: key 'dla_core' must be >= 0, got {dla_core}")
+    return {}
+
+
 def check_target(target: Any) -> str:
     """Nothing beyond availability(): the target's DLA core and batch profile are checked when the engine builds."""
     return "ok"
