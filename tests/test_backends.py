@@ -161,3 +161,74 @@ def test_registry_and_runtime_import_without_torch_or_tensorrt_and_without_a_cyc
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["['onnxruntime',", "'tensorrt',", "'torch']", "True"]
+
+
+# A runtime added the way the registry promises: one module (written here into a temporary folder: onnx's own
+# ReferenceEvaluator, a real ONNX runtime that ships with the onnx package), its name in registry.MODULES and one
+# target file. Nothing else in edgekd changes, and the bundle builds, loads, runs and agrees with PyTorch.
+REFERENCE_BACKEND = '''
+from pathlib import Path
+import shutil
+
+from edgekd.engines.registry import Backend, Runner, check_feeds
+
+BACKEND = Backend(name="onnx-reference", module=__name__, precisions=("fp32",), devices=("cpu",),
+                  default_scheme="none", source="onnx")
+
+
+def availability():
+    return "ok"
+
+
+def check_target(target):
+    return "ok"
+
+
+def target_rules(file, values):
+    return {}
+
+
+def build_engine(source, target, precision, out):
+    from edgekd.engines import check_onnx_source
+
+    info = check_onnx_source(source, target, precision)
+    shutil.copyfile(source.onnx_path, Path(out) / "model.onnx")
+    return {"engine": {"file": "model.onnx"}, "input_name": info["input_name"], "output_name": info["output_name"]}
+
+
+class ReferenceRunner(Runner):
+    def __init__(self, path):
+        from onnx.reference import ReferenceEvaluator
+
+        self.session = ReferenceEvaluator(str(path))
+        self.input_names, self.output_names = tuple(self.session.input_names), tuple(self.session.output_names)
+        self.info = {"file": Path(path).name}
+
+    def run(self, feeds):
+        check_feeds(self, feeds)
+        return dict(zip(self.output_names, self.session.run(None, feeds)))
+
+
+def open_runner(bundle_dir, manifest, threads):
+    return ReferenceRunner(Path(bundle_dir) / manifest["engine"]["file"])
+'''
+
+
+def test_a_new_runtime_is_one_module_and_a_target_file(monkeypatch, tmp_path: Path, edge_source, edge_eval) -> None:
+    (tmp_path / "edgekd_reference_backend.py").write_text(REFERENCE_BACKEND)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(registry, "MODULES", (*registry.MODULES, "edgekd_reference_backend"))
+    registry.backends.cache_clear()
+    try:
+        target_file = tmp_path / "x86-cpu-reference.toml"
+        target_file.write_text('runtime = "onnx-reference"\ndevice = "cpu"\nprecisions = ["fp32"]\n')
+        target = load_target(str(target_file))
+        assert target.quant_scheme == "none" and check_target(target) == "ok"
+        out = build(edge_source, target, "fp32", tmp_path / "bundle", eval_data=edge_eval)
+        engine = runtime.load(out)
+        assert read_manifest(out)["metrics"]["test"]["agreement"] == 1.0
+        np.testing.assert_allclose(engine(edge_eval[0]), edge_eval[2], atol=1e-5)
+        with pytest.raises(EdgekdError, match="batch of 0 is outside"):
+            engine(np.zeros((0, 1, 8, 8), np.float32))
+    finally:
+        registry.backends.cache_clear()
