@@ -21,15 +21,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from edgekd.bundle import FORMAT, edgekd_version, rewrite_manifest, write_manifest
-from edgekd.engines.registry import NO_SCHEME, backend, backends, needs_accelerator
-from edgekd.engines.registry import QUANTIZATIONS as QUANTIZED
+from edgekd.engines import registry
+from edgekd.engines.registry import backend, backends, needs_accelerator
 from edgekd.errors import EdgekdError
 from edgekd.fileio import atomic_path
 
 if TYPE_CHECKING:
     from edgekd.targets import Target
 
-QUANTIZATIONS = (NO_SCHEME, *QUANTIZED)
+QUANTIZATIONS = ("none", *registry.QUANTIZATIONS)   # "none": a float model
 HOST_EVAL_BATCH = 64   # test samples per engine call when the build host measures accuracy on the test split
 
 
@@ -84,7 +84,7 @@ def check_target(target: Target) -> str:
     status = b.availability() if b is not None else f"unknown runtime {target.runtime!r}"
     if status != "ok":
         return f"target {target.name}: {target.runtime} {status}"
-    return b.functions().check_target(target)
+    return b.check_target(target)
 
 
 def onnx_info(path: Path) -> dict[str, Any]:

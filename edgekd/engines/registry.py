@@ -61,6 +61,9 @@ class Backend:
     def availability(self) -> str:
         return self.functions().availability()
 
+    def check_target(self, target: Any) -> str:
+        return self.functions().check_target(target)
+
     def build_engine(self, source: Any, target: Any, precision: str, out: Any) -> dict[str, Any]:
         return self.functions().build_engine(source, target, precision, out)
 
