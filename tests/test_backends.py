@@ -232,3 +232,37 @@ def test_a_new_runtime_is_one_module_and_a_target_file(monkeypatch, tmp_path: Pa
             engine(np.zeros((0, 1, 8, 8), np.float32))
     finally:
         registry.backends.cache_clear()
+
+
+def test_the_runner_protocol_takes_every_named_input_and_gives_every_named_output(tmp_path: Path) -> None:
+    """Names come from the model, not from edgekd: a two-input, two-output ONNX (token ids and a mask, as a text
+    encoder has) runs through the onnxruntime runner by its own names, with its own dtypes."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from edgekd.engines.ort import OrtRunner
+
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["input_ids", "attention_mask"], ["kept"]),
+         helper.make_node("Cast", ["kept"], ["kept_f"], to=TensorProto.FLOAT),
+         helper.make_node("ReduceSum", ["kept_f"], ["token_sum"], keepdims=0)],
+        "two_in_two_out",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
+         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "seq"])],
+        [helper.make_tensor_value_info("kept", TensorProto.INT64, ["batch", "seq"]),
+         helper.make_tensor_value_info("token_sum", TensorProto.FLOAT, [])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "model.onnx"))
+    manifest = {"engine": {"file": "model.onnx", "graph_optimization_level": "disable",
+                           "saved_optimization_level": "disable", "providers": ["CPUExecutionProvider"]}}
+    runner = OrtRunner(tmp_path, manifest)
+    assert runner.input_names == ("input_ids", "attention_mask") and runner.output_names == ("kept", "token_sum")
+    ids = np.array([[5, 7, 9], [2, 4, 0]], np.int64)
+    mask = np.array([[1, 1, 0], [1, 0, 0]], np.int64)
+    out = runner.run({"attention_mask": mask, "input_ids": ids})
+    np.testing.assert_array_equal(out["kept"], [[5, 7, 0], [2, 0, 0]])
+    assert out["token_sum"] == 14.0
+    with pytest.raises(EdgekdError, match=r"call run\(\) with a dict of them"):
+        runner(ids)   # the single-input convenience refuses a two-input engine
+    with pytest.raises(EdgekdError, match=r"run\(\) got inputs \['input_ids'\], this engine takes \['input_ids', "
+                                          r"'attention_mask'\]"):
+        runner.run({"input_ids": ids})
