@@ -529,9 +529,13 @@ def read_split(run_dir: Path) -> TextSplit:
     path = run_dir / TEACHER_OUTPUTS
     if not path.is_file():
         raise EdgekdError(f"{path}: not found; run `edgekd teacher RECIPE --out {run_dir}` first")
-    with np.load(path, allow_pickle=False) as f:
-        emb, n, every = f["embeddings"], int(f["train"]), unpad(f["ids"], f["lengths"])
-        return TextSplit(every[:n], every[n:], emb[:n], emb[n:], int(f["pad_id"]))
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            emb, n, every = f["embeddings"], int(f["train"]), unpad(f["ids"], f["lengths"])
+            return TextSplit(every[:n], every[n:], emb[:n], emb[n:], int(f["pad_id"]))
+    except (KeyError, ValueError, OSError) as e:
+        raise EdgekdError(f"{path}: not a teacher-embeddings file of this edgekd ({type(e).__name__}: {e}); run "
+                          f"`edgekd teacher RECIPE --out {run_dir}` again") from None
 
 
 def distill_stage(recipe: Recipe, out: str | Path, *, progress: bool = True) -> dict[str, Any]:

@@ -301,3 +301,16 @@ def test_report_latency_ratios_and_headline_by_hand() -> None:
     head = embedding_headline(engines, ratios)
     assert head["engine"] == "student int8 ptq"     # qat is faster but 0.05 cosine worse
     assert "8.0x faster per sentence at batch 1, 4.0x faster per sentence at batch 8" in head["text"]
+
+
+def test_a_bad_teacher_embeddings_file_is_one_clear_error(tmp_path) -> None:
+    """teacher-embeddings.npz is data in the run folder: one missing array or a non-npz file is refused by name."""
+    np.savez(tmp_path / E.TEACHER_OUTPUTS, embeddings=np.zeros((2, 3), np.float32))
+    with pytest.raises(EdgekdError, match="not a teacher-embeddings file.*run `edgekd teacher"):
+        E.read_split(tmp_path)
+    (tmp_path / E.TEACHER_OUTPUTS).write_bytes(b"not an npz")
+    with pytest.raises(EdgekdError, match="not a teacher-embeddings file"):
+        E.read_split(tmp_path)
+    (tmp_path / E.TEACHER_OUTPUTS).unlink()
+    with pytest.raises(EdgekdError, match="not found; run `edgekd teacher"):
+        E.read_split(tmp_path)
