@@ -534,6 +534,8 @@ def int8_fallback(ctx: RunContext, target: Target, profiles: list[dict[str, Any]
         return {**decision, "chose": "fp32", "why": f"{why}; the INT8 engine is not shipped"}
     mixed = compress.ptq_keep_float(ctx, target.quant_scheme, skip,
                                     ctx.dir / "onnx" / f"student.ptq-{target.quant_scheme}-keep-float.onnx")
+    runfolder.record(ctx.dir, ctx.rel(mixed), {**ctx.weights_input("student"),
+                                               **runfolder.sections(ctx.recipe, "quantize")})
     build(ctx.dir, target, models=("student",), ctx=ctx, quantized={"ptq": mixed},
           resume=True)   # the float bundles stand; only the int8 one is made from a new ONNX
     after = _ptq_verdict(ctx, target, profile(ctx.dir, target, quick=quick))
