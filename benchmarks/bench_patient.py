@@ -26,7 +26,6 @@ epoch, mean over seeds, distilled and scratch per arm).
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import json
 import multiprocessing
 import os
@@ -155,6 +154,7 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
         history = real_fit(*args, **kwargs)
         if kwargs.get("desc") in ROLES:
             curves[ROLES[kwargs["desc"]]] = history
+            fileio.write_json(curves_path, curves)   # a run stopped during scratch keeps the student's curve
         return history
 
     recipe = recipe_from_dict(job["recipe"], base_dir=RECIPE.parent)
@@ -165,21 +165,47 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
         distillation.distill(recipe, out, device=job["device"], progress=False, resume=True)
     finally:
         distillation.fit = real_fit
-    fileio.write_json(curves_path, curves)
     return {"out": str(out), "seconds": round(time.perf_counter() - start, 1)}
 
 
-def run_all(jobs: list[dict[str, Any]], workers: int) -> None:
-    """The runs, `workers` at a time in fresh (spawned: CUDA cannot be forked) processes; one in-process."""
-    if workers <= 1:
+def run_all(jobs: list[dict[str, Any]], workers: int, deadline: float | None = None) -> list[dict[str, Any]]:
+    """The runs, `workers` at a time in fresh (spawned: CUDA cannot be forked) processes; one job and no deadline:
+    in this process. Past `deadline` seconds the unfinished runs are stopped (their checkpoints stay, so the next
+    invocation continues them) and returned."""
+    if workers <= 1 and deadline is None:
         for job in jobs:
             run_one(job)
-        return
-    ctx = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-        for done in concurrent.futures.as_completed([pool.submit(run_one, job) for job in jobs]):
-            r = done.result()
-            print(f"finished {r['out']} in {r['seconds']} s", flush=True)
+        return []
+    end = time.monotonic() + deadline if deadline is not None else float("inf")
+    with multiprocessing.get_context("spawn").Pool(workers, maxtasksperchild=1) as pool:
+        pending = [(job, pool.apply_async(run_one, (job,))) for job in jobs]
+        while pending and time.monotonic() < end:
+            time.sleep(0.5)
+            for job, result in [p for p in pending if p[1].ready()]:
+                r = result.get()   # a run's error stops the suite here
+                print(f"finished {r['out']} in {r['seconds']} s", flush=True)
+                pending.remove((job, result))
+        pool.terminate()
+    return [job for job, _ in pending]
+
+
+def progress_of(out: Path) -> dict[str, Any]:
+    """How far a stopped run got: per role, epochs done, training seconds per epoch and the last test accuracy,
+    from its finished curves and its checkpoint (train.fit keeps the history there)."""
+    import torch
+
+    done = seed_curves(out)
+    info: dict[str, Any] = {}
+    for role, name in (("student", "distilled"), ("scratch", "scratch")):
+        ckpt = out / "checkpoints" / f"{role}.ckpt"
+        history = (done.get(name) or
+                   (torch.load(ckpt, map_location="cpu", weights_only=True)["history"] if ckpt.is_file() else []))
+        if history:
+            val = [h["val_accuracy"] for h in history if h.get("val_accuracy") is not None]
+            info[name] = {"epochs_done": len(history), "finished": name in done,
+                          "seconds_per_epoch": common.mean_sd([h["seconds"] for h in history])[0],
+                          "last_test_accuracy": val[-1] * 100 if val else None}
+    return info
 
 
 # ------------------------------------------------------------------------------------------------- results
@@ -260,7 +286,7 @@ def plot_curves(out: Path, name: str, rows: list[dict[str, Any]]) -> list[Path]:
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     common.add_common_args(parser, default_threads=1)
-    parser.add_argument("--epochs", type=int, default=300)
+    parser.add_argument("--epochs", type=int, default=None, help="default 300 (2 with --quick)")
     parser.add_argument("--arms", default="fm,ct", help="comma-separated: " + ", ".join(ARMS))
     parser.add_argument("--students", default="cnn,mlp", help="comma-separated: " + ", ".join(quality.STUDENTS))
     parser.add_argument("--seeds", default="0,1,2")
@@ -269,12 +295,16 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--test-samples", type=int, default=None, help="stratified test subset (default: all 10,000)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--jobs", type=int, default=1, help="runs in parallel processes")
+    parser.add_argument("--deadline", type=float, default=None,
+                        help="stop unfinished runs after this many seconds (they resume on the next invocation) "
+                             "and report how far they got")
     parser.add_argument("--work", type=Path, default=None,
                         help="run folders and the teacher (default runs/patient; a temporary folder with --quick)")
     args = parser.parse_args()
     if args.quick:   # 2 epochs, one seed, the MLP student, 500 training and 1,000 test images: seconds
-        args.epochs, args.seeds, args.students = 2, "0", "mlp"
+        args.epochs, args.seeds, args.students = args.epochs or 2, "0", "mlp"
         args.train_samples, args.test_samples = 500, args.test_samples or 1000
+    args.epochs = args.epochs or 300
     for key, known in (("arms", ARMS), ("students", quality.STUDENTS)):
         bad = [v for v in getattr(args, key).split(",") if v not in known]
         if bad:
@@ -300,8 +330,9 @@ def main() -> int:
              "recipe": arm_recipe(arm, student, seed, args.epochs, data, teacher)}
             for student in students for arm in arms for seed in seeds]   # CNN first: the longest runs
     start = time.perf_counter()
-    run_all(jobs, args.jobs)
+    stopped = run_all(jobs, args.jobs, args.deadline)
     wall = time.perf_counter() - start
+    unfinished = {job["name"]: progress_of(Path(job["out"])) for job in stopped}
 
     rows = [r for arm in arms for student in students
             if (r := summarize_arm(work, args.epochs, arm, student, seeds)) is not None]
@@ -312,10 +343,17 @@ def main() -> int:
              f"{wall:.0f} s wall.")
     data_out = {"command": common.command_line(), "environment": common.environment(threads=args.threads),
                 "notes": notes, "seeds": seeds, "work": str(work), "device": args.device, "jobs": args.jobs,
-                "wall_seconds": round(wall, 1), "data": str(data), "teacher": str(teacher), "rows": rows}
+                "wall_seconds": round(wall, 1), "data": str(data), "teacher": str(teacher), "rows": rows,
+                "unfinished": unfinished}
     name = common.result_name("patient", args.quick)
     md = quality.markdown(rows, None, data_out, title="Patient distillation, 5k Fashion-MNIST subset")
     md += "\n## Learning curves (test accuracy %, every epochs // 20)\n\n" + curve_markdown(rows) + "\n"
+    if unfinished:
+        md += (f"\n## Stopped at the {args.deadline:g} s deadline (they resume from their checkpoints)\n\n"
+               + common.markdown_table(["run", "role", "epochs done", "finished", "s/epoch", "last test accuracy"],
+                                       [[name, role, p["epochs_done"], "yes" if p["finished"] else "no",
+                                         p["seconds_per_epoch"], p["last_test_accuracy"]]
+                                        for name, info in unfinished.items() for role, p in info.items()]) + "\n")
     args.out.mkdir(parents=True, exist_ok=True)
     for png in plot_curves(args.out, name, rows):
         md += f"\n![learning curves]({png.name})\n"
