@@ -266,7 +266,7 @@ def curve_markdown(rows: list[dict[str, Any]]) -> str:
     return common.markdown_table(heads, table)
 
 
-def plot_curves(out: Path, name: str, rows: list[dict[str, Any]]) -> list[Path]:
+def plot_curves(out: Path, name: str, rows: list[dict[str, Any]], train_samples: int) -> list[Path]:
     """One PNG per student: mean test accuracy against epoch, distilled and scratch for each arm."""
     paths = []
     for student in dict.fromkeys(r["student"] for r in rows):
@@ -276,7 +276,8 @@ def plot_curves(out: Path, name: str, rows: list[dict[str, Any]]) -> list[Path]:
             teacher = next(r["teacher_accuracy"] for r in rows if r["student"] == student)
             paths.append(common.plot_series(out / f"{name}_{student}.png", series, xlabel="epoch",
                                             ylabel="test accuracy (%)", logx=False, logy=False,
-                                            title=f"{student} student, 5k Fashion-MNIST (teacher {teacher:.2f}%)"))
+                                            title=f"{student} student, {train_samples:,} Fashion-MNIST images "
+                                                  f"(teacher {teacher:.2f}%)"))
     return paths
 
 
@@ -346,7 +347,8 @@ def main() -> int:
                 "wall_seconds": round(wall, 1), "data": str(data), "teacher": str(teacher), "rows": rows,
                 "unfinished": unfinished}
     name = common.result_name("patient", args.quick)
-    md = quality.markdown(rows, None, data_out, title="Patient distillation, 5k Fashion-MNIST subset")
+    md = quality.markdown(rows, None, data_out,
+                          title=f"Patient distillation, {args.train_samples:,}-image Fashion-MNIST subset")
     md += "\n## Learning curves (test accuracy %, every epochs // 20)\n\n" + curve_markdown(rows) + "\n"
     if unfinished:
         md += (f"\n## Stopped at the {args.deadline:g} s deadline (they resume from their checkpoints)\n\n"
@@ -355,7 +357,7 @@ def main() -> int:
                                          p["seconds_per_epoch"], p["last_test_accuracy"]]
                                         for name, info in unfinished.items() for role, p in info.items()]) + "\n")
     args.out.mkdir(parents=True, exist_ok=True)
-    for png in plot_curves(args.out, name, rows):
+    for png in plot_curves(args.out, name, rows, args.train_samples):
         md += f"\n![learning curves]({png.name})\n"
     json_path, md_path = common.write_results(args.out, name, data_out, md)
     print(md)
