@@ -355,7 +355,9 @@ def main() -> int:
                + common.markdown_table(["run", "role", "epochs done", "finished", "s/epoch", "last test accuracy"],
                                        [[name, role, p["epochs_done"], "yes" if p["finished"] else "no",
                                          p["seconds_per_epoch"], p["last_test_accuracy"]]
-                                        for name, info in unfinished.items() for role, p in info.items()]) + "\n")
+                                        for name, info in unfinished.items() for role, p in info.items()]
+                                       + [[name, "no epoch done", 0, "no", None, None]
+                                          for name, info in unfinished.items() if not info]) + "\n")
     args.out.mkdir(parents=True, exist_ok=True)
     for png in plot_curves(args.out, name, rows, args.train_samples):
         md += f"\n![learning curves]({png.name})\n"
