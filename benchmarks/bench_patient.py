@@ -162,9 +162,18 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     start = time.perf_counter()
     distillation.fit = recording_fit
     try:
-        distillation.distill(recipe, out, device=job["device"], progress=False, resume=True)
+        metrics = distillation.distill(recipe, out, device=job["device"], progress=False, resume=True)
     finally:
         distillation.fit = real_fit
+    for role, name in (("student", "distilled"), ("scratch", "scratch")):
+        if name not in curves and metrics[role].get("history"):   # an edgekd that records the history itself
+            curves[name] = metrics[role]["history"]
+    fileio.write_json(curves_path, curves)
+    missing = [name for name in ROLES.values() if name not in curves]
+    if missing:
+        raise RuntimeError(f"{out}: no learning curve for {', '.join(missing)} (edgekd.distillation no longer trains "
+                         "through distillation.fit, or the run was finished without this script); delete the run "
+                         "folder to train it again")
     return {"out": str(out), "seconds": round(time.perf_counter() - start, 1)}
 
 
