@@ -58,25 +58,20 @@ def subset_npz(folder: Path, train_samples: int, seed: int, test_samples: int | 
     in-memory .npz's own x_val is used as stored (not scaled, no channel axis added), and a memory-mapped .npz
     cannot be trained on yet (streaming.fingerprint cannot serialize the memmap's Path filename); both are
     edgekd.data/streaming issues this benchmark works around without touching them. 43 MB in all."""
-    from edgekd.data import FASHION_MNIST_DIR, labelled_subset, read_idx
+    from edgekd.data import FASHION_MNIST_DIR, _fashion_mnist, labelled_subset
+    from edgekd.errors import EdgekdError
     from edgekd.fileio import atomic_path
 
     name = f"fmnist-train{train_samples}-seed{seed}" + (f"-test{test_samples}" if test_samples else "") + ".npz"
     path = folder / name
     if path.is_file():
         return path
-
-    def split(stem: str) -> tuple[np.ndarray, np.ndarray]:
-        found = {k: next((FASHION_MNIST_DIR / f"{stem}-{k}-idx{d}-ubyte{z}" for z in (".gz", "")
-                          if (FASHION_MNIST_DIR / f"{stem}-{k}-idx{d}-ubyte{z}").is_file()), None)
-                 for k, d in (("images", 3), ("labels", 1))}
-        if None in found.values():
-            raise SystemExit(f"{FASHION_MNIST_DIR}: Fashion-MNIST not found (apt-get install dataset-fashion-mnist), "
-                             f"and {path} does not exist yet")
-        return read_idx(found["images"]), read_idx(found["labels"]).astype(np.int64)
-
-    x_train, y_train = split("train")
-    x_test, y_test = split("t10k")
+    try:   # the `fashion-mnist` source's reader: the four idx files as uint8 images and labels, and the class names
+        raw = _fashion_mnist(FASHION_MNIST_DIR)
+    except EdgekdError as e:
+        raise SystemExit(f"{e}; {path} does not exist yet and is made from them") from None
+    x_train, y_train = raw["x_train"], raw["y_train"].astype(np.int64)
+    x_test, y_test = raw["x_test"], raw["y_test"].astype(np.int64)
     keep = labelled_subset(y_train, train_samples, seed, "patient subset")
     x_train, y_train = x_train[keep], y_train[keep]
     if test_samples:
@@ -85,7 +80,7 @@ def subset_npz(folder: Path, train_samples: int, seed: int, test_samples: int | 
     folder.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test, y_val=y_test,
-                 x_val=x_test.astype(np.float32)[:, None] / 255.0)
+                 x_val=x_test.astype(np.float32)[:, None] / 255.0, class_names=np.array(raw["class_names"]))
     return path
 
 

@@ -47,7 +47,7 @@ def test_patient_quick_runs_both_arms_with_test_curves_and_resumes(tmp_path):
         assert recipe["distill"]["function_matching"] is mixed
     with np.load(next((work / "data").glob("*.npz"))) as f:
         assert len(f["x_train"]) == 500 and np.bincount(f["y_train"]).tolist() == [50] * 10
-        assert len(f["y_test"]) == 1000 and (f["y_val"] == f["y_test"]).all()
+        assert len(f["y_test"]) == 1000 and (f["y_val"] == f["y_test"]).all() and len(f["class_names"]) == 10
         assert np.array_equal(f["x_val"][:, 0], f["x_test"].astype(np.float32) / 255.0)
     assert (out / "patient_quick_mlp.png").read_bytes()[:4] == b"\x89PNG"
 
