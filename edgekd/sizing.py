@@ -367,17 +367,18 @@ class Band:
         return self.budget * (1 + self.margin)
 
 
-def noise(latencies: dict[int, dict], confirmed: dict[int, dict], cands: list[Candidate],
+def noise(latencies: dict[int, dict], confirmed: dict[int, dict], cands: list[Candidate], rule: str,
           metric: str) -> list[dict[str, Any]]:
     """Run-to-run noise of the decision statistic (the least disturbed of `repeats` sessions): each confirmed
-    engine was measured twice, in the search and again in the confirmation round (fresh processes, minutes
-    apart); noise = |a - b| / min(a, b) per engine."""
+    candidate was measured twice, in the search and again in the confirmation round (fresh processes, minutes
+    apart); noise = |a - b| / min(a, b) for the engine that decides (the one that ships, by either measurement;
+    an engine that does not decide, such as an FP32 engine beside a faster INT8 one, does not count)."""
     out = []
     for i in sorted(confirmed):
-        for p, b in confirmed[i].items():
-            a = latencies[i][p][metric]
-            out.append({"index": i, "spec": cands[i].spec, "precision": p, "search_ms": a,
-                        "confirm_ms": b[metric], "noise": abs(a - b[metric]) / min(a, b[metric])})
+        for p in dict.fromkeys((ships(latencies[i], rule), ships(confirmed[i], rule))):
+            a, b = latencies[i][p][metric], confirmed[i][p][metric]
+            out.append({"index": i, "spec": cands[i].spec, "precision": p, "search_ms": a, "confirm_ms": b,
+                        "noise": abs(a - b) / min(a, b)})
     return out
 
 
@@ -467,7 +468,7 @@ def _run_search(cands: list[Candidate], meter: Meter, cfg: SizeConfig, rule: str
     order: list[int] = []
     rounds = 0
     while True:
-        measured_noise = noise(latencies, confirmed, cands, cfg.metric)
+        measured_noise = noise(latencies, confirmed, cands, rule, cfg.metric)
         band = Band(cfg.budget_ms, max([cfg.margin, *(n["noise"] for n in measured_noise)]))
         values = {i: _value(i, latencies, confirmed, rule, cfg.metric, band) for i in latencies}
         step = search(len(cands), values, band.low, band.high)
