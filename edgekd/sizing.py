@@ -979,10 +979,15 @@ def plot(rep: dict[str, Any], path: Path) -> None:
     ax.axhline(rep["budget_ms"], color="red", label=f"budget {rep['budget_ms']:g} ms")
     ax.axhspan(rep["low_ms"], rep["high_ms"], color="red", alpha=0.12,
                label=f"budget +- {rep['margin']:.1%} margin (measured noise)")
-    if rep["chosen"]:
-        c = rep["chosen"]
-        ax.scatter([c["multiplier"]], [c["decision_ms"]], s=160, facecolors="none", edgecolors="black", zorder=4,
-                   label=f"chosen: {c['spec']}")
+    if rep["decision_precision"] == SHIPPED:
+        pts = sorted((r["multiplier"], r["latency_ms"][r["ships"]][m]) for r in rep["candidates"])
+        ax.plot([x for x, _ in pts], [y for _, y in pts], color="black", linestyle=":", linewidth=1,
+                label="the engine that would ship")
+    for key, marker in (("chosen", "o"), ("next_larger", "s")):
+        if rep[key]:
+            c = rep[key]
+            ax.scatter([c["multiplier"]], [c["decision_ms"]], s=160, marker=marker, facecolors="none",
+                       edgecolors="black", zorder=4, label=f"{key.replace('_', ' ')}: {c['spec']}")
     ax.set_ylabel(f"{m} latency at batch {rep['batch']} (ms)")
     ax.set_title(f"edgekd size: {rep['family']} on {rep['target']}")
     ax.grid(True, alpha=0.3)
