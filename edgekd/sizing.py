@@ -49,6 +49,7 @@ MAX_MEASUREMENT_FILES = 1000
 ROUND_BUNDLES = 8          # candidates per remote round (the next bisection levels are prefetched)
 EVAL_SAMPLES = 256         # real inputs stored in candidate bundles (the profiler feeds them)
 STUDENT_PATH_PARTS = 5    # students/<slug>/engines/<target>/<bundle>: how a trained student's result is matched
+MAX_CONFIRM_ROUNDS = 6     # confirmation rounds before the search reports an unsettled pair
 FACTORY_STEP = 1.1         # multiplier ratio between neighbouring candidates of a factory family
 
 
@@ -390,8 +391,10 @@ def _value(i: int, latencies: dict, confirmed: dict, rule: str, metric: str, ban
         return a
     b = confirmed[i][ships(confirmed[i], rule)][metric]
     lo, hi = min(a, b), max(a, b)
-    if hi <= band.low or lo >= band.high or band.low >= band.high:
-        return hi if hi <= band.low or band.low >= band.high else lo
+    if hi <= band.low or band.low >= band.high:   # both fit (or no band: a zero margin)
+        return hi
+    if lo >= band.high:                             # both over
+        return lo
     return min(max((a + b) / 2, band.low * (1 + 1e-9)), band.high * (1 - 1e-9))
 
 
@@ -445,16 +448,13 @@ def size(recipe: Recipe, out: str | Path, cfg: SizeConfig, *, measurements: str 
         rep["trained"] = _train(recipe, out, cfg, target, data, rep, device, progress, meter)
         rep["verdict"] = _verdict(rep)
         if remote:
-            rep["note"] = _remote_note(rep["trained"], cfg, out)
+            rep["note"] = _remote_note(rep["trained"], out)
         else:
             rep["energy"] = _energy(rep["trained"], cfg.batch, data, progress)
     else:
         rep["trained"] = []
     _write(out, rep)
     return rep
-
-
-MAX_CONFIRM_ROUNDS = 6
 
 
 def _run_search(cands: list[Candidate], meter: Meter, cfg: SizeConfig, rule: str) -> dict[str, Any]:
@@ -594,7 +594,7 @@ class RemoteMeter(Meter):
         return {"need": pair}
 
 
-def _remote_note(trained: list[dict[str, Any]], cfg: SizeConfig, out: Path) -> str:
+def _remote_note(trained: list[dict[str, Any]], out: Path) -> str:
     if all(t["engines"] for t in trained):
         return "The search and the distilled students' engines were measured on the device."
     bundles = [b for t in trained for b in t.get("bundles", [])]
