@@ -807,9 +807,12 @@ def _write_student_command(trained: list[dict[str, Any]], out: Path, cfg: SizeCo
 
 
 def _verdict(rep: dict[str, Any]) -> dict[str, Any] | None:
-    """The done-when on the trained engines: the chosen student's shipped engine meets the budget and the next
-    larger one's exceeds it."""
+    """The check on the trained engines: the chosen student's shipped engine meets the budget and the next
+    larger one's exceeds it, as measured; and at the search's machine speed (each trained engine scaled by its
+    untrained candidate's search / now latency, profiled beside it), which is what the search's decision compares
+    with when other processes' load changed in between."""
     by_role = {t["role"]: next((e for e in t["engines"] if e["shipped"]), None) for t in rep["trained"]}
+    by_spec = {t["role"]: t["spec"] for t in rep["trained"]}
     chosen, larger = by_role.get("chosen"), by_role.get("next larger")
     if chosen is None:
         return None
@@ -820,6 +823,15 @@ def _verdict(rep: dict[str, Any]) -> dict[str, Any] | None:
     out["chosen_meets"] = out["chosen"]["ms"] <= budget
     out["larger_exceeds"] = out["larger"]["ms"] > budget if larger else None
     out["brackets"] = out["chosen_meets"] and bool(out["larger_exceeds"])
+    refs = {(e["spec"], e["precision"]): e for e in (rep.get("drift") or {}).get("engines", [])}
+    scaled = {}
+    for key, t, e in (("chosen", by_spec.get("chosen"), chosen), ("larger", by_spec.get("next larger"), larger)):
+        ref = refs.get((t, e["precision"])) if e else None
+        if ref:   # the trained engine at the search's machine speed: x (search / now) of its untrained candidate
+            scaled[key] = e["latency_ms"][m] * ref["search_ms"] / ref["now_ms"]
+    if "chosen" in scaled:
+        out["at_search_speed"] = {"chosen_ms": scaled["chosen"], "larger_ms": scaled.get("larger"),
+                                  "brackets": scaled["chosen"] <= budget and scaled.get("larger", 0) > budget}
     return out
 
 
@@ -955,6 +967,14 @@ def _trained_lines(rep: dict[str, Any]) -> list[str]:
                       f"{d['median']:.3f}x their search latency (median of {len(d['engines'])} engines): the "
                       "machine ran " + (f"{d['median'] - 1:.1%} slower" if d["median"] >= 1 else
                                          f"{1 - d['median']:.1%} faster") + " than during the search."]
+        s = (v or {}).get("at_search_speed")
+        if s and abs(d["median"] - 1) > rep["margin"]:
+            lines += [f"That is more than the {rep['margin']:.1%} margin (other processes' load changed), so the "
+                      "trained engines' latencies above do not compare with the budget the search decided on. "
+                      "Scaled to the search's machine speed (each by its own untrained candidate's search / now "
+                      f"ratio), the chosen student's shipped engine takes {s['chosen_ms']:.4f} ms" +
+                      (f" and the next larger's {s['larger_ms']:.4f} ms" if s["larger_ms"] is not None else "") +
+                      (": the pair brackets the budget." if s["brackets"] else ": the pair does not bracket it.")]
     return lines + [""]
 
 

@@ -355,6 +355,29 @@ def test_cli_sizes_digits_on_real_engines(tmp_path):
         assert rep["energy"]["available"] is False and "Not measured: energy counters not readable" in r.stdout
 
 
+def test_verdict_on_the_trained_engines_and_at_the_search_speed():
+    """The machine ran 25% faster when the trained engines were profiled than during the search: as measured the
+    next larger one is within the budget, at the search's speed (its untrained candidate's ratio) it is over."""
+    def engine(precision, ms, shipped):
+        return {"precision": precision, "quantization": "ptq" if precision == "int8" else "none", "shipped": shipped,
+                "latency_ms": {"p50": ms}}
+
+    rep = {"metric": "p50", "budget_ms": 1.0, "trained": [
+        {"role": "chosen", "spec": "a", "engines": [engine("fp32", 1.2, False), engine("int8", 0.72, True)]},
+        {"role": "next larger", "spec": "b", "engines": [engine("fp32", 1.5, False), engine("int8", 0.84, True)]}],
+        "drift": {"median": 0.75, "engines": [
+            {"spec": "a", "precision": "int8", "search_ms": 0.96, "now_ms": 0.72},
+            {"spec": "b", "precision": "int8", "search_ms": 1.1, "now_ms": 0.825}]}}
+    v = sizing._verdict(rep)
+    assert v["chosen"] == {"precision": "int8", "quantization": "ptq", "ms": 0.72} and v["chosen_meets"]
+    assert v["larger_exceeds"] is False and not v["brackets"]
+    s = v["at_search_speed"]
+    assert s["chosen_ms"] == pytest.approx(0.96) and s["larger_ms"] == pytest.approx(0.84 * 1.1 / 0.825)
+    assert s["brackets"]
+    rep["drift"] = None
+    assert "at_search_speed" not in sizing._verdict(rep)
+
+
 def test_factory_family_ladder_steps_the_width_and_skips_equal_models(tmp_path):
     recipe, _ = _setup(tmp_path, family="tests.test_models:scalable_mlp", lo=0.5, hi=2.0)
     _, _, cands = _ladder(recipe)
