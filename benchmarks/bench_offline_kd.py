@@ -78,7 +78,7 @@ def main() -> int:
         teacher_cache.build_cache(t, data.x_train, tmp / "cache", top_k=args.top_k, epochs=1, augment=None, seed=0)
         cache_build_s = time.perf_counter() - t0
         c = teacher_cache.load_cache(tmp / "cache", x=data.x_train, augment_key="none", seed=0, top_k=args.top_k)
-        offline = OfflineTargets(lambda epoch, idx: (None, *c.lookup(0, idx)), 4.0, 0.9, "logits")
+        offline = OfflineTargets(lambda epoch, idx, _batch: (None, *c.lookup(0, idx)), 4.0, 0.9, "logits")
         cfg = dataclasses.replace(recipe.student, epochs=1)
         modes = {"plain CE": {}, "online KD": {"teacher": teacher, "kd": KDConfig(4.0, 0.9)},
                  "offline KD (cache)": {"offline": offline}}

@@ -12,6 +12,7 @@ from typing import Any
 
 import tomllib
 
+from edgekd.engines.registry import PRECISIONS, QUANTIZATIONS
 from edgekd.errors import EdgekdError
 
 
@@ -184,9 +185,9 @@ SECTIONS: dict[str, type] = {"data": DataConfig, "teacher": ModelConfig, "studen
                              "distill": DistillConfig, "quantize": QuantizeConfig,
                              "augment": AugmentConfig, "embedding": EmbeddingConfig, "size": SizeConfig}
 CHOICES: dict[str, tuple[str, ...]] = {"optimizer": ("adamw", "sgd"), "schedule": ("cosine", "onecycle", "constant"),
-                                       "mode": ("none", "ptq", "qat"), "observer": ("minmax", "percentile", "mse"),
+                                       "mode": ("none", *QUANTIZATIONS), "observer": ("minmax", "percentile", "mse"),
                                        "amp": ("none", "bf16"), "init": ("pca", "random"),
-                                       "metric": ("p50", "p90", "p99"), "precision": ("auto", "fp32", "fp16", "int8")}
+                                       "metric": ("p50", "p90", "p99"), "precision": ("auto", *PRECISIONS)}
 
 
 def _type_name(tp: Any) -> str:
@@ -326,6 +327,10 @@ def _validate(r: Recipe, where: str) -> None:
         validate_size(r.size, f"{where} [size]")
     if r.embedding is not None:
         _validate_embedding(r.embedding, where)
+        if r.quantize.calibration or r.quantize.keep_float:
+            raise EdgekdError(f"{where} [quantize].calibration and keep_float are not used by [embedding] runs: the "
+                              "student is calibrated on calibration_size training sentences and quantized whole; "
+                              "remove them")
         return
     from edgekd.models import check_spec  # torch: only for recipes that build models
 
