@@ -1,20 +1,28 @@
 """Size the student to the target: the most accurate student of a family that meets a measured latency budget.
 
 The latency of an untrained network is the latency of the trained one, so the search never trains: each
-candidate (the family's widths times a multiplier, rounded to multiples of `divisor`) is exported untrained,
-built into the engines the target ships (INT8 with the target's scheme, calibrated on real training samples)
-and profiled on the target. A candidate fits when latency * (1 + margin) <= budget, the margin standing for
-measurement noise. Widths grow with the multiplier, so the distinct architectures between min_multiplier and
-max_multiplier form an ordered ladder (every point where one width rounds to the next multiple is on it), and a
-bisection over it finds the largest that fits with about log2(ladder size) + 2 measurements; the smaller end
-fits and the larger end does not, with latency assumed to grow with width. Then the chosen student (and its
-neighbours on the ladder) is distilled, quantized as the recipe says, built and profiled, and the report shows
-the budget, every candidate measured, the choice and its margin.
+candidate (the family's widths times a multiplier, rounded to multiples of `divisor`) is exported untrained
+(once for all float precisions), built into the engines the target ships (INT8 with the target's scheme,
+calibrated on real training samples) and profiled on the target. The engine that decides is the one `edgekd run`
+would ship: INT8, unless it is slower than FP32 at a profiled batch size (the pipeline's int8_fallback).
+
+Widths grow with the multiplier, so the distinct architectures between min_multiplier and max_multiplier form an
+ordered ladder, and bisections over it (latency assumed to grow with width) find the largest candidate that fits
+(latency <= budget / (1 + margin)) and the smallest above it that is over the budget by the margin (latency >=
+budget * (1 + margin)). Neighbouring candidates can differ by less than the measurement noise, so candidates
+between those two are within the noise of the budget: neither chosen nor the comparison. Then a confirmation
+round profiles the chosen and next-larger candidates again, interleaved in fresh processes; the two
+measurements of each engine give the run-to-run noise, the margin grows to it, and the search moves the pair
+until it brackets the budget under both measurements. The chosen student (and its neighbours) is then
+distilled, quantized as the recipe says, built and profiled, and the report shows the budget, the noise and
+margin, every candidate measured, the choice, and on the trained engines which precision ships and whether the
+pair still brackets the budget.
 
 Remote targets: the search runs in rounds. A round writes the candidate bundles it needs (with the next levels of
 the bisection, so one or two rounds settle it) and one shell command that profiles them on the device with
-`python -m edgekd.runtime profile`; `--measurements` reads the results back and the search continues from them.
-Nothing in the search assumes the host is the target.
+`python -m edgekd.runtime profile`; `--measurements` reads the results back (confirmation rounds from its
+confirm/ subfolder, the trained students' from students/) and the search continues from them. Nothing in the
+search assumes the host is the target.
 """
 
 from __future__ import annotations
@@ -25,12 +33,13 @@ import math
 import re
 import sys
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
 
 from edgekd import fileio
+from edgekd.engines import QUANTIZATIONS
 from edgekd.errors import EdgekdError
 from edgekd.recipe import Recipe, SizeConfig, validate_size
 from edgekd.targets import PRECISIONS, Target, load_target
@@ -39,6 +48,8 @@ MAX_MEASUREMENT_BYTES = 16 * 2**20
 MAX_MEASUREMENT_FILES = 1000
 ROUND_BUNDLES = 8          # candidates per remote round (the next bisection levels are prefetched)
 EVAL_SAMPLES = 256         # real inputs stored in candidate bundles (the profiler feeds them)
+STUDENT_PATH_PARTS = 5    # students/<slug>/engines/<target>/<bundle>: how a trained student's result is matched
+MAX_CONFIRM_ROUNDS = 6     # confirmation rounds before the search reports an unsettled pair
 FACTORY_STEP = 1.1         # multiplier ratio between neighbouring candidates of a factory family
 
 
@@ -84,25 +95,41 @@ def ladder(spec: str, input_shape: tuple[int, ...], num_classes: int, cfg: SizeC
     return out
 
 
-def search(n: int, measured: dict[int, float], limit: float) -> dict[str, Any]:
-    """One step of the bisection over a ladder of `n` candidates, given the latencies `measured` so far.
+def search(n: int, measured: dict[int, float], low: float, high: float) -> dict[str, Any]:
+    """One step of the search over a ladder of `n` candidates, given the decision latencies `measured` so far.
 
-    Returns {"need": [indices], "lo", "hi"} while it needs measurements, else {"chosen": index or None (none
-    fits), "larger": the next larger candidate (None when all fit)}; a candidate fits when latency <= limit."""
+    Two bisections: the chosen candidate is the largest that fits (latency <= low = budget / (1 + margin)); the
+    next larger is the smallest above it that is over the budget by the margin (latency >= high = budget *
+    (1 + margin)). Candidates between them measured within the noise of the budget: neither side can be told
+    apart from it, so they are neither chosen nor the comparison (the ladder is coarsened there to twice the
+    margin). Returns {"need": [indices], "lo", "hi"} while it needs measurements, else {"chosen": index or None
+    (none fits), "larger": index or None (none is distinguishably over)}."""
     need = [i for i in dict.fromkeys((0, n - 1)) if i not in measured]
     if need:
         return {"need": need, "lo": 0, "hi": n - 1}
-    if measured[n - 1] <= limit:
+    if measured[n - 1] <= low:
         return {"chosen": n - 1, "larger": None}
-    if measured[0] > limit:
+    if measured[0] > low:
         return {"chosen": None, "larger": 0}
-    lo, hi = 0, n - 1
+    chosen = _first(measured, 0, n - 1, lambda ms: ms > low)
+    if isinstance(chosen, dict):
+        return chosen
+    chosen -= 1
+    if measured[n - 1] < high:
+        return {"chosen": chosen, "larger": None}
+    larger = _first(measured, chosen, n - 1, lambda ms: ms >= high)
+    return larger if isinstance(larger, dict) else {"chosen": chosen, "larger": larger}
+
+
+def _first(measured: dict[int, float], lo: int, hi: int, over: Any) -> int | dict[str, Any]:
+    """Bisection for the first index in (lo, hi] where `over` holds, given it fails at lo and holds at hi (latency
+    assumed to grow with width); {"need": [mid], ...} when a midpoint is not measured yet."""
     while hi - lo > 1:
         mid = (lo + hi) // 2
         if mid not in measured:
             return {"need": [mid], "lo": lo, "hi": hi}
-        lo, hi = (mid, hi) if measured[mid] <= limit else (lo, mid)
-    return {"chosen": lo, "larger": hi}
+        lo, hi = (lo, mid) if over(measured[mid]) else (mid, hi)
+    return hi
 
 
 def lookahead(lo: int, hi: int, count: int) -> list[int]:
@@ -125,12 +152,14 @@ def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
-def read_measurements(path: str | Path, target: str, batch: int, metric: str = "p50"
+def read_measurements(path: str | Path, target: str, batch: int, metric: str = "p50", key: str = "model"
                       ) -> dict[tuple[str, str], dict[str, Any]]:
     """Profile results from the device (`python -m edgekd.runtime profile ... --json`): a folder of .json files,
     or one .json file holding one result or a list. Data, not code: size-bounded and checked; returns
-    {(model spec, precision): {"p50", "p90", "p99", "mean", "runs", "accuracy", "source"}} at `batch`, from the
-    session with the lowest `metric` where one engine was profiled several times (see _profile_best)."""
+    {(model spec, precision): {"p50", "p90", "p99", "mean", "runs", "per_batch", "accuracy", "source"}} at
+    `batch`, combining the sessions of one engine as profile_interleaved does. With key="bundle" the first item
+    is the bundle's path as the device named it, last STUDENT_PATH_PARTS parts (the trained students' bundles
+    all hold model "student"); it is only compared with the paths edgekd wrote, never opened."""
     path = Path(path)
     if path.is_dir():
         files = sorted(path.glob("*.json"))
@@ -149,10 +178,13 @@ def read_measurements(path: str | Path, target: str, batch: int, metric: str = "
         except (ValueError, UnicodeDecodeError) as e:
             raise EdgekdError(f"measurements {file}: not valid JSON ({e})") from None
         for i, entry in enumerate(data if isinstance(data, list) else [data]):
-            key, row = _measurement(entry, f"measurements {file}" + (f" [{i}]" if isinstance(data, list) else ""),
-                                    target, batch)
-            if key not in out or row[metric] < out[key][metric]:
-                out[key] = row
+            where = f"measurements {file}" + (f" [{i}]" if isinstance(data, list) else "")
+            name, row = _measurement(entry, where, target, batch)
+            if key == "bundle":
+                if not isinstance(entry.get("bundle"), str) or len(entry["bundle"]) > 4096:
+                    raise EdgekdError(f"{where}: expected the profiled bundle's path in 'bundle'")
+                name = ("/".join(PurePosixPath(entry["bundle"]).parts[-STUDENT_PATH_PARTS:]), name[1])
+            out[name] = _better(out.get(name), row, metric)
     if not out:
         raise EdgekdError(f"--measurements {path}: holds no profile results")
     return out
@@ -168,16 +200,19 @@ def _measurement(entry: Any, where: str, target: str, batch: int) -> tuple[tuple
     if entry.get("target") != target:
         raise EdgekdError(f"{where}: measured a bundle built for target {entry.get('target')!r}, expected "
                           f"{target!r}")
-    rows = [r for r in entry["rows"] if isinstance(r, dict) and r.get("batch") == batch]
-    if not rows:
+    rows = {r["batch"]: r for r in entry["rows"] if isinstance(r, dict) and type(r.get("batch")) is int}
+    if batch not in rows:
         raise EdgekdError(f"{where}: no row for batch {batch} (profile with --batch {batch})")
-    row = rows[0]
-    for key in ("p50", "p90", "p99", "mean"):
-        if not _finite(row.get(key)):
-            raise EdgekdError(f"{where}: batch {batch} {key} must be a positive number of ms, got {row.get(key)!r}")
+    for b, r in rows.items():
+        for key in ("p50", "p90", "p99", "mean"):
+            if not _finite(r.get(key)):
+                raise EdgekdError(f"{where}: batch {b} {key} must be a positive number of ms, got {r.get(key)!r}")
+    row = rows[batch]
     accuracy = entry.get("accuracy")
     return (entry["model"], entry["precision"]), {
         **{k: float(row[k]) for k in ("p50", "p90", "p99", "mean")}, "runs": row.get("runs"),
+        "quantization": entry["quantization"] if entry.get("quantization") in QUANTIZATIONS else None,
+        "per_batch": {b: float(r["p50"]) for b, r in sorted(rows.items())},
         "accuracy": accuracy if isinstance(accuracy, float) else None, "source": where.split(" ", 1)[1]}
 
 
@@ -205,6 +240,8 @@ class CandidateBuilder:
         self.batches = [torch.from_numpy(x_cal[i:i + 64]) for i in range(0, len(x_cal), 64)]
         n = min(EVAL_SAMPLES, len(data.x_test))
         self.evals = (data.x_test[:n], data.y_test[:n], None)
+        self._float: dict[str, tuple[Path | None, Path | None]] = {}   # spec -> (float ONNX, weights): exported once
+        self.exports = 0   # ONNX exports and weight files written (one per candidate and quantization)
 
     def bundle_dir(self, c: Candidate, precision: str) -> Path:
         return self.folder / f"{_slug(c.spec)}-{precision}"
@@ -259,11 +296,17 @@ class CandidateBuilder:
             net = quantize.ptq(net, self.example, self.batches, qcfg)
             quantization = "ptq"
             meta.update(quantization="ptq", quant_scheme=self.target.quant_scheme)
-        if self.target.runtime == "torch":
-            weights = work / f"{_slug(c.spec)}.safetensors"
+        if quantization == "none" and c.spec in self._float:
+            onnx_path, weights = self._float[c.spec]   # one export serves every float precision
+        elif self.target.runtime == "torch":
+            weights = work / f"{_slug(c.spec)}-{quantization}.safetensors"
             save_weights(net, weights)
+            self.exports += 1
         else:
             onnx_path = export_onnx(net, self.example, work / f"{_slug(c.spec)}-{quantization}.onnx", metadata=meta)
+            self.exports += 1
+        if quantization == "none":
+            self._float[c.spec] = (onnx_path, weights)
         source = EngineSource(model_name=c.spec, onnx_path=onnx_path, weights_path=weights, model_spec=c.spec,
                               input_shape=self.data.input_shape, num_classes=self.data.num_classes,
                               class_names=self.data.class_names, normalization=self.data.normalization,
@@ -279,17 +322,80 @@ class CandidateBuilder:
 # ------------------------------------------------------------------------------------------ the stage
 
 
+SHIPPED = "shipped"   # decision rule: the engine the pipeline would ship (INT8 unless slower than FP32)
+
+
 def decision_precision(recipe: Recipe, target: Target, cfg: SizeConfig) -> str:
-    """The engine whose latency decides: the one the recipe ships (INT8 when it quantizes and the target builds
-    INT8), unless [size] precision names one."""
+    """The engine whose latency decides: the one `edgekd run` would ship, unless [size] precision names one.
+
+    When the recipe quantizes and the target builds INT8, that is "shipped": per candidate INT8, unless its
+    INT8 engine is slower than its FP32 engine at one of the profiled batch sizes, where the pipeline's
+    int8_fallback ships FP32 (or INT8 with float layers, which the search does not build; ship_slower_int8 keeps
+    INT8 regardless). Otherwise the target's first float precision."""
     if cfg.precision != "auto":
         if cfg.precision not in target.precisions:
             raise EdgekdError(f"[size] precision {cfg.precision!r}: target {target.name} builds only "
                               f"{', '.join(target.precisions)}")
         return cfg.precision
     if recipe.quantize.mode != "none" and "int8" in target.precisions and target.quant_scheme != "none":
-        return "int8"
+        return "int8" if recipe.quantize.ship_slower_int8 or "fp32" not in target.precisions else SHIPPED
     return next(p for p in target.precisions if p != "int8")
+
+
+def ships(lat: dict[str, dict[str, Any]], rule: str) -> str:
+    """The precision that decides for one candidate's measurements: `rule`, or for "shipped" INT8 unless its
+    p50 is above FP32's at a batch both were profiled at (report.int8_vs_fp32's test, on the search's figures)."""
+    if rule != SHIPPED:
+        return rule
+    fp32, int8 = lat["fp32"]["per_batch"], lat["int8"]["per_batch"]
+    return "fp32" if any(int8[b] > fp32[b] for b in int8 if b in fp32) else "int8"
+
+
+@dataclass
+class Band:
+    """The decision thresholds: fits when latency <= low = budget / (1 + margin), distinguishably over when
+    >= high = budget * (1 + margin); margin = max(the configured margin, the measured noise)."""
+
+    budget: float
+    margin: float
+
+    @property
+    def low(self) -> float:
+        return self.budget / (1 + self.margin)
+
+    @property
+    def high(self) -> float:
+        return self.budget * (1 + self.margin)
+
+
+def noise(latencies: dict[int, dict], confirmed: dict[int, dict], cands: list[Candidate], rule: str,
+          metric: str) -> list[dict[str, Any]]:
+    """Run-to-run noise of the decision statistic (the least disturbed of `repeats` sessions): each confirmed
+    candidate was measured twice, in the search and again in the confirmation round (fresh processes, minutes
+    apart); noise = |a - b| / min(a, b) for the engine that decides (the one that ships, by either measurement;
+    an engine that does not decide, such as an FP32 engine beside a faster INT8 one, does not count)."""
+    out = []
+    for i in sorted(confirmed):
+        for p in dict.fromkeys((ships(latencies[i], rule), ships(confirmed[i], rule))):
+            a, b = latencies[i][p][metric], confirmed[i][p][metric]
+            out.append({"index": i, "spec": cands[i].spec, "precision": p, "search_ms": a, "confirm_ms": b,
+                        "noise": abs(a - b) / min(a, b)})
+    return out
+
+
+def _value(i: int, latencies: dict, confirmed: dict, rule: str, metric: str, band: Band) -> float:
+    """The latency the search decides on. A confirmed candidate fits only when both measurements fit and is
+    over only when both are over; when they disagree it sits in the band (within the noise of the budget)."""
+    a = latencies[i][ships(latencies[i], rule)][metric]
+    if i not in confirmed:
+        return a
+    b = confirmed[i][ships(confirmed[i], rule)][metric]
+    lo, hi = min(a, b), max(a, b)
+    if hi <= band.low or band.low >= band.high:   # both fit (or no band: a zero margin)
+        return hi
+    if lo >= band.high:                             # both over
+        return lo
+    return min(max((a + b) / 2, band.low * (1 + 1e-9)), band.high * (1 - 1e-9))
 
 
 def _log(progress: bool, text: str) -> None:
@@ -312,146 +418,257 @@ def size(recipe: Recipe, out: str | Path, cfg: SizeConfig, *, measurements: str 
     data = load_data(recipe.data, recipe.base_dir)
     family = cfg.model or recipe.student.model
     cands = ladder(family, data.input_shape, data.num_classes, cfg)
-    precision = decision_precision(recipe, target, cfg)
-    limit = cfg.budget_ms / (1 + cfg.margin)
+    rule = decision_precision(recipe, target, cfg)
     here = check_target(target)
     remote = remote or measurements is not None or here != "ok"
     builder = CandidateBuilder(recipe, data, target, out / "candidates")
+    batches = sorted({cfg.batch, *target.batch_sizes}) if rule == SHIPPED else [cfg.batch]
     _log(progress, f"size: {len(cands)} candidates of {family} (x{cfg.min_multiplier:g}..x{cfg.max_multiplier:g}, "
-                   f"widths in multiples of {cfg.divisor}); {precision} {cfg.metric} at batch {cfg.batch} must be "
-                   f"<= {cfg.budget_ms:g} ms / (1 + {cfg.margin:g}) = {limit:.4f} ms on {target.name}")
-    found = read_measurements(measurements, target.name, cfg.batch, cfg.metric) if measurements is not None else {}
-    step, latencies, order = _run_search(cands, builder, cfg, precision, limit, found if remote else None, progress)
-    if "need" in step:
-        return _request(out, cfg, target, builder, [cands[i] for i in step["need"]], here, progress)
-    rep = _search_report(cands, latencies, order, step, cfg, target, precision, limit, family, builder)
-    if step["chosen"] is None:
+                   f"widths in multiples of {cfg.divisor}); the {rule} engine's {cfg.metric} at batch {cfg.batch} "
+                   f"must be <= {cfg.budget_ms:g} ms / (1 + margin) on {target.name}, margin >= {cfg.margin:g}")
+    if remote:
+        meter: Meter = RemoteMeter(builder, cfg, cands, measurements, batches)
+    else:
+        meter = LocalMeter(builder, cfg, cands, batches, progress)
+    state = _run_search(cands, meter, cfg, rule)
+    if "need" in state:
+        return _request(out, cfg, target, builder, [cands[i] for i in state["need"]], state["phase"], here,
+                        batches, progress)
+    rep = _search_report(cands, state, cfg, target, rule, family, builder)
+    if rep["chosen"] is None:
         _write(out, rep)
         fastest = min(rep["candidates"], key=lambda r: r["decision_ms"])
         raise EdgekdError(
             f"no student of {family} meets the budget on {target.name}: the fastest candidate, {fastest['spec']} "
-            f"(x{fastest['multiplier']:g}, {fastest['params']:,} params), measured {precision} {cfg.metric} "
+            f"(x{fastest['multiplier']:g}, {fastest['params']:,} params), measured {fastest['ships']} {cfg.metric} "
             f"{fastest['decision_ms']:.4f} ms at batch {cfg.batch}, over {cfg.budget_ms:g} ms less the "
-            f"{cfg.margin:.0%} margin ({limit:.4f} ms); raise --budget-ms or lower [size] min_multiplier "
+            f"{rep['margin']:.0%} margin ({rep['low_ms']:.4f} ms); raise --budget-ms or lower [size] min_multiplier "
             f"(report: {out / 'size-report.md'})")
-    rep["trained"] = _train(recipe, out, cfg, target, data, rep, device, progress, here=not remote) if cfg.train \
-        else []
-    if remote and cfg.train:
-        rep["note"] = _remote_note(rep["trained"], cfg)
-    elif cfg.train:
-        rep["energy"] = _energy(rep["trained"], precision, cfg.batch, data, progress)
+    if cfg.train:
+        rep["trained"] = _train(recipe, out, cfg, target, data, rep, device, progress, meter)
+        rep["verdict"] = _verdict(rep)
+        if remote:
+            rep["note"] = _remote_note(rep["trained"], out)
+        else:
+            rep["energy"] = _energy(rep["trained"], cfg.batch, data, progress)
+    else:
+        rep["trained"] = []
     _write(out, rep)
     return rep
 
 
-def _run_search(cands: list[Candidate], builder: CandidateBuilder, cfg: SizeConfig, precision: str, limit: float,
-                found: dict[tuple[str, str], dict[str, Any]] | None, progress: bool) -> tuple[dict, dict, list[int]]:
-    """Bisect, measuring here (`found` None) or reading the device's measurements; returns the last search step
-    (with "need": the candidates a remote round must measure, prefetching the next bisection levels), the
-    latencies per candidate and precision, and the order they were measured in."""
+def _run_search(cands: list[Candidate], meter: Meter, cfg: SizeConfig, rule: str) -> dict[str, Any]:
+    """Search, then confirm: once the search settles on (chosen, next larger), both are profiled again,
+    interleaved in fresh processes; the two measurements of each engine give the noise, the margin grows to it,
+    and the search resumes until the pair brackets the budget under both measurements (a candidate the two
+    disagree about is within the noise of the budget) or MAX_CONFIRM_ROUNDS. Returns the state, with "need" and
+    "phase" ("search" | "confirm") when a remote round must measure first."""
     latencies: dict[int, dict[str, dict[str, Any]]] = {}
+    confirmed: dict[int, dict[str, dict[str, Any]]] = {}
     order: list[int] = []
+    rounds = 0
     while True:
-        step = search(len(cands), {i: latencies[i][precision][cfg.metric] for i in latencies}, limit)
-        if "need" not in step:
-            return step, latencies, order
-        if found is not None:
-            def known(i: int) -> bool:
-                return all((cands[i].spec, p) in found for p in builder.precisions)
+        measured_noise = noise(latencies, confirmed, cands, rule, cfg.metric)
+        band = Band(cfg.budget_ms, max([cfg.margin, *(n["noise"] for n in measured_noise)]))
+        values = {i: _value(i, latencies, confirmed, rule, cfg.metric, band) for i in latencies}
+        step = search(len(cands), values, band.low, band.high)
+        state = {"step": step, "latencies": latencies, "confirmed": confirmed, "order": order, "band": band,
+                 "noise": measured_noise, "values": values, "confirm_rounds": rounds}
+        if "need" in step:
+            got = meter.search(step["need"], step["lo"], step["hi"])
+            if "need" in got:
+                return {**state, "need": got["need"], "phase": "search"}
+            latencies.update(got)
+            order += list(got)
+            continue
+        pair = [i for i in (step["chosen"], step["larger"]) if i is not None and i not in confirmed]
+        if step["chosen"] is None or not pair or rounds >= MAX_CONFIRM_ROUNDS:
+            return {**state, "settled": not pair or step["chosen"] is None}
+        got = meter.confirm(pair)
+        if "need" in got:
+            return {**state, "need": got["need"], "phase": "confirm"}
+        confirmed.update(got)
+        rounds += 1
 
-            if not all(known(i) for i in step["need"]):
-                wanted = list(dict.fromkeys(step["need"] + lookahead(step["lo"], step["hi"], ROUND_BUNDLES)))
-                step["need"] = [i for i in wanted if not known(i)][:max(ROUND_BUNDLES, len(step["need"]))]
-                return step, latencies, order
-        for i in step["need"]:
-            latencies[i] = ({p: found[(cands[i].spec, p)] for p in builder.precisions} if found is not None
-                            else _measure_here(builder, cands[i], cfg, progress))
-            order.append(i)
+
+class Meter:
+    """Measures candidates: search(indices) and confirm(indices) return {index: {precision: row}}, or
+    {"need": [indices]} when a remote device must measure them first."""
+
+    def search(self, need: list[int], lo: int, hi: int) -> dict[Any, Any]:
+        raise NotImplementedError
+
+    def confirm(self, pair: list[int]) -> dict[Any, Any]:
+        raise NotImplementedError
 
 
-def _remote_note(trained: list[dict[str, Any]], cfg: SizeConfig) -> str:
-    bundles = [str(Path(t["run_dir"]) / b) for t in trained for b in t["bundles"]]
+class LocalMeter(Meter):
+    """Builds the candidates' engines here and profiles each in fresh processes (as on the device)."""
+
+    def __init__(self, builder: CandidateBuilder, cfg: SizeConfig, cands: list[Candidate], batches: list[int],
+                 progress: bool) -> None:
+        self.builder, self.cfg, self.cands, self.batches, self.progress = builder, cfg, cands, batches, progress
+
+    def search(self, need: list[int], lo: int, hi: int) -> dict[Any, Any]:
+        out = {}
+        for i in need:
+            c = self.cands[i]
+            out[i] = profile_interleaved(list(self.builder.build(c).items()), self.cfg, self.builder.target.name,
+                                         self.batches)
+            self._log("search ", i, out[i])
+        return out
+
+    def confirm(self, pair: list[int]) -> dict[Any, Any]:
+        engines = [((i, p), b) for i in pair for p, b in self.builder.build(self.cands[i]).items()]
+        rows = profile_interleaved(engines, self.cfg, self.builder.target.name, self.batches)
+        out: dict[int, dict[str, Any]] = {}
+        for (i, p), row in rows.items():
+            out.setdefault(i, {})[p] = row
+        for i in pair:
+            self._log("confirm", i, out[i])
+        return out
+
+    def _log(self, what: str, i: int, lat: dict[str, Any]) -> None:
+        c = self.cands[i]
+        _log(self.progress, f"size: {what} #{i:<3} x{c.multiplier:<7g} {c.spec:28s} {c.params:>9,} params  " +
+             "  ".join(f"{p} {self.cfg.metric} {r[self.cfg.metric]:.4f} ms" for p, r in lat.items()))
+
+
+def profile_interleaved(engines: list[tuple[Any, Path]], cfg: SizeConfig, target: str, batches: list[int]
+                        ) -> dict[Any, dict[str, Any]]:
+    """Profile each (key, bundle) in cfg.repeats fresh processes, interleaved (session 1 of every engine, then
+    session 2, ...) so that a slow spell on a shared machine hits all of them alike; per engine the session with
+    the lowest cfg.metric at cfg.batch counts, and per batch its lowest p50: other processes only ever add
+    latency, so the least disturbed session is the closest to what the engine takes (timeit's reasoning)."""
+    from edgekd.pipeline import profile_in_subprocess
+
+    best: dict[Any, dict[str, Any]] = {}
+    args = ["--batch", ",".join(map(str, batches)), "--min-seconds", str(cfg.profile_seconds)]
+    for _ in range(cfg.repeats):
+        for key, bundle in engines:
+            _, row = _measurement(profile_in_subprocess(bundle, args), f"profile {bundle}", target, cfg.batch)
+            best[key] = _better(best.get(key), row, cfg.metric)
+    return best
+
+
+def _better(best: dict[str, Any] | None, row: dict[str, Any], metric: str) -> dict[str, Any]:
+    """Two sessions of one engine combined: the one with the lower `metric`, with each batch's lowest p50."""
+    if best is None:
+        return {**row, "sessions": 1}
+    keep = row if row[metric] < best[metric] else best
+    per_batch = {b: min(v, best["per_batch"].get(b, v)) for b, v in row["per_batch"].items()}
+    return {**keep, "per_batch": per_batch, "sessions": best["sessions"] + 1}
+
+
+class RemoteMeter(Meter):
+    """Reads the device's measurements (untrusted data, checked): the search's from the results folder, the
+    confirmation round's from its confirm/ subfolder; what is missing becomes the next round's request."""
+
+    def __init__(self, builder: CandidateBuilder, cfg: SizeConfig, cands: list[Candidate],
+                 measurements: str | Path | None, batches: list[int]) -> None:
+        self.builder, self.cfg, self.cands, self.batches = builder, cfg, cands, batches
+        self.found, self.confirmed, self.students = {}, {}, {}
+        if measurements is not None:
+            path = Path(measurements)
+            self.found = read_measurements(path, builder.target.name, cfg.batch, cfg.metric)
+            for sub, attr in (("confirm", "confirmed"), ("students", "students")):
+                if path.is_dir() and any((path / sub).glob("*.json")):
+                    setattr(self, attr, read_measurements(path / sub, builder.target.name, cfg.batch, cfg.metric,
+                                                          key="bundle" if sub == "students" else "model"))
+
+    def _known(self, found: dict, i: int) -> bool:
+        return all((self.cands[i].spec, p) in found for p in self.builder.precisions)
+
+    def _get(self, found: dict, i: int) -> dict[str, Any]:
+        return {p: found[(self.cands[i].spec, p)] for p in self.builder.precisions}
+
+    def search(self, need: list[int], lo: int, hi: int) -> dict[Any, Any]:
+        if all(self._known(self.found, i) for i in need):
+            return {i: self._get(self.found, i) for i in need}
+        wanted = list(dict.fromkeys(need + lookahead(lo, hi, ROUND_BUNDLES)))
+        return {"need": [i for i in wanted if not self._known(self.found, i)][:max(ROUND_BUNDLES, len(need))]}
+
+    def confirm(self, pair: list[int]) -> dict[Any, Any]:
+        if all(self._known(self.confirmed, i) for i in pair):
+            return {i: self._get(self.confirmed, i) for i in pair}
+        return {"need": pair}
+
+
+def _remote_note(trained: list[dict[str, Any]], out: Path) -> str:
+    if all(t["engines"] for t in trained):
+        return "The search and the distilled students' engines were measured on the device."
+    bundles = [b for t in trained for b in t.get("bundles", [])]
     if not bundles:
         return ("The search used measurements from the device; the students' engines cannot be built on this "
                 "machine (see each run folder's report.md): build and profile them on the device.")
     return ("The search used measurements from the device. The distilled students' bundles were built here; "
-            "profile them on the device (accuracy on the engine, latency, and their budget) with: "
-            f"`for b in {' '.join(bundles)}; do python -m edgekd.runtime profile \"$b\" --batch {cfg.batch}; done`")
+            f"profile them on the device, from the folder that holds students/ (see {out / 'students' / 'MEASURE.txt'}"
+            "), copy results/students/ into the measurements folder and rerun the same `edgekd size --measurements` "
+            "command to read them back.")
 
 
-def _measure_here(builder: CandidateBuilder, c: Candidate, cfg: SizeConfig, progress: bool) -> dict[str, Any]:
-    """Build the candidate's engines and profile each in a fresh process (as on the device) at cfg.batch."""
-    result = {precision: _profile_best(bundle, cfg, builder.target.name)
-              for precision, bundle in builder.build(c).items()}
-    _log(progress, f"size: x{c.multiplier:<7g} {c.spec:32s} {c.params:>9,} params  " + "  ".join(
-        f"{p} {cfg.metric} {r[cfg.metric]:.4f} ms" for p, r in result.items()))
-    return result
-
-
-def _profile_best(bundle: Path, cfg: SizeConfig, target: str) -> dict[str, Any]:
-    """Profile `bundle` in cfg.repeats fresh processes and keep the session with the lowest cfg.metric: other
-    processes on a shared machine only ever add latency, so the least disturbed session is the closest to what
-    the engine takes (timeit's reasoning for taking the minimum)."""
-    from edgekd.pipeline import profile_in_subprocess
-
-    best: dict[str, Any] | None = None
-    for _ in range(cfg.repeats):
-        prof = profile_in_subprocess(bundle, ["--batch", str(cfg.batch), "--min-seconds", str(cfg.profile_seconds)])
-        _, row = _measurement(prof, f"profile {bundle}", target, cfg.batch)
-        if best is None or row[cfg.metric] < best[cfg.metric]:
-            best = {**row, "sessions": cfg.repeats}
-    assert best is not None
-    return best
-
-
-def _request(out: Path, cfg: SizeConfig, target: Target, builder: CandidateBuilder,
-             wanted: list[Candidate], here: str, progress: bool) -> dict[str, Any]:
-    """Write the bundles a remote round needs and the one command that profiles them on the device."""
-    names = []
-    for c in wanted:
-        for bundle in builder.build(c).values():
-            names.append(bundle.name)
+def _request(out: Path, cfg: SizeConfig, target: Target, builder: CandidateBuilder, wanted: list[Candidate],
+             phase: str, here: str, batches: list[int], progress: bool) -> dict[str, Any]:
+    """Write the bundles a remote round needs and the one command that profiles them on the device (sessions
+    interleaved across bundles; a confirmation round writes into results/confirm/)."""
+    names = [bundle.name for c in wanted for bundle in builder.build(c).values()]
     folder = builder.folder
-    loop = " ".join(names)
-    sessions = " ".join(str(i + 1) for i in range(cfg.repeats))
-    command = (f"(cd {folder.name} && mkdir -p results && for b in {loop}; do for r in {sessions}; do python -m "
-               f"edgekd.runtime profile \"$b\" --batch {cfg.batch} --min-seconds {cfg.profile_seconds:g} --json "
-               "\"results/$b.$r.json\" || exit 1; done; done)")
+    results = "results" + ("/confirm" if phase == "confirm" else "")
+    command = _device_loop(folder.name, names, results, cfg, batches)
     rerun = (f"edgekd size RECIPE --target {cfg.target} --budget-ms {cfg.budget_ms:g} --batch {cfg.batch} "
              f"--metric {cfg.metric} --out {out} --measurements {folder / 'results'}")
-    req = {"status": "needs measurements", "target": target.name, "bundles": names, "folder": str(folder),
-           "command": command, "then": rerun, "why_remote": here if here != "ok" else "remote target",
+    req = {"status": "needs measurements", "phase": phase, "target": target.name, "bundles": names,
+           "folder": str(folder), "command": command, "then": rerun,
+           "why_remote": here if here != "ok" else "remote target",
            "candidates": [dataclasses.asdict(c) for c in wanted]}
     fileio.write_json(out / "size-request.json", req)
     fileio.write_text(folder / "MEASURE.txt", f"# on the device, from the folder that holds {folder.name}/:\n"
                       f"{command}\n# then copy {folder.name}/results/ back and run:\n{rerun}\n")
-    _log(progress, f"size: wrote {len(names)} bundles to {folder}; on the device run:\n  {command}\nthen:\n  {rerun}")
+    _log(progress, f"size: {phase}: wrote {len(names)} bundles to {folder}; on the device run:\n  {command}\nthen:\n"
+                   f"  {rerun}")
     return req
 
 
-def _row(c: Candidate, lat: dict[str, dict[str, Any]], cfg: SizeConfig, precision: str,
-         limit: float) -> dict[str, Any]:
-    decision = lat[precision][cfg.metric]
-    return {**dataclasses.asdict(c), "latency_ms": {p: {k: r[k] for k in ("p50", "p90", "p99", "mean", "runs")}
-                                                    for p, r in lat.items()},
-            "decision_ms": decision, "fits": decision <= limit, "margin_ms": cfg.budget_ms - decision}
+def _device_loop(folder: str, bundles: list[str], results: str, cfg: SizeConfig, batches: list[int]) -> str:
+    """One shell command for the device: cfg.repeats interleaved sessions of every bundle, one .json each."""
+    sessions = " ".join(str(i + 1) for i in range(cfg.repeats))
+    return (f"(cd {folder} && mkdir -p {results} && for r in {sessions}; do for b in {' '.join(bundles)}; do "
+            f"python -m edgekd.runtime profile \"$b\" --batch {','.join(map(str, batches))} --min-seconds "
+            f"{cfg.profile_seconds:g} --json \"{results}/$(echo \"$b\" | tr / _).$r.json\" || exit 1; done; done)")
 
 
-def _search_report(cands: list[Candidate], latencies: dict, order: list[int], step: dict, cfg: SizeConfig,
-                   target: Target, precision: str, limit: float, family: str, builder: CandidateBuilder) -> dict:
-    rows = {i: _row(cands[i], latencies[i], cfg, precision, limit) for i in sorted(latencies)}
+def _row(c: Candidate, i: int, state: dict[str, Any], cfg: SizeConfig, rule: str) -> dict[str, Any]:
+    lat, conf, band = state["latencies"][i], state["confirmed"].get(i), state["band"]
+    decision = state["values"][i]
+    return {**dataclasses.asdict(c),
+            "latency_ms": {p: {k: r[k] for k in ("p50", "p90", "p99", "mean", "runs", "per_batch")}
+                           for p, r in lat.items()},
+            "confirm_ms": {p: r[cfg.metric] for p, r in conf.items()} if conf else None,
+            "ships": ships(lat, rule), "decision_ms": decision, "fits": decision <= band.low,
+            "within_noise": band.low < decision < band.high, "margin_ms": cfg.budget_ms - decision}
+
+
+def _search_report(cands: list[Candidate], state: dict, cfg: SizeConfig, target: Target, rule: str, family: str,
+                   builder: CandidateBuilder) -> dict:
+    rows = {i: _row(cands[i], i, state, cfg, rule) for i in sorted(state["latencies"])}
+    step, band = state["step"], state["band"]
     chosen, larger = step["chosen"], step["larger"]
     smaller = chosen - 1 if chosen else None
+    between = [rows[i]["spec"] for i in rows if chosen is not None and larger is not None and chosen < i < larger]
     return {
-        "budget_ms": cfg.budget_ms, "metric": cfg.metric, "batch": cfg.batch, "margin": cfg.margin,
-        "limit_ms": limit, "target": target.name, "decision_precision": precision,
+        "budget_ms": cfg.budget_ms, "metric": cfg.metric, "batch": cfg.batch, "margin": band.margin,
+        "configured_margin": cfg.margin, "low_ms": band.low, "high_ms": band.high,
+        "noise": {"max": max((n["noise"] for n in state["noise"]), default=None), "engines": state["noise"]},
+        "confirm_rounds": state["confirm_rounds"], "settled": state.get("settled", True),
+        "target": target.name, "decision_precision": rule,
         "precisions": builder.precisions, "family": family, "divisor": cfg.divisor,
         "multipliers": [cfg.min_multiplier, cfg.max_multiplier], "ladder_size": len(cands),
-        "ladder": [dataclasses.asdict(c) for c in cands], "search_order": order,
-        "calibration": builder.calibration,
+        "ladder": [dataclasses.asdict(c) for c in cands], "search_order": state["order"],
+        "calibration": builder.calibration, "onnx_exports": builder.exports,
         "candidates": list(rows.values()),
         "chosen": rows.get(chosen) if chosen is not None else None,
         "next_larger": rows.get(larger) if larger is not None else None,
+        "within_noise_between": between,
         "next_smaller": (rows.get(smaller) or dataclasses.asdict(cands[smaller])) if smaller is not None else None,
         "all_fit": chosen == len(cands) - 1,
     }
@@ -461,13 +678,15 @@ def _search_report(cands: list[Candidate], latencies: dict, order: list[int], st
 
 
 def _train(recipe: Recipe, out: Path, cfg: SizeConfig, target: Target, data: Any, rep: dict, device: str,
-           progress: bool, here: bool = True) -> list[dict[str, Any]]:
-    """Distill the chosen student (and its neighbours), then quantize, build and profile as `edgekd run` does,
-    and re-profile each student engine at the search's batch and settings so the numbers compare. For a remote
-    target (`here` False) the bundles are built and left for the device to profile."""
+           progress: bool, meter: Meter) -> list[dict[str, Any]]:
+    """Distill the chosen student (and its neighbours), then quantize, build and profile as `edgekd run` does
+    (which decides what ships: its int8_fallback and headline), and re-profile every student engine at the
+    search's batch and settings, interleaved, so the numbers compare. On a remote target the bundles are built
+    here and their device measurements are read back from the measurements folder's students/ (a round later)."""
     from edgekd.distillation import distill, train_teacher
     from edgekd.pipeline import RunContext, engines
 
+    remote = isinstance(meter, RemoteMeter)
     teacher = recipe.path(recipe.teacher.checkpoint) if recipe.teacher.checkpoint else None
     if teacher is None:
         teacher = out / "teacher" / "teacher.safetensors"
@@ -486,36 +705,144 @@ def _train(recipe: Recipe, out: Path, cfg: SizeConfig, target: Target, data: Any
         run_dir = out / "students" / _slug(cand["spec"])
         metrics = distill(r, run_dir, device=device, progress=progress, data=data, resume=True)
         run_rep = engines(RunContext(run_dir, r, data), [target], device=device, progress=progress,
-                          profile_here=here)
+                          profile_here=not remote, resume=True)
+        headline = run_rep.get("headline") or {}
+        fallback = (run_rep.get("int8_fallback") or {}).get(target.name)
         entry = {"role": role, "spec": cand["spec"], "multiplier": cand["multiplier"], "params": cand["params"],
                  "run_dir": str(run_dir), "pytorch_accuracy": metrics["student"]["accuracy"],
-                 "teacher_accuracy": metrics["teacher"]["accuracy"], "engines": []}
-        if not here:
-            entry["bundles"] = [str(Path(b).relative_to(run_dir)) for b in run_rep.get("built_not_profiled", [])
-                                if Path(b).name.startswith("student-")]
-            trained.append(entry)
-            continue
-        final = entry["engines"]
-        for e in run_rep["engines"]:
-            if e["model"] != "student":
-                continue
-            row = _profile_best(run_dir / e["path"], cfg, target.name)
-            final.append({"precision": e["precision"], "quantization": e["quantization"], "path": e["path"],
-                          "accuracy": e["accuracy"], "agreement": e["agreement"],
-                          "latency_ms": {k: row[k] for k in ("p50", "p90", "p99", "mean", "runs")},
-                          "meets_budget": row[cfg.metric] <= cfg.budget_ms})
+                 "teacher_accuracy": metrics["teacher"]["accuracy"], "engines": [],
+                 "shipped_engine": headline.get("student_engine"),
+                 "int8_fallback": {k: fallback[k] for k in ("chose", "why") if k in fallback} if fallback else None,
+                 "bundles": [str(Path(b).relative_to(run_dir)) for b in run_rep.get("built_not_profiled", [])
+                             if Path(b).name.startswith("student-")],
+                 "_entries": [e for e in run_rep.get("engines", []) if e["model"] == "student"]}
         trained.append(entry)
+    _final_profiles(trained, out, cfg, target, meter, rep)
+    for t in trained:
+        del t["_entries"]
     return trained
 
 
-def _energy(trained: list[dict], precision: str, batch: int, data: Any, progress: bool) -> dict[str, Any]:
+def _final_profiles(trained: list[dict[str, Any]], out: Path, cfg: SizeConfig, target: Target,
+                    meter: Meter, rep: dict[str, Any]) -> None:
+    """Each trained student's engines with their latency at cfg.batch (best of cfg.repeats interleaved fresh
+    sessions, here or read back from the device), accuracy on the engine and whether it is the one that ships
+    (the pipeline's headline; where it has none, as on a remote target, INT8 unless slower than FP32)."""
+    if isinstance(meter, RemoteMeter):
+        for t in trained:
+            rels = [(Path(t["run_dir"]) / b).relative_to(out).as_posix() for b in t["bundles"]]
+            found = [(b, k, v) for b, rel in zip(t["bundles"], rels, strict=True)
+                     for k, v in meter.students.items() if k[0] == rel]
+            if len(found) == len(rels):
+                t["engines"] = [_engine_row(k[1], v["quantization"], b, v["accuracy"], None, v, cfg)
+                                for b, k, v in found]
+        if not all(t["engines"] for t in trained):
+            _write_student_command(trained, out, cfg, meter)
+    else:
+        bundles = [((k, j), Path(t["run_dir"]) / e["path"]) for k, t in enumerate(trained)
+                   for j, e in enumerate(t["_entries"])]
+        refs = _reference_engines(trained, rep, meter)
+        rows = profile_interleaved(bundles + refs, cfg, target.name, meter.batches) if bundles else {}
+        rep["drift"] = _drift(rows, rep, cfg.metric)
+        for key, row in rows.items():
+            if key[0] == "ref":
+                continue
+            k, j = key
+            e = trained[k]["_entries"][j]
+            trained[k]["engines"].append(_engine_row(e["precision"], e["quantization"], e["path"], e["accuracy"],
+                                                     e["agreement"], row, cfg,
+                                                     shipped=e["name"] == trained[k]["shipped_engine"]))
+    for t in trained:
+        if t["engines"] and not any(e["shipped"] for e in t["engines"]):
+            lat = {e["precision"]: e["_row"] for e in t["engines"]}
+            precision = ships(lat, SHIPPED) if {"int8", "fp32"} <= set(lat) else next(iter(lat))
+            next(e for e in t["engines"] if e["precision"] == precision)["shipped"] = True
+        for e in t["engines"]:
+            e.pop("_row")
+
+
+def _reference_engines(trained: list[dict[str, Any]], rep: dict[str, Any], meter: Meter) -> list[tuple[Any, Path]]:
+    """The untrained engines the search measured for the trained students: profiled again beside the trained
+    ones, they show how far the machine's speed drifted since the search (another load, another clock)."""
+    assert isinstance(meter, LocalMeter)
+    rows = {r["spec"]: r for r in rep["candidates"]}
+    return [(("ref", rows[t["spec"]]["index"], p), meter.builder.bundle_dir(meter.cands[rows[t["spec"]]["index"]], p))
+            for t in trained if t["spec"] in rows for p in meter.builder.precisions]
+
+
+def _drift(rows: dict[Any, dict[str, Any]], rep: dict[str, Any], metric: str) -> dict[str, Any] | None:
+    """now / search for each untrained reference engine's `metric`; the median says how much slower (> 1) or
+    faster the machine ran when the trained students were profiled than during the search."""
+    by_index = {r["index"]: r for r in rep["candidates"]}
+    ratios = []
+    for key, row in rows.items():
+        if key[0] == "ref":
+            _, i, p = key
+            then = by_index[i]["latency_ms"][p][metric]
+            ratios.append({"spec": by_index[i]["spec"], "precision": p, "search_ms": then, "now_ms": row[metric],
+                           "ratio": row[metric] / then})
+    if not ratios:
+        return None
+    return {"median": float(np.median([r["ratio"] for r in ratios])), "engines": ratios}
+
+
+def _engine_row(precision: str, quantization: str, path: str, accuracy: float | None, agreement: float | None,
+                row: dict[str, Any], cfg: SizeConfig, shipped: bool = False) -> dict[str, Any]:
+    return {"precision": precision, "quantization": quantization, "path": path, "accuracy": accuracy,
+            "agreement": agreement, "latency_ms": {k: row[k] for k in ("p50", "p90", "p99", "mean", "runs")},
+            "per_batch_p50": row["per_batch"], "meets_budget": row[cfg.metric] <= cfg.budget_ms, "shipped": shipped,
+            "_row": row}
+
+
+def _write_student_command(trained: list[dict[str, Any]], out: Path, cfg: SizeConfig, meter: Meter) -> None:
+    """students/MEASURE.txt: the device command for the trained students' bundles (run from the folder that
+    holds students/); the results go to results/students/, read back from the measurements folder's students/."""
+    bundles = [(Path(t["run_dir"]) / b).relative_to(out).as_posix() for t in trained for b in t["bundles"]]
+    if bundles:
+        command = _device_loop(".", bundles, "results/students", cfg, meter.batches)
+        fileio.write_text(out / "students" / "MEASURE.txt",
+                          f"# on the device, from the folder that holds students/:\n{command}\n# then copy "
+                          "results/students/ into the measurements folder (as its students/) and rerun the same "
+                          "`edgekd size ... --measurements` command\n")
+
+
+def _verdict(rep: dict[str, Any]) -> dict[str, Any] | None:
+    """The check on the trained engines: the chosen student's shipped engine meets the budget and the next
+    larger one's exceeds it, as measured; and at the search's machine speed (each trained engine scaled by its
+    untrained candidate's search / now latency, profiled beside it), which is what the search's decision compares
+    with when other processes' load changed in between."""
+    by_role = {t["role"]: next((e for e in t["engines"] if e["shipped"]), None) for t in rep["trained"]}
+    by_spec = {t["role"]: t["spec"] for t in rep["trained"]}
+    chosen, larger = by_role.get("chosen"), by_role.get("next larger")
+    if chosen is None:
+        return None
+    m, budget = rep["metric"], rep["budget_ms"]
+    out = {"chosen": {k: chosen[k] for k in ("precision", "quantization")} | {"ms": chosen["latency_ms"][m]},
+           "larger": ({k: larger[k] for k in ("precision", "quantization")} | {"ms": larger["latency_ms"][m]}
+                      if larger else None)}
+    out["chosen_meets"] = out["chosen"]["ms"] <= budget
+    out["larger_exceeds"] = out["larger"]["ms"] > budget if larger else None
+    out["brackets"] = out["chosen_meets"] and bool(out["larger_exceeds"])
+    refs = {(e["spec"], e["precision"]): e for e in (rep.get("drift") or {}).get("engines", [])}
+    scaled = {}
+    for key, t, e in (("chosen", by_spec.get("chosen"), chosen), ("larger", by_spec.get("next larger"), larger)):
+        ref = refs.get((t, e["precision"])) if e else None
+        if ref:   # the trained engine at the search's machine speed: x (search / now) of its untrained candidate
+            scaled[key] = e["latency_ms"][m] * ref["search_ms"] / ref["now_ms"]
+    if "chosen" in scaled:
+        out["at_search_speed"] = {"chosen_ms": scaled["chosen"], "larger_ms": scaled.get("larger"),
+                                  "brackets": scaled["chosen"] <= budget and scaled.get("larger", 0) > budget}
+    return out
+
+
+def _energy(trained: list[dict], batch: int, data: Any, progress: bool) -> dict[str, Any]:
     """Joules per inference of each trained student's shipped engine, where the platform's counters are readable."""
     from edgekd import energy, runtime
 
     results: dict[str, Any] = {}
     for t in trained:
         for e in t["engines"]:
-            if e["precision"] != precision:
+            if not e["shipped"]:
                 continue
             engine = runtime.load(Path(t["run_dir"]) / e["path"])
             x = np.ascontiguousarray(data.x_test[:batch])
@@ -531,50 +858,50 @@ def _energy(trained: list[dict], precision: str, batch: int, data: Any, progress
 
 
 def markdown(rep: dict[str, Any]) -> str:
-    from tabulate import tabulate
-
     m, b = rep["metric"], rep["batch"]
+    rule = rep["decision_precision"]
+    engine = ("the engine that would ship (INT8, or FP32 where INT8 is slower at a profiled batch size, as "
+              "`edgekd run`'s int8_fallback decides)" if rule == SHIPPED else f"the {rule} engine")
     lines = ["# edgekd size report", "",
-             f"Budget: {rep['decision_precision']} {m} <= {rep['budget_ms']:g} ms at batch {b} on {rep['target']}. "
-             f"Margin for measurement noise: {rep['margin']:.0%}, so a candidate fits when its {m} is <= "
-             f"{rep['budget_ms']:g} / {1 + rep['margin']:g} = {rep['limit_ms']:.4f} ms.", "",
+             f"Budget: {m} <= {rep['budget_ms']:g} ms at batch {b} on {rep['target']}, on {engine}.", "",
+             _noise_text(rep), "",
              f"Family {rep['family']}, multipliers x{rep['multipliers'][0]:g}..x{rep['multipliers'][1]:g}, widths in "
-             f"multiples of {rep['divisor']}: {rep['ladder_size']} distinct candidates; the bisection measured "
+             f"multiples of {rep['divisor']}: {rep['ladder_size']} distinct candidates; the search measured "
              f"{len(rep['candidates'])} of them (untrained; INT8 calibrated on {rep['calibration']['samples']} "
              "training samples), in the order " + ", ".join(f"#{i}" for i in rep["search_order"]) + ".", ""]
     c = rep["chosen"]
     if c:
-        lines += [f"**Chosen:** {c['spec']} (x{c['multiplier']:g}, {c['params']:,} params): {m} "
-                  f"{c['decision_ms']:.4f} ms, {c['margin_ms']:.4f} ms ({c['margin_ms'] / rep['budget_ms']:.0%}) "
+        lines += [f"**Chosen:** {c['spec']} (x{c['multiplier']:g}, {c['params']:,} params): {c['ships']} {m} "
+                  f"{c['decision_ms']:.4f} ms, {c['margin_ms']:.4f} ms ({c['margin_ms'] / rep['budget_ms']:.1%}) "
                   "under the budget."]
         if rep["next_larger"]:
             n = rep["next_larger"]
-            itself = "over the budget itself" if n["decision_ms"] > rep["budget_ms"] else "within the budget itself"
-            lines += [f"Next larger: {n['spec']} ({n['params']:,} params): {m} {n['decision_ms']:.4f} ms, over "
-                      f"the budget less the margin by {n['decision_ms'] - rep['limit_ms']:.4f} ms ({itself})."]
+            lines += [f"Next larger: {n['spec']} (x{n['multiplier']:g}, {n['params']:,} params): {n['ships']} {m} "
+                      f"{n['decision_ms']:.4f} ms, {-n['margin_ms']:.4f} ms ({-n['margin_ms'] / rep['budget_ms']:.1%})"
+                      " over the budget."]
+            if rep["within_noise_between"]:
+                lines += [f"Between them, {', '.join(rep['within_noise_between'])} measured within the noise of "
+                          "the budget (or the two measurements disagreed about its side): neither chosen nor the "
+                          "comparison."]
         elif rep["all_fit"]:
             lines += ["Every candidate meets the budget: the largest in the range was chosen (raise "
                       "[size] max_multiplier to look further)."]
+        else:
+            lines += [f"No larger candidate is over the budget by the margin (>= {rep['high_ms']:.4f} ms): the "
+                      "larger ones are within the noise of the budget (raise [size] max_multiplier)."]
         lines.append("")
     precisions = rep["precisions"]
     rows = [[f"#{r['index']}", f"x{r['multiplier']:g}", r["spec"], f"{r['params']:,}",
-             *[f"{r['latency_ms'][p][m]:.4f}" for p in precisions], "yes" if r["fits"] else "no",
+             *[f"{r['latency_ms'][p][m]:.4f}" for p in precisions],
+             " / ".join(f"{r['confirm_ms'][p]:.4f}" for p in precisions) if r["confirm_ms"] else "",
+             r["ships"], "yes" if r["fits"] else "noise" if r["within_noise"] else "no",
              ("chosen" if c and r["index"] == c["index"] else
               "next larger" if rep["next_larger"] and r["index"] == rep["next_larger"]["index"] else "")]
             for r in rep["candidates"]]
     lines += ["## Candidates measured (untrained, on the engine)", "",
-              tabulate(rows, headers=["#", "multiplier", "model", "params", *[f"{p} {m} ms" for p in precisions],
-                                      "fits", ""], tablefmt="github"), ""]
-    if any(t["engines"] for t in rep.get("trained") or []):
-        rows = [[t["role"], t["spec"], f"{t['params']:,}", e["precision"], e["quantization"], f"{e['accuracy']:.4f}",
-                 f"{e['latency_ms']['p50']:.4f}", f"{e['latency_ms']['p90']:.4f}", f"{e['latency_ms']['p99']:.4f}",
-                 "yes" if e["meets_budget"] else "no"]
-                for t in rep["trained"] for e in t["engines"]]
-        teacher = rep["trained"][0]["teacher_accuracy"]
-        lines += [f"## Distilled students (accuracy on the engine, test split; teacher {teacher:.4f} in PyTorch)", "",
-                  tabulate(rows, headers=["role", "model", "params", "precision", "quant", "accuracy",
-                                          f"p50 ms (batch {b})", "p90 ms", "p99 ms", f"{m} meets budget"],
-                           tablefmt="github"), ""]
+              tabulate_rows(rows, ["#", "multiplier", "model", "params", *[f"{p} {m} ms" for p in precisions],
+                                   "confirmed " + " / ".join(precisions), "decides", "fits", ""]), ""]
+    lines += _trained_lines(rep)
     if rep.get("note"):
         lines += [rep["note"], ""]
     en = rep.get("energy")
@@ -587,6 +914,74 @@ def markdown(rep: dict[str, Any]) -> str:
             lines += ["## Energy", "", f"Not measured: {en['reason']}.", ""]
     lines += ["![latency against width](size-report.png)", ""]
     return "\n".join(lines)
+
+
+def _noise_text(rep: dict[str, Any]) -> str:
+    m, budget = rep["metric"], rep["budget_ms"]
+    noise = rep["noise"]
+    measured = (f"The measured noise, the largest difference between the search's and the confirmation round's "
+                f"{m} of one engine ({len(noise['engines'])} engines, {rep['confirm_rounds']} confirmation "
+                f"round(s)), is {noise['max']:.1%}" if noise["max"] is not None else "No confirmation round ran")
+    text = (f"{measured}; the margin is the larger of it and the configured {rep['configured_margin']:.0%}: "
+            f"{rep['margin']:.1%}. A candidate fits when its {m} is <= {budget:g} / {1 + rep['margin']:.4g} = "
+            f"{rep['low_ms']:.4f} ms, and is over the budget when >= {budget:g} x {1 + rep['margin']:.4g} = "
+            f"{rep['high_ms']:.4f} ms; in between it cannot be told apart from the budget.")
+    if not rep["settled"]:
+        text += (f" The confirmation did not settle in {rep['confirm_rounds']} rounds: the chosen pair is the last "
+                 "one measured.")
+    return text
+
+
+def _trained_lines(rep: dict[str, Any]) -> list[str]:
+    if not any(t["engines"] for t in rep.get("trained") or []):
+        return []
+    m, b = rep["metric"], rep["batch"]
+    rows = [[t["role"], t["spec"], f"{t['params']:,}", e["precision"], e["quantization"],
+             "yes" if e["shipped"] else "",
+             f"{e['accuracy']:.4f}" if e["accuracy"] is not None else "-", f"{e['latency_ms']['p50']:.4f}",
+             f"{e['latency_ms']['p90']:.4f}", f"{e['latency_ms']['p99']:.4f}", "yes" if e["meets_budget"] else "no"]
+            for t in rep["trained"] for e in t["engines"]]
+    teacher = rep["trained"][0]["teacher_accuracy"]
+    lines = [f"## Distilled students (accuracy on the engine, test split; teacher {teacher:.4f} in PyTorch)", "",
+             tabulate_rows(rows, ["role", "model", "params", "precision", "quant", "ships", "accuracy",
+                                  f"p50 ms (batch {b})", "p90 ms", "p99 ms", f"{m} meets budget"]), ""]
+    for t in rep["trained"]:
+        if t.get("int8_fallback"):
+            lines += [f"- {t['spec']}: INT8 against FP32: {t['int8_fallback']['chose']} ships "
+                      f"({t['int8_fallback']['why']})."]
+    v = rep.get("verdict")
+    if v:
+        c, n = v["chosen"], v["larger"]
+        text = (f"**On the trained engines:** the chosen student ships {c['precision']}/{c['quantization']} at "
+                f"{m} {c['ms']:.4f} ms, {'within' if v['chosen_meets'] else 'OVER'} the {rep['budget_ms']:g} ms "
+                "budget")
+        if n:
+            text += (f"; the next larger ships {n['precision']}/{n['quantization']} at {n['ms']:.4f} ms, "
+                     f"{'over' if v['larger_exceeds'] else 'WITHIN'} it")
+        text += (": the pair brackets the budget." if v["brackets"] else
+                 ": the pair does not bracket the budget on the trained engines.")
+        lines += ["", text]
+    d = rep.get("drift")
+    if d:
+        lines += ["", f"Drift: the untrained candidates' engines, profiled again beside the trained ones, measured "
+                      f"{d['median']:.3f}x their search latency (median of {len(d['engines'])} engines): the "
+                      "machine ran " + (f"{d['median'] - 1:.1%} slower" if d["median"] >= 1 else
+                                         f"{1 - d['median']:.1%} faster") + " than during the search."]
+        s = (v or {}).get("at_search_speed")
+        if s and abs(d["median"] - 1) > rep["margin"]:
+            lines += [f"That is more than the {rep['margin']:.1%} margin (other processes' load changed), so the "
+                      "trained engines' latencies above do not compare with the budget the search decided on. "
+                      "Scaled to the search's machine speed (each by its own untrained candidate's search / now "
+                      f"ratio), the chosen student's shipped engine takes {s['chosen_ms']:.4f} ms" +
+                      (f" and the next larger's {s['larger_ms']:.4f} ms" if s["larger_ms"] is not None else "") +
+                      (": the pair brackets the budget." if s["brackets"] else ": the pair does not bracket it.")]
+    return lines + [""]
+
+
+def tabulate_rows(rows: list[list[Any]], headers: list[str]) -> str:
+    from tabulate import tabulate
+
+    return tabulate(rows, headers=headers, tablefmt="github")
 
 
 def plot(rep: dict[str, Any], path: Path) -> None:
@@ -602,12 +997,17 @@ def plot(rep: dict[str, Any], path: Path) -> None:
         pts = sorted((r["multiplier"], r["latency_ms"][p][m]) for r in rep["candidates"])
         ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=f"{p} (untrained candidates)")
     ax.axhline(rep["budget_ms"], color="red", label=f"budget {rep['budget_ms']:g} ms")
-    ax.axhline(rep["limit_ms"], color="red", linestyle="--", linewidth=1,
-               label=f"budget less {rep['margin']:.0%} margin")
-    if rep["chosen"]:
-        c = rep["chosen"]
-        ax.scatter([c["multiplier"]], [c["decision_ms"]], s=160, facecolors="none", edgecolors="black", zorder=4,
-                   label=f"chosen: {c['spec']}")
+    ax.axhspan(rep["low_ms"], rep["high_ms"], color="red", alpha=0.12,
+               label=f"budget +- {rep['margin']:.1%} margin (measured noise)")
+    if rep["decision_precision"] == SHIPPED:
+        pts = sorted((r["multiplier"], r["latency_ms"][r["ships"]][m]) for r in rep["candidates"])
+        ax.plot([x for x, _ in pts], [y for _, y in pts], color="black", linestyle=":", linewidth=1,
+                label="the engine that would ship")
+    for key, marker in (("chosen", "o"), ("next_larger", "s")):
+        if rep[key]:
+            c = rep[key]
+            ax.scatter([c["multiplier"]], [c["decision_ms"]], s=160, marker=marker, facecolors="none",
+                       edgecolors="black", zorder=4, label=f"{key.replace('_', ' ')}: {c['spec']}")
     ax.set_ylabel(f"{m} latency at batch {rep['batch']} (ms)")
     ax.set_title(f"edgekd size: {rep['family']} on {rep['target']}")
     ax.grid(True, alpha=0.3)
@@ -616,7 +1016,7 @@ def plot(rep: dict[str, Any], path: Path) -> None:
         ax2 = axes[1][0]
         for p in rep["precisions"]:
             pts = sorted((t["multiplier"], e["accuracy"] * 100) for t in trained for e in t["engines"]
-                         if e["precision"] == p)
+                         if e["precision"] == p and e["accuracy"] is not None)
             ax2.plot([x for x, _ in pts], [y for _, y in pts], marker="s", label=f"{p} distilled, on the engine")
         ax2.set_ylabel("accuracy (%)")
         ax2.grid(True, alpha=0.3)
