@@ -362,8 +362,8 @@ def report(run_dir: Path) -> None:
 @click.option("--metric", type=click.Choice(["p50", "p90", "p99"]), default=None, help="Latency percentile "
               "(default p50).")
 @click.option("--margin", type=click.FloatRange(0, 1, max_open=True), default=None,
-              help="Noise margin (default 0.05), widened to the noise the confirmation round measures: a candidate fits "
-                   "at latency * (1 + margin) <= budget and is over at latency >= budget * (1 + margin).")
+              help="Noise margin (default 0.05), widened to the noise the confirmation round measures: fits "
+                   "at latency * (1 + margin) <= budget, over at latency >= budget * (1 + margin).")
 @OUT
 @click.option("--measurements", type=click.Path(path_type=Path), default=None,
               help="Profile results from the device (a results folder or .json) for a remote target.")
