@@ -43,10 +43,10 @@ def test_a_run_interrupted_mid_epoch_resumes_with_workers_to_the_same_weights(tm
             if calls[0] == crash_at:
                 raise _Crash
         teacher.register_forward_hook(hook)
-        from edgekd.train import KDConfig
+        from edgekd.objective import Objective, ObjectiveConfig
 
         fit(student, d.x_train, d.y_train, cfg, device=torch.device("cpu"), desc="s", progress=False,
-            teacher=teacher, kd=KDConfig(4.0, 0.9), checkpoint=ckpt, resume=resume)
+            objective=Objective(ObjectiveConfig(4.0, 0.9), teacher=teacher), checkpoint=ckpt, resume=resume)
         return torch.cat([p.detach().flatten() for p in student.parameters()])
 
     full = run(tmp_path / "full.ckpt")
