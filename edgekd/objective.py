@@ -205,6 +205,59 @@ class FeatureTaps:
             h.remove()
 
 
+class _Record(nn.Module):
+    def __init__(self, taps: GraphTaps, name: str) -> None:
+        super().__init__()
+        self._taps, self._name = taps, name
+
+    def forward(self, x: torch.Tensor) -> None:
+        self._taps.outputs[self._name] = x
+
+
+class GraphTaps:
+    """FeatureTaps for a torch.export'ed graph (a QAT model), whose submodules are never called: a recording
+    node goes after the last node traced from each named module (after its fake-quantize, if any, so the
+    feature is what the quantized model computes); remove() takes the nodes out again."""
+
+    def __init__(self, gm: torch.fx.GraphModule, names: list[str], which: str) -> None:
+        self.outputs: dict[str, torch.Tensor] = {}
+        self.gm, self.nodes = gm, []
+        for i, name in enumerate(names):
+            node = self._last_node(name, which)
+            target = f"edgekd_tap_{i}"
+            gm.add_submodule(target, _Record(self, name))
+            with gm.graph.inserting_after(node):
+                self.nodes.append(gm.graph.call_module(target, (node,)))
+        gm.recompile()
+
+    def _last_node(self, name: str, which: str) -> torch.fx.Node:
+        found = [n for n in self.gm.graph.nodes
+                 if any(path == name for path, _ in (n.meta.get("nn_module_stack") or {}).values())]
+        if not found:
+            known = sorted({p for n in self.gm.graph.nodes for p, _ in (n.meta.get("nn_module_stack") or {}).values()
+                            if p})[:12]
+            raise EdgekdError(f"[distill].features: the {which} has no module {name!r} "
+                              f"(some of its modules: {', '.join(known)})")
+        node = found[-1]
+        while len(node.users) == 1 and str(next(iter(node.users)).target).startswith("activation_post_process"):
+            node = next(iter(node.users))   # the fake-quantized value, as the next layer reads it
+        return node
+
+    def remove(self) -> None:
+        for node in self.nodes:
+            self.gm.graph.erase_node(node)
+            self.gm.delete_submodule(node.target)
+        self.nodes = []
+        self.gm.recompile()
+
+
+def tap(model: nn.Module, names: list[str], which: str) -> FeatureTaps | GraphTaps:
+    """Taps on the outputs of the named modules: forward hooks, or recording nodes in an exported graph."""
+    exported = isinstance(model, torch.fx.GraphModule) and any(
+        n.meta.get("nn_module_stack") for n in model.graph.nodes)
+    return GraphTaps(model, names, which) if exported else FeatureTaps(model, names, which)
+
+
 def _key(name: str) -> str:
     return name.replace(".", "__")   # ModuleDict keys cannot contain dots
 
@@ -224,7 +277,7 @@ class Objective:
         self.teacher, self.offline = teacher, offline
         self.teacher_bf16, self.teacher_fsdp = teacher_bf16, teacher_fsdp
         self.received = {"batches": 0, "samples": 0, "unlabelled": 0}
-        self._taps: tuple[FeatureTaps, FeatureTaps] | None = None
+        self._taps: tuple[FeatureTaps | GraphTaps, FeatureTaps] | None = None
 
     @property
     def hints(self) -> tuple[tuple[str, str], ...]:
@@ -248,8 +301,12 @@ class Objective:
             distributed.shard_teacher(self.teacher)
         if not self.hints:
             return projections
-        taps_s = FeatureTaps(model, [s for s, _ in self.hints], "student")
-        taps_t = FeatureTaps(self.teacher, [t for _, t in self.hints], "teacher")
+        taps_s = tap(model, [s for s, _ in self.hints], "student")
+        try:
+            taps_t = FeatureTaps(self.teacher, [t for _, t in self.hints], "teacher")
+        except EdgekdError:
+            taps_s.remove()
+            raise
         self._taps = (taps_s, taps_t)
         probe = torch.from_numpy(x[:2]).to(device)
         set_mode(model, False)
