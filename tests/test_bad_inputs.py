@@ -408,7 +408,7 @@ CASES: list[Case] = [
     Case("qat-mode-none", ('[quantize].mode is "none"; set it to "ptq" or "qat"',), qat_mode_none, "trained"),
     Case("calibration-npz-missing", ("gone.npz: file not found (named by",), calibration_case("npz-missing"),
          "trained"),
-    Case("calibration-wrong-sha", ("cal.npz: sha256 does not match",), calibration_case("sha"), "trained"),
+    Case("calibration-wrong-sha", ("cal.npz fails its sha256 check",), calibration_case("sha"), "trained"),
     Case("calibration-wrong-shape", ("samples have shape (64,), the model expects (1, 8, 8)",),
          calibration_case("shape"), "trained"),
     Case("calibration-object-array", ("cal.npz: cannot read array 'x'", "allow_pickle=False"),

@@ -23,7 +23,7 @@ def test_manifest_round_trip_and_checksum(tmp_path, digits):
     with open(tmp_path / "cal.npz", "r+b") as f:   # tamper with the saved set
         f.seek(200)
         f.write(b"\x00\x01\x02\x03")
-    with pytest.raises(EdgekdError, match="sha256 does not match"):
+    with pytest.raises(EdgekdError, match="cal.npz fails its sha256 check"):
         calibration.load(tmp_path / "cal.toml", digits.input_shape)
 
 
