@@ -124,10 +124,12 @@ class Term:
     default: float = 1.0             # weight when the recipe's [loss] table does not name the term
 
 
+# Computed and summed in this order: the soft term before ce, as the Hinton loss always was, so the backward
+# pass accumulates gradients in the same order and a default run trains to the same bits.
 TERMS: dict[str, Term] = {
-    "ce": Term(ce, ("labels",), "hard"),
     "kd": Term(kd, ("teacher_logits",), "soft"),
     "topk_kd": Term(topk_kd, ("topk",), "soft"),
+    "ce": Term(ce, ("labels",), "hard"),
     "hint": Term(hint, ("features",)),
     "embedding_mse": Term(embedding_mse, ("teacher_embeddings",)),
     "embedding_cosine": Term(embedding_cosine, ("teacher_embeddings",), default=0.0),

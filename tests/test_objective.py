@@ -65,6 +65,14 @@ def test_default_objective_is_todays_loss_to_the_last_bit(batch):
         vals, idx = t.topk(2, dim=1)
         assert torch.equal(O.compute(O.Batch(s, y, topk=(vals, idx)), cfg), topk_kd_loss(s, vals, idx, y, 4.0, alpha))
     assert torch.equal(O.compute(O.Batch(s, y, mix), O.ObjectiveConfig()), mixed_cross_entropy(s, y, mix))
+    # and the same gradients, bit for bit (the terms are summed in the order the backward pass accumulated)
+    grads = []
+    for loss_fn in (lambda v: O.compute(O.Batch(v, y, mix, teacher_logits=t), O.ObjectiveConfig(4.0, 0.7)),
+                    lambda v: kd_loss(v, t, y, 4.0, 0.7, mix)):
+        v = s.clone().requires_grad_()
+        loss_fn(v).backward()
+        grads.append(v.grad)
+    assert torch.equal(*grads)
     f = [(torch.randn(6, 3), torch.randn(6, 3)), (torch.randn(6, 3), torch.randn(6, 3))]
     cfg = O.ObjectiveConfig(2.0, 0.5, weights=(("hint", 0.25),))
     today = kd_loss(s, t, y, 2.0, 0.5)
@@ -80,7 +88,7 @@ def test_weights_scale_terms_and_alpha_shares_soft_and_hard(batch):
     s, t, y = batch
     cfg = O.ObjectiveConfig(temperature=2.0, alpha=0.8, weights=(("ce", 3.0), ("kd", 0.5)))
     b = O.Batch(s, y, teacher_logits=t)
-    assert O.weighted_terms(b, cfg) == [("ce", 3.0 * (1 - 0.8)), ("kd", 0.5 * 0.8)]
+    assert O.weighted_terms(b, cfg) == [("kd", 0.5 * 0.8), ("ce", 3.0 * (1 - 0.8))]
     expected = 3.0 * (1 - 0.8) * mixed_cross_entropy(s, y) + 0.5 * 0.8 * soft_target_loss(s, t, 2.0)
     assert math.isclose(O.compute(b, cfg).item(), expected.item(), rel_tol=1e-6)
     # without a soft term ce counts fully; a weight of 0 switches a term off; labels None: soft only
@@ -114,7 +122,8 @@ def test_loss_table_in_the_recipe(tmp_path):
     default = O.config_from_recipe(recipe_from_dict({"distill": {"feature_weight": 0.3}}))
     assert (default.weight("ce"), default.weight("kd"), default.weight("topk_kd"), default.weight("hint")) == (
         1.0, 1.0, 1.0, 0.3)
-    for raw, message in [({"loss": {"kdd": 1.0}}, r"\[loss\]: unknown loss term 'kdd' \(expected one of ce, kd"),
+    unknown = r"\[loss\]: unknown loss term 'kdd' \(expected one of kd, topk_kd, ce, hint"
+    for raw, message in [({"loss": {"kdd": 1.0}}, unknown),
                          ({"loss": {"ce": -1}}, r"\[loss\]\.ce: expected a finite weight >= 0, got -1"),
                          ({"loss": {"kd": "x"}}, r"\[loss\]\.kd: expected a finite weight >= 0, got 'x'"),
                          ({"loss": {"kd": float("inf")}}, r"\[loss\]\.kd: expected a finite weight"),
