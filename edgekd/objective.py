@@ -3,10 +3,11 @@ feature taps. Teacher training, distillation, the T/alpha search and QAT-KD all 
 
     loss = sum over the active terms of weight(term) * share(term) * term(batch)
 
-share: a soft-target term (kd, topk_kd) counts alpha and the hard-label term (ce) 1 - alpha when a soft term
-is active (Hinton et al. 2015; alpha >= 1 leaves ce out), 1 otherwise; the other terms count 1. A term is
-active when its weight is not 0 and the batch holds every input it reads (`Term.reads`): ce needs labels, kd
-the teacher's logits, topk_kd stored top-k outputs, hint feature pairs, the embedding terms embeddings.
+share: when a soft-target term (kd, topk_kd) and the hard-label term (ce) are both active, the soft term counts
+alpha and ce 1 - alpha (Hinton et al. 2015; alpha >= 1 leaves ce out); otherwise, and for the other terms, 1.
+A term is active when its weight is not 0 and the batch holds every input it reads (`Term.reads`): ce needs
+labels, kd the teacher's logits, topk_kd stored top-k outputs, hint feature pairs, the embedding terms
+embeddings.
 
 Adding a term is one function `f(batch, config) -> tensor` and one `TERMS` entry; the recipe's [loss] table
 then accepts its name as a weight.
@@ -120,7 +121,7 @@ def embedding_similarity(b: Batch, cfg: ObjectiveConfig) -> torch.Tensor:
 class Term:
     fn: Callable[[Batch, ObjectiveConfig], torch.Tensor | list[torch.Tensor]]
     reads: tuple[str, ...]           # Batch fields that must be set (non-empty) for the term to count
-    share: str = "one"               # "soft": times alpha; "hard": times 1 - alpha beside a soft term; "one"
+    share: str = "one"               # "soft" / "hard": alpha / 1 - alpha when both kinds are active; "one"
     default: float = 1.0             # weight when the recipe's [loss] table does not name the term
 
 
@@ -145,10 +146,10 @@ def _has(b: Batch, name: str) -> bool:
 def weighted_terms(b: Batch, cfg: ObjectiveConfig) -> list[tuple[str, float]]:
     """The active terms of `b` and the factor each counts with (weight times its alpha share), in TERMS order."""
     active = [n for n, t in TERMS.items() if cfg.weight(n) != 0 and all(_has(b, f) for f in t.reads)]
-    soft = any(TERMS[n].share == "soft" for n in active)
+    split = {"soft", "hard"} <= {TERMS[n].share for n in active}
     out = []
     for name in active:
-        share = {"soft": cfg.alpha, "hard": 1.0 - cfg.alpha if soft else 1.0, "one": 1.0}[TERMS[name].share]
+        share = {"soft": cfg.alpha, "hard": 1.0 - cfg.alpha}.get(TERMS[name].share, 1.0) if split else 1.0
         if share > 0:
             out.append((name, cfg.weight(name) * share))
     return out

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from edgekd import objective as O
 from edgekd.augment import Mix
 from edgekd.errors import EdgekdError
-from edgekd.losses import hint_loss, kd_loss, mixed_cross_entropy, soft_target_loss, topk_kd_loss
+from edgekd.losses import hint_loss, mixed_cross_entropy, soft_target_loss, topk_soft_target_loss
 from edgekd.recipe import load_recipe, recipe_from_dict, to_toml
 
 
@@ -37,6 +37,13 @@ def _embedding_loss(student, teacher, mse_weight=1.0, cosine_weight=0.0, similar
     return loss
 
 
+def _hinton(soft, s, y, alpha, mix=None):
+    """The loss fit computed before the objective (losses.mix_hard_labels): the reference, written out."""
+    if y is None or alpha >= 1.0:
+        return soft
+    return alpha * soft + (1.0 - alpha) * mixed_cross_entropy(s, y, mix)
+
+
 def test_each_term_is_the_loss_it_came_from(batch):
     s, t, y = batch
     cfg = O.ObjectiveConfig(temperature=3.0, alpha=0.7)
@@ -46,7 +53,7 @@ def test_each_term_is_the_loss_it_came_from(batch):
     vals, idx = t.topk(3, dim=1)
     for values_are, v in (("logits", vals), ("probs", torch.softmax(t / 3.0, 1).gather(1, idx))):
         b = O.Batch(s, topk=(v, idx), values_are=values_are)
-        assert torch.equal(O.topk_kd(b, cfg), topk_kd_loss(s, v, idx, None, 3.0, 1.0, values_are=values_are))
+        assert torch.equal(O.topk_kd(b, cfg), topk_soft_target_loss(s, v, idx, 3.0, values_are=values_are))
     f = [(torch.randn(6, 4, 2, 2), torch.randn(6, 4, 2, 2)), (torch.randn(6, 8), torch.randn(6, 8))]
     assert [x.item() for x in O.hint(O.Batch(s, features=f), cfg)] == [hint_loss(a, b).item() for a, b in f]
     e = O.Batch(s, teacher_embeddings=t)
@@ -59,23 +66,25 @@ def test_default_objective_is_todays_loss_to_the_last_bit(batch):
     """The defaults give exactly (not approximately) the losses fit used to call, so no figure moves."""
     s, t, y = batch
     mix = Mix(torch.tensor([1, 0, 3, 2, 5, 4]), 0.6)
+    vals, idx = t.topk(2, dim=1)
+    soft, topk_soft = soft_target_loss(s, t, 4.0), topk_soft_target_loss(s, vals, idx, 4.0)
     for alpha in (0.0, 0.5, 0.9, 1.0):
         cfg = O.ObjectiveConfig(temperature=4.0, alpha=alpha)
-        assert torch.equal(O.compute(O.Batch(s, y, mix, teacher_logits=t), cfg), kd_loss(s, t, y, 4.0, alpha, mix))
-        vals, idx = t.topk(2, dim=1)
-        assert torch.equal(O.compute(O.Batch(s, y, topk=(vals, idx)), cfg), topk_kd_loss(s, vals, idx, y, 4.0, alpha))
+        assert torch.equal(O.compute(O.Batch(s, y, mix, teacher_logits=t), cfg), _hinton(soft, s, y, alpha, mix))
+        assert torch.equal(O.compute(O.Batch(s, y, topk=(vals, idx)), cfg), _hinton(topk_soft, s, y, alpha))
+        assert torch.equal(O.compute(O.Batch(s, teacher_logits=t), cfg), soft)   # no labels: the soft term only
     assert torch.equal(O.compute(O.Batch(s, y, mix), O.ObjectiveConfig()), mixed_cross_entropy(s, y, mix))
     # and the same gradients, bit for bit (the terms are summed in the order the backward pass accumulated)
     grads = []
     for loss_fn in (lambda v: O.compute(O.Batch(v, y, mix, teacher_logits=t), O.ObjectiveConfig(4.0, 0.7)),
-                    lambda v: kd_loss(v, t, y, 4.0, 0.7, mix)):
+                    lambda v: _hinton(soft_target_loss(v, t, 4.0), v, y, 0.7, mix)):
         v = s.clone().requires_grad_()
         loss_fn(v).backward()
         grads.append(v.grad)
     assert torch.equal(*grads)
     f = [(torch.randn(6, 3), torch.randn(6, 3)), (torch.randn(6, 3), torch.randn(6, 3))]
     cfg = O.ObjectiveConfig(2.0, 0.5, weights=(("hint", 0.25),))
-    today = kd_loss(s, t, y, 2.0, 0.5)
+    today = _hinton(soft_target_loss(s, t, 2.0), s, y, 0.5)
     for a, b in f:
         today = today + 0.25 * hint_loss(a, b)
     assert torch.equal(O.compute(O.Batch(s, y, teacher_logits=t, features=f), cfg), today)
@@ -91,10 +100,11 @@ def test_weights_scale_terms_and_alpha_shares_soft_and_hard(batch):
     assert O.weighted_terms(b, cfg) == [("kd", 0.5 * 0.8), ("ce", 3.0 * (1 - 0.8))]
     expected = 3.0 * (1 - 0.8) * mixed_cross_entropy(s, y) + 0.5 * 0.8 * soft_target_loss(s, t, 2.0)
     assert math.isclose(O.compute(b, cfg).item(), expected.item(), rel_tol=1e-6)
-    # without a soft term ce counts fully; a weight of 0 switches a term off; labels None: soft only
+    # alpha splits only a soft and a hard term that are both active; a weight of 0 switches a term off
     assert O.weighted_terms(O.Batch(s, y), cfg) == [("ce", 3.0)]
-    assert O.weighted_terms(b, O.ObjectiveConfig(alpha=0.8, weights=(("ce", 0.0),))) == [("kd", 0.8)]
-    assert O.weighted_terms(O.Batch(s, teacher_logits=t), cfg) == [("kd", 0.4)]
+    assert O.weighted_terms(b, O.ObjectiveConfig(alpha=0.8, weights=(("ce", 0.0),))) == [("kd", 1.0)]
+    assert O.weighted_terms(O.Batch(s, teacher_logits=t), cfg) == [("kd", 0.5)]
+    assert O.weighted_terms(b, O.ObjectiveConfig(alpha=1.0)) == [("kd", 1.0)]
     with pytest.raises(EdgekdError, match="no term applies"):
         O.compute(O.Batch(s, y), O.ObjectiveConfig(weights=(("ce", 0.0),)))
 
