@@ -372,10 +372,13 @@ class Objective:
             self.received["unlabelled"] += int((labels < 0).sum())
 
     def describe(self) -> dict[str, Any]:
-        """What the run trains with: T, alpha, the weights of the terms it can compute, the hint pairs."""
+        """What the run trains with: T, alpha, the weights of the terms its inputs provide, the hint pairs."""
+        given = {"logits", "labels", *(("teacher_logits",) if self.teacher is not None else ()),
+                 *(("topk",) if self.offline is not None else ()), *(("features",) if self.hints else ())}
         return {"temperature": self.config.temperature, "alpha": self.config.alpha,
                 "teacher": "online" if self.teacher is not None else "stored" if self.offline else "none",
-                "weights": {n: self.config.weight(n) for n in TERMS if self.config.weight(n)},
+                "weights": {n: self.config.weight(n) for n, t in TERMS.items()
+                            if self.config.weight(n) and set(t.reads) <= given},
                 "features": [list(p) for p in self.hints]}
 
 
