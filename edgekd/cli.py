@@ -217,7 +217,7 @@ def profile(run_dir: Path, target: str, quick: bool) -> None:
 
 def _print_report(rep: dict, out: Path) -> None:
     click.echo((out / "report.md").read_text())   # what the report stage wrote, whatever the task
-    pngs = [out / name for name in ("report.png", "report_batch.png") if (out / name).is_file()]
+    pngs = [out / name for name in ("report.png", "report_batch.png", "report_classes.png") if (out / name).is_file()]
     png = "".join(f", {p}" for p in pngs)
     click.echo(f"wrote {out / 'report.json'}, {out / 'report.md'}{png}")
 

@@ -237,7 +237,13 @@ def _recorded_teacher(weights: Path, key: dict[str, str]) -> dict[str, Any] | No
 
 
 def _entry(model: nn.Module, data: Dataset, dev: Any, history: list[dict], start: float) -> dict[str, Any]:
-    return {"accuracy": accuracy(model, data.x_test, data.y_test, dev), "test_samples": len(data.y_test),
+    """Test accuracy with per-class counts from one pass over the test split (the report's per-class retention)."""
+    from edgekd.profile import per_class_accuracy
+
+    y = np.asarray(data.y_test)
+    predicted = predict_logits(model, data.x_test, dev).argmax(1) if len(y) else np.zeros(0, np.int64)
+    return {"accuracy": float((predicted == y).mean()) if len(y) else float("nan"), "test_samples": len(y),
+            "per_class": {"classes": list(data.class_names), **per_class_accuracy(y, predicted, data.num_classes)},
             "params": count_params(model),
             "val_accuracy": accuracy(model, data.x_val, data.y_val, dev) if len(data.y_val) else None,
             "epochs": len(history),   # a model loaded as is (no epochs) has no training time

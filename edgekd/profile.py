@@ -154,6 +154,7 @@ def profile_bundle(bundle_dir: str | Path, *, batch_sizes: tuple[int, ...] | Non
         "test_accuracy": test.get("accuracy"),
         "test_agreement": test.get("agreement"),
         "test_samples": test.get("samples"),
+        "test_per_class": test.get("per_class"),
         "peak_rss_mb": float(peak),
         "rss_growth_mb": (float(rss_after - rss_before) if rss_before is not None and rss_after is not None
                           else None),
@@ -176,15 +177,36 @@ def batches_of(x: np.ndarray, y: np.ndarray, ref: np.ndarray | None, *, size: in
                None if ref is None else np.asarray(ref[i:i + size]))
 
 
+def per_class_accuracy(labels: Any, predictions: Any, num_classes: int) -> dict[str, list]:
+    """Per class c: samples[c] = #(label == c), correct[c] = #(label == c and prediction == c) and
+    accuracy[c] = correct[c] / samples[c] (None for a class with no test sample: nothing to divide by)."""
+    y, p = np.asarray(labels).ravel(), np.asarray(predictions).ravel()
+    if y.shape != p.shape:
+        raise EdgekdError(f"per-class accuracy: {len(y)} labels but {len(p)} predictions; expected one each")
+    if len(y) and (y.min() < 0 or y.max() >= num_classes):
+        raise EdgekdError(f"per-class accuracy: labels range {y.min()}..{y.max()}; expected class ids "
+                          f"0..{num_classes - 1}")
+    samples = np.bincount(y, minlength=num_classes)
+    correct = np.bincount(y[p == y], minlength=num_classes)
+    return {"samples": samples.tolist(), "correct": correct.tolist(),
+            "accuracy": [c / n if n else None for c, n in zip(correct.tolist(), samples.tolist(), strict=True)]}
+
+
 def score(engine: Any, batches: Iterable[Batch]) -> dict[str, Any]:
     """Top-1 accuracy mean(argmax(engine(x)) == y) and agreement mean(argmax(engine(x)) == argmax(reference))
     over batches (x normalized, y, reference logits or None), so a test split of any size streams through the
-    engine (Engine.logits splits and pads to its batch range). input_range: the smallest and largest input."""
-    correct = agree = n = 0
+    engine (Engine.logits splits and pads to its batch range). input_range: the smallest and largest input.
+    per_class: per_class_accuracy of the predictions (None when a label is not a class id)."""
+    correct = agree = n = classes = 0
     with_ref = True
     lo, hi = np.inf, -np.inf
+    labels, predicted = [], []
     for x, y, ref in batches:
-        top1 = engine.logits(x).argmax(axis=1)
+        logits = engine.logits(x)
+        top1 = logits.argmax(axis=1)
+        classes = logits.shape[1]
+        labels.append(np.asarray(y).ravel())
+        predicted.append(top1)
         correct += int(np.sum(top1 == np.asarray(y)))
         if ref is None:
             with_ref = False
@@ -193,8 +215,12 @@ def score(engine: Any, batches: Iterable[Batch]) -> dict[str, Any]:
         n += len(x)
         if len(x):
             lo, hi = min(lo, float(np.min(x))), max(hi, float(np.max(x)))
+    try:
+        per_class = per_class_accuracy(np.concatenate(labels), np.concatenate(predicted), classes) if n else None
+    except (EdgekdError, TypeError, ValueError):   # labels that are not class ids: no per-class figures
+        per_class = None
     return {"accuracy": correct / n if n else None, "agreement": agree / n if n and with_ref else None,
-            "samples": n, "input_range": [lo, hi] if n else None}
+            "samples": n, "input_range": [lo, hi] if n else None, "per_class": per_class}
 
 
 def format_table(result: dict) -> str:

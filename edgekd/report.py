@@ -20,6 +20,8 @@ from edgekd.errors import EdgekdError
 
 ACCURACY_SLACK = 0.005   # a student engine within 0.5 points of the best student engine counts as as accurate
 CONFIDENCE = 0.95
+LOSES_MOST = 3           # report.md names this many classes with the lowest retention
+PLOTTED_CLASSES = 20     # the per-class bar plot shows at most this many classes (the lowest retention first)
 
 
 def accuracy_ci(accuracy: float | None, samples: int | None) -> list[float] | None:
@@ -69,7 +71,7 @@ def engine_accuracy(profile: dict[str, Any]) -> dict[str, Any]:
         return {"accuracy": profile["accuracy"], "agreement": profile["agreement"]}
     return {"accuracy": profile["test_accuracy"], "agreement": profile["test_agreement"],
             "test_samples": profile["test_samples"], "spot_accuracy": profile["accuracy"],
-            "spot_samples": profile.get("eval_samples")}
+            "spot_samples": profile.get("eval_samples"), "per_class": profile.get("test_per_class")}
 
 
 def int8_vs_fp32(engines: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -137,8 +139,45 @@ def build_report(models: dict[str, Any], engines: list[dict[str, Any]], skipped:
         if (h := headline(engines, target, models, ship_slower_int8=ship_slower_int8)) is not None:
             report["headline"] = h
             break
+    if (classes := per_class(models, engines, (report["headline"] or {}).get("student_engine"))) is not None:
+        report["per_class"] = classes
     report.update(extra or {})
     return report
+
+
+def _lost_first(row: dict[str, Any]) -> tuple[bool, float, float]:
+    """Sort key: lowest retention first (none last); equal retention: more accuracy points lost first."""
+    lost = (row.get("student") or 0.0) - (row.get("teacher") or 0.0)
+    return row["retention"] is None, row["retention"] or 0.0, lost
+
+
+def per_class(models: dict[str, Any], engines: list[dict[str, Any]],
+              student_engine: str | None = None) -> dict[str, Any] | None:
+    """Which classes the student keeps: per class, the teacher's, the distilled student's and the scratch
+    student's accuracy on the test split (PyTorch, metrics.json), the shipped student engine's where the build
+    host scored it on the whole split, and retention = student / teacher (None where the class has no test
+    sample or the teacher got none of it right). `loses_most`: the classes with the lowest retention below 1."""
+    recorded = {k: models[k]["per_class"] for k in ("teacher", "student", "scratch")
+                if isinstance(models.get(k), dict) and isinstance(models[k].get("per_class"), dict)}
+    if not recorded:
+        return None   # not a classification run, or made before edgekd recorded per-class counts
+    base = recorded.get("teacher") or next(iter(recorded.values()))
+    names, samples = base["classes"], base["samples"]
+    columns = {k: v["accuracy"] for k, v in recorded.items() if v["classes"] == names and v["samples"] == samples}
+    engine = next((e for e in engines if e["name"] == student_engine), None)
+    if engine and isinstance(pc := engine.get("per_class"), dict) and pc.get("samples") == samples:
+        columns["student_engine"] = pc["accuracy"]
+    rows = []
+    for c, name in enumerate(names):
+        row: dict[str, Any] = {"class": name, "samples": samples[c], **{k: v[c] for k, v in columns.items()}}
+        t, s = row.get("teacher"), row.get("student")
+        row["retention"] = s / t if t and s is not None else None
+        rows.append(row)
+    losing = sorted((r for r in rows if r["retention"] is not None and r["retention"] < 1), key=_lost_first)
+    return {"columns": list(columns), "student_engine": student_engine if "student_engine" in columns else None,
+            "rows": rows, "loses_most": [r["class"] for r in losing[:LOSES_MOST]],
+            "no_test_samples": [r["class"] for r in rows if not r["samples"]],
+            "not_recorded": [k for k in ("teacher", "student", "scratch") if k in models and k not in columns]}
 
 
 def distillation_summary(models: dict[str, Any]) -> dict[str, Any] | None:
@@ -225,6 +264,8 @@ def markdown(report: dict[str, Any]) -> str:
                                                                 search["chosen"]["alpha"]) else ""]
                 for r in search["table"]]
         lines += [tabulate(rows, headers=["T", "alpha", "val accuracy", "seconds", ""], tablefmt="github"), ""]
+    if report.get("per_class"):
+        lines += per_class_lines(report["per_class"])
     lines += ["## Engines (accuracy measured on the engine, 95% CI; memory: peak RSS of a fresh profiling process)",
               "", engines_table(report["engines"], report.get("dominated")), ""]
     schemes = {(e["target"], e["quant_scheme"]["scheme"]): e["quant_scheme"]["reason"] for e in report["engines"]
@@ -243,9 +284,50 @@ def markdown(report: dict[str, Any]) -> str:
         lines += int8_fallback_lines(report["int8_fallback"])
     for key, value in report.items():
         if key not in ("models", "engines", "skipped", "headline", "distillation", "search", "dominated", "notes",
-                       "quant_scheme", "int8_fallback", "int8_vs_fp32"):
+                       "quant_scheme", "int8_fallback", "int8_vs_fp32", "per_class"):
             lines += [f"## {key}", "", "```json", json.dumps(value, indent=2), "```", ""]
     return "\n".join(lines)
+
+
+def _acc(value: float | None) -> str:
+    return "-" if value is None else f"{value * 100:.1f}%"
+
+
+def _shown_classes(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """All classes when they fit a table or plot, else the PLOTTED_CLASSES with the lowest retention."""
+    if len(rows) <= PLOTTED_CLASSES:
+        return rows
+    return sorted(rows, key=_lost_first)[:PLOTTED_CLASSES]
+
+
+def per_class_lines(pc: dict[str, Any]) -> list[str]:
+    """The per-class table (accuracies and retention = student / teacher) with the classes the student loses most
+    named, and what could not be said (a class with no test sample, a model without per-class counts)."""
+    from tabulate import tabulate
+
+    heads = {"teacher": "teacher", "student": "student", "scratch": "scratch",
+             "student_engine": f"student engine ({pc['student_engine']})"}
+    lines = ["## Per class (test split; retention = student accuracy / teacher accuracy)", ""]
+    by_name = {r["class"]: r for r in pc["rows"]}
+    if pc["loses_most"]:
+        lost = [f"**{name}** keeps {by_name[name]['retention'] * 100:.1f}% (teacher "
+                f"{_acc(by_name[name]['teacher'])}, student {_acc(by_name[name]['student'])})"
+                for name in pc["loses_most"]]
+        lines += [f"The student loses most on: {'; '.join(lost)}.", ""]
+    elif "teacher" in pc["columns"] and "student" in pc["columns"]:
+        lines += ["The student keeps at least the teacher's accuracy on every class.", ""]
+    shown = _shown_classes(pc["rows"])
+    if len(shown) < len(pc["rows"]):
+        lines += [f"The {len(shown)} classes with the lowest retention of {len(pc['rows'])} (all in report.json):", ""]
+    rows = [[r["class"], r["samples"], *(_acc(r.get(k)) for k in pc["columns"]),
+             "-" if r["retention"] is None else f"{r['retention'] * 100:.1f}%"] for r in shown]
+    lines += [tabulate(rows, headers=["class", "test samples", *(heads[k] for k in pc["columns"]), "retention"],
+                       tablefmt="github"), ""]
+    notes = [f"class {name} has no test samples: no accuracy or retention" for name in pc["no_test_samples"]]
+    notes += [f"{role}: no per-class counts recorded for this test split (run `edgekd distill` again)"
+              for role in pc["not_recorded"]]
+    lines += [f"- {note}" for note in notes] + ([""] if notes else [])
+    return lines + ["![per-class accuracy](report_classes.png)", ""]
 
 
 def int8_fallback_lines(fallbacks: dict[str, dict[str, Any]]) -> list[str]:
@@ -350,6 +432,31 @@ def plot_batches(report: dict[str, Any], path: Path) -> None:
     save_png(plt, fig, path)
 
 
+def plot_classes(report: dict[str, Any], path: Path) -> None:
+    """Grouped bars of per-class accuracy (teacher, student, scratch, student engine), retention under each class."""
+    import numpy as np
+
+    pc = report["per_class"]
+    rows = _shown_classes(pc["rows"])
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.6 * len(rows) + 2), 4))
+    x = np.arange(len(rows))
+    width = 0.8 / len(pc["columns"])
+    for i, key in enumerate(pc["columns"]):
+        values = [np.nan if r.get(key) is None else r[key] * 100 for r in rows]
+        ax.bar(x + (i - (len(pc["columns"]) - 1) / 2) * width, values, width, label=key.replace("_", " "))
+    ax.set_xticks(x, [f"{r['class']}\n" + ("-" if r["retention"] is None else f"{r['retention'] * 100:.0f}%")
+                      for r in rows], fontsize=7)
+    ax.set_ylabel("accuracy on the test split (%)")
+    ax.set_xlabel("class (retention = student / teacher)")
+    ax.set_ylim(0, 118)   # room above 100% for the legend
+    ax.set_yticks(range(0, 101, 20))
+    ax.legend(fontsize=7, ncols=len(pc["columns"]), loc="upper center")
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.set_title("edgekd: accuracy per class")
+    save_png(plt, fig, path)
+
+
 def pyplot() -> Any:
     """matplotlib.pyplot on the Agg backend: files only, no display needed (imported lazily)."""
     import matplotlib
@@ -373,12 +480,14 @@ def save_png(plt: Any, fig: Any, path: str | Path) -> Path:
 def write_report(run_dir: str | Path, report: dict[str, Any]) -> dict[str, Path]:
     run_dir = Path(run_dir)
     paths = {"json": run_dir / "report.json", "md": run_dir / "report.md", "png": run_dir / "report.png",
-             "batch_png": run_dir / "report_batch.png"}
+             "batch_png": run_dir / "report_batch.png", "classes_png": run_dir / "report_classes.png"}
     fileio.write_json(paths["json"], report)
     fileio.write_text(paths["md"], markdown(report))
     if report["engines"]:
         plot(report, paths["png"])
         plot_batches(report, paths["batch_png"])
+    if report.get("per_class"):
+        plot_classes(report, paths["classes_png"])
     return paths
 
 

@@ -1,11 +1,24 @@
 """The report's arithmetic: gap recovered only when the teacher beats scratch, Wilson intervals, dominated
-engines, INT8 slower than FP32 said in words."""
+engines, INT8 slower than FP32 said in words, per-class retention (on a run made here)."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
-from edgekd.report import accuracy_ci, build_report, distillation_summary, dominated, int8_notes, markdown
+from edgekd.errors import EdgekdError
+from edgekd.profile import per_class_accuracy
+from edgekd.report import (
+    accuracy_ci,
+    build_report,
+    distillation_summary,
+    dominated,
+    int8_notes,
+    markdown,
+    per_class,
+)
+from tests.test_cli import edgekd
 
 
 def _engine(model: str, precision: str, p50: float, accuracy: float, quantization: str = "none") -> dict:
@@ -73,3 +86,124 @@ def test_the_int8_fallback_decision_is_said_in_words_with_its_layer_times() -> N
     assert [[c.strip() for c in r] for r in rows] == [["features.0", "0.01", "0.02", "yes"],
                                                       ["head", "0.002", "0.001", ""]]
     assert "## int8_fallback" not in md   # not dumped again as JSON
+
+
+def _per_class_entry(labels: list[int], predicted: list[int], classes: tuple[str, ...]) -> dict:
+    return {"classes": list(classes), **per_class_accuracy(labels, predicted, len(classes))}
+
+
+def test_per_class_accuracy_counts_each_class_and_says_none_without_samples() -> None:
+    pc = per_class_accuracy([0, 0, 0, 1, 1, 3], [0, 1, 0, 1, 2, 0], 4)
+    assert pc == {"samples": [3, 2, 0, 1], "correct": [2, 1, 0, 0], "accuracy": [2 / 3, 0.5, None, 0.0]}
+    with pytest.raises(EdgekdError, match="3 labels but 2 predictions"):
+        per_class_accuracy([0, 1, 1], [0, 1], 2)
+    with pytest.raises(EdgekdError, match="labels range 0..5; expected class ids 0..2"):
+        per_class_accuracy([0, 5], [0, 0], 3)
+
+
+def test_per_class_retention_names_the_classes_lost_most() -> None:
+    names = ("cat", "dog", "eel", "fox", "gnu")
+    labels = [0] * 4 + [1] * 4 + [3] * 4 + [4] * 2   # no "eel" in the test split
+    models = _models(0.9, 0.8, 0.7)
+    models["teacher"]["per_class"] = _per_class_entry(labels, [0] * 4 + [1] * 4 + [3, 3, 0, 0] + [0, 0], names)
+    models["student"]["per_class"] = _per_class_entry(labels, [0] * 4 + [1, 1, 0, 0] + [3, 0, 0, 0] + [4, 0], names)
+    models["scratch"]["per_class"] = _per_class_entry(labels, [1] * 14, names)
+    pc = per_class(models, [])
+    rows = {r["class"]: r for r in pc["rows"]}
+    assert rows["dog"] == {"class": "dog", "samples": 4, "teacher": 1.0, "student": 0.5, "scratch": 1.0,
+                           "retention": 0.5}
+    assert rows["fox"]["retention"] == 0.5 and rows["cat"]["retention"] == 1.0
+    assert rows["eel"]["teacher"] is None and rows["eel"]["retention"] is None
+    assert rows["gnu"]["retention"] is None   # the teacher got none of it right: no ratio
+    assert pc["loses_most"] == ["dog", "fox"]   # equal retention: the class with more points lost first
+    assert pc["no_test_samples"] == ["eel"] and pc["not_recorded"] == []
+    md = markdown(build_report(models, [], [], []))
+    assert "The student loses most on: **dog** keeps 50.0% (teacher 100.0%, student 50.0%); **fox**" in md
+    assert "- class eel has no test samples: no accuracy or retention" in md
+    del models["scratch"]["per_class"]   # e.g. a run made before per-class counts were recorded
+    assert per_class(models, [])["not_recorded"] == ["scratch"]
+    assert "scratch: no per-class counts recorded" in markdown(build_report(models, [], [], []))
+    assert per_class(_models(0.9, 0.8, 0.7), []) is None
+
+
+def test_many_classes_show_the_lowest_retention_in_the_table() -> None:
+    names = tuple(f"c{i}" for i in range(30))
+    labels = list(range(30)) * 2
+    models = _models(0.9, 0.8, 0.7)
+    for role in ("teacher", "student", "scratch"):
+        models[role]["per_class"] = _per_class_entry(labels, labels, names)
+    lost = [3, 17]   # the student gets one of the two samples of c3 and c17 wrong
+    student = [(c + 1) % 30 if c in lost and i < 30 else c for i, c in enumerate(labels)]
+    models["student"]["per_class"] = _per_class_entry(labels, student, names)
+    md = markdown(build_report(models, [], [], []))
+    assert "The 20 classes with the lowest retention of 30 (all in report.json):" in md
+    assert "**c3** keeps 50.0%" in md and "**c17** keeps 50.0%" in md
+    table = [line for line in md.splitlines() if line.startswith("| c") and not line.startswith("| class")]
+    assert len(table) == 20 and table[0].startswith("| c3 ") and table[1].startswith("| c17 ")
+
+
+@pytest.fixture(scope="module")
+def classified_run(tmp_path_factory):
+    """A tiny digits run made through the CLI: distill, then the student's and teacher's fp32 engines built and
+    profiled on onnxruntime (int8 is skipped: the run is not quantized)."""
+    folder = tmp_path_factory.mktemp("classes")
+    recipe = folder / "recipe.toml"
+    recipe.write_text('[data]\nsource = "digits"\ntest_fraction = 0.25\n[teacher]\nmodel = "cnn:widths=8,16"\n'
+                      'epochs = 2\n[student]\nmodel = "mlp:hidden=16"\nepochs = 2\n[distill]\nseed = 3\n')
+    out = folder / "run"
+    for args in (("distill", recipe, "--out", out, "--device", "cpu", "--quiet"),
+                 ("build", out, "--target", "x86-cpu-ort"), ("profile", out, "--target", "x86-cpu-ort", "--quick")):
+        r = edgekd(*args)
+        assert r.returncode == 0, r.stderr
+    return recipe, out
+
+
+def _independent_per_class(recipe, out, role: str) -> tuple[list[str], list[float | None], list[int]]:
+    """Per-class accuracy recomputed from the saved checkpoint: the model's own argmax on the test split, counted
+    class by class in plain Python."""
+    import torch
+
+    from edgekd.data import load_data
+    from edgekd.models import build_model, load_weights
+    from edgekd.recipe import load_recipe
+
+    r = load_recipe(recipe)
+    data = load_data(r.data, r.base_dir)
+    model = build_model(r.teacher.model if role == "teacher" else r.student.model, data.input_shape, data.num_classes)
+    load_weights(model, out / f"{role}.safetensors")
+    with torch.no_grad():
+        predicted = model.eval()(torch.from_numpy(data.x_test)).argmax(1).tolist()
+    labels = data.y_test.tolist()
+    samples = [labels.count(c) for c in range(data.num_classes)]
+    hits = [sum(1 for y, p in zip(labels, predicted, strict=True) if y == p == c) for c in range(data.num_classes)]
+    return list(data.class_names), [h / n if n else None for h, n in zip(hits, samples, strict=True)], samples
+
+
+def test_edgekd_report_shows_per_class_retention_of_a_run_made_here(classified_run) -> None:
+    recipe, out = classified_run
+    r = edgekd("report", out)
+    assert r.returncode == 0, r.stderr
+    assert "## Per class (test split; retention = student accuracy / teacher accuracy)" in r.stdout
+    assert str(out / "report_classes.png") in r.stdout
+    assert (out / "report_classes.png").read_bytes()[:4] == b"\x89PNG"
+    pc = json.loads((out / "report.json").read_text())["per_class"]
+    assert pc["columns"] == ["teacher", "student", "scratch", "student_engine"]
+    expected = {role: _independent_per_class(recipe, out, role) for role in ("teacher", "student", "scratch")}
+    names, _, samples = expected["teacher"]
+    assert [row["class"] for row in pc["rows"]] == names and [row["samples"] for row in pc["rows"]] == samples
+    for role, (_, accuracy, _) in expected.items():
+        assert [row[role] for row in pc["rows"]] == pytest.approx(accuracy, abs=1e-12)
+    teacher, student = expected["teacher"][1], expected["student"][1]
+    retention = [s / t if t else None for s, t in zip(student, teacher, strict=True)]
+    assert [row["retention"] for row in pc["rows"]] == pytest.approx(retention, abs=1e-12)
+    worst = sorted((v, s - t, c) for c, v, s, t in zip(names, retention, student, teacher, strict=True)
+                   if v is not None and v < 1)
+    assert pc["loses_most"] == [c for _, _, c in worst[:3]]
+    md = (out / "report.md").read_text()
+    if pc["loses_most"]:
+        assert f"The student loses most on: **{pc['loses_most'][0]}** keeps" in md
+    # the shipped student engine (fp32 here) was scored on the whole test split by the build host; it agrees with
+    # PyTorch sample for sample, so its per-class accuracy is the student's
+    rep = json.loads((out / "report.json").read_text())
+    assert pc["student_engine"] == rep["headline"]["student_engine"] == "student-x86-cpu-ort-fp32"
+    assert [row["student_engine"] for row in pc["rows"]] == pytest.approx(student, abs=1e-12)
