@@ -216,3 +216,24 @@ def test_qat_kd_trains_on_the_fp32_students_objective(tmp_path, monkeypatch):
     assert info["received"]["unlabelled"] == pool and info["samples"] == pool + labelled
     assert Path(result["onnx"]["qat"]).is_file()
     assert np.isfinite(result["pytorch_accuracy"]["qat"])
+
+
+def test_graph_taps_read_a_qat_graph_and_leave_it_as_it_was():
+    """Hints on an exported QAT graph: the tap reads the named module's fake-quantized output, and removing it
+    restores the graph's code exactly; an unknown module is named with the ones that exist."""
+    pytest.importorskip("torchao")
+    from edgekd import quantize
+    from edgekd.models import build_model
+
+    torch.manual_seed(0)
+    gm = quantize.prepare(build_model("cnn:widths=4,8", (1, 8, 8), 10), torch.randn(2, 1, 8, 8),
+                          quantize.QuantConfig(scheme="ort-cpu"), qat=True)
+    code = gm.code
+    taps = O.tap(gm, ["features.2"], "student")
+    assert isinstance(taps, O.GraphTaps)
+    gm(torch.randn(3, 1, 8, 8))
+    assert taps.outputs["features.2"].shape == (3, 4, 8, 8)          # relu output, before the pool
+    taps.remove()
+    assert gm.code == code and not any("edgekd_tap" in n for n, _ in gm.named_modules())
+    with pytest.raises(EdgekdError, match=r"the student has no module 'features.99' \(some of its modules: .*features"):
+        O.tap(gm, ["features.99"], "student")
