@@ -12,8 +12,8 @@ from pathlib import Path
 
 import click
 
+from edgekd.engines.registry import QUANT_SCHEMES
 from edgekd.errors import EdgekdError
-from edgekd.targets import QUANT_SCHEMES
 
 DEVICE = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
                       help="Where training runs (the teacher too).")
@@ -306,7 +306,7 @@ def _print_quantized(run_dir: Path, result: dict) -> None:
 
 @cli.command()
 @RUN_DIR
-@click.option("--scheme", type=click.Choice([s for s in QUANT_SCHEMES if s != "none"]), default=None,
+@click.option("--scheme", type=click.Choice(QUANT_SCHEMES), default=None,
               help="Quantization scheme (a target's quant_scheme; default: x86-cpu-ort's for this CPU).")
 @DEVICE
 @QUIET

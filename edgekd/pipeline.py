@@ -23,7 +23,7 @@ from torch import nn
 
 from edgekd import fileio, runfolder, streaming
 from edgekd.data import Dataset, load_data
-from edgekd.engines import check_target
+from edgekd.engines import check_target, registry
 from edgekd.errors import EdgekdError
 from edgekd.models import add_import_dir, build_model, load_weights
 from edgekd.recipe import Recipe, load_recipe
@@ -31,7 +31,7 @@ from edgekd.targets import Target, load_target
 
 MODELS = ("teacher", "student", "scratch")
 DEFAULT_TARGETS = ("x86-cpu-ort",)
-QUANTIZATIONS = ("ptq", "qat")
+QUANTIZATIONS = registry.QUANTIZATIONS
 RECIPE_SOURCE = "recipe-source.json"   # {"recipe_dir": the absolute folder of the recipe the run was made from}
 
 
@@ -222,13 +222,14 @@ def _build(ctx: RunContext, target: Target, models: tuple[str, ...], quantized: 
 
     status = check_target(target)
     problem = "" if status == "ok" else status
+    from_onnx = registry.backend(target.runtime).source == "onnx"   # else built from the weights (torch)
     int8_missing: list[str] = []
     if quantized is None and "int8" in target.precisions and "student" in models and not problem:
         quantized, int8_missing = quantized_onnx(ctx, target)
     # Read every checkpoint and existing ONNX this build uses before writing any bundle, so that a bad
     # student.onnx fails the build with the teacher's bundle untouched instead of rebuilt.
     nets = {model: ctx.model(model) for model in models}
-    if not problem and target.runtime != "torch":
+    if not problem and from_onnx:
         from edgekd.engines import onnx_info
 
         for path in [ctx.onnx_path(m) for m in models] + [Path(p) for p in (quantized or {}).values()]:
@@ -255,7 +256,7 @@ def _build(ctx: RunContext, target: Target, models: tuple[str, ...], quantized: 
                                 "quantization": quantization, "reason": problem})
                 continue
             onnx_path = qpath
-            if target.runtime != "torch" and onnx_path is None:
+            if from_onnx and onnx_path is None:
                 onnx_path = ctx.onnx_path(model)
                 if not ctx.fresh_onnx(model):   # missing, or left by an earlier checkpoint: export again
                     export(ctx.dir, model, ctx=ctx)
@@ -279,7 +280,7 @@ def _build(ctx: RunContext, target: Target, models: tuple[str, ...], quantized: 
                                 "path": str(out), "reused": False})
                 runfolder.record(ctx.dir, ctx.rel(out), made_from)
             except EdgekdError as e:
-                if target.runtime == "tensorrt" or target.device != "cpu":
+                if registry.needs_accelerator(target.device):   # a GPU engine this host may be unable to build
                     skipped.append({"target": target.name, "model": model, "precision": precision,
                                     "quantization": quantization, "reason": str(e)})
                 else:
@@ -477,8 +478,9 @@ def int8_fallback(ctx: RunContext, target: Target, profiles: list[dict[str, Any]
         return None
     decision: dict[str, Any] = {"engine": before["engine"], "speedup_vs_fp32": before["speedup_vs_fp32"],
                                 "slower_at_batches": before["slower_at_batches"]}
-    if target.runtime != "onnxruntime":
-        return {**decision, "chose": "fp32", "why": "per-layer costs are measured on onnxruntime targets only"}
+    if not registry.backend(target.runtime).layer_times:
+        measured = ", ".join(b.name for b in registry.backends().values() if b.layer_times)
+        return {**decision, "chose": "fp32", "why": f"per-layer costs are measured on {measured} targets only"}
     batch = max(before["slower_at_batches"])
     rows = compress.layer_latency(ctx, ctx.onnx_path("student"), Path(quantized["onnx"]["ptq"]), batch, target.threads)
     keep = compress.slower_in_int8(rows)
@@ -490,6 +492,8 @@ def int8_fallback(ctx: RunContext, target: Target, profiles: list[dict[str, Any]
         return {**decision, "chose": "fp32", "why": f"{why}; the INT8 engine is not shipped"}
     mixed = compress.ptq_keep_float(ctx, target.quant_scheme, skip,
                                     ctx.dir / "onnx" / f"student.ptq-{target.quant_scheme}-keep-float.onnx")
+    runfolder.record(ctx.dir, ctx.rel(mixed), {**ctx.weights_input("student"),
+                                               **runfolder.sections(ctx.recipe, "quantize")})
     build(ctx.dir, target, models=("student",), ctx=ctx, quantized={"ptq": mixed},
           resume=True)   # the float bundles stand; only the int8 one is made from a new ONNX
     after = _ptq_verdict(ctx, target, profile(ctx.dir, target, quick=quick))

@@ -8,10 +8,14 @@ engine, its buffers), read from the kernel's VmHWM, which starts afresh when a p
 `edgekd profile` runs each bundle in its own `python -m edgekd.runtime profile` process. (getrusage's ru_maxrss
 is not used on Linux: it carries the parent's peak across fork+exec, so a child of a 1.5 GB training process
 would report 1.5 GB.) `rss_growth_mb` is what loading and running the engine added to the current RSS.
+
+The device command line lives here (`main`); `python -m edgekd.runtime profile ...` hands over to it, so edgekd.runtime
+never imports this module and this module imports edgekd.runtime (one direction, no cycle).
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import resource
@@ -23,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from edgekd import runtime
 from edgekd.errors import EdgekdError
 
 MAX_RUNS = 2000
@@ -83,7 +88,6 @@ def profile_bundle(bundle_dir: str | Path, *, batch_sizes: tuple[int, ...] | Non
     the engine on this machine; test_accuracy/test_agreement are the build host's figures on the whole test
     split, from the manifest's metrics.
     """
-    from edgekd import runtime
     from edgekd.bundle import read_eval
 
     bundle_dir = Path(bundle_dir)
@@ -245,3 +249,55 @@ def format_table(result: dict) -> str:
             lines.append(f"budget {key}: {b['measured']:.2f} ({b['metric']}) vs {b['budget']} -> "
                          f"{'PASS' if b['pass'] else 'FAIL'}")
     return "\n".join(lines)
+
+
+def _batches(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--batch must be comma-separated integers like 1,8, got {text!r}") \
+            from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"--batch must be positive integers, got {text!r}")
+    return values
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m edgekd.runtime profile BUNDLE ...`: profile a bundle on the device, print a table."""
+    parser = argparse.ArgumentParser(prog="python -m edgekd.runtime", description=runtime.__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    prof = sub.add_parser("profile", help="latency/throughput/memory/accuracy of a bundle on this machine")
+    prof.add_argument("bundle", type=Path)
+    prof.add_argument("--json", type=Path, default=None, help="also write the results as JSON here")
+    prof.add_argument("--batch", type=_batches, default=None, help="batch sizes, e.g. 1,8 (default: the "
+                                                                   "bundle's)")
+    prof.add_argument("--threads", type=int, default=None)
+    prof.add_argument("--warmup", type=int, default=10)
+    prof.add_argument("--min-runs", type=int, default=30)
+    prof.add_argument("--min-seconds", type=float, default=1.0)
+    prof.add_argument("--save-metrics", action="store_true", help="write the results into the bundle's "
+                                                                  "manifest")
+    args = parser.parse_args(argv)
+    try:
+        result = profile_bundle(args.bundle, batch_sizes=args.batch, warmup=args.warmup,
+                                        min_runs=args.min_runs, min_seconds=args.min_seconds,
+                                        threads=args.threads)
+        if args.json is not None:
+            from edgekd.fileio import write_json
+
+            write_json(args.json, result)
+        if args.save_metrics:
+            from edgekd.bundle import update_metrics
+
+            update_metrics(args.bundle, result)
+    except EdgekdError as e:
+        print("error: " + " ".join(line.strip() for line in str(e).splitlines() if line.strip()), file=sys.stderr)
+        return 2
+    print(format_table(result))
+    if args.json is not None:
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -52,12 +52,14 @@ from torchao.quantization.pt2e.quantizer import (
 )
 from torchao.quantization.pt2e.quantizer.utils import get_module_name_filter
 
+from edgekd.engines.registry import QUANT_SCHEMES
 from edgekd.errors import EdgekdError
+from edgekd.recipe import CHOICES
 
 if TYPE_CHECKING:
     import onnx
 
-OBSERVERS = ("minmax", "percentile", "mse")
+OBSERVERS = CHOICES["observer"]   # the recipe's [quantize] observer choices
 
 # onnxruntime session config that makes "ort-cpu" (8-bit weight) engines exact on AVX2 CPUs without VNNI.
 # There onnxruntime's u8 x s8 kernels (VPMADDUBSW) saturate when two adjacent products are large;
@@ -559,11 +561,16 @@ class TensorRTQuantizer(_SchemeQuantizer):
         return model
 
 
-SCHEMES: dict[str, type[_SchemeQuantizer]] = {
-    "ort-cpu": OrtCpuQuantizer,
-    "ort-cpu-avx2": OrtCpuAvx2Quantizer,
-    "tensorrt": TensorRTQuantizer,
-}
+def _by_scheme(*quantizers: type[_SchemeQuantizer]) -> dict[str, type[_SchemeQuantizer]]:
+    """Each scheme of edgekd.engines.registry.QUANT_SCHEMES (the one list) -> the quantizer placing its Q/DQ."""
+    found = {q.scheme: q for q in quantizers}
+    if set(found) != set(QUANT_SCHEMES):
+        raise ImportError(f"edgekd.quantize implements schemes {sorted(found)}, but edgekd.engines.registry lists "
+                          f"{list(QUANT_SCHEMES)}; give each listed scheme one quantizer class")
+    return {s: found[s] for s in QUANT_SCHEMES}
+
+
+SCHEMES = _by_scheme(OrtCpuQuantizer, OrtCpuAvx2Quantizer, TensorRTQuantizer)
 
 
 def _check_config(config: QuantConfig) -> None:

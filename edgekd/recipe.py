@@ -12,6 +12,7 @@ from typing import Any
 
 import tomllib
 
+from edgekd.engines.registry import PRECISIONS, QUANTIZATIONS
 from edgekd.errors import EdgekdError
 
 
@@ -195,9 +196,9 @@ SECTIONS: dict[str, type] = {"data": DataConfig, "teacher": ModelConfig, "studen
                              "augment": AugmentConfig, "loss": LossConfig, "embedding": EmbeddingConfig,
                              "size": SizeConfig}
 CHOICES: dict[str, tuple[str, ...]] = {"optimizer": ("adamw", "sgd"), "schedule": ("cosine", "onecycle", "constant"),
-                                       "mode": ("none", "ptq", "qat"), "observer": ("minmax", "percentile", "mse"),
+                                       "mode": ("none", *QUANTIZATIONS), "observer": ("minmax", "percentile", "mse"),
                                        "amp": ("none", "bf16"), "init": ("pca", "random"),
-                                       "metric": ("p50", "p90", "p99"), "precision": ("auto", "fp32", "fp16", "int8")}
+                                       "metric": ("p50", "p90", "p99"), "precision": ("auto", *PRECISIONS)}
 
 
 def _type_name(tp: Any) -> str:

@@ -5,17 +5,19 @@
     names, probs = engine.classify(["cat.jpg", "dog.png"])   # paths, bytes, PIL images, uint8 (H, W, C) arrays
     logits = engine(engine.preprocess(raw))                  # raw: (N, C, H, W) floats in the training scale
 
-Only numpy, the standard library and edgekd.bundle are imported here (Pillow and edgekd.preprocess when images
-are given); the runtime library (onnxruntime, tensorrt, torch) is imported when a bundle that needs it is
-loaded, so a device needs nothing else (`pip install edgekd-runtime[ort]`, see runtime/pyproject.toml).
-Command line for devices without the edgekd CLI's dependencies:
+    outputs = engine.run({name: array, ...})                 # every named input/output the engine has
+
+Only numpy, the standard library, edgekd.bundle and the backend registry (edgekd.engines.registry) are imported
+here (Pillow and edgekd.preprocess when images are given); the runtime library (onnxruntime, tensorrt, torch) is
+imported by the bundle's backend when it is loaded, so a device needs nothing else (`pip install
+edgekd-runtime[ort]`, see runtime/pyproject.toml). The command line for devices without the edgekd CLI's
+dependencies is edgekd.profile's (this module only hands `python -m edgekd.runtime ...` over to it):
 
     python -m edgekd.runtime profile BUNDLE [--json OUT] [--batch 1,8] [--threads N]
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 from typing import Any
@@ -23,31 +25,8 @@ from typing import Any
 import numpy as np
 
 from edgekd.bundle import REMEDY, read_manifest
+from edgekd.engines import registry
 from edgekd.errors import EdgekdError
-
-
-def _open_ort(bundle_dir: Path, manifest: dict, threads: int | None) -> Any:
-    from edgekd.engines.ort import OrtRunner
-
-    return OrtRunner(bundle_dir, manifest, threads)
-
-
-def _open_trt(bundle_dir: Path, manifest: dict, threads: int | None) -> Any:
-    from edgekd.engines.trt import TrtRunner
-
-    return TrtRunner(bundle_dir, manifest, threads)
-
-
-def _open_torch(bundle_dir: Path, manifest: dict, threads: int | None) -> Any:
-    try:
-        from edgekd.engines.pytorch import TorchRunner
-    except ImportError as e:
-        raise EdgekdError(f"bundle {bundle_dir}: the torch runtime needs torch installed ({e})") from e
-    return TorchRunner(bundle_dir, manifest, threads)
-
-
-OPENERS = {"onnxruntime": _open_ort, "tensorrt": _open_trt, "torch": _open_torch}
-
 
 RANGE_MARGIN = 1.0   # inputs may exceed the recorded input range by this many times its width before refusal
 RANGE_CHECK_VALUES = 4096   # values of each input batch the range check reads
@@ -55,18 +34,20 @@ RANGE_CHECK_VALUES = 4096   # values of each input batch the range check reads
 
 class Engine:
     """A loaded bundle: `engine(x)` -> logits for normalized float input, `engine.classify(images)` -> class
-    names and probabilities for images, with the manifest's input contract and preprocessing applied."""
+    names and probabilities for images, with the manifest's input contract and preprocessing applied;
+    `engine.run({name: array})` -> {name: array} for every named input and output of the engine."""
 
-    def __init__(self, bundle_dir: Path, manifest: dict[str, Any], runner: Any) -> None:
+    def __init__(self, bundle_dir: Path, manifest: dict[str, Any], runner: registry.Runner) -> None:
         self.bundle_dir = bundle_dir
         self.manifest = manifest
         self.runner = runner
         self.input_shape = tuple(int(d) for d in manifest["input"]["shape"][1:])
         batch = manifest.get("batch") or {}
         self.dynamic_batch = bool(batch.get("dynamic", True))
-        # TensorRT engines only accept batches inside their optimization profile.
-        self.min_batch = int(batch.get("min", 1)) if manifest["runtime"] == "tensorrt" else 1
-        self.max_batch = int(batch["max"]) if manifest["runtime"] == "tensorrt" and "max" in batch else None
+        # Engines with a batch profile (TensorRT's optimization profile) only accept batches inside it.
+        profiled = registry.backend(manifest["runtime"], f"bundle {bundle_dir}").batch_profile
+        self.min_batch = int(batch.get("min", 1)) if profiled else 1
+        self.max_batch = int(batch["max"]) if profiled and "max" in batch else None
         self.class_names = list(manifest.get("class_names") or [])
         self.info: dict[str, Any] = dict(getattr(runner, "info", {}))
         pre = manifest.get("preprocessing") or {}
@@ -86,14 +67,16 @@ class Engine:
         if x.ndim != len(self.input_shape) + 1 or tuple(x.shape[1:]) != self.input_shape:
             raise EdgekdError(f"bundle {self.bundle_dir}: input shape {tuple(x.shape)} does not match the "
                               f"engine's (N, {', '.join(map(str, self.input_shape))})")
-        n = x.shape[0]
+        self._check_batch(x.shape[0])
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        self._check_range(x)
+        return x
+
+    def _check_batch(self, n: int) -> None:
         if n < 1 or n < self.min_batch or (self.max_batch is not None and n > self.max_batch):
             hi = self.max_batch if self.max_batch is not None else "any"
             raise EdgekdError(f"bundle {self.bundle_dir}: batch of {n} is outside the engine's batch range "
                               f"{self.min_batch}..{hi}")
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        self._check_range(x)
-        return x
 
     def _check_range(self, x: np.ndarray) -> None:
         """Refuse input in the wrong scale: normalized input lies in the manifest's input_range ((0 - mean) / std
@@ -115,6 +98,17 @@ class Engine:
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """Logits (N, num_classes) float32 for a normalized batch x of shape (N, *input_shape)."""
         return np.asarray(self.runner(self._check(x)), dtype=np.float32)
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Every output of the engine by name, for numpy inputs by name (`runner.input_names`), each a batch
+        inside the engine's batch range; the runner checks the names."""
+        if isinstance(feeds, dict):
+            for name, value in feeds.items():
+                if not isinstance(value, np.ndarray) or value.ndim < 1:
+                    raise EdgekdError(f"bundle {self.bundle_dir}: input {name!r} must be a numpy array with a "
+                                      f"batch axis, got {type(value).__name__}")
+                self._check_batch(value.shape[0])
+        return self.runner.run(feeds)
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         """Logits for a normalized batch of any size: split at the engine's maximum batch, the last part padded
@@ -283,16 +277,14 @@ def _spec(bundle_dir: Path, d: Any, input_shape: tuple[int, ...]) -> Any:
 
 def load(bundle_dir: str | Path, *, threads: int | None = None) -> Engine:
     """Verify a bundle (its manifest's checksum, every listed file's sha256, names confined to the folder) and open
-    its engine with the bundle's runtime. The manifest never names code: each runtime opens only its own format."""
+    its engine with the bundle's backend. The manifest never names code: each backend opens only its own format."""
     bundle_dir = Path(bundle_dir)
     manifest = read_manifest(bundle_dir, verify=True)
     runtime = manifest.get("runtime")
-    if runtime not in OPENERS:
-        raise EdgekdError(f"bundle {bundle_dir}: unknown runtime {runtime!r} in manifest.json (expected one "
-                          f"of {', '.join(OPENERS)})")
+    backend = registry.backend(runtime, f"bundle {bundle_dir}: manifest.json")
     _check_contract(bundle_dir, manifest)
     try:
-        runner = OPENERS[runtime](bundle_dir, manifest, threads)
+        runner = backend.open_runner(bundle_dir, manifest, threads)
     except EdgekdError:
         raise
     except Exception as e:  # the runtime library refused what the manifest describes
@@ -302,56 +294,7 @@ def load(bundle_dir: str | Path, *, threads: int | None = None) -> Engine:
     return Engine(bundle_dir, manifest, runner)
 
 
-def _batches(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--batch must be comma-separated integers like 1,8, got {text!r}") \
-            from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"--batch must be positive integers, got {text!r}")
-    return values
+if __name__ == "__main__":   # `python -m edgekd.runtime ...`: the device command line is edgekd.profile.main
+    from edgekd.profile import main
 
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m edgekd.runtime profile BUNDLE ...`: profile a bundle on the device, print a table."""
-    parser = argparse.ArgumentParser(prog="python -m edgekd.runtime", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    prof = sub.add_parser("profile", help="latency/throughput/memory/accuracy of a bundle on this machine")
-    prof.add_argument("bundle", type=Path)
-    prof.add_argument("--json", type=Path, default=None, help="also write the results as JSON here")
-    prof.add_argument("--batch", type=_batches, default=None, help="batch sizes, e.g. 1,8 (default: the "
-                                                                   "bundle's)")
-    prof.add_argument("--threads", type=int, default=None)
-    prof.add_argument("--warmup", type=int, default=10)
-    prof.add_argument("--min-runs", type=int, default=30)
-    prof.add_argument("--min-seconds", type=float, default=1.0)
-    prof.add_argument("--save-metrics", action="store_true", help="write the results into the bundle's "
-                                                                  "manifest")
-    args = parser.parse_args(argv)
-
-    from edgekd import profile
-
-    try:
-        result = profile.profile_bundle(args.bundle, batch_sizes=args.batch, warmup=args.warmup,
-                                        min_runs=args.min_runs, min_seconds=args.min_seconds,
-                                        threads=args.threads)
-        if args.json is not None:
-            from edgekd.fileio import write_json
-
-            write_json(args.json, result)
-        if args.save_metrics:
-            from edgekd.bundle import update_metrics
-
-            update_metrics(args.bundle, result)
-    except EdgekdError as e:
-        print("error: " + " ".join(line.strip() for line in str(e).splitlines() if line.strip()), file=sys.stderr)
-        return 2
-    print(profile.format_table(result))
-    if args.json is not None:
-        print(f"wrote {args.json}")
-    return 0
-
-
-if __name__ == "__main__":
     sys.exit(main())

@@ -15,13 +15,15 @@ from typing import Any
 
 import tomllib
 
+from edgekd.engines import registry
 from edgekd.errors import EdgekdError
 
-RUNTIMES = ("onnxruntime", "tensorrt", "torch")
-DEVICES = ("cpu", "cuda", "dla")
-PRECISIONS = ("fp32", "fp16", "int8")
+# What each runtime supports (precisions, devices, default scheme, its own keys) is its backend's declaration
+# (edgekd.engines.registry); int8 always means "from a Q/DQ ONNX", never calibration inside the builder.
+DEVICES = registry.DEVICES
+PRECISIONS = registry.PRECISIONS
 OPT_LEVELS = ("disable", "basic", "extended", "all")
-QUANT_SCHEMES = ("ort-cpu", "ort-cpu-avx2", "tensorrt", "none")  # edgekd.quantize.SCHEMES, plus "none"
+QUANT_SCHEMES = (*registry.QUANT_SCHEMES, registry.NO_SCHEME)
 AUTO = "auto"   # quant_scheme = "auto": pick from the CPU the target builds for (cpu_quant_scheme)
 
 # Instruction sets that decide int8 speed and exactness, as the Linux kernel names them in /proc/cpuinfo.
@@ -31,18 +33,6 @@ ISA_FLAGS = {
     "aarch64": ("asimd", "asimddp", "i8mm", "sve", "sve2", "bf16"),   # NEON, dot product, int8 matrix multiply
 }
 VNNI_FLAGS = ("avx512_vnni", "avx_vnni")
-
-# What each runtime can build; int8 always means "from a Q/DQ ONNX", never calibration inside the builder.
-RUNTIME_PRECISIONS = {
-    "onnxruntime": ("fp32", "fp16", "int8"),  # fp16 only with the TensorRT execution provider first
-    "tensorrt": ("fp32", "fp16", "int8"),
-    "torch": ("fp32", "fp16"),
-}
-RUNTIME_DEVICES = {
-    "onnxruntime": ("cpu", "cuda"),
-    "tensorrt": ("cuda", "dla"),
-    "torch": ("cpu", "cuda"),
-}
 
 
 @dataclass(frozen=True)
@@ -80,7 +70,7 @@ class Target:
 _SCHEMA: dict[str, tuple[str, str]] = {
     "name": ("str", "a string"),
     "description": ("str", "a string"),
-    "runtime": ("str", f"one of {', '.join(RUNTIMES)}"),
+    "runtime": ("str", "a runtime name"),
     "device": ("str", f"one of {', '.join(DEVICES)}"),
     "precisions": ("strs", f"a list drawn from {', '.join(PRECISIONS)}"),
     "batch_sizes": ("ints", "a list of positive integers"),
@@ -103,7 +93,10 @@ _SCHEMA: dict[str, tuple[str, str]] = {
     "eval_samples": ("int", "a number of test samples >= 0 (0: no eval.npz in the bundle)"),
 }
 
-_DEFAULT_QUANT_SCHEME = {"onnxruntime": "ort-cpu", "tensorrt": "tensorrt", "torch": "none"}
+
+def _runtime_keys() -> set[str]:
+    """Target-file keys some runtime declares as its own (edgekd.engines.registry.Backend.target_keys)."""
+    return {k for b in registry.backends().values() for k in b.target_keys}
 
 
 def targets_dir() -> Path:
@@ -177,40 +170,41 @@ def _from_dict(file: Path, data: dict[str, Any]) -> Target:
     v = {key: _check_type(file, key, value) for key, value in data.items()}
 
     runtime, device = v["runtime"], v["device"]
-    _choice(file, "runtime", runtime, RUNTIMES)
+    _choice(file, "runtime", runtime, registry.runtimes())
+    backend = registry.backend(runtime)
     _choice(file, "device", device, DEVICES)
-    if device not in RUNTIME_DEVICES[runtime]:
+    if device not in backend.devices:
         raise EdgekdError(f"target file {file}: runtime {runtime!r} cannot run on device {device!r} (it "
-                          f"supports {', '.join(RUNTIME_DEVICES[runtime])})")
+                          f"supports {', '.join(backend.devices)})")
+    for key in sorted(set(v) & _runtime_keys() - set(backend.target_keys)):
+        owners = [b.name for b in registry.backends().values() if key in b.target_keys]
+        raise EdgekdError(f"target file {file}: key {key!r} only applies to runtime "
+                          f"{' or '.join(repr(o) for o in owners)} (this target's runtime is {runtime!r})")
     precisions = v["precisions"]
     if not precisions:
         raise EdgekdError(f"target file {file}: key 'precisions' must list at least one of "
                           f"{', '.join(PRECISIONS)}")
     for p in precisions:
         _choice(file, "precisions", p, PRECISIONS)
-        if p not in RUNTIME_PRECISIONS[runtime]:
+        if p not in backend.precisions:
             raise EdgekdError(f"target file {file}: precision {p!r} is not supported by runtime {runtime!r} "
-                              f"(supported: {', '.join(RUNTIME_PRECISIONS[runtime])})")
-    if runtime == "torch" and device == "cpu" and "fp16" in precisions:
-        raise EdgekdError(f"target file {file}: precision 'fp16' with the torch runtime needs device 'cuda' "
-                          "(CPU fp16 kernels are slower than fp32)")
-    if device == "dla" and "fp32" in precisions:
-        raise EdgekdError(f"target file {file}: device 'dla' runs only fp16 and int8; remove 'fp32' from "
-                          "precisions")
+                              f"(supported: {', '.join(backend.precisions)})")
 
     level = v.get("graph_optimization_level", "all")
     _choice(file, "graph_optimization_level", level, OPT_LEVELS)
-    scheme = v.get("quant_scheme", _DEFAULT_QUANT_SCHEME[runtime])
+    scheme = v.get("quant_scheme", backend.default_scheme)
     reason = f"pinned by {file.name}" if "quant_scheme" in v else f"the {runtime} runtime's default"
     if scheme == AUTO:
-        if runtime != "onnxruntime" or device != "cpu":
-            raise EdgekdError(f"target file {file}: quant_scheme {AUTO!r} applies to runtime 'onnxruntime' on "
-                              f"device 'cpu' (this target is {runtime} on {device})")
+        if device not in backend.auto_scheme_devices:
+            offered = " or ".join(f"runtime {b.name!r} on device {'/'.join(map(repr, b.auto_scheme_devices))}"
+                                  for b in registry.backends().values() if b.auto_scheme_devices)
+            raise EdgekdError(f"target file {file}: quant_scheme {AUTO!r} applies to {offered} (this target is "
+                              f"{runtime} on {device})")
         scheme, reason = cpu_quant_scheme()
     _choice(file, "quant_scheme", scheme, QUANT_SCHEMES)
     if "int8" in precisions and scheme == "none":
         raise EdgekdError(f"target file {file}: precision 'int8' needs an int8 quant_scheme "
-                          "(ort-cpu, ort-cpu-avx2, tensorrt), got 'none'")
+                          f"({', '.join(registry.QUANT_SCHEMES)}), got 'none'")
 
     batch_sizes = tuple(sorted(set(v.get("batch_sizes", (1,)))))
     dynamic = v.get("dynamic_batch", True)
@@ -238,17 +232,6 @@ def _from_dict(file: Path, data: dict[str, Any]) -> Target:
     bol = v.get("builder_optimization_level", 3)
     if not 0 <= bol <= 5:
         raise EdgekdError(f"target file {file}: key 'builder_optimization_level' must be 0..5, got {bol}")
-    dla_core = v.get("dla_core")
-    if device == "dla" and dla_core is None:
-        raise EdgekdError(f"target file {file}: device 'dla' needs key 'dla_core' (0 or 1)")
-    if device != "dla" and dla_core is not None:
-        raise EdgekdError(f"target file {file}: key 'dla_core' only applies to device 'dla' (device is "
-                          f"{device!r})")
-    if dla_core is not None and dla_core < 0:
-        raise EdgekdError(f"target file {file}: key 'dla_core' must be >= 0, got {dla_core}")
-    if v.get("compile") and runtime != "torch":
-        raise EdgekdError(f"target file {file}: key 'compile' (torch.compile) only applies to runtime "
-                          "'torch'")
     if v.get("eval_samples", 0) < 0:
         raise EdgekdError(f"target file {file}: key 'eval_samples' must be >= 0 (0: no eval.npz), got "
                           f"{v['eval_samples']}")
@@ -256,26 +239,7 @@ def _from_dict(file: Path, data: dict[str, Any]) -> Target:
         if key in v and v[key] <= 0:
             raise EdgekdError(f"target file {file}: key {key!r} must be positive, got {v[key]}")
 
-    providers = v.get("providers")
-    if providers is None:
-        providers = ()
-        if runtime == "onnxruntime":
-            providers = ("CUDAExecutionProvider", "CPUExecutionProvider") if device == "cuda" else (
-                "CPUExecutionProvider",)
-    elif runtime != "onnxruntime":
-        raise EdgekdError(f"target file {file}: key 'providers' only applies to runtime 'onnxruntime'")
-    provider_options = v.get("provider_options", {})
-    stray = sorted(set(provider_options) - set(providers))
-    if stray:
-        raise EdgekdError(f"target file {file}: provider_options names provider {stray[0]!r}, which is not "
-                          f"in providers {list(providers)}")
-    if runtime == "onnxruntime" and "fp16" in precisions and providers[:1] != ("TensorrtExecutionProvider",):
-        raise EdgekdError(f"target file {file}: precision 'fp16' is not supported by runtime 'onnxruntime' "
-                          "without 'TensorrtExecutionProvider' first in providers (it builds the fp16 kernels)")
-    if "TensorrtExecutionProvider" in provider_options:
-        from edgekd.engines.ort import check_trt_ep_options
-
-        check_trt_ep_options(str(file), provider_options["TensorrtExecutionProvider"])
+    own = backend.target_rules(file, v)   # the runtime's own rules and the defaults that follow
 
     return Target(
         name=v.get("name", file.stem),
@@ -289,13 +253,13 @@ def _from_dict(file: Path, data: dict[str, Any]) -> Target:
         opt_batch=opt_b,
         max_batch=max_b,
         threads=v.get("threads"),
-        providers=providers,
-        provider_options=provider_options,
+        providers=own.get("providers", v.get("providers", ())),
+        provider_options=v.get("provider_options", {}),
         graph_optimization_level=level,
         workspace_mb=v.get("workspace_mb", 1024),
         builder_optimization_level=bol,
         timing_cache=v.get("timing_cache"),
-        dla_core=dla_core,
+        dla_core=v.get("dla_core"),
         compile=v.get("compile", False),
         latency_budget_ms=v.get("latency_budget_ms"),
         memory_budget_mb=v.get("memory_budget_mb"),

@@ -3,8 +3,9 @@
 `build` validates what is common to every runtime (precision offered by the target, quantized ONNX for int8,
 eval set shapes), lets the runtime's module write its engine files into a temporary folder, adds eval.npz
 and manifest.json, and renames the folder into place, so a bundle folder either is complete or does not
-exist. Runtime libraries are imported lazily: importing this package needs neither torch, onnx, onnxruntime
-nor tensorrt (the device-side runners in ort.py / trt.py / pytorch.py are opened through edgekd.runtime).
+exist. Which module builds (and later opens) an engine is the registry's answer (edgekd.engines.registry): one
+module per runtime. Runtime libraries are imported lazily: importing this package needs neither torch, onnx,
+onnxruntime nor tensorrt (the device-side runners in ort.py / trt.py / pytorch.py are opened through edgekd.runtime).
 """
 
 from __future__ import annotations
@@ -13,19 +14,22 @@ import ctypes
 import platform
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from edgekd.bundle import FORMAT, edgekd_version, rewrite_manifest, write_manifest
+from edgekd.engines import registry
+from edgekd.engines.registry import backend, backends, needs_accelerator
 from edgekd.errors import EdgekdError
 from edgekd.fileio import atomic_path
-from edgekd.targets import Target
 
-QUANTIZATIONS = ("none", "ptq", "qat")
+if TYPE_CHECKING:
+    from edgekd.targets import Target
+
+QUANTIZATIONS = ("none", *registry.QUANTIZATIONS)   # "none": a float model
 HOST_EVAL_BATCH = 64   # test samples per engine call when the build host measures accuracy on the test split
 
 
@@ -66,56 +70,21 @@ def cuda_device_count() -> tuple[int, str]:
 
 
 def available_runtimes() -> dict[str, str]:
-    """Runtime name -> "ok" or why it cannot be used on this machine (for `edgekd doctor`).
+    """Runtime name -> "ok" or why it cannot be used on this machine (for `edgekd doctor`), from each backend.
 
     "ok" means the library imports (and, for TensorRT, a CUDA GPU is present); per-target details such as
     an onnxruntime execution provider or torch CUDA are checked by `check_target`.
     """
-    out: dict[str, str] = {}
-    try:
-        import onnxruntime  # noqa: F401
-
-        out["onnxruntime"] = "ok"
-    except ImportError as e:
-        out["onnxruntime"] = f"not installed ({e}); pip install onnxruntime"
-    try:
-        import tensorrt as trt
-
-        count, reason = cuda_device_count()
-        out["tensorrt"] = "ok" if count else f"tensorrt {trt.__version__} is installed but {reason}"
-    except ImportError:
-        out["tensorrt"] = ("not installed: TensorRT needs an NVIDIA GPU (JetPack on Jetson; `pip install "
-                           "tensorrt` on x86/SBSA GPU hosts)")
-    except Exception as e:  # a broken install (missing libnvinfer) raises other errors at import
-        out["tensorrt"] = f"installed but fails to import ({type(e).__name__}: {e})"
-    try:
-        import torch  # noqa: F401
-
-        out["torch"] = "ok"
-    except ImportError as e:
-        out["torch"] = f"not installed ({e})"
-    return out
+    return {name: b.availability() for name, b in backends().items()}
 
 
 def check_target(target: Target) -> str:
     """"ok" if this machine can build and run `target`, else the reason (to skip targets with a message)."""
-    status = available_runtimes().get(target.runtime, f"unknown runtime {target.runtime!r}")
+    b = backends().get(target.runtime)
+    status = b.availability() if b is not None else f"unknown runtime {target.runtime!r}"
     if status != "ok":
         return f"target {target.name}: {target.runtime} {status}"
-    if target.runtime == "onnxruntime":
-        import onnxruntime as ort
-
-        available = ort.get_available_providers()
-        if target.providers and target.providers[0] not in available:
-            return (f"target {target.name} wants {target.providers[0]}, but this onnxruntime has only "
-                    f"{', '.join(available)}")
-    if target.runtime == "torch" and target.device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            return (f"target {target.name} needs CUDA, but torch {torch.__version__} reports "
-                    "torch.cuda.is_available() == False")
-    return "ok"
+    return b.check_target(target)
 
 
 def onnx_info(path: Path) -> dict[str, Any]:
@@ -245,31 +214,6 @@ def _layout(input_shape: tuple[int, ...]) -> str:
     return {1: "NC", 2: "NCL", 3: "NCHW", 4: "NCDHW"}.get(len(input_shape), "N" + "?" * len(input_shape))
 
 
-def _build_ort(source: EngineSource, target: Target, precision: str, out: Path) -> dict:
-    from edgekd.engines import ort
-
-    return ort.build_engine(source, target, precision, out)
-
-
-def _build_trt(source: EngineSource, target: Target, precision: str, out: Path) -> dict:
-    from edgekd.engines import trt
-
-    return trt.build_engine(source, target, precision, out)
-
-
-def _build_torch(source: EngineSource, target: Target, precision: str, out: Path) -> dict:
-    from edgekd.engines import pytorch
-
-    return pytorch.build_engine(source, target, precision, out)
-
-
-BUILDERS: dict[str, Callable[[EngineSource, Target, str, Path], dict]] = {
-    "onnxruntime": _build_ort,
-    "tensorrt": _build_trt,
-    "torch": _build_torch,
-}
-
-
 def build(source: EngineSource, target: Target, precision: str, out_dir: str | Path, *,
           eval_data: tuple[np.ndarray, np.ndarray, np.ndarray | None] | None = None) -> Path:
     """Build one engine for `target` at `precision` and write its bundle folder at `out_dir`; returns it.
@@ -294,12 +238,12 @@ def build(source: EngineSource, target: Target, precision: str, out_dir: str | P
         raise EdgekdError(f"build {source.model_name}: {len(source.class_names)} class names for "
                           f"{source.num_classes} classes")
     evals = _check_eval(source, eval_data) if eval_data is not None else None
-    builder = BUILDERS[target.runtime]
+    runtime = backend(target.runtime, f"target {target.name} ({target.path})")
 
     started = time.perf_counter()
     with atomic_path(out_dir) as tmp:
         tmp.mkdir(parents=True)
-        result = builder(source, target, precision, tmp)
+        result = runtime.build_engine(source, target, precision, tmp)
         eval_entry = _write_eval(tmp / "eval.npz", evals, target.eval_samples) if evals is not None else None
         batch_dim: int | str = "batch" if target.dynamic_batch else target.batch_sizes[0]
         manifest = {
@@ -338,7 +282,7 @@ def build(source: EngineSource, target: Target, precision: str, out_dir: str | P
             try:
                 test = _test_metrics(tmp, evals)
             except EdgekdError as e:
-                if target.device == "cpu":
+                if not needs_accelerator(target.device):
                     raise
                 # A GPU engine built where it cannot run (no CUDA device or binding here): the build stands, the
                 # report falls back to the eval.npz sample measured where the bundle is profiled.

@@ -26,13 +26,19 @@ from typing import Any
 
 import numpy as np
 
+from edgekd.engines.registry import Backend, Runner, check_feeds
 from edgekd.errors import EdgekdError
 
+BACKEND = Backend(name="onnxruntime", module=__name__, precisions=("fp32", "fp16", "int8"), devices=("cpu", "cuda"),
+                  default_scheme="ort-cpu", source="onnx", auto_scheme_devices=("cpu",), layer_times=True,
+                  # workspace and builder level: for the TensorRT execution provider (trt_ep_options)
+                  target_keys=("providers", "provider_options", "graph_optimization_level", "workspace_mb",
+                               "builder_optimization_level"))
 ENGINE_FILE = "model.opt.onnx"
 PORTABLE_FILE = "model.onnx"
 HARDWARE_SPECIFIC_LEVELS = ("all",)
 
-# CPU features that change which kernels/layouts onnxruntime's optimizer picks.
+
 def _ort() -> Any:
     try:
         import onnxruntime
@@ -49,6 +55,44 @@ def _level(ort: Any, name: str) -> Any:
         "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
         "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
     }[name]
+
+
+def availability() -> str:
+    """"ok" when onnxruntime imports, else why not."""
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError as e:
+        return f"not installed ({e}); pip install onnxruntime"
+    return "ok"
+
+
+def check_target(target: Any) -> str:
+    """"ok" when this onnxruntime has the target's first execution provider, else why not."""
+    available = _ort().get_available_providers()
+    if target.providers and target.providers[0] not in available:
+        return (f"target {target.name} wants {target.providers[0]}, but this onnxruntime has only "
+                f"{', '.join(available)}")
+    return "ok"
+
+
+def target_rules(file: Any, v: dict[str, Any]) -> dict[str, Any]:
+    """Providers (default: CUDA then CPU on device cuda, else CPU), options only for listed providers and with the
+    TensorRT EP's real option names, fp16 only with the TensorRT EP first."""
+    providers = v.get("providers")
+    if providers is None:
+        providers = ("CUDAExecutionProvider", "CPUExecutionProvider") if v["device"] == "cuda" else (
+            "CPUExecutionProvider",)
+    provider_options = v.get("provider_options", {})
+    stray = sorted(set(provider_options) - set(providers))
+    if stray:
+        raise EdgekdError(f"target file {file}: provider_options names provider {stray[0]!r}, which is not "
+                          f"in providers {list(providers)}")
+    if "fp16" in v["precisions"] and providers[:1] != (TRT_EP,):
+        raise EdgekdError(f"target file {file}: precision 'fp16' is not supported by runtime 'onnxruntime' "
+                          f"without {TRT_EP!r} first in providers (it builds the fp16 kernels)")
+    if TRT_EP in provider_options:
+        check_trt_ep_options(str(file), provider_options[TRT_EP])
+    return {"providers": tuple(providers)}
 
 
 def host_fingerprint() -> dict[str, Any]:
@@ -324,8 +368,12 @@ def segment_times(onnx_path: Path, x: np.ndarray, *, threads: int | None = None,
     return [float(v) for v in np.median(per_run[min(3, len(per_run) - 1):], axis=0)]
 
 
-class OrtRunner:
-    """Runs an onnxruntime bundle: logits = runner(x float32 (N, *input_shape))."""
+def open_runner(bundle_dir: Path, manifest: dict[str, Any], threads: int | None) -> OrtRunner:
+    return OrtRunner(bundle_dir, manifest, threads)
+
+
+class OrtRunner(Runner):
+    """Runs an onnxruntime bundle: run({name: array}) -> {name: array}, names from the ONNX graph."""
 
     def __init__(self, bundle_dir: Path, manifest: dict[str, Any], threads: int | None = None) -> None:
         ort = _ort()
@@ -353,10 +401,11 @@ class OrtRunner:
         threads = threads or engine.get("threads")
         self.session = _session(bundle_dir / file, level, threads, providers,
                                 engine.get("provider_options") or {})
-        self.input_name = self.session.get_inputs()[0].name
-        self.output_name = self.session.get_outputs()[0].name
+        self.input_names = tuple(i.name for i in self.session.get_inputs())
+        self.output_names = tuple(o.name for o in self.session.get_outputs())
         self.info = {"file": file, "optimization_level_at_load": level, "threads": threads,
                      "providers": self.session.get_providers(), "notes": notes}
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        return self.session.run([self.output_name], {self.input_name: x})[0]
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        check_feeds(self, feeds)
+        return dict(zip(self.output_names, self.session.run(list(self.output_names), feeds), strict=True))

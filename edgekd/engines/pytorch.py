@@ -19,14 +19,53 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
+from edgekd.engines.registry import Backend, Runner, check_feeds
 from edgekd.errors import EdgekdError
 
+if TYPE_CHECKING:
+    import torch
+
+BACKEND = Backend(name="torch", module=__name__, precisions=("fp32", "fp16"), devices=("cpu", "cuda"),
+                  default_scheme="none", source="weights", target_keys=("compile",))
 WEIGHTS_FILE = "model.safetensors"
+
+
+def _torch() -> Any:
+    try:
+        import torch
+    except ImportError as e:
+        raise EdgekdError(f"the torch runtime needs torch installed ({e})") from e
+    return torch
+
+
+def availability() -> str:
+    """"ok" when torch imports, else why not."""
+    try:
+        import torch  # noqa: F401
+    except ImportError as e:
+        return f"not installed ({e})"
+    return "ok"
+
+
+def target_rules(file: Any, v: dict[str, Any]) -> dict[str, Any]:
+    """fp16 only on CUDA (CPU fp16 kernels are slower than fp32)."""
+    if v["device"] == "cpu" and "fp16" in v["precisions"]:
+        raise EdgekdError(f"target file {file}: precision 'fp16' with the torch runtime needs device 'cuda' "
+                          "(CPU fp16 kernels are slower than fp32)")
+    return {}
+
+
+def check_target(target: Any) -> str:
+    """"ok" unless the target runs on CUDA and this torch sees no CUDA device."""
+    torch = _torch()
+    if target.device == "cuda" and not torch.cuda.is_available():
+        return (f"target {target.name} needs CUDA, but torch {torch.__version__} reports "
+                "torch.cuda.is_available() == False")
+    return "ok"
 
 
 def _refused() -> str:
@@ -52,7 +91,7 @@ def _check_shapes(spec: str, input_shape: tuple[int, ...], num_classes: int, wei
 
     from edgekd.models import build_model
 
-    with torch.device("meta"):
+    with _torch().device("meta"):
         expected = {k: tuple(v.shape) for k, v in build_model(spec, input_shape, num_classes).state_dict().items()}
     try:
         with safe_open(str(weights), framework="pt") as f:
@@ -85,6 +124,7 @@ def build_engine(source: Any, target: Any, precision: str, out: Path) -> dict[st
     if source.quantization != "none":
         raise EdgekdError(f"build {source.model_name} for {target.name}: the torch runtime runs float models "
                           f"only, got quantization {source.quantization!r}")
+    torch = _torch()
     weights = Path(source.weights_path)
     who = f"build {source.model_name} for {target.name}"
     model = _build_model(source.model_spec, source.input_shape, source.num_classes, weights, who)
@@ -130,10 +170,21 @@ def _engine_contract(bundle_dir: Path, manifest: dict[str, Any]) -> tuple[str, t
     return spec, tuple(shape), classes, confined(bundle_dir, name, what=who, remedy=REMEDY)
 
 
-class TorchRunner:
-    """Runs a torch bundle on the target's device: logits = runner(x)."""
+def open_runner(bundle_dir: Path, manifest: dict[str, Any], threads: int | None) -> TorchRunner:
+    try:
+        _torch()
+    except EdgekdError as e:
+        raise EdgekdError(f"bundle {bundle_dir}: {e}") from e
+    return TorchRunner(bundle_dir, manifest, threads)
+
+
+class TorchRunner(Runner):
+    """Runs a torch bundle on the target's device: run({input name: x}) -> {output name: logits}, the names the
+    manifest records (a built-in model family has one input and one output)."""
 
     def __init__(self, bundle_dir: Path, manifest: dict[str, Any], threads: int | None = None) -> None:
+        torch = _torch()
+        self.torch = torch
         engine = manifest["engine"]
         device = manifest["device"]
         if device == "cuda" and not torch.cuda.is_available():
@@ -150,6 +201,8 @@ class TorchRunner:
         self.info: dict[str, Any] = {"file": engine["file"], "device": str(self.device), "compiled": False,
                                      "threads": threads, "notes": []}
         self.model = model
+        self.input_names = (str(manifest["input"].get("name", "input")),)
+        self.output_names = (str((manifest.get("output") or {}).get("name", "logits")),)
         if engine.get("compile"):
             try:
                 compiled = torch.compile(model)
@@ -161,7 +214,9 @@ class TorchRunner:
                 self.info["notes"].append(f"torch.compile failed ({type(e).__name__}: {str(e)[:200]}); "
                                           "running eager")
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        check_feeds(self, feeds)
+        torch = self.torch
         with torch.no_grad():
-            out = self.model(torch.from_numpy(x).to(self.device, self.dtype))
-        return out.float().cpu().numpy()
+            out = self.model(torch.from_numpy(feeds[self.input_names[0]]).to(self.device, self.dtype))
+        return {self.output_names[0]: out.float().cpu().numpy()}

@@ -35,8 +35,12 @@ from typing import Any
 
 import numpy as np
 
+from edgekd.engines.registry import Backend, Runner, check_feeds
 from edgekd.errors import EdgekdError
 
+BACKEND = Backend(name="tensorrt", module=__name__, precisions=("fp32", "fp16", "int8"), devices=("cuda", "dla"),
+                  default_scheme="tensorrt", source="onnx", batch_profile=True,
+                  target_keys=("workspace_mb", "builder_optimization_level", "timing_cache", "dla_core"))
 ENGINE_FILE = "model.engine"
 CALIBRATION_FILE = "dla_int8.cache"
 GPU_HINT = "TensorRT needs an NVIDIA GPU; not installable on this CPU machine"
@@ -185,6 +189,42 @@ def plan(target: Any, precision: str, onnx_input_shape: tuple | list, *, trt_ver
         onnx_variant=variant,
         notes=tuple(notes),
     )
+
+
+def availability() -> str:
+    """"ok" when tensorrt imports and a CUDA GPU is present, else why not."""
+    from edgekd.engines import cuda_device_count
+
+    try:
+        import tensorrt as trt
+    except ImportError:
+        return ("not installed: TensorRT needs an NVIDIA GPU (JetPack on Jetson; `pip install tensorrt` on x86/SBSA "
+                "GPU hosts)")
+    except Exception as e:  # a broken install (missing libnvinfer) raises other errors at import
+        return f"installed but fails to import ({type(e).__name__}: {e})"
+    count, reason = cuda_device_count()
+    return "ok" if count else f"tensorrt {trt.__version__} is installed but {reason}"
+
+
+def target_rules(file: Any, v: dict[str, Any]) -> dict[str, Any]:
+    """DLA: fp16/int8 only, on the core named by dla_core (>= 0); dla_core only for device dla."""
+    dla, dla_core = v["device"] == "dla", v.get("dla_core")
+    if dla and "fp32" in v["precisions"]:
+        raise EdgekdError(f"target file {file}: device 'dla' runs only fp16 and int8; remove 'fp32' from "
+                          "precisions")
+    if dla and dla_core is None:
+        raise EdgekdError(f"target file {file}: device 'dla' needs key 'dla_core' (0 or 1)")
+    if not dla and dla_core is not None:
+        raise EdgekdError(f"target file {file}: key 'dla_core' only applies to device 'dla' (device is "
+                          f"{v['device']!r})")
+    if dla_core is not None and dla_core < 0:
+        raise EdgekdError(f"target file {file}: key 'dla_core' must be >= 0, got {dla_core}")
+    return {}
+
+
+def check_target(target: Any) -> str:
+    """Nothing beyond availability(): the target's DLA core and batch profile are checked when the engine builds."""
+    return "ok"
 
 
 def _trt() -> Any:
@@ -462,8 +502,13 @@ def cuda_binding() -> Any:
             raise EdgekdError(f"{first}; torch fallback: {second}") from None
 
 
-class TrtRunner:
-    """Runs a TensorRT bundle: logits = runner(x); device buffers from `cuda` (default: cuda_binding())."""
+def open_runner(bundle_dir: Path, manifest: dict[str, Any], threads: int | None) -> TrtRunner:
+    return TrtRunner(bundle_dir, manifest, threads)
+
+
+class TrtRunner(Runner):
+    """Runs a TensorRT bundle: run({input name: array}) -> {output name: array}, names from the engine's I/O tensors;
+    device buffers from `cuda` (default: cuda_binding())."""
 
     def __init__(self, bundle_dir: Path, manifest: dict[str, Any], threads: int | None = None,
                  cuda: Any = None) -> None:
@@ -488,17 +533,18 @@ class TrtRunner:
         if self.context is None:
             raise EdgekdError(f"bundle {bundle_dir}: TensorRT could not create an execution context")
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-        outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
-        if len(inputs) != 1 or len(outputs) != 1:
-            raise EdgekdError(f"bundle {bundle_dir}: engine has inputs {inputs} and outputs {outputs}, expected "
-                              "one of each")
-        self.input_name, self.output_name = inputs[0], outputs[0]
-        dtypes = {trt.DataType.FLOAT: np.float32, trt.DataType.HALF: np.float16}
-        got = {n: self.engine.get_tensor_dtype(n) for n in (self.input_name, self.output_name)}
+        self.input_names = tuple(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
+        self.output_names = tuple(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT)
+        if not self.input_names or not self.output_names:
+            raise EdgekdError(f"bundle {bundle_dir}: engine has inputs {list(self.input_names)} and outputs "
+                              f"{list(self.output_names)}, expected at least one of each")
+        dtypes = {trt.DataType.FLOAT: np.float32, trt.DataType.HALF: np.float16, trt.DataType.INT32: np.int32,
+                  trt.DataType.INT64: np.int64}
+        got = {n: self.engine.get_tensor_dtype(n) for n in names}
         if any(d not in dtypes for d in got.values()):
-            raise EdgekdError(f"bundle {bundle_dir}: engine I/O types {got}, expected float32 or float16")
-        self.input_dtype, self.output_dtype = dtypes[got[self.input_name]], dtypes[got[self.output_name]]
+            raise EdgekdError(f"bundle {bundle_dir}: engine I/O types {got}, expected float32, float16, int32 or "
+                              "int64")
+        self.dtypes = {n: dtypes[d] for n, d in got.items()}
         self.cuda = cuda if cuda is not None else cuda_binding()
         self._buffers: dict[str, tuple[int, int]] = {}  # name -> (pointer, capacity in bytes)
         self.info = {"file": engine_info["file"], "tensorrt": trt.__version__, "device": self.cuda.device_name(),
@@ -513,26 +559,32 @@ class TrtRunner:
             self._buffers[name] = (ptr, size)
         return ptr
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        host_in = np.ascontiguousarray(x, dtype=self.input_dtype)
-        if not self.context.set_input_shape(self.input_name, tuple(host_in.shape)):
-            raise EdgekdError(f"TensorRT rejected input shape {tuple(host_in.shape)} for {self.input_name!r} "
-                              "(outside the engine's optimization profile?)")
-        out_shape = tuple(self.context.get_tensor_shape(self.output_name))
-        if any(d < 0 for d in out_shape):
-            raise EdgekdError(f"TensorRT left output {self.output_name!r} with unresolved shape {out_shape}")
-        host_out = np.empty(out_shape, dtype=self.output_dtype)
-        in_ptr = self._buffer(self.input_name, host_in.nbytes)
-        out_ptr = self._buffer(self.output_name, host_out.nbytes)
-        self.cuda.to_device(in_ptr, host_in)
-        for name, ptr in ((self.input_name, in_ptr), (self.output_name, out_ptr)):
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        check_feeds(self, feeds)
+        hosts = {n: np.ascontiguousarray(feeds[n], dtype=self.dtypes[n]) for n in self.input_names}
+        for name, host_in in hosts.items():
+            if not self.context.set_input_shape(name, tuple(host_in.shape)):
+                raise EdgekdError(f"TensorRT rejected input shape {tuple(host_in.shape)} for {name!r} "
+                                  "(outside the engine's optimization profile?)")
+        outputs: dict[str, np.ndarray] = {}
+        for name in self.output_names:
+            shape = tuple(self.context.get_tensor_shape(name))
+            if any(d < 0 for d in shape):
+                raise EdgekdError(f"TensorRT left output {name!r} with unresolved shape {shape}")
+            outputs[name] = np.empty(shape, dtype=self.dtypes[name])
+        pointers = {n: self._buffer(n, a.nbytes) for n, a in (*hosts.items(), *outputs.items())}
+        for name, host_in in hosts.items():
+            self.cuda.to_device(pointers[name], host_in)
+        for name, ptr in pointers.items():
             if not self.context.set_tensor_address(name, ptr):
                 raise EdgekdError(f"TensorRT rejected the device address of {name!r}")
         if not self.context.execute_async_v3(self.cuda.stream_handle()):
-            raise EdgekdError(f"TensorRT execution failed for input shape {tuple(x.shape)}")
-        self.cuda.to_host(host_out, out_ptr)
+            shapes = ", ".join(f"{n} {tuple(a.shape)}" for n, a in hosts.items())
+            raise EdgekdError(f"TensorRT execution failed for input shape {shapes}")
+        for name, host_out in outputs.items():
+            self.cuda.to_host(host_out, pointers[name])
         self.cuda.synchronize()
-        return host_out.astype(np.float32)
+        return {n: a.astype(np.float32) if a.dtype == np.float16 else a for n, a in outputs.items()}
 
     def close(self) -> None:
         """Free the device buffers (also done when the runner is garbage collected)."""
