@@ -354,9 +354,14 @@ def _validate(r: Recipe, where: str) -> None:
 
 
 def _validate_loss(r: Recipe, where: str) -> None:
-    from edgekd.objective import check_weights  # torch: only for recipes with a [loss] table
+    from edgekd.objective import TERMS, check_weights  # torch: only for recipes with a [loss] table
 
     check_weights(r.loss.weights, f"{where} [loss]")
+    embedding = [n for n in r.loss.weights if "teacher_embeddings" in TERMS[n].reads]
+    if r.embedding is not None or embedding:   # nothing would read them: refused rather than ignored
+        raise EdgekdError(f"{where} [loss]: {', '.join(embedding or r.loss.weights)}: the sentence-embedding task "
+                          "takes its loss weights from [embedding] mse_weight, cosine_weight and "
+                          "similarity_weight; [loss] weighs the classification terms")
     if "hint" in r.loss.weights and r.distill.feature_weight != DistillConfig.feature_weight:
         raise EdgekdError(f"{where} [loss].hint: the hint weight is also set by [distill].feature_weight "
                           f"({r.distill.feature_weight}); keep one of them")

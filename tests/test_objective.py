@@ -138,7 +138,9 @@ def test_loss_table_in_the_recipe(tmp_path):
                          ({"loss": {"kd": "x"}}, r"\[loss\]\.kd: expected a finite weight >= 0, got 'x'"),
                          ({"loss": {"kd": float("inf")}}, r"\[loss\]\.kd: expected a finite weight"),
                          ({"loss": 1}, r"\[loss\]: expected a table"),
-                         ({"loss": {"hint": 1.0}, "distill": {"feature_weight": 2.0}}, "keep one of them")]:
+                         ({"loss": {"hint": 1.0}, "distill": {"feature_weight": 2.0}}, "keep one of them"),
+                         ({"loss": {"embedding_cosine": 1.0}}, r"\[loss\]: embedding_cosine: the sentence-embedding"),
+                         ({"loss": {"kd": 1.0}, "embedding": {}}, r"\[loss\]: kd: the sentence-embedding task")]:
         with pytest.raises(EdgekdError, match=message):
             recipe_from_dict(raw)
 
