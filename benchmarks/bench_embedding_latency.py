@@ -4,8 +4,8 @@
 
 `edgekd run` profiles each engine once, one after the other; on a shared machine the load can change between
 the teacher's and the student's turn. Here every round profiles every bundle of the run (each in its own
-`python -m edgekd.embedding_runtime profile` process, as the run does), and the table reports per bundle the
-median over rounds of the per-sentence latency, and the student/teacher ratios of those medians.
+`python -m edgekd.runtime profile` process, as the run does), and the table reports per bundle the median over
+rounds of the per-sentence latency (p50 of a batch / batch size), and the student/teacher ratios of those medians.
 Writes benchmarks/results/<name>.{json,md} (--name, default embedding_latency).
 """
 
@@ -42,17 +42,17 @@ def main() -> int:
         for r in range(args.rounds):
             for b in bundles:
                 out = Path(tmp) / f"{b.name}-{r}.json"
-                cmd = [sys.executable, "-m", "edgekd.embedding_runtime", "profile", str(b), "--json", str(out),
+                cmd = [sys.executable, "-m", "edgekd.runtime", "profile", str(b), "--json", str(out),
                        "--batch", args.batch] + (["--threads", str(args.threads)] if args.threads else [])
                 subprocess.run(cmd, check=True, capture_output=True, env=env)
-                per[b.name].append(json.loads(out.read_text()))
+                per[b.name].append({**json.loads(out.read_text()), "loadavg": list(os.getloadavg())})
     batches = [int(x) for x in args.batch.split(",")]
     table = {}
     for name, results in per.items():
         table[name] = {"metrics": results[0]["metrics"], "threads": results[0]["threads"],
                        "size_bytes": results[0]["size_bytes"], "loadavg": [r["loadavg"] for r in results]}
         for b in batches:
-            values = [next(x for x in r["rows"] if x["batch"] == b)["per_sentence_ms"] for r in results]
+            values = [next(x["p50"] / b for x in r["rows"] if x["batch"] == b) for r in results]
             table[name][f"batch{b}_ms"] = statistics.median(values)
             table[name][f"batch{b}_rounds"] = values
     teacher = next(n for n in table if n.startswith("teacher"))
@@ -61,8 +61,8 @@ def main() -> int:
               "run": str(args.run), "rounds": args.rounds, "bundles": table,
               "seconds": round(time.perf_counter() - started, 1)}
     notes = (f"onnxruntime threads {table[teacher]['threads']}; {args.rounds} rounds, every bundle profiled once per "
-             "round in its own process; median over rounds of (sum of per-batch medians / sentences), 128 held-out "
-             f"sentences sorted by length into batches. Load average (1 min) during the rounds: {min(loads):.1f}-"
+             "round in its own process; median over rounds of (p50 of a batch / batch size), batches of the bundle's "
+             f"eval sentences padded to their longest. Load average (1 min) during the rounds: {min(loads):.1f}-"
              f"{max(loads):.1f}.")
     rows = []
     for name, t in table.items():

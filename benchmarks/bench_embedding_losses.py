@@ -24,9 +24,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from edgekd import embedding as E  # noqa: E402
-from edgekd.embedding_runtime import embedding_metrics  # noqa: E402
-from edgekd.pretrained import load_text_teacher  # noqa: E402
 from edgekd.recipe import load_recipe  # noqa: E402
+from edgekd.tasks import embedding_metrics  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 VARIANTS = {
@@ -46,22 +45,19 @@ def main() -> int:
     started = time.perf_counter()
     recipe = load_recipe(args.recipe)
     cfg = dataclasses.replace(recipe.embedding, epochs=args.epochs)
-    teacher, tokenizer, teacher_dir = load_text_teacher(cfg.teacher)
-    train, held, corpus = E.corpus_split(cfg, recipe.base_dir)
-    rows, held_rows = E.tokenize(tokenizer, train, cfg.max_length), E.tokenize(tokenizer, held, cfg.max_length)
-    key = E._fingerprint(str(teacher_dir), cfg.max_length, train, held)
-    args.run.mkdir(parents=True, exist_ok=True)
-    emb, _ = E.teacher_embeddings(teacher, rows + held_rows, teacher.pad_id, args.run / "teacher-embeddings.npz",
-                                  key, progress=False)
-    t_train, t_held = emb[:len(rows)], emb[len(rows):]
-    bert = teacher.encoder
-    word = bert.get_input_embeddings().weight
+    E.teacher_stage(dataclasses.replace(recipe, embedding=cfg), args.run, progress=False)
+    split = E.read_split(args.run)
+    corpus = json.loads((args.run / "corpus.json").read_text())["info"]
+    rows, held_rows, t_train, t_held = split.rows, split.held_rows, split.train_emb, split.held_emb
+    teacher = E.load_teacher(cfg)[0]
+    table, position = E._input_embeddings(teacher)
+    word = table.weight
     results = []
     for name, change in VARIANTS.items():
         v = dataclasses.replace(cfg, **change)
         student = E.build_student(v, word.shape[0], t_train.shape[1], teacher.pad_id)
         if v.init == "pca":
-            E.init_from_teacher(student, word, bert.embeddings.position_embeddings.weight)
+            E.init_from_teacher(student, word, position)
         t0 = time.perf_counter()
         E.train_student(student, rows, t_train, v, pad_id=teacher.pad_id, epochs=v.epochs, lr=v.lr, progress=False)
         seconds = time.perf_counter() - t0

@@ -54,7 +54,15 @@ def teacher(recipe: str, out: Path, device: str, quiet: bool, resume: bool) -> N
     from edgekd.distillation import metrics_table, train_teacher
     from edgekd.recipe import load_recipe
 
-    metrics = train_teacher(load_recipe(recipe), out, device=device, progress=not quiet, resume=resume)
+    loaded = load_recipe(recipe)
+    if loaded.embedding is not None:
+        from edgekd.embedding import teacher_stage
+
+        info = teacher_stage(loaded, out, progress=not quiet)[0]
+        click.echo(f"teacher {info['name']}: {info['encoded_sentences']} sentences embedded "
+                   f"({info['encode_seconds']} s); wrote {out / 'teacher-embeddings.npz'}")
+        return
+    metrics = train_teacher(loaded, out, device=device, progress=not quiet, resume=resume)
     if not _is_main():
         return
     click.echo(metrics_table(metrics))
@@ -84,7 +92,17 @@ def distill(recipe: str, out: Path, device: str, quiet: bool, resume: bool, labe
 
     if labels is not None and cache is not None:
         raise EdgekdError("--labels and --cache: pick one source of teacher outputs")
-    metrics = run_distill(load_recipe(recipe), out, device=device, progress=not quiet, resume=resume, labels=labels,
+    loaded = load_recipe(recipe)
+    if loaded.embedding is not None:
+        from edgekd.embedding import distill_stage
+        from edgekd.report import _metric_row
+
+        result = distill_stage(loaded, out, progress=not quiet)
+        click.echo("\n".join(["| model | cosine | top-1 | top-5 | teacher top-1 in top-5 |", "|---|---|---|---|---|"]
+                              + [_metric_row(k, m) for k, m in result["pytorch"].items()]))
+        click.echo(f"\nwrote {out / 'student.safetensors'}, student.json")
+        return
+    metrics = run_distill(loaded, out, device=device, progress=not quiet, resume=resume, labels=labels,
                           cache=cache, reuse_teacher=reuse_teacher)
     if not _is_main():
         return
@@ -176,8 +194,10 @@ def export(run_dir: Path, model: str) -> None:
     result = run_export(run_dir, model)
     p = result["parity"]
     click.echo(f"wrote {result['path']} ({result['size_bytes'] / 1024:.1f} KiB)")
-    click.echo(f"parity vs PyTorch on {p['samples']} test samples: max abs diff {p['max_abs_diff']:.2e}, "
-               f"top-1 agreement {p['top1_agreement']:.4f}")
+    figures = {"max_abs_diff": "max abs diff {:.2e}", "top1_agreement": "top-1 agreement {:.4f}",
+               "min_cosine": "min cosine {:.4f}"}   # the task's parity figures (edgekd.tasks)
+    click.echo(f"parity vs PyTorch on {p['samples']} test samples: "
+               + ", ".join(figures[k].format(v) for k, v in p.items() if k in figures))
 
 
 @cli.command()
@@ -210,7 +230,12 @@ def profile(run_dir: Path, target: str, quick: bool) -> None:
 
     run_profile(run_dir, target, quick=quick)
     rep = run_report(run_dir)
-    click.echo(engines_table(rep["engines"]))
+    if rep.get("task") == "embedding":
+        from edgekd.report import embedding_engines_table
+
+        click.echo("\n".join(embedding_engines_table(rep["engines"])))
+    else:
+        click.echo(engines_table(rep["engines"]))
     if rep["headline"]:
         click.echo(f"\n{rep['headline']['text']}")
 

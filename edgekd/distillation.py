@@ -238,7 +238,7 @@ def _recorded_teacher(weights: Path, key: dict[str, str]) -> dict[str, Any] | No
 
 def _entry(model: nn.Module, data: Dataset, dev: Any, history: list[dict], start: float) -> dict[str, Any]:
     """Test accuracy with per-class counts from one pass over the test split (the report's per-class retention)."""
-    from edgekd.profile import per_class_accuracy
+    from edgekd.tasks import per_class_accuracy
 
     y = np.asarray(data.y_test)
     predicted = predict_logits(model, data.x_test, dev).argmax(1) if len(y) else np.zeros(0, np.int64)

@@ -13,8 +13,10 @@ augmentation to vary, so they are computed once for the corpus and training read
 
 Quantization goes through edgekd.quantize like the vision students: the same torchao PT2E quantizer per
 target scheme (Q/DQ on Linear layers, attention matmuls and residual adds), PTQ and QAT with this loss,
-exported with dynamic batch and sequence length. Stage entry point: `run_embedding` (what `edgekd run`
-calls for a recipe with an [embedding] section).
+exported with dynamic batch and sequence length. `teacher_stage`, `distill_stage` and `quantize_stage` are what
+`edgekd teacher`, `distill` and `quantize` call for a recipe with an [embedding] section; `export`, `build`,
+`profile` and `report` are the classification pipeline's (edgekd.pipeline), reading the run through `TextContext`
+and the embedding task (edgekd.tasks); `edgekd run` composes them as for classifiers (edgekd.pipeline.run).
 """
 
 from __future__ import annotations
@@ -24,9 +26,6 @@ import hashlib
 import json
 import math
 import re
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -36,14 +35,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgekd import fileio
-from edgekd.embedding_runtime import embedding_metrics, pad_batch
+from edgekd import fileio, runfolder
 from edgekd.errors import EdgekdError
+from edgekd.pipeline import RunContext
 from edgekd.recipe import EmbeddingConfig, Recipe, to_toml
-
-INPUT_NAME = "input_ids"
-OUTPUT_NAME = "sentence_embedding"   # not "embedding": the exporter already names a node that in BERT graphs
-
+from edgekd.tasks import EMBEDDING, embed, embedding_metrics, pad_batch, unpad
 
 # ---------------------------------------------------------------------------------------------------- corpus
 
@@ -290,20 +286,16 @@ def _bucketed(lengths: np.ndarray, batch_size: int, rng: np.random.Generator | N
 @torch.no_grad()
 def encode(model: nn.Module, rows: list[np.ndarray], pad_id: int, batch_size: int = 64,
            progress: bool = False, desc: str = "encode") -> np.ndarray:
-    """Embeddings (len(rows), dim) float32 of token-id rows, in batches of similar length, in the rows' order.
-    The caller sets the model's mode (exported PT2E graphs refuse .eval())."""
+    """Embeddings (len(rows), dim) float32 of token-id rows by a PyTorch model, batched as edgekd.tasks.embed
+    batches them for engines. The caller sets the model's mode (exported PT2E graphs refuse .eval())."""
     from tqdm.auto import tqdm
 
-    lengths = np.array([len(r) for r in rows])
-    out: np.ndarray | None = None
-    for idx in tqdm(_bucketed(lengths, batch_size, None), desc=desc, leave=False, disable=not progress):
-        emb = model(torch.from_numpy(pad_batch([rows[i] for i in idx], pad_id))).float().numpy()
-        if out is None:
-            out = np.empty((len(rows), emb.shape[1]), np.float32)
-        out[idx] = emb
-    if out is None:
-        raise EdgekdError("encode: no sentences")
-    return out
+    with tqdm(total=len(rows), desc=desc, leave=False, disable=not progress) as bar:
+        def run(ids: np.ndarray) -> np.ndarray:
+            bar.update(len(ids))
+            return model(torch.from_numpy(ids)).float().numpy()
+
+        return embed(run, rows, pad_id, batch_size)
 
 
 def train_student(model: nn.Module, rows: list[np.ndarray], targets: np.ndarray, cfg: EmbeddingConfig, *,
@@ -359,13 +351,7 @@ def train_student(model: nn.Module, rows: list[np.ndarray], targets: np.ndarray,
     return history
 
 
-# --------------------------------------------------------------------------------------------- export, int8
-
-
-def _dims(max_length: int | None) -> tuple[dict[int, Any], ...]:
-    batch = torch.export.Dim("batch", min=1)
-    seq = torch.export.Dim("seq", min=1, max=max_length) if max_length else torch.export.Dim("seq", min=1)
-    return ({0: batch, 1: seq},)
+# ---------------------------------------------------------------------------------------------------- int8
 
 
 def example_ids(rows: list[np.ndarray], pad_id: int) -> torch.Tensor:
@@ -374,64 +360,6 @@ def example_ids(rows: list[np.ndarray], pad_id: int) -> torch.Tensor:
     if len(picked) < 2:
         raise EdgekdError("export: need two sentences of at least 3 tokens for the example batch")
     return torch.from_numpy(pad_batch(picked, pad_id))
-
-
-def export_embedding_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, *, max_length: int | None,
-                          metadata: dict[str, Any]) -> Path:
-    """ONNX with input `input_ids` (batch, seq) int64 and output `sentence_embedding` (batch, dim), both
-    dimensions dynamic (seq up to max_length when given); checked with onnx.checker, written atomically."""
-    import contextlib
-    import io
-    import warnings
-
-    import onnx
-
-    from edgekd.bundle import edgekd_version
-
-    path = Path(path)
-    if not isinstance(model, torch.fx.GraphModule):
-        model.eval()
-    with tempfile.TemporaryDirectory(prefix="edgekd-export-") as tmp:
-        raw = Path(tmp) / "model.onnx"
-        try:
-            with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                torch.onnx.export(model, (example,), str(raw), dynamo=True, external_data=False,
-                                  dynamic_shapes=_dims(max_length), input_names=[INPUT_NAME],
-                                  output_names=[OUTPUT_NAME], verbose=False)
-        except Exception as e:
-            raise EdgekdError(f"export {path}: torch.onnx.export failed for input_ids {tuple(example.shape)} "
-                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
-        proto = onnx.load(str(raw))
-    props = {"task": "embedding", "input_name": INPUT_NAME, "output_name": OUTPUT_NAME,
-             "input_shape": json.dumps(["batch", "seq"]), "edgekd_version": edgekd_version(), **metadata}
-    del proto.metadata_props[:]
-    for key, value in props.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, value if isinstance(value, str) else json.dumps(value)
-    try:
-        onnx.checker.check_model(proto, full_check=True)
-    except Exception as e:
-        raise EdgekdError(f"export {path}: the exported ONNX fails onnx.checker ({e})") from e
-    with fileio.atomic_path(path) as tmp_path:
-        onnx.save(proto, str(tmp_path))
-    return path
-
-
-def onnx_parity(model: nn.Module, path: Path, rows: list[np.ndarray], pad_id: int) -> dict[str, float]:
-    """PyTorch vs onnxruntime (graph optimizations off, so this measures the export) on `rows`."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    from edgekd.embedding_runtime import embed
-
-    ours = embed(lambda ids: session.run(None, {INPUT_NAME: ids})[0], rows, pad_id)
-    ref = encode(model, rows, pad_id)
-    return {"max_abs_diff": float(np.max(np.abs(ours - ref))),
-            "min_cosine": float(np.min(np.sum(ours * ref, axis=1))), "sentences": len(rows)}
 
 
 def quantize_student(student: TinyEncoder, recipe: Recipe, scheme: str, rows: list[np.ndarray], targets: np.ndarray,
@@ -446,6 +374,7 @@ def quantize_student(student: TinyEncoder, recipe: Recipe, scheme: str, rows: li
     import copy
 
     from edgekd import quantize
+    from edgekd.export import dynamic_dims
 
     cfg, q = recipe.embedding, recipe.quantize
     assert cfg is not None
@@ -456,7 +385,7 @@ def quantize_student(student: TinyEncoder, recipe: Recipe, scheme: str, rows: li
     cal = [torch.from_numpy(pad_batch([cal_rows[i] for i in b], pad_id)) for b in _bucketed(lengths, 32, None)]
     example = example_ids(rows, pad_id)
     qcfg = quantize.QuantConfig(scheme=scheme, observer=q.observer, percentile=q.percentile)
-    dims = _dims(cfg.max_length)
+    dims = (dynamic_dims(EMBEDDING, cfg.max_length),)
     models: dict[str, nn.Module] = {}
     info: dict[str, Any] = {"scheme": scheme, "calibration": {"split": "train", "samples": len(cal_rows),
                                                               "seed": q.calibration_seed}}
@@ -484,310 +413,264 @@ def quantize_student(student: TinyEncoder, recipe: Recipe, scheme: str, rows: li
     return models, info
 
 
-# ------------------------------------------------------------------------------------------- engines, profile
+# -------------------------------------------------------------------------------------------------- stages
+# A sentence-embedding run folder: recipe.toml, corpus.json, teacher-embeddings.npz (token ids and the teacher's
+# embeddings), teacher.json, student.safetensors + student.json, onnx/, engines/<target>/, profile-<target>.json,
+# report.json/.md. Each stage reads what the one before wrote, as for classification (edgekd.pipeline).
+
+TEACHER_OUTPUTS = "teacher-embeddings.npz"
+MODELS = ("teacher", "student")
 
 
-def build_bundle(onnx_path: Path, out_dir: Path, *, model: str, target: Any, precision: str, quantization: str,
-                 pad_id: int, max_length: int | None, dim: int, tokenizer_dir: Path | None,
-                 heldout_rows: list[np.ndarray], reference: np.ndarray) -> Path:
-    """An onnxruntime bundle for a sentence-embedding model: the graph optimized at the target's level (with the
-    portable model.onnx beside it when that level is CPU specific), the tokenizer files, eval.npz (held-out ids
-    and the PyTorch teacher's embeddings), manifest.json with checksums. Written atomically."""
-    import shutil
+@dataclasses.dataclass(frozen=True)
+class TextSplit:
+    """Token ids of the training and held-out sentences and the teacher's embeddings of both."""
 
-    from edgekd.bundle import FORMAT, edgekd_version, write_manifest
-    from edgekd.engines import ort as ort_engine
+    rows: list[np.ndarray]
+    held_rows: list[np.ndarray]
+    train_emb: np.ndarray
+    held_emb: np.ndarray
+    pad_id: int
 
-    level = target.graph_optimization_level
-    hardware_specific = level in ort_engine.HARDWARE_SPECIFIC_LEVELS
-    providers = list(target.providers) or ["CPUExecutionProvider"]
-    lengths = np.array([len(r) for r in heldout_rows])
-    with fileio.atomic_path(out_dir) as tmp:
-        tmp.mkdir(parents=True)
-        portable = tmp / ort_engine.PORTABLE_FILE
-        shutil.copyfile(onnx_path, portable)
-        engine_file = portable
-        if level != "disable":
-            engine_file = tmp / ort_engine.ENGINE_FILE
-            ort_engine._session(portable, level, target.threads, providers, target.provider_options,
-                                optimized_out=engine_file)
-            if not hardware_specific:
-                portable.unlink()
-        session = ort_engine._session(engine_file, "disable", target.threads, providers, target.provider_options)
-        got = session.run(None, {INPUT_NAME: pad_batch(heldout_rows[:2], pad_id)})[0]
-        if got.shape != (2, dim):
-            raise EdgekdError(f"{onnx_path}: output shape {got.shape}, expected (2, {dim})")
-        if tokenizer_dir is not None:
-            for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
-                if (tokenizer_dir / name).is_file():
-                    (tmp / "tokenizer").mkdir(exist_ok=True)
-                    shutil.copyfile(tokenizer_dir / name, tmp / "tokenizer" / name)
-        with open(tmp / "eval.npz", "wb") as f:
-            np.savez(f, ids=pad_batch(heldout_rows, pad_id), lengths=lengths, reference=reference.astype(np.float32))
-        import onnxruntime
-
-        write_manifest(tmp, {
-            "format": FORMAT, "task": "embedding", "model": model, "target": target.name, "runtime": target.runtime,
-            "device": target.device, "precision": precision, "quantization": quantization,
-            "input": {"name": INPUT_NAME, "shape": ["batch", "seq"], "dtype": "int64", "pad_id": pad_id,
-                      "max_length": max_length},
-            "output": {"name": OUTPUT_NAME, "shape": ["batch", dim], "dtype": "float32", "normalized": True},
-            "batch_sizes": list(target.batch_sizes),
-            "engine": {"file": engine_file.name,
-                       "fallback_file": ort_engine.PORTABLE_FILE if hardware_specific else None,
-                       "graph_optimization_level": level, "saved_optimization_level": level,
-                       "hardware_specific": hardware_specific, "build_fingerprint": ort_engine.host_fingerprint(),
-                       "providers": providers, "provider_options": dict(target.provider_options),
-                       "threads": target.threads},
-            "eval": {"file": "eval.npz", "sentences": len(heldout_rows)},
-            "versions": {"edgekd": edgekd_version(), "onnxruntime": onnxruntime.__version__},
-            "metrics": {},
-        })
-    return out_dir
+    def eval_set(self) -> dict[str, Any]:
+        """The held-out sentences as the embedding task's eval arrays (edgekd.tasks)."""
+        return {"ids": pad_batch(self.held_rows, self.pad_id), "lengths": np.array([len(r) for r in self.held_rows]),
+                "reference": self.held_emb, "pad_id": self.pad_id}
 
 
-def profile_bundles(bundles: list[Path], batch_sizes: list[int], *, quick: bool = False) -> list[dict[str, Any]]:
-    """Profile each bundle in its own `python -m edgekd.embedding_runtime profile` process (no torch, no
-    training threads in the way), as edgekd.pipeline.profile does for classifiers."""
-    timing = ["--sentences", "32", "--min-passes", "1", "--min-seconds", "0"] if quick else []
-    results = []
-    with tempfile.TemporaryDirectory(prefix="edgekd-profile-") as tmp:
-        for i, bundle in enumerate(bundles):
-            out = Path(tmp) / f"{i}.json"
-            proc = subprocess.run([sys.executable, "-m", "edgekd.embedding_runtime", "profile", str(bundle),
-                                   "--json", str(out), "--batch", ",".join(map(str, batch_sizes)), *timing],
-                                  capture_output=True, text=True)
-            if proc.returncode != 0:
-                lines = (proc.stderr or proc.stdout).strip().splitlines() or ["no output"]
-                raise EdgekdError(f"profiling {bundle} failed: {lines[-1].removeprefix('error: ')}")
-            results.append(json.loads(out.read_text()))
-    return results
+def _config(recipe: Recipe) -> EmbeddingConfig:
+    if recipe.embedding is None:
+        raise EdgekdError("sentence-embedding stages need a recipe with an [embedding] section")
+    return recipe.embedding
 
 
-# ---------------------------------------------------------------------------------------------------- report
+def load_teacher(cfg: EmbeddingConfig) -> tuple[nn.Module, Any, Path | None]:
+    """(teacher in eval mode, with .pad_id; tokenizer; model folder or None). [embedding].teacher is a
+    transformers model (edgekd.pretrained.load_text_teacher) or a recipe's `package.module:function` returning
+    (module: input_ids -> embeddings, with a pad_id attribute; tokenizer called as transformers tokenizers are)."""
+    if ":" in cfg.teacher and not Path(cfg.teacher).exists():
+        from edgekd.models import load_factory
+
+        got = load_factory(cfg.teacher, "[embedding].teacher")()
+        if not (isinstance(got, tuple) and len(got) == 2 and isinstance(got[0], nn.Module)
+                and isinstance(getattr(got[0], "pad_id", None), int)):
+            raise EdgekdError(f"[embedding].teacher {cfg.teacher!r}: expected (module with an int pad_id, tokenizer) "
+                              f"from the function, got {type(got).__name__}")
+        return got[0].eval(), got[1], None
+    from edgekd.pretrained import load_text_teacher
+
+    return load_text_teacher(cfg.teacher)
 
 
-def _row(name: str, m: dict[str, Any]) -> str:
-    return (f"| {name} | {m['cosine']:.4f} | {m['retrieval_top1']:.3f} | {m['retrieval_top5']:.3f} | "
-            f"{m['teacher_top1_in_student_top5']:.3f} |")
+def _input_embeddings(teacher: nn.Module) -> tuple[nn.Module, torch.Tensor | None]:
+    """The teacher's token-embedding table and position table (None when it has none), for the PCA init."""
+    inner = getattr(teacher, "encoder", teacher)
+    if isinstance(inner, TinyEncoder):
+        return inner.word, inner.position.weight
+    position = getattr(getattr(inner, "embeddings", None), "position_embeddings", None)
+    return inner.get_input_embeddings(), position.weight if position is not None else None
 
 
-def markdown(rep: dict[str, Any]) -> str:
-    """report.md for a sentence-embedding run."""
-    c, t, s = rep["corpus"], rep["teacher"], rep["student"]
-    lines = ["# edgekd report: sentence-embedding distillation", ""]
-    if rep.get("headline"):
-        lines += [f"**Headline:** {rep['headline']['text']}.", ""]
-    lines += [f"Teacher `{t['name']}` ({t['params']:,} params, {t['layers']} layers x {t['hidden']}); student "
-              f"{s['layers']} layers x {s['hidden']} ({s['params']:,} params, {s['params_without_embeddings']:,} "
-              f"without the token-embedding table). Corpus {c['corpus']}: {c['train_sentences']} training "
-              f"sentences, {c['heldout_sentences']} held-out sentences from {', '.join(c['heldout_documents'])} "
-              f"(documents never trained on). Student: {s['epochs']} epochs in {s['train_seconds']} s; teacher "
-              f"embeddings of the corpus took {t['encode_seconds']} s.", "",
-              "## Agreement with the teacher on held-out sentences (PyTorch)", "",
-              "| model | cosine | retrieval top-1 | retrieval top-5 overlap | teacher top-1 in student top-5 |",
-              "|---|---|---|---|---|"]
-    for name, m in rep["pytorch"].items():
-        lines.append(_row(name, m))
-    lines += ["", "## Engines (metrics measured on the engine's own embeddings)", "",
-              "| model | precision | quant | cosine | top-1 | top-5 | size MiB | batch | p50 ms | "
-              "ms/sentence | sentences/s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for e in rep["engines"]:
-        m = e["metrics"]
-        for r in e["rows"]:
-            lines.append(f"| {e['model']} | {e['precision']} | {e['quantization']} | {m['cosine']:.4f} | "
-                         f"{m['retrieval_top1']:.3f} | {m['retrieval_top5']:.3f} | {e['size_bytes'] / 2**20:.1f} | "
-                         f"{r['batch']} | {r['p50']:.2f} | {r['per_sentence_ms']:.3f} | {r['sentences_per_s']:.0f} |")
-    if rep.get("latency_ratios"):
-        lines += ["", "## Latency per sentence against the teacher (fp32 engine, same batches)", "",
-                  "| engine | batch | student ms/sentence | teacher ms/sentence | ratio | speed-up |",
-                  "|---|---|---|---|---|---|"]
-        for r in rep["latency_ratios"]:
-            lines.append(f"| {r['engine']} | {r['batch']} | {r['student_ms']:.3f} | {r['teacher_ms']:.3f} | "
-                         f"{r['ratio']:.3f} | {1 / r['ratio']:.1f}x |")
-    if rep.get("skipped"):
-        lines += ["", "## Not built here", ""] + [f"- {x['target']}: {x['reason']}" for x in rep["skipped"]]
-    for key in ("quantization", "export_parity", "history"):
-        if rep.get(key):
-            lines += ["", f"## {key}", "", "```json", json.dumps(rep[key], indent=2), "```"]
-    return "\n".join(lines) + "\n"
+def teacher_stage(recipe: Recipe, out: str | Path, progress: bool = True) -> tuple[dict[str, Any], nn.Module]:
+    """`edgekd teacher` on a sentence-embedding recipe: split the corpus, tokenize, and store the teacher's
+    embeddings of every training and held-out sentence in teacher-embeddings.npz (offline KD: the teacher has no
+    augmentation to vary), reused while corpus, tokenizer and teacher are the same. Returns (teacher.json, teacher).
+    """
+    from edgekd.pipeline import record_recipe_dir
+
+    cfg, out = _config(recipe), Path(out)
+    teacher, tokenizer, folder = load_teacher(cfg)
+    train_text, held_text, corpus = corpus_split(cfg, recipe.base_dir)
+    rows, held = tokenize(tokenizer, train_text, cfg.max_length), tokenize(tokenizer, held_text, cfg.max_length)
+    corpus["mean_tokens"] = float(np.mean([len(r) for r in rows]))
+    fileio.write_text(out / "recipe.toml", to_toml(recipe))
+    record_recipe_dir(out, recipe)
+    fileio.write_json(out / "corpus.json", {"info": corpus, "heldout": held_text})
+    key = _fingerprint(cfg.teacher, str(folder), cfg.max_length, train_text, held_text)
+    seconds = teacher_embeddings(teacher, rows, held, teacher.pad_id, out / TEACHER_OUTPUTS, key, progress)
+    config = getattr(getattr(teacher, "encoder", None), "config", None)
+    info = {"name": cfg.teacher, "path": str(folder) if folder else None, "params": count_params(teacher),
+            "layers": getattr(config, "num_hidden_layers", None), "hidden": getattr(config, "hidden_size", None),
+            "encode_seconds": seconds, "encoded_sentences": len(rows) + len(held)}
+    fileio.write_json(out / "teacher.json", info)
+    return info, teacher
 
 
-def _latency_ratios(engines: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    out = []
-    for target in dict.fromkeys(e["target"] for e in engines):
-        teacher = next((e for e in engines if e["target"] == target and e["model"] == "teacher"), None)
-        if teacher is None:
-            continue
-        t_rows = {r["batch"]: r for r in teacher["rows"]}
-        for e in engines:
-            if e["target"] != target or e["model"] != "student":
-                continue
-            for r in e["rows"]:
-                if r["batch"] in t_rows:
-                    ratio = r["per_sentence_ms"] / t_rows[r["batch"]]["per_sentence_ms"]
-                    out.append({"target": target, "engine": f"student {e['precision']} {e['quantization']}",
-                                "batch": r["batch"], "student_ms": r["per_sentence_ms"],
-                                "teacher_ms": t_rows[r["batch"]]["per_sentence_ms"], "ratio": ratio})
-    return out
+def teacher_embeddings(teacher: nn.Module, rows: list[np.ndarray], held: list[np.ndarray], pad_id: int, cache: Path,
+                       key: str, progress: bool) -> float:
+    """Write `cache` (token ids of both sets and the teacher's embeddings, keyed by corpus, tokenizer and teacher)
+    unless it holds them already: the most expensive step is not repeated when only the student changes.
+    Returns the seconds the embeddings took."""
+    if cache.is_file():
+        with np.load(cache, allow_pickle=False) as f:
+            if str(f["key"]) == key:
+                return float(f["seconds"])
+    start = time.perf_counter()
+    emb = encode(teacher, rows + held, pad_id, progress=progress, desc="teacher embeddings")
+    seconds = round(time.perf_counter() - start, 2)
+    every = rows + held
+    with fileio.atomic_path(cache) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, embeddings=emb, key=np.asarray(key), seconds=np.asarray(seconds),
+                     ids=pad_batch(every, pad_id), lengths=np.array([len(r) for r in every]),
+                     train=np.asarray(len(rows)), pad_id=np.asarray(pad_id))
+    return seconds
 
 
-def _headline(engines: list[dict[str, Any]], ratios: list[dict[str, Any]]) -> dict[str, Any] | None:
-    students = [e for e in engines if e["model"] == "student"]
-    if not students or not ratios:
-        return None
-    best = max(e["metrics"]["cosine"] for e in students)
-    # the engine a user would ship: the fastest at the smallest batch among those within 0.005 cosine of the best
-    ok = [e for e in students if e["metrics"]["cosine"] >= best - 0.005]
-    pick = min(ok, key=lambda e: min(e["rows"], key=lambda r: r["batch"])["per_sentence_ms"])
-    name = f"student {pick['precision']} {pick['quantization']}"
-    mine = [r for r in ratios if r["engine"] == name and r["target"] == pick["target"]]
-    m = pick["metrics"]
-    speed = ", ".join(f"{1 / r['ratio']:.1f}x faster per sentence at batch {r['batch']}" for r in mine)
-    return {"engine": name, "target": pick["target"], "metrics": m, "ratios": mine,
-            "text": f"the {name} engine reproduces the teacher's embeddings of unseen sentences with mean cosine "
-                    f"{m['cosine']:.3f} (nearest-neighbour agreement top-1 {m['retrieval_top1']:.3f}, top-5 "
-                    f"{m['retrieval_top5']:.3f}) and runs {speed} on target {pick['target']}"}
+def read_split(run_dir: Path) -> TextSplit:
+    """teacher-embeddings.npz of a run folder (written by `edgekd teacher`), without pickles."""
+    path = run_dir / TEACHER_OUTPUTS
+    if not path.is_file():
+        raise EdgekdError(f"{path}: not found; run `edgekd teacher RECIPE --out {run_dir}` first")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            emb, n, every = f["embeddings"], int(f["train"]), unpad(f["ids"], f["lengths"])
+            return TextSplit(every[:n], every[n:], emb[:n], emb[n:], int(f["pad_id"]))
+    except (KeyError, ValueError, OSError) as e:
+        raise EdgekdError(f"{path}: not a teacher-embeddings file of this edgekd ({type(e).__name__}: {e}); run "
+                          f"`edgekd teacher RECIPE --out {run_dir}` again") from None
 
 
-# ------------------------------------------------------------------------------------------------------ run
+def distill_stage(recipe: Recipe, out: str | Path, *, progress: bool = True) -> dict[str, Any]:
+    """`edgekd distill` on a sentence-embedding recipe: the teacher stage (reused when current), then the student
+    (init from the teacher's embeddings, trained on its stored embeddings); writes student.safetensors and
+    student.json (settings, PyTorch metrics on the held-out sentences before and after, history)."""
+    out = Path(out)
+    cfg = _config(recipe)
+    _, teacher = teacher_stage(recipe, out, progress)
+    split = read_split(out)
+    word, position = _input_embeddings(teacher)
+    student = build_student(cfg, int(word.weight.shape[0]), split.train_emb.shape[1], split.pad_id)
+    init_info: dict[str, Any] = {"init": "random"}
+    if cfg.init == "pca":
+        init_info = init_from_teacher(student, word.weight, position)
+    student.eval()
+    pytorch = {"student before training (" + init_info["init"] + " init)":
+               embedding_metrics(encode(student, split.held_rows, split.pad_id), split.held_emb)}
+    start = time.perf_counter()
+    history = train_student(student, split.rows, split.train_emb, cfg, pad_id=split.pad_id, epochs=cfg.epochs,
+                            lr=cfg.lr, heldout=(split.held_rows, split.held_emb), progress=progress)
+    seconds = round(time.perf_counter() - start, 2)
+    student.eval()
+    from edgekd.models import save_weights
+
+    save_weights(student, out / "student.safetensors",
+                 {"model": "edgekd.embedding:TinyEncoder", "pad_id": str(split.pad_id),
+                  "vocab_size": str(word.weight.shape[0]), "out_dim": str(split.train_emb.shape[1]),
+                  "config": json.dumps(dataclasses.asdict(cfg))})
+    pytorch["student (distilled)"] = embedding_metrics(encode(student, split.held_rows, split.pad_id), split.held_emb)
+    params = count_params(student)
+    info = {"params": params, "params_without_embeddings": params - student.word.weight.numel(),
+            "layers": cfg.layers, "hidden": cfg.hidden, "heads": cfg.heads, "intermediate": cfg.intermediate,
+            "epochs": cfg.epochs, "train_seconds": seconds, **init_info}
+    result = {"student": info, "pytorch": pytorch, "history": history}
+    fileio.write_json(out / "student.json", result)
+    return result
+
+
+class TextContext(RunContext):
+    """A sentence-embedding run folder as the shared stages (edgekd.pipeline export, build) read it: the teacher
+    and the student, an example batch of token ids, 64 held-out sentences for parity, the held-out sentences and
+    the teacher's embeddings of them as the eval set, and the embedding task's engine source."""
+
+    task = EMBEDDING
+
+    def __init__(self, run_dir: str | Path, recipe: Recipe | None = None) -> None:
+        from edgekd.pipeline import load_run_recipe
+
+        self.dir = Path(run_dir)
+        self.recipe = recipe or load_run_recipe(self.dir)
+        self.cfg, self.split = _config(self.recipe), read_split(self.dir)
+
+    def weights(self, model: str) -> Path:
+        path = self.dir / "student.safetensors"
+        if model not in MODELS or not path.is_file():
+            raise EdgekdError(f"{path}: not found; run `edgekd distill` into {self.dir} first" if model in MODELS
+                              else f"--model {model!r}: a sentence-embedding run has {', '.join(MODELS)}")
+        return path
+
+    def weights_input(self, model: str) -> dict[str, str]:
+        return {"teacher": self.cfg.teacher} if model == "teacher" else super().weights_input(model)
+
+    def model(self, name: str) -> nn.Module:
+        """The teacher, or the student rebuilt from student.safetensors, in eval mode."""
+        from safetensors import safe_open
+
+        from edgekd.models import load_weights
+
+        if name == "teacher":
+            return load_teacher(self.cfg)[0]
+        with safe_open(str(self.weights(name)), "pt") as f:
+            meta = f.metadata() or {}
+        c = self.cfg
+        student = TinyEncoder(int(meta["vocab_size"]), int(meta["out_dim"]), hidden=c.hidden, layers=c.layers,
+                              heads=c.heads, intermediate=c.intermediate, max_length=c.max_length,
+                              pad_id=int(meta["pad_id"]))
+        load_weights(student, self.weights(name))
+        return student.eval()
+
+    def metadata(self, name: str, extra: dict[str, str] | None = None) -> dict[str, str]:
+        return {"model": name, "pad_id": str(self.split.pad_id), "max_length": str(self.cfg.max_length),
+                **(extra or {})}
+
+    def example(self) -> torch.Tensor:
+        return example_ids(self.split.rows, self.split.pad_id)
+
+    def parity_inputs(self) -> np.ndarray:
+        return pad_batch(self.split.held_rows[:64], self.split.pad_id)
+
+    def export_options(self, name: str) -> dict[str, Any]:
+        return {"max_length": None if name == "teacher" else self.cfg.max_length}   # the student's position table
+
+    def target(self, target: Any) -> Any:
+        """The target with the recipe's [embedding].batch_sizes as the profiled batches (where its batch range
+        allows them)."""
+        if target.dynamic_batch and target.max_batch >= max(self.cfg.batch_sizes):
+            return dataclasses.replace(target, batch_sizes=tuple(sorted(set(self.cfg.batch_sizes))))
+        return target
+
+    def eval_data(self, model: nn.Module) -> dict[str, Any]:
+        return self.split.eval_set()
+
+    def engine_source(self, model: str, onnx_path: Path | None, quantization: str) -> Any:
+        from edgekd.engines import EngineSource
+
+        folder = load_teacher(self.cfg)[2]
+        names = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
+        return EngineSource(model, onnx_path, None, None, ("seq",), self.split.held_emb.shape[1], (), {},
+                            quantization=quantization, task=EMBEDDING.name,
+                            input_options={"pad_id": self.split.pad_id, **self.export_options(model)},
+                            files=tuple((f"tokenizer/{n}", str(folder / n)) for n in names
+                                        if folder is not None and (folder / n).is_file()))
+
+
+def quantize_stage(ctx: TextContext, scheme: str, *, mode: str | None = None, progress: bool = True
+                   ) -> dict[str, Any]:
+    """`edgekd quantize` on a sentence-embedding run: PTQ (and QAT with mode "qat"; default [quantize].mode) of
+    the student for one scheme: onnx/student.<ptq|qat>-<scheme>.onnx, their parity, and quantization-<scheme>.json
+    (PyTorch held-out metrics, calibration, QAT history), which `build` picks up."""
+    from edgekd.export import export_onnx, parity
+
+    if mode is not None:
+        ctx.recipe = dataclasses.replace(ctx.recipe, quantize=dataclasses.replace(ctx.recipe.quantize, mode=mode))
+    if ctx.recipe.quantize.mode == "none":
+        raise EdgekdError(f"{ctx.dir}/recipe.toml: [quantize].mode is \"none\"; set it to \"ptq\" or \"qat\" (or "
+                          "pass --mode)")
+    split = ctx.split
+    models, info = quantize_student(ctx.model("student"), ctx.recipe, scheme, split.rows, split.train_emb,
+                                    (split.held_rows, split.held_emb), split.pad_id, progress=progress)
+    info["onnx"], info["parity"], info["pytorch_accuracy"] = {}, {}, {}
+    for kind, gm in models.items():
+        path = ctx.onnx_path("student", kind, scheme)
+        export_onnx(gm, ctx.example(), path, task=EMBEDDING, metadata=ctx.metadata(
+            "student", {"quantization": kind, "quant_scheme": scheme}), **ctx.export_options("student"))
+        runfolder.record(ctx.dir, ctx.rel(path), ctx.weights_input("student"))
+        info["onnx"][kind] = str(path)
+        info["parity"][kind] = parity(gm, path, ctx.parity_inputs(), task=EMBEDDING)
+        info["pytorch_accuracy"][kind] = info[kind]["cosine"]   # what `edgekd quantize` prints: cosine to the teacher
+    fileio.write_json(ctx.dir / f"quantization-{scheme}.json", info)
+    return info
 
 
 def _fingerprint(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def teacher_embeddings(teacher: nn.Module, rows: list[np.ndarray], pad_id: int, cache: Path, key: str,
-                       progress: bool) -> tuple[np.ndarray, float]:
-    """The teacher's embeddings of `rows`, stored in `cache` (an .npz keyed by corpus, tokenizer and teacher):
-    the most expensive step of a run is not repeated when only the student's settings change."""
-    if cache.is_file():
-        with np.load(cache, allow_pickle=False) as f:
-            if str(f["key"]) == key and f["embeddings"].shape[0] == len(rows):
-                return f["embeddings"], float(f["seconds"])
-    start = time.perf_counter()
-    emb = encode(teacher, rows, pad_id, progress=progress, desc="teacher embeddings")
-    seconds = round(time.perf_counter() - start, 2)
-    with fileio.atomic_path(cache) as tmp:
-        with open(tmp, "wb") as f:
-            np.savez(f, embeddings=emb, key=np.asarray(key), seconds=np.asarray(seconds))
-    return emb, seconds
-
-
-def run_embedding(recipe: Recipe, out: str | Path, *, targets: tuple[str, ...] = ("x86-cpu-ort",),
-                  progress: bool = True, quick_profile: bool = False) -> dict[str, Any]:
-    """The whole sentence-embedding pipeline into `out`: corpus, teacher embeddings, student distillation,
-    PTQ/QAT, ONNX export, onnxruntime engines per target, profiling, report.json + report.md."""
-    from edgekd.engines import check_target
-    from edgekd.models import save_weights
-    from edgekd.pretrained import load_text_teacher
-    from edgekd.targets import load_target
-
-    cfg = recipe.embedding
-    if cfg is None:
-        raise EdgekdError("run_embedding: the recipe has no [embedding] section")
-    q = recipe.quantize
-    if q.calibration or q.keep_float:
-        raise EdgekdError("[quantize].calibration and keep_float are not used by [embedding] runs: the student is "
-                          "calibrated on calibration_size training sentences and quantized whole; remove them")
-    out = Path(out)
-    loaded = [load_target(t) for t in targets]   # a bad target fails before any training
-    teacher, tokenizer, teacher_dir = load_text_teacher(cfg.teacher)
-    pad_id = teacher.pad_id
-    train_text, held_text, corpus = corpus_split(cfg, recipe.base_dir)
-    rows, held_rows = tokenize(tokenizer, train_text, cfg.max_length), tokenize(tokenizer, held_text, cfg.max_length)
-    corpus["mean_tokens"] = float(np.mean([len(r) for r in rows]))
-    fileio.write_text(out / "recipe.toml", to_toml(recipe))
-    fileio.write_json(out / "corpus.json", {"info": corpus, "heldout": held_text})
-
-    key = _fingerprint(str(teacher_dir), cfg.max_length, train_text, held_text)
-    emb, enc_seconds = teacher_embeddings(teacher, rows + held_rows, pad_id, out / "teacher-embeddings.npz", key,
-                                          progress)
-    t_train, t_held = emb[:len(rows)], emb[len(rows):]
-    heldout = (held_rows, t_held)
-    bert = teacher.encoder
-    t_info = {"name": cfg.teacher, "path": str(teacher_dir), "params": count_params(teacher),
-              "layers": int(bert.config.num_hidden_layers), "hidden": int(bert.config.hidden_size),
-              "encode_seconds": enc_seconds, "encoded_sentences": len(emb)}
-    dim = t_train.shape[1]
-
-    student = build_student(cfg, int(bert.get_input_embeddings().weight.shape[0]), dim, pad_id)
-    init_info: dict[str, Any] = {"init": "random"}
-    if cfg.init == "pca":
-        position = getattr(getattr(bert, "embeddings", None), "position_embeddings", None)
-        init_info = init_from_teacher(student, bert.get_input_embeddings().weight,
-                                      position.weight if position is not None else None)
-    student.eval()
-    pytorch = {"student before training (" + init_info["init"] + " init)":
-               embedding_metrics(encode(student, held_rows, pad_id), t_held)}
-    start = time.perf_counter()
-    history = train_student(student, rows, t_train, cfg, pad_id=pad_id, epochs=cfg.epochs, lr=cfg.lr,
-                            heldout=heldout, progress=progress)
-    train_seconds = round(time.perf_counter() - start, 2)
-    student.eval()
-    save_weights(student, out / "student.safetensors", {"model": "edgekd.embedding:TinyEncoder", "pad_id": str(pad_id),
-                                                        "config": json.dumps(dataclasses.asdict(cfg))})
-    pytorch["student (distilled)"] = embedding_metrics(encode(student, held_rows, pad_id), t_held)
-    emb_params = student.word.weight.numel()
-    s_info = {"params": count_params(student), "params_without_embeddings": count_params(student) - emb_params,
-              "layers": cfg.layers, "hidden": cfg.hidden, "heads": cfg.heads, "intermediate": cfg.intermediate,
-              "epochs": cfg.epochs, "train_seconds": train_seconds, **init_info}
-
-    example = example_ids(rows, pad_id)
-    meta = {"pad_id": str(pad_id), "max_length": str(cfg.max_length), "tokenizer": str(teacher_dir)}
-    onnx_dir = out / "onnx"
-    paths = {"teacher": export_embedding_onnx(teacher, example, onnx_dir / "teacher.onnx", max_length=None,
-                                              metadata={**meta, "model": "teacher"}),
-             "student": export_embedding_onnx(student, example, onnx_dir / "student.onnx", max_length=cfg.max_length,
-                                              metadata={**meta, "model": "student"})}
-    parity = {"teacher": onnx_parity(teacher, paths["teacher"], held_rows[:64], pad_id),
-              "student": onnx_parity(student, paths["student"], held_rows[:64], pad_id)}
-
-    skipped: list[dict[str, Any]] = []
-    quantized: dict[str, dict[str, Any]] = {}
-    bundles: list[Path] = []
-    for target in loaded:
-        status = check_target(target)
-        if target.runtime != "onnxruntime":
-            status = f"target {target.name}: sentence-embedding engines are built for onnxruntime targets only"
-        if status != "ok":
-            skipped.append({"target": target.name, "reason": status})
-            continue
-        jobs = [("teacher", "fp32", "none", paths["teacher"]), ("student", "fp32", "none", paths["student"])]
-        if recipe.quantize.mode != "none" and "int8" in target.precisions and target.quant_scheme != "none":
-            scheme = target.quant_scheme
-            if scheme not in quantized:
-                models, info = quantize_student(student, recipe, scheme, rows, t_train, heldout, pad_id,
-                                                progress=progress)
-                info["onnx"] = {}
-                for kind, gm in models.items():
-                    p = export_embedding_onnx(gm, example, onnx_dir / f"student.{kind}-{scheme}.onnx",
-                                              max_length=cfg.max_length,
-                                              metadata={**meta, "model": "student", "quantization": kind,
-                                                        "quant_scheme": scheme})
-                    info["onnx"][kind] = str(p)
-                    parity[f"student-{kind}-{scheme}"] = onnx_parity(gm, p, held_rows[:64], pad_id)
-                    pytorch[f"student {kind.upper()} int8 ({scheme}, PyTorch Q/DQ)"] = info[kind]
-                quantized[scheme] = info
-            jobs += [("student", "int8", kind, Path(p)) for kind, p in quantized[scheme]["onnx"].items()]
-        for model, precision, quant, path in jobs:
-            if precision not in target.precisions:
-                continue
-            name = f"{model}-{precision}" + ("" if quant == "none" else f"-{quant}")
-            bundles.append(build_bundle(path, out / "engines" / target.name / name, model=model, target=target,
-                                        precision=precision, quantization=quant, pad_id=pad_id,
-                                        max_length=None if model == "teacher" else cfg.max_length, dim=dim,
-                                        tokenizer_dir=teacher_dir, heldout_rows=held_rows, reference=t_held))
-    engines = profile_bundles(bundles, cfg.batch_sizes, quick=quick_profile) if bundles else []
-    for e in engines:
-        e["path"] = str(Path(e["bundle"]).relative_to(out)) if Path(e["bundle"]).is_relative_to(out) else e["bundle"]
-    ratios = _latency_ratios(engines)
-    rep = {"task": "embedding", "teacher": t_info, "student": s_info, "corpus": corpus, "pytorch": pytorch,
-           "engines": engines, "latency_ratios": ratios, "headline": _headline(engines, ratios), "skipped": skipped,
-           "export_parity": parity,
-           "quantization": {k: {kk: vv for kk, vv in v.items() if kk != "qat_history"} for k, v in quantized.items()},
-           "history": {"student": history,
-                       **{f"qat-{k}": v["qat_history"] for k, v in quantized.items() if "qat_history" in v}}}
-    fileio.write_json(out / "report.json", rep)
-    fileio.write_text(out / "report.md", markdown(rep))
-    return rep

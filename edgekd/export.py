@@ -15,18 +15,18 @@ import logging
 import tempfile
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
 import torch
 
+from edgekd import tasks
 from edgekd.bundle import edgekd_version
 from edgekd.engines.trt_onnx import TRT_OPSET_RANGE
 from edgekd.errors import EdgekdError
 from edgekd.fileio import atomic_path
 
-INPUT_NAME = "input"
-OUTPUT_NAME = "logits"
 # Pinned, not the exporter's default (which moves with torch): the newest opset the ONNX parser of the oldest
 # supported TensorRT reads; onnxruntime reads it too.
 OPSET = TRT_OPSET_RANGE[1]
@@ -49,23 +49,26 @@ def _no_torchvision_notice(record: logging.LogRecord) -> bool:
 
 
 def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: str | Path, *, metadata: dict[str, str],
-                dynamic_batch: bool = True) -> Path:
+                dynamic_batch: bool = True, task: tasks.Task = tasks.CLASSIFICATION,
+                max_length: int | None = None) -> Path:
     """Export `model` to one self-contained ONNX file at `path` (atomically) and return the path.
 
-    `example` is a batch of inputs (N, *input_shape). With `dynamic_batch` the batch dimension is symbolic;
-    torch.export specializes a size-1 dimension, so a batch-1 example is repeated to 2. `metadata` values are
-    stored as strings (non-strings as JSON) next to input_name, input_shape and edgekd_version. In a Q/DQ
-    model, constant zero pads in front of convs are folded into the convs (`edgekd.qdq.fold_pads_into_convs`).
+    `example` is a batch of inputs (N, *input_shape) of the task's input dtype; input and output are named as
+    the task says. With `dynamic_batch` the task's dynamic axes are symbolic (a text task's sequence axis too, up
+    to `max_length`); torch.export specializes a size-1 dimension, so a batch-1 example is repeated to 2.
+    `metadata` values are stored as strings (non-strings as JSON) next to task, input_name, input_shape and
+    edgekd_version. In a Q/DQ model, constant zero pads in front of convs are folded into the convs
+    (`edgekd.qdq.fold_pads_into_convs`).
     """
     path = Path(path)
     if not isinstance(example, torch.Tensor) or example.dim() < 2:
         raise EdgekdError(f"export {path}: example must be a batched tensor (N, *input_shape), got "
                           f"{getattr(example, 'shape', type(example).__name__)}")
-    example = example.detach().to("cpu", torch.float32)
+    example = example.detach().to("cpu", getattr(torch, task.input_dtype))
     if dynamic_batch and example.shape[0] == 1:
         example = example.repeat(2, *([1] * (example.dim() - 1)))
     _to_eval(model)
-    dynamic_shapes = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
+    dynamic_shapes = (dynamic_dims(task, max_length),) if dynamic_batch else None
 
     with tempfile.TemporaryDirectory(prefix="edgekd-export-") as tmp:
         raw = Path(tmp) / "model.onnx"
@@ -78,8 +81,8 @@ def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: str | Path,
                 if isinstance(model, torch.fx.GraphModule):  # its .training flag cannot be cleared (see _to_eval)
                     warnings.filterwarnings("ignore", message="Exporting a model while it is in training mode")
                 torch.onnx.export(model, (example,), str(raw), dynamo=True, external_data=False,
-                                  opset_version=OPSET, dynamic_shapes=dynamic_shapes, input_names=[INPUT_NAME],
-                                  output_names=[OUTPUT_NAME], verbose=False)
+                                  opset_version=OPSET, dynamic_shapes=dynamic_shapes,
+                                  input_names=[task.input_name], output_names=[task.output_name], verbose=False)
         except Exception as e:
             raise EdgekdError(f"export {path}: torch.onnx.export failed for input shape "
                               f"{tuple(example.shape)} ({type(e).__name__}: "
@@ -94,10 +97,11 @@ def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: str | Path,
 
     input_shape: list[int | str] = list(example.shape)
     if dynamic_batch:
-        input_shape[0] = "batch"
+        input_shape[:len(task.dynamic_axes)] = task.dynamic_axes
     props = {
-        "input_name": INPUT_NAME,
-        "output_name": OUTPUT_NAME,
+        "task": task.name,
+        "input_name": task.input_name,
+        "output_name": task.output_name,
         "input_shape": json.dumps(input_shape),
         "edgekd_version": edgekd_version(),
     }
@@ -116,6 +120,18 @@ def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: str | Path,
     return path
 
 
+def dynamic_dims(task: tasks.Task, max_length: int | None = None) -> dict[int, Any]:
+    """torch.export dynamic shapes of the task's input, by position: the batch alone for a classifier; batch and
+    sequence for text, the sequence bounded by max_length when given (the position table's size)."""
+    axes = task.dynamic_axes
+    if len(axes) == 1:
+        return {0: torch.export.Dim(axes[0])}
+    dims = {i: torch.export.Dim(name, min=1) for i, name in enumerate(axes)}
+    if max_length:
+        dims[len(axes) - 1] = torch.export.Dim(axes[-1], min=1, max=max_length)
+    return dims
+
+
 def read_metadata(onnx_path: str | Path) -> dict[str, str]:
     """The metadata_props of an ONNX file as a dict (strings; JSON ones left for the caller to decode)."""
     onnx_path = Path(onnx_path)
@@ -125,18 +141,20 @@ def read_metadata(onnx_path: str | Path) -> dict[str, str]:
     return {p.key: p.value for p in proto.metadata_props}
 
 
-def parity(model: torch.nn.Module, onnx_path: str | Path, x: np.ndarray, batch_size: int = 256) -> dict:
-    """Compare PyTorch and onnxruntime (graph optimizations off) logits on `x`.
+def parity(model: torch.nn.Module, onnx_path: str | Path, x: np.ndarray, batch_size: int = 256, *,
+           task: tasks.Task = tasks.CLASSIFICATION) -> dict:
+    """Compare PyTorch and onnxruntime (graph optimizations off) outputs on `x` (a batch of the task's inputs).
 
-    Returns {"max_abs_diff", "top1_agreement", "samples"}. Optimizations are off so the check measures the
-    export, not onnxruntime's fused kernels (which legitimately differ by ~1e-3 on int8 graphs).
+    Returns the task's parity figures (classification: max_abs_diff, top1_agreement; embedding: max_abs_diff,
+    min_cosine) and "samples". Optimizations are off so the check measures the export, not onnxruntime's fused
+    kernels (which legitimately differ by ~1e-3 on int8 graphs).
     """
     import onnxruntime as ort
 
     onnx_path = Path(onnx_path)
     if not onnx_path.is_file():
         raise EdgekdError(f"parity: ONNX file {onnx_path} not found")
-    x = np.ascontiguousarray(x, dtype=np.float32)
+    x = np.ascontiguousarray(x, dtype=task.input_dtype)
     if x.ndim < 2 or len(x) == 0:
         raise EdgekdError(f"parity: x must be a non-empty batch (N, *input_shape), got shape {x.shape}")
     options = ort.SessionOptions()
@@ -145,17 +163,15 @@ def parity(model: torch.nn.Module, onnx_path: str | Path, x: np.ndarray, batch_s
     session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     _to_eval(model)
-    max_diff, agree = 0.0, 0
+    refs, ours = [], []
     with torch.no_grad():
         for start in range(0, len(x), batch_size):
             chunk = x[start:start + batch_size]
             try:
-                ours = session.run(None, {name: chunk})[0]
+                ours.append(session.run(None, {name: chunk})[0])
             except Exception as e:
                 expected = [d if isinstance(d, int) else "batch" for d in session.get_inputs()[0].shape]
                 raise EdgekdError(f"parity: onnxruntime cannot run {onnx_path} on input shape {chunk.shape} "
                                   f"(expected {expected}): {e}") from e
-            ref = model(torch.from_numpy(chunk)).detach().float().cpu().numpy()
-            max_diff = max(max_diff, float(np.max(np.abs(ref - ours))))
-            agree += int(np.sum(ref.argmax(axis=1) == ours.argmax(axis=1)))
-    return {"max_abs_diff": max_diff, "top1_agreement": agree / len(x), "samples": int(len(x))}
+            refs.append(model(torch.from_numpy(chunk)).detach().float().cpu().numpy())
+    return {**task.parity(np.concatenate(refs), np.concatenate(ours)), "samples": int(len(x))}

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgekd import fileio, runfolder, streaming
+from edgekd import fileio, runfolder, streaming, tasks
 from edgekd.data import Dataset, load_data
 from edgekd.engines import check_target, registry
 from edgekd.errors import EdgekdError
@@ -67,6 +67,20 @@ def load_run_recipe(run_dir: str | Path) -> Recipe:
     return dataclasses.replace(load_recipe(path), base_dir=folder)
 
 
+def _embedding_run(run_dir: str | Path) -> bool:
+    """A run folder of the sentence-embedding task (its recipe has an [embedding] section)."""
+    return (Path(run_dir) / "recipe.toml").is_file() and load_run_recipe(run_dir).embedding is not None
+
+
+def context(run_dir: str | Path) -> RunContext:
+    """The run folder as the shared stages read it: a classifier's RunContext or a sentence-embedding TextContext."""
+    if _embedding_run(run_dir):
+        from edgekd.embedding import TextContext
+
+        return TextContext(run_dir)
+    return RunContext(run_dir)
+
+
 def _newer(output: Path, *inputs: Path) -> bool:
     """`output` exists and is at least as new as every input (for files the provenance record does not cover)."""
     return output.exists() and all(output.stat().st_mtime >= p.stat().st_mtime for p in inputs if p.exists())
@@ -83,7 +97,11 @@ def _stage(progress: bool, name: str, fn: Callable[[], Any], note: Callable[[Any
 
 
 class RunContext:
-    """A run folder with its recipe and data loaded once (the data split is deterministic from the recipe)."""
+    """A run folder with its recipe and data loaded once (the data split is deterministic from the recipe).
+    What the shared stages ask of a run (models, example input, parity inputs, eval set, engine source) is
+    answered here for classifiers and by edgekd.embedding.TextContext for sentence embeddings."""
+
+    task = tasks.CLASSIFICATION
 
     def __init__(self, run_dir: str | Path, recipe: Recipe | None = None, data: Dataset | None = None) -> None:
         self.dir = Path(run_dir)
@@ -140,6 +158,28 @@ class RunContext:
 
         return self.data.x_test, self.data.y_test, predict_logits(model, self.data.x_test)
 
+    def example(self) -> torch.Tensor:
+        return torch.from_numpy(self.data.x_test[:2])
+
+    def parity_inputs(self) -> np.ndarray:
+        x = self.data.x_test   # a streamed test split: the first 512 (parity is a check of the export, not accuracy)
+        return x[:512] if streaming.is_lazy(x) else x
+
+    def export_options(self, name: str) -> dict[str, Any]:
+        return {}
+
+    def target(self, target: Target) -> Target:
+        return target
+
+    def engine_source(self, model: str, onnx_path: Path | None, quantization: str) -> Any:
+        from edgekd.engines import EngineSource
+
+        return EngineSource(model_name=model, onnx_path=onnx_path, weights_path=self.weights(model),
+                            model_spec=self.spec(model), input_shape=self.data.input_shape,
+                            num_classes=self.data.num_classes, class_names=self.data.class_names,
+                            normalization=self.data.normalization, quantization=quantization,
+                            preprocessing=_preprocessing(self.data))
+
     def onnx_path(self, name: str, quantization: str = "none", scheme: str = "") -> Path:
         suffix = "" if quantization == "none" else f".{quantization}-{scheme}"
         return self.dir / "onnx" / f"{name}{suffix}.onnx"
@@ -150,7 +190,7 @@ def export(run_dir: str | Path, model: str = "student", *, ctx: RunContext | Non
     """Export a trained model to ONNX and measure its parity with PyTorch on the test split. With `resume`, an
     ONNX the run folder records as exported from the current checkpoint (and its parity record) is kept."""
     with runfolder.locked(ctx.dir if ctx else run_dir):
-        return _export(ctx or RunContext(run_dir), model, resume)
+        return _export(ctx or context(run_dir), model, resume)
 
 
 def _export(ctx: RunContext, model: str, resume: bool = False) -> dict[str, Any]:
@@ -161,11 +201,9 @@ def _export(ctx: RunContext, model: str, resume: bool = False) -> dict[str, Any]
     if resume and ctx.fresh_onnx(model) and _newer(record, path):
         return json.loads(record.read_text())
     net = ctx.model(model)
-    example = torch.from_numpy(ctx.data.x_test[:2])
-    export_onnx(net, example, path, metadata=ctx.metadata(model))
+    export_onnx(net, ctx.example(), path, metadata=ctx.metadata(model), task=ctx.task, **ctx.export_options(model))
     runfolder.record(ctx.dir, ctx.rel(path), ctx.weights_input(model))
-    x = ctx.data.x_test   # a streamed test split: the first 512 (parity is a check of the export, not accuracy)
-    check = parity(net, path, x[:512] if streaming.is_lazy(x) else x)
+    check = parity(net, path, ctx.parity_inputs(), task=ctx.task)
     result = {"model": model, "path": str(path), "size_bytes": path.stat().st_size, "parity": check}
     fileio.write_json(record, result)
     return result
@@ -212,15 +250,17 @@ def build(run_dir: str | Path, target: str | Target, *, models: tuple[str, ...] 
     Returns {"target", "built": [bundle paths], "engines": [{model, precision, quantization, path, reused}],
     "skipped": [{target, model, precision, quantization, reason}]}."""
     with runfolder.locked(ctx.dir if ctx else run_dir):
-        return _build(ctx or RunContext(run_dir), load_target(target), models, quantized, resume)
+        ctx = ctx or context(run_dir)
+        return _build(ctx, ctx.target(load_target(target)), models, quantized, resume)
 
 
 def _build(ctx: RunContext, target: Target, models: tuple[str, ...], quantized: dict[str, Path] | None,
            resume: bool) -> dict[str, Any]:
-    from edgekd.engines import EngineSource
     from edgekd.engines import build as build_engine
 
     status = check_target(target)
+    if status == "ok" and ctx.task.runtimes is not None and target.runtime not in ctx.task.runtimes:
+        status = f"target {target.name}: {ctx.task.name} engines are built for {', '.join(ctx.task.runtimes)} only"
     problem = "" if status == "ok" else status
     from_onnx = registry.backend(target.runtime).source == "onnx"   # else built from the weights (torch)
     int8_missing: list[str] = []
@@ -269,13 +309,9 @@ def _build(ctx: RunContext, target: Target, models: tuple[str, ...], quantized: 
                                 "path": str(out), "reused": True})
                 continue
             evals = evals if evals is not None else ctx.eval_data(net)
-            source = EngineSource(model_name=model, onnx_path=onnx_path, weights_path=ctx.weights(model),
-                                  model_spec=ctx.spec(model), input_shape=ctx.data.input_shape,
-                                  num_classes=ctx.data.num_classes, class_names=ctx.data.class_names,
-                                  normalization=ctx.data.normalization, quantization=quantization,
-                                  preprocessing=_preprocessing(ctx.data))
             try:
-                built.append(str(build_engine(source, target, precision, out, eval_data=evals)))
+                built.append(str(build_engine(ctx.engine_source(model, onnx_path, quantization), target, precision,
+                                              out, eval_data=evals)))
                 engines.append({"model": model, "precision": precision, "quantization": quantization,
                                 "path": str(out), "reused": False})
                 runfolder.record(ctx.dir, ctx.rel(out), made_from)
@@ -355,6 +391,11 @@ def report(run_dir: str | Path, targets: tuple[str, ...] | None = None,
 
     The headline never picks an INT8 engine slower than its FP32 engine unless `ship_slower_int8`."""
     run_dir = Path(run_dir)
+    if _embedding_run(run_dir):
+        from edgekd.report import write_embedding_report
+
+        with runfolder.locked(run_dir):
+            return write_embedding_report(run_dir, skipped)
     if not (run_dir / "metrics.json").is_file():
         raise EdgekdError(f"{run_dir}: not a run folder (no metrics.json); run `edgekd distill` or `edgekd run` "
                           "into it first")
@@ -384,18 +425,19 @@ def run(recipe: Recipe, out: str | Path, *, targets: tuple[str | Target, ...] = 
 
     Targets and model specs are checked before any data loads; with `resume`, stages whose outputs are complete
     and newer than their inputs are skipped (trained models, ONNX files, quantized students, bundles, profiles).
-    A recipe with an [embedding] section runs sentence-embedding distillation instead (edgekd.embedding)."""
-    if recipe.embedding is not None:
-        from edgekd.embedding import run_embedding
-
-        _import_torchao_quietly()   # transformers imports torchao when it is installed
-        with runfolder.locked(out):
-            return run_embedding(recipe, out, targets=targets, progress=progress, quick_profile=quick_profile)
+    A recipe with an [embedding] section distills sentence embeddings (edgekd.embedding), then the same stages."""
     from edgekd.distillation import distill
 
     out = Path(out)
     loaded = [load_target(t) for t in targets]   # resolved once: a bad target fails before training anything
     with runfolder.locked(out):
+        if recipe.embedding is not None:
+            from edgekd.embedding import TextContext, distill_stage
+
+            _import_torchao_quietly()   # transformers imports torchao when it is installed
+            distill_stage(recipe, out, progress=progress)
+            return engines(TextContext(out, recipe), loaded, device=device, progress=progress,
+                           quick_profile=quick_profile, resume=resume)
         ctx_data = load_data(recipe.data, recipe.base_dir)
         distill(recipe, out, device=device, progress=progress, data=ctx_data, resume=resume,
                 reuse_teacher=reuse_teacher)
@@ -433,7 +475,7 @@ def engines(ctx: RunContext, loaded: list[Target], *, device: str = "auto", prog
                               lambda t=target: profile(out, t, quick=quick_profile, resume=resume))
             profiled.append(target.name)
             q = quantized.get(scheme) or {}
-            if "ptq" in q.get("onnx", {}) and not recipe.quantize.ship_slower_int8:
+            if "ptq" in q.get("onnx", {}) and not recipe.quantize.ship_slower_int8 and ctx.task is tasks.CLASSIFICATION:
                 decision = _stage(progress, f"int8 vs fp32 {target.name}",
                                   lambda t=target, p=profiles, q=q: int8_fallback(ctx, t, p, q, quick=quick_profile))
                 if decision is not None:
@@ -525,18 +567,28 @@ def quantize(run_dir: str | Path, scheme: str | None = None, *, target: str | Ta
     Writes onnx/student.<ptq|qat>-<scheme>.onnx, which `build` picks up.
     With `resume`, a result the run folder records as made from the current student and [quantize] is kept."""
     with runfolder.locked(ctx.dir if ctx else run_dir):
-        return _quantize(ctx or RunContext(run_dir), scheme, target, mode, device, progress, resume)
+        ctx = ctx or context(run_dir)
+        if ctx.task is not tasks.CLASSIFICATION:
+            from edgekd.embedding import quantize_stage
+
+            _import_torchao_quietly()
+            return quantize_stage(ctx, scheme or _int8_scheme(target), mode=mode, progress=progress)
+        return _quantize(ctx, scheme, target, mode, device, progress, resume)
+
+
+def _int8_scheme(target: str | Target | None) -> str:
+    """The quantization scheme of `target` (default x86-cpu-ort), which must offer int8."""
+    t = load_target(target or DEFAULT_TARGETS[0])
+    if "int8" not in t.precisions:
+        raise EdgekdError(f"target {t.name} ({t.path}): has no int8 precision, so nothing to quantize for")
+    return t.quant_scheme
 
 
 def _quantize(ctx: RunContext, scheme: str | None, target: str | Target | None, mode: str | None, device: str,
               progress: bool, resume: bool) -> dict[str, Any]:
     from edgekd.compress import quantize_student, require_torchao
 
-    if scheme is None:
-        t = load_target(target or DEFAULT_TARGETS[0])
-        if "int8" not in t.precisions:
-            raise EdgekdError(f"target {t.name} ({t.path}): has no int8 precision, so nothing to quantize for")
-        scheme = t.quant_scheme
+    scheme = scheme or _int8_scheme(target)
     wanted = mode or ctx.recipe.quantize.mode
     if wanted == "none":
         raise EdgekdError(f"{ctx.dir}/recipe.toml: [quantize].mode is \"none\"; set it to \"ptq\" or \"qat\" (or pass "

@@ -21,7 +21,6 @@ import platform
 import resource
 import sys
 import time
-from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -56,17 +55,6 @@ def _peak_rss_mb() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
 
 
-def _inputs(eval_x: np.ndarray | None, engine: Any, batch: int) -> np.ndarray:
-    """Timing input: eval.npz samples (repeated to fill the batch), else seeded noise in the engine's input range
-    (standard normal where the bundle records none)."""
-    if eval_x is not None and len(eval_x):
-        reps = -(-batch // len(eval_x))
-        return np.ascontiguousarray(np.concatenate([eval_x] * reps)[:batch] if reps > 1 else eval_x[:batch])
-    rng, shape = np.random.default_rng(0), (batch, *engine.input_shape)
-    x = rng.uniform(*engine.input_range, size=shape) if engine.input_range else rng.standard_normal(shape)
-    return x.astype(np.float32)
-
-
 def _time(engine: Any, x: np.ndarray, warmup: int, min_runs: int, min_seconds: float) -> list[float]:
     for _ in range(warmup):
         engine(x)
@@ -89,6 +77,7 @@ def profile_bundle(bundle_dir: str | Path, *, batch_sizes: tuple[int, ...] | Non
     split, from the manifest's metrics.
     """
     from edgekd.bundle import read_eval
+    from edgekd.tasks import of_manifest
 
     bundle_dir = Path(bundle_dir)
     rss_before = _rss_mb()
@@ -99,15 +88,12 @@ def profile_bundle(bundle_dir: str | Path, *, batch_sizes: tuple[int, ...] | Non
     if min(sizes) < 1:
         raise EdgekdError(f"profile {bundle_dir}: batch sizes must be positive, got {list(sizes)}")
 
-    eval_x = eval_y = ref = None
+    task = of_manifest(manifest, f"bundle {bundle_dir}")
     data = read_eval(bundle_dir, manifest)   # only the listed eval file, verified on the bytes that are used
-    if data is not None:
-        eval_x, eval_y = data["x"], data["y"]
-        ref = data.get("reference_logits")
 
     rows = []
     for batch in sizes:
-        x = _inputs(eval_x, engine, batch)
+        x = task.timing_batch(data, batch, engine.input_shape, engine.input_range)
         times = np.asarray(_time(engine, x, warmup, min_runs, min_seconds))
         mean = float(times.mean())
         rows.append({
@@ -120,8 +106,8 @@ def profile_bundle(bundle_dir: str | Path, *, batch_sizes: tuple[int, ...] | Non
             "runs": int(len(times)),
         })
 
-    spot = score(engine, batches_of(eval_x, eval_y, ref, size=engine.max_batch or max(max(sizes), 64))) \
-        if eval_x is not None else {"accuracy": None, "agreement": None, "samples": 0}
+    spot = task.evaluate(engine.logits, data, engine.max_batch or max(max(sizes), 64)) \
+        if data is not None else {"accuracy": None, "agreement": None, "samples": 0}
     test = (manifest.get("metrics") or {}).get("test") or {}
 
     rss_after = _rss_mb()
@@ -152,8 +138,10 @@ def profile_bundle(bundle_dir: str | Path, *, batch_sizes: tuple[int, ...] | Non
         "quantization": manifest.get("quantization"),
         "quant_scheme": manifest.get("quant_scheme"),
         "size_bytes": int(size_bytes),
-        "accuracy": spot["accuracy"],
-        "agreement": spot["agreement"],
+        "task": task.name,
+        "accuracy": spot.get("accuracy"),
+        "agreement": spot.get("agreement"),
+        "metrics": {k: spot.get(k) for k in task.metric_keys},
         "eval_samples": spot["samples"],
         "test_accuracy": test.get("accuracy"),
         "test_agreement": test.get("agreement"),
@@ -169,62 +157,6 @@ def profile_bundle(bundle_dir: str | Path, *, batch_sizes: tuple[int, ...] | Non
         "host": {"machine": platform.machine(), "python": platform.python_version()},
         "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-
-
-Batch = tuple[np.ndarray, np.ndarray, "np.ndarray | None"]
-
-
-def batches_of(x: np.ndarray, y: np.ndarray, ref: np.ndarray | None, *, size: int) -> Iterator[Batch]:
-    """(x, y, reference logits or None) in slices of `size`; a memory-mapped x is read one slice at a time."""
-    for i in range(0, len(x), size):
-        yield (np.ascontiguousarray(x[i:i + size], dtype=np.float32), np.asarray(y[i:i + size]),
-               None if ref is None else np.asarray(ref[i:i + size]))
-
-
-def per_class_accuracy(labels: Any, predictions: Any, num_classes: int) -> dict[str, list]:
-    """Per class c: samples[c] = #(label == c), correct[c] = #(label == c and prediction == c) and
-    accuracy[c] = correct[c] / samples[c] (None for a class with no test sample: nothing to divide by)."""
-    y, p = np.asarray(labels).ravel(), np.asarray(predictions).ravel()
-    if y.shape != p.shape:
-        raise EdgekdError(f"per-class accuracy: {len(y)} labels but {len(p)} predictions; expected one each")
-    if len(y) and (y.min() < 0 or y.max() >= num_classes):
-        raise EdgekdError(f"per-class accuracy: labels range {y.min()}..{y.max()}; expected class ids "
-                          f"0..{num_classes - 1}")
-    samples = np.bincount(y, minlength=num_classes)
-    correct = np.bincount(y[p == y], minlength=num_classes)
-    return {"samples": samples.tolist(), "correct": correct.tolist(),
-            "accuracy": [c / n if n else None for c, n in zip(correct.tolist(), samples.tolist(), strict=True)]}
-
-
-def score(engine: Any, batches: Iterable[Batch]) -> dict[str, Any]:
-    """Top-1 accuracy mean(argmax(engine(x)) == y) and agreement mean(argmax(engine(x)) == argmax(reference))
-    over batches (x normalized, y, reference logits or None), so a test split of any size streams through the
-    engine (Engine.logits splits and pads to its batch range). input_range: the smallest and largest input.
-    per_class: per_class_accuracy of the predictions (None when a label is not a class id)."""
-    correct = agree = n = classes = 0
-    with_ref = True
-    lo, hi = np.inf, -np.inf
-    labels, predicted = [], []
-    for x, y, ref in batches:
-        logits = engine.logits(x)
-        top1 = logits.argmax(axis=1)
-        classes = logits.shape[1]
-        labels.append(np.asarray(y).ravel())
-        predicted.append(top1)
-        correct += int(np.sum(top1 == np.asarray(y)))
-        if ref is None:
-            with_ref = False
-        else:
-            agree += int(np.sum(top1 == np.asarray(ref).argmax(axis=1)))
-        n += len(x)
-        if len(x):
-            lo, hi = min(lo, float(np.min(x))), max(hi, float(np.max(x)))
-    try:
-        per_class = per_class_accuracy(np.concatenate(labels), np.concatenate(predicted), classes) if n else None
-    except (EdgekdError, TypeError, ValueError):   # labels that are not class ids: no per-class figures
-        per_class = None
-    return {"accuracy": correct / n if n else None, "agreement": agree / n if n and with_ref else None,
-            "samples": n, "input_range": [lo, hi] if n else None, "per_class": per_class}
 
 
 def format_table(result: dict) -> str:

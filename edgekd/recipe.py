@@ -346,6 +346,10 @@ def _validate(r: Recipe, where: str) -> None:
         validate_size(r.size, f"{where} [size]")
     if r.embedding is not None:
         _validate_embedding(r.embedding, where)
+        if r.quantize.calibration or r.quantize.keep_float:
+            raise EdgekdError(f"{where} [quantize].calibration and keep_float are not used by [embedding] runs: the "
+                              "student is calibrated on calibration_size training sentences and quantized whole; "
+                              "remove them")
         return
     from edgekd.models import check_spec  # torch: only for recipes that build models
 

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from edgekd import tasks
 from edgekd.bundle import REMEDY, read_manifest
 from edgekd.engines import registry
 from edgekd.errors import EdgekdError
@@ -41,7 +42,9 @@ class Engine:
         self.bundle_dir = bundle_dir
         self.manifest = manifest
         self.runner = runner
-        self.input_shape = tuple(int(d) for d in manifest["input"]["shape"][1:])
+        self.task = tasks.of_manifest(manifest, f"bundle {bundle_dir}")
+        self.input_shape = self.task.sample_shape(manifest["input"]["shape"])   # None: a dynamic axis
+        self.max_length = manifest["input"].get("max_length")   # longest sequence a text engine takes
         batch = manifest.get("batch") or {}
         self.dynamic_batch = bool(batch.get("dynamic", True))
         # Engines with a batch profile (TensorRT's optimization profile) only accept batches inside it.
@@ -61,14 +64,23 @@ class Engine:
         if not isinstance(x, np.ndarray):
             raise EdgekdError(f"bundle {self.bundle_dir}: input must be a numpy array, got "
                               f"{type(x).__name__}")
-        if not np.issubdtype(x.dtype, np.floating):
-            raise EdgekdError(f"bundle {self.bundle_dir}: input dtype {x.dtype}, expected float32 (normalized); "
-                              "give uint8 pixels or image files to engine.classify() or engine.preprocess()")
-        if x.ndim != len(self.input_shape) + 1 or tuple(x.shape[1:]) != self.input_shape:
+        kind = np.dtype(self.task.input_dtype).kind
+        if x.dtype.kind != kind and not (kind == "i" and x.dtype.kind == "u"):
+            hint = ("(normalized); give uint8 pixels or image files to engine.classify() or engine.preprocess()"
+                    if kind == "f" else f"({self.task.input_name}, the tokenizer's ids)")
+            raise EdgekdError(f"bundle {self.bundle_dir}: input dtype {x.dtype}, expected {self.task.input_dtype} "
+                              + hint)
+        dims = [str(d) if d is not None else name for d, name in
+                zip(self.input_shape, self.task.dynamic_axes[1:] + ("?",) * len(self.input_shape), strict=False)]
+        if x.ndim != len(self.input_shape) + 1 or any(d is not None and d != got for d, got in
+                                                      zip(self.input_shape, x.shape[1:], strict=True)):
             raise EdgekdError(f"bundle {self.bundle_dir}: input shape {tuple(x.shape)} does not match the "
-                              f"engine's (N, {', '.join(map(str, self.input_shape))})")
+                              f"engine's (N, {', '.join(dims)})")
+        if self.max_length is not None and x.ndim > 1 and not 1 <= x.shape[1] <= self.max_length:
+            raise EdgekdError(f"bundle {self.bundle_dir}: input of {x.shape[1]} tokens per row; this engine takes "
+                              f"1..{self.max_length} (truncate to max_length when tokenizing)")
         self._check_batch(x.shape[0])
-        x = np.ascontiguousarray(x, dtype=np.float32)
+        x = np.ascontiguousarray(x, dtype=self.task.input_dtype)
         self._check_range(x)
         return x
 
@@ -131,6 +143,7 @@ class Engine:
           1/255 first (as an .npz data source is).
         The result is checked against the engine's input range, so 0-255 floats are refused, not misread.
         """
+        self._classifier_only("preprocess")
         if self.spec is not None and _is_images(raw):
             x = self._images(raw)
         elif isinstance(raw, np.ndarray) and raw.dtype.kind in "fiu" and raw.dtype != np.bool_:
@@ -193,8 +206,14 @@ class Engine:
         top = probs.argmax(axis=1)
         return [self.class_names[i] if self.class_names else str(i) for i in top], probs
 
+    def _classifier_only(self, what: str) -> None:
+        if self.task is not tasks.CLASSIFICATION:
+            raise EdgekdError(f"bundle {self.bundle_dir}: engine.{what}() is for classifiers; this bundle's task is "
+                              f"{self.task.name}: call engine(x) with {self.task.input_name} ({self.task.input_dtype})")
+
     def predict(self, x: np.ndarray) -> list[str] | np.ndarray:
         """Top-1 class names (or indices when the bundle has no class names) for a normalized batch."""
+        self._classifier_only("predict")
         top = self(x).argmax(axis=1)
         return [self.class_names[i] for i in top] if self.class_names else top
 
@@ -213,9 +232,14 @@ def _check_contract(bundle_dir: Path, manifest: dict[str, Any]) -> None:
         return isinstance(v, list) and bool(v) and all(isinstance(x, (int, float)) and not isinstance(x, bool)
                                                        and np.isfinite(x) for x in v)
 
+    task = tasks.of_manifest(manifest, f"bundle {bundle_dir}")
     shape = (manifest.get("input") or {}).get("shape") if isinstance(manifest.get("input"), dict) else None
-    if not isinstance(shape, list) or len(shape) < 2 or not all(ints(d) for d in shape[1:]):
-        raise bad("input.shape", shape, "[batch, positive ints...]")
+    if not isinstance(shape, list) or len(shape) < 2 or not all(ints(d) or d in task.dynamic_axes[1:]
+                                                                for d in shape[1:]):
+        raise bad("input.shape", shape, "[batch, positive ints" + "".join(f" or {a!r}" for a in task.dynamic_axes[1:])
+                  + "...]")
+    if not all(manifest["input"].get(k) is None or ints(manifest["input"][k]) for k in ("max_length",)):
+        raise bad("input.max_length", manifest["input"]["max_length"], "a positive int")
     names = manifest.get("class_names") or []
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise bad("class_names", names, "a list of strings")

@@ -55,6 +55,35 @@ def small_npz(tmp_path):
     return path
 
 
+@pytest.fixture
+def embedding_recipe(tmp_path):
+    """A sentence-embedding recipe on a seeded 480-sentence corpus with the tiny teacher of tests/tinytext.py:
+    every stage runs in seconds, offline."""
+    from tests import tinytext
+
+    tinytext.corpus(tmp_path / "corpus.txt")
+    path = tmp_path / "embedding.toml"
+    path.write_text("""
+[embedding]
+teacher = "tests.tinytext:teacher"
+corpus = "corpus.txt"
+sentences = 200
+heldout = 24
+max_length = 16
+layers = 1
+hidden = 16
+heads = 2
+intermediate = 32
+epochs = 1
+batch_size = 16
+
+[quantize]
+mode = "ptq"
+calibration_size = 32
+""")
+    return path
+
+
 # --- Engine/bundle fixtures (tests of export, engines, bundle, runtime, profile) -----------------------------
 # One tiny CNN, exported once and built into one onnxruntime bundle per session: the first ONNX export costs
 # several seconds on a 2-core CPU. Tests that modify a bundle copy it first.

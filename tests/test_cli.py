@@ -52,3 +52,39 @@ def test_missing_recipe_and_bad_option(tmp_path):
     assert r.returncode == 2 and "none.toml: file not found" in r.stderr
     r = edgekd("distill", "digits", "--out", tmp_path / "o", "--device", "tpu")
     assert r.returncode == 2 and "tpu" in r.stderr
+
+
+def test_embedding_recipe_through_every_stage_command(tmp_path, embedding_recipe):
+    """teacher, distill, export, quantize, build, profile and report on an [embedding] recipe, as on a classifier
+    (a tiny encoder teacher from tests/tinytext.py: no download, no transformers)."""
+    out = tmp_path / "run"
+    r = edgekd("teacher", embedding_recipe, "--out", out, "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert "224 sentences embedded" in r.stdout and (out / "teacher-embeddings.npz").is_file()
+    r = edgekd("distill", embedding_recipe, "--out", out, "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert "| student (distilled) |" in r.stdout and (out / "student.safetensors").is_file()
+    for model in ("student", "teacher"):
+        r = edgekd("export", out, "--model", model)
+        assert r.returncode == 0, r.stderr
+        assert f"onnx/{model}.onnx" in r.stdout and "min cosine 1.0000" in r.stdout
+    r = edgekd("build", out, "--target", "x86-cpu-ort")
+    assert r.returncode == 0, r.stderr
+    assert "built teacher fp32" in r.stdout and "skipped student int8: no quantized student" in r.stdout
+    r = edgekd("quantize", out, "--target", "x86-cpu-ort", "--quiet")
+    assert r.returncode == 0, r.stderr
+    r = edgekd("build", out, "--target", "x86-cpu-ort")
+    assert r.returncode == 0, r.stderr
+    assert "built student int8 (ptq" in r.stdout
+    manifest = json.loads((out / "engines" / "x86-cpu-ort" / "student-int8-ptq" / "manifest.json").read_text())
+    assert manifest["task"] == "embedding" and manifest["input"]["shape"] == ["batch", "seq"]
+    assert manifest["metrics"]["test"]["sentences"] == 24
+    r = edgekd("profile", out, "--target", "x86-cpu-ort", "--quick")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("| x86-cpu-ort |") == 6 and "reproduces the teacher's embeddings" in r.stdout
+    (out / "report.md").unlink()
+    r = edgekd("report", out)
+    assert r.returncode == 0, r.stderr
+    assert "# edgekd report: sentence-embedding distillation" in r.stdout and (out / "report.md").is_file()
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["task"] == "embedding" and len(rep["engines"]) == 3 and len(rep["latency_ratios"]) == 4

@@ -1,8 +1,10 @@
 """Sentence-embedding distillation on tiny models: the loss by hand, corpus splitting, retrieval metrics, the
-student's ONNX export with dynamic batch and sequence length, and PT2E quantization with a dynamic sequence."""
+student's ONNX export with dynamic batch and sequence length through the shared exporter, engine build, runtime
+and profiler, PT2E quantization with a dynamic sequence (PTQ and QAT stages), the whole run, and its report."""
 
 from __future__ import annotations
 
+import json
 import math
 import re
 
@@ -11,9 +13,10 @@ import pytest
 import torch
 
 from edgekd import embedding as E
-from edgekd.embedding_runtime import embed, embedding_metrics, pad_batch
 from edgekd.errors import EdgekdError
+from edgekd.export import dynamic_dims, export_onnx
 from edgekd.recipe import EmbeddingConfig, recipe_from_dict, to_toml
+from edgekd.tasks import EMBEDDING, embed, embedding_metrics, pad_batch
 
 
 def test_loss_hand_values() -> None:
@@ -145,38 +148,54 @@ def test_tiny_student_exports_with_dynamic_batch_and_sequence(tmp_path) -> None:
     import onnxruntime as ort
 
     model = _tiny().eval()
-    path = E.export_embedding_onnx(model, torch.tensor([[5, 6, 7, 0], [8, 9, 10, 11]]), tmp_path / "s.onnx",
-                                   max_length=16, metadata={"pad_id": "0"})
+    path = export_onnx(model, torch.tensor([[5, 6, 7, 0], [8, 9, 10, 11]]), tmp_path / "s.onnx",
+                       metadata={"pad_id": "0"}, task=EMBEDDING, max_length=16)
     graph = onnx.load(str(path)).graph
     dims = [d.dim_param or d.dim_value for d in graph.input[0].type.tensor_type.shape.dim]
-    assert graph.input[0].name == E.INPUT_NAME and all(isinstance(d, str) for d in dims)
+    assert graph.input[0].name == "input_ids" and dims == ["batch", "seq"]
+    assert graph.output[0].name == "sentence_embedding"
     assert graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.INT64
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     for batch, seq in ((1, 3), (5, 9), (32, 16)):
         ids = np.random.default_rng(batch).integers(1, 40, (batch, seq))
-        ours = session.run(None, {E.INPUT_NAME: ids})[0]
+        ours = session.run(None, {"input_ids": ids})[0]
         with torch.no_grad():
             ref = model(torch.from_numpy(ids)).numpy()
         assert ours.shape == (batch, 12) and np.abs(ours - ref).max() < 1e-5
     rows = [np.arange(1, n) for n in (4, 9, 2, 13)]
-    assert np.allclose(embed(lambda x: session.run(None, {E.INPUT_NAME: x})[0], rows, 0, batch_size=2),
+    assert np.allclose(embed(lambda x: session.run(None, {"input_ids": x})[0], rows, 0, batch_size=2),
                        E.encode(model, rows, 0), atol=1e-5)
 
-    # the same ONNX as an onnxruntime bundle: checksummed, profiled per sentence, compared with a "teacher"
-    from edgekd.embedding_runtime import profile_bundle
+    # the same ONNX as an onnxruntime bundle (edgekd.engines.build), loaded by edgekd.runtime, profiled per batch
+    from edgekd import runtime
+    from edgekd.engines import EngineSource, build
+    from edgekd.profile import profile_bundle
     from edgekd.targets import load_target
 
     rng = np.random.default_rng(1)
     held = [rng.integers(1, 40, int(n)) for n in rng.integers(2, 16, 12)]
     reference = E.encode(model, held, 0)
     reference[0] = -reference[0]                                    # one sentence the "teacher" disagrees on
-    bundle = E.build_bundle(path, tmp_path / "bundle", model="student", target=load_target("x86-cpu-ort"),
-                            precision="fp32", quantization="none", pad_id=0, max_length=16, dim=12,
-                            tokenizer_dir=None, heldout_rows=held, reference=reference)
-    result = profile_bundle(bundle, batch_sizes=(1, 4), sentences=8, min_passes=1, min_seconds=0.0)
-    assert [r["batch"] for r in result["rows"]] == [1, 4] and all(r["per_sentence_ms"] > 0 for r in result["rows"])
-    assert result["rows"][1]["sentences"] == 12     # 4 batches of 4 wanted, the 12 held-out sentences allow 3
-    assert result["metrics"]["cosine"] == pytest.approx(10 / 12, abs=1e-5)   # 11 x 1 and 1 x -1, over 12
+    source = EngineSource("student", path, None, None, ("seq",), 12, (), {}, task="embedding",
+                          input_options={"pad_id": 0, "max_length": 16})
+    evals = {"ids": pad_batch(held, 0), "lengths": np.array([len(r) for r in held]), "reference": reference,
+             "pad_id": 0}
+    bundle = build(source, load_target("x86-cpu-ort"), "fp32", tmp_path / "bundle", eval_data=evals)
+    engine = runtime.load(bundle)
+    assert engine.manifest["input"] == {"name": "input_ids", "shape": ["batch", "seq"], "dtype": "int64",
+                                        "pad_id": 0, "max_length": 16}
+    assert engine.manifest["metrics"]["test"]["cosine"] == pytest.approx(10 / 12, abs=1e-5)   # 11 x 1, 1 x -1
+    assert np.abs(engine(pad_batch(held[:3], 0)) - E.encode(model, held[:3], 0)).max() < 1e-5
+    for bad, message in ((np.zeros((2, 17), np.int64), "17 tokens per row; this engine takes 1..16"),
+                         (np.zeros((2, 4), np.float32), "dtype float32, expected int64"),
+                         (np.zeros((2, 4, 1), np.int64), r"does not match the engine's \(N, seq\)")):
+        with pytest.raises(EdgekdError, match=message):
+            engine(bad)
+    with pytest.raises(EdgekdError, match=r"engine.preprocess\(\) is for classifiers; this bundle's task is embedding"):
+        engine.classify(["a.jpg"])
+    result = profile_bundle(bundle, batch_sizes=(1, 4), warmup=1, min_runs=2, min_seconds=0.0)
+    assert result["task"] == "embedding" and [r["batch"] for r in result["rows"]] == [1, 4]
+    assert result["metrics"]["cosine"] == pytest.approx(10 / 12, abs=1e-5) and result["eval_samples"] == 12
     (bundle / "eval.npz").write_bytes(b"tampered")
     with pytest.raises(EdgekdError, match="sha256"):
         profile_bundle(bundle)
@@ -190,7 +209,7 @@ def test_ptq_through_quantize_keeps_the_sequence_dynamic() -> None:
     rng = np.random.default_rng(0)
     cal = [torch.from_numpy(rng.integers(1, 40, (4, n))) for n in (5, 11)]
     gm = quantize.ptq(model, cal[0], cal, quantize.QuantConfig(scheme="ort-cpu-avx2"),
-                      dynamic_shapes=E._dims(16))
+                      dynamic_shapes=(dynamic_dims(EMBEDDING, 16),))
     ops = {str(n.target) for n in gm.graph.nodes if n.op == "call_function"}
     assert any("quantize_per_tensor" in op for op in ops) and any("dequantize_per_channel" in op for op in ops)
     for ids in (torch.tensor([[3, 4, 5]]), torch.from_numpy(rng.integers(1, 40, (3, 14)))):
@@ -209,3 +228,89 @@ def test_recipe_embedding_section(tmp_path) -> None:
                           ({"layer": 2}, "unknown key 'layer'")):
         with pytest.raises(EdgekdError, match=fragment):
             recipe_from_dict({"embedding": raw})
+    with pytest.raises(EdgekdError, match=r"\[quantize\].calibration and keep_float are not used by \[embedding\]"):
+        recipe_from_dict({"embedding": {}, "quantize": {"keep_float": 2}})
+
+
+def test_run_goes_through_the_shared_stages(tmp_path, embedding_recipe) -> None:
+    """`pipeline.run` on an [embedding] recipe (the shared stages replaced the private run_embedding): teacher outputs,
+    student, ONNX with parity, PTQ, onnxruntime bundles profiled in their own processes, report.json/.md; the
+    engine's metrics agree with PyTorch's on the same held-out sentences."""
+    pytest.importorskip("torchao")
+    from edgekd.pipeline import run
+    from edgekd.recipe import load_recipe
+
+    out = tmp_path / "run"
+    rep = run(load_recipe(embedding_recipe), out, progress=False, quick_profile=True)
+    assert rep["task"] == "embedding" and rep["corpus"]["heldout_sentences"] == 24
+    engines = {(e["model"], e["quantization"]): e for e in rep["engines"]}
+    assert set(engines) == {("teacher", "none"), ("student", "none"), ("student", "ptq")}
+    assert engines["teacher", "none"]["metrics"]["cosine"] == pytest.approx(1.0, abs=1e-5)
+    distilled = rep["pytorch"]["student (distilled)"]
+    assert engines["student", "none"]["metrics"]["cosine"] == pytest.approx(distilled["cosine"], abs=1e-5)
+    ptq = rep["pytorch"][next(k for k in rep["pytorch"] if "PTQ" in k)]
+    assert engines["student", "ptq"]["metrics"]["cosine"] == pytest.approx(ptq["cosine"], abs=0.02)
+    assert rep["export_parity"]["student"]["max_abs_diff"] < 1e-5
+    (scheme,) = rep["quantization"]
+    assert rep["export_parity"][f"student-ptq-{scheme}"]["min_cosine"] > 0.99
+    assert {(r["engine"], r["batch"]) for r in rep["latency_ratios"]} == {
+        (f"student {p} {q}", b) for p, q in (("fp32", "none"), ("int8", "ptq")) for b in (1, 32)}
+    assert rep["headline"]["text"].startswith("the student ") and "report: sentence-embedding" in \
+        (out / "report.md").read_text()
+
+
+def test_qat_stage_trains_with_the_embedding_loss(tmp_path, embedding_recipe) -> None:
+    """`edgekd quantize --mode qat` on an embedding run: PTQ and QAT Q/DQ ONNX files with dynamic sequence, QAT
+    history per epoch, parity of each export with its PyTorch graph."""
+    pytest.importorskip("torchao")
+    import dataclasses
+
+    from edgekd.pipeline import quantize
+    from edgekd.recipe import load_recipe
+
+    out = tmp_path / "run"
+    recipe = load_recipe(embedding_recipe)
+    recipe = dataclasses.replace(recipe, quantize=dataclasses.replace(recipe.quantize, epochs=2))
+    E.distill_stage(recipe, out, progress=False)
+    info = quantize(out, "ort-cpu-avx2", mode="qat", progress=False)
+    assert set(info["onnx"]) == {"ptq", "qat"} and [h["epoch"] for h in info["qat_history"]] == [1, 2]
+    for kind in ("ptq", "qat"):
+        assert info["parity"][kind]["min_cosine"] > 0.99
+        assert (out / "onnx" / f"student.{kind}-ort-cpu-avx2.onnx").is_file()
+    assert info["qat"]["cosine"] > 0.5 and json.loads((out / "quantization-ort-cpu-avx2.json").read_text())["scheme"] \
+        == "ort-cpu-avx2"
+
+
+def _profile(model: str, quant: str, ms: tuple[float, float], cosine: float) -> dict:
+    return {"target": "t", "model": model, "precision": "fp32" if quant == "none" else "int8", "quantization": quant,
+            "metrics": {"cosine": cosine, "retrieval_top1": 0.5, "retrieval_top5": 0.5},
+            "rows": [{"batch": 1, "p50": ms[0]}, {"batch": 8, "p50": ms[1]}]}
+
+
+def test_report_latency_ratios_and_headline_by_hand() -> None:
+    """ms per sentence = p50 / batch; ratio = student / teacher per batch; the headline ships the fastest student
+    engine at the smallest batch among those within 0.005 cosine of the best."""
+    from edgekd.report import embedding_headline, latency_ratios
+
+    engines = [_profile("teacher", "none", (4.0, 16.0), 1.0), _profile("student", "none", (1.0, 8.0), 0.950),
+               _profile("student", "ptq", (0.5, 4.0), 0.946), _profile("student", "qat", (0.25, 4.0), 0.900)]
+    ratios = latency_ratios(engines)
+    assert [(r["engine"], r["batch"], r["ratio"]) for r in ratios] == [
+        ("student fp32 none", 1, 0.25), ("student fp32 none", 8, 0.5), ("student int8 ptq", 1, 0.125),
+        ("student int8 ptq", 8, 0.25), ("student int8 qat", 1, 0.0625), ("student int8 qat", 8, 0.25)]
+    head = embedding_headline(engines, ratios)
+    assert head["engine"] == "student int8 ptq"     # qat is faster but 0.05 cosine worse
+    assert "8.0x faster per sentence at batch 1, 4.0x faster per sentence at batch 8" in head["text"]
+
+
+def test_a_bad_teacher_embeddings_file_is_one_clear_error(tmp_path) -> None:
+    """teacher-embeddings.npz is data in the run folder: one missing array or a non-npz file is refused by name."""
+    np.savez(tmp_path / E.TEACHER_OUTPUTS, embeddings=np.zeros((2, 3), np.float32))
+    with pytest.raises(EdgekdError, match="not a teacher-embeddings file.*run `edgekd teacher"):
+        E.read_split(tmp_path)
+    (tmp_path / E.TEACHER_OUTPUTS).write_bytes(b"not an npz")
+    with pytest.raises(EdgekdError, match="not a teacher-embeddings file"):
+        E.read_split(tmp_path)
+    (tmp_path / E.TEACHER_OUTPUTS).unlink()
+    with pytest.raises(EdgekdError, match="not found; run `edgekd teacher"):
+        E.read_split(tmp_path)

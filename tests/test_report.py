@@ -8,7 +8,6 @@ import json
 import pytest
 
 from edgekd.errors import EdgekdError
-from edgekd.profile import per_class_accuracy
 from edgekd.report import (
     accuracy_ci,
     build_report,
@@ -18,6 +17,7 @@ from edgekd.report import (
     markdown,
     per_class,
 )
+from edgekd.tasks import per_class_accuracy
 from tests.test_cli import edgekd
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import platform
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from edgekd import tasks
 from edgekd.bundle import FORMAT, edgekd_version, rewrite_manifest, write_manifest
 from edgekd.engines import registry
 from edgekd.engines.registry import backend, backends, needs_accelerator
@@ -47,6 +49,9 @@ class EngineSource:
     normalization: dict
     quantization: str = "none"
     preprocessing: dict | None = None   # the eval PreprocessSpec.to_dict() of image inputs (edgekd.preprocess)
+    task: str = "classification"        # edgekd.tasks: names, dtypes and dynamic axes of input and output
+    input_options: dict | None = None   # extra input facts the task records (text: pad_id, max_length)
+    files: tuple[tuple[str, str], ...] = ()   # (name in the bundle, path here): files the device needs (tokenizer)
 
 
 def cuda_device_count() -> tuple[int, str]:
@@ -143,21 +148,18 @@ def check_onnx_source(source: EngineSource, target: Target, precision: str) -> d
     return info
 
 
-def _check_eval(source: EngineSource, eval_data: tuple) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """Check the shapes of (x, y, reference logits or None) without reading x: it may be memory-mapped or a lazy
-    array-like source (edgekd.streaming) that decodes only the rows it is indexed with."""
-    if not isinstance(eval_data, tuple) or len(eval_data) != 3:
-        raise EdgekdError("build: eval_data must be a tuple (x, y, reference_logits or None)")
-    x, y, ref = (a if a is None or hasattr(a, "shape") else np.asarray(a) for a in eval_data)
-    if x.ndim != len(source.input_shape) + 1 or tuple(x.shape[1:]) != tuple(source.input_shape):
-        raise EdgekdError(f"build: eval x has shape {x.shape}, expected (N, "
-                          f"{', '.join(map(str, source.input_shape))})")
-    if y.shape != (len(x),):
-        raise EdgekdError(f"build: eval y has shape {y.shape}, expected ({len(x)},) to match x")
-    if ref is not None and ref.shape != (len(x), source.num_classes):
-        raise EdgekdError(f"build: eval reference_logits have shape {ref.shape}, expected ({len(x)}, "
-                          f"{source.num_classes})")
-    return x, y, ref
+def _check_eval(source: EngineSource, eval_data: tuple | dict) -> dict[str, Any]:
+    """The eval set as the task's named arrays, shapes checked without reading them: x may be memory-mapped or a
+    lazy array-like source (edgekd.streaming) that decodes only the rows it is indexed with. A classifier's may be
+    given as the tuple (x, y, reference logits or None)."""
+    task = tasks.get(source.task, f"build {source.model_name}")
+    if isinstance(eval_data, tuple) and task is tasks.CLASSIFICATION and len(eval_data) == 3:
+        eval_data = dict(zip(("x", "y", "reference_logits"), eval_data, strict=True))
+    if not isinstance(eval_data, dict) or not set(list(task.eval_arrays)[:2]) <= set(eval_data) <= set(
+            task.eval_arrays):
+        raise EdgekdError(f"build: eval_data must be the {task.name} task's arrays ({', '.join(task.eval_arrays)})"
+                          + (" or a tuple (x, y, reference_logits or None)" if task is tasks.CLASSIFICATION else ""))
+    return task.check_eval(eval_data, source.input_shape, source.num_classes)
 
 
 def eval_sample(n: int, k: int, seed: int = 0) -> np.ndarray:
@@ -167,27 +169,29 @@ def eval_sample(n: int, k: int, seed: int = 0) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n, size=k, replace=False))
 
 
-def _write_eval(path: Path, evals: tuple[np.ndarray, np.ndarray, np.ndarray | None], k: int) -> dict | None:
-    """Write eval.npz with a bounded sample of the test split (k items; 0: none); returns the manifest entry."""
-    x, y, ref = evals
-    idx = eval_sample(len(x), k)
+def _write_eval(path: Path, task: tasks.Task, evals: dict[str, Any], k: int) -> dict | None:
+    """Write eval.npz with a bounded sample of the eval set (k items; 0: none); returns the manifest entry."""
+    idx = eval_sample(_eval_len(evals), k)
     if not len(idx):
         return None
-    arrays = {"x": np.ascontiguousarray(x[idx], dtype=np.float32), "y": np.asarray(y)[idx].astype(np.int64)}
-    if ref is not None:
-        arrays["reference_logits"] = np.ascontiguousarray(np.asarray(ref)[idx], dtype=np.float32)
+    arrays = {name: np.asarray(a, dtype=task.eval_arrays[name]) if not np.ndim(a) else np.ascontiguousarray(
+              (a if hasattr(a, "shape") else np.asarray(a))[idx], dtype=task.eval_arrays[name])   # a lazy x: rows idx
+              for name, a in evals.items()}
     with open(path, "wb") as f:
         np.savez(f, **arrays)
-    return {"file": path.name, "samples": int(len(idx)), "has_reference_logits": ref is not None}
+    return {"file": path.name, "samples": int(len(idx)), "has_reference_logits": "reference_logits" in evals}
 
 
-def _test_metrics(bundle_dir: Path, evals: tuple[np.ndarray, np.ndarray, np.ndarray | None]) -> dict[str, Any]:
+def _eval_len(evals: dict[str, Any]) -> int:
+    return len(next(iter(evals.values())))
+
+
+def _test_metrics(bundle_dir: Path, task: tasks.Task, evals: dict[str, Any]) -> dict[str, Any]:
     """Accuracy/agreement of the built engine on the whole test split, run here on the build host in batches."""
     from edgekd import runtime
-    from edgekd.profile import batches_of, score
 
     engine = runtime.load(bundle_dir)
-    result = score(engine, batches_of(*evals, size=HOST_EVAL_BATCH))
+    result = task.evaluate(engine.logits, evals, HOST_EVAL_BATCH)
     return {**result, "measured_on": platform.node(),
             "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
@@ -208,6 +212,14 @@ def _preprocessing(source: EngineSource) -> dict[str, Any]:
         out.update(spec=spec.to_dict(), normalization={"mean": list(spec.mean), "std": list(spec.std)},
                    input_range=[float(ends.min()), float(ends.max())])
     return out
+
+
+def _signature(task: tasks.Task, source: EngineSource, result: dict[str, Any], batch: int | str) -> dict[str, Any]:
+    """The manifest's input and output entries: the task's signature, with the names the engine's graph has."""
+    sig = task.signature(tuple(source.input_shape), source.num_classes, batch=batch, **(source.input_options or {}))
+    sig["input"]["name"] = result.get("input_name", sig["input"]["name"])
+    sig["output"]["name"] = result.get("output_name", sig["output"]["name"])
+    return sig
 
 
 def _layout(input_shape: tuple[int, ...]) -> str:
@@ -237,6 +249,10 @@ def build(source: EngineSource, target: Target, precision: str, out_dir: str | P
     if len(source.class_names) not in (0, source.num_classes):
         raise EdgekdError(f"build {source.model_name}: {len(source.class_names)} class names for "
                           f"{source.num_classes} classes")
+    task = tasks.get(source.task, f"build {source.model_name}")
+    if task.runtimes is not None and target.runtime not in task.runtimes:
+        raise EdgekdError(f"target {target.name}: {task.name} engines are built for {', '.join(task.runtimes)} "
+                          f"targets only, not {target.runtime}")
     evals = _check_eval(source, eval_data) if eval_data is not None else None
     runtime = backend(target.runtime, f"target {target.name} ({target.path})")
 
@@ -244,7 +260,10 @@ def build(source: EngineSource, target: Target, precision: str, out_dir: str | P
     with atomic_path(out_dir) as tmp:
         tmp.mkdir(parents=True)
         result = runtime.build_engine(source, target, precision, tmp)
-        eval_entry = _write_eval(tmp / "eval.npz", evals, target.eval_samples) if evals is not None else None
+        for name, path in source.files:
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, tmp / name)
+        eval_entry = _write_eval(tmp / "eval.npz", task, evals, target.eval_samples) if evals is not None else None
         batch_dim: int | str = "batch" if target.dynamic_batch else target.batch_sizes[0]
         manifest = {
             "format": FORMAT,
@@ -257,10 +276,8 @@ def build(source: EngineSource, target: Target, precision: str, out_dir: str | P
             "precision": precision,
             "quantization": source.quantization,
             "quant_scheme": {"scheme": target.quant_scheme, "reason": target.quant_scheme_reason},
-            "input": {"name": result.get("input_name", "input"), "shape": [batch_dim, *source.input_shape],
-                      "dtype": "float32"},
-            "output": {"name": result.get("output_name", "logits"), "shape": [batch_dim, source.num_classes],
-                       "dtype": "float32"},
+            "task": task.name,
+            **_signature(task, source, result, batch_dim),
             "preprocessing": _preprocessing(source),
             "class_names": list(source.class_names),
             "batch": {"sizes": list(target.batch_sizes), "dynamic": target.dynamic_batch,
@@ -278,9 +295,9 @@ def build(source: EngineSource, target: Target, precision: str, out_dir: str | P
             "metrics": {},
         }
         written = write_manifest(tmp, manifest)
-        if evals is not None and len(evals[0]):
+        if evals is not None and _eval_len(evals):
             try:
-                test = _test_metrics(tmp, evals)
+                test = _test_metrics(tmp, task, evals)
             except EdgekdError as e:
                 if not needs_accelerator(target.device):
                     raise

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from edgekd import tasks
 from edgekd.engines.registry import Backend, Runner, check_feeds
 from edgekd.errors import EdgekdError
 
@@ -249,7 +250,7 @@ def build_engine(source: Any, target: Any, precision: str, out: Path) -> dict[st
 
     # Smoke test: the saved graph loads with optimizations off and runs one batch.
     session = _session(engine_file, "disable", target.threads, build_providers, provider_options)
-    batch = np.zeros((target.min_batch, *source.input_shape), np.float32)
+    batch = tasks.get(source.task).zeros(target.min_batch, tuple(source.input_shape))
     logits = session.run(None, {info["input_name"]: batch})[0]
     if logits.shape != (target.min_batch, source.num_classes):
         raise EdgekdError(f"ONNX file {source.onnx_path}: output shape {logits.shape}, expected "
