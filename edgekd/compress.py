@@ -156,7 +156,7 @@ def qat_objective(ctx: Any, teacher: nn.Module, dev: Any) -> tuple[Any, np.ndarr
     cfg = config_from_recipe(recipe, **({"temperature": student["temperature"], "alpha": student["alpha"]}
                                         if recorded else {}))
     x, y = transfer_set(ctx.data)
-    fixed = fixed_teacher_views(recipe) and not (cfg.features and cfg.weight("hint"))
+    fixed = fixed_teacher_views(recipe) and not cfg.hinted
     objective = teacher_objective(recipe, cfg, teacher, predict_logits(teacher, x, dev) if fixed else None)
     augment = role_augment(recipe, "student") if objective.offline is None else None
     info = {**objective.describe(), "temperature_from": "metrics.json student" if recorded else "recipe",

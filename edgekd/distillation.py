@@ -389,7 +389,7 @@ def teacher_objective(recipe: Recipe, cfg: ObjectiveConfig, teacher: nn.Module, 
     every step on the student's view (augmentation, a sharded teacher, hints). `shard`: [distill].teacher_fsdp
     applies."""
     d = recipe.distill
-    if logits is None or (cfg.features and cfg.weight("hint")):
+    if logits is None or cfg.hinted:
         return Objective(cfg, teacher=teacher, teacher_bf16=d.teacher_bf16, teacher_fsdp=d.teacher_fsdp and shard)
     classes = np.broadcast_to(np.arange(logits.shape[1]), logits.shape)
     return Objective(cfg, offline=OfflineTargets(

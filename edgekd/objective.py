@@ -51,6 +51,11 @@ class ObjectiveConfig:
     def weight(self, name: str) -> float:
         return dict(self.weights).get(name, TERMS[name].default)
 
+    @property
+    def hinted(self) -> bool:
+        """Hint pairs with a weight above 0: the teacher must run every step (its features are not stored)."""
+        return bool(self.features and self.weight("hint"))
+
 
 @dataclass
 class Batch:
@@ -285,7 +290,7 @@ class Objective:
     @property
     def hints(self) -> tuple[tuple[str, str], ...]:
         """The hint pairs this run computes: only with an online teacher and a hint weight above 0."""
-        return self.config.features if self.teacher is not None and self.config.weight("hint") else ()
+        return self.config.features if self.teacher is not None and self.config.hinted else ()
 
     def attach(self, model: nn.Module, x: Any, device: torch.device,
                set_mode: Callable[[nn.Module, bool], None]) -> nn.ModuleDict:
