@@ -79,7 +79,7 @@ def main() -> int:
         teacher_cache.build_cache(t, data.x_train, tmp / "cache", top_k=args.top_k, epochs=1, augment=None, seed=0)
         cache_build_s = time.perf_counter() - t0
         c = teacher_cache.load_cache(tmp / "cache", x=data.x_train, augment_key="none", seed=0, top_k=args.top_k)
-        offline = OfflineTargets(lambda epoch, idx: (None, *c.lookup(0, idx)), "logits")
+        offline = OfflineTargets(lambda epoch, idx, _batch: (None, *c.lookup(0, idx)), "logits")
         cfg = dataclasses.replace(recipe.student, epochs=1)
         kd = ObjectiveConfig(4.0, 0.9)
         modes = {"plain CE": {}, "online KD": {"objective": Objective(kd, teacher=teacher)},

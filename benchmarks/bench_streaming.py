@@ -12,6 +12,12 @@ Memory: each `edgekd distill` runs in its own process; peak RSS is the kernel's 
 process (wait4's ru_maxrss: the largest of the process and its DataLoader workers), and the process tree's peak
 PSS (proportional set size, so pages the workers share with the parent count once) is sampled every 0.1 s.
 
+Pools (`--pools`, issue 14): peak RSS of `edgekd label --pool FOLDER` and `edgekd cache-teacher` (training split
++ `[data] unlabeled = FOLDER`) over a large and a small pool folder of the same images, side by side, each in its
+own process; the teacher is trained once on a 200-image folder. Flat memory = ratio large / small near 1.
+
+    flock /work/bench.lock python benchmarks/bench_streaming.py --pools    # pools of 8,000 and 800 images
+
 Time: the same student, teacher, batch size, workers, threads, transform (decode, RGB, /255, normalize), flip
 augmentation and KD loss in both; edgekd's figure is the student (KD) epoch it reports, the hand-written loop's
 is its own epoch, run in its own process right after. Ratio = edgekd / hand-written.
@@ -261,6 +267,97 @@ def run_hand(folder: Path, train_samples: int, args: argparse.Namespace, env: di
     return row
 
 
+# ------------------------------------------------------------------------------------------------ pools
+
+
+POOL_RECIPE = """[data]
+source = "{source}"
+image_size = [224, 224]
+mean = {mean}
+std = {std}
+val_fraction = 0.0
+num_workers = {workers}
+{extra}
+[teacher]
+model = "{teacher}"
+epochs = 1
+batch_size = {batch}
+{checkpoint}
+[student]
+model = "{student}"
+"""
+
+
+def run_pools(args: argparse.Namespace, env: dict[str, str], environment: dict) -> None:
+    """Peak RSS of `edgekd label` and `edgekd cache-teacher` over a large and a small pool folder."""
+    import shutil
+
+    sizes = [int(s) for s in (args.sizes or ("600,300" if args.quick else "8000,800")).split(",")]
+    big = make_folder(DATA / f"fm{sizes[0]}", sizes[0])
+    pools = [big] + [linked_subset(big, DATA / f"fm{n}", n) for n in sizes[1:]]
+    source = linked_subset(big, DATA / "fm200", 200)
+    runs = common.REPO / "runs" / "bench-streaming-pools"
+    shutil.rmtree(runs, ignore_errors=True)
+    runs.mkdir(parents=True)
+    fmt = {"source": source, "mean": MEAN, "std": STD, "workers": args.workers, "teacher": TEACHER,
+           "student": STUDENT, "batch": args.batch}
+    (runs / "teacher.toml").write_text(POOL_RECIPE.format(**fmt, extra="", checkpoint=""))
+    edgekd = [sys.executable, "-m", "edgekd"]
+    run_measured([*edgekd, "teacher", str(runs / "teacher.toml"), "--out", str(runs / "teacher"), "--device", "cpu",
+                  "--quiet"], env, runs / "teacher.log")
+    weights = runs / "teacher" / "teacher.safetensors"
+    rows = []
+    for n, pool in zip(sizes, pools, strict=True):
+        label = [*edgekd, "label", str(runs / "teacher.toml"), "--teacher", str(weights), "--pool", str(pool),
+                 "--out", str(runs / f"labels-{n}"), "--quiet"]
+        recipe = runs / f"cache-{n}.toml"
+        recipe.write_text(POOL_RECIPE.format(**fmt, extra=f'unlabeled = "{pool}"',
+                                             checkpoint=f'checkpoint = "{weights}"'))
+        cache = [*edgekd, "cache-teacher", str(recipe), "--out", str(runs / f"cache-{n}"), "--augment", "flip",
+                 "--device", "cpu", "--quiet"]
+        row = {"pool_images": n, "label": run_measured(label, env, runs / f"label-{n}.log"),
+               "cache_teacher": run_measured(cache, env, runs / f"cache-{n}.log")}
+        row["label"]["command"], row["cache_teacher"]["command"] = " ".join(label), " ".join(cache)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    large, small = rows[0], rows[-1]
+    # the large pool's cache-teacher again with glibc's mmap threshold fixed at its 128 KiB default (it
+    # otherwise rises to the largest freed block, so freed activation-sized blocks stay in a growing heap):
+    # what remains is what the process holds, not allocator fragmentation
+    shutil.rmtree(runs / f"cache-{sizes[0]}")   # built again from scratch, not resumed
+    diag = run_measured(large["cache_teacher"]["command"].split(), {**env, "MALLOC_MMAP_THRESHOLD_": "131072"},
+                        runs / "cache-fixed-threshold.log")
+    large["cache_teacher_fixed_mmap_threshold"] = diag
+    summary = {f"{k}_rss_large_over_small": large[k]["peak_rss_mib"] / small[k]["peak_rss_mib"]
+               for k in ("label", "cache_teacher")}
+    summary["cache_teacher_fixed_threshold_large_over_small"] = diag["peak_rss_mib"] / small["cache_teacher"][
+        "peak_rss_mib"]
+    summary.update({f"{k}_pss_large_over_small": large[k]["peak_tree_pss_mib"] / small[k]["peak_tree_pss_mib"]
+                    for k in ("label", "cache_teacher")})
+    array_mib = {n: n * 3 * 224 * 224 * 4 / 2**20 for n in sizes}
+    environment["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
+    data = {"command": common.command_line(), "environment": environment, "workers": args.workers,
+            "batch": args.batch, "rows": rows, "summary": summary, "pool_as_float32_array_mib": array_mib}
+    table = common.markdown_table(
+        ["pool images", "as a float32 array MiB", "label peak RSS MiB", "label tree PSS MiB", "label s",
+         "cache-teacher peak RSS MiB", "cache-teacher tree PSS MiB", "cache-teacher s"],
+        [[r["pool_images"], array_mib[r["pool_images"]], r["label"]["peak_rss_mib"],
+          r["label"]["peak_tree_pss_mib"], r["label"]["wall_seconds"], r["cache_teacher"]["peak_rss_mib"],
+          r["cache_teacher"]["peak_tree_pss_mib"], r["cache_teacher"]["wall_seconds"]] for r in rows])
+    md = "\n".join([common.header_markdown("Streaming pools: edgekd label and cache-teacher", data["command"],
+                                            environment), "", table, "",
+                    f"Peak RSS, large / small pool: label {summary['label_rss_large_over_small']:.3f}, "
+                    f"cache-teacher {summary['cache_teacher_rss_large_over_small']:.3f} (tree PSS "
+                    f"{summary['label_pss_large_over_small']:.3f}, "
+                    f"{summary['cache_teacher_pss_large_over_small']:.3f}). cache-teacher on the large pool with "
+                    f"MALLOC_MMAP_THRESHOLD_=131072: peak RSS {diag['peak_rss_mib']:.1f} MiB, "
+                    f"{summary['cache_teacher_fixed_threshold_large_over_small']:.3f} of the small pool's. Load "
+                    f"average at end: {environment['load_average_at_end']}."])
+    paths = common.write_results(args.out, common.result_name("streaming_pools", args.quick), data, md)
+    print(md)
+    print(f"wrote {paths[0]} and {paths[1]}")
+
+
 # -------------------------------------------------------------------------------------------------- main
 
 
@@ -270,6 +367,7 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=1, help="DataLoader workers on both sides (default 1)")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--sizes", default=None, help="image counts, large first (default 20000,2000; quick 400,200)")
+    p.add_argument("--pools", action="store_true", help="peak RSS of edgekd label / cache-teacher over pools")
     p.add_argument("--hand", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--hand-samples", type=int, help=argparse.SUPPRESS)
     p.add_argument("--hand-out", type=Path, help=argparse.SUPPRESS)
@@ -281,10 +379,12 @@ def main() -> None:
         res = hand_written(args.hand, args.hand_samples, args.workers, args.batch)
         args.hand_out.write_text(json.dumps(res))
         return
-    sizes = [int(s) for s in (args.sizes or ("400,200" if args.quick else "20000,2000")).split(",")]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads),
            "PYTHONPATH": os.pathsep.join([str(common.REPO), str(Path(__file__).resolve().parent)])}
     environment = common.environment(threads=args.threads)
+    if args.pools:
+        return run_pools(args, env, environment)
+    sizes = [int(s) for s in (args.sizes or ("400,200" if args.quick else "20000,2000")).split(",")]
     big = make_folder(DATA / f"fm{sizes[0]}", sizes[0])
     folders = [big] + [linked_subset(big, DATA / f"fm{n}", n) for n in sizes[1:]]
     runs = common.REPO / "runs" / "bench-streaming"

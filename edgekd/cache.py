@@ -26,7 +26,6 @@ Training loss: `edgekd.losses.topk_soft_target_loss(s, values, indices, T, value
 
 from __future__ import annotations
 
-import datetime
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -35,12 +34,12 @@ from typing import Any
 
 import numpy as np
 
-from edgekd import fileio, streaming
+from edgekd import fileio, manifest_folder, streaming
 from edgekd.errors import EdgekdError
-from edgekd.teachers import TeacherOutput, array_sha256, teacher_identity, teacher_name, validate_output
+from edgekd.teachers import TeacherOutput, teacher_identity, teacher_name, validate_output
 
 FORMAT = "edgekd-teacher-cache/1"
-MANIFEST = "manifest.json"
+MANIFEST = manifest_folder.MANIFEST
 Augment = Callable[[np.ndarray, np.random.Generator], np.ndarray]
 KEY_FIELDS = ("x_sha256", "augment", "seed", "epochs", "top_k", "teacher")
 
@@ -51,17 +50,20 @@ def view_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
 
 
 def augment_views(x: np.ndarray, indices: Sequence[int] | np.ndarray, *, epoch: int, seed: int,
-                  augment: Augment | None) -> np.ndarray:
+                  augment: Augment | None, batch: np.ndarray | None = None) -> np.ndarray:
     """The views of samples `indices` in `epoch`: augment(x[i:i+1], view_rng(seed, epoch, i)) stacked, float32.
 
     The one function both the cache builder and the training loop use, so their views are identical.
+    `batch`, when given, is x[indices] already read (by a DataLoader: a streamed source is decoded once,
+    in its workers, never again here).
     """
     indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+    src = np.asarray(x[indices] if batch is None else batch, dtype=np.float32)
     if augment is None:
-        return np.ascontiguousarray(x[indices], dtype=np.float32)
+        return np.ascontiguousarray(src)
     out = np.empty((len(indices), *x.shape[1:]), np.float32)
     for j, i in enumerate(indices):
-        view = np.asarray(augment(x[i:i + 1], view_rng(seed, epoch, i)))
+        view = np.asarray(augment(src[j:j + 1], view_rng(seed, epoch, i)))
         if view.shape != (1, *x.shape[1:]):
             raise EdgekdError(f"augment {augment_key_of(augment)!r}: returned shape {view.shape} for an input of "
                               f"shape {(1, *x.shape[1:])}; it must return the same shape")
@@ -187,10 +189,6 @@ class TeacherCache:
         return self.values[stored][idx].astype(np.float32), self.indices[stored][idx].astype(np.int64)
 
 
-def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-
-
 def _as_topk_logits(out: TeacherOutput, top_k: int, who: str) -> tuple[np.ndarray, np.ndarray, str]:
     """Top-k logits (descending, row max shifted to 0) and indices from a teacher batch."""
     if out.kind == "labels":
@@ -218,32 +216,14 @@ REMEDY = "delete the cache folder and rebuild it with `edgekd cache-teacher`"
 
 
 def _read_manifest(cache_dir: Path) -> dict[str, Any]:
-    """The cache manifest: bounded JSON, its own checksum, the fields this module reads, every file a plain name."""
-    what = f"teacher cache manifest {cache_dir / MANIFEST}"
-    manifest = fileio.read_json(cache_dir, MANIFEST, what=what, remedy=REMEDY)
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise EdgekdError(f"{what}: not an edgekd teacher cache (expected format {FORMAT!r})")
-    fileio.check_signed(manifest, what=what, remedy=REMEDY)
-    fileio.check_fields(manifest, {"x_sha256": "sha256", "samples": "count", "input_shape": "shape",
-                                   "epochs": "count", "stored_epochs": "count", "top_k": "count", "seed": "index",
-                                   "augment": "str", "teacher": "str", "files": "list", "top_k_stored": "count",
-                                   "num_classes": "count", "teacher_output": "str"},
-                        what=what, remedy=REMEDY, optional=("top_k_stored", "num_classes", "teacher_output"))
-    for entry in manifest["files"]:
-        fileio.check_fields(entry, {"epoch": "index", "file": "str", "sha256": "sha256"},
-                            what=f"{what}: file entry", remedy=REMEDY)
-        fileio.check_name(entry["file"], what=what, remedy=REMEDY)
-    return manifest
-
-
-def _file_ok(cache_dir: Path, entry: dict[str, Any]) -> bool:
-    """An epoch file is kept on resume only when it is a regular file inside the folder with the recorded sha256."""
-    try:
-        fileio.verify_confined(cache_dir, entry["file"], entry["sha256"], what=f"teacher cache {cache_dir}",
-                               remedy=REMEDY)
-    except EdgekdError:
-        return False
-    return True
+    """The cache manifest, checked (manifest_folder.read_manifest) for the fields this module reads."""
+    return manifest_folder.read_manifest(
+        cache_dir, kind="teacher cache", fmt=FORMAT, remedy=REMEDY, entries="files",
+        fields={"x_sha256": "sha256", "samples": "count", "input_shape": "shape", "epochs": "count",
+                "stored_epochs": "count", "top_k": "count", "seed": "index", "augment": "str", "teacher": "str",
+                "files": "list", "top_k_stored": "count", "num_classes": "count", "teacher_output": "str"},
+        optional=("top_k_stored", "num_classes", "teacher_output"),
+        entry_fields={"epoch": "index", "file": "str", "sha256": "sha256"})
 
 
 def read_manifest(cache_dir: str | Path) -> dict[str, Any]:
@@ -295,8 +275,9 @@ def build_cache(teacher: Any, x: np.ndarray, out_path: str | Path, *, top_k: int
         manifest = {"format": FORMAT, **key, "samples": int(len(x)), "input_shape": list(x.shape[1:]),
                     "stored_epochs": 1 if augment is None else epochs, "values": "logits",
                     "teacher_output": None, "top_k_stored": None, "num_classes": None, "files": [],
-                    "complete": False, "created": _now(), "edgekd_version": _version()}
-    files = {e["epoch"]: e for e in manifest["files"] if _file_ok(out, e)}
+                    "complete": False, "created": manifest_folder.now(),
+                    "edgekd_version": manifest_folder.version()}
+    files = {e["epoch"]: e for e in manifest["files"] if manifest_folder.entry_ok(out, e, "teacher cache", REMEDY)}
     manifest["files"] = sorted(files.values(), key=lambda e: e["epoch"])
     if manifest.get("complete") and len(files) == manifest["stored_epochs"]:
         return manifest
@@ -308,11 +289,34 @@ def build_cache(teacher: Any, x: np.ndarray, out_path: str | Path, *, top_k: int
     for epoch in tqdm(range(manifest["stored_epochs"]), desc="cache", unit="epoch", disable=not progress):
         if epoch in files:
             continue
-        vals, idxs = [], []
-        for b in range(0, len(x), batch_size):
-            rows = np.arange(b, min(b + batch_size, len(x)))
-            views = augment_views(x, rows, epoch=epoch, seed=seed, augment=augment)
-            got = validate_output(teacher(views), len(rows), who, num_classes=manifest["num_classes"])
+        name = f"epoch-{epoch:05d}.npz"
+        with fileio.atomic_path(out / name) as tmp:
+            _write_epoch(teacher, x, tmp, epoch, manifest, top_k=top_k, seed=seed, augment=augment,
+                         batch_size=batch_size, who=who)
+        files[epoch] = {"epoch": epoch, "file": name, "sha256": fileio.sha256_file(out / name)}
+        manifest["files"] = sorted(files.values(), key=lambda e: e["epoch"])
+        manifest = fileio.write_signed_json(mpath, manifest)
+    manifest["complete"] = True
+    manifest["completed"] = manifest_folder.now()
+    return fileio.write_signed_json(mpath, manifest)
+
+
+def _write_epoch(teacher: Any, x: Any, path: Path, epoch: int, manifest: dict[str, Any], *, top_k: int, seed: int,
+                 augment: Augment | None, batch_size: int, who: str) -> None:
+    """One epoch file at `path`: the teacher on every view, batches of consecutive samples read by
+    `streaming.batches` (a lazy source: decoded in DataLoader workers), each batch's top-k written straight
+    into memory-mapped .npy files beside it, then stored (not compressed) in the .npz, so memory stays flat
+    whatever N. Index dtype: int16 when the class count (or the largest index seen) fits, else int32."""
+    import zipfile
+
+    chunks = [slice(b, min(b + batch_size, len(x))) for b in range(0, len(x), batch_size)]
+    parts = {k: path.with_name(f"{path.name}.{k}.npy") for k in ("values", "indices")}
+    values = indices = None
+    try:
+        for rows, xb in zip(chunks, streaming.batches(x, chunks), strict=True):
+            views = augment_views(x, np.arange(rows.start, rows.stop), epoch=epoch, seed=seed, augment=augment,
+                                  batch=xb.numpy())
+            got = validate_output(teacher(views), len(views), who, num_classes=manifest["num_classes"])
             v, i, kind = _as_topk_logits(got, top_k, who)
             if manifest["teacher_output"] is None:
                 manifest["teacher_output"] = kind
@@ -321,22 +325,23 @@ def build_cache(teacher: Any, x: np.ndarray, out_path: str | Path, *, top_k: int
                     manifest["num_classes"] = int(got.values.shape[1])
             elif manifest["teacher_output"] != kind or manifest["top_k_stored"] != v.shape[1]:
                 raise EdgekdError(f"{who}: returned {kind} top-{v.shape[1]} outputs for epoch {epoch}, samples "
-                                  f"{b}..{rows[-1]}, but {manifest['teacher_output']} top-{manifest['top_k_stored']} "
-                                  "before; a teacher must answer every batch the same way")
-            vals.append(v)
-            idxs.append(i)
-        index_dtype = np.int16 if max(manifest["num_classes"] or 0, int(max(a.max() for a in idxs)) + 1) \
-            <= np.iinfo(np.int16).max else np.int32
-        name = f"epoch-{epoch:05d}.npz"
-        with fileio.atomic_path(out / name) as tmp:
-            with open(tmp, "wb") as f:
-                np.savez(f, values=np.concatenate(vals), indices=np.concatenate(idxs).astype(index_dtype))
-        files[epoch] = {"epoch": epoch, "file": name, "sha256": fileio.sha256_file(out / name)}
-        manifest["files"] = sorted(files.values(), key=lambda e: e["epoch"])
-        manifest = fileio.write_signed_json(mpath, manifest)
-    manifest["complete"] = True
-    manifest["completed"] = _now()
-    return fileio.write_signed_json(mpath, manifest)
+                                  f"{rows.start}..{rows.stop - 1}, but {manifest['teacher_output']} top-"
+                                  f"{manifest['top_k_stored']} before; a teacher must answer every batch the same way")
+            if values is None:
+                fits = max(manifest["num_classes"] or 0, int(i.max()) + 1) <= np.iinfo(np.int16).max
+                dtype = np.int16 if manifest["num_classes"] and fits else np.int32
+                values = np.lib.format.open_memmap(parts["values"], "w+", np.float16, (len(x), v.shape[1]))
+                indices = np.lib.format.open_memmap(parts["indices"], "w+", dtype, (len(x), v.shape[1]))
+            values[rows], indices[rows] = v, i
+        for a in (values, indices):
+            a.flush()
+        del values, indices
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:   # what numpy.savez writes, streamed from disk
+            for k, part in parts.items():
+                z.write(part, f"{k}.npy")
+    finally:
+        for part in parts.values():
+            part.unlink(missing_ok=True)
 
 
 def load_cache(path: str | Path, *, x: np.ndarray, augment_key: str, seed: int, top_k: int,
@@ -388,11 +393,10 @@ def load_cache(path: str | Path, *, x: np.ndarray, augment_key: str, seed: int, 
 
 def data_key(x: Any) -> str:
     """The cache key of the inputs: sha256 of an array's bytes, or a streamed source's fingerprint (file list,
-    sizes, modification times, transform spec), so a folder is never read to check a key."""
-    return streaming.fingerprint(x) if streaming.is_lazy(x) else array_sha256(np.ascontiguousarray(x, np.float32))
-
-
-def _version() -> str:
-    from edgekd.bundle import edgekd_version
-
-    return edgekd_version()
+    sizes, modification times, transform spec), so a folder is never read to check a key. An iterable
+    (IterableDataset) source is refused: cached outputs are looked up by sample index, which it has not."""
+    if streaming.is_stream(x):
+        raise EdgekdError(f"teacher cache: a {type(x.base).__name__} (IterableDataset) source has no sample "
+                          "index to look cached teacher outputs up by; distill it online, or use a map-style "
+                          "Dataset, files or tar shards")
+    return streaming.data_key(x)

@@ -116,8 +116,9 @@ def distill(recipe: str, out: Path, device: str, quiet: bool, resume: bool, labe
 @click.option("--teacher", "teacher_spec", required=True,
               help="A black-box teacher: model.onnx, teacher.safetensors (the recipe's [teacher] model), or "
                    "'cmd:program args' (reads in.npz, writes out.npz; see edgekd.teachers.CommandTeacher).")
-@click.option("--pool", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Unlabelled inputs (.npz with x, or .npy), raw like the training data; default [data] unlabeled.")
+@click.option("--pool", type=click.Path(path_type=Path), default=None,
+              help="Unlabelled inputs (.npz with x, .npy, or a folder of images), raw like the training data; "
+                   "default [data] unlabeled.")
 @OUT
 @click.option("--top-k", type=click.IntRange(min=1), default=5, show_default=True)
 @click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True)

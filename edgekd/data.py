@@ -146,19 +146,20 @@ def _mapped_npz(path: Path, cfg: DataConfig) -> dict[str, Any]:
         raise EdgekdError(f"data {path}: not a readable .npz file ({type(e).__name__}: {e})") from None
     arrays: dict[str, Any] = {}
     for key, a in mapped.items():
-        if not key.startswith("x"):
-            arrays[key] = np.array(a)
-            continue
-        if a.dtype.kind not in "fiu" or a.ndim < 2:
-            raise EdgekdError(f"data {path}: {key} is {a.dtype} of shape {a.shape}; expected numbers (float, or "
-                              "uint8 images) of shape (samples, ...)")
-        item = (1, *a.shape[1:]) if a.ndim == 3 else tuple(a.shape[1:])
-        arrays[key] = streaming.LazyArray(a, item, 1 / 255 if a.dtype == np.uint8 else 1.0,
-                                          options=loader_options(cfg))
+        arrays[key] = _mapped_inputs(a, f"data {path}: {key}", cfg) if key.startswith("x") else np.array(a)
     if "class_names" in arrays:
         arrays["class_names"] = [str(c) for c in arrays["class_names"].tolist()]
     arrays["report"] = {"source": "memory-mapped .npz"}
     return arrays
+
+
+def _mapped_inputs(a: np.ndarray, where: str, cfg: DataConfig) -> streaming.LazyArray:
+    """A memory-mapped (samples, ...) array as a LazyArray read row by row (uint8 scaled by 1/255)."""
+    if a.dtype.kind not in "fiu" or a.ndim < 2:
+        raise EdgekdError(f"{where} is {a.dtype} of shape {a.shape}; expected numbers (float, or uint8 images) of "
+                          "shape (samples, ...)")
+    item = (1, *a.shape[1:]) if a.ndim == 3 else tuple(a.shape[1:])
+    return streaming.LazyArray(a, item, 1 / 255 if a.dtype == np.uint8 else 1.0, options=loader_options(cfg))
 
 
 def _class_folders(path: Path) -> dict[str, list[Path]]:
@@ -279,10 +280,10 @@ def _dataset_source(ds: Any, where: str, cfg: DataConfig) -> tuple[streaming.Laz
     when it has them, else from reading each item once (one pass, nothing kept but the labels)."""
     import torch
 
-    if isinstance(ds, torch.utils.data.IterableDataset):
-        raise EdgekdError(f"{where}: {type(ds).__name__} is an IterableDataset; edgekd needs samples by index (resume "
-                          "mid-epoch, the teacher cache and the stratified splits address them by index): return "
-                          "map-style Datasets, or use an image folder, an .npz or tar shards (edgekd shards)")
+    if isinstance(ds, torch.utils.data.IterableDataset):   # read in its own order; one counting pass here
+        x, y, mean, std = streaming.stream_source(ds, where, loader_options(cfg))
+        x.stats = (mean, std)
+        return x, y
     if not hasattr(ds, "__getitem__") or not hasattr(ds, "__len__"):
         raise EdgekdError(f"{where}: {type(ds).__name__} has no len() and indexing; return map-style Datasets of "
                           "(input, label) pairs")
@@ -314,15 +315,16 @@ def _function(ref: str, cfg: DataConfig) -> dict[str, Any]:
         out = fn()
     except Exception as e:
         raise EdgekdError(f"data source {ref!r} raised {type(e).__name__}: {e}") from e
-    if isinstance(out, tuple) and len(out) == 2:
-        x_train, y_train = _dataset_source(out[0], f"data source {ref!r} train dataset", cfg)
-        x_test, y_test = _dataset_source(out[1], f"data source {ref!r} test dataset", cfg)
-        return {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test,
-                "report": {"source": "torch Datasets"}}
+    if isinstance(out, tuple) and len(out) in (2, 3):   # (train, test) or (train, val, test)
+        raw: dict[str, Any] = {"report": {"source": "torch Datasets"}}
+        for split, ds in zip(("train", "test") if len(out) == 2 else SPLITS, out, strict=True):
+            x, y = _dataset_source(ds, f"data source {ref!r} {split} dataset", cfg)
+            raw.update({f"x_{split}": x, f"y_{split}": y})
+        return raw
     if isinstance(out, dict):
         return dict(out)
     raise EdgekdError(f"data source {ref!r} returned {type(out).__name__}; expected a dict of arrays "
-                      "(x_train, y_train, x_test, y_test) or a (train, test) pair of Datasets")
+                      "(x_train, y_train, x_test, y_test) or a (train, test) or (train, val, test) tuple of Datasets")
 
 
 def _as_inputs(x: Any, name: str, where: str) -> np.ndarray:
@@ -401,6 +403,44 @@ def load_pool(path: str | Path, raw_scale: bool = False) -> np.ndarray:
     return _as_inputs(x, "x", f"pool {path}") if raw_scale else x
 
 
+def pool_source(path: str | Path, cfg: DataConfig, spec: PreprocessSpec | None) -> Any:
+    """An unlabelled pool in [0, 1] scale, not normalized, never read whole when large: a folder of images (any
+    depth, every header checked like a source folder's) read through the source's eval transform `spec`; an
+    .npz (x or x_unlabeled) or .npy memory-mapped under the data source's rule ([data] memory_map, or larger
+    than MMAP_AUTO_BYTES); else loaded as load_pool does."""
+    path = Path(path)
+    if path.is_dir():
+        if spec is None:
+            raise EdgekdError(f"pool {path}: a folder of images needs an image folder (or shards) data source, "
+                              "whose eval transform it is read through")
+        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES
+                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        skipped: list[tuple[str, str]] = []
+        kept = _scan({"": files}, [""], spec, cfg, skipped)
+        if not kept:
+            raise EdgekdError(f"pool {path}: no readable images ({', '.join(IMAGE_SUFFIXES)}; {len(skipped)} skipped)")
+        shapes = {shape for _, _, shape in kept}
+        if len(shapes) > 1:
+            raise EdgekdError(f"pool {path}: images differ in size ({sorted(shapes)}); set [data] image_size")
+        return streaming.LazyImages([f for f, _, _ in kept], spec, kept[0][2], cfg.max_pixels, loader_options(cfg))
+    mapped = cfg.memory_map if cfg.memory_map is not None else path.is_file() and path.stat().st_size > MMAP_AUTO_BYTES
+    if not mapped or not path.is_file():
+        return load_pool(path, raw_scale=True)
+    try:
+        if path.suffix == ".npy":
+            a = np.load(path, mmap_mode="r", allow_pickle=False)
+        else:
+            arrays = streaming.map_npz(path)
+            a = next((arrays[k] for k in ("x", "x_unlabeled") if k in arrays), None)
+            if a is None:
+                raise EdgekdError(f"pool {path}: expected an array 'x' or 'x_unlabeled', found {', '.join(arrays)}")
+    except EdgekdError:
+        raise
+    except Exception as e:
+        raise EdgekdError(f"pool {path}: not a readable .npz/.npy ({type(e).__name__}: {e})") from None
+    return _mapped_inputs(a, f"pool {path}: x", cfg)
+
+
 def _numbered_classes(num_classes: int | None, splits: tuple[Any, ...], where: str) -> tuple[str, ...]:
     """Class names "0".."K-1" for a source without class_names. K is [data].num_classes when given; otherwise the
     labels must be 0..K-1 with none missing: one stray label (99 among 0..9) would silently make a 100-class task."""
@@ -445,6 +485,7 @@ def load_data(cfg: DataConfig, base_dir: str | Path = ".") -> Dataset:
 
     if "preprocess" not in raw and (cfg.resize is not None or cfg.crop is not None or cfg.skip_bad_images):
         raise EdgekdError(f"{where}: [data] resize, crop and skip_bad_images apply to image folders only")
+    _check_stream_keys(raw, cfg, where)
     rng = np.random.default_rng(cfg.seed)
     if "x" in raw:  # one pool: carve the test split
         x = _as_inputs(raw["x"], "x", where)
@@ -471,7 +512,7 @@ def load_data(cfg: DataConfig, base_dir: str | Path = ".") -> Dataset:
                           f"{x_test.shape[1:]}; they must match")
     x_unl = raw.get("x_unlabeled")
     if cfg.unlabeled:
-        x_unl = load_pool(Path(base_dir) / Path(cfg.unlabeled).expanduser(), raw_scale=True)
+        x_unl = pool_source(Path(base_dir) / Path(cfg.unlabeled).expanduser(), cfg, raw.get("preprocess"))
     if x_unl is not None:
         x_unl = _as_inputs(x_unl, "x_unlabeled", where)
         if x_unl.shape[1:] != x_train.shape[1:]:
@@ -494,6 +535,8 @@ def load_data(cfg: DataConfig, base_dir: str | Path = ".") -> Dataset:
 
     if "x_val" in raw:   # the source's own validation split (an image folder's val/)
         x_val, y_val = raw["x_val"], _as_labels(raw["y_val"], len(raw["x_val"]), "y_val", where)
+    elif streaming.is_stream(x_train):   # no carve (_check_stream_keys): no validation split
+        x_val, y_val = np.zeros((0, *x_train.shape[1:]), np.float32), np.zeros(0, np.int64)
     else:
         tr, va = _split(len(x_train), cfg.val_fraction, rng, y_train)
         x_val, y_val = x_train.take(va, axis=0), y_train[va]
@@ -501,9 +544,6 @@ def load_data(cfg: DataConfig, base_dir: str | Path = ".") -> Dataset:
     if len(x_train) == 0:
         raise EdgekdError(f"{where}: no training samples left after the test/validation splits")
     lazy = streaming.is_lazy(x_train)
-    if lazy and (x_unl is not None or cfg.labelled is not None):
-        raise EdgekdError(f"{where}: [data] unlabeled and labelled are not supported with streamed sources (image "
-                          "folders, memory-mapped or Dataset sources) yet; use an .npz source for them")
 
     mean, std = _statistics(cfg, x_train, where)
 
@@ -517,19 +557,33 @@ def load_data(cfg: DataConfig, base_dir: str | Path = ".") -> Dataset:
 
     x_train, x_unl = norm(x_train), norm(x_unl)
     if cfg.labelled is not None:
-        keep = labelled_subset(y_train, cfg.labelled, cfg.seed, where)
-        pool = x_train[np.setdiff1d(np.arange(len(x_train)), keep)]
-        x_unl = pool if x_unl is None else np.concatenate([pool, x_unl])
-        x_train, y_train = x_train[keep], y_train[keep]
+        keep = labelled_subset(y_train, cfg.labelled, cfg.seed, where)   # indexed: a lazy split stays lazy
+        pool = x_train.take(np.setdiff1d(np.arange(len(x_train)), keep), axis=0)
+        x_unl = pool if x_unl is None else streaming.concat([pool, x_unl])
+        x_train, y_train = x_train.take(keep, axis=0), y_train[keep]
     spec = raw.get("preprocess")
     if spec is not None:
         spec = replace(spec, mean=tuple(float(v) for v in mean), std=tuple(float(v) for v in std))
     report = dict(raw.get("report", {}))
     if lazy:
         report.update(streamed=True, workers=x_train.options.num_workers,
-                      statistics=_stats_origin(cfg, len(x_train)))
+                      statistics=_stats_origin(cfg, len(x_train), streaming.is_stream(x_train)))
     return Dataset(x_train, y_train, norm(x_val), y_val, norm(x_test), y_test, x_unl, class_names,
                    tuple(float(v) for v in mean), tuple(float(v) for v in std), spec, report)
+
+
+def _check_stream_keys(raw: dict[str, Any], cfg: DataConfig, where: str) -> None:
+    """What an iterable (IterableDataset) source cannot do, refused naming the key: its samples have no index,
+    so no carved validation split, no subsets, no labelled/unlabelled pools."""
+    if not any(streaming.is_stream(raw.get(k)) for k in ("x_train", "x_val", "x_test")):
+        return
+    asked = {"val_fraction": "x_val" not in raw and cfg.val_fraction > 0, "train_samples": cfg.train_samples,
+             "test_samples": cfg.test_samples, "labelled": cfg.labelled, "unlabeled": cfg.unlabeled}
+    bad = next((k for k, v in asked.items() if v is not None and v is not False), None)
+    if bad is not None:
+        fix = ("set it to 0 or return (train, val, test) datasets" if bad == "val_fraction" else "remove it")
+        raise EdgekdError(f"{where}: [data] {bad} needs samples by index, which an IterableDataset source does "
+                          f"not have; {fix}")
 
 
 def _statistics(cfg: DataConfig, x_train: Any, where: str) -> tuple[np.ndarray, np.ndarray]:
@@ -548,6 +602,8 @@ def _statistics(cfg: DataConfig, x_train: Any, where: str) -> tuple[np.ndarray, 
                                   f"{', '.join(NAMED_STATS)}")
     elif not cfg.normalize:
         mean, std = np.zeros(channels), np.ones(channels)
+    elif streaming.is_stream(x_train):   # from the counting pass, over every training input
+        mean, std = x_train.stats
     elif streaming.is_lazy(x_train):
         mean, std = streaming.channel_stats(x_train, cfg.stats_samples, cfg.seed)
     else:
@@ -557,11 +613,13 @@ def _statistics(cfg: DataConfig, x_train: Any, where: str) -> tuple[np.ndarray, 
     return np.atleast_1d(mean).astype(exact), np.atleast_1d(std).astype(exact)
 
 
-def _stats_origin(cfg: DataConfig, n: int) -> str:
+def _stats_origin(cfg: DataConfig, n: int, stream: bool = False) -> str:
     if cfg.mean is not None:
         return "[data] mean/std"
     if not cfg.normalize:
         return "none (normalize = false)"
+    if stream:
+        return f"computed over all {n} training inputs (the iterable source's counting pass)"
     return f"estimated from {min(n, cfg.stats_samples)} training inputs (seeded draw)"
 
 
@@ -582,10 +640,13 @@ def labelled_subset(y: np.ndarray, labelled: int | float, seed: int, where: str)
 
 
 def normalize_like(data: Dataset, x: np.ndarray) -> np.ndarray:
-    """Apply the training split's normalization to another array of raw inputs (an unlabelled pool)."""
+    """Apply the training split's normalization to another array of raw inputs (an unlabelled pool); a lazy
+    pool (`pool_source`) stays lazy, normalized as it is read."""
     x = _as_inputs(x, "x", "pool")
     if x.shape[1:] != data.input_shape:
         raise EdgekdError(f"pool: samples have shape {x.shape[1:]}, the model expects {data.input_shape}")
+    if streaming.is_lazy(x):
+        return x.normalized(tuple(data.mean), tuple(data.std))
     mean, std = np.asarray(data.mean, np.float32), np.asarray(data.std, np.float32)
     shape = (1, -1, 1, 1) if x.ndim == 4 else (1, -1) if len(mean) > 1 else (1,) * x.ndim
     return ((x - mean.reshape(shape)) / std.reshape(shape)).astype(np.float32)

@@ -180,7 +180,7 @@ def transfer_set(data: Dataset) -> tuple[np.ndarray, np.ndarray]:
     """What the distilled student learns from: the labelled training split plus the unlabelled pool (label -1)."""
     if data.x_unlabeled is None or not len(data.x_unlabeled):
         return data.x_train, data.y_train
-    return (np.concatenate([data.x_train, data.x_unlabeled]),
+    return (streaming.concat([data.x_train, data.x_unlabeled]),   # lazy splits stay lazy (nothing read)
             np.concatenate([data.y_train, np.full(len(data.x_unlabeled), -1, np.int64)]))
 
 
@@ -258,17 +258,17 @@ def _offline_source(recipe: Recipe, data: Dataset, labels: Path | None, cache: P
     from edgekd import labels as teacher_labels
 
     if labels is not None:
-        pool = data.x_unlabeled if data.x_unlabeled is not None else _labelled_pool(labels, data)
+        pool = data.x_unlabeled if data.x_unlabeled is not None else _labelled_pool(labels, data, recipe)
         lab = teacher_labels.read_labels(labels, pool=pool)   # verifies the pool's sha256 against the manifest
-        x = pool[lab.indices]
+        x = pool.take(lab.indices, axis=0)   # a lazy pool stays lazy
         info = {"source": "labels", "path": str(labels), "samples": int(len(x)), "teacher": lab.manifest["teacher"],
                 "soft": lab.topk_probs is not None}
         if lab.topk_probs is None:   # the teacher gave only class indices: plain cross-entropy on them
             return x, lab.labels.astype(np.int64), Objective(config_from_recipe(recipe, features=False)), info
         return x, lab.labels.astype(np.int64), Objective(
             config_from_recipe(recipe, temperature=lab.temperature, features=False), offline=OfflineTargets(
-                lambda epoch, idx: (None, lab.topk_probs[idx].astype(np.float32),
-                                    lab.topk_indices[idx].astype(np.int64)), values_are="probs")), info
+                lambda epoch, idx, _batch: (None, lab.topk_probs[idx].astype(np.float32),
+                                           lab.topk_indices[idx].astype(np.int64)), values_are="probs")), info
     manifest = teacher_cache.read_manifest(cache)
     augment = teacher_cache.make_augment(manifest["augment"])
     x, y = transfer_set(data)
@@ -276,9 +276,9 @@ def _offline_source(recipe: Recipe, data: Dataset, labels: Path | None, cache: P
                                  top_k=manifest["top_k"],
                                  epochs=resolved(recipe).distill.epochs if augment is not None else None)
 
-    def fetch(epoch: int, idx: np.ndarray) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
-        views = (teacher_cache.augment_views(x, idx, epoch=epoch, seed=manifest["seed"], augment=augment)
-                 if augment is not None else None)
+    def fetch(epoch: int, idx: np.ndarray, batch: Any) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
+        views = (teacher_cache.augment_views(x, idx, epoch=epoch, seed=manifest["seed"], augment=augment,
+                                             batch=batch.cpu().numpy()) if augment is not None else None)
         v, i = c.lookup(epoch if augment is not None else 0, idx)
         return views, v, i
     info = {"source": "cache", "path": str(cache), "top_k": manifest["top_k"], "augment": manifest["augment"]}
@@ -288,10 +288,10 @@ def _offline_source(recipe: Recipe, data: Dataset, labels: Path | None, cache: P
 POOL_SOURCE = "pool-source.json"   # in a labels folder: {"pool": the --pool file `edgekd label` labelled}
 
 
-def _labelled_pool(labels: Path, data: Dataset) -> np.ndarray:
-    """The pool `edgekd label --pool` labelled, as recorded beside its labels (normalized like the training data);
-    read_labels then checks it against the manifest's sha256."""
-    from edgekd.data import load_pool, normalize_like
+def _labelled_pool(labels: Path, data: Dataset, recipe: Recipe) -> np.ndarray:
+    """The pool `edgekd label --pool` labelled, as recorded beside its labels (normalized like the training data;
+    a folder or large array file stays on disk); read_labels then checks it against the manifest's key."""
+    from edgekd.data import normalize_like, pool_source
 
     record = labels / POOL_SOURCE
     if not record.is_file():
@@ -301,7 +301,7 @@ def _labelled_pool(labels: Path, data: Dataset) -> np.ndarray:
         path = json.loads(record.read_text())["pool"]
     except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
         raise EdgekdError(f"{record}: expected {{\"pool\": a file path}}; relabel or set [data] unlabeled") from None
-    return normalize_like(data, load_pool(str(path)))
+    return normalize_like(data, pool_source(str(path), recipe.data, data.preprocess))
 
 
 def distill(recipe: Recipe, out: str | Path, *, device: str = "auto", progress: bool = True,
@@ -393,7 +393,7 @@ def teacher_objective(recipe: Recipe, cfg: ObjectiveConfig, teacher: nn.Module, 
         return Objective(cfg, teacher=teacher, teacher_bf16=d.teacher_bf16, teacher_fsdp=d.teacher_fsdp and shard)
     classes = np.broadcast_to(np.arange(logits.shape[1]), logits.shape)
     return Objective(cfg, offline=OfflineTargets(
-        lambda _epoch, idx: (None, logits[idx], classes[idx].astype(np.int64)), "logits"))
+        lambda _epoch, idx, _batch: (None, logits[idx], classes[idx].astype(np.int64)), "logits"))
 
 
 def search_temperature_alpha(recipe: Recipe, data: Dataset, teacher: nn.Module, dev: Any, x: np.ndarray,
@@ -486,17 +486,18 @@ def _label(recipe: Recipe, teacher: str, out: Path, pool: str | Path | None, top
            shard_size: int, min_confidence: float, balance: bool, timeout_s: float, progress: bool
            ) -> dict[str, Any]:
     from edgekd import labels as teacher_labels
-    from edgekd.data import load_pool, normalize_like
+    from edgekd.data import normalize_like, pool_source
     from edgekd.teachers import load_teacher as load_black_box
 
     data = load_data(recipe.data, recipe.base_dir)
-    x = normalize_like(data, load_pool(pool)) if pool is not None else data.x_unlabeled
+    x = normalize_like(data, pool_source(pool, recipe.data, data.preprocess)) if pool is not None else data.x_unlabeled
     if x is None:
         raise EdgekdError("label: no pool to label; pass --pool or set [data] unlabeled in the recipe")
     t = load_black_box(teacher, model_spec=recipe.teacher.model if str(teacher).endswith(".safetensors") else None,
                        input_shape=data.input_shape, num_classes=data.num_classes, timeout_s=timeout_s)
     manifest = teacher_labels.label_pool(t, x, out, shard_size=shard_size, temperature=temperature, top_k=top_k,
-                                         num_classes=data.num_classes, progress=progress)
+                                         num_classes=data.num_classes, progress=progress,
+                                         batch_size=_teacher_batch(data.input_shape))
     if pool is not None:   # `distill --labels` finds the pool here (its sha256 is in the manifest)
         fileio.write_json(Path(out) / POOL_SOURCE, {"pool": str(Path(pool).resolve())})
     kept, report = teacher_labels.filter_labels(teacher_labels.read_labels(out, pool=x),
@@ -530,7 +531,16 @@ def _cache_teacher(recipe: Recipe, out: Path, top_k: int, epochs: int, augment: 
     aug = teacher_cache.make_augment(augment)
     return teacher_cache.build_cache(t, transfer_set(data)[0], out / "teacher-cache", top_k=top_k,
                                      epochs=epochs if aug is not None else 1, augment=aug, seed=seed,
-                                     augment_key=teacher_cache.augment_key_of(aug), progress=progress)
+                                     augment_key=teacher_cache.augment_key_of(aug), progress=progress,
+                                     batch_size=_teacher_batch(data.input_shape))
+
+
+def _teacher_batch(input_shape: tuple[int, ...]) -> int:
+    """Batch of a teacher pass (label, cache-teacher): at most 256 inputs and EVAL_BATCH_BYTES of them (111
+    RGB images of 224x224), so a batch in flight from the workers stays bounded; outputs do not depend on it."""
+    from edgekd.train import EVAL_BATCH_BYTES
+
+    return max(1, min(256, EVAL_BATCH_BYTES // (4 * math.prod(input_shape))))
 
 
 def metrics_table(metrics: dict[str, Any]) -> str:

@@ -24,8 +24,6 @@ manifest written for another teacher, pool or settings is refused rather than mi
 
 from __future__ import annotations
 
-import datetime
-import io
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -33,12 +31,12 @@ from typing import Any
 
 import numpy as np
 
-from edgekd import fileio
+from edgekd import fileio, manifest_folder, streaming
 from edgekd.errors import EdgekdError
-from edgekd.teachers import TeacherOutput, array_sha256, teacher_identity, teacher_name, validate_output
+from edgekd.teachers import TeacherOutput, teacher_identity, teacher_name, validate_output
 
 FORMAT = "edgekd-labels/1"
-MANIFEST = "manifest.json"
+MANIFEST = manifest_folder.MANIFEST
 KEEP = ("auto", "topk", "labels")
 # Settings that must match for a rerun to resume into an existing folder.
 RESUME_KEYS = ("teacher", "pool_sha256", "samples", "temperature", "top_k", "keep", "shard_size")
@@ -62,14 +60,12 @@ class Labels:
 
     def subset(self, rows: np.ndarray) -> Labels:
         """The labels of the given rows (a boolean mask or row positions, not pool indices)."""
-        def take(a: np.ndarray | None) -> np.ndarray | None:
-            return None if a is None else a[rows]
+        rows = np.flatnonzero(rows) if np.asarray(rows).dtype == bool else np.asarray(rows, dtype=np.int64)
+
+        def take(a: Any) -> Any:   # ShardRows (memory-mapped top-k) stay views
+            return None if a is None else a.take(rows, axis=0)
         return replace(self, indices=self.indices[rows], labels=self.labels[rows], confidence=take(self.confidence),
                        topk_probs=take(self.topk_probs), topk_indices=take(self.topk_indices))
-
-
-def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 def _index_dtype(num_classes: int | None, max_index: int) -> type:
@@ -119,30 +115,13 @@ SHARD_FIELDS = {"file": "str", "start": "index", "stop": "count", "sha256": "sha
 
 
 def _read_manifest(out_dir: Path) -> dict[str, Any]:
-    """The labels manifest: bounded JSON, its own checksum, the fields this module reads, every shard a plain name."""
-    what = f"labels manifest {out_dir / MANIFEST}"
-    manifest = fileio.read_json(out_dir, MANIFEST, what=what, remedy=REMEDY)
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise EdgekdError(f"{what}: not an edgekd labels manifest (expected format {FORMAT!r})")
-    fileio.check_signed(manifest, what=what, remedy=REMEDY)
-    fileio.check_fields(manifest, {"samples": "count", "shard_size": "count", "temperature": "positive",
-                                   "top_k": "count", "input_shape": "shape", "pool_sha256": "sha256",
-                                   "shards": "list", "num_classes": "count", "top_k_stored": "count",
-                                   "teacher": "str", "keep": "str", "output_kind": "str", "stored": "str"},
-                        what=what, remedy=REMEDY, optional=("num_classes", "top_k_stored", "output_kind", "stored"))
-    for entry in manifest["shards"]:
-        fileio.check_fields(entry, SHARD_FIELDS, what=f"{what}: shard entry", remedy=REMEDY)
-        fileio.check_name(entry["file"], what=what, remedy=REMEDY)
-    return manifest
-
-
-def _shard_ok(out_dir: Path, entry: dict[str, Any]) -> bool:
-    """A shard is kept on resume only when it is a regular file inside the folder with the recorded sha256."""
-    try:
-        fileio.verify_confined(out_dir, entry["file"], entry["sha256"], what=f"labels {out_dir}", remedy=REMEDY)
-    except EdgekdError:
-        return False
-    return True
+    """The labels manifest, checked (manifest_folder.read_manifest) for the fields this module reads."""
+    return manifest_folder.read_manifest(
+        out_dir, kind="labels", fmt=FORMAT, remedy=REMEDY, entries="shards", entry_fields=SHARD_FIELDS,
+        fields={"samples": "count", "shard_size": "count", "temperature": "positive", "top_k": "count",
+                "input_shape": "shape", "pool_sha256": "sha256", "shards": "list", "num_classes": "count",
+                "top_k_stored": "count", "teacher": "str", "keep": "str", "output_kind": "str", "stored": "str"},
+        optional=("num_classes", "top_k_stored", "output_kind", "stored"))
 
 
 def label_pool(teacher: Any, pool: np.ndarray, out_dir: str | Path, *, shard_size: int = 1024,
@@ -156,7 +135,7 @@ def label_pool(teacher: Any, pool: np.ndarray, out_dir: str | Path, *, shard_siz
     the teacher returns.
     """
     out_dir = Path(out_dir)
-    pool = np.asarray(pool)
+    pool = pool if streaming.is_lazy(pool) else np.ascontiguousarray(np.asarray(pool), dtype=np.float32)
     if pool.ndim < 2 or len(pool) == 0:
         raise EdgekdError(f"labels {out_dir}: the pool has shape {pool.shape}; expected (samples, *input_shape)")
     if keep not in KEEP:
@@ -166,9 +145,9 @@ def label_pool(teacher: Any, pool: np.ndarray, out_dir: str | Path, *, shard_siz
             raise EdgekdError(f"labels {out_dir}: {name} must be a positive integer, got {value!r}")
     if not temperature > 0:
         raise EdgekdError(f"labels {out_dir}: temperature must be > 0, got {temperature}")
-    pool = np.ascontiguousarray(pool, dtype=np.float32)
     who = teacher_name(teacher)
-    settings = {"teacher": teacher_identity(teacher), "pool_sha256": array_sha256(pool), "samples": int(len(pool)),
+    settings = {"teacher": teacher_identity(teacher), "pool_sha256": streaming.data_key(pool),
+                "samples": int(len(pool)),
                 "temperature": float(temperature), "top_k": top_k, "keep": keep, "shard_size": shard_size}
     mpath = out_dir / MANIFEST
     n_shards = -(-len(pool) // shard_size)
@@ -182,8 +161,9 @@ def label_pool(teacher: Any, pool: np.ndarray, out_dir: str | Path, *, shard_siz
     else:
         manifest = {"format": FORMAT, **settings, "input_shape": list(pool.shape[1:]), "output_kind": None,
                     "stored": None, "top_k_stored": None, "num_classes": num_classes, "renormalized": None,
-                    "shards": [], "complete": False, "created": _now(), "edgekd_version": _version()}
-    done = {e["file"]: e for e in manifest["shards"] if _shard_ok(out_dir, e)}
+                    "shards": [], "complete": False, "created": manifest_folder.now(),
+                    "edgekd_version": manifest_folder.version()}
+    done = {e["file"]: e for e in manifest["shards"] if manifest_folder.entry_ok(out_dir, e, "labels", REMEDY)}
     manifest["shards"] = [e for e in manifest["shards"] if e["file"] in done]
     if len(done) == n_shards and manifest.get("complete"):
         return manifest
@@ -192,28 +172,39 @@ def label_pool(teacher: Any, pool: np.ndarray, out_dir: str | Path, *, shard_siz
 
     from tqdm.auto import tqdm
 
-    for s in tqdm(range(n_shards), desc="label", unit="shard", disable=not progress):
-        name = f"shard-{s:05d}.npz"
-        if name in done:
-            continue
-        start, stop = s * shard_size, min((s + 1) * shard_size, len(pool))
-        parts: list[tuple] = []
-        for b in range(start, stop, batch_size):
-            xb = pool[b:min(b + batch_size, stop)]
-            out = validate_output(teacher(xb), len(xb), who, num_classes=manifest["num_classes"])
-            _record_kind(manifest, out, keep, who)
-            parts.append(soft_targets(out, temperature, top_k))
-        arrays = _shard_arrays(start, stop, parts, manifest)
-        path = out_dir / name
-        with fileio.atomic_path(path) as tmp:
-            with open(tmp, "wb") as f:
-                np.savez(f, **arrays)
-        manifest["shards"].append({"file": name, "start": start, "stop": stop, "sha256": fileio.sha256_file(path)})
-        manifest["shards"].sort(key=lambda e: e["start"])
-        manifest = fileio.write_signed_json(mpath, manifest)
+    todo = [s for s in range(n_shards) if f"shard-{s:05d}.npz" not in done]
+    chunks = [slice(b, min(b + batch_size, (s + 1) * shard_size, len(pool)))
+              for s in todo for b in range(s * shard_size, min((s + 1) * shard_size, len(pool)), batch_size)]
+    parts: list[tuple] = []
+    bar = tqdm(total=len(todo), desc="label", unit="shard", disable=not progress)
+    for rows, xb in zip(chunks, streaming.batches(pool, chunks), strict=True):   # lazy: decoded in workers
+        out = validate_output(teacher(xb.numpy()), len(xb), who, num_classes=manifest["num_classes"])
+        _record_kind(manifest, out, keep, who)
+        parts.append(soft_targets(out, temperature, top_k))
+        shard = rows.start // shard_size
+        if rows.stop == min((shard + 1) * shard_size, len(pool)):   # the shard's last batch: write it
+            manifest = _write_shard(out_dir, shard, shard_size, len(pool), parts, manifest)
+            parts = []
+            bar.update()
+    bar.close()
     manifest["complete"] = True
-    manifest["completed"] = _now()
+    manifest["completed"] = manifest_folder.now()
     return fileio.write_signed_json(mpath, manifest)
+
+
+def _write_shard(out_dir: Path, shard: int, shard_size: int, n: int, parts: list[tuple],
+                 manifest: dict[str, Any]) -> dict[str, Any]:
+    """Write shard `shard` atomically and record it (sha256) in the manifest, rewritten (so a kill resumes)."""
+    name = f"shard-{shard:05d}.npz"
+    start, stop = shard * shard_size, min((shard + 1) * shard_size, n)
+    arrays = _shard_arrays(start, stop, parts, manifest)
+    path = out_dir / name
+    with fileio.atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+    manifest["shards"].append({"file": name, "start": start, "stop": stop, "sha256": fileio.sha256_file(path)})
+    manifest["shards"].sort(key=lambda e: e["start"])
+    return fileio.write_signed_json(out_dir / MANIFEST, manifest)
 
 
 def _record_kind(manifest: dict[str, Any], out: TeacherOutput, keep: str, who: str) -> None:
@@ -253,12 +244,6 @@ def _shard_arrays(start: int, stop: int, parts: list[tuple], manifest: dict[str,
     return arrays
 
 
-def _version() -> str:
-    from edgekd.bundle import edgekd_version
-
-    return edgekd_version()
-
-
 def read_labels(out_dir: str | Path, *, pool: np.ndarray | None = None) -> Labels:
     """Read a complete labels folder, verifying every shard's sha256 (and, given `pool`, that it is the pool
     that was labelled)."""
@@ -271,40 +256,75 @@ def read_labels(out_dir: str | Path, *, pool: np.ndarray | None = None) -> Label
     if not manifest.get("complete") or len(manifest["shards"]) != n_shards:
         raise EdgekdError(f"labels {out_dir}: incomplete ({len(manifest['shards'])} of {n_shards} shards); rerun "
                           "the same `edgekd label` command to finish it")
-    if pool is not None:
-        pool = np.ascontiguousarray(pool, dtype=np.float32)
-        if array_sha256(pool) != manifest["pool_sha256"]:
-            raise EdgekdError(f"labels {out_dir}: were made for another pool ({manifest['samples']} samples of shape "
-                              f"{tuple(manifest['input_shape'])}; given {len(pool)} of {tuple(pool.shape[1:])}, "
-                              "and the sha256 differs); label this pool or pass the one that was labelled")
+    if pool is not None and streaming.data_key(pool) != manifest["pool_sha256"]:
+        raise EdgekdError(f"labels {out_dir}: were made for another pool ({manifest['samples']} samples of shape "
+                          f"{tuple(manifest['input_shape'])}; given {len(pool)} of {tuple(pool.shape[1:])}, "
+                          "and the sha256 differs); label this pool or pass the one that was labelled")
     cols: dict[str, list[np.ndarray]] = {}
     for entry in manifest["shards"]:
-        path = out_dir / entry["file"]
-        data = fileio.read_confined(out_dir, entry["file"], what=f"labels shard {path} (named by {mpath})",
-                                    remedy="rerun `edgekd label` to redo it", sha256=entry["sha256"])
-        try:
-            with np.load(io.BytesIO(data), allow_pickle=False) as f:
-                arrays = {k: f[k] for k in f.files}
-        except Exception as e:
-            raise EdgekdError(f"labels shard {path}: not a readable .npz without pickles ({type(e).__name__}); "
-                              f"{REMEDY}") from None
-        n = entry["stop"] - entry["start"]
-        want = ["indices", "labels"] + (["topk_probs", "topk_indices"] if manifest["stored"] == "topk" else [])
-        for key in want:
-            if key not in arrays or len(arrays[key]) != n:
-                raise EdgekdError(f"labels shard {path}: array {key!r} missing or not {n} rows")
-        if not np.array_equal(arrays["indices"], np.arange(entry["start"], entry["stop"])):
-            raise EdgekdError(f"labels shard {path}: indices are not samples {entry['start']}..{entry['stop'] - 1}")
-        for key, a in arrays.items():
+        for key, a in _read_shard(out_dir, entry, manifest).items():
             cols.setdefault(key, []).append(a)
-    out = {k: np.concatenate(v) for k, v in cols.items()}
-    has_conf = "confidence" in out and len(out["confidence"]) == manifest["samples"]
-    return Labels(indices=out["indices"].astype(np.int64), labels=out["labels"].astype(np.int64),
-                  confidence=out["confidence"].astype(np.float32) if has_conf else None,
-                  topk_probs=out["topk_probs"].astype(np.float32) if "topk_probs" in out else None,
-                  topk_indices=out["topk_indices"].astype(np.int64) if "topk_indices" in out else None,
+    small = {k: np.concatenate(v) for k, v in cols.items() if not k.startswith("topk")}
+    has_conf = "confidence" in small and len(small["confidence"]) == manifest["samples"]
+    return Labels(indices=small["indices"].astype(np.int64), labels=small["labels"].astype(np.int64),
+                  confidence=small["confidence"].astype(np.float32) if has_conf else None,
+                  topk_probs=ShardRows(cols["topk_probs"], np.float32) if "topk_probs" in cols else None,
+                  topk_indices=ShardRows(cols["topk_indices"], np.int64) if "topk_indices" in cols else None,
                   temperature=float(manifest["temperature"]), num_classes=manifest.get("num_classes"),
                   manifest=manifest)
+
+
+def _read_shard(out_dir: Path, entry: dict[str, Any], manifest: dict[str, Any]) -> dict[str, np.ndarray]:
+    """A verified shard's arrays, memory-mapped (pages are read as rows are looked up)."""
+    path = fileio.verify_confined(out_dir, entry["file"], entry["sha256"],
+                                  what=f"labels shard {out_dir / entry['file']} (named by {out_dir / MANIFEST})",
+                                  remedy="rerun `edgekd label` to redo it")
+    try:
+        arrays = streaming.map_npz(path)
+    except Exception as e:
+        raise EdgekdError(f"labels shard {path}: not a readable .npz without pickles ({type(e).__name__}); "
+                          f"{REMEDY}") from None
+    n = entry["stop"] - entry["start"]
+    want = ["indices", "labels"] + (["topk_probs", "topk_indices"] if manifest["stored"] == "topk" else [])
+    for key in want:
+        if key not in arrays or len(arrays[key]) != n:
+            raise EdgekdError(f"labels shard {path}: array {key!r} missing or not {n} rows")
+    if not np.array_equal(arrays["indices"], np.arange(entry["start"], entry["stop"])):
+        raise EdgekdError(f"labels shard {path}: indices are not samples {entry['start']}..{entry['stop'] - 1}")
+    return arrays
+
+
+class ShardRows:
+    """The rows of several memory-mapped shard arrays one after another, never concatenated: `a[idx]` reads
+    those rows (as `dtype`), `a.take(rows, axis=0)` is a view of them, np.asarray(a) reads all."""
+
+    def __init__(self, parts: list[np.ndarray], dtype: Any, rows: np.ndarray | None = None) -> None:
+        self.parts, self.dtype = parts, np.dtype(dtype)
+        self.offsets = np.cumsum([0] + [len(p) for p in parts])
+        self.rows = np.arange(int(self.offsets[-1])) if rows is None else rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self), *self.parts[0].shape[1:])
+
+    def __getitem__(self, idx: Any) -> np.ndarray:
+        rows = np.atleast_1d(self.rows[idx])
+        part = np.searchsorted(self.offsets, rows, side="right") - 1
+        out = np.empty((len(rows), *self.parts[0].shape[1:]), self.dtype)
+        for p in np.unique(part):
+            sel = part == p
+            out[sel] = self.parts[p][rows[sel] - self.offsets[p]]
+        return out if np.ndim(self.rows[idx]) else out[0]
+
+    def take(self, rows: Any, axis: int = 0) -> ShardRows:
+        return ShardRows(self.parts, self.dtype, self.rows[np.asarray(rows)])
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        out = self[:]
+        return out if dtype is None else out.astype(dtype)
 
 
 def filter_labels(labels: Labels, *, min_confidence: float = 0.0, balance: bool | int = False,

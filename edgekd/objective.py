@@ -180,11 +180,12 @@ def compute(b: Batch, cfg: ObjectiveConfig) -> torch.Tensor:
 @dataclass(frozen=True)
 class OfflineTargets:
     """Teacher outputs computed before training (labels from `edgekd label`, the teacher cache, or the teacher
-    run once over a fixed transfer set). `fetch(epoch, sample_indices)` returns (the inputs the teacher saw, or
-    None for the stored ones, top-k values, top-k class indices); `values_are` says what the values are
+    run once over a fixed transfer set). `fetch(epoch, sample_indices, batch)` (batch: those samples as the feed
+    read them, a tensor on the training device, so nothing is read twice) returns (the inputs the teacher saw,
+    or None for the stored ones, top-k values, top-k class indices); `values_are` says what the values are
     (losses.topk_soft_target_loss)."""
 
-    fetch: Callable[[int, np.ndarray], tuple[np.ndarray | None, np.ndarray, np.ndarray]]
+    fetch: Callable[[int, np.ndarray, torch.Tensor], tuple[np.ndarray | None, np.ndarray, np.ndarray]]
     values_are: str = "logits"
 
 
@@ -348,7 +349,7 @@ class Objective:
         saw augmented ones); (xb, None) when the teacher runs online or there is none."""
         if self.offline is None:
             return xb, None
-        views, top_v, top_i = self.offline.fetch(epoch, idx.numpy())
+        views, top_v, top_i = self.offline.fetch(epoch, idx.numpy(), xb)
         if views is not None:
             xb = torch.from_numpy(views).to(xb.device)
         return xb, (torch.from_numpy(top_v).to(xb.device), torch.from_numpy(top_i).to(xb.device))

@@ -158,8 +158,11 @@ class LazyArray(_Lazy):
 
     def raw(self, i: int) -> np.ndarray:
         """Row i of the base, scaled but not normalized."""
-        row = self.base[i]
-        if isinstance(row, tuple):     # a Dataset's (input, label)
+        return self.scaled(self.base[i], i)
+
+    def scaled(self, row: Any, i: int) -> np.ndarray:
+        """One row (or a Dataset's (input, label) item) as float32 times `scale`, shape checked."""
+        if isinstance(row, (tuple, list)):     # a Dataset's (input, label)
             row = row[0]
         row = row.numpy() if hasattr(row, "numpy") else np.asarray(row)
         x = row.astype(np.float32) * np.float32(self.scale)
@@ -168,17 +171,211 @@ class LazyArray(_Lazy):
             raise EdgekdError(f"data row {i}: has shape {x.shape}, expected {self.item_shape} like the first row")
         return x
 
-    def read(self, i: int) -> np.ndarray:
-        x = self.raw(i)
+    def norm(self, x: np.ndarray) -> np.ndarray:
+        """(x - mean) / std per channel."""
         mean, std = np.asarray(self.mean, np.float32), np.asarray(self.std, np.float32)
         if x.ndim == 3:
             mean, std = mean.reshape(-1, 1, 1), std.reshape(-1, 1, 1)
         return ((x - mean) / std).astype(np.float32)
 
+    def read(self, i: int) -> np.ndarray:
+        return self.norm(self.raw(i))
+
     def normalized(self, mean: tuple[float, ...], std: tuple[float, ...]) -> LazyArray:
         out = self.view(self.rows)
         out.mean, out.std = tuple(mean), tuple(std)
         return out
+
+
+class LazyStream(LazyArray):
+    """A torch IterableDataset of (input, label) pairs used as it is: read in its own order, never by index.
+
+    Its length, labels (and, for training, mean/std) come from one counting pass at load (`summarize`); a
+    training epoch reads it in blocks of `batch_size` through DataLoader workers (`_Blocks`). `x[indices]`
+    reads one pass up to the largest index, for small draws (an example batch, calibration, a spot check);
+    carving splits or subsets by index (`take`) is refused."""
+
+    def __init__(self, base: Any, item_shape: tuple[int, ...], scale: float, length: int,
+                 options: LoaderOptions = LoaderOptions()) -> None:
+        self.base, self.item_shape, self.scale, self.options = base, tuple(item_shape), float(scale), options
+        self.mean, self.std = (0.0,), (1.0,)
+        self.rows = np.arange(length)
+        self.token = os.urandom(16).hex()   # its fingerprint: what is keyed on this load is not reused by another
+
+    def raw(self, i: int) -> np.ndarray:
+        raise EdgekdError("an iterable data source is read in order, not by index")
+
+    def take(self, indices: Any, axis: int = 0) -> LazyStream:
+        raise EdgekdError(f"a {type(self.base).__name__} (IterableDataset) source cannot be split or subset by "
+                          "index; give it its own splits")
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        if isinstance(key, (int, np.integer)):
+            return self[np.array([key])][0]
+        pos = np.arange(len(self))[key if isinstance(key, slice) else np.asarray(key, dtype=np.int64)]
+        if not len(pos):
+            return np.zeros((0, *self.item_shape), np.float32)
+        wanted, got = set(pos.tolist()), {}
+        import itertools
+
+        for k, item in enumerate(itertools.islice(iter(self.base), int(pos.max()) + 1)):
+            if k in wanted:
+                got[k] = self.norm(self.scaled(_pair(item, k)[0], k))
+        if len(got) < len(wanted):
+            raise EdgekdError(f"data stream {type(self.base).__name__}: ended after {k + 1 if got else 0} samples; "
+                              f"the counting pass at load saw {len(self)}")
+        return np.stack([got[p] for p in pos.tolist()])
+
+
+def _pair(item: Any, k: int) -> tuple[Any, int]:
+    """(input, int label) of stream item k."""
+    if not isinstance(item, (tuple, list)) or len(item) != 2:
+        raise EdgekdError(f"data stream item {k}: is a {type(item).__name__}; expected an (input, label) pair")
+    try:
+        return item[0], int(item[1])
+    except (TypeError, ValueError):
+        raise EdgekdError(f"data stream item {k}: label {item[1]!r} is not an integer class index") from None
+
+
+def _blocks_class() -> type:
+    """`_Blocks`, defined on first use so this module does not import torch (module __getattr__ below)."""
+    import itertools
+
+    import torch
+
+    class _Blocks(torch.utils.data.IterableDataset):
+        """The blocks of `block` consecutive samples of a stream that one DDP rank and DataLoader worker read:
+        block j goes to rank j % world and a rank's m-th block to worker m % workers (torch's documented split
+        by torch.utils.data.get_worker_info()), so a DataLoader yields a rank's blocks in stream order. Every
+        worker walks the whole stream and prepares only its blocks. Yields (start, inputs (B, ...) normalized,
+        labels (B,)), or with `summary` (start, labels, per-channel sums, sums of squares and value counts of
+        the scaled, unnormalized inputs)."""
+
+        def __init__(self, x: LazyStream, block: int, rank: int = 0, world: int = 1, summary: bool = False):
+            self.x, self.block, self.rank, self.world, self.summary = x, block, rank, world, summary
+
+        def __iter__(self) -> Iterator[tuple]:
+            info = torch.utils.data.get_worker_info()
+            w, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+            it, start, j = iter(self.x.base), 0, 0
+            while items := list(itertools.islice(it, self.block)):
+                if j % self.world == self.rank and (j // self.world) % workers == w:
+                    yield self._prepare(start, items)
+                start, j = start + len(items), j + 1
+
+        def _prepare(self, start: int, items: list) -> tuple:
+            pairs = [_pair(item, start + k) for k, item in enumerate(items)]
+            labels = np.asarray([y for _, y in pairs], np.int64)
+            xs = np.stack([self.x.scaled(v, start + k) for k, (v, _) in enumerate(pairs)])
+            if not self.summary:
+                return start, torch.from_numpy(np.stack([self.x.norm(v) for v in xs])), torch.from_numpy(labels)
+            a = xs.astype(np.float64)
+            a = a.transpose(1, 0, 2, 3).reshape(a.shape[1], -1) if a.ndim == 4 else a.reshape(1, -1)
+            return start, labels, a.sum(1), (a * a).sum(1), a.shape[1]
+
+    _Blocks.__qualname__ = "_Blocks"
+    return _Blocks
+
+
+def __getattr__(name: str) -> Any:   # PEP 562: `_Blocks` pickles by name (spawned DataLoader workers)
+    if name == "_Blocks":
+        globals()["_Blocks"] = cls = _blocks_class()
+        return cls
+    raise AttributeError(name)
+
+
+def stream_source(ds: Any, where: str, options: LoaderOptions
+                  ) -> tuple[LazyStream, np.ndarray, tuple[float, ...], tuple[float, ...]]:
+    """(lazy stream, labels, per-channel mean, std) of an IterableDataset of (input, label) pairs, from one
+    counting pass in DataLoader workers that keeps only the labels (8 bytes a sample) and running sums; the
+    mean/std cover every input (+1e-6 on std, as the array path). uint8 inputs are scaled by 1/255. A
+    `len()` that disagrees with the count is an error."""
+    import torch
+
+    try:
+        first, _ = _pair(next(iter(ds)), 0)
+    except StopIteration:
+        raise EdgekdError(f"{where}: the stream is empty") from None
+    first = first.numpy() if hasattr(first, "numpy") else np.asarray(first)
+    if first.dtype.kind not in "fiu" or first.ndim < 1:
+        raise EdgekdError(f"{where}: inputs are {first.dtype} of shape {first.shape}; expected numbers (float, or "
+                          "uint8 images)")
+    shape = (1, *first.shape) if first.ndim == 2 else first.shape
+    x = LazyStream(ds, shape, 1 / 255 if first.dtype == np.uint8 else 1.0, 0, options)
+    loader = torch.utils.data.DataLoader(__getattr__("_Blocks")(x, 256, summary=True), batch_size=None,
+                                         num_workers=options.num_workers)
+    labels, total, total_sq, count = [], 0.0, 0.0, 0
+    for _, y, s, sq, c in _one_line_errors(iter(loader)):
+        labels.append(np.asarray(y))
+        total, total_sq, count = total + np.asarray(s), total_sq + np.asarray(sq), count + int(c)
+    y = np.concatenate(labels)
+    declared = _declared_len(ds)
+    if declared is not None and declared != len(y):
+        raise EdgekdError(f"{where}: len() says {declared} samples, one pass over the stream gave {len(y)}")
+    mean = total / max(count, 1)
+    std = np.sqrt(np.maximum(total_sq / max(count, 1) - mean * mean, 0.0)) + 1e-6
+    x.rows = np.arange(len(y))
+    return x, y, tuple(float(v) for v in mean), tuple(float(v) for v in std)
+
+
+def _declared_len(ds: Any) -> int | None:
+    try:
+        return len(ds)
+    except TypeError:   # IterableDataset without __len__
+        return None
+
+
+def stream_order(x: LazyStream, batch: int, rank: int, world: int) -> Any:
+    """This rank's positions in the stream for one epoch: its blocks of `batch` (block j on rank j % world),
+    padded with its first block to ceil(N / (batch * world)) blocks so every rank takes the same steps (as
+    DistributedSampler repeats samples)."""
+    import torch
+
+    n = len(x)
+    blocks = [np.arange(j * batch, min((j + 1) * batch, n)) for j in range(rank, -(-n // batch), world)]
+    if not blocks:
+        raise EdgekdError(f"data stream: {n} samples make fewer than one batch of {batch} per rank ({world} ranks); "
+                          "use a smaller batch_size or fewer ranks")
+    blocks += [blocks[0]] * (-(-n // (batch * world)) - len(blocks))
+    return torch.from_numpy(np.concatenate(blocks))
+
+
+class LazyConcat(_Lazy):
+    """Samples of several parts (arrays or lazy sources, each already normalized) one after another: the
+    training split followed by an unlabelled pool, without reading either. Row r of the base is sample
+    r - offset[p] of part p."""
+
+    def __init__(self, parts: Sequence[Any], options: LoaderOptions) -> None:
+        self.parts = tuple(parts)
+        self.offsets = np.cumsum([0] + [len(p) for p in self.parts])
+        self.item_shape = tuple(self.parts[0].shape[1:])
+        self.rows, self.options = np.arange(int(self.offsets[-1])), options
+
+    def _part(self, i: int) -> tuple[Any, int]:
+        p = int(np.searchsorted(self.offsets, i, side="right")) - 1
+        return self.parts[p], i - int(self.offsets[p])
+
+    def read(self, i: int) -> np.ndarray:
+        part, j = self._part(i)
+        return np.asarray(part[j], dtype=np.float32)
+
+    def raw(self, i: int) -> np.ndarray:
+        part, j = self._part(i)
+        return part.raw(int(part.rows[j])) if is_lazy(part) else np.asarray(part[j], dtype=np.float32)
+
+    def identity(self) -> list[str]:
+        """The parts' keys (fingerprints, or sha256 of arrays) and this view's rows."""
+        from edgekd.teachers import array_sha256
+
+        return [data_key(p) for p in self.parts] + [array_sha256(self.rows)]
+
+
+def concat(parts: Sequence[Any]) -> Any:
+    """The parts one after another: np.concatenate for arrays, a LazyConcat (nothing read) when one is lazy."""
+    lazy = [p for p in parts if is_lazy(p)]
+    if not lazy:
+        return np.concatenate(parts)
+    return LazyConcat(parts, lazy[0].options)
 
 
 def map_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -207,6 +404,14 @@ def map_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
     return out
 
 
+def data_key(x: Any) -> str:
+    """sha256 naming inputs for a cache or labels key: an array's float32 bytes (teachers.array_sha256), or
+    a lazy source's fingerprint, so a folder is never read to check a key."""
+    from edgekd.teachers import array_sha256
+
+    return fingerprint(x) if is_lazy(x) else array_sha256(np.ascontiguousarray(x, np.float32))
+
+
 def fingerprint(x: Any) -> str:
     """sha256 naming what a lazy source reads: for image files the transform spec and each file's path, size
     and modification time (in the source's row order); for a mapped array its file, layout, rows and scaling.
@@ -216,6 +421,10 @@ def fingerprint(x: Any) -> str:
 
     if isinstance(x, LazyImages):   # image files, or samples of tar shards (edgekd.shards.LazyShards)
         payload = x.identity()
+    elif isinstance(x, LazyStream):   # cannot be named without reading it: a key of this load only, never reused
+        payload = {"stream": type(x.base).__name__, "load": x.token}
+    elif isinstance(x, LazyConcat):
+        payload = {"concat": x.identity()}
     elif isinstance(x, LazyArray) and isinstance(x.base, np.memmap):
         st = os.stat(x.base.filename)
         payload = {"file": [x.base.filename, st.st_size, st.st_mtime_ns], "offset": x.base.offset,
@@ -297,9 +506,12 @@ class _EpochSampler:
 
 
 class Feed:
-    """Batches of `x` for lists of index chunks; one per training run, so the workers outlive epochs."""
+    """Batches of `x` for lists of index chunks; one per training run, so the workers outlive epochs. An
+    iterable source (LazyStream) is read in blocks of `batch_size` for this DDP rank; its chunks must come
+    from `stream_order` (or be consecutive blocks from 0 with ranks = (0, 1))."""
 
-    def __init__(self, x: Any, pin: bool = False) -> None:
+    def __init__(self, x: Any, pin: bool = False, batch_size: int | None = None,
+                 ranks: tuple[int, int] | None = None) -> None:
         import torch
 
         self.x = x
@@ -308,20 +520,69 @@ class Feed:
             self.x_t = torch.from_numpy(np.ascontiguousarray(x))
             return
         o = x.options
-        self.sampler = _EpochSampler()
         workers = o.num_workers
+        if isinstance(x, LazyStream):   # this DDP rank's blocks (`ranks`: (rank, world); default: torchrun's)
+            from edgekd import distributed
+
+            rank, world = ranks or (distributed.rank(), distributed.world_size())
+            dataset, self.sampler = __getattr__("_Blocks")(x, batch_size, rank, world), None
+        else:
+            dataset, self.sampler = x, _EpochSampler()
+        batching = {"batch_size": None} if self.sampler is None else {"batch_sampler": self.sampler,
+                                                                      "collate_fn": _collate}
         self.loader = torch.utils.data.DataLoader(
-            x, batch_sampler=self.sampler, num_workers=workers, collate_fn=_collate,
+            dataset, **batching, num_workers=workers,
             pin_memory=pin if o.pin_memory is None else o.pin_memory,
             prefetch_factor=o.prefetch_factor if workers else None,
             persistent_workers=o.persistent_workers and workers > 0)
 
-    def __call__(self, chunks: Sequence[Any]) -> Iterator[Any]:
-        if self.loader is None:
-            return (self.x_t[c] for c in chunks)
-        every = np.arange(len(self.x))
-        self.sampler.set([every[c] if isinstance(c, slice) else np.asarray(c, dtype=np.int64) for c in chunks])
-        return _one_line_errors(iter(self.loader))
+    def __call__(self, chunks: Sequence[Any], y: Any = None) -> Iterator[Any]:
+        """The batches of `chunks`: inputs, or with labels `y` (a tensor) (inputs, labels); a stream gives its
+        own labels."""
+        if self.loader is None:   # an array: slices stay views
+            xs = (self.x_t[c] for c in chunks)
+        else:
+            every = np.arange(len(self.x))
+            chunks = [every[c] if isinstance(c, slice) else np.asarray(c, dtype=np.int64) for c in chunks]
+            if self.sampler is None:
+                pairs = self._stream(chunks)
+                return pairs if y is not None else (xb for xb, _ in pairs)
+            self.sampler.set(chunks)
+            xs = _one_line_errors(iter(self.loader))
+        if y is None:
+            return xs
+        import torch
+
+        y = torch.as_tensor(y)
+        return ((xb, y[c]) for xb, c in zip(xs, chunks, strict=True))
+
+    def _stream(self, chunks: list[np.ndarray]) -> Iterator[tuple[Any, Any]]:
+        """The stream's blocks that start where the chunks start; a chunk that starts at or before a block
+        already read is a padding step and gets the rank's first block again. Reads the stream to its end, so
+        a stream that changed length since the counting pass is an error."""
+        it = _one_line_errors(iter(self.loader))
+        first, seen = None, -1
+        name = type(self.x.base).__name__
+        for c in chunks:
+            if len(c) and int(c[0]) <= seen:
+                yield first
+                continue
+            for start, xb, yb in it:
+                first, seen = first or (xb, yb), start
+                if start == int(c[0]):
+                    break
+            else:
+                raise EdgekdError(f"data stream {name}: ended before sample {int(c[0])}; the counting pass at load "
+                                  f"saw {len(self.x)} (an iterable source must give the same samples every pass)")
+            if len(xb) != len(c):
+                raise EdgekdError(f"data stream {name}: gave {len(xb)} samples from {int(c[0])} where {len(c)} "
+                                  f"were expected; the counting pass at load saw {len(self.x)} (an iterable "
+                                  "source must give the same samples every pass)")
+            yield xb, yb
+        for start, _, _ in it:
+            if start >= len(self.x):
+                raise EdgekdError(f"data stream {name}: gave more than the {len(self.x)} samples the counting "
+                                  "pass at load saw (an iterable source must give the same samples every pass)")
 
 
 def _collate(items: list[np.ndarray]) -> Any:
@@ -346,8 +607,15 @@ def _one_line_errors(it: Iterator[Any]) -> Iterator[Any]:
         yield batch
 
 
-def batches(x: Any, chunks: Sequence[Any]) -> Iterator[Any]:
-    """One pass over `chunks` of `x` (a fresh, non-persistent feed: for evaluation and one-off passes)."""
+def batches(x: Any, chunks: Sequence[Any], y: Any = None) -> Iterator[Any]:
+    """One pass over `chunks` of `x` (a fresh, non-persistent feed: for evaluation and one-off passes);
+    with labels `y`, (inputs, labels) pairs (a stream's own labels). A stream's chunks are consecutive
+    slices of one size from 0."""
     if is_lazy(x):
         x = x.with_options(replace(x.options, persistent_workers=False))
-    return Feed(x)(chunks)
+    size = max((len(range(len(x))[c]) if isinstance(c, slice) else len(c) for c in chunks), default=1)
+    return Feed(x, batch_size=size, ranks=(0, 1))(chunks, y)   # every rank reads all of it
+
+
+def is_stream(x: Any) -> bool:
+    return isinstance(x, LazyStream)

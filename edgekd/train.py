@@ -56,28 +56,38 @@ def check_model_fits(model: nn.Module, input_shape: tuple[int, ...], num_classes
 EVAL_BATCH_BYTES = 64 * 2**20   # evaluation batches hold at most this much input (and at most 512 samples)
 
 
-@torch.no_grad()
 def predict_logits(model: nn.Module, x: np.ndarray, device: torch.device | str = "cpu",
                    batch_size: int | None = None,
                    set_mode: Callable[[nn.Module, bool], None] | None = None) -> np.ndarray:
     """Logits for every input of `x` (an array or a lazy source), in order. The default batch size keeps a
     batch's input under EVAL_BATCH_BYTES: 512 digits, 111 RGB images of 224x224, so activations stay bounded."""
+    return _predict(model, x, device, batch_size, set_mode)[0]
+
+
+@torch.no_grad()
+def _predict(model: nn.Module, x: np.ndarray, device: torch.device | str, batch_size: int | None,
+             set_mode: Callable[[nn.Module, bool], None] | None, y: np.ndarray | None = None
+             ) -> tuple[np.ndarray, np.ndarray | None]:
+    """(logits, labels): with `y`, the labels of the batches as read (an iterable source gives its own)."""
     if batch_size is None:
         batch_size = max(1, min(512, EVAL_BATCH_BYTES // (4 * math.prod(x.shape[1:]) or 1)))
     if set_mode is None:
         model.eval()
     else:
         set_mode(model, False)
-    outs = []
+    outs, labels = [], []
     chunks = [slice(i, i + batch_size) for i in range(0, len(x), batch_size)]
-    for xb in streaming.batches(x, chunks):
+    for batch in streaming.batches(x, chunks, y):
+        xb, yb = batch if y is not None else (batch, None)
         outs.append(model(xb.to(device)).float().cpu())
-    return torch.cat(outs).numpy() if outs else np.zeros((0,), np.float32)
+        labels.append(yb)
+    logits = torch.cat(outs).numpy() if outs else np.zeros((0,), np.float32)
+    return logits, (torch.cat(labels).numpy() if y is not None and labels else y)
 
 
 def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray, device: torch.device | str = "cpu",
              set_mode: Callable[[nn.Module, bool], None] | None = None) -> float:
-    logits = predict_logits(model, x, device, set_mode=set_mode)
+    logits, y = _predict(model, x, device, None, set_mode, y)
     return float((logits.argmax(1) == y).mean()) if len(y) else float("nan")
 
 
@@ -212,7 +222,7 @@ def fit(model: nn.Module, x: np.ndarray, y: np.ndarray, cfg: ModelConfig, *, dev
     opt = _optimizer(list(trainee.parameters()), cfg, lr)
     steps_per_epoch = math.ceil(shard / batch_size)
     sched = _scheduler(opt, cfg.schedule, lr, epochs * steps_per_epoch)
-    feed = streaming.Feed(x, pin=device.type == "cuda")   # lazy sources: DataLoader workers, alive all run
+    feed = streaming.Feed(x, pin=device.type == "cuda", batch_size=batch_size)   # lazy: workers alive all run
     y_t = torch.from_numpy(y)
     fingerprint = (f"{desc}|n={len(x)}|epochs={epochs}|lr={lr}|batch={batch_size}|seed={seed}"
                    f"|world={distributed.world_size()}|augment={augment}")
@@ -248,7 +258,9 @@ def fit(model: nn.Module, x: np.ndarray, y: np.ndarray, cfg: ModelConfig, *, dev
                 on_epoch(epoch)
             set_mode(model, True)
             start = time.perf_counter()
-            if sampler is not None:
+            if streaming.is_stream(x):   # an iterable source: its own order, this rank's blocks
+                order = streaming.stream_order(x, batch_size, distributed.rank(), distributed.world_size())
+            elif sampler is not None:
                 sampler.set_epoch(epoch)
                 order = torch.tensor(list(sampler))
             else:
@@ -260,8 +272,8 @@ def fit(model: nn.Module, x: np.ndarray, y: np.ndarray, cfg: ModelConfig, *, dev
             bar = tqdm(range(begin, steps_per_epoch), desc=f"{desc} {epoch + 1}/{epochs}", leave=False,
                        disable=not progress, unit="step")
             chunks = [order[step * batch_size:(step + 1) * batch_size] for step in range(begin, steps_per_epoch)]
-            for step, idx, xb in zip(bar, chunks, feed(chunks), strict=True):
-                xb, yb = xb.to(device, non_blocking=True), y_t[idx].to(device)
+            for step, idx, (xb, yb) in zip(bar, chunks, feed(chunks, y_t), strict=True):
+                xb, yb = xb.to(device, non_blocking=True), yb.to(device)
                 mix = None
                 if augment is not None:
                     xb, mix = augment(xb, step_generator(seed, epoch, step))

@@ -249,7 +249,7 @@ def test_teacher_outputs_computed_once_train_the_same_student_as_online_kd():
     logits = predict_logits(teacher, x)
     classes = np.broadcast_to(np.arange(3), logits.shape).astype(np.int64)
     offline = Objective(ObjectiveConfig(4.0, 0.5),
-                        offline=OfflineTargets(lambda _e, idx: (None, logits[idx], classes[idx])))
+                        offline=OfflineTargets(lambda _e, idx, _batch: (None, logits[idx], classes[idx])))
     cfg = ModelConfig(epochs=2, batch_size=16, lr=1e-2)
     torch.manual_seed(1)
     a = _Recorder()

@@ -229,3 +229,40 @@ def test_cache_of_a_streamed_folder_is_memory_mapped_and_keyed_to_its_files(tmp_
     os.utime(f, ns=(os.stat(f).st_atime_ns, os.stat(f).st_mtime_ns + 10**9))
     with pytest.raises(EdgekdError, match=r"built for other data \(key x_sha256"):
         load_cache(tmp_path / "c", x=d.x_train, augment_key="none", seed=0, top_k=2)
+
+
+def test_cache_teacher_and_offline_kd_on_a_streamed_folder_decode_only_in_workers(tmp_path, monkeypatch):
+    """cache-teacher over a streamed folder decodes in DataLoader workers and matches the cache of the same
+    inputs in memory; distill --cache then takes each batch's views from the batch its feed read, so the
+    training process decodes nothing."""
+    import os
+
+    from edgekd.distillation import cache_teacher, distill, train_teacher
+    from edgekd.recipe import load_recipe
+    from tests.test_streaming import _folder, record_decodes
+
+    _folder(tmp_path / "imgs")
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[data]\nsource = "imgs"\nnum_workers = 2\nmean = [0.5]\nstd = [0.25]\n'
+                      '[teacher]\nmodel = "cnn:widths=4"\nepochs = 1\nbatch_size = 8\n'
+                      '[student]\nmodel = "mlp:hidden=8"\nepochs = 2\nbatch_size = 8\n[distill]\nbaseline = false\n')
+    r = load_recipe(recipe)
+    train_teacher(r, tmp_path / "run", device="cpu", progress=False)
+    decodes = record_decodes(monkeypatch, tmp_path / "decodes")
+    manifest = cache_teacher(r, tmp_path / "run", top_k=2, epochs=2, augment="flip,shift=1", device="cpu",
+                             progress=False)
+    assert manifest["complete"] and os.getpid() not in decodes() and len(decodes()) == 2 * manifest["samples"]
+    metrics = distill(r, tmp_path / "run", device="cpu", progress=False, cache=tmp_path / "run" / "teacher-cache")
+    assert metrics["student"]["offline"]["source"] == "cache" and os.getpid() not in decodes()
+    from edgekd.data import load_data
+
+    d = load_data(r.data, r.base_dir)
+    teacher = FunctionTeacher(lambda b: b.reshape(len(b), -1)[:, :4], identity="f")
+    aug = make_augment("flip,shift=1")
+    build_cache(teacher, d.x_train, tmp_path / "lazy", top_k=2, epochs=2, augment=aug, seed=3, batch_size=8)
+    build_cache(teacher, d.x_train[:], tmp_path / "mem", top_k=2, epochs=2, augment=aug, seed=3, batch_size=8)
+    lazy = load_cache(tmp_path / "lazy", x=d.x_train, augment_key=aug.key, seed=3, top_k=2)
+    mem = load_cache(tmp_path / "mem", x=d.x_train[:], augment_key=aug.key, seed=3, top_k=2)
+    for e in range(2):
+        np.testing.assert_array_equal(lazy.values[e], mem.values[e])
+        np.testing.assert_array_equal(lazy.indices[e], mem.indices[e])

@@ -3,7 +3,7 @@ import pytest
 import torch
 from PIL import Image
 
-from edgekd.data import load_data
+from edgekd.data import labelled_subset, load_data
 from edgekd.errors import EdgekdError
 from edgekd.recipe import DataConfig
 
@@ -335,11 +335,46 @@ def test_torch_dataset_sources_are_used_as_they_are(tmp_path):
     history = fit(model, d.x_train, d.y_train, ModelConfig(epochs=1, batch_size=8), device=torch.device("cpu"),
                   desc="t", progress=False, x_val=d.x_val, y_val=d.y_val)
     assert 0.0 <= history[0]["val_accuracy"] <= 1.0
-    with pytest.raises(EdgekdError, match=r"Stream is an IterableDataset; edgekd needs samples by index \(resume "
-                                          r"mid-epoch, the teacher cache .* an .npz or tar shards"):
-        load_data(DataConfig(source="tests.test_data:iterable_source"))
+    with pytest.raises(EdgekdError, match=r"train dataset: the stream is empty"):
+        load_data(DataConfig(source="tests.test_data:iterable_source", val_fraction=0.0))
 
 
 def test_image_keys_on_other_sources_are_refused():
     with pytest.raises(EdgekdError, match=r"resize, crop and skip_bad_images apply to image folders only"):
         load_data(DataConfig(source="tests.test_data:arrays_source", resize=8))
+
+
+def test_labelled_and_unlabeled_pools_of_a_streamed_folder_are_indexed_not_read(tmp_path):
+    from edgekd.distillation import transfer_set
+    from edgekd.models import build_model
+    from edgekd.preprocess import apply
+    from edgekd.recipe import ModelConfig
+    from edgekd.streaming import LazyConcat, LazyImages
+    from edgekd.train import fit
+
+    root = _folder(tmp_path / "imgs", per_class=12)
+    pool = _folder(tmp_path / "pool" / "any" / "depth", classes=("a",), per_class=5, seed=3)
+    cfg = dict(source=str(root), num_workers=1, val_fraction=0.0)
+    full = load_data(DataConfig(**cfg))
+    d = load_data(DataConfig(**cfg, labelled=6, unlabeled=str(tmp_path / "pool")))
+    assert isinstance(d.x_train, LazyImages) and isinstance(d.x_unlabeled, LazyConcat)
+    keep = labelled_subset(full.y_train, 6, 0, "t")
+    np.testing.assert_array_equal(d.x_train[:], full.x_train[keep])
+    rest = np.setdiff1d(np.arange(len(full.y_train)), keep)
+    assert len(d.x_unlabeled) == len(rest) + 5
+    np.testing.assert_array_equal(d.x_unlabeled[:len(rest)], full.x_train[rest])
+    first_pool = sorted(str(p) for p in pool.rglob("*.png"))[0]
+    np.testing.assert_allclose(d.x_unlabeled[len(rest)], apply(d.preprocess, first_pool), atol=1e-6)
+    x, y = transfer_set(d)
+    assert isinstance(x, LazyConcat) and len(x) == len(y) == 6 + len(rest) + 5 and (y == -1).sum() == len(rest) + 5
+    model = build_model("cnn:widths=4", d.input_shape, d.num_classes)
+    fit(model, x, y, ModelConfig(epochs=1, batch_size=8), device=torch.device("cpu"), desc="t", progress=False)
+    # a large .npy pool is memory-mapped (memory_map = true forces it), uint8 scaled by 1/255
+    px = np.random.default_rng(1).integers(0, 255, (7, 3, 10, 12), dtype=np.uint8)
+    np.save(tmp_path / "pool.npy", px)
+    m = load_data(DataConfig(**cfg, unlabeled=str(tmp_path / "pool.npy"), memory_map=True))
+    assert isinstance(m.x_unlabeled.base, np.memmap)
+    mean, std = np.asarray(m.mean, np.float32)[:, None, None], np.asarray(m.std, np.float32)[:, None, None]
+    np.testing.assert_allclose(m.x_unlabeled[2], (px[2] / np.float32(255) - mean) / std, atol=1e-5)
+    with pytest.raises(EdgekdError, match=r"pool .*: a folder of images needs an image folder"):
+        load_data(DataConfig(source="digits", unlabeled=str(tmp_path / "pool")))

@@ -85,3 +85,34 @@ def test_bad_data_distillation_input(run, tmp_path):
     assert r.returncode == 2 and "false" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     r = edgekd("distill", run / "recipe.toml", "--cache", tmp_path, "--out", tmp_path / "o")
     assert r.returncode == 2 and "no manifest.json" in r.stderr
+
+
+def test_label_a_folder_pool_then_distill_from_it_streamed(tmp_path):
+    """edgekd label --pool FOLDER (images read through the source's eval transform in DataLoader workers),
+    then distill --labels: the pool is found again from the labels folder, as a lazy source, and checked
+    against the manifest's key (its files and transform)."""
+    import os
+
+    from tests.test_streaming import _folder
+
+    _folder(tmp_path / "imgs")
+    _folder(tmp_path / "pool", per_class=12)
+    (tmp_path / "r.toml").write_text('[data]\nsource = "imgs"\nnum_workers = 1\n'
+                                     '[teacher]\nmodel = "cnn:widths=4"\nepochs = 3\nbatch_size = 8\n'
+                                     '[student]\nmodel = "mlp:hidden=8"\nepochs = 2\nbatch_size = 8\n'
+                                     '[distill]\nbaseline = false\n')
+    run = tmp_path / "run"
+    r = edgekd("teacher", tmp_path / "r.toml", "--out", run, "--device", "cpu", "--quiet")
+    assert r.returncode == 0, r.stderr
+    r = edgekd("label", tmp_path / "r.toml", "--teacher", run / "teacher.safetensors", "--pool", tmp_path / "pool",
+               "--out", run / "labels", "--shard-size", "10", "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((run / "labels" / "manifest.json").read_text())["samples"] == 24
+    r = edgekd("distill", tmp_path / "r.toml", "--labels", run / "labels", "--out", run, "--device", "cpu", "--quiet")
+    assert r.returncode == 0, r.stderr
+    m = json.loads((run / "metrics.json").read_text())["student"]
+    assert m["offline"]["source"] == "labels" and m["offline"]["samples"] == 24
+    f = tmp_path / "pool" / "c0" / "3.png"   # a pool file changed since labelling: refused, naming the key
+    os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 10**9))
+    r = edgekd("distill", tmp_path / "r.toml", "--labels", run / "labels", "--out", run, "--device", "cpu", "--quiet")
+    assert r.returncode == 2 and "were made for another pool" in r.stderr, r.stderr

@@ -1,0 +1,54 @@
+"""Folders of checksummed files listed by a signed manifest.json: `edgekd label` shards and the teacher cache.
+
+What both read the same way: the manifest (bounded JSON, its own checksum, the fields the caller reads, every
+listed file a plain name inside the folder), whether a listed file may be kept on resume, and the stamps a
+new manifest carries.
+"""
+
+from __future__ import annotations
+
+import datetime
+from pathlib import Path
+from typing import Any
+
+from edgekd import fileio
+from edgekd.errors import EdgekdError
+
+MANIFEST = "manifest.json"
+
+
+def read_manifest(folder: Path, *, kind: str, fmt: str, fields: dict[str, str], optional: tuple[str, ...],
+                  entries: str, entry_fields: dict[str, str], remedy: str) -> dict[str, Any]:
+    """`folder`/manifest.json checked: format `fmt`, signed, `fields` present with their types (bar
+    `optional`), and each item of the list `entries` with `entry_fields`, its "file" a plain name. `kind`
+    names the folder in messages ("labels", "teacher cache")."""
+    what = f"{kind} manifest {folder / MANIFEST}"
+    manifest = fileio.read_json(folder, MANIFEST, what=what, remedy=remedy)
+    if not isinstance(manifest, dict) or manifest.get("format") != fmt:
+        raise EdgekdError(f"{what}: not an edgekd {kind} manifest (expected format {fmt!r})")
+    fileio.check_signed(manifest, what=what, remedy=remedy)
+    fileio.check_fields(manifest, fields, what=what, remedy=remedy, optional=optional)
+    for entry in manifest[entries]:
+        fileio.check_fields(entry, entry_fields, what=f"{what}: entry in {entries!r}", remedy=remedy)
+        fileio.check_name(entry["file"], what=what, remedy=remedy)
+    return manifest
+
+
+def entry_ok(folder: Path, entry: dict[str, Any], kind: str, remedy: str) -> bool:
+    """A listed file is kept on resume only when it is a regular file inside the folder with the recorded sha256."""
+    try:
+        fileio.verify_confined(folder, entry["file"], entry["sha256"], what=f"{kind} {folder}", remedy=remedy)
+    except EdgekdError:
+        return False
+    return True
+
+
+def now() -> str:
+    """UTC time of day for `created` / `completed`, to the second."""
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def version() -> str:
+    from edgekd.bundle import edgekd_version
+
+    return edgekd_version()
