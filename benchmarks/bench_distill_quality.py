@@ -96,10 +96,11 @@ def run_dir(work: Path, suite: str, student: str, seed: int) -> Path:
     return work / ("hinton" if suite == "engine" else suite) / student / f"seed{seed}"
 
 
-def ensure_teacher(raw: dict[str, Any], work: Path) -> Path:
+def ensure_teacher(raw: dict[str, Any], work: Path, device: str = "cpu") -> Path:
+    """The teacher of every suite (bench_patient's too), trained once into <work>/teacher."""
     folder = work / "teacher"
     if not (folder / "teacher.safetensors").is_file():
-        train_teacher(recipe_from_dict(raw, base_dir=BASE.parent), folder, device="cpu", resume=True)
+        train_teacher(recipe_from_dict(raw, base_dir=BASE.parent), folder, device=device, resume=True)
     return folder / "teacher.safetensors"
 
 
@@ -167,9 +168,9 @@ def summarize(work: Path, suite: str, student: str, seeds: list[int]) -> dict[st
     }
 
 
-def markdown(rows: list[dict[str, Any]], engine: dict[str, Any] | None, data: dict[str, Any]) -> str:
-    parts = [common.header_markdown("Distillation quality on Fashion-MNIST", data["command"], data["environment"],
-                                    data["notes"])]
+def markdown(rows: list[dict[str, Any]], engine: dict[str, Any] | None, data: dict[str, Any],
+             title: str = "Distillation quality on Fashion-MNIST") -> str:
+    parts = [common.header_markdown(title, data["command"], data["environment"], data["notes"])]
     heads = ["suite", "student", "seeds", "params", "labels", "epochs (KD / scratch)", "T", "alpha", "teacher",
              "scratch", "distilled", "gain (± SE)", "> 2 SE", "gap recovered", "test errors (teacher, scratch, KD)",
              "train s (KD / scratch)"]

@@ -534,7 +534,11 @@ def load_data(cfg: DataConfig, base_dir: str | Path = ".") -> Dataset:
                               f"expected 0..{len(class_names) - 1} for {len(class_names)} classes")
 
     if "x_val" in raw:   # the source's own validation split (an image folder's val/)
-        x_val, y_val = raw["x_val"], _as_labels(raw["y_val"], len(raw["x_val"]), "y_val", where)
+        x_val = _as_inputs(raw["x_val"], "x_val", where)   # scaled and shaped like x_train (uint8, no channel axis)
+        y_val = _as_labels(raw["y_val"], len(x_val), "y_val", where)
+        if x_val.shape[1:] != x_train.shape[1:]:
+            raise EdgekdError(f"{where}: x_val samples have shape {x_val.shape[1:]}, expected {x_train.shape[1:]} "
+                              "like x_train")
     elif streaming.is_stream(x_train):   # no carve (_check_stream_keys): no validation split
         x_val, y_val = np.zeros((0, *x_train.shape[1:]), np.float32), np.zeros(0, np.int64)
     else:

@@ -427,9 +427,10 @@ def fingerprint(x: Any) -> str:
         payload = {"concat": x.identity()}
     elif isinstance(x, LazyArray) and isinstance(x.base, np.memmap):
         st = os.stat(x.base.filename)
-        payload = {"file": [x.base.filename, st.st_size, st.st_mtime_ns], "offset": x.base.offset,
+        payload = {"file": [str(x.base.filename), st.st_size, st.st_mtime_ns], "offset": x.base.offset,
                    "shape": list(x.base.shape), "dtype": x.base.dtype.str, "rows": x.rows.tolist(),
-                   "scale": x.scale, "mean": list(x.mean), "std": list(x.std)}
+                   "scale": float(x.scale), "mean": [float(v) for v in x.mean],
+                   "std": [float(v) for v in x.std]}
     else:
         raise EdgekdError(f"a {type(getattr(x, 'base', x)).__name__} source has no fingerprint for a cache; use "
                           "arrays, an .npz or an image folder")

@@ -3,6 +3,7 @@ import pytest
 import torch
 from PIL import Image
 
+from edgekd import streaming
 from edgekd.data import labelled_subset, load_data
 from edgekd.errors import EdgekdError
 from edgekd.recipe import DataConfig
@@ -44,6 +45,21 @@ def test_npz_source(tmp_path):
     d = load_data(DataConfig(source="d.npz", val_fraction=0.2), tmp_path)
     assert d.input_shape == (1, 5, 5) and d.class_names == ("a", "b", "c", "d")
     assert len(d.x_test) == 20 and len(d.x_val) == 10 and d.x_unlabeled.shape == (7, 1, 5, 5)
+
+
+def test_a_sources_own_uint8_validation_split_is_scaled_like_train(tmp_path):
+    rng = np.random.default_rng(0)
+    x_val = rng.integers(0, 255, (6, 5, 5), dtype=np.uint8)
+    np.savez(tmp_path / "d.npz", x_train=rng.integers(0, 255, (12, 5, 5), dtype=np.uint8), y_train=np.arange(12) % 3,
+             x_val=x_val, y_val=np.arange(6) % 3, x_test=rng.integers(0, 255, (6, 5, 5), dtype=np.uint8),
+             y_test=np.arange(6) % 3)
+    d = load_data(DataConfig(source="d.npz", normalize=False), tmp_path)
+    assert d.x_val.shape == (6, 1, 5, 5) and d.x_val.dtype == np.float32
+    np.testing.assert_allclose(d.x_val[:, 0], x_val / 255.0, rtol=1e-6)
+    np.savez(tmp_path / "bad.npz", x_train=np.zeros((4, 3)), y_train=np.zeros(4, int), x_val=np.zeros((2, 4)),
+             y_val=np.zeros(2, int), x_test=np.zeros((2, 3)), y_test=np.zeros(2, int))
+    with pytest.raises(EdgekdError, match=r"bad.npz: x_val samples have shape \(4,\), expected \(3,\)"):
+        load_data(DataConfig(source="bad.npz"), tmp_path)
 
 
 @pytest.mark.parametrize("arrays,fragment", [
@@ -306,6 +322,8 @@ def test_large_npz_is_memory_mapped_and_reads_like_the_loaded_one(tmp_path):
     np.testing.assert_allclose(mapped.mean + mapped.std, loaded.mean + loaded.std, rtol=1e-5)
     np.testing.assert_allclose(mapped.x_test[:], loaded.x_test, atol=1e-4)
     np.testing.assert_array_equal(mapped.y_val, loaded.y_val)
+    assert streaming.fingerprint(mapped.x_train) == streaming.fingerprint(mapped.x_train)   # caches key on it
+    assert streaming.fingerprint(mapped.x_train) != streaming.fingerprint(mapped.x_test)
     np.savez_compressed(tmp_path / "c.npz", x_train=np.zeros((4, 3)), y_train=np.zeros(4, int),
                         x_test=np.zeros((2, 3)), y_test=np.zeros(2, int))
     with pytest.raises(EdgekdError, match=r"c.npz: array 'x_train' is compressed"):
