@@ -33,9 +33,10 @@ from edgekd import labels as teacher_labels  # noqa: E402
 from edgekd.data import load_data  # noqa: E402
 from edgekd.distillation import distill, train_teacher  # noqa: E402
 from edgekd.models import build_model, load_weights  # noqa: E402
+from edgekd.objective import Objective, ObjectiveConfig, OfflineTargets  # noqa: E402
 from edgekd.recipe import recipe_from_dict  # noqa: E402
 from edgekd.teachers import TorchTeacher  # noqa: E402
-from edgekd.train import KDConfig, OfflineTargets, fit  # noqa: E402
+from edgekd.train import fit  # noqa: E402
 
 
 def main() -> int:
@@ -78,10 +79,11 @@ def main() -> int:
         teacher_cache.build_cache(t, data.x_train, tmp / "cache", top_k=args.top_k, epochs=1, augment=None, seed=0)
         cache_build_s = time.perf_counter() - t0
         c = teacher_cache.load_cache(tmp / "cache", x=data.x_train, augment_key="none", seed=0, top_k=args.top_k)
-        offline = OfflineTargets(lambda epoch, idx, _batch: (None, *c.lookup(0, idx)), 4.0, 0.9, "logits")
+        offline = OfflineTargets(lambda epoch, idx, _batch: (None, *c.lookup(0, idx)), "logits")
         cfg = dataclasses.replace(recipe.student, epochs=1)
-        modes = {"plain CE": {}, "online KD": {"teacher": teacher, "kd": KDConfig(4.0, 0.9)},
-                 "offline KD (cache)": {"offline": offline}}
+        kd = ObjectiveConfig(4.0, 0.9)
+        modes = {"plain CE": {}, "online KD": {"objective": Objective(kd, teacher=teacher)},
+                 "offline KD (cache)": {"objective": Objective(kd, offline=offline)}}
         times: dict[str, list[float]] = {m: [] for m in modes}
         for _ in range(1 if args.quick else 3):
             for name, extra in modes.items():

@@ -12,7 +12,7 @@ mean and standard deviation across rounds.
 
 Modes:
 - plain: cross-entropy on the true labels.
-- online KD: a teacher forward pass on every batch plus the KD loss (edgekd.train.KDConfig).
+- online KD: a teacher forward pass on every batch plus the KD loss (edgekd.objective.Objective).
 - QAT-KD: the student prepared for QAT by edgekd.quantize (torchao PT2E fake-quant, the target's scheme) and
   calibrated as edgekd.compress does, trained with the online KD loss (observers still updating, as in the
   first QAT epochs).
@@ -47,9 +47,10 @@ pipeline._import_torchao_quietly()   # torchao logs a line per CUDA kernel libra
 from edgekd import compress, distillation, quantize  # noqa: E402
 from edgekd.data import FASHION_MNIST_DIR, load_data  # noqa: E402
 from edgekd.models import build_model, count_params, save_weights  # noqa: E402
+from edgekd.objective import Objective, config_from_recipe  # noqa: E402
 from edgekd.recipe import Recipe, recipe_from_dict  # noqa: E402
 from edgekd.targets import load_target  # noqa: E402
-from edgekd.train import KDConfig, fit, seed_everything  # noqa: E402
+from edgekd.train import fit, seed_everything  # noqa: E402
 
 MODES = ("plain", "online KD", "QAT-KD", "cached-teacher KD")
 FULL_TRAIN = 60000
@@ -63,16 +64,16 @@ def _student(recipe: Recipe, data: Any) -> torch.nn.Module:
 def one_epoch(mode: str, recipe: Recipe, data: Any, teacher: torch.nn.Module, cached: tuple, scheme: str
               ) -> dict[str, Any]:
     """Train a fresh student for one epoch in `mode`; returns fit's epoch seconds (and QAT's setup seconds)."""
-    cfg, d = recipe.student, recipe.distill
+    cfg = recipe.student
     dev = torch.device("cpu")
-    kd = KDConfig(d.temperature, d.alpha)
+    kd = config_from_recipe(recipe, features=False)
     student = _student(recipe, data)
     out: dict[str, Any] = {}
     if mode == "plain":
         history = fit(student, data.x_train, data.y_train, cfg, device=dev, desc=mode, epochs=1, progress=False)
     elif mode == "online KD":
         history = fit(student, data.x_train, data.y_train, cfg, device=dev, desc=mode, epochs=1, progress=False,
-                      teacher=teacher, kd=kd)
+                      objective=Objective(kd, teacher=teacher))
     elif mode == "QAT-KD":
         t0 = time.perf_counter()
         example = torch.from_numpy(data.x_train[:2])
@@ -80,11 +81,11 @@ def one_epoch(mode: str, recipe: Recipe, data: Any, teacher: torch.nn.Module, ca
         quantize.calibrate(prepared, compress._batches(data.x_train[:recipe.quantize.calibration_size]))
         out["setup_s"] = time.perf_counter() - t0
         history = fit(prepared, data.x_train, data.y_train, cfg, device=dev, desc=mode, epochs=1, progress=False,
-                      teacher=teacher, kd=kd, set_mode=compress._qat_mode([False]))
+                      objective=Objective(kd, teacher=teacher), set_mode=compress._qat_mode([False]))
         out["model"] = prepared
     else:
-        x, y, offline = cached
-        history = fit(student, x, y, cfg, device=dev, desc=mode, epochs=1, progress=False, offline=offline)
+        x, y, objective = cached
+        history = fit(student, x, y, cfg, device=dev, desc=mode, epochs=1, progress=False, objective=objective)
     out["epoch_s"] = float(history[0]["seconds"])
     return out
 
@@ -158,8 +159,8 @@ def main() -> int:
         t0 = time.perf_counter()
         distillation.cache_teacher(recipe, run_dir, top_k=args.top_k, device="cpu", progress=False)
         cache_build_s = time.perf_counter() - t0
-        x_c, y_c, offline, _ = distillation._offline_source(recipe, data, None, run_dir / "teacher-cache")
-        cached = (x_c, y_c, offline)
+        x_c, y_c, objective, _ = distillation._offline_source(recipe, data, None, run_dir / "teacher-cache")
+        cached = (x_c, y_c, objective)
 
         # warm-up (thread pools, allocator, torch.export caches): one short untimed run of the costliest modes
         small = dataclasses.replace(data, x_train=data.x_train[:256], y_train=data.y_train[:256])

@@ -74,7 +74,7 @@ def quantize_student(ctx: Any, scheme: str, *, device: str = "cpu", progress: bo
     """PTQ (and QAT when the recipe asks) for one quantization scheme; returns the Q/DQ ONNX paths and what
     was measured in PyTorch: {"onnx": {"ptq": path, "qat": path}, "calibration": ..., "pytorch_accuracy": ...}."""
     from edgekd import quantize
-    from edgekd.train import KDConfig, accuracy, fit, resolve_device
+    from edgekd.train import accuracy, fit, resolve_device
 
     cfg = ctx.recipe.quantize
     if cfg.mode == "none":
@@ -117,10 +117,11 @@ def quantize_student(ctx: Any, scheme: str, *, device: str = "cpu", progress: bo
                 quantize.freeze(prepared)
 
         d = resolved(ctx.recipe).distill
-        history = fit(prepared, ctx.data.x_train, ctx.data.y_train, ctx.recipe.student, device=dev,
-                      desc="student (QAT-KD)", epochs=cfg.epochs, lr=cfg.lr, batch_size=d.batch_size,
-                      seed=d.seed, teacher=teacher, kd=KDConfig(d.temperature, d.alpha),
-                      progress=progress, set_mode=_qat_mode(frozen), on_epoch=on_epoch)
+        objective, x, y, augment, result["qat_objective"] = qat_objective(ctx, teacher, dev)
+        history = fit(prepared, x, y, ctx.recipe.student, device=dev, desc="student (QAT-KD)", objective=objective,
+                      epochs=cfg.epochs, lr=cfg.lr, batch_size=d.batch_size, seed=d.seed, progress=progress,
+                      set_mode=_qat_mode(frozen), on_epoch=on_epoch, augment=augment)
+        result["qat_objective"]["received"] = dict(objective.received)
         prepared.to("cpu")
         result["qat_fake_quant_accuracy"] = accuracy(prepared, ctx.data.x_test, ctx.data.y_test,
                                                      set_mode=_qat_mode(frozen))
@@ -132,6 +133,35 @@ def quantize_student(ctx: Any, scheme: str, *, device: str = "cpu", progress: bo
         result["qat_seconds"] = round(time.perf_counter() - start, 2)
     fileio.write_json(ctx.dir / "onnx" / f"quantize-{scheme}.json", result)
     return result
+
+
+def qat_objective(ctx: Any, teacher: nn.Module, dev: Any) -> tuple[Any, np.ndarray, np.ndarray, Any, dict[str, Any]]:
+    """What QAT-KD trains with: the FP32 student's objective (edgekd.objective) at the T and alpha its
+    distillation used (the search's choice, from the run's metrics.json; the recipe's without a record), on
+    the same transfer set (labelled + unlabelled pool) and [augment] views. Returns (objective, x, y, augment,
+    a description for quantize-<scheme>.json)."""
+    from edgekd.distillation import (
+        fixed_teacher_views,
+        read_metrics,
+        role_augment,
+        teacher_objective,
+        transfer_set,
+    )
+    from edgekd.objective import config_from_recipe
+    from edgekd.train import predict_logits
+
+    recipe = ctx.recipe
+    student = read_metrics(ctx.dir).get("student") or {}
+    recorded = isinstance(student.get("temperature"), (int, float)) and isinstance(student.get("alpha"), (int, float))
+    cfg = config_from_recipe(recipe, **({"temperature": student["temperature"], "alpha": student["alpha"]}
+                                        if recorded else {}))
+    x, y = transfer_set(ctx.data)
+    fixed = fixed_teacher_views(recipe) and not cfg.hinted
+    objective = teacher_objective(recipe, cfg, teacher, predict_logits(teacher, x, dev) if fixed else None)
+    augment = role_augment(recipe, "student") if objective.offline is None else None
+    info = {**objective.describe(), "temperature_from": "metrics.json student" if recorded else "recipe",
+            "samples": int(len(x)), "labelled": int((y >= 0).sum()), "augment": repr(augment) if augment else None}
+    return objective, x, y, augment, info
 
 
 def layer_latency(ctx: Any, fp32_onnx: Path, int8_onnx: Path, batch: int, threads: int | None) -> list[dict]:

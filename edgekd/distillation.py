@@ -21,10 +21,9 @@ from edgekd.augment import BatchAugment
 from edgekd.data import Dataset, load_data
 from edgekd.errors import EdgekdError
 from edgekd.models import build_model, count_params, load_weights, save_weights
+from edgekd.objective import Objective, ObjectiveConfig, OfflineTargets, config_from_recipe
 from edgekd.recipe import Recipe, resolved, to_toml
 from edgekd.train import (
-    KDConfig,
-    OfflineTargets,
     accuracy,
     check_model_fits,
     fit,
@@ -81,9 +80,11 @@ def teacher_inputs(recipe: Recipe) -> dict[str, str]:
 
 
 def student_inputs(recipe: Recipe, out: Path | None = None, teacher: Path | None = None) -> dict[str, str]:
-    """What the student and the scratch baseline are made from: [data], [student], [distill], [augment], and
-    for the student what taught it (teacher.safetensors, a checkpoint, a labels or cache manifest)."""
-    made = runfolder.sections(recipe, "data", "student", "distill", "augment")
+    """What the student and the scratch baseline are made from: [data], [student], [distill], [augment], [loss]
+    when the recipe has one, and for the student what taught it (teacher.safetensors, a checkpoint, a labels or
+    cache manifest)."""
+    made = runfolder.sections(recipe, "data", "student", "distill", "augment", *(("loss",) if recipe.loss.weights
+                                                                                   else ()))
     if out is not None and teacher is not None:
         made.update([runfolder.file_key(out, teacher)])
     return made
@@ -125,11 +126,12 @@ def load_teacher(recipe: Recipe, out: Path, data: Dataset, *, reuse: bool = Fals
 
 
 def _train_role(recipe: Recipe, out: Path, role: str, data: Dataset, dev: Any, *, progress: bool, resume: bool,
-                model: nn.Module, teacher: nn.Module | None = None, kd: KDConfig | None = None,
+                model: nn.Module, objective: Objective | None = None,
                 schedule: dict[str, Any] | None = None, metrics: dict[str, Any] | None = None,
                 x: np.ndarray | None = None, y: np.ndarray | None = None,
-                offline: OfflineTargets | None = None, made_from: dict[str, str] | None = None) -> dict[str, Any]:
-    """Train one role with checkpoints in out/checkpoints/<role>.ckpt; write <role>.safetensors (rank 0).
+                made_from: dict[str, str] | None = None) -> dict[str, Any]:
+    """Train one role on `objective` (default: cross-entropy on the labels) with checkpoints in
+    out/checkpoints/<role>.ckpt; write <role>.safetensors (rank 0).
 
     With `resume`, a role whose safetensors and metrics already exist is not retrained, and a role with a
     checkpoint continues from it. `made_from` goes into the run folder's provenance (edgekd.runfolder).
@@ -144,10 +146,9 @@ def _train_role(recipe: Recipe, out: Path, role: str, data: Dataset, dev: Any, *
     desc = {"teacher": "teacher", "student": "student (KD)", "scratch": "scratch"}[role]
     start = time.perf_counter()
     history = fit(model, data.x_train if x is None else x, data.y_train if y is None else y, cfg, device=dev,
-                  desc=desc, teacher=teacher, kd=kd, x_val=data.x_val, y_val=data.y_val, progress=progress,
-                  checkpoint=ckpt, resume=resume, teacher_bf16=recipe.distill.teacher_bf16 and teacher is not None,
-                  teacher_fsdp=recipe.distill.teacher_fsdp,
-                  offline=offline, augment=None if offline is not None else role_augment(recipe, role),
+                  desc=desc, objective=objective, x_val=data.x_val, y_val=data.y_val, progress=progress,
+                  checkpoint=ckpt, resume=resume,
+                  augment=role_augment(recipe, role) if objective is None or objective.offline is None else None,
                   **(schedule or {}))
     spec = recipe.teacher.model if role == "teacher" else recipe.student.model
     if distributed.is_main():
@@ -250,12 +251,12 @@ def _entry(model: nn.Module, data: Dataset, dev: Any, history: list[dict], start
 
 
 def _offline_source(recipe: Recipe, data: Dataset, labels: Path | None, cache: Path | None
-                    ) -> tuple[np.ndarray, np.ndarray, OfflineTargets | None, dict[str, Any]]:
-    """Training inputs, hard targets and top-k soft targets from `edgekd label` output or the teacher cache."""
+                    ) -> tuple[np.ndarray, np.ndarray, Objective, dict[str, Any]]:
+    """Training inputs, hard targets and the objective over the top-k soft targets from `edgekd label` output
+    (at the temperature the labels were made at) or the teacher cache."""
     from edgekd import cache as teacher_cache
     from edgekd import labels as teacher_labels
 
-    d = resolved(recipe).distill
     if labels is not None:
         pool = data.x_unlabeled if data.x_unlabeled is not None else _labelled_pool(labels, data, recipe)
         lab = teacher_labels.read_labels(labels, pool=pool)   # verifies the pool's sha256 against the manifest
@@ -263,16 +264,17 @@ def _offline_source(recipe: Recipe, data: Dataset, labels: Path | None, cache: P
         info = {"source": "labels", "path": str(labels), "samples": int(len(x)), "teacher": lab.manifest["teacher"],
                 "soft": lab.topk_probs is not None}
         if lab.topk_probs is None:   # the teacher gave only class indices: plain cross-entropy on them
-            return x, lab.labels.astype(np.int64), None, info
-        return x, lab.labels.astype(np.int64), OfflineTargets(
-            lambda epoch, idx, _: (None, lab.topk_probs[idx].astype(np.float32),
-                                   lab.topk_indices[idx].astype(np.int64)),
-            temperature=lab.temperature, alpha=d.alpha, values_are="probs"), info
+            return x, lab.labels.astype(np.int64), Objective(config_from_recipe(recipe, features=False)), info
+        return x, lab.labels.astype(np.int64), Objective(
+            config_from_recipe(recipe, temperature=lab.temperature, features=False), offline=OfflineTargets(
+                lambda epoch, idx, _batch: (None, lab.topk_probs[idx].astype(np.float32),
+                                           lab.topk_indices[idx].astype(np.int64)), values_are="probs")), info
     manifest = teacher_cache.read_manifest(cache)
     augment = teacher_cache.make_augment(manifest["augment"])
     x, y = transfer_set(data)
     c = teacher_cache.load_cache(cache, x=x, augment_key=manifest["augment"], seed=manifest["seed"],
-                                 top_k=manifest["top_k"], epochs=d.epochs if augment is not None else None)
+                                 top_k=manifest["top_k"],
+                                 epochs=resolved(recipe).distill.epochs if augment is not None else None)
 
     def fetch(epoch: int, idx: np.ndarray, batch: Any) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
         views = (teacher_cache.augment_views(x, idx, epoch=epoch, seed=manifest["seed"], augment=augment,
@@ -280,7 +282,7 @@ def _offline_source(recipe: Recipe, data: Dataset, labels: Path | None, cache: P
         v, i = c.lookup(epoch if augment is not None else 0, idx)
         return views, v, i
     info = {"source": "cache", "path": str(cache), "top_k": manifest["top_k"], "augment": manifest["augment"]}
-    return x, y, OfflineTargets(fetch, d.temperature, d.alpha, "logits"), info
+    return x, y, Objective(config_from_recipe(recipe, features=False), offline=OfflineTargets(fetch, "logits")), info
 
 
 POOL_SOURCE = "pool-source.json"   # in a labels folder: {"pool": the --pool file `edgekd label` labelled}
@@ -347,7 +349,7 @@ def _distill(recipe: Recipe, out: Path, device: str, progress: bool, data: Datas
     temperature, alpha = d.temperature, d.alpha
     # without augmentation the teacher's view never changes: one pass serves the search and the student
     needed = d.search_temperatures or not d.features
-    logits = predict_logits(teacher, x, dev) if needed and _fixed_teacher_views(recipe) else None
+    logits = predict_logits(teacher, x, dev) if needed and fixed_teacher_views(recipe) else None
     if d.search_temperatures:
         if resume and "search" in metrics:
             search = metrics["search"]
@@ -356,39 +358,42 @@ def _distill(recipe: Recipe, out: Path, device: str, progress: bool, data: Datas
         metrics["search"] = search
         _save_run_files(out, recipe, metrics)   # a resumed run does not search again
         temperature, alpha = search["chosen"]["temperature"], search["chosen"]["alpha"]
-    kd = KDConfig(temperature, alpha, tuple((s, t) for s, t in d.features), d.feature_weight)
-    once = _teacher_once(kd, logits)
+    objective = teacher_objective(recipe, config_from_recipe(recipe, temperature=temperature, alpha=alpha),
+                                   teacher, logits)
+    once = objective.offline is not None
 
     student = build_role_model(recipe, "student", data)
     metrics["student"] = _train_role(recipe, out, "student", data, dev, progress=progress, resume=resume,
-                                     model=student, teacher=None if once else teacher, kd=kd, schedule=schedule,
-                                     metrics=metrics, x=x, y=y, offline=once,
-                                     made_from=student_inputs(recipe, out, teacher_path))
+                                     model=student, objective=objective, schedule=schedule,
+                                     metrics=metrics, x=x, y=y, made_from=student_inputs(recipe, out, teacher_path))
     metrics["student"].update(temperature=temperature, alpha=alpha, samples=int(len(x)),
                               labelled=int((y >= 0).sum()), function_matching=d.function_matching,
-                              teacher_outputs="computed once" if once else "every step, on the student's view")
+                              teacher_outputs="computed once" if once else "every step, on the student's view",
+                              objective=objective.describe())
     if data.report:
         metrics["data"] = data.report   # streamed source: layout, images, skipped files, where mean/std came from
     _save_run_files(out, recipe, metrics)   # a run killed during the baseline keeps the finished student
     return _finish_with_baseline(recipe, out, data, dev, progress, resume, schedule, metrics, student_samples=len(x))
 
 
-def _fixed_teacher_views(recipe: Recipe) -> bool:
+def fixed_teacher_views(recipe: Recipe) -> bool:
     """No augmentation and one process: the teacher sees the same inputs every epoch, so one pass over the
     transfer set can stand for all of them."""
     return role_augment(recipe, "student") is None and not distributed.is_distributed()
 
 
-def _teacher_once(kd: KDConfig, logits: np.ndarray | None) -> OfflineTargets | None:
-    """Train from the teacher's stored logits on the transfer set (all classes, so the loss is exactly
-    kd_loss), at the cost of plain training. None when the teacher must run every step: no stored logits
-    (augmentation, a sharded teacher) or hint features.
-    """
-    if logits is None or kd.features:
-        return None
+def teacher_objective(recipe: Recipe, cfg: ObjectiveConfig, teacher: nn.Module, logits: np.ndarray | None,
+                      *, shard: bool = True) -> Objective:
+    """The objective over `teacher`: from its stored logits on the transfer set when there are some and no hint
+    features (all classes, so topk_kd is exactly kd, at the cost of plain training), else the teacher run
+    every step on the student's view (augmentation, a sharded teacher, hints). `shard`: [distill].teacher_fsdp
+    applies."""
+    d = recipe.distill
+    if logits is None or cfg.hinted:
+        return Objective(cfg, teacher=teacher, teacher_bf16=d.teacher_bf16, teacher_fsdp=d.teacher_fsdp and shard)
     classes = np.broadcast_to(np.arange(logits.shape[1]), logits.shape)
-    return OfflineTargets(lambda _epoch, idx, _batch: (None, logits[idx], classes[idx].astype(np.int64)),
-                          kd.temperature, kd.alpha, "logits")
+    return Objective(cfg, offline=OfflineTargets(
+        lambda _epoch, idx, _batch: (None, logits[idx], classes[idx].astype(np.int64)), "logits"))
 
 
 def search_temperature_alpha(recipe: Recipe, data: Dataset, teacher: nn.Module, dev: Any, x: np.ndarray,
@@ -403,18 +408,19 @@ def search_temperature_alpha(recipe: Recipe, data: Dataset, teacher: nn.Module, 
     if not len(data.y_val):
         raise EdgekdError("[distill].search_temperatures: the search needs a validation split; set "
                           "[data] val_fraction > 0")
-    if logits is None and _fixed_teacher_views(recipe):
+    if logits is None and fixed_teacher_views(recipe):
         logits = predict_logits(teacher, x, dev)
     rows = []
     for t in d.search_temperatures:
         for a in d.search_alphas:
             student = build_role_model(recipe, "student", data)
             start = time.perf_counter()
-            once = _teacher_once(KDConfig(t, a), logits)
+            objective = teacher_objective(
+                recipe, config_from_recipe(recipe, temperature=t, alpha=a, features=False), teacher, logits,
+                shard=False)
             fit(student, x, y, recipe.student, device=dev, desc=f"search T={t:g} alpha={a:g}",
-                epochs=d.search_epochs, lr=d.lr, batch_size=d.batch_size, seed=d.seed,
-                teacher=None if once else teacher, kd=KDConfig(t, a), progress=progress, offline=once,
-                augment=None if once else role_augment(recipe, "student"), teacher_bf16=d.teacher_bf16)
+                objective=objective, epochs=d.search_epochs, lr=d.lr, batch_size=d.batch_size, seed=d.seed,
+                progress=progress, augment=role_augment(recipe, "student") if objective.offline is None else None)
             rows.append({"temperature": t, "alpha": a, "val_accuracy": accuracy(student, data.x_val, data.y_val, dev),
                          "seconds": round(time.perf_counter() - start, 2)})
     best = max(rows, key=lambda r: r["val_accuracy"])   # max keeps the first of equal values
@@ -450,13 +456,13 @@ def _distill_offline(recipe: Recipe, out: Path, data: Dataset, dev: Any, progres
 
     d = resolved(recipe).distill
     schedule = {"epochs": d.epochs, "lr": d.lr, "batch_size": d.batch_size, "seed": d.seed}
-    x, y, offline, info = _offline_source(recipe, data, labels, cache)
+    x, y, objective, info = _offline_source(recipe, data, labels, cache)
     metrics = read_metrics(out)
     student = build_role_model(recipe, "student", data)
     source = labels / teacher_labels.MANIFEST if labels is not None else cache / teacher_cache.MANIFEST
     metrics["student"] = _train_role(recipe, out, "student", data, dev, progress=progress, resume=resume,
-                                     model=student, schedule=schedule, metrics=metrics, x=x, y=y, offline=offline,
-                                     made_from=student_inputs(recipe, out, source))
+                                     model=student, objective=objective, schedule=schedule, metrics=metrics,
+                                     x=x, y=y, made_from=student_inputs(recipe, out, source))
     metrics["student"]["offline"] = info
     _save_run_files(out, recipe, metrics)
     return _finish_with_baseline(recipe, out, data, dev, progress, resume, schedule, metrics,

@@ -259,20 +259,13 @@ def embedding_loss(student: torch.Tensor, teacher: torch.Tensor, *, mse_weight: 
     differ only in scale; S = s s^T and T = t t^T are the in-batch cosine-similarity matrices (relational
     term: it asks the student to keep which sentences are close, which retrieval reads).
     Example: s = [[1, 0]], t = [[0, 1]] -> mse term 2, cosine term 1, similarity term 0 (1x1 matrices both 1).
+    The terms are edgekd.objective's embedding_mse, embedding_cosine and embedding_similarity.
     """
-    if student.shape != teacher.shape or student.dim() != 2:
-        raise EdgekdError(f"embedding loss: student {tuple(student.shape)} and teacher {tuple(teacher.shape)} "
-                          "embeddings must both be (batch, dim); project the student to the teacher's width")
-    s = F.normalize(student.float(), dim=-1)
-    t = F.normalize(teacher.float(), dim=-1)
-    loss = student.new_zeros((), dtype=torch.float32)
-    if mse_weight:
-        loss = loss + mse_weight * ((s - t) ** 2).sum(-1).mean()
-    if cosine_weight:
-        loss = loss + cosine_weight * (1.0 - (s * t).sum(-1)).mean()
-    if similarity_weight:
-        loss = loss + similarity_weight * ((s @ s.T - t @ t.T) ** 2).mean()
-    return loss
+    from edgekd.objective import Batch, ObjectiveConfig, compute
+
+    cfg = ObjectiveConfig(weights=(("embedding_mse", mse_weight), ("embedding_cosine", cosine_weight),
+                                   ("embedding_similarity", similarity_weight)))
+    return compute(Batch(student, teacher_embeddings=teacher), cfg)
 
 
 # ------------------------------------------------------------------------------------------------- training

@@ -27,13 +27,15 @@ def soft_target_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor | None,
             temperature: float, alpha: float, mix: Mix | None = None) -> torch.Tensor:
-    """alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(s, y).
+    """alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(s, y): the objective's kd + ce terms.
 
     `labels` may be None (no hard labels: soft term only) or hold -1 for unlabelled samples, which then
     contribute only to the soft term. With `mix` (a mixup/cutmix batch) the hard term is the mixed CE.
     """
-    return mix_hard_labels(soft_target_loss(student_logits, teacher_logits, temperature), student_logits, labels,
-                           alpha, mix)
+    from edgekd.objective import Batch, ObjectiveConfig, compute
+
+    return compute(Batch(student_logits, labels, mix, teacher_logits=teacher_logits),
+                   ObjectiveConfig(temperature, alpha))
 
 
 def mixed_cross_entropy(student_logits: torch.Tensor, labels: torch.Tensor, mix: Mix | None = None) -> torch.Tensor:
@@ -52,14 +54,6 @@ def mixed_cross_entropy(student_logits: torch.Tensor, labels: torch.Tensor, mix:
         w_self, w_other = mix.lam * weight, (1.0 - mix.lam) * (other >= 0).float()
         total, loss = (w_self + w_other).sum(), (w_self * ce + w_other * ce_other).sum()
     return loss / total if total > 0 else student_logits.sum() * 0.0
-
-
-def mix_hard_labels(soft: torch.Tensor, student_logits: torch.Tensor, labels: torch.Tensor | None,
-                    alpha: float, mix: Mix | None = None) -> torch.Tensor:
-    """alpha * soft + (1 - alpha) * CE on the labelled samples (label -1: unlabelled); soft alone without labels."""
-    if labels is None or alpha >= 1.0:
-        return soft
-    return alpha * soft + (1.0 - alpha) * mixed_cross_entropy(student_logits, labels, mix)
 
 
 class FeatureProjection(nn.Module):
@@ -138,9 +132,11 @@ def hard_label_loss(student_logits: torch.Tensor, labels: torch.Tensor) -> torch
 def topk_kd_loss(student_logits: torch.Tensor, topk_values: torch.Tensor, topk_indices: torch.Tensor,
                  labels: torch.Tensor | None, temperature: float, alpha: float, *,
                  values_are: str = "logits") -> torch.Tensor:
-    """`kd_loss` with a top-k teacher: alpha * topk_soft_target_loss + (1 - alpha) * CE(s, y).
-
-    Labels of -1 (unlabelled) contribute to the soft term only; `labels=None` or alpha >= 1: soft term only.
+    """`kd_loss` with a top-k teacher: alpha * topk_soft_target_loss + (1 - alpha) * CE(s, y) (the objective's
+    topk_kd + ce terms). Labels of -1 (unlabelled) contribute to the soft term only; `labels=None` or alpha >= 1:
+    soft term only.
     """
-    soft = topk_soft_target_loss(student_logits, topk_values, topk_indices, temperature, values_are=values_are)
-    return mix_hard_labels(soft, student_logits, labels, alpha)
+    from edgekd.objective import Batch, ObjectiveConfig, compute
+
+    return compute(Batch(student_logits, labels, topk=(topk_values, topk_indices), values_are=values_are),
+                   ObjectiveConfig(temperature, alpha))

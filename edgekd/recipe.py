@@ -112,6 +112,15 @@ class QuantizeConfig:
 
 
 @dataclass(frozen=True)
+class LossConfig:
+    """[loss]: the distilled student's loss terms by name (edgekd.objective.TERMS: ce, kd, topk_kd, hint, ...)
+    and their weights; a term not named keeps its default weight (1 for ce, kd, topk_kd; hint:
+    [distill].feature_weight). Written flat in TOML: `[loss]` then `ce = 0.5`."""
+
+    weights: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class EmbeddingConfig:
     """Sentence-embedding distillation (edgekd.embedding): a pretrained text encoder -> a small transformer.
 
@@ -171,6 +180,7 @@ class Recipe:
     distill: DistillConfig = field(default_factory=DistillConfig)
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     embedding: EmbeddingConfig | None = None   # set: the run is sentence-embedding distillation (edgekd.embedding)
     size: SizeConfig | None = None  # set: `edgekd size` settings (edgekd.sizing)
     base_dir: str = "."             # folder relative paths in the recipe resolve against (not a TOML key)
@@ -183,7 +193,8 @@ class Recipe:
 
 SECTIONS: dict[str, type] = {"data": DataConfig, "teacher": ModelConfig, "student": ModelConfig,
                              "distill": DistillConfig, "quantize": QuantizeConfig,
-                             "augment": AugmentConfig, "embedding": EmbeddingConfig, "size": SizeConfig}
+                             "augment": AugmentConfig, "loss": LossConfig, "embedding": EmbeddingConfig,
+                             "size": SizeConfig}
 CHOICES: dict[str, tuple[str, ...]] = {"optimizer": ("adamw", "sgd"), "schedule": ("cosine", "onecycle", "constant"),
                                        "mode": ("none", *QUANTIZATIONS), "observer": ("minmax", "percentile", "mse"),
                                        "amp": ("none", "bf16"), "init": ("pca", "random"),
@@ -208,6 +219,10 @@ def _check(value: Any, tp: Any, where: str) -> Any:
                 pass
         raise EdgekdError(f"{where}: expected {' or '.join(_type_name(a) for a in args if a is not type(None))}, "
                           f"got {type(value).__name__} {value!r}")
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise EdgekdError(f"{where}: expected a table, got {type(value).__name__} {value!r}")
+        return dict(value)   # keys and values are checked by the section's own validation
     if origin is list:
         if not isinstance(value, list):
             raise EdgekdError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
@@ -243,6 +258,8 @@ def recipe_from_dict(raw: dict[str, Any], where: str = "recipe", base_dir: str |
         if key not in SECTIONS:
             raise EdgekdError(f"{where}: unknown section [{key}] (expected one of {', '.join(SECTIONS)})")
         default = getattr(defaults, key)
+        if key == "loss":   # a flat table of term weights, checked against edgekd.objective.TERMS in _validate
+            value = {"weights": value} if isinstance(value, dict) else value
         parts[key] = _section(SECTIONS[key], value, f"{where} [{key}]", SECTIONS[key]() if default is None else default)
     recipe = dataclasses.replace(defaults, base_dir=str(base_dir), **parts)
     _validate(recipe, where)
@@ -319,6 +336,8 @@ def _validate(r: Recipe, where: str) -> None:
     size = r.data.image_size
     if size is not None and len(size) != 2:
         raise EdgekdError(f"{where} [data].image_size: expected [height, width], got {size}")
+    if r.loss.weights:
+        _validate_loss(r, where)
     for pair in d.features:
         if len(pair) != 2:
             raise EdgekdError(f"{where} [distill].features: each entry is [\"student.layer\", \"teacher.layer\"], "
@@ -336,6 +355,20 @@ def _validate(r: Recipe, where: str) -> None:
 
     for name in ("teacher", "student"):
         check_spec(getattr(r, name).model, f"{where} [{name}].model")
+
+
+def _validate_loss(r: Recipe, where: str) -> None:
+    from edgekd.objective import TERMS, check_weights  # torch: only for recipes with a [loss] table
+
+    check_weights(r.loss.weights, f"{where} [loss]")
+    embedding = [n for n in r.loss.weights if "teacher_embeddings" in TERMS[n].reads]
+    if r.embedding is not None or embedding:   # nothing would read them: refused rather than ignored
+        raise EdgekdError(f"{where} [loss]: {', '.join(embedding or r.loss.weights)}: the sentence-embedding task "
+                          "takes its loss weights from [embedding] mse_weight, cosine_weight and "
+                          "similarity_weight; [loss] weighs the classification terms")
+    if "hint" in r.loss.weights and r.distill.feature_weight != DistillConfig.feature_weight:
+        raise EdgekdError(f"{where} [loss].hint: the hint weight is also set by [distill].feature_weight "
+                          f"({r.distill.feature_weight}); keep one of them")
 
 
 def validate_size(s: SizeConfig, where: str) -> None:
@@ -426,4 +459,7 @@ def to_toml(r: Recipe) -> str:
             continue
         section = dataclasses.asdict(getattr(r, name))
         out[name] = {k: v for k, v in section.items() if v is not None}
+    out["loss"] = out["loss"]["weights"]   # written flat, as it is read
+    if not out["loss"]:
+        del out["loss"]
     return tomli_w.dumps(out)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,31 +17,8 @@ from edgekd import streaming
 from edgekd.augment import BatchAugment, step_generator
 from edgekd.errors import EdgekdError
 from edgekd.fileio import atomic_path
-from edgekd.losses import FeatureProjection, hint_loss, kd_loss, mixed_cross_entropy, topk_kd_loss
+from edgekd.objective import Objective
 from edgekd.recipe import ModelConfig
-
-
-@dataclass(frozen=True)
-class KDConfig:
-    temperature: float
-    alpha: float
-    features: tuple[tuple[str, str], ...] = ()    # (student module path, teacher module path)
-    feature_weight: float = 1.0
-
-
-@dataclass(frozen=True)
-class OfflineTargets:
-    """Teacher outputs computed before training (labels from `edgekd label`, or the teacher cache).
-
-    `fetch(epoch, sample_indices, batch)` (batch: those samples as the feed read them, a tensor on the
-    training device, so nothing is read twice) returns (the inputs the teacher saw, or None for the stored
-    ones, top-k values, top-k class indices); the loss is topk_kd_loss at `temperature`.
-    """
-
-    fetch: Callable[[int, np.ndarray, torch.Tensor], tuple[np.ndarray | None, np.ndarray, np.ndarray]]
-    temperature: float
-    alpha: float
-    values_are: str = "logits"
 
 
 def resolve_device(device: str) -> torch.device:
@@ -129,48 +105,18 @@ def _scheduler(opt: torch.optim.Optimizer, schedule: str, lr: float, total_steps
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
 
 
-class _FeatureTaps:
-    """Forward hooks that keep the latest output of named modules (torchdistill-style, no model rewrite)."""
-
-    def __init__(self, model: nn.Module, names: list[str], which: str) -> None:
-        self.outputs: dict[str, torch.Tensor] = {}
-        self.handles = []
-        for name in names:
-            try:
-                module = model.get_submodule(name)
-            except AttributeError:
-                known = [n for n, _ in model.named_modules() if n][:12]
-                raise EdgekdError(f"[distill].features: the {which} has no module {name!r} "
-                                  f"(some of its modules: {', '.join(known)})") from None
-            self.handles.append(module.register_forward_hook(self._hook(name)))
-
-    def _hook(self, name: str):
-        def hook(_module, _inputs, output):
-            self.outputs[name] = output
-        return hook
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-
-
 class _Trainee(nn.Module):
     """The student plus the hint projections, as one module so DDP syncs both and checkpoints hold both."""
 
-    def __init__(self, model: nn.Module, projections: nn.ModuleDict, taps: _FeatureTaps | None) -> None:
+    def __init__(self, model: nn.Module, projections: nn.ModuleDict, objective: Objective) -> None:
         super().__init__()
         self.model = model
         self.projections = projections
-        self._taps = taps
+        self._objective = objective
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         logits = self.model(x)
-        feats = {name: proj(self._taps.outputs[name.replace("__", ".")]) for name, proj in self.projections.items()}
-        return logits, feats
-
-
-def _key(name: str) -> str:
-    return name.replace(".", "__")   # ModuleDict keys cannot contain dots
+        return logits, self._objective.student_features(self.projections)
 
 
 class _KeepWriteError:
@@ -228,16 +174,15 @@ def _load_checkpoint(path: Path, fingerprint: str) -> dict[str, Any]:
 
 
 def fit(model: nn.Module, x: np.ndarray, y: np.ndarray, cfg: ModelConfig, *, device: torch.device,
-        desc: str, epochs: int | None = None, lr: float | None = None, batch_size: int | None = None,
-        seed: int | None = None, teacher: nn.Module | None = None, kd: KDConfig | None = None,
+        desc: str, objective: Objective | None = None, epochs: int | None = None, lr: float | None = None,
+        batch_size: int | None = None, seed: int | None = None,
         x_val: np.ndarray | None = None, y_val: np.ndarray | None = None, progress: bool = True,
         set_mode: Callable[[nn.Module, bool], None] | None = None,
         on_epoch: Callable[[int], None] | None = None, checkpoint: Path | None = None,
-        resume: bool = False, teacher_bf16: bool = False, teacher_fsdp: bool = False,
-        offline: OfflineTargets | None = None, augment: BatchAugment | None = None) -> list[dict]:
-    """Train `model` in place with cross-entropy, or with the KD loss when a teacher is given.
+        resume: bool = False, augment: BatchAugment | None = None) -> list[dict]:
+    """Train `model` in place on `objective` (edgekd.objective; default: cross-entropy on the labels).
 
-    Labels of -1 mark unlabelled samples (soft term only). `set_mode(model, training)` replaces
+    Labels of -1 mark unlabelled samples (soft terms only). `set_mode(model, training)` replaces
     model.train()/eval() for torch.export'ed (QAT) models that refuse them; `on_epoch(epoch)` runs before
     each epoch (QAT uses it to freeze observers and BatchNorm for the last epochs).
 
@@ -245,9 +190,9 @@ def fit(model: nn.Module, x: np.ndarray, y: np.ndarray, cfg: ModelConfig, *, dev
     epoch) is written atomically every `cfg.checkpoint_every` steps and at each epoch end; `resume`
     continues from it and, on CPU, ends with the same weights as an uninterrupted run. Under torchrun the
     model is wrapped in DDP, the data is sharded with a DistributedSampler and metrics are summed across
-    ranks. `augment` transforms each batch with randomness seeded by (seed, epoch, step); the teacher is
-    run on the augmented (and mixed) batch, so it always sees the student's view. Returns one history row
-    per epoch.
+    ranks. `augment` transforms each batch with randomness seeded by (seed, epoch, step); the objective's
+    teacher runs on the augmented (and mixed) batch, so it always sees the student's view. Returns one
+    history row per epoch.
     """
     from torch.nn.parallel import DistributedDataParallel
     from torch.utils.data.distributed import DistributedSampler
@@ -255,7 +200,8 @@ def fit(model: nn.Module, x: np.ndarray, y: np.ndarray, cfg: ModelConfig, *, dev
     from edgekd import distributed
 
     set_mode = set_mode or (lambda m, training: m.train(training))
-    if offline is not None and augment is not None:
+    objective = objective or Objective()
+    if objective.offline is not None and augment is not None:
         raise EdgekdError(f"{desc}: [augment] cannot be combined with offline teacher outputs (labels or the "
                           "cache); the cache has its own seeded views (edgekd cache-teacher --augment)")
     epochs = cfg.epochs if epochs is None else epochs
@@ -265,31 +211,7 @@ def fit(model: nn.Module, x: np.ndarray, y: np.ndarray, cfg: ModelConfig, *, dev
     main = distributed.is_main()
     progress = progress and main
     model.to(device)
-    taps_s = taps_t = None
-    projections = nn.ModuleDict()
-    if teacher is not None:
-        teacher.to(device).eval()
-        if teacher_bf16:
-            teacher.to(torch.bfloat16)
-        if teacher_fsdp and distributed.is_distributed():
-            distributed.shard_teacher(teacher)
-        if kd and kd.features:
-            taps_s = _FeatureTaps(model, [s for s, _ in kd.features], "student")
-            taps_t = _FeatureTaps(teacher, [t for _, t in kd.features], "teacher")
-            probe = torch.from_numpy(x[:2]).to(device)
-            set_mode(model, False)
-            with torch.no_grad():
-                model(probe)
-                teacher(probe.to(torch.bfloat16) if teacher_bf16 else probe)
-            for s_name, t_name in kd.features:
-                fs, ft = taps_s.outputs[s_name], taps_t.outputs[t_name]
-                if fs.shape[2:] != ft.shape[2:] or fs.dim() != ft.dim():
-                    raise EdgekdError(f"[distill].features: student {s_name!r} output {tuple(fs.shape[1:])} and "
-                                      f"teacher {t_name!r} output {tuple(ft.shape[1:])} differ in spatial shape; "
-                                      "pick layers with the same spatial size (widths may differ)")
-                projections[_key(s_name)] = FeatureProjection(fs.shape[1], ft.shape[1], fs.dim() == 4)
-            projections.to(device)
-    trainee = _Trainee(model, projections, taps_s)
+    trainee = _Trainee(model, objective.attach(model, x, device, set_mode), objective)
     net: nn.Module = DistributedDataParallel(trainee) if distributed.is_distributed() else trainee
     amp = device.type == "cuda" and cfg.amp == "bf16"
 
@@ -355,25 +277,10 @@ def fit(model: nn.Module, x: np.ndarray, y: np.ndarray, cfg: ModelConfig, *, dev
                 mix = None
                 if augment is not None:
                     xb, mix = augment(xb, step_generator(seed, epoch, step))
-                if offline is not None:
-                    views, top_v, top_i = offline.fetch(epoch, idx.numpy(), xb)
-                    if views is not None:
-                        xb = torch.from_numpy(views).to(device)
+                xb, stored = objective.fetch(epoch, idx, xb)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                     logits, feats = net(xb)
-                    if offline is not None:
-                        loss = topk_kd_loss(logits.float(), torch.from_numpy(top_v).to(device),
-                                            torch.from_numpy(top_i).to(device), yb, offline.temperature,
-                                            offline.alpha, values_are=offline.values_are)
-                    elif teacher is None:
-                        loss = mixed_cross_entropy(logits.float(), yb, mix)
-                    else:
-                        with torch.no_grad():
-                            t_logits = teacher(xb.to(torch.bfloat16) if teacher_bf16 else xb).float()
-                        loss = kd_loss(logits.float(), t_logits, yb, kd.temperature, kd.alpha, mix)
-                        for s_name, t_name in kd.features if kd else ():
-                            loss = loss + kd.feature_weight * hint_loss(feats[_key(s_name)].float(),
-                                                                        taps_t.outputs[t_name].detach().float())
+                    loss = objective(logits, yb, xb, mix=mix, stored=stored, features=feats)
                 if not torch.isfinite(loss):
                     raise EdgekdError(f"{desc}: loss became {loss.item()} at epoch {epoch + 1} step {step + 1}; "
                                       "lower the learning rate or check the data for extreme values"
@@ -406,9 +313,7 @@ def fit(model: nn.Module, x: np.ndarray, y: np.ndarray, cfg: ModelConfig, *, dev
                 tqdm.write(f"{desc} epoch {epoch + 1}/{epochs}: loss={row['loss']:.4f} "
                            f"train_acc={row['train_accuracy']:.4f}{extra} ({row['seconds']:.1f}s)")
     finally:
-        for taps in (taps_s, taps_t):
-            if taps:
-                taps.remove()
+        objective.detach()
     if distributed.is_distributed():
         history[-1]["max_param_divergence"] = distributed.max_param_divergence(model) if history else 0.0
     set_mode(model, False)

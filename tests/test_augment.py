@@ -14,8 +14,9 @@ from edgekd.data import load_data
 from edgekd.distillation import distill, transfer_set
 from edgekd.errors import EdgekdError
 from edgekd.losses import kd_loss, mixed_cross_entropy
+from edgekd.objective import Objective, ObjectiveConfig, OfflineTargets
 from edgekd.recipe import DataConfig, ModelConfig, load_recipe
-from edgekd.train import KDConfig, fit
+from edgekd.train import fit
 
 
 def test_crop_shifts_each_image_inside_its_padding():
@@ -141,7 +142,8 @@ def test_teacher_sees_exactly_the_students_augmented_and_mixed_view():
     y = np.where(np.arange(40) % 4 == 0, -1, np.arange(40) % 3).astype(np.int64)   # some unlabelled
     student, teacher = _Recorder(), _Recorder()
     cfg = ModelConfig(epochs=2, batch_size=16, lr=1e-3)
-    fit(student, x, y, cfg, device=torch.device("cpu"), desc="t", teacher=teacher, kd=KDConfig(4.0, 0.5),
+    fit(student, x, y, cfg, device=torch.device("cpu"), desc="t",
+        objective=Objective(ObjectiveConfig(4.0, 0.5), teacher=teacher),
         progress=False, augment=BatchAugment(crop=2, flip=True, mixup=1.0, cutmix=1.0, resized_crop=(0.3, 1.0)))
     assert len(teacher.seen) == len(student.seen) == 2 * math.ceil(40 / 16)
     for s, t in zip(student.seen, teacher.seen, strict=True):
@@ -242,17 +244,19 @@ def test_teacher_outputs_computed_once_train_the_same_student_as_online_kd():
     x = rng.standard_normal((64, 1, 8, 8)).astype(np.float32)
     y = (np.arange(64) % 3).astype(np.int64)
     teacher = _Recorder().eval()
-    from edgekd.train import OfflineTargets, predict_logits
+    from edgekd.train import predict_logits
 
     logits = predict_logits(teacher, x)
     classes = np.broadcast_to(np.arange(3), logits.shape).astype(np.int64)
-    offline = OfflineTargets(lambda _e, idx, _batch: (None, logits[idx], classes[idx]), 4.0, 0.5)
+    offline = Objective(ObjectiveConfig(4.0, 0.5),
+                        offline=OfflineTargets(lambda _e, idx, _batch: (None, logits[idx], classes[idx])))
     cfg = ModelConfig(epochs=2, batch_size=16, lr=1e-2)
     torch.manual_seed(1)
     a = _Recorder()
     b = _Recorder()
     b.load_state_dict(a.state_dict())
-    fit(a, x, y, cfg, device=torch.device("cpu"), desc="a", teacher=teacher, kd=KDConfig(4.0, 0.5), progress=False)
-    fit(b, x, y, cfg, device=torch.device("cpu"), desc="b", offline=offline, progress=False)
+    online = Objective(ObjectiveConfig(4.0, 0.5), teacher=teacher)
+    fit(a, x, y, cfg, device=torch.device("cpu"), desc="a", objective=online, progress=False)
+    fit(b, x, y, cfg, device=torch.device("cpu"), desc="b", objective=offline, progress=False)
     for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
         torch.testing.assert_close(pa, pb, atol=1e-5, rtol=1e-4)

@@ -10,8 +10,9 @@ from edgekd.data import load_data
 from edgekd.distillation import distill, train_teacher
 from edgekd.errors import EdgekdError
 from edgekd.models import build_model
+from edgekd.objective import Objective, ObjectiveConfig
 from edgekd.recipe import DistillConfig, ModelConfig, load_recipe
-from edgekd.train import KDConfig, fit
+from edgekd.train import fit
 
 
 def test_distill_writes_everything_and_reuses_the_teacher(tmp_path, tiny_recipe):
@@ -89,21 +90,24 @@ def test_feature_distillation_through_hooks_trains_a_projection():
     teacher = build_model("cnn:widths=8,16", data.input_shape, 10)
     student = build_model("cnn:widths=4,8", data.input_shape, 10)
     cfg = ModelConfig(epochs=1, batch_size=256)
-    kd = KDConfig(4.0, 0.5, (("features.3", "features.4"),), 1.0)   # student conv2 (8 ch) -> teacher bn2 (16 ch)
+    # student conv2 (8 ch) -> teacher bn2 (16 ch)
+    kd = ObjectiveConfig(4.0, 0.5, features=(("features.3", "features.4"),))
     fit(teacher, data.x_train, data.y_train, cfg, device=torch.device("cpu"), desc="t", progress=False)
     w_before = student.features[0].weight.detach().clone()
-    history = fit(student, data.x_train, data.y_train, cfg, device=torch.device("cpu"), desc="s", teacher=teacher,
-                  kd=kd, progress=False)
+    history = fit(student, data.x_train, data.y_train, cfg, device=torch.device("cpu"), desc="s",
+                  objective=Objective(kd, teacher=teacher), progress=False)
     assert np.isfinite(history[0]["loss"])
     assert not torch.equal(w_before, student.features[0].weight)
     # the hooks are removed afterwards
     assert not student.features[3]._forward_hooks and not teacher.features[4]._forward_hooks
     with pytest.raises(EdgekdError, match="student has no module 'features.99'"):
-        fit(student, data.x_train, data.y_train, cfg, device=torch.device("cpu"), desc="s", teacher=teacher,
-            kd=KDConfig(4.0, 0.5, (("features.99", "features.4"),)), progress=False)
+        fit(student, data.x_train, data.y_train, cfg, device=torch.device("cpu"), desc="s",
+            objective=Objective(ObjectiveConfig(features=(("features.99", "features.4"),)), teacher=teacher),
+            progress=False)
     with pytest.raises(EdgekdError, match="differ in spatial shape"):
-        fit(student, data.x_train, data.y_train, cfg, device=torch.device("cpu"), desc="s", teacher=teacher,
-            kd=KDConfig(4.0, 0.5, (("features.0", "features.4"),)), progress=False)
+        fit(student, data.x_train, data.y_train, cfg, device=torch.device("cpu"), desc="s",
+            objective=Objective(ObjectiveConfig(features=(("features.0", "features.4"),)), teacher=teacher),
+            progress=False)
 
 
 def test_feature_distillation_from_a_recipe(tmp_path, tiny_recipe_text):

@@ -65,10 +65,10 @@ def test_a_run_interrupted_mid_epoch_resumes_with_workers_to_the_same_weights(tm
         student = build_model("cnn:widths=4", d.input_shape, d.num_classes)
         teacher = build_model("cnn:widths=6", d.input_shape, d.num_classes)
         _crash_at_call(teacher, crash_at)
-        from edgekd.train import KDConfig
+        from edgekd.objective import Objective, ObjectiveConfig
 
         fit(student, d.x_train, d.y_train, cfg, device=torch.device("cpu"), desc="s", progress=False,
-            teacher=teacher, kd=KDConfig(4.0, 0.9), checkpoint=ckpt, resume=resume)
+            objective=Objective(ObjectiveConfig(4.0, 0.9), teacher=teacher), checkpoint=ckpt, resume=resume)
         return torch.cat([p.detach().flatten() for p in student.parameters()])
 
     full = run(tmp_path / "full.ckpt")
