@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common as common  # noqa: E402
 
-from edgekd import pipeline, profile, runtime  # noqa: E402
+from edgekd import pipeline, profile, runtime, tasks  # noqa: E402
 from edgekd.data import FASHION_MNIST_DIR, Dataset, load_data  # noqa: E402
 from edgekd.models import build_model, count_params, save_weights  # noqa: E402
 from edgekd.recipe import DataConfig, recipe_from_dict  # noqa: E402
@@ -196,7 +196,9 @@ def measure(cells: list[tuple[dict[str, Any], int]], gemm: Gemm, *, rounds: int,
     timings: dict[tuple[str, int], dict[str, list]] = {(e["key"], b): {"ms": [], "round_tput": [], "round": []}
                                                        for e, b in cells}
     peaks: list[dict[str, float]] = []
-    inputs = {(e["key"], b): profile._inputs(e["eval_x"], e["engine"], b) for e, b in cells}
+    inputs = {(e["key"], b): tasks.CLASSIFICATION.timing_batch(
+        {"x": e["eval_x"]} if e["eval_x"] is not None else None, b, e["engine"].input_shape,
+        e["engine"].input_range) for e, b in cells}
     order = list(cells)
     for r in range(rounds):
         peaks.append(gemm())
