@@ -585,7 +585,7 @@ def test_ptq_places_and_computes_exact_qparams(scheme: str) -> None:
         [(*_minmax_qparams(t, qmin, qmax, trt), qmin, qmax) for t in observed]
     assert [n.args[0].target for n in quants[1:2]] == [torch.ops.aten.relu.default]   # Q after the relu
     linears = [n for n in gm.graph.nodes if n.target == torch.ops.aten.linear.default]
-    for lin, layer, x_scale in zip(linears, (m[0], m[2]), (quants[0].args[1], quants[1].args[1])):
+    for lin, layer, x_scale in zip(linears, (m[0], m[2]), (quants[0].args[1], quants[1].args[1]), strict=True):
         w_dq = lin.args[1]
         assert w_dq.target == _DQPC and w_dq.args[4:6] == (-127, 127)
         w_int, w_scale = (gm.get_buffer(a.target) for a in w_dq.args[:2])
