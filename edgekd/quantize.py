@@ -49,8 +49,11 @@ from torchao.quantization.pt2e.quantizer import (
     QuantizationSpec,
     Quantizer,
     SharedQuantizationSpec,
+    annotate_output_qspec,
+    get_module_name_filter,
 )
-from torchao.quantization.pt2e.quantizer.utils import get_module_name_filter
+from torchao.quantization.pt2e.quantizer.quantizer import Q_ANNOTATION_KEY as _ANNOTATION_KEY
+from torchao.quantization.pt2e.utils import getattr_from_fqn
 
 from edgekd.engines.registry import QUANT_SCHEMES
 from edgekd.errors import EdgekdError
@@ -69,7 +72,6 @@ OBSERVERS = CHOICES["observer"]   # the recipe's [quantize] observer choices
 # ONNX model needs `untie_shared_initializers` first. No effect on CPUs with VNNI or on ARM.
 ORT_SESSION_CONFIG: dict[str, str] = {"session.x64quantprecision": "1"}
 
-_ANNOTATION_KEY = "quantization_annotation"
 _aten = torch.ops.aten
 _CONV_OPS = {_aten.conv1d.default, _aten.conv2d.default, _aten.conv3d.default}
 _LINEAR_OPS = {_aten.linear.default}
@@ -283,12 +285,11 @@ def _has_quantized_output(node: Node) -> bool:
     return ann is not None and ann.output_qspec is not None
 
 
-def _mark(nodes: Iterable[Node]) -> None:
-    for n in nodes:
-        if _ANNOTATION_KEY not in n.meta:
-            n.meta[_ANNOTATION_KEY] = QuantizationAnnotation(_annotated=True)
-        else:
-            n.meta[_ANNOTATION_KEY]._annotated = True
+def _mark_pattern(chain: list[Node], output_qspec: QuantizationSpec) -> None:
+    """Mark a fused pattern's nodes annotated (torchao leaves them alone); one Q/DQ after its last node."""
+    annotate_output_qspec(chain[-1], output_qspec)
+    for n in chain:
+        n.meta.setdefault(_ANNOTATION_KEY, QuantizationAnnotation())._annotated = True
 
 
 def _only_user(node: Node, ops: set) -> Node | None:
@@ -432,8 +433,7 @@ class OrtCpuQuantizer(_SchemeQuantizer):
             if any(_is_annotated(n) for n in chain[1:]):
                 chain = chain[:1]
             self._annotate_weighted_inputs(node)
-            _mark(chain)
-            chain[-1].meta[_ANNOTATION_KEY].output_qspec = self.act
+            _mark_pattern(chain, self.act)
         if self.only is not None:
             return model
         for node in model.graph.nodes:
@@ -450,8 +450,7 @@ class OrtCpuQuantizer(_SchemeQuantizer):
                     continue
                 chain = _pattern_tail(node, follow_bn=False)
                 node.meta[_ANNOTATION_KEY] = QuantizationAnnotation(input_qspec_map={a: self.act, b: self.act})
-                _mark(chain)
-                chain[-1].meta[_ANNOTATION_KEY].output_qspec = self.act
+                _mark_pattern(chain, self.act)
             elif _is_call(node, _CAT_OPS):
                 # 4. concat -> QLinearConcat.
                 self._annotate_io(node, node.args[0])
@@ -866,15 +865,9 @@ def _const(gm: GraphModule, arg: object) -> torch.Tensor | float | None:
     if isinstance(arg, (int, float)):
         return float(arg)
     if isinstance(arg, Node) and arg.op == "get_attr":
-        return _getattr_path(gm, str(arg.target))
+        value = getattr_from_fqn(gm, str(arg.target))
+        return value if isinstance(value, torch.Tensor) else None
     return None
-
-
-def _getattr_path(gm: nn.Module, target: str) -> torch.Tensor | None:
-    obj: object = gm
-    for part in target.split("."):
-        obj = getattr(obj, part, None)
-    return obj if isinstance(obj, torch.Tensor) else None
 
 
 def _quantize_biases(gm: GraphModule) -> None:

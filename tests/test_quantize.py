@@ -539,3 +539,65 @@ def test_make_quantizer_returns_scheme_quantizers() -> None:
     assert isinstance(q.make_quantizer(q.QuantConfig(scheme="tensorrt"), qat=False), q.TensorRTQuantizer)
     avx2 = q.make_quantizer(q.QuantConfig(scheme="ort-cpu-avx2"), qat=False)
     assert isinstance(avx2, q.OrtCpuQuantizer) and avx2.weight.quant_max == 64
+
+
+# ------------------------------------------------------------------------------------------ exact values
+
+_QPT = torch.ops.quantized_decomposed.quantize_per_tensor.default
+_DQPC = torch.ops.quantized_decomposed.dequantize_per_channel.default
+
+
+def _hand_mlp() -> tuple[nn.Module, torch.Tensor]:
+    """Linear(3, 2) - ReLU - Linear(2, 2) with hand-picked weights, and a calibration batch with x in [-2, 3]."""
+    m = nn.Sequential(nn.Linear(3, 2), nn.ReLU(), nn.Linear(2, 2)).eval()
+    with torch.no_grad():
+        m[0].weight.copy_(torch.tensor([[0.5, -1.0, 0.25], [2.0, 0.1, -0.3]]))
+        m[0].bias.copy_(torch.tensor([0.1, -0.2]))
+        m[2].weight.copy_(torch.tensor([[1.0, -0.5], [0.3, 0.6]]))
+        m[2].bias.copy_(torch.tensor([0.05, 0.0]))
+    return m, torch.tensor([[1.0, -2.0, 0.5], [-0.5, 1.5, 3.0]])
+
+
+def _minmax_qparams(t: torch.Tensor, qmin: int, qmax: int, symmetric: bool) -> tuple[float, int]:
+    """MinMax qparams over a range that includes 0: affine scale = (max - min) / (qmax - qmin),
+    zp = qmin - round(min / scale); symmetric scale = amax / ((qmax - qmin) / 2), zp 0."""
+    lo, hi = torch.clamp(t.min(), max=0.0), torch.clamp(t.max(), min=0.0)
+    if symmetric:
+        return float(torch.maximum(-lo, hi) / ((qmax - qmin) / 2)), 0
+    scale = (hi - lo) / float(qmax - qmin)
+    return float(scale), int(torch.clamp(qmin - torch.round(lo / scale), qmin, qmax))
+
+
+@pytest.mark.parametrize("scheme", ["ort-cpu", "tensorrt"])
+def test_ptq_places_and_computes_exact_qparams(scheme: str) -> None:
+    """Q/DQ placement and every number of a PTQ graph, against the formulas computed here: activation qparams
+    (MinMax), per-channel weight scales amax / bound and int8 weights, and (ort-cpu) int32 biases b / (sx * sw)."""
+    m, x = _hand_mlp()
+    gm = q.ptq(m, x, [x], q.QuantConfig(scheme=scheme))
+    with torch.no_grad():
+        h = m[1](m[0](x))
+        y = m[2](h)
+    trt = scheme == "tensorrt"
+    qmin, qmax = (-128, 127) if trt else (0, 255)
+    observed = [x, h] if trt else [x, h, y]   # tensorrt: Q/DQ on conv/linear inputs only; ort-cpu: outputs too
+    quants = [n for n in gm.graph.nodes if n.target == _QPT]
+    assert [tuple(n.args[1:5]) for n in quants] == \
+        [(*_minmax_qparams(t, qmin, qmax, trt), qmin, qmax) for t in observed]
+    assert [n.args[0].target for n in quants[1:2]] == [torch.ops.aten.relu.default]   # Q after the relu
+    linears = [n for n in gm.graph.nodes if n.target == torch.ops.aten.linear.default]
+    for lin, layer, x_scale in zip(linears, (m[0], m[2]), (quants[0].args[1], quants[1].args[1]), strict=True):
+        w_dq = lin.args[1]
+        assert w_dq.target == _DQPC and w_dq.args[4:6] == (-127, 127)
+        w_int, w_scale = (gm.get_buffer(a.target) for a in w_dq.args[:2])
+        expected_scale = layer.weight.abs().amax(1) / 127
+        assert torch.equal(w_scale, expected_scale)
+        assert torch.equal(w_int, torch.round(layer.weight / expected_scale[:, None]).to(torch.int8))
+        bias = lin.args[2]
+        if trt:
+            assert torch.equal(gm.get_parameter(bias.target), layer.bias)   # TensorRT keeps biases float
+            continue
+        assert bias.target == _DQPC and bias.args[6] == torch.int32
+        b_scale = (x_scale * expected_scale.double()).float()
+        assert torch.equal(gm.get_buffer(bias.args[1].target), b_scale)
+        assert torch.equal(gm.get_buffer(bias.args[0].target),
+                           torch.round(layer.bias.double() / b_scale.double()).to(torch.int32))

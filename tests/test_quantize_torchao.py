@@ -2,10 +2,11 @@
 
 edgekd wraps torchao's QAT conv-bn passes (`qat_utils._fuse_conv_bn_qat_helper` / `_fold_conv_bn_qat_helper`, to skip
 conv kinds a graph lacks), records the train/eval mode under `export_utils._EXPORTED_TRAINING_ATTR`, computes observer
-qparams with `HistogramObserver._calculate_qparams`, and marks nodes with `QuantizationAnnotation._annotated` under
-torchao's annotation key. quantize.py falls back quietly when the first two disappear (QAT convert gets slower), so
-an upgrade that renames or removes any of them fails here instead, naming it. pyproject.toml bounds torchao below the
-next minor release: raise the bound only once this file passes with the new release.
+qparams with `HistogramObserver._calculate_qparams`, marks nodes with `QuantizationAnnotation._annotated` under
+torchao's annotation key, and imports `Q_ANNOTATION_KEY` and `getattr_from_fqn` from torchao submodules. quantize.py
+falls back quietly when the first two disappear (QAT convert gets slower), so an upgrade that renames or removes any
+of them fails here instead, naming it. pyproject.toml bounds torchao below the next minor release: raise the bound only
+once this file passes with the new release.
 """
 
 from __future__ import annotations
@@ -46,10 +47,21 @@ def test_private_constants_and_methods_exist() -> None:
         f"HistogramObserver._calculate_qparams(min_val, max_val) changed or is gone: {UPGRADE}"
     assert "_annotated" in {f.name for f in dataclasses.fields(QuantizationAnnotation)}, \
         f"QuantizationAnnotation has no _annotated field: {UPGRADE}"
-    from torchao.quantization.pt2e.quantizer.quantizer import Q_ANNOTATION_KEY
 
-    assert quantize._ANNOTATION_KEY == Q_ANNOTATION_KEY, \
-        f"torchao's annotation key is now {Q_ANNOTATION_KEY!r}: {UPGRADE}"
+
+def test_public_helpers_edgekd_imports_from_torchao_submodules_behave() -> None:
+    """Names edgekd.quantize takes from torchao submodules (not the package's __all__): the annotation key that
+    annotate_output_qspec writes under, and getattr_from_fqn resolving a dotted attribute path."""
+    from torchao.quantization.pt2e.quantizer import annotate_output_qspec
+    from torchao.quantization.pt2e.quantizer.quantizer import Q_ANNOTATION_KEY
+    from torchao.quantization.pt2e.utils import getattr_from_fqn
+
+    node = torch.fx.Graph().placeholder("x")
+    annotate_output_qspec(node, "spec")
+    assert list(node.meta) == [Q_ANNOTATION_KEY] and node.meta[Q_ANNOTATION_KEY].output_qspec == "spec", \
+        f"annotate_output_qspec no longer writes under Q_ANNOTATION_KEY: {UPGRADE}"
+    outer = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    assert getattr_from_fqn(outer, "0.bias") is outer[0].bias, f"getattr_from_fqn changed: {UPGRADE}"
 
 
 def test_torchao_calls_the_patched_helpers_and_reads_the_mode_attribute(monkeypatch, one_thread) -> None:
