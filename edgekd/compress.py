@@ -34,15 +34,18 @@ def calibration_inputs(ctx: Any, cfg: QuantizeConfig) -> tuple[np.ndarray, dict[
     return x, {"manifest": None, "split": "train", "samples": int(len(x)), "seed": cfg.calibration_seed}
 
 
-def _batches(x: np.ndarray) -> list[torch.Tensor]:
-    return [torch.from_numpy(x[i:i + CALIBRATION_BATCH]) for i in range(0, len(x), CALIBRATION_BATCH)]
+def calibration_batches(ctx: Any, cfg: QuantizeConfig) -> tuple[list[torch.Tensor], dict[str, Any]]:
+    """calibration_inputs in batches of CALIBRATION_BATCH, as the observers see them."""
+    x, info = calibration_inputs(ctx, cfg)
+    return [torch.from_numpy(x[i:i + CALIBRATION_BATCH]) for i in range(0, len(x), CALIBRATION_BATCH)], info
 
 
 def _export(ctx: Any, gm: nn.Module, quantization: str, scheme: str) -> Path:
+    """The converted student as Q/DQ ONNX with the run's example input, task signature and export options."""
     from edgekd.export import export_onnx
 
     path = ctx.onnx_path("student", quantization, scheme)
-    export_onnx(gm, torch.from_numpy(ctx.data.x_test[:2]), path,
+    export_onnx(gm, ctx.example(), path, task=ctx.task, **ctx.export_options("student"),
                 metadata=ctx.metadata("student", {"quantization": quantization, "quant_scheme": scheme}))
     if scheme == "tensorrt":  # the gate: what TensorRT 10's parser and explicit quantization accept
         from edgekd.engines.trt_onnx import require_tensorrt_onnx
@@ -70,24 +73,33 @@ def _qat_mode(frozen: list[bool]):
     return set_mode
 
 
+def _no_mode(model: nn.Module, training: bool) -> None:
+    """A converted graph is scored as it is (exported PT2E graphs refuse .train()/.eval())."""
+
+
+def _scored(ctx: Any, result: dict[str, Any], kind: str, model: nn.Module, path: Path) -> None:
+    """result[section][kind] for each score the run gives the converted `kind` model and its ONNX file."""
+    for section, value in ctx.quant_scores(model, _no_mode, path).items():
+        result.setdefault(section, {})[kind] = value
+
+
 def quantize_student(ctx: Any, scheme: str, *, device: str = "cpu", progress: bool = True) -> dict[str, Any]:
-    """PTQ (and QAT when the recipe asks) for one quantization scheme; returns the Q/DQ ONNX paths and what
-    was measured in PyTorch: {"onnx": {"ptq": path, "qat": path}, "calibration": ..., "pytorch_accuracy": ...}."""
+    """PTQ (and QAT when the recipe asks) of the run's student for one quantization scheme, for any task: the
+    run context supplies what differs (calibration batches, the traced example and its dynamic shapes, QAT's
+    training, the scores). Writes onnx/quantize-<scheme>.json; returns {"onnx": {"ptq": path, "qat": path},
+    "calibration": ..., "pytorch_accuracy": {kind: the task's headline score in PyTorch}, ...}."""
     from edgekd import quantize
-    from edgekd.train import accuracy, fit, resolve_device
 
     cfg = ctx.recipe.quantize
     if cfg.mode == "none":
         return {"onnx": {}}
-    x_cal, cal_info = calibration_inputs(ctx, cfg)
+    cal, cal_info = ctx.calibration_batches(cfg)
     student = ctx.model("student")
-    example = torch.from_numpy(ctx.data.x_train[:2])
+    example, shapes = ctx.quant_example()
     skip: tuple[str, ...] = ()
     result: dict[str, Any] = {"scheme": scheme, "calibration": cal_info, "onnx": {}, "pytorch_accuracy": {}}
     if cfg.keep_float:
-        rows = quantize.sensitivity(student, example, _batches(x_cal),
-                                    lambda m: accuracy(m, ctx.data.x_val, ctx.data.y_val,
-                                                       set_mode=lambda mm, t: None),
+        rows = quantize.sensitivity(student, example, cal, lambda m: ctx.quant_accuracy(m, _no_mode, "val"),
                                     quantize.QuantConfig(scheme=scheme, observer=cfg.observer,
                                                          percentile=cfg.percentile))
         skip = tuple(r["layer"] for r in rows[:cfg.keep_float])
@@ -96,18 +108,16 @@ def quantize_student(ctx: Any, scheme: str, *, device: str = "cpu", progress: bo
     qcfg = quantize.QuantConfig(scheme=scheme, observer=cfg.observer, percentile=cfg.percentile, skip=skip)
 
     start = time.perf_counter()
-    ptq_model = quantize.ptq(ctx.model("student"), example, _batches(x_cal), qcfg)
-    result["onnx"]["ptq"] = str(_export(ctx, ptq_model, "ptq", scheme))
-    result["pytorch_accuracy"]["ptq"] = accuracy(ptq_model, ctx.data.x_test, ctx.data.y_test,
-                                                 set_mode=lambda m, t: None)
+    ptq_model = quantize.ptq(ctx.model("student"), example, cal, qcfg, dynamic_shapes=shapes)
+    path = _export(ctx, ptq_model, "ptq", scheme)
+    result["onnx"]["ptq"] = str(path)
+    _scored(ctx, result, "ptq", ptq_model, path)
     result["ptq_seconds"] = round(time.perf_counter() - start, 2)
 
     if cfg.mode == "qat" and cfg.epochs > 0:
         start = time.perf_counter()
-        dev = resolve_device(device)
-        teacher = ctx.model("teacher")
-        prepared = quantize.prepare(student, example, qcfg, qat=True)
-        quantize.calibrate(prepared, _batches(x_cal))     # start the fake-quant ranges from calibration data
+        prepared = quantize.prepare(student, example, qcfg, qat=True, dynamic_shapes=shapes)
+        quantize.calibrate(prepared, cal)     # start the fake-quant ranges from calibration data
         frozen = [False]
         freeze_from = cfg.epochs - math.ceil(cfg.epochs * cfg.freeze_fraction)
 
@@ -116,30 +126,26 @@ def quantize_student(ctx: Any, scheme: str, *, device: str = "cpu", progress: bo
                 frozen[0] = True
                 quantize.freeze(prepared)
 
-        d = resolved(ctx.recipe).distill
-        objective, x, y, augment, result["qat_objective"] = qat_objective(ctx, teacher, dev)
-        history = fit(prepared, x, y, ctx.recipe.student, device=dev, desc="student (QAT-KD)", objective=objective,
-                      epochs=cfg.epochs, lr=cfg.lr, batch_size=d.batch_size, seed=d.seed, progress=progress,
-                      set_mode=_qat_mode(frozen), on_epoch=on_epoch, augment=augment)
-        result["qat_objective"]["received"] = dict(objective.received)
+        result["qat_history"], trained = ctx.qat_fit(prepared, _qat_mode(frozen), on_epoch, device=device,
+                                                     progress=progress)
+        result.update(trained)
         prepared.to("cpu")
-        result["qat_fake_quant_accuracy"] = accuracy(prepared, ctx.data.x_test, ctx.data.y_test,
-                                                     set_mode=_qat_mode(frozen))
+        result["qat_fake_quant_accuracy"] = ctx.quant_accuracy(prepared, _qat_mode(frozen), "test")
         converted = quantize.convert(prepared)
-        result["onnx"]["qat"] = str(_export(ctx, converted, "qat", scheme))
-        result["pytorch_accuracy"]["qat"] = accuracy(converted, ctx.data.x_test, ctx.data.y_test,
-                                                     set_mode=lambda m, t: None)
-        result["qat_history"] = history
+        path = _export(ctx, converted, "qat", scheme)
+        result["onnx"]["qat"] = str(path)
+        _scored(ctx, result, "qat", converted, path)
         result["qat_seconds"] = round(time.perf_counter() - start, 2)
     fileio.write_json(ctx.dir / "onnx" / f"quantize-{scheme}.json", result)
     return result
 
 
-def qat_objective(ctx: Any, teacher: nn.Module, dev: Any) -> tuple[Any, np.ndarray, np.ndarray, Any, dict[str, Any]]:
-    """What QAT-KD trains with: the FP32 student's objective (edgekd.objective) at the T and alpha its
+def qat_fit(ctx: Any, prepared: nn.Module, set_mode: Any, on_epoch: Any, *, device: str, progress: bool
+            ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """QAT-KD of a classifier: `fit` with the FP32 student's objective (edgekd.objective) at the T and alpha its
     distillation used (the search's choice, from the run's metrics.json; the recipe's without a record), on
-    the same transfer set (labelled + unlabelled pool) and [augment] views. Returns (objective, x, y, augment,
-    a description for quantize-<scheme>.json)."""
+    the same transfer set (labelled + unlabelled pool) and [augment] views. Returns (history, {"qat_objective":
+    what it trained with and what it received}) for quantize-<scheme>.json."""
     from edgekd.distillation import (
         fixed_teacher_views,
         read_metrics,
@@ -148,9 +154,10 @@ def qat_objective(ctx: Any, teacher: nn.Module, dev: Any) -> tuple[Any, np.ndarr
         transfer_set,
     )
     from edgekd.objective import config_from_recipe
-    from edgekd.train import predict_logits
+    from edgekd.train import fit, predict_logits, resolve_device
 
-    recipe = ctx.recipe
+    recipe, dev, d, q = ctx.recipe, resolve_device(device), resolved(ctx.recipe).distill, ctx.recipe.quantize
+    teacher = ctx.model("teacher")
     student = read_metrics(ctx.dir).get("student") or {}
     recorded = isinstance(student.get("temperature"), (int, float)) and isinstance(student.get("alpha"), (int, float))
     cfg = config_from_recipe(recipe, **({"temperature": student["temperature"], "alpha": student["alpha"]}
@@ -161,7 +168,10 @@ def qat_objective(ctx: Any, teacher: nn.Module, dev: Any) -> tuple[Any, np.ndarr
     augment = role_augment(recipe, "student") if objective.offline is None else None
     info = {**objective.describe(), "temperature_from": "metrics.json student" if recorded else "recipe",
             "samples": int(len(x)), "labelled": int((y >= 0).sum()), "augment": repr(augment) if augment else None}
-    return objective, x, y, augment, info
+    history = fit(prepared, x, y, recipe.student, device=dev, desc="student (QAT-KD)", objective=objective,
+                  epochs=q.epochs, lr=q.lr, batch_size=d.batch_size, seed=d.seed, progress=progress,
+                  set_mode=set_mode, on_epoch=on_epoch, augment=augment)
+    return history, {"qat_objective": {**info, "received": dict(objective.received)}}
 
 
 def layer_latency(ctx: Any, fp32_onnx: Path, int8_onnx: Path, batch: int, threads: int | None) -> list[dict]:
@@ -193,10 +203,11 @@ def ptq_keep_float(ctx: Any, scheme: str, layers: tuple[str, ...], path: Path) -
     from edgekd.export import export_onnx
 
     cfg = ctx.recipe.quantize
-    x_cal, _ = calibration_inputs(ctx, cfg)
+    cal, _ = ctx.calibration_batches(cfg)
     skip = tuple(dict.fromkeys(layers))
     qcfg = quantize.QuantConfig(scheme=scheme, observer=cfg.observer, percentile=cfg.percentile, skip=skip)
-    model = quantize.ptq(ctx.model("student"), torch.from_numpy(ctx.data.x_train[:2]), _batches(x_cal), qcfg)
+    example, shapes = ctx.quant_example()
+    model = quantize.ptq(ctx.model("student"), example, cal, qcfg, dynamic_shapes=shapes)
     return export_onnx(model, torch.from_numpy(ctx.data.x_test[:2]), path,
                        metadata=ctx.metadata("student", {"quantization": "ptq", "quant_scheme": scheme,
                                                          "kept_float": list(skip)}))

@@ -13,8 +13,8 @@ augmentation to vary, so they are computed once for the corpus and training read
 
 Quantization goes through edgekd.quantize like the vision students: the same torchao PT2E quantizer per
 target scheme (Q/DQ on Linear layers, attention matmuls and residual adds), PTQ and QAT with this loss,
-exported with dynamic batch and sequence length. `teacher_stage`, `distill_stage` and `quantize_stage` are what
-`edgekd teacher`, `distill` and `quantize` call for a recipe with an [embedding] section; `export`, `build`,
+exported with dynamic batch and sequence length. `teacher_stage` and `distill_stage` are what `edgekd teacher`
+and `distill` call for a recipe with an [embedding] section; `export`, `quantize` (edgekd.compress), `build`,
 `profile` and `report` are the classification pipeline's (edgekd.pipeline), reading the run through `TextContext`
 and the embedding task (edgekd.tasks); `edgekd run` composes them as for classifiers (edgekd.pipeline.run).
 """
@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgekd import fileio, runfolder
+from edgekd import fileio
 from edgekd.errors import EdgekdError
 from edgekd.pipeline import RunContext
 from edgekd.recipe import EmbeddingConfig, Recipe, to_toml
@@ -362,57 +362,6 @@ def example_ids(rows: list[np.ndarray], pad_id: int) -> torch.Tensor:
     return torch.from_numpy(pad_batch(picked, pad_id))
 
 
-def quantize_student(student: TinyEncoder, recipe: Recipe, scheme: str, rows: list[np.ndarray], targets: np.ndarray,
-                     heldout: tuple[list[np.ndarray], np.ndarray], pad_id: int, *, progress: bool = True
-                     ) -> tuple[dict[str, nn.Module], dict[str, Any]]:
-    """PTQ (and QAT with the embedding loss when [quantize].mode = "qat") of the trained student for one scheme.
-
-    Calibration: [quantize].calibration_size training sentences (seeded). QAT starts from the PTQ ranges and
-    trains [quantize].epochs epochs at [quantize].lr, observers frozen for the last freeze_fraction.
-    Returns ({"ptq": converted, "qat": converted}, info with PyTorch held-out metrics of each).
-    """
-    import copy
-
-    from edgekd import quantize
-    from edgekd.export import dynamic_dims
-
-    cfg, q = recipe.embedding, recipe.quantize
-    assert cfg is not None
-    rng = np.random.default_rng(q.calibration_seed)
-    pick = rng.choice(len(rows), min(q.calibration_size, len(rows)), replace=False)
-    cal_rows = [rows[i] for i in pick]
-    lengths = np.array([len(r) for r in cal_rows])
-    cal = [torch.from_numpy(pad_batch([cal_rows[i] for i in b], pad_id)) for b in _bucketed(lengths, 32, None)]
-    example = example_ids(rows, pad_id)
-    qcfg = quantize.QuantConfig(scheme=scheme, observer=q.observer, percentile=q.percentile)
-    dims = (dynamic_dims(EMBEDDING, cfg.max_length),)
-    models: dict[str, nn.Module] = {}
-    info: dict[str, Any] = {"scheme": scheme, "calibration": {"split": "train", "samples": len(cal_rows),
-                                                              "seed": q.calibration_seed}}
-    start = time.perf_counter()
-    student.eval()
-    models["ptq"] = quantize.ptq(copy.deepcopy(student), example, cal, qcfg, dynamic_shapes=dims)
-    info["ptq_seconds"] = round(time.perf_counter() - start, 2)
-    info["ptq"] = embedding_metrics(encode(models["ptq"], heldout[0], pad_id), heldout[1])
-    if q.mode == "qat" and q.epochs > 0:
-        start = time.perf_counter()
-        prepared = quantize.prepare(copy.deepcopy(student), example, qcfg, qat=True, dynamic_shapes=dims)
-        quantize.calibrate(prepared, cal)
-        freeze_from = q.epochs - math.ceil(q.epochs * q.freeze_fraction)
-
-        def on_epoch(epoch: int) -> None:
-            if epoch == freeze_from:
-                quantize.freeze(prepared)
-
-        info["qat_history"] = train_student(prepared, rows, targets, cfg, pad_id=pad_id, epochs=q.epochs, lr=q.lr,
-                                            exported=True, on_epoch=on_epoch, heldout=heldout, progress=progress,
-                                            desc="student (QAT)")
-        models["qat"] = quantize.convert(prepared)
-        info["qat_seconds"] = round(time.perf_counter() - start, 2)
-        info["qat"] = embedding_metrics(encode(models["qat"], heldout[0], pad_id), heldout[1])
-    return models, info
-
-
 # -------------------------------------------------------------------------------------------------- stages
 # A sentence-embedding run folder: recipe.toml, corpus.json, teacher-embeddings.npz (token ids and the teacher's
 # embeddings), teacher.json, student.safetensors + student.json, onnx/, engines/<target>/, profile-<target>.json,
@@ -632,6 +581,46 @@ class TextContext(RunContext):
     def eval_data(self, model: nn.Module) -> dict[str, Any]:
         return self.split.eval_set()
 
+    # what edgekd.compress.quantize_student asks of a run: PTQ/QAT with the embedding loss
+    def calibration_batches(self, cfg: Any) -> tuple[list[torch.Tensor], dict[str, Any]]:
+        """[quantize].calibration_size training sentences (seeded), in batches of 32 of similar length."""
+        rows = self.split.rows
+        pick = np.random.default_rng(cfg.calibration_seed).choice(len(rows), min(cfg.calibration_size, len(rows)),
+                                                                 replace=False)
+        cal = [rows[i] for i in pick]
+        batches = _bucketed(np.array([len(r) for r in cal]), 32, None)
+        return ([torch.from_numpy(pad_batch([cal[i] for i in b], self.split.pad_id)) for b in batches],
+                {"split": "train", "samples": len(cal), "seed": cfg.calibration_seed})
+
+    def quant_example(self) -> tuple[torch.Tensor, tuple[dict, ...] | None]:
+        from edgekd.export import dynamic_dims
+
+        return self.example(), (dynamic_dims(EMBEDDING, self.cfg.max_length),)
+
+    def quant_accuracy(self, model: nn.Module, set_mode: Any, split: str) -> float:
+        """Mean cosine to the teacher on the held-out sentences (the only eval set; `split` is not used)."""
+        return self.quant_scores(model, set_mode, None)["pytorch_accuracy"]
+
+    def quant_scores(self, model: nn.Module, set_mode: Any, onnx_path: Path | None) -> dict[str, Any]:
+        """Held-out metrics in PyTorch (the cosine as the headline) and the ONNX file's parity with `model`."""
+        from edgekd.export import parity
+
+        metrics = embedding_metrics(encode(model, self.split.held_rows, self.split.pad_id), self.split.held_emb)
+        scores = {"pytorch_accuracy": metrics["cosine"], "pytorch_metrics": metrics}
+        if onnx_path is not None:
+            scores["parity"] = parity(model, onnx_path, self.parity_inputs(), task=EMBEDDING)
+        return scores
+
+    def qat_fit(self, prepared: nn.Module, set_mode: Any, on_epoch: Any, *, device: str, progress: bool
+                ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """QAT with the embedding loss on the stored teacher embeddings, on the CPU (the mode is not switched:
+        the student has no dropout or BatchNorm)."""
+        q, s = self.recipe.quantize, self.split
+        history = train_student(prepared, s.rows, s.train_emb, self.cfg, pad_id=s.pad_id, epochs=q.epochs, lr=q.lr,
+                                exported=True, on_epoch=on_epoch, heldout=(s.held_rows, s.held_emb),
+                                progress=progress, desc="student (QAT)")
+        return history, {}
+
     def engine_source(self, model: str, onnx_path: Path | None, quantization: str) -> Any:
         from edgekd.engines import EngineSource
 
@@ -642,34 +631,6 @@ class TextContext(RunContext):
                             input_options={"pad_id": self.split.pad_id, **self.export_options(model)},
                             files=tuple((f"tokenizer/{n}", str(folder / n)) for n in names
                                         if folder is not None and (folder / n).is_file()))
-
-
-def quantize_stage(ctx: TextContext, scheme: str, *, mode: str | None = None, progress: bool = True
-                   ) -> dict[str, Any]:
-    """`edgekd quantize` on a sentence-embedding run: PTQ (and QAT with mode "qat"; default [quantize].mode) of
-    the student for one scheme: onnx/student.<ptq|qat>-<scheme>.onnx, their parity, and quantization-<scheme>.json
-    (PyTorch held-out metrics, calibration, QAT history), which `build` picks up."""
-    from edgekd.export import export_onnx, parity
-
-    if mode is not None:
-        ctx.recipe = dataclasses.replace(ctx.recipe, quantize=dataclasses.replace(ctx.recipe.quantize, mode=mode))
-    if ctx.recipe.quantize.mode == "none":
-        raise EdgekdError(f"{ctx.dir}/recipe.toml: [quantize].mode is \"none\"; set it to \"ptq\" or \"qat\" (or "
-                          "pass --mode)")
-    split = ctx.split
-    models, info = quantize_student(ctx.model("student"), ctx.recipe, scheme, split.rows, split.train_emb,
-                                    (split.held_rows, split.held_emb), split.pad_id, progress=progress)
-    info["onnx"], info["parity"], info["pytorch_accuracy"] = {}, {}, {}
-    for kind, gm in models.items():
-        path = ctx.onnx_path("student", kind, scheme)
-        export_onnx(gm, ctx.example(), path, task=EMBEDDING, metadata=ctx.metadata(
-            "student", {"quantization": kind, "quant_scheme": scheme}), **ctx.export_options("student"))
-        runfolder.record(ctx.dir, ctx.rel(path), ctx.weights_input("student"))
-        info["onnx"][kind] = str(path)
-        info["parity"][kind] = parity(gm, path, ctx.parity_inputs(), task=EMBEDDING)
-        info["pytorch_accuracy"][kind] = info[kind]["cosine"]   # what `edgekd quantize` prints: cosine to the teacher
-    fileio.write_json(ctx.dir / f"quantization-{scheme}.json", info)
-    return info
 
 
 def _fingerprint(*parts: Any) -> str:

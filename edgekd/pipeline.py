@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgekd import fileio, runfolder, streaming, tasks
+from edgekd import compress, fileio, runfolder, streaming, tasks
 from edgekd.data import Dataset, load_data
 from edgekd.engines import check_target, registry
 from edgekd.errors import EdgekdError
@@ -170,6 +170,23 @@ class RunContext:
 
     def target(self, target: Target) -> Target:
         return target
+
+    # what edgekd.compress.quantize_student asks of a run (the classifier's; TextContext has the embedding's)
+    calibration_batches = compress.calibration_batches
+    qat_fit = compress.qat_fit
+
+    def quant_example(self) -> tuple[torch.Tensor, tuple[dict, ...] | None]:
+        """(example batch torch.export traces, its dynamic shapes: None = the batch axis only)."""
+        return torch.from_numpy(self.data.x_train[:2]), None
+
+    def quant_accuracy(self, model: nn.Module, set_mode: Any, split: str) -> float:
+        """Top-1 accuracy on the "val" or "test" split."""
+        from edgekd.train import accuracy
+
+        return accuracy(model, getattr(self.data, f"x_{split}"), getattr(self.data, f"y_{split}"), set_mode=set_mode)
+
+    def quant_scores(self, model: nn.Module, set_mode: Any, onnx_path: Path) -> dict[str, Any]:
+        return {"pytorch_accuracy": self.quant_accuracy(model, set_mode, "test")}
 
     def engine_source(self, model: str, onnx_path: Path | None, quantization: str) -> Any:
         from edgekd.engines import EngineSource
@@ -567,13 +584,7 @@ def quantize(run_dir: str | Path, scheme: str | None = None, *, target: str | Ta
     Writes onnx/student.<ptq|qat>-<scheme>.onnx, which `build` picks up.
     With `resume`, a result the run folder records as made from the current student and [quantize] is kept."""
     with runfolder.locked(ctx.dir if ctx else run_dir):
-        ctx = ctx or context(run_dir)
-        if ctx.task is not tasks.CLASSIFICATION:
-            from edgekd.embedding import quantize_stage
-
-            _import_torchao_quietly()
-            return quantize_stage(ctx, scheme or _int8_scheme(target), mode=mode, progress=progress)
-        return _quantize(ctx, scheme, target, mode, device, progress, resume)
+        return _quantize(ctx or context(run_dir), scheme, target, mode, device, progress, resume)
 
 
 def _int8_scheme(target: str | Target | None) -> str:

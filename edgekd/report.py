@@ -526,11 +526,11 @@ def write_embedding_report(run_dir: str | Path, skipped: list[dict[str, Any]] | 
     engines = [{**p, "path": str(Path(p["bundle"]).relative_to(run_dir)) if Path(p["bundle"]).is_relative_to(run_dir)
                 else p["bundle"]} for f in sorted(run_dir.glob("profile-*.json")) for p in json.loads(f.read_text())
                if p.get("task") == EMBEDDING.name]
-    quantization = {f.stem.removeprefix("quantization-"): _json(f) for f in sorted(run_dir.glob("quantization-*.json"))}
+    quantization = {f.stem.removeprefix("quantize-"): _json(f) for f in sorted(run_dir.glob("onnx/quantize-*.json"))}
     pytorch = dict(student["pytorch"])
     for scheme, info in quantization.items():
-        pytorch.update({f"student {k.upper()} int8 ({scheme}, PyTorch Q/DQ)": info[k] for k in ("ptq", "qat")
-                        if k in info})
+        pytorch.update({f"student {k.upper()} int8 ({scheme}, PyTorch Q/DQ)": m
+                        for k, m in info.get("pytorch_metrics", {}).items()})
     parity = {m: r["parity"] for m in ("teacher", "student") if (r := _json(run_dir / "onnx" / f"{m}.parity.json"))}
     parity.update({f"student-{k}-{s}": v for s, info in quantization.items()
                    for k, v in info.get("parity", {}).items()})
