@@ -164,8 +164,9 @@ def test_registry_and_runtime_import_without_torch_or_tensorrt_and_without_a_cyc
 
 
 # A runtime added the way the registry promises: one module (written here into a temporary folder: onnx's own
-# ReferenceEvaluator, a real ONNX runtime that ships with the onnx package), its name in registry.MODULES and one
-# target file. Nothing else in edgekd changes, and the bundle builds, loads, runs and agrees with PyTorch.
+# ReferenceEvaluator, a real ONNX runtime that ships with the onnx package), found in the engines folder like the
+# built-in ones (the temporary folder joins edgekd.engines' path), and one target file. Nothing else in edgekd
+# changes, and the bundle builds, loads, runs and agrees with PyTorch.
 REFERENCE_BACKEND = '''
 from pathlib import Path
 import shutil
@@ -215,10 +216,12 @@ def open_runner(bundle_dir, manifest, threads):
 
 
 def test_a_new_runtime_is_one_module_and_a_target_file(monkeypatch, tmp_path: Path, edge_source, edge_eval) -> None:
-    (tmp_path / "edgekd_reference_backend.py").write_text(REFERENCE_BACKEND)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(registry, "MODULES", (*registry.MODULES, "edgekd_reference_backend"))
+    import edgekd.engines
+
+    (tmp_path / "reference.py").write_text(REFERENCE_BACKEND)
+    monkeypatch.setattr(edgekd.engines, "__path__", [*edgekd.engines.__path__, str(tmp_path)])
     registry.backends.cache_clear()
+    assert "edgekd.engines.reference" in registry._engine_modules()
     try:
         target_file = tmp_path / "x86-cpu-reference.toml"
         target_file.write_text('runtime = "onnx-reference"\ndevice = "cpu"\nprecisions = ["fp32"]\n')

@@ -1,6 +1,6 @@
 """The registry of backends: runtime name -> what it supports, how it builds a bundle, how it runs one.
 
-Each runtime is one module in edgekd/engines/ (listed in MODULES) that declares `BACKEND = Backend(...)` and defines
+Each runtime is one module in edgekd/engines/ (found there by name) that declares `BACKEND = Backend(...)` and defines
 
     availability() -> str                                  "ok", or why this machine cannot use the runtime
     check_target(target) -> str                            "ok", or why this machine cannot run that target
@@ -11,7 +11,7 @@ Each runtime is one module in edgekd/engines/ (listed in MODULES) that declares 
 
 and imports its runtime library (onnxruntime, tensorrt, torch) inside those functions only, so this registry, the
 target files' validation and edgekd.runtime import with numpy alone. Targets, the build, the pipeline, the runtime and
-the profiler ask the registry instead of naming runtimes. Adding a runtime: one module here, its name in MODULES, and
+the profiler ask the registry instead of naming runtimes. Adding a runtime: one module here and
 a target file in targets/.
 """
 
@@ -26,7 +26,7 @@ import numpy as np
 
 from edgekd.errors import EdgekdError
 
-MODULES = ("edgekd.engines.ort", "edgekd.engines.trt", "edgekd.engines.pytorch")
+MODULES: tuple[str, ...] = ()   # backend modules outside edgekd/engines (a plugin's), besides those found there
 PRECISIONS = ("fp32", "fp16", "int8")
 DEVICES = ("cpu", "cuda", "dla")
 HOST_DEVICES = ("cpu",)   # engines for other devices may fail to build or run where the accelerator is missing
@@ -99,11 +99,21 @@ def check_feeds(runner: Runner, feeds: Any) -> None:
         raise EdgekdError(f"run() got inputs {sorted(feeds)}, this engine takes {list(runner.input_names)}")
 
 
+def _engine_modules() -> list[str]:
+    """The modules of the edgekd.engines folder(s) but this one; those that define BACKEND are backends. Listing
+    reads file names only; the device wheel's folder holds just the device-side modules."""
+    import pkgutil
+
+    package = importlib.import_module("edgekd.engines")
+    return [f"edgekd.engines.{m.name}" for m in pkgutil.iter_modules(package.__path__)
+            if m.name != "registry" and not m.name.startswith("_")]
+
+
 @cache
 def backends() -> dict[str, Backend]:
-    """Every registered backend, by runtime name (in MODULES order)."""
-    found = [importlib.import_module(m).BACKEND for m in MODULES]
-    return {b.name: b for b in found}
+    """Every backend, by runtime name in name order: each module in edgekd/engines that defines BACKEND, and MODULES."""
+    found = [getattr(importlib.import_module(m), "BACKEND", None) for m in (*_engine_modules(), *MODULES)]
+    return {b.name: b for b in sorted((b for b in found if isinstance(b, Backend)), key=lambda b: b.name)}
 
 
 def runtimes() -> tuple[str, ...]:
