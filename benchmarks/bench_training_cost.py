@@ -78,7 +78,8 @@ def one_epoch(mode: str, recipe: Recipe, data: Any, teacher: torch.nn.Module, ca
         t0 = time.perf_counter()
         example = torch.from_numpy(data.x_train[:2])
         prepared = quantize.prepare(student, example, quantize.QuantConfig(scheme=scheme), qat=True)
-        quantize.calibrate(prepared, compress._batches(data.x_train[:recipe.quantize.calibration_size]))
+        x_cal, step = data.x_train[:recipe.quantize.calibration_size], compress.CALIBRATION_BATCH   # as the stage does
+        quantize.calibrate(prepared, [torch.from_numpy(x_cal[i:i + step]) for i in range(0, len(x_cal), step)])
         out["setup_s"] = time.perf_counter() - t0
         history = fit(prepared, data.x_train, data.y_train, cfg, device=dev, desc=mode, epochs=1, progress=False,
                       objective=Objective(kd, teacher=teacher), set_mode=compress._qat_mode([False]))

@@ -250,11 +250,13 @@ def test_every_tensorrt_scheme_export_passes_the_gate(tmp_path: Path) -> None:
     onnxruntime's placement (UINT8, zero points) exported as 'tensorrt' is refused and leaves no file."""
     from types import SimpleNamespace
 
+    from edgekd import tasks
     from edgekd.compress import _export
 
     torch.manual_seed(0)
     x = torch.randn(16, *SHAPE)
-    ctx = SimpleNamespace(data=SimpleNamespace(x_test=x.numpy()), onnx_path=lambda name, k, s: tmp_path / f"{s}.onnx",
+    ctx = SimpleNamespace(example=lambda: x[:2], task=tasks.CLASSIFICATION, export_options=lambda name: {},
+                          onnx_path=lambda name, k, s: tmp_path / f"{s}.onnx",
                           metadata=lambda name, extra: {k: str(v) for k, v in extra.items()})
     for scheme, ok in (("tensorrt", True), ("ort-cpu", False)):
         gm = q.ptq(TwoHeads().eval(), x[:8], [x], q.QuantConfig(scheme=scheme))
