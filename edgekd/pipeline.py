@@ -551,8 +551,7 @@ def int8_fallback(ctx: RunContext, target: Target, profiles: list[dict[str, Any]
         return {**decision, "chose": "fp32", "why": f"{why}; the INT8 engine is not shipped"}
     mixed = compress.ptq_keep_float(ctx, target.quant_scheme, skip,
                                     ctx.dir / "onnx" / f"student.ptq-{target.quant_scheme}-keep-float.onnx")
-    runfolder.record(ctx.dir, ctx.rel(mixed), {**ctx.weights_input("student"),
-                                               **runfolder.sections(ctx.recipe, "quantize")})
+    runfolder.record(ctx.dir, ctx.rel(mixed), _quantized_from(ctx))
     build(ctx.dir, target, models=("student",), ctx=ctx, quantized={"ptq": mixed},
           resume=True)   # the float bundles stand; only the int8 one is made from a new ONNX
     after = _ptq_verdict(ctx, target, profile(ctx.dir, target, quick=quick))
@@ -563,6 +562,11 @@ def int8_fallback(ctx: RunContext, target: Target, profiles: list[dict[str, Any]
                        f"rebuilt INT8 engine beats FP32 at every batch size"}
     return {**decision, "chose": "fp32", "why": f"kept {keep} in float, but the INT8 engine is still slower than "
                                                 "FP32; it is not shipped"}
+
+
+def _quantized_from(ctx: RunContext) -> dict[str, str]:
+    """What a quantized ONNX of the student is made from (its provenance record): the weights and [quantize]."""
+    return {**ctx.weights_input("student"), **runfolder.sections(ctx.recipe, "quantize")}
 
 
 def _quantize_note(result: dict[str, Any]) -> str:
@@ -606,7 +610,7 @@ def _quantize(ctx: RunContext, scheme: str | None, target: str | Target | None, 
                           "--mode)")
     if wanted != ctx.recipe.quantize.mode:
         ctx.recipe = dataclasses.replace(ctx.recipe, quantize=dataclasses.replace(ctx.recipe.quantize, mode=wanted))
-    made_from = {**ctx.weights_input("student"), **runfolder.sections(ctx.recipe, "quantize")}
+    made_from = _quantized_from(ctx)
     record = ctx.dir / "onnx" / f"quantize-{scheme}.json"
     if resume and record.is_file():
         done = json.loads(record.read_text())
