@@ -279,7 +279,6 @@ def _dataset_source(ds: Any, where: str, cfg: DataConfig) -> tuple[streaming.Laz
         raise EdgekdError(f"{where}: the dataset is empty")
     try:
         first = ds[0][0]
-        first = first.numpy() if hasattr(first, "numpy") else np.asarray(first)
         targets = getattr(ds, "targets", None)
         labels = targets if targets is not None else [ds[i][1] for i in range(len(ds))]
         y = np.asarray([int(v) for v in labels], dtype=np.int64)
@@ -287,12 +286,7 @@ def _dataset_source(ds: Any, where: str, cfg: DataConfig) -> tuple[streaming.Laz
         raise
     except Exception as e:
         raise EdgekdError(f"{where}: could not read items as (input, label) pairs ({type(e).__name__}: {e})") from e
-    if first.dtype.kind not in "fiu" or first.ndim < 1:
-        raise EdgekdError(f"{where}: inputs are {first.dtype} of shape {first.shape}; expected numbers (float, or "
-                          "uint8 images)")
-    shape = (1, *first.shape) if first.ndim == 2 else first.shape
-    x = streaming.LazyArray(ds, shape, 1 / 255 if first.dtype == np.uint8 else 1.0, options=loader_options(cfg))
-    return x, y
+    return streaming.LazyArray(ds, *streaming.item_layout(first, where), options=loader_options(cfg)), y
 
 
 def _function(ref: str, cfg: DataConfig) -> dict[str, Any]:

@@ -296,12 +296,7 @@ def stream_source(ds: Any, where: str, options: LoaderOptions
         first, _ = _pair(next(iter(ds)), 0)
     except StopIteration:
         raise EdgekdError(f"{where}: the stream is empty") from None
-    first = first.numpy() if hasattr(first, "numpy") else np.asarray(first)
-    if first.dtype.kind not in "fiu" or first.ndim < 1:
-        raise EdgekdError(f"{where}: inputs are {first.dtype} of shape {first.shape}; expected numbers (float, or "
-                          "uint8 images)")
-    shape = (1, *first.shape) if first.ndim == 2 else first.shape
-    x = LazyStream(ds, shape, 1 / 255 if first.dtype == np.uint8 else 1.0, 0, options)
+    x = LazyStream(ds, *item_layout(first, where), 0, options)
     loader = torch.utils.data.DataLoader(__getattr__("_Blocks")(x, 256, summary=True), batch_size=None,
                                          num_workers=options.num_workers)
     labels, total, total_sq, count = [], 0.0, 0.0, 0
@@ -312,10 +307,25 @@ def stream_source(ds: Any, where: str, options: LoaderOptions
     declared = _declared_len(ds)
     if declared is not None and declared != len(y):
         raise EdgekdError(f"{where}: len() says {declared} samples, one pass over the stream gave {len(y)}")
+    x.rows = np.arange(len(y))
+    return (x, y, *_mean_std(total, total_sq, count))
+
+
+def item_layout(first: Any, where: str) -> tuple[tuple[int, ...], float]:
+    """(item shape, scale) of a lazy source from its first input: a grey (H, W) image gets a channel axis,
+    uint8 inputs are scaled by 1/255; anything but numbers is refused."""
+    first = first.numpy() if hasattr(first, "numpy") else np.asarray(first)
+    if first.dtype.kind not in "fiu" or first.ndim < 1:
+        raise EdgekdError(f"{where}: inputs are {first.dtype} of shape {first.shape}; expected numbers (float, or "
+                          "uint8 images)")
+    return ((1, *first.shape) if first.ndim == 2 else first.shape), 1 / 255 if first.dtype == np.uint8 else 1.0
+
+
+def _mean_std(total: Any, total_sq: Any, count: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std (+1e-6, as the array path) from sums, sums of squares and the value count."""
     mean = total / max(count, 1)
     std = np.sqrt(np.maximum(total_sq / max(count, 1) - mean * mean, 0.0)) + 1e-6
-    x.rows = np.arange(len(y))
-    return x, y, tuple(float(v) for v in mean), tuple(float(v) for v in std)
+    return tuple(float(v) for v in np.atleast_1d(mean)), tuple(float(v) for v in np.atleast_1d(std))
 
 
 def _declared_len(ds: Any) -> int | None:
@@ -485,9 +495,7 @@ def channel_stats(x: _Lazy, samples: int, seed: int) -> tuple[tuple[float, ...],
         a = x.raw(int(x.rows[i])).astype(np.float64)
         a = a.reshape(a.shape[0], -1) if a.ndim == 3 else a.reshape(1, -1)
         total, total_sq, count = total + a.sum(1), total_sq + (a * a).sum(1), count + a.shape[1]
-    mean = total / max(count, 1)
-    std = np.sqrt(np.maximum(total_sq / max(count, 1) - mean * mean, 0.0)) + 1e-6
-    return tuple(float(v) for v in np.atleast_1d(mean)), tuple(float(v) for v in np.atleast_1d(std))
+    return _mean_std(total, total_sq, count)
 
 
 class _EpochSampler:
