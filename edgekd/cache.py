@@ -121,13 +121,9 @@ def make_augment(spec: str) -> ImageAugment | None:
         try:
             if name == "flip" and not value:
                 kwargs["flip"] = True
-            elif name == "shift" and value:
-                kwargs["shift"] = int(value)
-                if kwargs["shift"] < 0:
-                    raise ValueError
-            elif name == "noise" and value:
-                kwargs["noise"] = float(value)
-                if kwargs["noise"] < 0:
+            elif name in ("shift", "noise") and value:
+                kwargs[name] = int(value) if name == "shift" else float(value)
+                if kwargs[name] < 0:
                     raise ValueError
             else:
                 raise ValueError

