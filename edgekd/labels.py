@@ -194,9 +194,8 @@ def _write_shard(out_dir: Path, shard: int, shard_size: int, n: int, parts: list
     start, stop = shard * shard_size, min((shard + 1) * shard_size, n)
     arrays = _shard_arrays(start, stop, parts, manifest)
     path = out_dir / name
-    with fileio.atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
+    with fileio.atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)
     manifest["shards"].append({"file": name, "start": start, "stop": stop, "sha256": fileio.sha256_file(path)})
     manifest["shards"].sort(key=lambda e: e["start"])
     return fileio.write_signed_json(out_dir / MANIFEST, manifest)

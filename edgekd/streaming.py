@@ -304,7 +304,10 @@ def stream_source(ds: Any, where: str, options: LoaderOptions
         labels.append(np.asarray(y))
         total, total_sq, count = total + np.asarray(s), total_sq + np.asarray(sq), count + int(c)
     y = np.concatenate(labels)
-    declared = _declared_len(ds)
+    try:
+        declared = len(ds)
+    except TypeError:   # IterableDataset without __len__
+        declared = None
     if declared is not None and declared != len(y):
         raise EdgekdError(f"{where}: len() says {declared} samples, one pass over the stream gave {len(y)}")
     x.rows = np.arange(len(y))
@@ -326,13 +329,6 @@ def _mean_std(total: Any, total_sq: Any, count: int) -> tuple[tuple[float, ...],
     mean = total / max(count, 1)
     std = np.sqrt(np.maximum(total_sq / max(count, 1) - mean * mean, 0.0)) + 1e-6
     return tuple(float(v) for v in np.atleast_1d(mean)), tuple(float(v) for v in np.atleast_1d(std))
-
-
-def _declared_len(ds: Any) -> int | None:
-    try:
-        return len(ds)
-    except TypeError:   # IterableDataset without __len__
-        return None
 
 
 def stream_order(x: LazyStream, batch: int, rank: int, world: int) -> Any:
