@@ -184,6 +184,14 @@ def test_retrieval_metrics_by_hand() -> None:
     assert m["retrieval_top1"] == pytest.approx(5 / 6)
     assert m["cosine"] == pytest.approx((5 + math.cos(math.radians(20))) / 6)
     assert m["retrieval_top5"] == m["teacher_top1_in_student_top5"] == 1.0   # 6 points: top 5 is all the others
+    # Spearman of the pairwise similarities, against scipy's implementation on a perturbed copy
+    stats = pytest.importorskip("scipy.stats")
+    s = t + 0.7 * rng.standard_normal(t.shape)
+    sim = [x @ x.T / np.outer(*(2 * [np.linalg.norm(x, axis=1)])) for x in (s, t)]
+    upper = np.triu_indices(8, 1)
+    expected = stats.spearmanr(sim[0][upper], sim[1][upper]).statistic
+    assert embedding_metrics(s, t)["similarity_spearman"] == pytest.approx(expected) and 0.2 < expected < 0.95
+    assert embedding_metrics(t * 3.0, t)["similarity_spearman"] == pytest.approx(1.0)
     with pytest.raises(EdgekdError, match="at least 6"):
         embedding_metrics(t[:5], t[:5])
 
