@@ -99,9 +99,10 @@ def efficientnet_lite0_imagenet(image_size: int = 224) -> nn.Module:
     return net
 
 
-def build_efficientnet_lite0(input_shape: tuple[int, ...], num_classes: int, *,
-                             image_size: int = EFFICIENTNET_IMAGE_SIZE, pretrained: bool = True) -> nn.Module:
-    """EfficientNet-Lite0 with a new `num_classes` head behind a ResizeToImage adapter.
+def efficientnet_lite0(input_shape: tuple[int, ...], num_classes: int, *,
+                       image_size: int = EFFICIENTNET_IMAGE_SIZE, pretrained: bool = True) -> nn.Module:
+    """Model factory `edgekd.pretrained:efficientnet_lite0`: EfficientNet-Lite0 (at 64x64 by default) with a
+    new `num_classes` head behind a ResizeToImage adapter.
 
     `pretrained` loads the ImageNet weights (`efficientnet_lite0_imagenet`) before the 1000-class head is
     replaced. BatchNorm momentum is set to PyTorch's 0.1 instead of the TensorFlow port's 0.01: with 0.01 the
@@ -113,11 +114,6 @@ def build_efficientnet_lite0(input_shape: tuple[int, ...], num_classes: int, *,
     net = efficientnet_lite0_imagenet(image_size) if pretrained else _efficientnet_lite0(image_size)
     net._fc = nn.Linear(net._fc.in_features, num_classes)
     return ResizeToImage(net, input_shape[0], image_size)
-
-
-def efficientnet_lite0(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
-    """Model factory `edgekd.pretrained:efficientnet_lite0`: ImageNet EfficientNet-Lite0 at 64x64, new head."""
-    return build_efficientnet_lite0(input_shape, num_classes)
 
 
 # --------------------------------------------------------------------------------------------------- text
