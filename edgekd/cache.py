@@ -164,10 +164,6 @@ class TeacherCache:
         """Epochs the cache covers (with no augmentation: any number; this returns the number built for)."""
         return int(self.manifest["epochs"])
 
-    @property
-    def top_k(self) -> int:
-        return int(self.values[0].shape[1])
-
     def lookup(self, epoch: int, indices: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(top-k logits float32 (B, k), class ids int64 (B, k)) of samples `indices` in `epoch`."""
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)

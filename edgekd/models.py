@@ -149,10 +149,6 @@ def load_factory(ref: str, what: str) -> Callable[..., Any]:
     return fn
 
 
-# Knob ranges of the built-in families, checked before anything is built.
-_KNOB_RANGES = {"ints": (1, None), "float": (0.0, 1.0)}   # widths/hidden >= 1; dropout in [0, 1)
-
-
 def _family_kwargs(spec: str) -> tuple[type[nn.Module], dict[str, Any]] | None:
     """(class, keyword arguments) of a built-in family spec, each knob parsed and range-checked; None for a
     `package.module:factory` spec."""
