@@ -269,9 +269,7 @@ def _dataset_source(ds: Any, where: str, cfg: DataConfig) -> tuple[streaming.Laz
     import torch
 
     if isinstance(ds, torch.utils.data.IterableDataset):   # read in its own order; one counting pass here
-        x, y, mean, std = streaming.stream_source(ds, where, loader_options(cfg))
-        x.stats = (mean, std)
-        return x, y
+        return streaming.stream_source(ds, where, loader_options(cfg))
     if not hasattr(ds, "__getitem__") or not hasattr(ds, "__len__"):
         raise EdgekdError(f"{where}: {type(ds).__name__} has no len() and indexing; return map-style Datasets of "
                           "(input, label) pairs")

@@ -132,8 +132,7 @@ class LazyImages(_Lazy):
 
     def identity(self) -> dict[str, Any]:
         """What the fingerprint hashes: the transform spec and each file's path, size and mtime, in row order."""
-        files = [self.paths[r] for r in self.rows]
-        stats = [(f, st.st_size, st.st_mtime_ns) for f in files for st in [os.stat(f)]]
+        stats = [(f, st.st_size, st.st_mtime_ns) for f in self.files() for st in [os.stat(f)]]
         return {"spec": self.spec.to_dict(), "files": stats, "max_pixels": self.max_pixels}
 
     def files(self) -> list[str]:
@@ -190,7 +189,7 @@ class LazyArray(_Lazy):
 class LazyStream(LazyArray):
     """A torch IterableDataset of (input, label) pairs used as it is: read in its own order, never by index.
 
-    Its length, labels (and, for training, mean/std) come from one counting pass at load (`summarize`); a
+    Its length, labels (and, for training, mean/std: `stats`) come from one counting pass at load (`stream_source`); a
     training epoch reads it in blocks of `batch_size` through DataLoader workers (`_Blocks`). `x[indices]`
     reads one pass up to the largest index, for small draws (an example batch, calibration, a spot check);
     carving splits or subsets by index (`take`) is refused."""
@@ -284,12 +283,11 @@ def __getattr__(name: str) -> Any:   # PEP 562: `_Blocks` pickles by name (spawn
     raise AttributeError(name)
 
 
-def stream_source(ds: Any, where: str, options: LoaderOptions
-                  ) -> tuple[LazyStream, np.ndarray, tuple[float, ...], tuple[float, ...]]:
-    """(lazy stream, labels, per-channel mean, std) of an IterableDataset of (input, label) pairs, from one
-    counting pass in DataLoader workers that keeps only the labels (8 bytes a sample) and running sums; the
-    mean/std cover every input (+1e-6 on std, as the array path). uint8 inputs are scaled by 1/255. A
-    `len()` that disagrees with the count is an error."""
+def stream_source(ds: Any, where: str, options: LoaderOptions) -> tuple[LazyStream, np.ndarray]:
+    """(lazy stream, labels) of an IterableDataset of (input, label) pairs, from one counting pass in
+    DataLoader workers that keeps only the labels (8 bytes a sample) and running sums, whose per-channel
+    (mean, std) over every input (+1e-6 on std, as the array path) become the stream's `stats`. uint8 inputs
+    are scaled by 1/255. A `len()` that disagrees with the count is an error."""
     import torch
 
     try:
@@ -310,8 +308,8 @@ def stream_source(ds: Any, where: str, options: LoaderOptions
         declared = None
     if declared is not None and declared != len(y):
         raise EdgekdError(f"{where}: len() says {declared} samples, one pass over the stream gave {len(y)}")
-    x.rows = np.arange(len(y))
-    return (x, y, *_mean_std(total, total_sq, count))
+    x.rows, x.stats = np.arange(len(y)), _mean_std(total, total_sq, count)
+    return x, y
 
 
 def item_layout(first: Any, where: str) -> tuple[tuple[int, ...], float]:
