@@ -524,15 +524,14 @@ def load_data(cfg: DataConfig, base_dir: str | Path = ".") -> Dataset:
         pool = x_train.take(np.setdiff1d(np.arange(len(x_train)), keep), axis=0)
         x_unl = pool if x_unl is None else streaming.concat([pool, x_unl])
         x_train, y_train = x_train.take(keep, axis=0), y_train[keep]
-    spec = raw.get("preprocess")
-    if spec is not None:
-        spec = replace(spec, mean=tuple(float(v) for v in mean), std=tuple(float(v) for v in std))
+    stats = {"mean": tuple(float(v) for v in mean), "std": tuple(float(v) for v in std)}
+    spec = replace(raw["preprocess"], **stats) if raw.get("preprocess") is not None else None
     report = dict(raw.get("report", {}))
     if lazy:
         report.update(streamed=True, workers=x_train.options.num_workers,
                       statistics=_stats_origin(cfg, len(x_train), streaming.is_stream(x_train)))
-    return Dataset(x_train, y_train, norm(x_val), y_val, norm(x_test), y_test, x_unl, class_names,
-                   tuple(float(v) for v in mean), tuple(float(v) for v in std), spec, report)
+    return Dataset(x_train, y_train, norm(x_val), y_val, norm(x_test), y_test, x_unl, class_names, **stats,
+                   preprocess=spec, report=report)
 
 
 def _check_stream_keys(raw: dict[str, Any], cfg: DataConfig, where: str) -> None:
