@@ -76,7 +76,7 @@ def run_task(run_dir: str | Path) -> tasks.Task:
 def context(run_dir: str | Path) -> RunContext:
     """The run folder as the shared stages read it: its task's run context (a classifier's RunContext, a
     sentence-embedding TextContext)."""
-    return run_task(run_dir).run_context()(run_dir)
+    return run_task(run_dir).context(run_dir)
 
 
 def _newer(output: Path, *inputs: Path) -> bool:

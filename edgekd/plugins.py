@@ -1,6 +1,6 @@
-"""Parts found by folder: each backend (edgekd/engines) and each task (edgekd/tasks) is one module that defines a
-module-level name (BACKEND, TASK), so adding one is adding its file. Imports nothing heavy (the device runtime
-uses it)."""
+"""Parts found by name: each backend (edgekd/engines) and each task (edgekd/tasks) is one module that defines a
+module-level name (BACKEND, TASK), so adding one is adding its file; what such a part needs from a heavy module is
+named "module:name" and imported when used. Imports nothing heavy (the device runtime uses it)."""
 
 from __future__ import annotations
 
@@ -16,3 +16,15 @@ def declared(package: str, name: str, modules: tuple[str, ...] = ()) -> list[Any
     folder = importlib.import_module(package).__path__
     found = sorted(f"{package}.{m.name}" for m in pkgutil.iter_modules(folder) if not m.name.startswith("_"))
     return [getattr(m, name) for m in map(importlib.import_module, (*found, *modules)) if hasattr(m, name)]
+
+
+class lazy:
+    """A class attribute naming "module:name", imported when read: a task's run context (torch) or report functions
+    (scipy, tabulate, matplotlib) stay out of the numpy-only module that names them."""
+
+    def __init__(self, spec: str) -> None:
+        self.spec = spec
+
+    def __get__(self, obj: Any, owner: type | None = None) -> Any:
+        module, _, name = self.spec.partition(":")
+        return getattr(importlib.import_module(module), name)

@@ -491,8 +491,8 @@ def write(run_dir: str | Path, task: Any, skipped: list[dict[str, Any]] | None =
 
 def classification_report(run_dir: Path, skipped: list[dict[str, Any]], targets: tuple[str, ...] | None = None,
                           extra: dict[str, Any] | None = None, ship_slower_int8: bool = False) -> dict[str, Any]:
-    """A classifier's report from metrics.json and the profile-<target>.json files (all, or those of `targets`).
-    The headline never picks an INT8 engine slower than its FP32 engine unless `ship_slower_int8`."""
+    """A classifier's report: metrics.json's models and the profile-<target>.json files' engines (all, or those of
+    `targets`); the headline never picks an INT8 engine slower than its FP32 engine unless `ship_slower_int8`."""
     from edgekd.distillation import read_metrics
 
     if not (run_dir / "metrics.json").is_file():
@@ -513,13 +513,3 @@ def figures(report: dict[str, Any], run_dir: Path) -> None:
         plot_batches(report, run_dir / "report_batch.png")
     if report.get("per_class"):
         plot_classes(report, run_dir / "report_classes.png")
-
-
-def read_report(run_dir: str | Path) -> dict[str, Any]:
-    path = Path(run_dir) / "report.json"
-    if not path.is_file():
-        raise EdgekdError(f"{path}: no report here; run `edgekd run` or `edgekd profile` first")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise EdgekdError(f"{path}: not valid JSON ({e})") from None

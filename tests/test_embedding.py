@@ -345,7 +345,7 @@ def _profile(model: str, quant: str, ms: tuple[float, float], cosine: float) -> 
 def test_report_latency_ratios_and_headline_by_hand() -> None:
     """ms per sentence = p50 / batch; ratio = student / teacher per batch; the headline ships the fastest student
     engine at the smallest batch among those within 0.005 cosine of the best."""
-    from edgekd.tasks.base import latency_ratios
+    from edgekd.tasks import latency_ratios
 
     engines = [_profile("teacher", "none", (4.0, 16.0), 1.0), _profile("student", "none", (1.0, 8.0), 0.950),
                _profile("student", "ptq", (0.5, 4.0), 0.946), _profile("student", "qat", (0.25, 4.0), 0.900)]

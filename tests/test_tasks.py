@@ -90,7 +90,7 @@ REGRESSION = '''"""Regression: (N, features) float32 -> (N, 1), scored by r2 = 1
 import numpy as np
 
 from edgekd.errors import EdgekdError
-from edgekd.tasks.base import EVAL_BATCH, Task
+from edgekd.tasks import EVAL_BATCH, Task
 
 
 class Regression(Task):

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from edgekd.errors import EdgekdError
-from edgekd.tasks.base import EVAL_BATCH, Task
+from edgekd.plugins import lazy
+from edgekd.tasks import EVAL_BATCH, Task
 
 
 class Classification(Task):
@@ -21,7 +21,7 @@ class Classification(Task):
     output_name = "logits"
     metric_keys = ("accuracy", "agreement")
     eval_arrays = {"x": "float32", "y": "int64", "reference_logits": "float32"}
-    context = "edgekd.pipeline:RunContext"
+    context = lazy("edgekd.pipeline:RunContext")
 
     def check_eval(self, data: dict[str, Any], input_shape: tuple[Any, ...], output_dim: int) -> dict[str, Any]:
         x, y, ref = (a if a is None or hasattr(a, "shape") else np.asarray(a)
@@ -81,26 +81,10 @@ class Classification(Task):
         return out.astype(np.float32)
 
     # its report is edgekd.report's: accuracy with confidence intervals, per class, the distillation gain, plots
-
-    def report(self, run_dir: Path, skipped: list[dict[str, Any]], **options: Any) -> dict[str, Any]:
-        from edgekd.report import classification_report
-
-        return classification_report(run_dir, skipped, **options)
-
-    def markdown(self, report: dict[str, Any]) -> str:
-        from edgekd.report import markdown
-
-        return markdown(report)
-
-    def engines_table(self, engines: list[dict[str, Any]]) -> str:
-        from edgekd.report import engines_table
-
-        return engines_table(engines)
-
-    def figures(self, report: dict[str, Any], run_dir: Path) -> None:
-        from edgekd.report import figures
-
-        figures(report, run_dir)
+    report = lazy("edgekd.report:classification_report")
+    markdown = lazy("edgekd.report:markdown")
+    engines_table = lazy("edgekd.report:engines_table")
+    figures = lazy("edgekd.report:figures")
 
 
 def per_class_accuracy(labels: Any, predictions: Any, num_classes: int) -> dict[str, list]:

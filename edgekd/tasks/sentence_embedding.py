@@ -11,7 +11,8 @@ from typing import Any
 import numpy as np
 
 from edgekd.errors import EdgekdError
-from edgekd.tasks.base import EVAL_BATCH, Task
+from edgekd.plugins import lazy
+from edgekd.tasks import EVAL_BATCH, Task
 
 
 class SentenceEmbedding(Task):
@@ -30,7 +31,7 @@ class SentenceEmbedding(Task):
     eval_arrays = {"ids": "int64", "lengths": "int64", "reference": "float32", "pad_id": "int64"}
     runtimes = ("onnxruntime",)   # TensorRT profiles and the torch builder take one fixed-shape float input
     recipe_section = "embedding"
-    context = "edgekd.embedding:TextContext"
+    context = lazy("edgekd.embedding:TextContext")
     title = "sentence-embedding distillation"
     sample = "sentence"
     details = ("quantization", "export_parity", "history")
