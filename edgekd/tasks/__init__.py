@@ -168,24 +168,19 @@ def ms_per_sample(row: dict[str, Any]) -> float:
 
 
 def latency_ratios(engines: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per target and batch: each student engine's ms per sample / the teacher engine's."""
-    out = []
-    for target in dict.fromkeys(e["target"] for e in engines):
-        teacher = next((e for e in engines if e["target"] == target and e["model"] == "teacher"), None)
-        if teacher is None:
-            continue
-        t_rows = {r["batch"]: ms_per_sample(r) for r in teacher["rows"]}
-        for e in engines:
-            if e["target"] != target or e["model"] != "student":
-                continue
-            for r in e["rows"]:
-                if r["batch"] in t_rows:
-                    out.append({"target": target, "engine": f"student {e['precision']} {e['quantization']}",
-                                "batch": r["batch"], "student_ms": ms_per_sample(r), "teacher_ms": t_rows[r["batch"]],
-                                "ratio": ms_per_sample(r) / t_rows[r["batch"]]})
-    return out
+    """Per target and batch: each student engine's ms per sample / the (first) teacher engine's on that target."""
+    teacher: dict[str, dict[int, float]] = {}
+    for e in engines:
+        if e["model"] == "teacher":
+            teacher.setdefault(e["target"], {r["batch"]: ms_per_sample(r) for r in e["rows"]})
+    return [{"target": e["target"], "engine": f"student {e['precision']} {e['quantization']}", "batch": r["batch"],
+             "student_ms": ms_per_sample(r), "teacher_ms": t[r["batch"]], "ratio": ms_per_sample(r) / t[r["batch"]]}
+            for e in engines if e["model"] == "student" and (t := teacher.get(e["target"])) for r in e["rows"]
+            if r["batch"] in t]
 
-# The registry: every module of this folder that defines TASK (imported after Task exists: they subclass it).
+
+# Each task's own helpers, importable from here, and the registry: every module of this folder that defines TASK
+# (imported once Task exists: they subclass it).
 from edgekd.tasks.classification import per_class_accuracy  # noqa: E402
 from edgekd.tasks.sentence_embedding import embed, embedding_metrics, pad_batch, unpad  # noqa: E402
 
