@@ -225,20 +225,6 @@ class LazyShards(streaming.LazyImages):
     def name(self, i: int) -> str:
         return self._members(i, image=False)[0]
 
-    def read(self, i: int) -> np.ndarray:
-        return self._named(super().read, i)
-
-    def raw(self, i: int) -> np.ndarray:
-        return self._named(super().raw, i)
-
-    def _named(self, fn: Any, i: int) -> np.ndarray:
-        try:
-            return fn(i)
-        except EdgekdError as e:   # preprocess names decoded bytes "image bytes": name the shard and key
-            msg = str(e)
-            raise EdgekdError(msg.replace("image bytes", f"image {self.name(i)}", 1)
-                              if msg.startswith("image bytes") else msg) from None
-
     def label(self, i: int) -> int:
         name, members = self._members(i, image=False)
         raw = members.get("cls")

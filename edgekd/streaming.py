@@ -121,14 +121,23 @@ class LazyImages(_Lazy):
         return self.paths[i]
 
     def read(self, i: int) -> np.ndarray:
-        x = apply(self.spec, self.image(i), self.max_pixels)
+        x = self._apply(self.spec, i)
         if x.shape != self.item_shape:
             raise EdgekdError(f"image {self.name(i)}: gives an input of shape {x.shape}, other images give "
                               f"{self.item_shape}; set [data] image_size so every image is resized to one size")
         return x
 
     def raw(self, i: int) -> np.ndarray:
-        return apply(replace(self.spec, mean=(0.0,), std=(1.0,)), self.image(i), self.max_pixels)
+        return self._apply(replace(self.spec, mean=(0.0,), std=(1.0,)), i)
+
+    def _apply(self, spec: PreprocessSpec, i: int) -> np.ndarray:
+        """`apply` on base row i; preprocess names decoded bytes (tar shards) "image bytes": name the sample."""
+        try:
+            return apply(spec, self.image(i), self.max_pixels)
+        except EdgekdError as e:
+            if not str(e).startswith("image bytes"):
+                raise
+            raise EdgekdError(str(e).replace("image bytes", f"image {self.name(i)}", 1)) from None
 
     def identity(self) -> dict[str, Any]:
         """What the fingerprint hashes: the transform spec and each file's path, size and mtime, in row order."""
