@@ -26,7 +26,7 @@ import contextlib
 import copy
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -133,12 +133,8 @@ class PercentileObserver(HistogramObserver):
     the values are clipped from each tail (affine), or from |x| (symmetric).
     """
 
-    def __init__(self, percentile: float = 99.99, bins: int = 2048, dtype: torch.dtype = torch.uint8,
-                 qscheme: torch.qscheme = torch.per_tensor_affine, quant_min: int | None = None,
-                 quant_max: int | None = None, eps: float = torch.finfo(torch.float32).eps,
-                 is_dynamic: bool = False) -> None:
-        super().__init__(bins=bins, dtype=dtype, qscheme=qscheme, quant_min=quant_min, quant_max=quant_max,
-                         eps=eps, is_dynamic=is_dynamic)
+    def __init__(self, percentile: float = 99.99, *, dtype: torch.dtype = torch.uint8, **kwargs: Any) -> None:
+        super().__init__(dtype=dtype, **kwargs)   # bins, qscheme, quant_min/max, eps, ...: HistogramObserver's
         if not 0.0 < percentile <= 100.0:
             raise EdgekdError(f"percentile must be in (0, 100], got {percentile}")
         self.percentile = percentile
@@ -182,12 +178,8 @@ class MSEObserver(HistogramObserver):
     the histogram (8 points per bin), so zero-point rounding, clipping and symmetric ranges are all counted.
     """
 
-    def __init__(self, candidates: int = 120, bins: int = 2048, dtype: torch.dtype = torch.uint8,
-                 qscheme: torch.qscheme = torch.per_tensor_affine, quant_min: int | None = None,
-                 quant_max: int | None = None, eps: float = torch.finfo(torch.float32).eps,
-                 is_dynamic: bool = False) -> None:
-        super().__init__(bins=bins, dtype=dtype, qscheme=qscheme, quant_min=quant_min, quant_max=quant_max,
-                         eps=eps, is_dynamic=is_dynamic)
+    def __init__(self, candidates: int = 120, *, dtype: torch.dtype = torch.uint8, **kwargs: Any) -> None:
+        super().__init__(dtype=dtype, **kwargs)   # bins, qscheme, quant_min/max, eps, ...: HistogramObserver's
         self.candidates = candidates
 
     @torch.jit.export
