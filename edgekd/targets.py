@@ -107,48 +107,36 @@ def targets_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "targets"
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+# kind -> (the test a TOML value must pass, what it becomes)
+_KINDS: dict[str, tuple[Any, Any]] = {
+    "str": (lambda v: isinstance(v, str), str),
+    "int": (_is_int, int),
+    "float": (lambda v: _is_int(v) or isinstance(v, float), float),
+    "bool": (lambda v: isinstance(v, bool), bool),
+    "strs": (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), tuple),
+    "ints": (lambda v: isinstance(v, list) and bool(v) and all(_is_int(x) and x > 0 for x in v), tuple),
+    "table": (lambda v: isinstance(v, dict) and all(isinstance(x, dict) for x in v.values()),
+              lambda v: {str(p): dict(o) for p, o in v.items()}),
+}
+
+
 def _check_type(file: Path, key: str, value: Any) -> Any:
     kind, expected = _SCHEMA[key]
-
-    def bad() -> EdgekdError:
-        return EdgekdError(f"target file {file}: key {key!r} must be {expected}, got {value!r} "
-                           f"({type(value).__name__})")
-
-    if kind == "str":
-        if not isinstance(value, str):
-            raise bad()
-        return value
-    if kind == "int":
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise bad()
-        return value
-    if kind == "float":
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise bad()
-        return float(value)
-    if kind == "bool":
-        if not isinstance(value, bool):
-            raise bad()
-        return value
-    if kind == "strs":
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise bad()
-        return tuple(value)
-    if kind == "ints":
-        if not isinstance(value, list) or not value or not all(
-                isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value):
-            raise bad()
-        return tuple(value)
+    valid, convert = _KINDS[kind]
+    if not valid(value):
+        raise EdgekdError(f"target file {file}: key {key!r} must be {expected}, got {value!r} "
+                          f"({type(value).__name__})")
     if kind == "table":
-        if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
-            raise bad()
         for provider, options in value.items():
             for opt_key, opt_value in options.items():
                 if not isinstance(opt_value, (str, int, float, bool)):
                     raise EdgekdError(f"target file {file}: provider_options.{provider}.{opt_key} must be a "
                                       f"string, number or boolean, got {opt_value!r}")
-        return {str(p): dict(o) for p, o in value.items()}
-    raise AssertionError(kind)  # pragma: no cover
+    return convert(value)
 
 
 def _choice(file: Path, key: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -241,33 +229,14 @@ def _from_dict(file: Path, data: dict[str, Any]) -> Target:
 
     own = backend.target_rules(file, v)   # the runtime's own rules and the defaults that follow
 
-    return Target(
-        name=v.get("name", file.stem),
-        description=v.get("description", ""),
-        runtime=runtime,
-        device=device,
-        precisions=precisions,
-        batch_sizes=batch_sizes,
-        dynamic_batch=dynamic,
-        min_batch=min_b,
-        opt_batch=opt_b,
-        max_batch=max_b,
-        threads=v.get("threads"),
-        providers=own.get("providers", v.get("providers", ())),
-        provider_options=v.get("provider_options", {}),
-        graph_optimization_level=level,
-        workspace_mb=v.get("workspace_mb", 1024),
-        builder_optimization_level=bol,
-        timing_cache=v.get("timing_cache"),
-        dla_core=v.get("dla_core"),
-        compile=v.get("compile", False),
-        latency_budget_ms=v.get("latency_budget_ms"),
-        memory_budget_mb=v.get("memory_budget_mb"),
-        quant_scheme=scheme,
-        quant_scheme_reason=reason,
-        eval_samples=v.get("eval_samples", 256),
-        path=str(file),
-    )
+    # The keys taken as the file gives them; a key it leaves out gets Target's default (one place for each).
+    given = {k: v[k] for k in ("threads", "provider_options", "workspace_mb", "timing_cache", "dla_core", "compile",
+                               "latency_budget_ms", "memory_budget_mb", "eval_samples") if k in v}
+    return Target(name=v.get("name", file.stem), description=v.get("description", ""), runtime=runtime, device=device,
+                  precisions=precisions, batch_sizes=batch_sizes, dynamic_batch=dynamic, min_batch=min_b,
+                  opt_batch=opt_b, max_batch=max_b, providers=own.get("providers", v.get("providers", ())),
+                  graph_optimization_level=level, builder_optimization_level=bol, quant_scheme=scheme,
+                  quant_scheme_reason=reason, path=str(file), **given)
 
 
 def _read(file: Path) -> Target:
