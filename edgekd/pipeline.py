@@ -294,8 +294,7 @@ def _build(ctx: RunContext, target: Target, models: tuple[str, ...], quantized: 
                 onnx_info(path)
     built: list[str] = []
     engines: list[dict[str, Any]] = []
-    skipped = [{"target": target.name, "model": "student", "precision": "int8", "quantization": "-", "reason": r}
-               for r in int8_missing]
+    skipped = [_skipped(target, "student", "int8", "-", r) for r in int8_missing]
     for model in models:
         net = nets[model]
         evals = None
@@ -309,8 +308,7 @@ def _build(ctx: RunContext, target: Target, models: tuple[str, ...], quantized: 
         for precision, quantization, qpath in jobs:
             out = _bundle_dir(ctx, target, model, precision, quantization)
             if problem:
-                skipped.append({"target": target.name, "model": model, "precision": precision,
-                                "quantization": quantization, "reason": problem})
+                skipped.append(_skipped(target, model, precision, quantization, problem))
                 continue
             onnx_path = qpath
             if from_onnx and onnx_path is None:
@@ -320,27 +318,31 @@ def _build(ctx: RunContext, target: Target, models: tuple[str, ...], quantized: 
             made_from = (dict([runfolder.file_key(ctx.dir, onnx_path)]) if onnx_path is not None
                          else ctx.weights_input(model))
             made_from["target"] = runfolder.digest(dataclasses.asdict(target))
-            if resume and (out / "manifest.json").is_file() and runfolder.stale(ctx.dir, ctx.rel(out), made_from) == []:
-                built.append(str(out))
-                engines.append({"model": model, "precision": precision, "quantization": quantization,
-                                "path": str(out), "reused": True})
-                continue
-            evals = evals if evals is not None else ctx.eval_data(net)
-            try:
-                built.append(str(build_engine(ctx.engine_source(model, onnx_path, quantization), target, precision,
-                                              out, eval_data=evals)))
-                engines.append({"model": model, "precision": precision, "quantization": quantization,
-                                "path": str(out), "reused": False})
-                runfolder.record(ctx.dir, ctx.rel(out), made_from)
-            except EdgekdError as e:
-                if registry.needs_accelerator(target.device):   # a GPU engine this host may be unable to build
-                    skipped.append({"target": target.name, "model": model, "precision": precision,
-                                    "quantization": quantization, "reason": str(e)})
-                else:
-                    raise
+            reused = resume and (out / "manifest.json").is_file() and runfolder.stale(ctx.dir, ctx.rel(out),
+                                                                                      made_from) == []
+            if not reused:
+                evals = evals if evals is not None else ctx.eval_data(net)
+                try:
+                    build_engine(ctx.engine_source(model, onnx_path, quantization), target, precision, out,
+                                 eval_data=evals)
+                    runfolder.record(ctx.dir, ctx.rel(out), made_from)
+                except EdgekdError as e:
+                    if not registry.needs_accelerator(target.device):   # a GPU engine this host may not build
+                        raise
+                    skipped.append(_skipped(target, model, precision, quantization, str(e)))
+                    continue
+            built.append(str(out))
+            engines.append({"model": model, "precision": precision, "quantization": quantization,
+                            "path": str(out), "reused": reused})
     return {"target": target.name, "quant_scheme": {"scheme": target.quant_scheme,
                                                     "reason": target.quant_scheme_reason},
             "built": built, "engines": engines, "skipped": skipped}
+
+
+def _skipped(target: Target, model: str, precision: str, quantization: str, reason: str) -> dict[str, str]:
+    """An engine the build could not make here, and why (the report lists it)."""
+    return {"target": target.name, "model": model, "precision": precision, "quantization": quantization,
+            "reason": reason}
 
 
 def _preprocessing(data: Dataset) -> dict[str, Any] | None:
