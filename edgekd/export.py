@@ -149,7 +149,7 @@ def parity(model: torch.nn.Module, onnx_path: str | Path, x: np.ndarray, batch_s
     min_cosine) and "samples". Optimizations are off so the check measures the export, not onnxruntime's fused
     kernels (which legitimately differ by ~1e-3 on int8 graphs).
     """
-    import onnxruntime as ort
+    from edgekd.engines.ort import _session
 
     onnx_path = Path(onnx_path)
     if not onnx_path.is_file():
@@ -157,10 +157,7 @@ def parity(model: torch.nn.Module, onnx_path: str | Path, x: np.ndarray, batch_s
     x = np.ascontiguousarray(x, dtype=task.input_dtype)
     if x.ndim < 2 or len(x) == 0:
         raise EdgekdError(f"parity: x must be a non-empty batch (N, *input_shape), got shape {x.shape}")
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    session = _session(onnx_path, "disable")
     name = session.get_inputs()[0].name
     _to_eval(model)
     refs, ours = [], []

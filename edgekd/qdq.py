@@ -157,7 +157,7 @@ def ort_graph_check(onnx_path: str | Path, *, threads: int = 1) -> dict[str, Any
         raise EdgekdError(f"graph check: ONNX file {onnx_path} not found")
     with tempfile.TemporaryDirectory(prefix="edgekd-graph-") as tmp:
         optimized = Path(tmp) / "model.opt.onnx"
-        _session(onnx_path, "all", threads, ["CPUExecutionProvider"], {}, optimized_out=optimized)
+        _session(onnx_path, "all", threads, optimized_out=optimized)
         model = onnx.load(str(optimized))
     consts = set(constants(model))
     ops = Counter(n.op_type for n in model.graph.node)
