@@ -66,7 +66,7 @@ class Target:
     path: str = ""
 
 
-# key -> (expected kind, description for error messages). Kinds: str, int, float, bool, strs, ints, table.
+# key -> (expected kind, description for error messages); the kinds are _KINDS's.
 _SCHEMA: dict[str, tuple[str, str]] = {
     "name": ("str", "a string"),
     "description": ("str", "a string"),
@@ -75,22 +75,22 @@ _SCHEMA: dict[str, tuple[str, str]] = {
     "precisions": ("strs", f"a list drawn from {', '.join(PRECISIONS)}"),
     "batch_sizes": ("ints", "a list of positive integers"),
     "dynamic_batch": ("bool", "true or false"),
-    "min_batch": ("int", "a positive integer"),
-    "opt_batch": ("int", "a positive integer"),
-    "max_batch": ("int", "a positive integer"),
-    "threads": ("int", "a positive integer"),
+    "min_batch": ("count", "a positive integer"),
+    "opt_batch": ("count", "a positive integer"),
+    "max_batch": ("count", "a positive integer"),
+    "threads": ("count", "a positive integer"),
     "providers": ("strs", "a list of onnxruntime execution provider names"),
     "provider_options": ("table", "a table of tables keyed by provider name"),
     "graph_optimization_level": ("str", f"one of {', '.join(OPT_LEVELS)}"),
-    "workspace_mb": ("int", "a positive integer (MiB)"),
-    "builder_optimization_level": ("int", "an integer 0..5"),
+    "workspace_mb": ("count", "a positive integer (MiB)"),
+    "builder_optimization_level": ("level", "an integer 0..5"),
     "timing_cache": ("str", "a file path"),
     "dla_core": ("int", "a DLA core index (0 or 1 on AGX Orin)"),
     "compile": ("bool", "true or false"),
-    "latency_budget_ms": ("float", "a number of milliseconds"),
-    "memory_budget_mb": ("float", "a number of MiB"),
+    "latency_budget_ms": ("positive", "a positive number of milliseconds"),
+    "memory_budget_mb": ("positive", "a positive number of MiB"),
     "quant_scheme": ("str", f"one of {', '.join(QUANT_SCHEMES)}, or {AUTO!r} (from the CPU's instruction sets)"),
-    "eval_samples": ("int", "a number of test samples >= 0 (0: no eval.npz in the bundle)"),
+    "eval_samples": ("index", ">= 0, a number of test samples (0: no eval.npz in the bundle)"),
 }
 
 
@@ -115,7 +115,10 @@ def _is_int(v: Any) -> bool:
 _KINDS: dict[str, tuple[Any, Any]] = {
     "str": (lambda v: isinstance(v, str), str),
     "int": (_is_int, int),
-    "float": (lambda v: _is_int(v) or isinstance(v, float), float),
+    "count": (lambda v: _is_int(v) and v >= 1, int),
+    "index": (lambda v: _is_int(v) and v >= 0, int),
+    "level": (lambda v: _is_int(v) and 0 <= v <= 5, int),
+    "positive": (lambda v: (_is_int(v) or isinstance(v, float)) and v > 0, float),
     "bool": (lambda v: isinstance(v, bool), bool),
     "strs": (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), tuple),
     "ints": (lambda v: isinstance(v, list) and bool(v) and all(_is_int(x) and x > 0 for x in v), tuple),
@@ -199,9 +202,6 @@ def _from_dict(file: Path, data: dict[str, Any]) -> Target:
     min_b = v.get("min_batch", batch_sizes[0] if not dynamic else 1)
     max_b = v.get("max_batch", batch_sizes[-1])
     opt_b = v.get("opt_batch", max(min_b, min(batch_sizes[-1], max_b)))
-    for key, value in (("min_batch", min_b), ("opt_batch", opt_b), ("max_batch", max_b)):
-        if value < 1:
-            raise EdgekdError(f"target file {file}: key {key!r} must be a positive integer, got {value}")
     if not min_b <= opt_b <= max_b:
         raise EdgekdError(f"target file {file}: batch profile must satisfy min_batch <= opt_batch <= "
                           f"max_batch, got {min_b} <= {opt_b} <= {max_b}")
@@ -214,28 +214,16 @@ def _from_dict(file: Path, data: dict[str, Any]) -> Target:
                           f"exactly one value in batch_sizes (got {list(batch_sizes)}) and leave "
                           "min/opt/max_batch unset")
 
-    for key in ("threads", "workspace_mb"):
-        if key in v and v[key] < 1:
-            raise EdgekdError(f"target file {file}: key {key!r} must be a positive integer, got {v[key]}")
-    bol = v.get("builder_optimization_level", 3)
-    if not 0 <= bol <= 5:
-        raise EdgekdError(f"target file {file}: key 'builder_optimization_level' must be 0..5, got {bol}")
-    if v.get("eval_samples", 0) < 0:
-        raise EdgekdError(f"target file {file}: key 'eval_samples' must be >= 0 (0: no eval.npz), got "
-                          f"{v['eval_samples']}")
-    for key in ("latency_budget_ms", "memory_budget_mb"):
-        if key in v and v[key] <= 0:
-            raise EdgekdError(f"target file {file}: key {key!r} must be positive, got {v[key]}")
-
     own = backend.target_rules(file, v)   # the runtime's own rules and the defaults that follow
 
     # The keys taken as the file gives them; a key it leaves out gets Target's default (one place for each).
-    given = {k: v[k] for k in ("threads", "provider_options", "workspace_mb", "timing_cache", "dla_core", "compile",
-                               "latency_budget_ms", "memory_budget_mb", "eval_samples") if k in v}
+    given = {k: v[k] for k in ("threads", "provider_options", "workspace_mb", "builder_optimization_level",
+                               "timing_cache", "dla_core", "compile", "latency_budget_ms", "memory_budget_mb",
+                               "eval_samples") if k in v}
     return Target(name=v.get("name", file.stem), description=v.get("description", ""), runtime=runtime, device=device,
                   precisions=precisions, batch_sizes=batch_sizes, dynamic_batch=dynamic, min_batch=min_b,
                   opt_batch=opt_b, max_batch=max_b, providers=own.get("providers", v.get("providers", ())),
-                  graph_optimization_level=level, builder_optimization_level=bol, quant_scheme=scheme,
+                  graph_optimization_level=level, quant_scheme=scheme,
                   quant_scheme_reason=reason, path=str(file), **given)
 
 
