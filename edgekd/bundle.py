@@ -24,10 +24,8 @@ MANIFEST = "manifest.json"
 
 def edgekd_version() -> str:
     """The installed edgekd version, or 'dev' when running from a source checkout that is not installed."""
-    try:
-        from importlib.metadata import PackageNotFoundError, version
-    except ImportError:  # pragma: no cover
-        return "dev"
+    from importlib.metadata import PackageNotFoundError, version
+
     try:
         return version("edgekd")
     except PackageNotFoundError:

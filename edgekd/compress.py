@@ -40,13 +40,15 @@ def calibration_batches(ctx: Any, cfg: QuantizeConfig) -> tuple[list[torch.Tenso
     return [torch.from_numpy(x[i:i + CALIBRATION_BATCH]) for i in range(0, len(x), CALIBRATION_BATCH)], info
 
 
-def _export(ctx: Any, gm: nn.Module, quantization: str, scheme: str) -> Path:
-    """The converted student as Q/DQ ONNX with the run's example input, task signature and export options."""
+def _export(ctx: Any, gm: nn.Module, quantization: str, scheme: str, path: Path | None = None,
+            **metadata: Any) -> Path:
+    """The converted student as Q/DQ ONNX (at `path`, default the run's file for `quantization` and `scheme`) with
+    the run's example input, task signature and export options; `metadata` adds to what it records."""
     from edgekd.export import export_onnx
 
-    path = ctx.onnx_path("student", quantization, scheme)
+    path = path or ctx.onnx_path("student", quantization, scheme)
     export_onnx(gm, ctx.example(), path, task=ctx.task, **ctx.export_options("student"),
-                metadata=ctx.metadata("student", {"quantization": quantization, "quant_scheme": scheme}))
+                metadata=ctx.metadata("student", {"quantization": quantization, "quant_scheme": scheme, **metadata}))
     if scheme == "tensorrt":  # the gate: what TensorRT 10's parser and explicit quantization accept
         from edgekd.engines.trt_onnx import require_tensorrt_onnx
 
@@ -200,7 +202,6 @@ def slower_in_int8(rows: list[dict]) -> list[str]:
 def ptq_keep_float(ctx: Any, scheme: str, layers: tuple[str, ...], path: Path) -> Path:
     """PTQ of the student with `layers` kept in float, exported to `path` (the layers in its metadata)."""
     from edgekd import quantize
-    from edgekd.export import export_onnx
 
     cfg = ctx.recipe.quantize
     cal, _ = ctx.calibration_batches(cfg)
@@ -208,9 +209,7 @@ def ptq_keep_float(ctx: Any, scheme: str, layers: tuple[str, ...], path: Path) -
     qcfg = quantize.QuantConfig(scheme=scheme, observer=cfg.observer, percentile=cfg.percentile, skip=skip)
     example, shapes = ctx.quant_example()
     model = quantize.ptq(ctx.model("student"), example, cal, qcfg, dynamic_shapes=shapes)
-    return export_onnx(model, torch.from_numpy(ctx.data.x_test[:2]), path,
-                       metadata=ctx.metadata("student", {"quantization": "ptq", "quant_scheme": scheme,
-                                                         "kept_float": list(skip)}))
+    return _export(ctx, model, "ptq", scheme, path, kept_float=list(skip))
 
 
 def require_torchao() -> None:

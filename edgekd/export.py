@@ -134,11 +134,9 @@ def dynamic_dims(task: tasks.Task, max_length: int | None = None) -> dict[int, A
 
 def read_metadata(onnx_path: str | Path) -> dict[str, str]:
     """The metadata_props of an ONNX file as a dict (strings; JSON ones left for the caller to decode)."""
-    onnx_path = Path(onnx_path)
-    if not onnx_path.is_file():
-        raise EdgekdError(f"ONNX file {onnx_path}: not found")
-    proto = onnx.load(str(onnx_path), load_external_data=False)
-    return {p.key: p.value for p in proto.metadata_props}
+    from edgekd.engines import onnx_info
+
+    return onnx_info(Path(onnx_path))["metadata"]
 
 
 def parity(model: torch.nn.Module, onnx_path: str | Path, x: np.ndarray, batch_size: int = 256, *,
