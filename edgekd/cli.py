@@ -277,14 +277,10 @@ def run(recipe: str, out: Path, targets: tuple[str, ...], device: str, quiet: bo
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/demo"), show_default=True)
 @DEVICE
 @QUIET
-def demo(out: Path, device: str, quiet: bool) -> None:
+@click.pass_context
+def demo(ctx: click.Context, out: Path, device: str, quiet: bool) -> None:
     """`run` on the built-in digits recipe for the x86-cpu-ort target (a couple of minutes on a laptop CPU)."""
-    from edgekd.pipeline import DEFAULT_TARGETS
-    from edgekd.pipeline import run as run_pipeline
-    from edgekd.recipe import load_recipe
-
-    rep = run_pipeline(load_recipe("digits"), out, targets=DEFAULT_TARGETS, device=device, progress=not quiet)
-    _print_report(rep, out)
+    ctx.invoke(run, recipe="digits", out=out, device=device, quiet=quiet)
 
 
 @cli.command()

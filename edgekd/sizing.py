@@ -40,9 +40,10 @@ import numpy as np
 
 from edgekd import fileio
 from edgekd.engines import QUANTIZATIONS
+from edgekd.engines.registry import PRECISIONS
 from edgekd.errors import EdgekdError
 from edgekd.recipe import Recipe, SizeConfig, validate_size
-from edgekd.targets import PRECISIONS, Target, load_target
+from edgekd.targets import Target, load_target
 
 MAX_MEASUREMENT_FILES = 1000
 ROUND_BUNDLES = 8          # candidates per remote round (the next bisection levels are prefetched)

@@ -20,8 +20,6 @@ from edgekd.errors import EdgekdError
 
 # What each runtime supports (precisions, devices, default scheme, its own keys) is its backend's declaration
 # (edgekd.engines.registry); int8 always means "from a Q/DQ ONNX", never calibration inside the builder.
-DEVICES = registry.DEVICES
-PRECISIONS = registry.PRECISIONS
 OPT_LEVELS = ("disable", "basic", "extended", "all")
 QUANT_SCHEMES = (*registry.QUANT_SCHEMES, registry.NO_SCHEME)
 AUTO = "auto"   # quant_scheme = "auto": pick from the CPU the target builds for (cpu_quant_scheme)
@@ -71,8 +69,8 @@ _SCHEMA: dict[str, tuple[str, str]] = {
     "name": ("str", "a string"),
     "description": ("str", "a string"),
     "runtime": ("str", "a runtime name"),
-    "device": ("str", f"one of {', '.join(DEVICES)}"),
-    "precisions": ("strs", f"a list drawn from {', '.join(PRECISIONS)}"),
+    "device": ("str", f"one of {', '.join(registry.DEVICES)}"),
+    "precisions": ("strs", f"a list drawn from {', '.join(registry.PRECISIONS)}"),
     "batch_sizes": ("ints", "a list of positive integers"),
     "dynamic_batch": ("bool", "true or false"),
     "min_batch": ("count", "a positive integer"),
@@ -163,7 +161,7 @@ def _from_dict(file: Path, data: dict[str, Any]) -> Target:
     runtime, device = v["runtime"], v["device"]
     _choice(file, "runtime", runtime, registry.runtimes())
     backend = registry.backend(runtime)
-    _choice(file, "device", device, DEVICES)
+    _choice(file, "device", device, registry.DEVICES)
     if device not in backend.devices:
         raise EdgekdError(f"target file {file}: runtime {runtime!r} cannot run on device {device!r} (it "
                           f"supports {', '.join(backend.devices)})")
@@ -174,9 +172,9 @@ def _from_dict(file: Path, data: dict[str, Any]) -> Target:
     precisions = v["precisions"]
     if not precisions:
         raise EdgekdError(f"target file {file}: key 'precisions' must list at least one of "
-                          f"{', '.join(PRECISIONS)}")
+                          f"{', '.join(registry.PRECISIONS)}")
     for p in precisions:
-        _choice(file, "precisions", p, PRECISIONS)
+        _choice(file, "precisions", p, registry.PRECISIONS)
         if p not in backend.precisions:
             raise EdgekdError(f"target file {file}: precision {p!r} is not supported by runtime {runtime!r} "
                               f"(supported: {', '.join(backend.precisions)})")
