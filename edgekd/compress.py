@@ -79,10 +79,14 @@ def _no_mode(model: nn.Module, training: bool) -> None:
     """A converted graph is scored as it is (exported PT2E graphs refuse .train()/.eval())."""
 
 
-def _scored(ctx: Any, result: dict[str, Any], kind: str, model: nn.Module, path: Path) -> None:
-    """result[section][kind] for each score the run gives the converted `kind` model and its ONNX file."""
+def _exported(ctx: Any, result: dict[str, Any], kind: str, model: nn.Module, scheme: str, start: float) -> None:
+    """Export the converted `kind` ("ptq", "qat") model into result["onnx"][kind], then result[section][kind] for
+    each score the run gives it and its ONNX file, and result[kind_seconds] since `start`."""
+    path = _export(ctx, model, kind, scheme)
+    result["onnx"][kind] = str(path)
     for section, value in ctx.quant_scores(model, _no_mode, path).items():
         result.setdefault(section, {})[kind] = value
+    result[f"{kind}_seconds"] = round(time.perf_counter() - start, 2)
 
 
 def quantize_student(ctx: Any, scheme: str, *, device: str = "cpu", progress: bool = True) -> dict[str, Any]:
@@ -110,11 +114,8 @@ def quantize_student(ctx: Any, scheme: str, *, device: str = "cpu", progress: bo
     qcfg = quantize.QuantConfig(scheme=scheme, observer=cfg.observer, percentile=cfg.percentile, skip=skip)
 
     start = time.perf_counter()
-    ptq_model = quantize.ptq(ctx.model("student"), example, cal, qcfg, dynamic_shapes=shapes)
-    path = _export(ctx, ptq_model, "ptq", scheme)
-    result["onnx"]["ptq"] = str(path)
-    _scored(ctx, result, "ptq", ptq_model, path)
-    result["ptq_seconds"] = round(time.perf_counter() - start, 2)
+    _exported(ctx, result, "ptq", quantize.ptq(ctx.model("student"), example, cal, qcfg, dynamic_shapes=shapes),
+              scheme, start)
 
     if cfg.mode == "qat" and cfg.epochs > 0:
         start = time.perf_counter()
@@ -133,11 +134,7 @@ def quantize_student(ctx: Any, scheme: str, *, device: str = "cpu", progress: bo
         result.update(trained)
         prepared.to("cpu")
         result["qat_fake_quant_accuracy"] = ctx.quant_accuracy(prepared, _qat_mode(frozen), "test")
-        converted = quantize.convert(prepared)
-        path = _export(ctx, converted, "qat", scheme)
-        result["onnx"]["qat"] = str(path)
-        _scored(ctx, result, "qat", converted, path)
-        result["qat_seconds"] = round(time.perf_counter() - start, 2)
+        _exported(ctx, result, "qat", quantize.convert(prepared), scheme, start)
     fileio.write_json(ctx.dir / "onnx" / f"quantize-{scheme}.json", result)
     return result
 

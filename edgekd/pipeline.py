@@ -390,7 +390,6 @@ def profile_in_subprocess(bundle: Path, args: list[str]) -> dict[str, Any]:
     """`python -m edgekd.runtime profile BUNDLE --json ... *args` in a fresh process, as on the device; returns
     its result (see edgekd.profile.profile_bundle)."""
     import subprocess
-    import sys
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="edgekd-profile-") as tmp:
