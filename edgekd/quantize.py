@@ -310,9 +310,7 @@ def _clip_bounds(node: Node) -> tuple[float, float] | None:
 
 def _is_fusable_activation(node: Node | None) -> bool:
     """ReLU, or a clip whose range holds 0: the uint8 Q range then lies inside the clip and the Clip folds away."""
-    if node is None:
-        return False
-    if _is_call(node, _RELU_OPS):
+    if _is_call(node, _RELU_OPS):   # False for None, like every _is_call
         return True
     bounds = _clip_bounds(node) if _is_call(node, _CLIP_OPS) else None
     return bounds is not None and bounds[0] <= 0.0 <= bounds[1]
@@ -885,11 +883,9 @@ def _quantize_biases(gm: GraphModule) -> None:
             continue
         scale = (float(x_scale) * w_scales.double()).float()
         q = torch.clamp(torch.round(b.double() / scale.double()), -(2**31), 2**31 - 1).to(torch.int32)
-        names = []
-        for suffix, value in (("int32", q), ("scale", scale), ("zero_point", torch.zeros_like(q, dtype=torch.int64))):
-            name = f"_edgekd_bias_{counter}_{suffix}"
+        names = [f"_edgekd_bias_{counter}_{suffix}" for suffix in ("int32", "scale", "zero_point")]
+        for name, value in zip(names, (q, scale, torch.zeros_like(q, dtype=torch.int64)), strict=True):
             gm.register_buffer(name, value)
-            names.append(name)
         counter += 1
         with gm.graph.inserting_before(node):
             q_node, s_node, z_node = (gm.graph.get_attr(n) for n in names)
