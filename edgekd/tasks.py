@@ -163,7 +163,8 @@ class SentenceEmbedding(Task):
     output_name = "sentence_embedding"   # not "embedding": the exporter already names a node that in BERT graphs
     input_dtype = "int64"
     dynamic_axes = ("batch", "seq")
-    metric_keys = ("cosine", "retrieval_top1", "retrieval_top5", "teacher_top1_in_student_top5")
+    metric_keys = ("cosine", "retrieval_top1", "retrieval_top5", "teacher_top1_in_student_top5",
+                   "similarity_spearman")
     eval_arrays = {"ids": "int64", "lengths": "int64", "reference": "float32", "pad_id": "int64"}
     runtimes = ("onnxruntime",)   # TensorRT profiles and the torch builder take one fixed-shape float input
 
@@ -238,6 +239,8 @@ def embedding_metrics(student: np.ndarray, teacher: np.ndarray) -> dict[str, flo
     retrieval_top1: fraction of sentences whose nearest other sentence is the same in both spaces.
     retrieval_top5: mean of |top5_student(i) & top5_teacher(i)| / 5, neighbour sets without order.
     teacher_top1_in_student_top5: fraction of sentences whose teacher nearest neighbour is in the student's top 5.
+    similarity_spearman: Spearman's rank correlation of the pairwise cosine similarities (all pairs i < j) in the
+    two spaces: whether the student orders sentence pairs by closeness as the teacher does.
     """
     s, t = _normalized(student), _normalized(teacher)
     if s.shape != t.shape or s.ndim != 2:
@@ -251,7 +254,14 @@ def embedding_metrics(student: np.ndarray, teacher: np.ndarray) -> dict[str, flo
             "retrieval_top1": float(np.mean(ns[:, 0] == nt[:, 0])),
             "retrieval_top5": float(overlap5),
             "teacher_top1_in_student_top5": float(np.mean([b[0] in a for a, b in zip(ns, nt, strict=True)])),
+            "similarity_spearman": _spearman(*((x @ x.T)[np.triu_indices(len(x), 1)] for x in (s, t))),
             "sentences": int(len(s))}
+
+
+def _spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman's rho: Pearson's correlation of the ranks (float similarities: ties have measure zero)."""
+    ra, rb = (np.argsort(np.argsort(x, kind="stable"), kind="stable").astype(np.float64) for x in (a, b))
+    return float(np.corrcoef(ra, rb)[0, 1])
 
 
 def pad_batch(rows: list[np.ndarray], pad_id: int) -> np.ndarray:

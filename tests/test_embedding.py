@@ -4,6 +4,7 @@ and profiler, PT2E quantization with a dynamic sequence (PTQ and QAT stages), th
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -125,6 +126,50 @@ def test_corpus_split_holds_out_whole_documents(tmp_path) -> None:
         E.corpus_split(EmbeddingConfig(corpus="missing.txt"), tmp_path)
 
 
+def test_extra_corpora_train_only_and_fortunes(tmp_path) -> None:
+    """extra_corpora add training sentences and are never held out; heldout_documents fixes how many whole
+    documents of `corpus` are held out; a Debian fortune file's entries are split on "%" lines, attributions
+    dropped."""
+    main, extra = tmp_path / "main.txt", tmp_path / "extra.txt"
+    main.write_text("\n\n".join(f"the main sentence number {i} is here." for i in range(200)))
+    extra.write_text("\n\n".join(f"an extra sentence number {i} is here." for i in range(50)))
+    cfg = EmbeddingConfig(corpus="main.txt", extra_corpora=["extra.txt"], heldout_documents=3, heldout=20,
+                          sentences=10**6, seed=0)
+    train, held, info = E.corpus_split(cfg, tmp_path)
+    assert len(info["heldout_documents"]) == 3 and all(d.startswith("main-") for d in info["heldout_documents"])
+    assert sum(s.startswith("an extra") for s in train) == 50 and not any(s.startswith("an extra") for s in held)
+    assert len(train) == 50 + 200 - 3 * 10 and info["train_documents"] == 17 + 20
+    with pytest.raises(EdgekdError, match=r"\[embedding\].extra_corpora\[0\] 'gone.txt'.*not found"):
+        E.corpus_split(dataclasses.replace(cfg, extra_corpora=["gone.txt"]), tmp_path)
+    fortune = "A banker is a fellow who lends you his umbrella.\n\t\t-- Mark Twain\n%\nA is for Apple.\n%\n"
+    assert E.split_sentences(E._fortune_text(fortune), 3, 40, play=False) == [
+        "A banker is a fellow who lends you his umbrella.", "A is for Apple."]
+
+
+def test_teacher_layer_init_copies_the_chosen_layers() -> None:
+    """init "teacher": a student with all the teacher's layers computes the teacher; with fewer it holds the
+    evenly spaced ones (DistilBERT); other widths are refused with the widths named."""
+    torch.manual_seed(1)
+    teacher = E.TinyEncoder(40, 8, hidden=8, layers=4, heads=2, intermediate=16, max_length=16).eval()
+    ids = torch.from_numpy(np.random.default_rng(0).integers(1, 40, (3, 9)))
+    full = E.TinyEncoder(40, 8, hidden=8, layers=4, heads=2, intermediate=16, max_length=16).eval()
+    assert E.init_from_teacher_layers(full, teacher, [])["teacher_layers"] == [0, 1, 2, 3]
+    assert torch.allclose(full(ids), teacher(ids), atol=1e-6)
+    half = E.TinyEncoder(40, 8, hidden=8, layers=2, heads=2, intermediate=16, max_length=16)
+    assert E.init_from_teacher_layers(half, teacher, [])["teacher_layers"] == [0, 2]
+    assert torch.equal(half.layers[1].ff1.weight, teacher.layers[2].ff1.weight)
+    E.init_from_teacher_layers(half, teacher, [3, 1])
+    assert torch.equal(half.layers[0].q.bias, teacher.layers[3].q.bias)
+    with pytest.raises(EdgekdError, match="expected 2 indices of the teacher's 4 layers"):
+        E.init_from_teacher_layers(half, teacher, [0, 4])
+    with pytest.raises(EdgekdError, match=r"teacher's hidden, heads and intermediate.*ff1.weight \(16, 8\)"):
+        E.init_from_teacher_layers(E.TinyEncoder(40, 8, hidden=8, layers=2, heads=2, intermediate=32,
+                                                 max_length=16), teacher, [])
+    with pytest.raises(EdgekdError, match="heads 2 vs the student's 4"):
+        E.init_from_teacher_layers(E.TinyEncoder(40, 8, hidden=8, layers=2, heads=4, intermediate=16,
+                                                 max_length=16), teacher, [])
+
+
 def test_retrieval_metrics_by_hand() -> None:
     rng = np.random.default_rng(0)
     t = rng.standard_normal((8, 5))
@@ -139,6 +184,14 @@ def test_retrieval_metrics_by_hand() -> None:
     assert m["retrieval_top1"] == pytest.approx(5 / 6)
     assert m["cosine"] == pytest.approx((5 + math.cos(math.radians(20))) / 6)
     assert m["retrieval_top5"] == m["teacher_top1_in_student_top5"] == 1.0   # 6 points: top 5 is all the others
+    # Spearman of the pairwise similarities, against scipy's implementation on a perturbed copy
+    stats = pytest.importorskip("scipy.stats")
+    s = t + 0.7 * rng.standard_normal(t.shape)
+    sim = [x @ x.T / np.outer(*(2 * [np.linalg.norm(x, axis=1)])) for x in (s, t)]
+    upper = np.triu_indices(8, 1)
+    expected = stats.spearmanr(sim[0][upper], sim[1][upper]).statistic
+    assert embedding_metrics(s, t)["similarity_spearman"] == pytest.approx(expected) and 0.2 < expected < 0.95
+    assert embedding_metrics(t * 3.0, t)["similarity_spearman"] == pytest.approx(1.0)
     with pytest.raises(EdgekdError, match="at least 6"):
         embedding_metrics(t[:5], t[:5])
 
@@ -224,7 +277,9 @@ def test_recipe_embedding_section(tmp_path) -> None:
     assert "[embedding]" in to_toml(r) and "[embedding]" not in to_toml(recipe_from_dict({}))
     assert recipe_from_dict({}).embedding is None
     for raw, fragment in (({"hidden": 130, "heads": 4}, "multiple of heads"), ({"heldout": 3}, "at least 6"),
-                          ({"init": "zeros"}, "not one of pca, random"), ({"mse_weight": 0.0}, "not all 0"),
+                          ({"init": "zeros"}, "not one of pca, teacher, random"),
+                          ({"layers": 2, "teacher_layers": [0]}, "expected 2 \\(layers\\) teacher layer indices"),
+                          ({"mse_weight": 0.0}, "not all 0"),
                           ({"layer": 2}, "unknown key 'layer'")):
         with pytest.raises(EdgekdError, match=fragment):
             recipe_from_dict({"embedding": raw})

@@ -72,3 +72,20 @@ def test_minilm_loads_offline_and_embeds_like_a_sentence_encoder() -> None:
     with torch.no_grad():                            # padding does not change a sentence's embedding
         alone = teacher(tokenizer(sentences[:1], return_tensors="pt")["input_ids"]).numpy()
     assert np.allclose(alone, emb[:1], atol=1e-5)
+
+
+@needs_text
+def test_a_student_with_all_minilm_layers_computes_minilm() -> None:
+    """init "teacher" maps MiniLM's BERT weights onto TinyEncoder's names (token-type 0 folded into positions):
+    with all six layers the student's embeddings are the teacher's, so a subset starts from real layers."""
+    from edgekd.embedding import TinyEncoder, init_from_teacher_layers
+    from edgekd.pretrained import load_text_teacher
+
+    teacher, tokenizer, _ = load_text_teacher("all-minilm-l6-v2")
+    student = TinyEncoder(tokenizer.vocab_size, 384, hidden=384, layers=6, heads=12, intermediate=1536,
+                          max_length=64, pad_id=teacher.pad_id).eval()
+    assert init_from_teacher_layers(student, teacher, [])["teacher_layers"] == [0, 1, 2, 3, 4, 5]
+    ids = tokenizer(["The cat sits on the mat.", "Stock markets fell sharply today, said the bank."],
+                    padding=True, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.allclose(student(ids), teacher(ids), atol=1e-4)
