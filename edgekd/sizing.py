@@ -225,14 +225,13 @@ class CandidateBuilder:
     def __init__(self, recipe: Recipe, data: Any, target: Target, folder: Path) -> None:
         import torch
 
-        from edgekd.compress import calibration_inputs
+        from edgekd.compress import calibration_batches
         from edgekd.pipeline import RunContext
 
         self.recipe, self.data, self.target, self.folder = recipe, data, target, folder
         self.precisions = [p for p in target.precisions if p != "int8" or target.quant_scheme != "none"]
         self.example = torch.from_numpy(data.x_train[:2])
-        x_cal, self.calibration = calibration_inputs(RunContext(folder, recipe, data), recipe.quantize)
-        self.batches = [torch.from_numpy(x_cal[i:i + 64]) for i in range(0, len(x_cal), 64)]
+        self.batches, self.calibration = calibration_batches(RunContext(folder, recipe, data), recipe.quantize)
         n = min(EVAL_SAMPLES, len(data.x_test))
         self.evals = (data.x_test[:n], data.y_test[:n], None)
         self._float: dict[str, tuple[Path | None, Path | None]] = {}   # spec -> (float ONNX, weights): exported once
@@ -261,21 +260,16 @@ class CandidateBuilder:
             out[precision] = self._build_one(c, precision, path)
         return out
 
-    def _net(self, c: Candidate) -> Any:
+    def _build_one(self, c: Candidate, precision: str, path: Path) -> Path:
         import torch
 
-        from edgekd.models import build_model
-
-        torch.manual_seed(0)
-        return build_model(c.spec, self.data.input_shape, self.data.num_classes).eval()
-
-    def _build_one(self, c: Candidate, precision: str, path: Path) -> Path:
         from edgekd.engines import EngineSource
         from edgekd.engines import build as build_engine
         from edgekd.export import export_onnx
-        from edgekd.models import save_weights
+        from edgekd.models import build_model, save_weights
 
-        net = self._net(c)
+        torch.manual_seed(0)   # the untrained candidate: the same weights for every precision and rerun
+        net = build_model(c.spec, self.data.input_shape, self.data.num_classes).eval()
         meta = {"model": c.spec, "model_spec": c.spec, "class_names": json.dumps(list(self.data.class_names)),
                 "normalization": json.dumps(self.data.normalization), "size_candidate": "untrained"}
         quantization, onnx_path, weights = "none", None, None
