@@ -191,11 +191,6 @@ def layer_latency(ctx: Any, fp32_onnx: Path, int8_onnx: Path, batch: int, thread
     return sorted(rows, key=lambda r: r["int8_ms"] - r["fp32_ms"], reverse=True)
 
 
-def slower_in_int8(rows: list[dict]) -> list[str]:
-    """The layers whose measured INT8 kernels take longer than their FP32 ones: the ones to keep in float."""
-    return [r["layer"] for r in rows if r["int8_ms"] > r["fp32_ms"]]
-
-
 def ptq_keep_float(ctx: Any, scheme: str, layers: tuple[str, ...], path: Path) -> Path:
     """PTQ of the student with `layers` kept in float, exported to `path` (the layers in its metadata)."""
     from edgekd import quantize

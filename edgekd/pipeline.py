@@ -543,7 +543,7 @@ def int8_fallback(ctx: RunContext, target: Target, profiles: list[dict[str, Any]
         return {**decision, "chose": "fp32", "why": f"per-layer costs are measured on {measured} targets only"}
     batch = max(before["slower_at_batches"])
     rows = compress.layer_latency(ctx, ctx.onnx_path("student"), Path(quantized["onnx"]["ptq"]), batch, target.threads)
-    keep = compress.slower_in_int8(rows)
+    keep = [r["layer"] for r in rows if r["int8_ms"] > r["fp32_ms"]]   # INT8 kernels slower than FP32's: float
     decision.update(layer_ms={"batch": batch, "rows": rows}, kept_float_for_speed=keep)
     skip = tuple(dict.fromkeys([*quantized.get("kept_float", []), *keep]))
     if not keep or set(skip) >= set(quantizable_layers(ctx.model("student"))):
