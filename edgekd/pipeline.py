@@ -226,11 +226,6 @@ def _export(ctx: RunContext, model: str, resume: bool = False) -> dict[str, Any]
     return result
 
 
-def _bundle_dir(ctx: RunContext, target: Target, model: str, precision: str, quantization: str) -> Path:
-    name = f"{model}-{precision}" + ("" if quantization == "none" else f"-{quantization}")
-    return ctx.dir / "engines" / target.name / name
-
-
 def quantized_onnx(ctx: RunContext, target: Target) -> tuple[dict[str, Path], list[str]]:
     """The student's Q/DQ ONNX files for the target's scheme that `edgekd quantize` wrote ({"ptq": path, ...}),
     and why int8 engines cannot be built when there are none (or they were made from another student)."""
@@ -306,7 +301,8 @@ def _build(ctx: RunContext, target: Target, models: tuple[str, ...], quantized: 
             else:
                 jobs.append((precision, "none", None))
         for precision, quantization, qpath in jobs:
-            out = _bundle_dir(ctx, target, model, precision, quantization)
+            name = f"{model}-{precision}" + ("" if quantization == "none" else f"-{quantization}")
+            out = ctx.dir / "engines" / target.name / name
             if problem:
                 skipped.append(_skipped(target, model, precision, quantization, problem))
                 continue

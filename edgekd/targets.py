@@ -92,11 +92,6 @@ _SCHEMA: dict[str, tuple[str, str]] = {
 }
 
 
-def _runtime_keys() -> set[str]:
-    """Target-file keys some runtime declares as its own (edgekd.engines.registry.Backend.target_keys)."""
-    return {k for b in registry.backends().values() for k in b.target_keys}
-
-
 def targets_dir() -> Path:
     """The catalog folder: $EDGEKD_TARGETS if set, else the repository's top-level `targets/`."""
     env = os.environ.get("EDGEKD_TARGETS")
@@ -165,7 +160,8 @@ def _from_dict(file: Path, data: dict[str, Any]) -> Target:
     if device not in backend.devices:
         raise EdgekdError(f"target file {file}: runtime {runtime!r} cannot run on device {device!r} (it "
                           f"supports {', '.join(backend.devices)})")
-    for key in sorted(set(v) & _runtime_keys() - set(backend.target_keys)):
+    runtime_keys = {k for b in registry.backends().values() for k in b.target_keys}   # keys some runtime owns
+    for key in sorted(set(v) & runtime_keys - set(backend.target_keys)):
         owners = [b.name for b in registry.backends().values() if key in b.target_keys]
         raise EdgekdError(f"target file {file}: key {key!r} only applies to runtime "
                           f"{' or '.join(repr(o) for o in owners)} (this target's runtime is {runtime!r})")

@@ -49,15 +49,6 @@ def _ort() -> Any:
     return onnxruntime
 
 
-def _level(ort: Any, name: str) -> Any:
-    return {
-        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-    }[name]
-
-
 def availability() -> str:
     """"ok" when onnxruntime imports, else why not."""
     try:
@@ -188,7 +179,9 @@ def _session(path: Path, level: str, threads: int | None = None, providers: list
     ort = _ort()
     providers = providers or ["CPUExecutionProvider"]
     options = ort.SessionOptions()
-    options.graph_optimization_level = _level(ort, level)
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, {
+        "disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
+        "all": "ORT_ENABLE_ALL"}[level])
     options.log_severity_level = 3  # the "hardware specific" warning is handled (and recorded) by us
     if threads:
         options.intra_op_num_threads = threads
