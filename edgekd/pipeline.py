@@ -588,19 +588,15 @@ def quantize(run_dir: str | Path, scheme: str | None = None, *, target: str | Ta
         return _quantize(ctx or context(run_dir), scheme, target, mode, device, progress, resume)
 
 
-def _int8_scheme(target: str | Target | None) -> str:
-    """The quantization scheme of `target` (default x86-cpu-ort), which must offer int8."""
-    t = load_target(target or DEFAULT_TARGETS[0])
-    if "int8" not in t.precisions:
-        raise EdgekdError(f"target {t.name} ({t.path}): has no int8 precision, so nothing to quantize for")
-    return t.quant_scheme
-
-
 def _quantize(ctx: RunContext, scheme: str | None, target: str | Target | None, mode: str | None, device: str,
               progress: bool, resume: bool) -> dict[str, Any]:
     from edgekd.compress import quantize_student, require_torchao
 
-    scheme = scheme or _int8_scheme(target)
+    if not scheme:   # the scheme of `target` (default x86-cpu-ort), which must offer int8
+        t = load_target(target or DEFAULT_TARGETS[0])
+        if "int8" not in t.precisions:
+            raise EdgekdError(f"target {t.name} ({t.path}): has no int8 precision, so nothing to quantize for")
+        scheme = t.quant_scheme
     wanted = mode or ctx.recipe.quantize.mode
     if wanted == "none":
         raise EdgekdError(f"{ctx.dir}/recipe.toml: [quantize].mode is \"none\"; set it to \"ptq\" or \"qat\" (or pass "
