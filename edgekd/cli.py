@@ -402,11 +402,11 @@ def targets() -> None:
 @cli.command()
 def doctor() -> None:
     """Which runtimes and devices work on this machine, and the CPU instruction sets int8 speed depends on."""
-    from edgekd.engines.registry import backends
+    from edgekd.engines import available_runtimes
     from edgekd.targets import ISA_FLAGS, cpu_flags, cpu_quant_scheme
 
-    for name, backend in backends().items():   # "ok": the library imports (TensorRT: and a CUDA GPU is present)
-        click.echo(f"{name:14s} {backend.availability()}")
+    for name, status in available_runtimes().items():
+        click.echo(f"{name:14s} {status}")
     cpu = cpu_flags()
     known = ISA_FLAGS.get(cpu["arch"], ())
     if cpu["flags"] is None:

@@ -74,6 +74,15 @@ def cuda_device_count() -> tuple[int, str]:
     return count.value, ""
 
 
+def available_runtimes() -> dict[str, str]:
+    """Runtime name -> "ok" or why it cannot be used on this machine (for `edgekd doctor`), from each backend.
+
+    "ok" means the library imports (and, for TensorRT, a CUDA GPU is present); per-target details such as
+    an onnxruntime execution provider or torch CUDA are checked by `check_target`.
+    """
+    return {name: b.availability() for name, b in backends().items()}
+
+
 def check_target(target: Target) -> str:
     """"ok" if this machine can build and run `target`, else the reason (to skip targets with a message)."""
     b = backends().get(target.runtime)
