@@ -107,10 +107,7 @@ def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: str | Path,
     }
     for key, value in metadata.items():
         props[str(key)] = value if isinstance(value, str) else json.dumps(value)
-    del proto.metadata_props[:]
-    for key, value in props.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, value
+    onnx.helper.set_model_props(proto, props)
     try:
         onnx.checker.check_model(proto, full_check=True)
     except Exception as e:

@@ -379,8 +379,7 @@ class _SchemeQuantizer(Quantizer):
         return self.only is None or _in_paths(node, (self.only,))
 
     def _weighted_nodes(self, model: GraphModule) -> list[Node]:
-        return [n for n in model.graph.nodes
-                if (_is_call(n, _CONV_OPS) or _is_call(n, _LINEAR_OPS)) and self._wanted(n)]
+        return [n for n in model.graph.nodes if _is_call(n, _CONV_OPS | _LINEAR_OPS) and self._wanted(n)]
 
     def _annotate_weighted_inputs(self, node: Node) -> None:
         x, w = node.args[0], node.args[1]
@@ -869,7 +868,7 @@ def _quantize_biases(gm: GraphModule) -> None:
     """
     counter = 0
     for node in list(gm.graph.nodes):
-        if not (_is_call(node, _CONV_OPS) or _is_call(node, _LINEAR_OPS)) or len(node.args) < 3:
+        if not _is_call(node, _CONV_OPS | _LINEAR_OPS) or len(node.args) < 3:
             continue
         x_dq, w_dq, bias = node.args[0], node.args[1], node.args[2]
         if not (_is_call(x_dq, _DQ_PER_TENSOR) and _is_call(w_dq, _DQ_PER_CHANNEL)):

@@ -280,8 +280,7 @@ def _copy_metadata(src: Path, dst: Path) -> None:
     if not meta:
         return
     model = onnx.load(str(dst))
-    del model.metadata_props[:]
-    model.metadata_props.extend(meta)
+    onnx.helper.set_model_props(model, {p.key: p.value for p in meta})
     onnx.save(model, str(dst))
 
 
