@@ -95,11 +95,10 @@ def distill(recipe: str, out: Path, device: str, quiet: bool, resume: bool, labe
     loaded = load_recipe(recipe)
     if loaded.embedding is not None:
         from edgekd.embedding import distill_stage
-        from edgekd.report import _metric_row
+        from edgekd.tasks import EMBEDDING
 
         result = distill_stage(loaded, out, progress=not quiet)
-        click.echo("\n".join(["| model | cosine | top-1 | top-5 | teacher top-1 in top-5 |", "|---|---|---|---|---|"]
-                              + [_metric_row(k, m) for k, m in result["pytorch"].items()]))
+        click.echo("\n".join(EMBEDDING.metrics_table(result["pytorch"])))
         click.echo(f"\nwrote {out / 'student.safetensors'}, student.json")
         return
     metrics = run_distill(loaded, out, device=device, progress=not quiet, resume=resume, labels=labels,
@@ -227,16 +226,11 @@ def profile(run_dir: Path, target: str, quick: bool) -> None:
     """Profile every engine built for a target: latency percentiles, throughput, memory, accuracy on the engine."""
     from edgekd.pipeline import profile as run_profile
     from edgekd.pipeline import report as run_report
-    from edgekd.report import engines_table
+    from edgekd.pipeline import run_task
 
     run_profile(run_dir, target, quick=quick)
     rep = run_report(run_dir)
-    if rep.get("task") == "embedding":
-        from edgekd.report import embedding_engines_table
-
-        click.echo("\n".join(embedding_engines_table(rep["engines"])))
-    else:
-        click.echo(engines_table(rep["engines"]))
+    click.echo(run_task(run_dir).engines_table(rep["engines"]))
     if rep["headline"]:
         click.echo(f"\n{rep['headline']['text']}")
 

@@ -67,18 +67,16 @@ def load_run_recipe(run_dir: str | Path) -> Recipe:
     return dataclasses.replace(load_recipe(path), base_dir=folder)
 
 
-def _embedding_run(run_dir: str | Path) -> bool:
-    """A run folder of the sentence-embedding task (its recipe has an [embedding] section)."""
-    return (Path(run_dir) / "recipe.toml").is_file() and load_run_recipe(run_dir).embedding is not None
+def run_task(run_dir: str | Path) -> tasks.Task:
+    """A run folder's task, from its recipe (edgekd.tasks.of_recipe); classification before a recipe is saved there."""
+    return tasks.of_recipe(load_run_recipe(run_dir)) if (Path(run_dir) / "recipe.toml").is_file() \
+        else tasks.CLASSIFICATION
 
 
 def context(run_dir: str | Path) -> RunContext:
-    """The run folder as the shared stages read it: a classifier's RunContext or a sentence-embedding TextContext."""
-    if _embedding_run(run_dir):
-        from edgekd.embedding import TextContext
-
-        return TextContext(run_dir)
-    return RunContext(run_dir)
+    """The run folder as the shared stages read it: its task's run context (a classifier's RunContext, a
+    sentence-embedding TextContext)."""
+    return run_task(run_dir).context(run_dir)
 
 
 def _newer(output: Path, *inputs: Path) -> bool:
@@ -401,35 +399,14 @@ def profile_in_subprocess(bundle: Path, args: list[str]) -> dict[str, Any]:
 def report(run_dir: str | Path, targets: tuple[str, ...] | None = None,
            skipped: list[dict[str, Any]] | None = None, extra: dict[str, Any] | None = None, *,
            ship_slower_int8: bool = False) -> dict[str, Any]:
-    """Assemble report.json/.md/.png from metrics.json and the profile-<target>.json files in the run folder.
+    """Assemble report.json/.md (+ figures) from what the stages wrote into the run folder, as its task reports
+    (edgekd.report.write). A classifier's headline never picks an INT8 engine slower than its FP32 engine unless
+    `ship_slower_int8`."""
+    from edgekd.report import write
 
-    The headline never picks an INT8 engine slower than its FP32 engine unless `ship_slower_int8`."""
-    run_dir = Path(run_dir)
-    if _embedding_run(run_dir):
-        from edgekd.report import write_embedding_report
-
-        with runfolder.locked(run_dir):
-            return write_embedding_report(run_dir, skipped)
-    if not (run_dir / "metrics.json").is_file():
-        raise EdgekdError(f"{run_dir}: not a run folder (no metrics.json); run `edgekd distill` or `edgekd run` "
-                          "into it first")
     with runfolder.locked(run_dir):
-        return _report(run_dir, targets, skipped, extra, ship_slower_int8)
-
-
-def _report(run_dir: Path, targets: tuple[str, ...] | None, skipped: list[dict[str, Any]] | None,
-            extra: dict[str, Any] | None, ship_slower_int8: bool) -> dict[str, Any]:
-    from edgekd.distillation import read_metrics
-    from edgekd.report import build_report, engine_entry, write_report
-
-    files = sorted(run_dir.glob("profile-*.json"))
-    if targets is not None:
-        files = [run_dir / f"profile-{t}.json" for t in targets if (run_dir / f"profile-{t}.json").is_file()]
-    engines = [engine_entry(p, run_dir) for f in files for p in json.loads(f.read_text())]
-    names = list(targets) if targets else [f.stem.removeprefix("profile-") for f in files]
-    rep = build_report(read_metrics(run_dir), engines, skipped or [], names, extra, ship_slower_int8=ship_slower_int8)
-    write_report(run_dir, rep)
-    return rep
+        return write(run_dir, run_task(run_dir), skipped, targets=targets, extra=extra,
+                     ship_slower_int8=ship_slower_int8)
 
 
 def run(recipe: Recipe, out: str | Path, *, targets: tuple[str | Target, ...] = DEFAULT_TARGETS,

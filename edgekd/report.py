@@ -477,160 +477,39 @@ def save_png(plt: Any, fig: Any, path: str | Path) -> Path:
     return path
 
 
-def write_report(run_dir: str | Path, report: dict[str, Any]) -> dict[str, Path]:
+def write(run_dir: str | Path, task: Any, skipped: list[dict[str, Any]] | None = None,
+          **options: Any) -> dict[str, Any]:
+    """The one write path of a run's report, whatever its task (an edgekd.tasks Task): report.json as the task
+    assembles it from what the stages wrote into run_dir, report.md as the task renders it, the figures it links."""
     run_dir = Path(run_dir)
-    paths = {"json": run_dir / "report.json", "md": run_dir / "report.md", "png": run_dir / "report.png",
-             "batch_png": run_dir / "report_batch.png", "classes_png": run_dir / "report_classes.png"}
-    fileio.write_json(paths["json"], report)
-    fileio.write_text(paths["md"], markdown(report))
+    report = task.report(run_dir, list(skipped or []), **options)
+    fileio.write_json(run_dir / "report.json", report)
+    fileio.write_text(run_dir / "report.md", task.markdown(report))
+    task.figures(report, run_dir)
+    return report
+
+
+def classification_report(run_dir: Path, skipped: list[dict[str, Any]], targets: tuple[str, ...] | None = None,
+                          extra: dict[str, Any] | None = None, ship_slower_int8: bool = False) -> dict[str, Any]:
+    """A classifier's report: metrics.json's models and the profile-<target>.json files' engines (all, or those of
+    `targets`); the headline never picks an INT8 engine slower than its FP32 engine unless `ship_slower_int8`."""
+    from edgekd.distillation import read_metrics
+
+    if not (run_dir / "metrics.json").is_file():
+        raise EdgekdError(f"{run_dir}: not a run folder (no metrics.json); run `edgekd distill` or `edgekd run` "
+                          "into it first")
+    files = sorted(run_dir.glob("profile-*.json"))
+    if targets is not None:
+        files = [run_dir / f"profile-{t}.json" for t in targets if (run_dir / f"profile-{t}.json").is_file()]
+    engines = [engine_entry(p, run_dir) for f in files for p in json.loads(f.read_text())]
+    names = list(targets) if targets else [f.stem.removeprefix("profile-") for f in files]
+    return build_report(read_metrics(run_dir), engines, skipped, names, extra, ship_slower_int8=ship_slower_int8)
+
+
+def figures(report: dict[str, Any], run_dir: Path) -> None:
+    """A classifier's report.png (accuracy against latency), report_batch.png and report_classes.png."""
     if report["engines"]:
-        plot(report, paths["png"])
-        plot_batches(report, paths["batch_png"])
+        plot(report, run_dir / "report.png")
+        plot_batches(report, run_dir / "report_batch.png")
     if report.get("per_class"):
-        plot_classes(report, paths["classes_png"])
-    return paths
-
-
-def read_report(run_dir: str | Path) -> dict[str, Any]:
-    path = Path(run_dir) / "report.json"
-    if not path.is_file():
-        raise EdgekdError(f"{path}: no report here; run `edgekd run` or `edgekd profile` first")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise EdgekdError(f"{path}: not valid JSON ({e})") from None
-
-
-# ------------------------------------------------------------------------------------- sentence embeddings
-# The embedding task's report: agreement with the teacher (edgekd.tasks.SentenceEmbedding.metric_keys) measured
-# on each engine, and latency per sentence (p50 of a batch / batch size) against the teacher's fp32 engine.
-
-
-def _json(path: Path) -> Any:
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def ms_per_sample(row: dict[str, Any]) -> float:
-    return row["p50"] / row["batch"]
-
-
-def write_embedding_report(run_dir: str | Path, skipped: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    """report.json and report.md of a sentence-embedding run folder, from what its stages wrote."""
-    from edgekd.tasks import EMBEDDING
-
-    run_dir = Path(run_dir)
-    if not (run_dir / "student.json").is_file():
-        raise EdgekdError(f"{run_dir}: no student.json; run `edgekd distill` into it first")
-    student = _json(run_dir / "student.json")
-    corpus = (_json(run_dir / "corpus.json") or {}).get("info", {})
-    engines = [{**p, "path": str(Path(p["bundle"]).relative_to(run_dir)) if Path(p["bundle"]).is_relative_to(run_dir)
-                else p["bundle"]} for f in sorted(run_dir.glob("profile-*.json")) for p in json.loads(f.read_text())
-               if p.get("task") == EMBEDDING.name]
-    quantization = {f.stem.removeprefix("quantize-"): _json(f) for f in sorted(run_dir.glob("onnx/quantize-*.json"))}
-    pytorch = dict(student["pytorch"])
-    for scheme, info in quantization.items():
-        pytorch.update({f"student {k.upper()} int8 ({scheme}, PyTorch Q/DQ)": m
-                        for k, m in info.get("pytorch_metrics", {}).items()})
-    parity = {m: r["parity"] for m in ("teacher", "student") if (r := _json(run_dir / "onnx" / f"{m}.parity.json"))}
-    parity.update({f"student-{k}-{s}": v for s, info in quantization.items()
-                   for k, v in info.get("parity", {}).items()})
-    ratios = latency_ratios(engines)
-    rep = {"task": EMBEDDING.name, "teacher": _json(run_dir / "teacher.json"), "student": student["student"],
-           "corpus": corpus, "pytorch": pytorch, "engines": engines, "latency_ratios": ratios,
-           "headline": embedding_headline(engines, ratios), "skipped": list(skipped or []), "export_parity": parity,
-           "quantization": {s: {k: v for k, v in i.items() if k not in ("qat_history", "parity")}
-                            for s, i in quantization.items()},
-           "history": {"student": student["history"],
-                       **{f"qat-{s}": i["qat_history"] for s, i in quantization.items() if "qat_history" in i}}}
-    fileio.write_json(run_dir / "report.json", rep)
-    fileio.write_text(run_dir / "report.md", embedding_markdown(rep))
-    return rep
-
-
-def _metric_row(name: str, m: dict[str, Any]) -> str:
-    return (f"| {name} | {m['cosine']:.4f} | {m['retrieval_top1']:.3f} | {m['retrieval_top5']:.3f} | "
-            f"{m['teacher_top1_in_student_top5']:.3f} |")
-
-
-def embedding_engines_table(engines: list[dict[str, Any]]) -> list[str]:
-    lines = ["| target | model | precision | quant | cosine | top-1 | top-5 | size MiB | batch | p50 ms | "
-             "ms/sentence | sentences/s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for e in engines:
-        m = e["metrics"]
-        for r in e["rows"]:
-            lines.append(f"| {e['target']} | {e['model']} | {e['precision']} | {e['quantization']} | "
-                         f"{m['cosine']:.4f} | {m['retrieval_top1']:.3f} | {m['retrieval_top5']:.3f} | "
-                         f"{e['size_bytes'] / 2**20:.1f} | {r['batch']} | {r['p50']:.2f} | {ms_per_sample(r):.3f} | "
-                         f"{1000 / ms_per_sample(r):.0f} |")
-    return lines
-
-
-def embedding_markdown(rep: dict[str, Any]) -> str:
-    """report.md for a sentence-embedding run."""
-    c, t, s = rep["corpus"], rep["teacher"] or {}, rep["student"]
-    lines = ["# edgekd report: sentence-embedding distillation", ""]
-    if rep.get("headline"):
-        lines += [f"**Headline:** {rep['headline']['text']}.", ""]
-    shape = f", {t['layers']} layers x {t['hidden']}" if t.get("layers") else ""
-    lines += [f"Teacher `{t.get('name')}` ({t.get('params', 0):,} params{shape}); student {s['layers']} layers x "
-              f"{s['hidden']} ({s['params']:,} params, {s['params_without_embeddings']:,} without the token-embedding "
-              f"table). Corpus {c.get('corpus')}: {c.get('train_sentences')} training sentences, "
-              f"{c.get('heldout_sentences')} held-out sentences from {', '.join(c.get('heldout_documents', []))} "
-              f"(documents never trained on). Student: {s['epochs']} epochs in {s['train_seconds']} s; teacher "
-              f"embeddings of the corpus took {t.get('encode_seconds')} s.", "",
-              "## Agreement with the teacher on held-out sentences (PyTorch)", "",
-              "| model | cosine | retrieval top-1 | retrieval top-5 overlap | teacher top-1 in student top-5 |",
-              "|---|---|---|---|---|"]
-    lines += [_metric_row(name, m) for name, m in rep["pytorch"].items()]
-    lines += ["", "## Engines (metrics measured on the engine's own embeddings of the bundle's eval sentences)", "",
-              *embedding_engines_table(rep["engines"])]
-    if rep.get("latency_ratios"):
-        lines += ["", "## Latency per sentence against the teacher (fp32 engine, same batches)", "",
-                  "| engine | batch | student ms/sentence | teacher ms/sentence | ratio | speed-up |",
-                  "|---|---|---|---|---|---|"]
-        lines += [f"| {r['engine']} | {r['batch']} | {r['student_ms']:.3f} | {r['teacher_ms']:.3f} | "
-                  f"{r['ratio']:.3f} | {1 / r['ratio']:.1f}x |" for r in rep["latency_ratios"]]
-    if rep.get("skipped"):
-        lines += ["", "## Not built here", ""] + [f"- {x['target']}: {x['reason']}" for x in rep["skipped"]]
-    for key in ("quantization", "export_parity", "history"):
-        if rep.get(key):
-            lines += ["", f"## {key}", "", "```json", json.dumps(rep[key], indent=2), "```"]
-    return "\n".join(lines) + "\n"
-
-
-def latency_ratios(engines: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per target and batch: each student engine's ms per sentence / the teacher fp32 engine's."""
-    out = []
-    for target in dict.fromkeys(e["target"] for e in engines):
-        teacher = next((e for e in engines if e["target"] == target and e["model"] == "teacher"), None)
-        if teacher is None:
-            continue
-        t_rows = {r["batch"]: ms_per_sample(r) for r in teacher["rows"]}
-        for e in engines:
-            if e["target"] != target or e["model"] != "student":
-                continue
-            for r in e["rows"]:
-                if r["batch"] in t_rows:
-                    out.append({"target": target, "engine": f"student {e['precision']} {e['quantization']}",
-                                "batch": r["batch"], "student_ms": ms_per_sample(r), "teacher_ms": t_rows[r["batch"]],
-                                "ratio": ms_per_sample(r) / t_rows[r["batch"]]})
-    return out
-
-
-def embedding_headline(engines: list[dict[str, Any]], ratios: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The engine a user would ship: the fastest at the smallest batch among the student engines within 0.005
-    cosine of the best, with its agreement and speed-up over the teacher."""
-    students = [e for e in engines if e["model"] == "student"]
-    if not students or not ratios:
-        return None
-    best = max(e["metrics"]["cosine"] for e in students)
-    ok = [e for e in students if e["metrics"]["cosine"] >= best - 0.005]
-    pick = min(ok, key=lambda e: ms_per_sample(min(e["rows"], key=lambda r: r["batch"])))
-    name = f"student {pick['precision']} {pick['quantization']}"
-    mine = [r for r in ratios if r["engine"] == name and r["target"] == pick["target"]]
-    m = pick["metrics"]
-    speed = ", ".join(f"{1 / r['ratio']:.1f}x faster per sentence at batch {r['batch']}" for r in mine)
-    return {"engine": name, "target": pick["target"], "metrics": m, "ratios": mine,
-            "text": f"the {name} engine reproduces the teacher's embeddings of unseen sentences with mean cosine "
-                    f"{m['cosine']:.3f} (nearest-neighbour agreement top-1 {m['retrieval_top1']:.3f}, top-5 "
-                    f"{m['retrieval_top5']:.3f}) and runs {speed} on target {pick['target']}"}
+        plot_classes(report, run_dir / "report_classes.png")

@@ -221,7 +221,7 @@ def test_a_new_runtime_is_one_module_and_a_target_file(monkeypatch, tmp_path: Pa
     (tmp_path / "reference.py").write_text(REFERENCE_BACKEND)
     monkeypatch.setattr(edgekd.engines, "__path__", [*edgekd.engines.__path__, str(tmp_path)])
     registry.backends.cache_clear()
-    assert "edgekd.engines.reference" in registry._engine_modules()
+    assert registry.backends()["onnx-reference"].module == "edgekd.engines.reference"
     try:
         target_file = tmp_path / "x86-cpu-reference.toml"
         target_file.write_text('runtime = "onnx-reference"\ndevice = "cpu"\nprecisions = ["fp32"]\n')

@@ -345,7 +345,7 @@ def _profile(model: str, quant: str, ms: tuple[float, float], cosine: float) -> 
 def test_report_latency_ratios_and_headline_by_hand() -> None:
     """ms per sentence = p50 / batch; ratio = student / teacher per batch; the headline ships the fastest student
     engine at the smallest batch among those within 0.005 cosine of the best."""
-    from edgekd.report import embedding_headline, latency_ratios
+    from edgekd.tasks import latency_ratios
 
     engines = [_profile("teacher", "none", (4.0, 16.0), 1.0), _profile("student", "none", (1.0, 8.0), 0.950),
                _profile("student", "ptq", (0.5, 4.0), 0.946), _profile("student", "qat", (0.25, 4.0), 0.900)]
@@ -353,7 +353,7 @@ def test_report_latency_ratios_and_headline_by_hand() -> None:
     assert [(r["engine"], r["batch"], r["ratio"]) for r in ratios] == [
         ("student fp32 none", 1, 0.25), ("student fp32 none", 8, 0.5), ("student int8 ptq", 1, 0.125),
         ("student int8 ptq", 8, 0.25), ("student int8 qat", 1, 0.0625), ("student int8 qat", 8, 0.25)]
-    head = embedding_headline(engines, ratios)
+    head = EMBEDDING.headline(engines, ratios)
     assert head["engine"] == "student int8 ptq"     # qat is faster but 0.05 cosine worse
     assert "8.0x faster per sentence at batch 1, 4.0x faster per sentence at batch 8" in head["text"]
 

@@ -272,7 +272,8 @@ def test_runtime_only_install_classifies_jpegs_without_torch(image_bundle, tmp_p
     src = tmp_path / "src"
     shutil.copytree(ROOT / "edgekd", src / "edgekd", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(ROOT / "runtime", src / "runtime")
-    modules = tomllib.loads((ROOT / "runtime" / "pyproject.toml").read_text())["tool"]["setuptools"]["py-modules"]
+    shipped = tomllib.loads((ROOT / "runtime" / "pyproject.toml").read_text())["tool"]["setuptools"]
+    modules = [*shipped["py-modules"], *shipped["packages"]]
     venv = tmp_path / "venv"
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, env=env)
@@ -282,7 +283,8 @@ def test_runtime_only_install_classifies_jpegs_without_torch(image_bundle, tmp_p
     assert pip.returncode == 0, pip.stdout + pip.stderr
     code = ("import importlib, importlib.util, json, sys; assert importlib.util.find_spec('torch') is None, 'torch'; "
             f"[importlib.import_module(m) for m in {modules!r} if m != 'edgekd.engines.pytorch']; "
-            "import edgekd, edgekd.runtime as rt; e = rt.load(sys.argv[1]); names, probs = e.classify(sys.argv[2:]); "
+            "import edgekd, edgekd.runtime as rt, edgekd.tasks; assert list(edgekd.tasks.TASKS) == ['classification', "
+            "'embedding'], 'tasks'; e = rt.load(sys.argv[1]); names, probs = e.classify(sys.argv[2:]); "
             "print(json.dumps({'file': edgekd.__file__, 'names': names, 'probs': probs.tolist()}))")
     done = subprocess.run([str(python), "-c", code, str(bundle), *map(str, files)], capture_output=True, text=True,
                           env=env, cwd=tmp_path)

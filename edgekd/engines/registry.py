@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from edgekd.errors import EdgekdError
+from edgekd.plugins import declared
 
 MODULES: tuple[str, ...] = ()   # backend modules outside edgekd/engines (a plugin's), besides those found there
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -99,20 +100,10 @@ def check_feeds(runner: Runner, feeds: Any) -> None:
         raise EdgekdError(f"run() got inputs {sorted(feeds)}, this engine takes {list(runner.input_names)}")
 
 
-def _engine_modules() -> list[str]:
-    """The modules of the edgekd.engines folder(s) but this one; those that define BACKEND are backends. Listing
-    reads file names only; the device wheel's folder holds just the device-side modules."""
-    import pkgutil
-
-    package = importlib.import_module("edgekd.engines")
-    return [f"edgekd.engines.{m.name}" for m in pkgutil.iter_modules(package.__path__)
-            if m.name != "registry" and not m.name.startswith("_")]
-
-
 @cache
 def backends() -> dict[str, Backend]:
     """Every backend, by runtime name in name order: each module in edgekd/engines that defines BACKEND, and MODULES."""
-    found = [getattr(importlib.import_module(m), "BACKEND", None) for m in (*_engine_modules(), *MODULES)]
+    found = declared("edgekd.engines", "BACKEND", MODULES)
     return {b.name: b for b in sorted((b for b in found if isinstance(b, Backend)), key=lambda b: b.name)}
 
 
