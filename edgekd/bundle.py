@@ -24,10 +24,8 @@ MANIFEST = "manifest.json"
 
 def edgekd_version() -> str:
     """The installed edgekd version, or 'dev' when running from a source checkout that is not installed."""
-    try:
-        from importlib.metadata import PackageNotFoundError, version
-    except ImportError:  # pragma: no cover
-        return "dev"
+    from importlib.metadata import PackageNotFoundError, version
+
     try:
         return version("edgekd")
     except PackageNotFoundError:
@@ -35,11 +33,6 @@ def edgekd_version() -> str:
 
 
 REMEDY = "rebuild the bundle (`edgekd build`), or copy the whole bundle folder again from where it was built"
-
-
-def _bundle_files(bundle_dir: Path) -> list[str]:
-    return sorted(str(p.relative_to(bundle_dir).as_posix()) for p in bundle_dir.rglob("*")
-                  if p.is_file() and not p.is_symlink() and p.name != MANIFEST and not p.name.startswith("."))
 
 
 def write_manifest(bundle_dir: str | Path, manifest: dict[str, Any]) -> dict[str, Any]:
@@ -53,7 +46,9 @@ def write_manifest(bundle_dir: str | Path, manifest: dict[str, Any]) -> dict[str
         raise EdgekdError(f"bundle {bundle_dir}: folder not found")
     out = dict(manifest)
     out["format"] = FORMAT
-    out["files"] = {name: fileio.sha256_file(bundle_dir / name) for name in _bundle_files(bundle_dir)}
+    names = sorted(p.relative_to(bundle_dir).as_posix() for p in bundle_dir.rglob("*")
+                   if p.is_file() and not p.is_symlink() and p.name != MANIFEST and not p.name.startswith("."))
+    out["files"] = {name: fileio.sha256_file(bundle_dir / name) for name in names}
     out.setdefault("metrics", {})
     _check_named_files(bundle_dir, out)
     return fileio.write_signed_json(bundle_dir / MANIFEST, out)

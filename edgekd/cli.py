@@ -271,14 +271,10 @@ def run(recipe: str, out: Path, targets: tuple[str, ...], device: str, quiet: bo
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/demo"), show_default=True)
 @DEVICE
 @QUIET
-def demo(out: Path, device: str, quiet: bool) -> None:
+@click.pass_context
+def demo(ctx: click.Context, out: Path, device: str, quiet: bool) -> None:
     """`run` on the built-in digits recipe for the x86-cpu-ort target (a couple of minutes on a laptop CPU)."""
-    from edgekd.pipeline import DEFAULT_TARGETS
-    from edgekd.pipeline import run as run_pipeline
-    from edgekd.recipe import load_recipe
-
-    rep = run_pipeline(load_recipe("digits"), out, targets=DEFAULT_TARGETS, device=device, progress=not quiet)
-    _print_report(rep, out)
+    ctx.invoke(run, recipe="digits", out=out, device=device, quiet=quiet)
 
 
 @cli.command()
@@ -421,6 +417,16 @@ def _one_line(message: str) -> str:
     return " ".join(line.strip() for line in message.splitlines() if line.strip())
 
 
+def _error_line(e: Exception) -> str:
+    """The one line an error the user can fix is printed as."""
+    if isinstance(e, EdgekdError):
+        return _one_line(str(e))
+    if isinstance(e, MemoryError):
+        return "out of memory; use a smaller model, batch_size or data subset ([data] train_samples)"
+    # OSError: a read or write the OS refused where no stage expected it (full disk, read-only)
+    return (f"{e.filename}: " if e.filename else "") + _one_line(e.strerror or str(e))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: one clear line and exit code 2 for errors the user can fix."""
     from edgekd.fileio import exit_on_sigterm
@@ -429,22 +435,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         with exit_on_sigterm():   # SIGTERM unwinds like Ctrl-C: temp files go, the run folder's lock is released
             cli.main(args=argv, prog_name="edgekd", standalone_mode=False)
-    except EdgekdError as e:
+    except (EdgekdError, OSError, MemoryError) as e:
         if debug:
             raise
-        click.echo(f"error: {_one_line(str(e))}", err=True)
-        sys.exit(2)
-    except OSError as e:   # a read or write the OS refused where no stage expected it (full disk, read-only)
-        if debug:
-            raise
-        where = f"{e.filename}: " if e.filename else ""
-        click.echo(f"error: {where}{_one_line(e.strerror or str(e))}", err=True)
-        sys.exit(2)
-    except MemoryError:
-        if debug:
-            raise
-        click.echo("error: out of memory; use a smaller model, batch_size or data subset ([data] train_samples)",
-                   err=True)
+        click.echo(f"error: {_error_line(e)}", err=True)
         sys.exit(2)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)

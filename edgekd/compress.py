@@ -40,13 +40,15 @@ def calibration_batches(ctx: Any, cfg: QuantizeConfig) -> tuple[list[torch.Tenso
     return [torch.from_numpy(x[i:i + CALIBRATION_BATCH]) for i in range(0, len(x), CALIBRATION_BATCH)], info
 
 
-def _export(ctx: Any, gm: nn.Module, quantization: str, scheme: str) -> Path:
-    """The converted student as Q/DQ ONNX with the run's example input, task signature and export options."""
+def _export(ctx: Any, gm: nn.Module, quantization: str, scheme: str, path: Path | None = None,
+            **metadata: Any) -> Path:
+    """The converted student as Q/DQ ONNX (at `path`, default the run's file for `quantization` and `scheme`) with
+    the run's example input, task signature and export options; `metadata` adds to what it records."""
     from edgekd.export import export_onnx
 
-    path = ctx.onnx_path("student", quantization, scheme)
+    path = path or ctx.onnx_path("student", quantization, scheme)
     export_onnx(gm, ctx.example(), path, task=ctx.task, **ctx.export_options("student"),
-                metadata=ctx.metadata("student", {"quantization": quantization, "quant_scheme": scheme}))
+                metadata=ctx.metadata("student", {"quantization": quantization, "quant_scheme": scheme, **metadata}))
     if scheme == "tensorrt":  # the gate: what TensorRT 10's parser and explicit quantization accept
         from edgekd.engines.trt_onnx import require_tensorrt_onnx
 
@@ -77,10 +79,14 @@ def _no_mode(model: nn.Module, training: bool) -> None:
     """A converted graph is scored as it is (exported PT2E graphs refuse .train()/.eval())."""
 
 
-def _scored(ctx: Any, result: dict[str, Any], kind: str, model: nn.Module, path: Path) -> None:
-    """result[section][kind] for each score the run gives the converted `kind` model and its ONNX file."""
+def _exported(ctx: Any, result: dict[str, Any], kind: str, model: nn.Module, scheme: str, start: float) -> None:
+    """Export the converted `kind` ("ptq", "qat") model into result["onnx"][kind], then result[section][kind] for
+    each score the run gives it and its ONNX file, and result[kind_seconds] since `start`."""
+    path = _export(ctx, model, kind, scheme)
+    result["onnx"][kind] = str(path)
     for section, value in ctx.quant_scores(model, _no_mode, path).items():
         result.setdefault(section, {})[kind] = value
+    result[f"{kind}_seconds"] = round(time.perf_counter() - start, 2)
 
 
 def quantize_student(ctx: Any, scheme: str, *, device: str = "cpu", progress: bool = True) -> dict[str, Any]:
@@ -108,11 +114,8 @@ def quantize_student(ctx: Any, scheme: str, *, device: str = "cpu", progress: bo
     qcfg = quantize.QuantConfig(scheme=scheme, observer=cfg.observer, percentile=cfg.percentile, skip=skip)
 
     start = time.perf_counter()
-    ptq_model = quantize.ptq(ctx.model("student"), example, cal, qcfg, dynamic_shapes=shapes)
-    path = _export(ctx, ptq_model, "ptq", scheme)
-    result["onnx"]["ptq"] = str(path)
-    _scored(ctx, result, "ptq", ptq_model, path)
-    result["ptq_seconds"] = round(time.perf_counter() - start, 2)
+    _exported(ctx, result, "ptq", quantize.ptq(ctx.model("student"), example, cal, qcfg, dynamic_shapes=shapes),
+              scheme, start)
 
     if cfg.mode == "qat" and cfg.epochs > 0:
         start = time.perf_counter()
@@ -131,11 +134,7 @@ def quantize_student(ctx: Any, scheme: str, *, device: str = "cpu", progress: bo
         result.update(trained)
         prepared.to("cpu")
         result["qat_fake_quant_accuracy"] = ctx.quant_accuracy(prepared, _qat_mode(frozen), "test")
-        converted = quantize.convert(prepared)
-        path = _export(ctx, converted, "qat", scheme)
-        result["onnx"]["qat"] = str(path)
-        _scored(ctx, result, "qat", converted, path)
-        result["qat_seconds"] = round(time.perf_counter() - start, 2)
+        _exported(ctx, result, "qat", quantize.convert(prepared), scheme, start)
     fileio.write_json(ctx.dir / "onnx" / f"quantize-{scheme}.json", result)
     return result
 
@@ -192,15 +191,9 @@ def layer_latency(ctx: Any, fp32_onnx: Path, int8_onnx: Path, batch: int, thread
     return sorted(rows, key=lambda r: r["int8_ms"] - r["fp32_ms"], reverse=True)
 
 
-def slower_in_int8(rows: list[dict]) -> list[str]:
-    """The layers whose measured INT8 kernels take longer than their FP32 ones: the ones to keep in float."""
-    return [r["layer"] for r in rows if r["int8_ms"] > r["fp32_ms"]]
-
-
 def ptq_keep_float(ctx: Any, scheme: str, layers: tuple[str, ...], path: Path) -> Path:
     """PTQ of the student with `layers` kept in float, exported to `path` (the layers in its metadata)."""
     from edgekd import quantize
-    from edgekd.export import export_onnx
 
     cfg = ctx.recipe.quantize
     cal, _ = ctx.calibration_batches(cfg)
@@ -208,9 +201,7 @@ def ptq_keep_float(ctx: Any, scheme: str, layers: tuple[str, ...], path: Path) -
     qcfg = quantize.QuantConfig(scheme=scheme, observer=cfg.observer, percentile=cfg.percentile, skip=skip)
     example, shapes = ctx.quant_example()
     model = quantize.ptq(ctx.model("student"), example, cal, qcfg, dynamic_shapes=shapes)
-    return export_onnx(model, torch.from_numpy(ctx.data.x_test[:2]), path,
-                       metadata=ctx.metadata("student", {"quantization": "ptq", "quant_scheme": scheme,
-                                                         "kept_float": list(skip)}))
+    return _export(ctx, model, "ptq", scheme, path, kept_float=list(skip))
 
 
 def require_torchao() -> None:

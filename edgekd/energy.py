@@ -30,7 +30,7 @@ class RaplMeter:
     def __init__(self, zones: list[Path]) -> None:
         self.zones = zones
         self.ranges = [int((z / "max_energy_range_uj").read_text()) for z in zones]
-        self.source = "RAPL " + ", ".join(_zone_name(z) for z in zones)
+        self.source = "RAPL " + ", ".join(_read(z / "name") or z.name for z in zones)
         self._start: list[int] = []
 
     def _read(self) -> list[int]:
@@ -79,13 +79,6 @@ class InaMeter:
         if self._thread is not None:
             self._thread.join()
         return sum(self._samples) / len(self._samples) * elapsed
-
-
-def _zone_name(zone: Path) -> str:
-    try:
-        return zone.joinpath("name").read_text().strip()
-    except OSError:
-        return zone.name
 
 
 def _rapl(root: Path) -> RaplMeter | str:

@@ -107,10 +107,7 @@ def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: str | Path,
     }
     for key, value in metadata.items():
         props[str(key)] = value if isinstance(value, str) else json.dumps(value)
-    del proto.metadata_props[:]
-    for key, value in props.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, value
+    onnx.helper.set_model_props(proto, props)
     try:
         onnx.checker.check_model(proto, full_check=True)
     except Exception as e:
@@ -134,11 +131,9 @@ def dynamic_dims(task: tasks.Task, max_length: int | None = None) -> dict[int, A
 
 def read_metadata(onnx_path: str | Path) -> dict[str, str]:
     """The metadata_props of an ONNX file as a dict (strings; JSON ones left for the caller to decode)."""
-    onnx_path = Path(onnx_path)
-    if not onnx_path.is_file():
-        raise EdgekdError(f"ONNX file {onnx_path}: not found")
-    proto = onnx.load(str(onnx_path), load_external_data=False)
-    return {p.key: p.value for p in proto.metadata_props}
+    from edgekd.engines import onnx_info
+
+    return onnx_info(Path(onnx_path))["metadata"]
 
 
 def parity(model: torch.nn.Module, onnx_path: str | Path, x: np.ndarray, batch_size: int = 256, *,
@@ -149,7 +144,7 @@ def parity(model: torch.nn.Module, onnx_path: str | Path, x: np.ndarray, batch_s
     min_cosine) and "samples". Optimizations are off so the check measures the export, not onnxruntime's fused
     kernels (which legitimately differ by ~1e-3 on int8 graphs).
     """
-    import onnxruntime as ort
+    from edgekd.engines.ort import _session
 
     onnx_path = Path(onnx_path)
     if not onnx_path.is_file():
@@ -157,10 +152,7 @@ def parity(model: torch.nn.Module, onnx_path: str | Path, x: np.ndarray, batch_s
     x = np.ascontiguousarray(x, dtype=task.input_dtype)
     if x.ndim < 2 or len(x) == 0:
         raise EdgekdError(f"parity: x must be a non-empty batch (N, *input_shape), got shape {x.shape}")
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    session = _session(onnx_path, "disable")
     name = session.get_inputs()[0].name
     _to_eval(model)
     refs, ours = [], []

@@ -224,11 +224,6 @@ def _export(ctx: RunContext, model: str, resume: bool = False) -> dict[str, Any]
     return result
 
 
-def _bundle_dir(ctx: RunContext, target: Target, model: str, precision: str, quantization: str) -> Path:
-    name = f"{model}-{precision}" + ("" if quantization == "none" else f"-{quantization}")
-    return ctx.dir / "engines" / target.name / name
-
-
 def quantized_onnx(ctx: RunContext, target: Target) -> tuple[dict[str, Path], list[str]]:
     """The student's Q/DQ ONNX files for the target's scheme that `edgekd quantize` wrote ({"ptq": path, ...}),
     and why int8 engines cannot be built when there are none (or they were made from another student)."""
@@ -292,8 +287,7 @@ def _build(ctx: RunContext, target: Target, models: tuple[str, ...], quantized: 
                 onnx_info(path)
     built: list[str] = []
     engines: list[dict[str, Any]] = []
-    skipped = [{"target": target.name, "model": "student", "precision": "int8", "quantization": "-", "reason": r}
-               for r in int8_missing]
+    skipped = [_skipped(target, "student", "int8", "-", r) for r in int8_missing]
     for model in models:
         net = nets[model]
         evals = None
@@ -305,10 +299,10 @@ def _build(ctx: RunContext, target: Target, models: tuple[str, ...], quantized: 
             else:
                 jobs.append((precision, "none", None))
         for precision, quantization, qpath in jobs:
-            out = _bundle_dir(ctx, target, model, precision, quantization)
+            name = f"{model}-{precision}" + ("" if quantization == "none" else f"-{quantization}")
+            out = ctx.dir / "engines" / target.name / name
             if problem:
-                skipped.append({"target": target.name, "model": model, "precision": precision,
-                                "quantization": quantization, "reason": problem})
+                skipped.append(_skipped(target, model, precision, quantization, problem))
                 continue
             onnx_path = qpath
             if from_onnx and onnx_path is None:
@@ -318,27 +312,31 @@ def _build(ctx: RunContext, target: Target, models: tuple[str, ...], quantized: 
             made_from = (dict([runfolder.file_key(ctx.dir, onnx_path)]) if onnx_path is not None
                          else ctx.weights_input(model))
             made_from["target"] = runfolder.digest(dataclasses.asdict(target))
-            if resume and (out / "manifest.json").is_file() and runfolder.stale(ctx.dir, ctx.rel(out), made_from) == []:
-                built.append(str(out))
-                engines.append({"model": model, "precision": precision, "quantization": quantization,
-                                "path": str(out), "reused": True})
-                continue
-            evals = evals if evals is not None else ctx.eval_data(net)
-            try:
-                built.append(str(build_engine(ctx.engine_source(model, onnx_path, quantization), target, precision,
-                                              out, eval_data=evals)))
-                engines.append({"model": model, "precision": precision, "quantization": quantization,
-                                "path": str(out), "reused": False})
-                runfolder.record(ctx.dir, ctx.rel(out), made_from)
-            except EdgekdError as e:
-                if registry.needs_accelerator(target.device):   # a GPU engine this host may be unable to build
-                    skipped.append({"target": target.name, "model": model, "precision": precision,
-                                    "quantization": quantization, "reason": str(e)})
-                else:
-                    raise
+            reused = resume and (out / "manifest.json").is_file() and runfolder.stale(ctx.dir, ctx.rel(out),
+                                                                                      made_from) == []
+            if not reused:
+                evals = evals if evals is not None else ctx.eval_data(net)
+                try:
+                    build_engine(ctx.engine_source(model, onnx_path, quantization), target, precision, out,
+                                 eval_data=evals)
+                    runfolder.record(ctx.dir, ctx.rel(out), made_from)
+                except EdgekdError as e:
+                    if not registry.needs_accelerator(target.device):   # a GPU engine this host may not build
+                        raise
+                    skipped.append(_skipped(target, model, precision, quantization, str(e)))
+                    continue
+            built.append(str(out))
+            engines.append({"model": model, "precision": precision, "quantization": quantization,
+                            "path": str(out), "reused": reused})
     return {"target": target.name, "quant_scheme": {"scheme": target.quant_scheme,
                                                     "reason": target.quant_scheme_reason},
             "built": built, "engines": engines, "skipped": skipped}
+
+
+def _skipped(target: Target, model: str, precision: str, quantization: str, reason: str) -> dict[str, str]:
+    """An engine the build could not make here, and why (the report lists it)."""
+    return {"target": target.name, "model": model, "precision": precision, "quantization": quantization,
+            "reason": reason}
 
 
 def _preprocessing(data: Dataset) -> dict[str, Any] | None:
@@ -386,7 +384,6 @@ def profile_in_subprocess(bundle: Path, args: list[str]) -> dict[str, Any]:
     """`python -m edgekd.runtime profile BUNDLE --json ... *args` in a fresh process, as on the device; returns
     its result (see edgekd.profile.profile_bundle)."""
     import subprocess
-    import sys
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="edgekd-profile-") as tmp:
@@ -519,7 +516,7 @@ def int8_fallback(ctx: RunContext, target: Target, profiles: list[dict[str, Any]
         return {**decision, "chose": "fp32", "why": f"per-layer costs are measured on {measured} targets only"}
     batch = max(before["slower_at_batches"])
     rows = compress.layer_latency(ctx, ctx.onnx_path("student"), Path(quantized["onnx"]["ptq"]), batch, target.threads)
-    keep = compress.slower_in_int8(rows)
+    keep = [r["layer"] for r in rows if r["int8_ms"] > r["fp32_ms"]]   # INT8 kernels slower than FP32's: float
     decision.update(layer_ms={"batch": batch, "rows": rows}, kept_float_for_speed=keep)
     skip = tuple(dict.fromkeys([*quantized.get("kept_float", []), *keep]))
     if not keep or set(skip) >= set(quantizable_layers(ctx.model("student"))):
@@ -568,19 +565,15 @@ def quantize(run_dir: str | Path, scheme: str | None = None, *, target: str | Ta
         return _quantize(ctx or context(run_dir), scheme, target, mode, device, progress, resume)
 
 
-def _int8_scheme(target: str | Target | None) -> str:
-    """The quantization scheme of `target` (default x86-cpu-ort), which must offer int8."""
-    t = load_target(target or DEFAULT_TARGETS[0])
-    if "int8" not in t.precisions:
-        raise EdgekdError(f"target {t.name} ({t.path}): has no int8 precision, so nothing to quantize for")
-    return t.quant_scheme
-
-
 def _quantize(ctx: RunContext, scheme: str | None, target: str | Target | None, mode: str | None, device: str,
               progress: bool, resume: bool) -> dict[str, Any]:
     from edgekd.compress import quantize_student, require_torchao
 
-    scheme = scheme or _int8_scheme(target)
+    if not scheme:   # the scheme of `target` (default x86-cpu-ort), which must offer int8
+        t = load_target(target or DEFAULT_TARGETS[0])
+        if "int8" not in t.precisions:
+            raise EdgekdError(f"target {t.name} ({t.path}): has no int8 precision, so nothing to quantize for")
+        scheme = t.quant_scheme
     wanted = mode or ctx.recipe.quantize.mode
     if wanted == "none":
         raise EdgekdError(f"{ctx.dir}/recipe.toml: [quantize].mode is \"none\"; set it to \"ptq\" or \"qat\" (or pass "

@@ -21,8 +21,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from edgekd.engines.registry import QUANT_SCHEMES
 from edgekd.errors import EdgekdError
-from edgekd.targets import QUANT_SCHEMES
 
 ORT_SCHEMES = tuple(s for s in QUANT_SCHEMES if s.startswith("ort-"))
 # Weighted ops after onnxruntime's optimization: integer kernels, and the float ones a fused graph must not keep.
@@ -133,11 +133,12 @@ def fold_pads_into_convs(model: onnx.ModelProto) -> int:
         model.graph.value_info.remove(info)
     for node in removed:
         model.graph.node.remove(node)
-    _drop_unused_initializers(model)
+    drop_unused_initializers(model)
     return sum(1 for n in removed if n.op_type == "Pad")
 
 
-def _drop_unused_initializers(model: onnx.ModelProto) -> None:
+def drop_unused_initializers(model: onnx.ModelProto) -> None:
+    """Remove the initializers no node or graph output reads."""
     used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
     for init in [t for t in model.graph.initializer if t.name not in used]:
         model.graph.initializer.remove(init)
@@ -157,7 +158,7 @@ def ort_graph_check(onnx_path: str | Path, *, threads: int = 1) -> dict[str, Any
         raise EdgekdError(f"graph check: ONNX file {onnx_path} not found")
     with tempfile.TemporaryDirectory(prefix="edgekd-graph-") as tmp:
         optimized = Path(tmp) / "model.opt.onnx"
-        _session(onnx_path, "all", threads, ["CPUExecutionProvider"], {}, optimized_out=optimized)
+        _session(onnx_path, "all", threads, optimized_out=optimized)
         model = onnx.load(str(optimized))
     consts = set(constants(model))
     ops = Counter(n.op_type for n in model.graph.node)

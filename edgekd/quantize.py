@@ -26,7 +26,7 @@ import contextlib
 import copy
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -133,12 +133,8 @@ class PercentileObserver(HistogramObserver):
     the values are clipped from each tail (affine), or from |x| (symmetric).
     """
 
-    def __init__(self, percentile: float = 99.99, bins: int = 2048, dtype: torch.dtype = torch.uint8,
-                 qscheme: torch.qscheme = torch.per_tensor_affine, quant_min: int | None = None,
-                 quant_max: int | None = None, eps: float = torch.finfo(torch.float32).eps,
-                 is_dynamic: bool = False) -> None:
-        super().__init__(bins=bins, dtype=dtype, qscheme=qscheme, quant_min=quant_min, quant_max=quant_max,
-                         eps=eps, is_dynamic=is_dynamic)
+    def __init__(self, percentile: float = 99.99, *, dtype: torch.dtype = torch.uint8, **kwargs: Any) -> None:
+        super().__init__(dtype=dtype, **kwargs)   # bins, qscheme, quant_min/max, eps, ...: HistogramObserver's
         if not 0.0 < percentile <= 100.0:
             raise EdgekdError(f"percentile must be in (0, 100], got {percentile}")
         self.percentile = percentile
@@ -182,12 +178,8 @@ class MSEObserver(HistogramObserver):
     the histogram (8 points per bin), so zero-point rounding, clipping and symmetric ranges are all counted.
     """
 
-    def __init__(self, candidates: int = 120, bins: int = 2048, dtype: torch.dtype = torch.uint8,
-                 qscheme: torch.qscheme = torch.per_tensor_affine, quant_min: int | None = None,
-                 quant_max: int | None = None, eps: float = torch.finfo(torch.float32).eps,
-                 is_dynamic: bool = False) -> None:
-        super().__init__(bins=bins, dtype=dtype, qscheme=qscheme, quant_min=quant_min, quant_max=quant_max,
-                         eps=eps, is_dynamic=is_dynamic)
+    def __init__(self, candidates: int = 120, *, dtype: torch.dtype = torch.uint8, **kwargs: Any) -> None:
+        super().__init__(dtype=dtype, **kwargs)   # bins, qscheme, quant_min/max, eps, ...: HistogramObserver's
         self.candidates = candidates
 
     @torch.jit.export
@@ -318,9 +310,7 @@ def _clip_bounds(node: Node) -> tuple[float, float] | None:
 
 def _is_fusable_activation(node: Node | None) -> bool:
     """ReLU, or a clip whose range holds 0: the uint8 Q range then lies inside the clip and the Clip folds away."""
-    if node is None:
-        return False
-    if _is_call(node, _RELU_OPS):
+    if _is_call(node, _RELU_OPS):   # False for None, like every _is_call
         return True
     bounds = _clip_bounds(node) if _is_call(node, _CLIP_OPS) else None
     return bounds is not None and bounds[0] <= 0.0 <= bounds[1]
@@ -389,8 +379,7 @@ class _SchemeQuantizer(Quantizer):
         return self.only is None or _in_paths(node, (self.only,))
 
     def _weighted_nodes(self, model: GraphModule) -> list[Node]:
-        return [n for n in model.graph.nodes
-                if (_is_call(n, _CONV_OPS) or _is_call(n, _LINEAR_OPS)) and self._wanted(n)]
+        return [n for n in model.graph.nodes if _is_call(n, _CONV_OPS | _LINEAR_OPS) and self._wanted(n)]
 
     def _annotate_weighted_inputs(self, node: Node) -> None:
         x, w = node.args[0], node.args[1]
@@ -879,7 +868,7 @@ def _quantize_biases(gm: GraphModule) -> None:
     """
     counter = 0
     for node in list(gm.graph.nodes):
-        if not (_is_call(node, _CONV_OPS) or _is_call(node, _LINEAR_OPS)) or len(node.args) < 3:
+        if not _is_call(node, _CONV_OPS | _LINEAR_OPS) or len(node.args) < 3:
             continue
         x_dq, w_dq, bias = node.args[0], node.args[1], node.args[2]
         if not (_is_call(x_dq, _DQ_PER_TENSOR) and _is_call(w_dq, _DQ_PER_CHANNEL)):
@@ -893,11 +882,9 @@ def _quantize_biases(gm: GraphModule) -> None:
             continue
         scale = (float(x_scale) * w_scales.double()).float()
         q = torch.clamp(torch.round(b.double() / scale.double()), -(2**31), 2**31 - 1).to(torch.int32)
-        names = []
-        for suffix, value in (("int32", q), ("scale", scale), ("zero_point", torch.zeros_like(q, dtype=torch.int64))):
-            name = f"_edgekd_bias_{counter}_{suffix}"
+        names = [f"_edgekd_bias_{counter}_{suffix}" for suffix in ("int32", "scale", "zero_point")]
+        for name, value in zip(names, (q, scale, torch.zeros_like(q, dtype=torch.int64)), strict=True):
             gm.register_buffer(name, value)
-            names.append(name)
         counter += 1
         with gm.graph.inserting_before(node):
             q_node, s_node, z_node = (gm.graph.get_attr(n) for n in names)

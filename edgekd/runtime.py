@@ -259,8 +259,6 @@ def _check_contract(bundle_dir: Path, manifest: dict[str, Any]) -> None:
 def _is_images(raw: Any) -> bool:
     """Images, not a float/uint8 tensor in the model's layout: paths, bytes, PIL images, lists of them, and
     uint8 arrays whose last axis is a colour axis (H, W, C) / (N, H, W, C) or plain (H, W)."""
-    if isinstance(raw, (list, tuple)):
-        return True
     if isinstance(raw, np.ndarray):
         return raw.dtype == np.uint8 and (raw.ndim == 2 or (raw.ndim in (3, 4) and raw.shape[-1] in (1, 3, 4)))
     return True

@@ -34,23 +34,24 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, Union
 
 import numpy as np
 
 from edgekd import fileio
 from edgekd.engines import QUANTIZATIONS
+from edgekd.engines.registry import PRECISIONS
 from edgekd.errors import EdgekdError
 from edgekd.recipe import Recipe, SizeConfig, validate_size
-from edgekd.targets import PRECISIONS, Target, load_target
+from edgekd.targets import Target, load_target
 
-MAX_MEASUREMENT_BYTES = 16 * 2**20
 MAX_MEASUREMENT_FILES = 1000
 ROUND_BUNDLES = 8          # candidates per remote round (the next bisection levels are prefetched)
 EVAL_SAMPLES = 256         # real inputs stored in candidate bundles (the profiler feeds them)
 STUDENT_PATH_PARTS = 5    # students/<slug>/engines/<target>/<bundle>: how a trained student's result is matched
 MAX_CONFIRM_ROUNDS = 6     # confirmation rounds before the search reports an unsettled pair
 FACTORY_STEP = 1.1         # multiplier ratio between neighbouring candidates of a factory family
+_PROFILE_JSON = "`python -m edgekd.runtime profile BUNDLE --json`"   # what writes a measurements file
 
 
 @dataclass(frozen=True)
@@ -171,12 +172,7 @@ def read_measurements(path: str | Path, target: str, batch: int, metric: str = "
         raise EdgekdError(f"--measurements {path}: not found (a results .json file or a folder of them)")
     out: dict[tuple[str, str], dict[str, Any]] = {}
     for file in files:
-        if file.stat().st_size > MAX_MEASUREMENT_BYTES:
-            raise EdgekdError(f"measurements {file}: larger than {MAX_MEASUREMENT_BYTES // 2**20} MiB")
-        try:
-            data = json.loads(file.read_text())
-        except (ValueError, UnicodeDecodeError) as e:
-            raise EdgekdError(f"measurements {file}: not valid JSON ({e})") from None
+        data = fileio.read_json(file.parent, file.name, what=f"measurements {file}", remedy=_PROFILE_JSON)
         for i, entry in enumerate(data if isinstance(data, list) else [data]):
             where = f"measurements {file}" + (f" [{i}]" if isinstance(data, list) else "")
             name, row = _measurement(entry, where, target, batch)
@@ -193,8 +189,7 @@ def read_measurements(path: str | Path, target: str, batch: int, metric: str = "
 def _measurement(entry: Any, where: str, target: str, batch: int) -> tuple[tuple[str, str], dict[str, Any]]:
     if not isinstance(entry, dict) or not isinstance(entry.get("model"), str) or not isinstance(entry.get("rows"),
                                                                                                   list):
-        raise EdgekdError(f"{where}: expected a profile result with 'model' and 'rows' (from `python -m "
-                          "edgekd.runtime profile BUNDLE --json`)")
+        raise EdgekdError(f"{where}: expected a profile result with 'model' and 'rows' (from {_PROFILE_JSON})")
     if entry.get("precision") not in PRECISIONS:
         raise EdgekdError(f"{where}: precision {entry.get('precision')!r} is not one of {', '.join(PRECISIONS)}")
     if entry.get("target") != target:
@@ -230,14 +225,13 @@ class CandidateBuilder:
     def __init__(self, recipe: Recipe, data: Any, target: Target, folder: Path) -> None:
         import torch
 
-        from edgekd.compress import calibration_inputs
+        from edgekd.compress import calibration_batches
         from edgekd.pipeline import RunContext
 
         self.recipe, self.data, self.target, self.folder = recipe, data, target, folder
         self.precisions = [p for p in target.precisions if p != "int8" or target.quant_scheme != "none"]
         self.example = torch.from_numpy(data.x_train[:2])
-        x_cal, self.calibration = calibration_inputs(RunContext(folder, recipe, data), recipe.quantize)
-        self.batches = [torch.from_numpy(x_cal[i:i + 64]) for i in range(0, len(x_cal), 64)]
+        self.batches, self.calibration = calibration_batches(RunContext(folder, recipe, data), recipe.quantize)
         n = min(EVAL_SAMPLES, len(data.x_test))
         self.evals = (data.x_test[:n], data.y_test[:n], None)
         self._float: dict[str, tuple[Path | None, Path | None]] = {}   # spec -> (float ONNX, weights): exported once
@@ -266,21 +260,16 @@ class CandidateBuilder:
             out[precision] = self._build_one(c, precision, path)
         return out
 
-    def _net(self, c: Candidate) -> Any:
+    def _build_one(self, c: Candidate, precision: str, path: Path) -> Path:
         import torch
 
-        from edgekd.models import build_model
-
-        torch.manual_seed(0)
-        return build_model(c.spec, self.data.input_shape, self.data.num_classes).eval()
-
-    def _build_one(self, c: Candidate, precision: str, path: Path) -> Path:
         from edgekd.engines import EngineSource
         from edgekd.engines import build as build_engine
         from edgekd.export import export_onnx
-        from edgekd.models import save_weights
+        from edgekd.models import build_model, save_weights
 
-        net = self._net(c)
+        torch.manual_seed(0)   # the untrained candidate: the same weights for every precision and rerun
+        net = build_model(c.spec, self.data.input_shape, self.data.num_classes).eval()
         meta = {"model": c.spec, "model_spec": c.spec, "class_names": json.dumps(list(self.data.class_names)),
                 "normalization": json.dumps(self.data.normalization), "size_candidate": "untrained"}
         quantization, onnx_path, weights = "none", None, None
@@ -491,18 +480,12 @@ def _run_search(cands: list[Candidate], meter: Meter, cfg: SizeConfig, rule: str
         rounds += 1
 
 
-class Meter:
-    """Measures candidates: search(indices) and confirm(indices) return {index: {precision: row}}, or
-    {"need": [indices]} when a remote device must measure them first."""
-
-    def search(self, need: list[int], lo: int, hi: int) -> dict[Any, Any]:
-        raise NotImplementedError
-
-    def confirm(self, pair: list[int]) -> dict[Any, Any]:
-        raise NotImplementedError
+# A Meter measures candidates: search(indices, lo, hi) and confirm(indices) return {index: {precision: row}}, or
+# {"need": [indices]} when a remote device must measure them first.
+Meter = Union["LocalMeter", "RemoteMeter"]
 
 
-class LocalMeter(Meter):
+class LocalMeter:
     """Builds the candidates' engines here and profiles each in fresh processes (as on the device)."""
 
     def __init__(self, builder: CandidateBuilder, cfg: SizeConfig, cands: list[Candidate], batches: list[int],
@@ -510,28 +493,21 @@ class LocalMeter(Meter):
         self.builder, self.cfg, self.cands, self.batches, self.progress = builder, cfg, cands, batches, progress
 
     def search(self, need: list[int], lo: int, hi: int) -> dict[Any, Any]:
-        out = {}
-        for i in need:
-            c = self.cands[i]
-            out[i] = profile_interleaved(list(self.builder.build(c).items()), self.cfg, self.builder.target.name,
-                                         self.batches)
-            self._log("search ", i, out[i])
-        return out
+        return {i: self._measure([i], "search ")[i] for i in need}   # one candidate at a time
 
     def confirm(self, pair: list[int]) -> dict[Any, Any]:
-        engines = [((i, p), b) for i in pair for p, b in self.builder.build(self.cands[i]).items()]
-        rows = profile_interleaved(engines, self.cfg, self.builder.target.name, self.batches)
-        out: dict[int, dict[str, Any]] = {}
-        for (i, p), row in rows.items():
-            out.setdefault(i, {})[p] = row
-        for i in pair:
-            self._log("confirm", i, out[i])
-        return out
+        return self._measure(pair, "confirm")   # the pair's engines interleaved
 
-    def _log(self, what: str, i: int, lat: dict[str, Any]) -> None:
-        c = self.cands[i]
-        _log(self.progress, f"size: {what} #{i:<3} x{c.multiplier:<7g} {c.spec:28s} {c.params:>9,} params  " +
-             "  ".join(f"{p} {self.cfg.metric} {r[self.cfg.metric]:.4f} ms" for p, r in lat.items()))
+    def _measure(self, indices: list[int], what: str) -> dict[int, dict[str, Any]]:
+        engines = [((i, p), b) for i in indices for p, b in self.builder.build(self.cands[i]).items()]
+        out: dict[int, dict[str, Any]] = {}
+        for (i, p), row in profile_interleaved(engines, self.cfg, self.builder.target.name, self.batches).items():
+            out.setdefault(i, {})[p] = row
+        for i in indices:
+            c, lat = self.cands[i], out[i]
+            _log(self.progress, f"size: {what} #{i:<3} x{c.multiplier:<7g} {c.spec:28s} {c.params:>9,} params  " +
+                 "  ".join(f"{p} {self.cfg.metric} {r[self.cfg.metric]:.4f} ms" for p, r in lat.items()))
+        return out
 
 
 def profile_interleaved(engines: list[tuple[Any, Path]], cfg: SizeConfig, target: str, batches: list[int]
@@ -560,7 +536,7 @@ def _better(best: dict[str, Any] | None, row: dict[str, Any], metric: str) -> di
     return {**keep, "per_batch": per_batch, "sessions": best["sessions"] + 1}
 
 
-class RemoteMeter(Meter):
+class RemoteMeter:
     """Reads the device's measurements (untrusted data, checked): the search's from the results folder, the
     confirmation round's from its confirm/ subfolder; what is missing becomes the next round's request."""
 

@@ -20,8 +20,6 @@ from edgekd.errors import EdgekdError
 
 # What each runtime supports (precisions, devices, default scheme, its own keys) is its backend's declaration
 # (edgekd.engines.registry); int8 always means "from a Q/DQ ONNX", never calibration inside the builder.
-DEVICES = registry.DEVICES
-PRECISIONS = registry.PRECISIONS
 OPT_LEVELS = ("disable", "basic", "extended", "all")
 QUANT_SCHEMES = (*registry.QUANT_SCHEMES, registry.NO_SCHEME)
 AUTO = "auto"   # quant_scheme = "auto": pick from the CPU the target builds for (cpu_quant_scheme)
@@ -66,37 +64,32 @@ class Target:
     path: str = ""
 
 
-# key -> (expected kind, description for error messages). Kinds: str, int, float, bool, strs, ints, table.
+# key -> (expected kind, description for error messages); the kinds are _KINDS's.
 _SCHEMA: dict[str, tuple[str, str]] = {
     "name": ("str", "a string"),
     "description": ("str", "a string"),
     "runtime": ("str", "a runtime name"),
-    "device": ("str", f"one of {', '.join(DEVICES)}"),
-    "precisions": ("strs", f"a list drawn from {', '.join(PRECISIONS)}"),
+    "device": ("str", f"one of {', '.join(registry.DEVICES)}"),
+    "precisions": ("strs", f"a list drawn from {', '.join(registry.PRECISIONS)}"),
     "batch_sizes": ("ints", "a list of positive integers"),
     "dynamic_batch": ("bool", "true or false"),
-    "min_batch": ("int", "a positive integer"),
-    "opt_batch": ("int", "a positive integer"),
-    "max_batch": ("int", "a positive integer"),
-    "threads": ("int", "a positive integer"),
+    "min_batch": ("count", "a positive integer"),
+    "opt_batch": ("count", "a positive integer"),
+    "max_batch": ("count", "a positive integer"),
+    "threads": ("count", "a positive integer"),
     "providers": ("strs", "a list of onnxruntime execution provider names"),
     "provider_options": ("table", "a table of tables keyed by provider name"),
     "graph_optimization_level": ("str", f"one of {', '.join(OPT_LEVELS)}"),
-    "workspace_mb": ("int", "a positive integer (MiB)"),
-    "builder_optimization_level": ("int", "an integer 0..5"),
+    "workspace_mb": ("count", "a positive integer (MiB)"),
+    "builder_optimization_level": ("level", "an integer 0..5"),
     "timing_cache": ("str", "a file path"),
     "dla_core": ("int", "a DLA core index (0 or 1 on AGX Orin)"),
     "compile": ("bool", "true or false"),
-    "latency_budget_ms": ("float", "a number of milliseconds"),
-    "memory_budget_mb": ("float", "a number of MiB"),
+    "latency_budget_ms": ("positive", "a positive number of milliseconds"),
+    "memory_budget_mb": ("positive", "a positive number of MiB"),
     "quant_scheme": ("str", f"one of {', '.join(QUANT_SCHEMES)}, or {AUTO!r} (from the CPU's instruction sets)"),
-    "eval_samples": ("int", "a number of test samples >= 0 (0: no eval.npz in the bundle)"),
+    "eval_samples": ("index", ">= 0, a number of test samples (0: no eval.npz in the bundle)"),
 }
-
-
-def _runtime_keys() -> set[str]:
-    """Target-file keys some runtime declares as its own (edgekd.engines.registry.Backend.target_keys)."""
-    return {k for b in registry.backends().values() for k in b.target_keys}
 
 
 def targets_dir() -> Path:
@@ -107,48 +100,39 @@ def targets_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "targets"
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+# kind -> (the test a TOML value must pass, what it becomes)
+_KINDS: dict[str, tuple[Any, Any]] = {
+    "str": (lambda v: isinstance(v, str), str),
+    "int": (_is_int, int),
+    "count": (lambda v: _is_int(v) and v >= 1, int),
+    "index": (lambda v: _is_int(v) and v >= 0, int),
+    "level": (lambda v: _is_int(v) and 0 <= v <= 5, int),
+    "positive": (lambda v: (_is_int(v) or isinstance(v, float)) and v > 0, float),
+    "bool": (lambda v: isinstance(v, bool), bool),
+    "strs": (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), tuple),
+    "ints": (lambda v: isinstance(v, list) and bool(v) and all(_is_int(x) and x > 0 for x in v), tuple),
+    "table": (lambda v: isinstance(v, dict) and all(isinstance(x, dict) for x in v.values()),
+              lambda v: {str(p): dict(o) for p, o in v.items()}),
+}
+
+
 def _check_type(file: Path, key: str, value: Any) -> Any:
     kind, expected = _SCHEMA[key]
-
-    def bad() -> EdgekdError:
-        return EdgekdError(f"target file {file}: key {key!r} must be {expected}, got {value!r} "
-                           f"({type(value).__name__})")
-
-    if kind == "str":
-        if not isinstance(value, str):
-            raise bad()
-        return value
-    if kind == "int":
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise bad()
-        return value
-    if kind == "float":
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise bad()
-        return float(value)
-    if kind == "bool":
-        if not isinstance(value, bool):
-            raise bad()
-        return value
-    if kind == "strs":
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise bad()
-        return tuple(value)
-    if kind == "ints":
-        if not isinstance(value, list) or not value or not all(
-                isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value):
-            raise bad()
-        return tuple(value)
+    valid, convert = _KINDS[kind]
+    if not valid(value):
+        raise EdgekdError(f"target file {file}: key {key!r} must be {expected}, got {value!r} "
+                          f"({type(value).__name__})")
     if kind == "table":
-        if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
-            raise bad()
         for provider, options in value.items():
             for opt_key, opt_value in options.items():
                 if not isinstance(opt_value, (str, int, float, bool)):
                     raise EdgekdError(f"target file {file}: provider_options.{provider}.{opt_key} must be a "
                                       f"string, number or boolean, got {opt_value!r}")
-        return {str(p): dict(o) for p, o in value.items()}
-    raise AssertionError(kind)  # pragma: no cover
+    return convert(value)
 
 
 def _choice(file: Path, key: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -172,20 +156,21 @@ def _from_dict(file: Path, data: dict[str, Any]) -> Target:
     runtime, device = v["runtime"], v["device"]
     _choice(file, "runtime", runtime, registry.runtimes())
     backend = registry.backend(runtime)
-    _choice(file, "device", device, DEVICES)
+    _choice(file, "device", device, registry.DEVICES)
     if device not in backend.devices:
         raise EdgekdError(f"target file {file}: runtime {runtime!r} cannot run on device {device!r} (it "
                           f"supports {', '.join(backend.devices)})")
-    for key in sorted(set(v) & _runtime_keys() - set(backend.target_keys)):
+    runtime_keys = {k for b in registry.backends().values() for k in b.target_keys}   # keys some runtime owns
+    for key in sorted(set(v) & runtime_keys - set(backend.target_keys)):
         owners = [b.name for b in registry.backends().values() if key in b.target_keys]
         raise EdgekdError(f"target file {file}: key {key!r} only applies to runtime "
                           f"{' or '.join(repr(o) for o in owners)} (this target's runtime is {runtime!r})")
     precisions = v["precisions"]
     if not precisions:
         raise EdgekdError(f"target file {file}: key 'precisions' must list at least one of "
-                          f"{', '.join(PRECISIONS)}")
+                          f"{', '.join(registry.PRECISIONS)}")
     for p in precisions:
-        _choice(file, "precisions", p, PRECISIONS)
+        _choice(file, "precisions", p, registry.PRECISIONS)
         if p not in backend.precisions:
             raise EdgekdError(f"target file {file}: precision {p!r} is not supported by runtime {runtime!r} "
                               f"(supported: {', '.join(backend.precisions)})")
@@ -211,9 +196,6 @@ def _from_dict(file: Path, data: dict[str, Any]) -> Target:
     min_b = v.get("min_batch", batch_sizes[0] if not dynamic else 1)
     max_b = v.get("max_batch", batch_sizes[-1])
     opt_b = v.get("opt_batch", max(min_b, min(batch_sizes[-1], max_b)))
-    for key, value in (("min_batch", min_b), ("opt_batch", opt_b), ("max_batch", max_b)):
-        if value < 1:
-            raise EdgekdError(f"target file {file}: key {key!r} must be a positive integer, got {value}")
     if not min_b <= opt_b <= max_b:
         raise EdgekdError(f"target file {file}: batch profile must satisfy min_batch <= opt_batch <= "
                           f"max_batch, got {min_b} <= {opt_b} <= {max_b}")
@@ -226,48 +208,17 @@ def _from_dict(file: Path, data: dict[str, Any]) -> Target:
                           f"exactly one value in batch_sizes (got {list(batch_sizes)}) and leave "
                           "min/opt/max_batch unset")
 
-    for key in ("threads", "workspace_mb"):
-        if key in v and v[key] < 1:
-            raise EdgekdError(f"target file {file}: key {key!r} must be a positive integer, got {v[key]}")
-    bol = v.get("builder_optimization_level", 3)
-    if not 0 <= bol <= 5:
-        raise EdgekdError(f"target file {file}: key 'builder_optimization_level' must be 0..5, got {bol}")
-    if v.get("eval_samples", 0) < 0:
-        raise EdgekdError(f"target file {file}: key 'eval_samples' must be >= 0 (0: no eval.npz), got "
-                          f"{v['eval_samples']}")
-    for key in ("latency_budget_ms", "memory_budget_mb"):
-        if key in v and v[key] <= 0:
-            raise EdgekdError(f"target file {file}: key {key!r} must be positive, got {v[key]}")
-
     own = backend.target_rules(file, v)   # the runtime's own rules and the defaults that follow
 
-    return Target(
-        name=v.get("name", file.stem),
-        description=v.get("description", ""),
-        runtime=runtime,
-        device=device,
-        precisions=precisions,
-        batch_sizes=batch_sizes,
-        dynamic_batch=dynamic,
-        min_batch=min_b,
-        opt_batch=opt_b,
-        max_batch=max_b,
-        threads=v.get("threads"),
-        providers=own.get("providers", v.get("providers", ())),
-        provider_options=v.get("provider_options", {}),
-        graph_optimization_level=level,
-        workspace_mb=v.get("workspace_mb", 1024),
-        builder_optimization_level=bol,
-        timing_cache=v.get("timing_cache"),
-        dla_core=v.get("dla_core"),
-        compile=v.get("compile", False),
-        latency_budget_ms=v.get("latency_budget_ms"),
-        memory_budget_mb=v.get("memory_budget_mb"),
-        quant_scheme=scheme,
-        quant_scheme_reason=reason,
-        eval_samples=v.get("eval_samples", 256),
-        path=str(file),
-    )
+    # The keys taken as the file gives them; a key it leaves out gets Target's default (one place for each).
+    given = {k: v[k] for k in ("threads", "provider_options", "workspace_mb", "builder_optimization_level",
+                               "timing_cache", "dla_core", "compile", "latency_budget_ms", "memory_budget_mb",
+                               "eval_samples") if k in v}
+    return Target(name=v.get("name", file.stem), description=v.get("description", ""), runtime=runtime, device=device,
+                  precisions=precisions, batch_sizes=batch_sizes, dynamic_batch=dynamic, min_batch=min_b,
+                  opt_batch=opt_b, max_batch=max_b, providers=own.get("providers", v.get("providers", ())),
+                  graph_optimization_level=level, quant_scheme=scheme,
+                  quant_scheme_reason=reason, path=str(file), **given)
 
 
 def _read(file: Path) -> Target:

@@ -201,8 +201,9 @@ def _preprocessing(source: EngineSource) -> dict[str, Any]:
     edgekd.runtime applies to image files) and the range its normalized output takes, [(0 - mean) / std,
     (255 * scale - mean) / std] over the channels, which the runtime uses to refuse input in the wrong scale.
     Without a spec the range observed on the test split is recorded when the engine is scored."""
+    rank = len(source.input_shape)
     out: dict[str, Any] = {"normalization": dict(source.normalization or {}),
-                           "layout": _layout(tuple(source.input_shape))}
+                           "layout": {1: "NC", 2: "NCL", 3: "NCHW", 4: "NCDHW"}.get(rank, "N" + "?" * rank)}
     if source.preprocessing is not None:
         from edgekd.preprocess import PreprocessSpec
 
@@ -220,10 +221,6 @@ def _signature(task: tasks.Task, source: EngineSource, result: dict[str, Any], b
     sig["input"]["name"] = result.get("input_name", sig["input"]["name"])
     sig["output"]["name"] = result.get("output_name", sig["output"]["name"])
     return sig
-
-
-def _layout(input_shape: tuple[int, ...]) -> str:
-    return {1: "NC", 2: "NCL", 3: "NCHW", 4: "NCDHW"}.get(len(input_shape), "N" + "?" * len(input_shape))
 
 
 def build(source: EngineSource, target: Target, precision: str, out_dir: str | Path, *,

@@ -49,15 +49,6 @@ def _ort() -> Any:
     return onnxruntime
 
 
-def _level(ort: Any, name: str) -> Any:
-    return {
-        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-    }[name]
-
-
 def availability() -> str:
     """"ok" when onnxruntime imports, else why not."""
     try:
@@ -181,20 +172,28 @@ def _provider_options(providers: list[str], options: dict[str, dict]) -> list[di
     return out
 
 
-def _session(path: Path, level: str, threads: int | None, providers: list[str], provider_options: dict,
-             optimized_out: Path | None = None) -> Any:
+def _session(path: Path, level: str, threads: int | None = None, providers: list[str] | None = None,
+             provider_options: dict | None = None, optimized_out: Path | None = None,
+             profile_prefix: str | None = None) -> Any:
+    """An onnxruntime session (CPU provider unless `providers`), optionally saving its optimized graph or profiling."""
     ort = _ort()
+    providers = providers or ["CPUExecutionProvider"]
     options = ort.SessionOptions()
-    options.graph_optimization_level = _level(ort, level)
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, {
+        "disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
+        "all": "ORT_ENABLE_ALL"}[level])
     options.log_severity_level = 3  # the "hardware specific" warning is handled (and recorded) by us
     if threads:
         options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     if optimized_out is not None:
         options.optimized_model_filepath = str(optimized_out)
+    if profile_prefix is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
     try:
         return ort.InferenceSession(str(path), options, providers=providers,
-                                    provider_options=_provider_options(providers, provider_options))
+                                    provider_options=_provider_options(providers, provider_options or {}))
     except Exception as e:
         raise EdgekdError(f"onnxruntime cannot load {path} with providers {providers} ({type(e).__name__}: "
                           f"{e})") from e
@@ -281,8 +280,7 @@ def _copy_metadata(src: Path, dst: Path) -> None:
     if not meta:
         return
     model = onnx.load(str(dst))
-    del model.metadata_props[:]
-    model.metadata_props.extend(meta)
+    onnx.helper.set_model_props(model, {p.key: p.value for p in meta})
     onnx.save(model, str(dst))
 
 
@@ -343,17 +341,9 @@ def segment_times(onnx_path: Path, x: np.ndarray, *, threads: int | None = None,
 
     import onnx
 
-    ort = _ort()
     known, scopes = _segments(onnx.load(str(onnx_path), load_external_data=False))
     with tempfile.TemporaryDirectory(prefix="edgekd-segment-times-") as tmp:
-        options = ort.SessionOptions()
-        options.graph_optimization_level = _level(ort, "all")
-        options.log_severity_level = 3
-        options.enable_profiling = True
-        options.profile_file_prefix = str(Path(tmp) / "profile")
-        if threads:
-            options.intra_op_num_threads = threads
-        session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+        session = _session(onnx_path, "all", threads, profile_prefix=str(Path(tmp) / "profile"))
         feed = {session.get_inputs()[0].name: np.ascontiguousarray(x, dtype=np.float32)}
         for _ in range(runs + 3):
             session.run(None, feed)

@@ -265,6 +265,8 @@ def strip_qdq(model: Any) -> tuple[onnx.ModelProto, dict[str, float]]:
 
 def _drop_unused(proto: onnx.ModelProto) -> None:
     """Remove initializers and Constant nodes nothing reads any more."""
+    from edgekd.qdq import drop_unused_initializers
+
     graph = proto.graph
     while True:
         used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
@@ -273,10 +275,7 @@ def _drop_unused(proto: onnx.ModelProto) -> None:
             break
         for n in dead:
             graph.node.remove(n)
-    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
-    keep = [t for t in graph.initializer if t.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
+    drop_unused_initializers(proto)
 
 
 def _spread_scales(proto: onnx.ModelProto, scales: dict[str, float]) -> None:
