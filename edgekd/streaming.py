@@ -60,9 +60,10 @@ class _Lazy:
     def normalized(self, mean: tuple[float, ...], std: tuple[float, ...]) -> _Lazy:
         raise NotImplementedError
 
-    def view(self, rows: np.ndarray) -> _Lazy:
+    def view(self, rows: np.ndarray, **changes: Any) -> _Lazy:
+        """A copy over `rows` of the base, with attributes `changes` replaced (nothing is read)."""
         out = object.__new__(type(self))
-        out.__dict__.update(self.__dict__, rows=rows)
+        out.__dict__.update(self.__dict__, rows=rows, **changes)
         return out
 
     def __len__(self) -> int:
@@ -98,9 +99,7 @@ class _Lazy:
         return out if dtype is None else out.astype(dtype)
 
     def with_options(self, options: LoaderOptions) -> _Lazy:
-        out = self.view(self.rows)
-        out.options = options
-        return out
+        return self.view(self.rows, options=options)
 
 
 class LazyImages(_Lazy):
@@ -148,9 +147,7 @@ class LazyImages(_Lazy):
         return [self.paths[r] for r in self.rows]
 
     def normalized(self, mean: tuple[float, ...], std: tuple[float, ...]) -> LazyImages:
-        out = self.view(self.rows)
-        out.spec = replace(self.spec, mean=mean, std=std)
-        return out
+        return self.view(self.rows, spec=replace(self.spec, mean=mean, std=std))
 
 
 class LazyArray(_Lazy):
@@ -190,9 +187,7 @@ class LazyArray(_Lazy):
         return self.norm(self.raw(i))
 
     def normalized(self, mean: tuple[float, ...], std: tuple[float, ...]) -> LazyArray:
-        out = self.view(self.rows)
-        out.mean, out.std = tuple(mean), tuple(std)
-        return out
+        return self.view(self.rows, mean=tuple(mean), std=tuple(std))
 
 
 class LazyStream(LazyArray):
