@@ -223,9 +223,8 @@ def _recorded_teacher(weights: Path, key: dict[str, str]) -> dict[str, Any] | No
         recorded = read_metrics(weights.parent).get("teacher")
     except EdgekdError:
         return None
-    if not isinstance(recorded, dict) or not isinstance(recorded.get("accuracy"), (int, float)):
-        return None
-    if any(recorded.get(k) != v for k, v in key.items()):
+    if (not isinstance(recorded, dict) or not isinstance(recorded.get("accuracy"), (int, float))
+            or any(recorded.get(k) != v for k, v in key.items())):   # measured on other weights or splits
         return None
     # this run did not train it: no training time (the recorded run's epochs and time stay in its own folder)
     kept = {k: v for k, v in recorded.items() if k not in ("train_seconds", "history")}
