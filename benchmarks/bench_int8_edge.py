@@ -192,7 +192,7 @@ def qat_kd(model: nn.Module, calib: np.ndarray, steps: int, lr: float) -> nn.Mod
     the fake-quantized weights, then convert. No labels, no other data than PTQ uses."""
     import copy
 
-    from edgekd.losses import kd_loss
+    from edgekd.objective import Batch, ObjectiveConfig, compute
 
     student = copy.deepcopy(model)
     if hasattr(student, "_global_params"):
@@ -212,7 +212,7 @@ def qat_kd(model: nn.Module, calib: np.ndarray, steps: int, lr: float) -> nn.Mod
         x = x.flip(-1) if step % 2 else x
         with torch.no_grad():
             target = model(x)
-        loss = kd_loss(prepared(x), target, None, temperature=1.0, alpha=1.0)
+        loss = compute(Batch(prepared(x), teacher_logits=target), ObjectiveConfig(temperature=1.0, alpha=1.0))
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -121,13 +121,9 @@ def make_augment(spec: str) -> ImageAugment | None:
         try:
             if name == "flip" and not value:
                 kwargs["flip"] = True
-            elif name == "shift" and value:
-                kwargs["shift"] = int(value)
-                if kwargs["shift"] < 0:
-                    raise ValueError
-            elif name == "noise" and value:
-                kwargs["noise"] = float(value)
-                if kwargs["noise"] < 0:
+            elif name in ("shift", "noise") and value:
+                kwargs[name] = int(value) if name == "shift" else float(value)
+                if kwargs[name] < 0:
                     raise ValueError
             else:
                 raise ValueError
@@ -168,10 +164,6 @@ class TeacherCache:
         """Epochs the cache covers (with no augmentation: any number; this returns the number built for)."""
         return int(self.manifest["epochs"])
 
-    @property
-    def top_k(self) -> int:
-        return int(self.values[0].shape[1])
-
     def lookup(self, epoch: int, indices: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(top-k logits float32 (B, k), class ids int64 (B, k)) of samples `indices` in `epoch`."""
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
@@ -197,41 +189,29 @@ def _as_topk_logits(out: TeacherOutput, top_k: int, who: str) -> tuple[np.ndarra
     v = out.values.astype(np.float64)
     if out.kind == "probs" or (out.kind == "topk" and out.values_are == "probs"):
         v = np.log(np.maximum(v, 1e-30))
-    if out.kind == "topk":
-        order = np.argsort(-v, axis=1, kind="stable")[:, :top_k]
-        idx = np.take_along_axis(out.indices, order, axis=1)
-        kind = f"topk-{out.values_are}"
-    else:
-        order = np.argsort(-v, axis=1, kind="stable")[:, :top_k]
-        idx = order
-        kind = out.kind
+    order = np.argsort(-v, axis=1, kind="stable")[:, :top_k]
+    idx = np.take_along_axis(out.indices, order, axis=1) if out.kind == "topk" else order
+    kind = f"topk-{out.values_are}" if out.kind == "topk" else out.kind
     vals = np.take_along_axis(v, order, axis=1)
     vals = vals - vals[:, :1]
-    if (vals < -60000).any():
-        vals = np.maximum(vals, -60000.0)   # float16 range; exp(-60000 / T) is 0 for any sane T
+    vals = np.maximum(vals, -60000.0)   # float16 range; exp(-60000 / T) is 0 for any sane T
     return vals.astype(np.float16), idx.astype(np.int64), kind
 
 
 REMEDY = "delete the cache folder and rebuild it with `edgekd cache-teacher`"
 
 
-def _read_manifest(cache_dir: Path) -> dict[str, Any]:
-    """The cache manifest, checked (manifest_folder.read_manifest) for the fields this module reads."""
+def read_manifest(cache_dir: str | Path) -> dict[str, Any]:
+    """The manifest of a cache folder (what it was built for: augment, seed, top_k, epochs, teacher), checked
+    (manifest_folder.read_manifest) for the fields this module reads."""
     return manifest_folder.read_manifest(
-        cache_dir, kind="teacher cache", fmt=FORMAT, remedy=REMEDY, entries="files",
+        Path(cache_dir), kind="teacher cache", fmt=FORMAT, remedy=REMEDY, entries="files",
+        missing="; build it with `edgekd cache-teacher`",
         fields={"x_sha256": "sha256", "samples": "count", "input_shape": "shape", "epochs": "count",
                 "stored_epochs": "count", "top_k": "count", "seed": "index", "augment": "str", "teacher": "str",
                 "files": "list", "top_k_stored": "count", "num_classes": "count", "teacher_output": "str"},
         optional=("top_k_stored", "num_classes", "teacher_output"),
         entry_fields={"epoch": "index", "file": "str", "sha256": "sha256"})
-
-
-def read_manifest(cache_dir: str | Path) -> dict[str, Any]:
-    """The manifest of a cache folder (what it was built for: augment, seed, top_k, epochs, teacher)."""
-    cache_dir = Path(cache_dir)
-    if not os.path.lexists(cache_dir / MANIFEST):
-        raise EdgekdError(f"teacher cache {cache_dir}: no manifest.json; build it with `edgekd cache-teacher`")
-    return _read_manifest(cache_dir)
 
 
 def _describe(key: str, value: Any) -> str:
@@ -252,9 +232,7 @@ def build_cache(teacher: Any, x: np.ndarray, out_path: str | Path, *, top_k: int
     x = x if streaming.is_lazy(x) else np.ascontiguousarray(x, dtype=np.float32)
     if x.ndim < 2 or len(x) == 0:
         raise EdgekdError(f"teacher cache {out}: inputs have shape {x.shape}; expected (samples, *input_shape)")
-    for name, value in (("top_k", top_k), ("epochs", epochs), ("batch_size", batch_size)):
-        if not isinstance(value, int) or value < 1:
-            raise EdgekdError(f"teacher cache {out}: {name} must be a positive integer, got {value!r}")
+    manifest_folder.check_counts(f"teacher cache {out}", top_k=top_k, epochs=epochs, batch_size=batch_size)
     if not isinstance(seed, int) or seed < 0:
         raise EdgekdError(f"teacher cache {out}: seed must be an integer >= 0, got {seed!r}")
     who = teacher_name(teacher)
@@ -264,7 +242,7 @@ def build_cache(teacher: Any, x: np.ndarray, out_path: str | Path, *, top_k: int
     if out.exists() and not out.is_dir():
         raise EdgekdError(f"teacher cache {out}: exists and is not a folder")
     if os.path.lexists(mpath):
-        manifest = _read_manifest(out)
+        manifest = read_manifest(out)
         differ = [k for k in KEY_FIELDS if manifest.get(k) != key[k]]
         if differ:
             what = "; ".join(f"{k}: folder has {_describe(k, manifest.get(k))}, this build {_describe(k, key[k])}"
@@ -272,11 +250,9 @@ def build_cache(teacher: Any, x: np.ndarray, out_path: str | Path, *, top_k: int
             raise EdgekdError(f"teacher cache {out}: already holds a cache with another key ({what}); use another "
                               "path or delete it")
     else:
-        manifest = {"format": FORMAT, **key, "samples": int(len(x)), "input_shape": list(x.shape[1:]),
-                    "stored_epochs": 1 if augment is None else epochs, "values": "logits",
-                    "teacher_output": None, "top_k_stored": None, "num_classes": None, "files": [],
-                    "complete": False, "created": manifest_folder.now(),
-                    "edgekd_version": manifest_folder.version()}
+        manifest = manifest_folder.new(FORMAT, **key, samples=int(len(x)), input_shape=list(x.shape[1:]),
+                                       stored_epochs=1 if augment is None else epochs, values="logits",
+                                       teacher_output=None, top_k_stored=None, num_classes=None, files=[])
     files = {e["epoch"]: e for e in manifest["files"] if manifest_folder.entry_ok(out, e, "teacher cache", REMEDY)}
     manifest["files"] = sorted(files.values(), key=lambda e: e["epoch"])
     if manifest.get("complete") and len(files) == manifest["stored_epochs"]:
@@ -296,9 +272,7 @@ def build_cache(teacher: Any, x: np.ndarray, out_path: str | Path, *, top_k: int
         files[epoch] = {"epoch": epoch, "file": name, "sha256": fileio.sha256_file(out / name)}
         manifest["files"] = sorted(files.values(), key=lambda e: e["epoch"])
         manifest = fileio.write_signed_json(mpath, manifest)
-    manifest["complete"] = True
-    manifest["completed"] = manifest_folder.now()
-    return fileio.write_signed_json(mpath, manifest)
+    return manifest_folder.finish(out, manifest)
 
 
 def _write_epoch(teacher: Any, x: Any, path: Path, epoch: int, manifest: dict[str, Any], *, top_k: int, seed: int,
@@ -349,10 +323,7 @@ def load_cache(path: str | Path, *, x: np.ndarray, augment_key: str, seed: int, 
     """Open a cache for a training run, refusing one built for other data, augmentation, seed, top_k or teacher
     (or, given `epochs`, with fewer augmented epochs than training needs). Verifies every file's sha256."""
     path = Path(path)
-    mpath = path / MANIFEST
-    if not os.path.lexists(mpath):
-        raise EdgekdError(f"teacher cache {path}: no {MANIFEST} (build one with `edgekd cache-teacher`)")
-    manifest = _read_manifest(path)
+    manifest = read_manifest(path)
     if not manifest.get("complete"):
         raise EdgekdError(f"teacher cache {path}: incomplete ({len(manifest.get('files', []))} of "
                           f"{manifest.get('stored_epochs')} epochs); rerun the same `edgekd cache-teacher` to finish")
@@ -375,7 +346,7 @@ def load_cache(path: str | Path, *, x: np.ndarray, augment_key: str, seed: int, 
     for entry in manifest["files"]:
         fpath = path / entry["file"]
         fpath = fileio.verify_confined(path, entry["file"], entry["sha256"],
-                                       what=f"teacher cache file {fpath} (named by {mpath})", remedy=REMEDY)
+                                       what=f"teacher cache file {fpath} (named by {path / MANIFEST})", remedy=REMEDY)
         try:
             mapped = streaming.map_npz(fpath)   # top-k stays on disk: pages are read as batches look them up
             v, i = mapped["values"], mapped["indices"]

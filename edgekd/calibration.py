@@ -38,9 +38,8 @@ def write(path: str | Path, data: Dataset, *, source: str, samples: int, seed: i
         raise EdgekdError(f"calibration manifest {path}: expected a .toml path")
     x = draw(data, samples, seed, split)
     npz = path.with_suffix(".npz")
-    with fileio.atomic_path(npz) as tmp:
-        with open(tmp, "wb") as f:
-            np.savez(f, x=x)
+    with fileio.atomic_path(npz) as tmp, open(tmp, "wb") as f:
+        np.savez(f, x=x)
     manifest = {"source": source, "split": split, "samples": int(len(x)), "seed": seed, "file": npz.name,
                 "sha256": fileio.sha256_file(npz), "input_shape": list(x.shape[1:]),
                 "normalization": data.normalization}

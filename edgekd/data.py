@@ -11,6 +11,7 @@ sources (`edgekd.streaming`) that DataLoader workers read batch by batch.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -105,51 +106,38 @@ MMAP_AUTO_BYTES = 512 * 2**20   # [data] memory_map unset: .npz files larger tha
 
 
 def _npz(path: Path, cfg: DataConfig) -> dict[str, Any]:
+    """An .npz written by numpy.savez, read whole; or, mapped ([data] memory_map, by default when larger than
+    MMAP_AUTO_BYTES), with its x_* arrays mapped from disk as LazyArrays read row by row (labels and class
+    names are small and read)."""
     import zipfile
 
-    mapped = cfg.memory_map if cfg.memory_map is not None else path.stat().st_size > MMAP_AUTO_BYTES
-    if mapped and zipfile.is_zipfile(path):
-        return _mapped_npz(path, cfg)
     if not zipfile.is_zipfile(path):  # np.load would take anything else for a pickle
         raise EdgekdError(f"data {path}: not a readable .npz file (expected a zip of .npy arrays, as numpy.savez "
                           "writes)")
-    arrays = {}
+    mapped = cfg.memory_map if cfg.memory_map is not None else path.stat().st_size > MMAP_AUTO_BYTES
+    arrays: dict[str, Any] = {"report": {"source": "memory-mapped .npz"}} if mapped else {}
     try:
-        with np.load(path, allow_pickle=False) as f:
-            for k in f.files:
-                try:
-                    arrays[k] = f[k]
-                except ValueError as e:
-                    raise EdgekdError(f"data {path}: cannot read array {k!r} ({e}); object arrays/pickles are "
-                                      "not loaded, store numbers (float or uint8 inputs, integer labels)") from None
+        if mapped:
+            for key, a in streaming.map_npz(path).items():
+                arrays[key] = _mapped_inputs(a, f"data {path}: {key}", cfg) if key.startswith("x") else np.array(a)
+        else:
+            with np.load(path, allow_pickle=False) as f:
+                for k in f.files:
+                    try:
+                        arrays[k] = f[k]
+                    except ValueError as e:
+                        raise EdgekdError(f"data {path}: cannot read array {k!r} ({e}); object arrays/pickles are "
+                                          "not loaded, store numbers (float or uint8 inputs, integer labels)") from None
     except EdgekdError:
         raise
     except Exception as e:
         raise EdgekdError(f"data {path}: not a readable .npz file ({type(e).__name__}: {e})") from None
     missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in arrays]
-    if missing:
+    if missing and not mapped:
         raise EdgekdError(f"data {path}: missing arrays {', '.join(missing)} (an .npz needs x_train, y_train, "
                           f"x_test, y_test; optional x_unlabeled, class_names); found {', '.join(arrays) or 'none'}")
     if "class_names" in arrays:
         arrays["class_names"] = [str(c) for c in arrays["class_names"].tolist()]
-    return arrays
-
-
-def _mapped_npz(path: Path, cfg: DataConfig) -> dict[str, Any]:
-    """An .npz written by numpy.savez with its x_* arrays mapped from disk: each is a LazyArray read row by
-    row; labels and class names are small and read."""
-    try:
-        mapped = streaming.map_npz(path)
-    except EdgekdError:
-        raise
-    except Exception as e:
-        raise EdgekdError(f"data {path}: not a readable .npz file ({type(e).__name__}: {e})") from None
-    arrays: dict[str, Any] = {}
-    for key, a in mapped.items():
-        arrays[key] = _mapped_inputs(a, f"data {path}: {key}", cfg) if key.startswith("x") else np.array(a)
-    if "class_names" in arrays:
-        arrays["class_names"] = [str(c) for c in arrays["class_names"].tolist()]
-    arrays["report"] = {"source": "memory-mapped .npz"}
     return arrays
 
 
@@ -281,9 +269,7 @@ def _dataset_source(ds: Any, where: str, cfg: DataConfig) -> tuple[streaming.Laz
     import torch
 
     if isinstance(ds, torch.utils.data.IterableDataset):   # read in its own order; one counting pass here
-        x, y, mean, std = streaming.stream_source(ds, where, loader_options(cfg))
-        x.stats = (mean, std)
-        return x, y
+        return streaming.stream_source(ds, where, loader_options(cfg))
     if not hasattr(ds, "__getitem__") or not hasattr(ds, "__len__"):
         raise EdgekdError(f"{where}: {type(ds).__name__} has no len() and indexing; return map-style Datasets of "
                           "(input, label) pairs")
@@ -291,7 +277,6 @@ def _dataset_source(ds: Any, where: str, cfg: DataConfig) -> tuple[streaming.Laz
         raise EdgekdError(f"{where}: the dataset is empty")
     try:
         first = ds[0][0]
-        first = first.numpy() if hasattr(first, "numpy") else np.asarray(first)
         targets = getattr(ds, "targets", None)
         labels = targets if targets is not None else [ds[i][1] for i in range(len(ds))]
         y = np.asarray([int(v) for v in labels], dtype=np.int64)
@@ -299,12 +284,7 @@ def _dataset_source(ds: Any, where: str, cfg: DataConfig) -> tuple[streaming.Laz
         raise
     except Exception as e:
         raise EdgekdError(f"{where}: could not read items as (input, label) pairs ({type(e).__name__}: {e})") from e
-    if first.dtype.kind not in "fiu" or first.ndim < 1:
-        raise EdgekdError(f"{where}: inputs are {first.dtype} of shape {first.shape}; expected numbers (float, or "
-                          "uint8 images)")
-    shape = (1, *first.shape) if first.ndim == 2 else first.shape
-    x = streaming.LazyArray(ds, shape, 1 / 255 if first.dtype == np.uint8 else 1.0, options=loader_options(cfg))
-    return x, y
+    return streaming.LazyArray(ds, *streaming.item_layout(first, where), options=loader_options(cfg)), y
 
 
 def _function(ref: str, cfg: DataConfig) -> dict[str, Any]:
@@ -381,33 +361,11 @@ def _subset(y: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
     return np.sort(np.concatenate(picked))
 
 
-def load_pool(path: str | Path, raw_scale: bool = False) -> np.ndarray:
-    """An unlabelled pool: an .npz with `x` or `x_unlabeled` (or a bare .npy). Not normalized here."""
-    path = Path(path)
-    if not path.is_file():
-        raise EdgekdError(f"pool {path}: file not found")
-    try:
-        if path.suffix == ".npy":
-            x = np.load(path, allow_pickle=False)
-        else:
-            with np.load(path, allow_pickle=False) as f:
-                key = next((k for k in ("x", "x_unlabeled") if k in f.files), None)
-                if key is None:
-                    raise EdgekdError(f"pool {path}: expected an array 'x' or 'x_unlabeled', "
-                                      f"found {', '.join(f.files)}")
-                x = f[key]
-    except EdgekdError:
-        raise
-    except Exception as e:
-        raise EdgekdError(f"pool {path}: not a readable .npz/.npy ({type(e).__name__}: {e})") from None
-    return _as_inputs(x, "x", f"pool {path}") if raw_scale else x
-
-
 def pool_source(path: str | Path, cfg: DataConfig, spec: PreprocessSpec | None) -> Any:
     """An unlabelled pool in [0, 1] scale, not normalized, never read whole when large: a folder of images (any
     depth, every header checked like a source folder's) read through the source's eval transform `spec`; an
-    .npz (x or x_unlabeled) or .npy memory-mapped under the data source's rule ([data] memory_map, or larger
-    than MMAP_AUTO_BYTES); else loaded as load_pool does."""
+    .npz (x or x_unlabeled) or a bare .npy, memory-mapped under the data source's rule ([data] memory_map, or
+    larger than MMAP_AUTO_BYTES), else loaded."""
     path = Path(path)
     if path.is_dir():
         if spec is None:
@@ -423,22 +381,23 @@ def pool_source(path: str | Path, cfg: DataConfig, spec: PreprocessSpec | None) 
         if len(shapes) > 1:
             raise EdgekdError(f"pool {path}: images differ in size ({sorted(shapes)}); set [data] image_size")
         return streaming.LazyImages([f for f, _, _ in kept], spec, kept[0][2], cfg.max_pixels, loader_options(cfg))
-    mapped = cfg.memory_map if cfg.memory_map is not None else path.is_file() and path.stat().st_size > MMAP_AUTO_BYTES
-    if not mapped or not path.is_file():
-        return load_pool(path, raw_scale=True)
+    if not path.is_file():
+        raise EdgekdError(f"pool {path}: file not found")
+    mapped = cfg.memory_map if cfg.memory_map is not None else path.stat().st_size > MMAP_AUTO_BYTES
     try:
         if path.suffix == ".npy":
-            a = np.load(path, mmap_mode="r", allow_pickle=False)
+            a = np.load(path, mmap_mode="r" if mapped else None, allow_pickle=False)
         else:
-            arrays = streaming.map_npz(path)
-            a = next((arrays[k] for k in ("x", "x_unlabeled") if k in arrays), None)
-            if a is None:
-                raise EdgekdError(f"pool {path}: expected an array 'x' or 'x_unlabeled', found {', '.join(arrays)}")
+            with contextlib.nullcontext(streaming.map_npz(path)) if mapped else np.load(path, allow_pickle=False) as f:
+                key = next((k for k in ("x", "x_unlabeled") if k in f), None)
+                if key is None:
+                    raise EdgekdError(f"pool {path}: expected an array 'x' or 'x_unlabeled', found {', '.join(f)}")
+                a = f[key]
     except EdgekdError:
         raise
     except Exception as e:
         raise EdgekdError(f"pool {path}: not a readable .npz/.npy ({type(e).__name__}: {e})") from None
-    return _mapped_inputs(a, f"pool {path}: x", cfg)
+    return _mapped_inputs(a, f"pool {path}: x", cfg) if mapped else _as_inputs(a, "x", f"pool {path}")
 
 
 def _numbered_classes(num_classes: int | None, splits: tuple[Any, ...], where: str) -> tuple[str, ...]:
@@ -565,15 +524,14 @@ def load_data(cfg: DataConfig, base_dir: str | Path = ".") -> Dataset:
         pool = x_train.take(np.setdiff1d(np.arange(len(x_train)), keep), axis=0)
         x_unl = pool if x_unl is None else streaming.concat([pool, x_unl])
         x_train, y_train = x_train.take(keep, axis=0), y_train[keep]
-    spec = raw.get("preprocess")
-    if spec is not None:
-        spec = replace(spec, mean=tuple(float(v) for v in mean), std=tuple(float(v) for v in std))
+    stats = {"mean": tuple(float(v) for v in mean), "std": tuple(float(v) for v in std)}
+    spec = replace(raw["preprocess"], **stats) if raw.get("preprocess") is not None else None
     report = dict(raw.get("report", {}))
     if lazy:
         report.update(streamed=True, workers=x_train.options.num_workers,
                       statistics=_stats_origin(cfg, len(x_train), streaming.is_stream(x_train)))
-    return Dataset(x_train, y_train, norm(x_val), y_val, norm(x_test), y_test, x_unl, class_names,
-                   tuple(float(v) for v in mean), tuple(float(v) for v in std), spec, report)
+    return Dataset(x_train, y_train, norm(x_val), y_val, norm(x_test), y_test, x_unl, class_names, **stats,
+                   preprocess=spec, report=report)
 
 
 def _check_stream_keys(raw: dict[str, Any], cfg: DataConfig, where: str) -> None:

@@ -192,21 +192,17 @@ def train_teacher(recipe: Recipe, out: str | Path, *, device: str = "auto", prog
     with runfolder.locked(out):
         if resume:
             runfolder.check_resume(out, recipe)
-        return _train_teacher(recipe, out, device, progress, data, resume)
+        data = data or load_data(recipe.data, recipe.base_dir)
+        dev = distributed.local_device(resolve_device(device))
+        model = build_role_model(recipe, "teacher", data)
+        if recipe.teacher.checkpoint:
+            load_weights(model, recipe.path(recipe.teacher.checkpoint))
+        metrics = read_metrics(out)
+        metrics["teacher"] = _train_role(recipe, out, "teacher", data, dev, progress=progress, resume=resume,
+                                         model=model, metrics=metrics, made_from=teacher_inputs(recipe))
+        _save_run_files(out, recipe, metrics)
+        return metrics
 
-
-def _train_teacher(recipe: Recipe, out: Path, device: str, progress: bool, data: Dataset | None,
-                   resume: bool) -> dict[str, Any]:
-    data = data or load_data(recipe.data, recipe.base_dir)
-    dev = distributed.local_device(resolve_device(device))
-    model = build_role_model(recipe, "teacher", data)
-    if recipe.teacher.checkpoint:
-        load_weights(model, recipe.path(recipe.teacher.checkpoint))
-    metrics = read_metrics(out)
-    metrics["teacher"] = _train_role(recipe, out, "teacher", data, dev, progress=progress, resume=resume,
-                                     model=model, metrics=metrics, made_from=teacher_inputs(recipe))
-    _save_run_files(out, recipe, metrics)
-    return metrics
 
 
 def _score_key(weights: Path, data: Dataset) -> dict[str, str]:
@@ -227,9 +223,8 @@ def _recorded_teacher(weights: Path, key: dict[str, str]) -> dict[str, Any] | No
         recorded = read_metrics(weights.parent).get("teacher")
     except EdgekdError:
         return None
-    if not isinstance(recorded, dict) or not isinstance(recorded.get("accuracy"), (int, float)):
-        return None
-    if any(recorded.get(k) != v for k, v in key.items()):
+    if (not isinstance(recorded, dict) or not isinstance(recorded.get("accuracy"), (int, float))
+            or any(recorded.get(k) != v for k, v in key.items())):   # measured on other weights or splits
         return None
     # this run did not train it: no training time (the recorded run's epochs and time stay in its own folder)
     kept = {k: v for k, v in recorded.items() if k not in ("train_seconds", "history")}
@@ -477,62 +472,53 @@ def label(recipe: Recipe, teacher: str, out: str | Path, *, pool: str | Path | N
     The pool is `pool` (raw inputs, normalized here like the training data) or the recipe's [data] unlabeled.
     Confidence filtering / class balancing are reported; the labels on disk are the teacher's, unfiltered.
     """
-    with runfolder.locked(out):
-        return _label(recipe, teacher, Path(out), pool, top_k, temperature, shard_size, min_confidence, balance,
-                      timeout_s, progress)
-
-
-def _label(recipe: Recipe, teacher: str, out: Path, pool: str | Path | None, top_k: int, temperature: float,
-           shard_size: int, min_confidence: float, balance: bool, timeout_s: float, progress: bool
-           ) -> dict[str, Any]:
     from edgekd import labels as teacher_labels
     from edgekd.data import normalize_like, pool_source
     from edgekd.teachers import load_teacher as load_black_box
 
-    data = load_data(recipe.data, recipe.base_dir)
-    x = normalize_like(data, pool_source(pool, recipe.data, data.preprocess)) if pool is not None else data.x_unlabeled
-    if x is None:
-        raise EdgekdError("label: no pool to label; pass --pool or set [data] unlabeled in the recipe")
-    t = load_black_box(teacher, model_spec=recipe.teacher.model if str(teacher).endswith(".safetensors") else None,
-                       input_shape=data.input_shape, num_classes=data.num_classes, timeout_s=timeout_s)
-    manifest = teacher_labels.label_pool(t, x, out, shard_size=shard_size, temperature=temperature, top_k=top_k,
-                                         num_classes=data.num_classes, progress=progress,
-                                         batch_size=_teacher_batch(data.input_shape))
-    if pool is not None:   # `distill --labels` finds the pool here (its sha256 is in the manifest)
-        fileio.write_json(Path(out) / POOL_SOURCE, {"pool": str(Path(pool).resolve())})
-    kept, report = teacher_labels.filter_labels(teacher_labels.read_labels(out, pool=x),
-                                                min_confidence=min_confidence, balance=balance)
-    return {"manifest": manifest, "filter": report,
-            "table": teacher_labels.format_filter_report(report, data.class_names)}
+    with runfolder.locked(out):
+        data = load_data(recipe.data, recipe.base_dir)
+        x = (normalize_like(data, pool_source(pool, recipe.data, data.preprocess)) if pool is not None
+             else data.x_unlabeled)
+        if x is None:
+            raise EdgekdError("label: no pool to label; pass --pool or set [data] unlabeled in the recipe")
+        spec = recipe.teacher.model if str(teacher).endswith(".safetensors") else None
+        t = load_black_box(teacher, model_spec=spec, input_shape=data.input_shape, num_classes=data.num_classes,
+                           timeout_s=timeout_s)
+        manifest = teacher_labels.label_pool(t, x, out, shard_size=shard_size, temperature=temperature, top_k=top_k,
+                                             num_classes=data.num_classes, progress=progress,
+                                             batch_size=_teacher_batch(data.input_shape))
+        if pool is not None:   # `distill --labels` finds the pool here (its sha256 is in the manifest)
+            fileio.write_json(Path(out) / POOL_SOURCE, {"pool": str(Path(pool).resolve())})
+        kept, report = teacher_labels.filter_labels(teacher_labels.read_labels(out, pool=x),
+                                                    min_confidence=min_confidence, balance=balance)
+        return {"manifest": manifest, "filter": report,
+                "table": teacher_labels.format_filter_report(report, data.class_names)}
+
 
 
 def cache_teacher(recipe: Recipe, out: str | Path, *, top_k: int = 5, epochs: int = 1, augment: str = "none",
                   seed: int = 0, device: str = "auto", progress: bool = True) -> dict[str, Any]:
     """Precompute the run's teacher on the transfer set (the training split and the unlabelled pool; top-k
     logits, float16) into out/teacher-cache."""
-    out = Path(out)
-    with runfolder.locked(out):
-        return _cache_teacher(recipe, out, top_k, epochs, augment, seed, device, progress)
-
-
-def _cache_teacher(recipe: Recipe, out: Path, top_k: int, epochs: int, augment: str, seed: int, device: str,
-                   progress: bool) -> dict[str, Any]:
     from edgekd import cache as teacher_cache
     from edgekd.teachers import TorchTeacher
 
-    data = load_data(recipe.data, recipe.base_dir)
-    found = load_teacher(recipe, out, data)
-    if found is None:
-        raise EdgekdError(f"{out}: no teacher.safetensors (and no [teacher].checkpoint); run `edgekd teacher` first")
-    model, path = found
-    from edgekd.fileio import sha256_file
+    out = Path(out)
+    with runfolder.locked(out):
+        data = load_data(recipe.data, recipe.base_dir)
+        found = load_teacher(recipe, out, data)
+        if found is None:
+            raise EdgekdError(f"{out}: no teacher.safetensors (and no [teacher].checkpoint); run `edgekd teacher` "
+                              "first")
+        model, path = found
+        t = TorchTeacher(model, device=str(resolve_device(device)), identity=f"torch:{fileio.sha256_file(path)}")
+        aug = teacher_cache.make_augment(augment)
+        return teacher_cache.build_cache(t, transfer_set(data)[0], out / "teacher-cache", top_k=top_k,
+                                         epochs=epochs if aug is not None else 1, augment=aug, seed=seed,
+                                         augment_key=teacher_cache.augment_key_of(aug), progress=progress,
+                                         batch_size=_teacher_batch(data.input_shape))
 
-    t = TorchTeacher(model, device=str(resolve_device(device)), identity=f"torch:{sha256_file(path)}")
-    aug = teacher_cache.make_augment(augment)
-    return teacher_cache.build_cache(t, transfer_set(data)[0], out / "teacher-cache", top_k=top_k,
-                                     epochs=epochs if aug is not None else 1, augment=aug, seed=seed,
-                                     augment_key=teacher_cache.augment_key_of(aug), progress=progress,
-                                     batch_size=_teacher_batch(data.input_shape))
 
 
 def _teacher_batch(input_shape: tuple[int, ...]) -> int:

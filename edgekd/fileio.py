@@ -155,11 +155,8 @@ def write_json(path: str | Path, obj: Any) -> None:
 
 
 def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 # --- Reading what a manifest names: confined, regular, bounded --------------------------------------------------
@@ -236,11 +233,9 @@ def verify_confined(folder: str | Path, name: Any, sha256: Any, *, what: str, re
     """Check a listed file's sha256 (streamed from the opened descriptor); returns its resolved path."""
     if not isinstance(sha256, str) or not re.fullmatch(r"[0-9a-f]{64}", sha256):
         _fail(what, f"the sha256 listed for {name!r} is {sha256!r}, not 64 hex digits", remedy)
-    h = hashlib.sha256()
     with open_confined(folder, name, what=what, remedy=remedy) as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    if h.hexdigest() != sha256:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    if digest != sha256:
         _fail(what, f"file {name} fails its sha256 check (tampered or truncated)", remedy)
     return confined(folder, name, what=what, remedy=remedy)
 

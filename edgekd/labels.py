@@ -118,6 +118,7 @@ def _read_manifest(out_dir: Path) -> dict[str, Any]:
     """The labels manifest, checked (manifest_folder.read_manifest) for the fields this module reads."""
     return manifest_folder.read_manifest(
         out_dir, kind="labels", fmt=FORMAT, remedy=REMEDY, entries="shards", entry_fields=SHARD_FIELDS,
+        missing=" (make labels with `edgekd label`)",
         fields={"samples": "count", "shard_size": "count", "temperature": "positive", "top_k": "count",
                 "input_shape": "shape", "pool_sha256": "sha256", "shards": "list", "num_classes": "count",
                 "top_k_stored": "count", "teacher": "str", "keep": "str", "output_kind": "str", "stored": "str"},
@@ -140,18 +141,15 @@ def label_pool(teacher: Any, pool: np.ndarray, out_dir: str | Path, *, shard_siz
         raise EdgekdError(f"labels {out_dir}: the pool has shape {pool.shape}; expected (samples, *input_shape)")
     if keep not in KEEP:
         raise EdgekdError(f"labels {out_dir}: keep={keep!r}; expected one of {', '.join(KEEP)}")
-    for name, value in (("shard_size", shard_size), ("top_k", top_k), ("batch_size", batch_size)):
-        if not isinstance(value, int) or value < 1:
-            raise EdgekdError(f"labels {out_dir}: {name} must be a positive integer, got {value!r}")
+    manifest_folder.check_counts(f"labels {out_dir}", shard_size=shard_size, top_k=top_k, batch_size=batch_size)
     if not temperature > 0:
         raise EdgekdError(f"labels {out_dir}: temperature must be > 0, got {temperature}")
     who = teacher_name(teacher)
     settings = {"teacher": teacher_identity(teacher), "pool_sha256": streaming.data_key(pool),
                 "samples": int(len(pool)),
                 "temperature": float(temperature), "top_k": top_k, "keep": keep, "shard_size": shard_size}
-    mpath = out_dir / MANIFEST
     n_shards = -(-len(pool) // shard_size)
-    if os.path.lexists(mpath):
+    if os.path.lexists(out_dir / MANIFEST):
         manifest = _read_manifest(out_dir)
         differ = [k for k in RESUME_KEYS if manifest.get(k) != settings[k]]
         if differ:
@@ -159,10 +157,9 @@ def label_pool(teacher: Any, pool: np.ndarray, out_dir: str | Path, *, shard_siz
             raise EdgekdError(f"labels {out_dir}: already holds labels made with other settings ({what}); use "
                               "another folder or delete this one (labels from different runs are never mixed)")
     else:
-        manifest = {"format": FORMAT, **settings, "input_shape": list(pool.shape[1:]), "output_kind": None,
-                    "stored": None, "top_k_stored": None, "num_classes": num_classes, "renormalized": None,
-                    "shards": [], "complete": False, "created": manifest_folder.now(),
-                    "edgekd_version": manifest_folder.version()}
+        manifest = manifest_folder.new(FORMAT, **settings, input_shape=list(pool.shape[1:]), output_kind=None,
+                                       stored=None, top_k_stored=None, num_classes=num_classes, renormalized=None,
+                                       shards=[])
     done = {e["file"]: e for e in manifest["shards"] if manifest_folder.entry_ok(out_dir, e, "labels", REMEDY)}
     manifest["shards"] = [e for e in manifest["shards"] if e["file"] in done]
     if len(done) == n_shards and manifest.get("complete"):
@@ -187,9 +184,7 @@ def label_pool(teacher: Any, pool: np.ndarray, out_dir: str | Path, *, shard_siz
             parts = []
             bar.update()
     bar.close()
-    manifest["complete"] = True
-    manifest["completed"] = manifest_folder.now()
-    return fileio.write_signed_json(mpath, manifest)
+    return manifest_folder.finish(out_dir, manifest)
 
 
 def _write_shard(out_dir: Path, shard: int, shard_size: int, n: int, parts: list[tuple],
@@ -199,9 +194,8 @@ def _write_shard(out_dir: Path, shard: int, shard_size: int, n: int, parts: list
     start, stop = shard * shard_size, min((shard + 1) * shard_size, n)
     arrays = _shard_arrays(start, stop, parts, manifest)
     path = out_dir / name
-    with fileio.atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
+    with fileio.atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)
     manifest["shards"].append({"file": name, "start": start, "stop": stop, "sha256": fileio.sha256_file(path)})
     manifest["shards"].sort(key=lambda e: e["start"])
     return fileio.write_signed_json(out_dir / MANIFEST, manifest)
@@ -248,9 +242,6 @@ def read_labels(out_dir: str | Path, *, pool: np.ndarray | None = None) -> Label
     """Read a complete labels folder, verifying every shard's sha256 (and, given `pool`, that it is the pool
     that was labelled)."""
     out_dir = Path(out_dir)
-    mpath = out_dir / MANIFEST
-    if not os.path.lexists(mpath):
-        raise EdgekdError(f"labels {out_dir}: no {MANIFEST} (make labels with `edgekd label`)")
     manifest = _read_manifest(out_dir)
     n_shards = -(-manifest["samples"] // manifest["shard_size"])
     if not manifest.get("complete") or len(manifest["shards"]) != n_shards:
@@ -339,11 +330,7 @@ def filter_labels(labels: Labels, *, min_confidence: float = 0.0, balance: bool 
     if min_confidence > 0 and labels.confidence is None:
         raise EdgekdError("filter_labels: min_confidence needs teacher confidences, but these labels came from a "
                           "teacher that gives hard labels only")
-    if isinstance(balance, bool):
-        cap = None
-    elif isinstance(balance, int) and balance >= 1:
-        cap = balance
-    else:
+    if not isinstance(balance, int) or (not isinstance(balance, bool) and balance < 1):
         raise EdgekdError(f"filter_labels: balance must be true/false or a per-class cap >= 1, got {balance!r}")
     keep = np.ones(len(labels), bool)
     if min_confidence > 0:
@@ -352,12 +339,10 @@ def filter_labels(labels: Labels, *, min_confidence: float = 0.0, balance: bool 
     n_classes = labels.num_classes or int(labels.labels.max(initial=-1)) + 1
     before_counts = np.bincount(labels.labels, minlength=n_classes)
     conf_counts = np.bincount(after_conf, minlength=n_classes)
-    target = None
+    target = balance or None   # False: no balancing; an int: that cap
     if balance is True:
         present = conf_counts[conf_counts > 0]
         target = int(present.min()) if len(present) else 0
-    elif cap is not None:
-        target = cap
     if target is not None:
         rng = np.random.default_rng(seed)
         for c in range(n_classes):

@@ -5,7 +5,7 @@ Soft-target KD (Hinton, Vinyals, Dean 2015):
     L = alpha * T^2 * KL(softmax(t / T) || softmax(s / T)) + (1 - alpha) * CE(s, y)
 
 The T^2 factor keeps the soft term's gradient magnitude independent of T (the gradients of the soft term
-scale as 1/T^2). The student is evaluated and deployed at T = 1.
+scale as 1/T^2). The student is evaluated and deployed at T = 1. `edgekd.objective` weighs and sums the terms.
 """
 
 from __future__ import annotations
@@ -23,19 +23,6 @@ def soft_target_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     log_p_student = F.log_softmax(student_logits / t, dim=-1)
     log_p_teacher = F.log_softmax(teacher_logits / t, dim=-1)
     return F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True) * (t * t)
-
-
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor | None,
-            temperature: float, alpha: float, mix: Mix | None = None) -> torch.Tensor:
-    """alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(s, y): the objective's kd + ce terms.
-
-    `labels` may be None (no hard labels: soft term only) or hold -1 for unlabelled samples, which then
-    contribute only to the soft term. With `mix` (a mixup/cutmix batch) the hard term is the mixed CE.
-    """
-    from edgekd.objective import Batch, ObjectiveConfig, compute
-
-    return compute(Batch(student_logits, labels, mix, teacher_logits=teacher_logits),
-                   ObjectiveConfig(temperature, alpha))
 
 
 def mixed_cross_entropy(student_logits: torch.Tensor, labels: torch.Tensor, mix: Mix | None = None) -> torch.Tensor:
@@ -81,7 +68,7 @@ def hint_loss(projected_student: torch.Tensor, teacher_feature: torch.Tensor) ->
     return F.mse_loss(projected_student, teacher_feature)
 
 
-# --- Top-k and hard-label targets (black-box teachers, labels from `edgekd label`, the teacher cache) --------
+# --- Top-k targets (black-box teachers, labels from `edgekd label`, the teacher cache) --------
 
 
 def topk_soft_target_loss(student_logits: torch.Tensor, topk_values: torch.Tensor, topk_indices: torch.Tensor,
@@ -122,21 +109,3 @@ def topk_soft_target_loss(student_logits: torch.Tensor, topk_values: torch.Tenso
     else:
         raise ValueError(f"values_are={values_are!r}; expected 'logits' or 'probs'")
     return kl.mean() * (t * t)
-
-
-def hard_label_loss(student_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Plain cross-entropy with the teacher's hard labels (a labels-only teacher, or pseudo-labels)."""
-    return F.cross_entropy(student_logits, labels)
-
-
-def topk_kd_loss(student_logits: torch.Tensor, topk_values: torch.Tensor, topk_indices: torch.Tensor,
-                 labels: torch.Tensor | None, temperature: float, alpha: float, *,
-                 values_are: str = "logits") -> torch.Tensor:
-    """`kd_loss` with a top-k teacher: alpha * topk_soft_target_loss + (1 - alpha) * CE(s, y) (the objective's
-    topk_kd + ce terms). Labels of -1 (unlabelled) contribute to the soft term only; `labels=None` or alpha >= 1:
-    soft term only.
-    """
-    from edgekd.objective import Batch, ObjectiveConfig, compute
-
-    return compute(Batch(student_logits, labels, topk=(topk_values, topk_indices), values_are=values_are),
-                   ObjectiveConfig(temperature, alpha))

@@ -149,10 +149,6 @@ def load_factory(ref: str, what: str) -> Callable[..., Any]:
     return fn
 
 
-# Knob ranges of the built-in families, checked before anything is built.
-_KNOB_RANGES = {"ints": (1, None), "float": (0.0, 1.0)}   # widths/hidden >= 1; dropout in [0, 1)
-
-
 def _family_kwargs(spec: str) -> tuple[type[nn.Module], dict[str, Any]] | None:
     """(class, keyword arguments) of a built-in family spec, each knob parsed and range-checked; None for a
     `package.module:factory` spec."""
@@ -236,11 +232,9 @@ def scaled_spec(spec: str, multiplier: float, divisor: int = 8) -> str:
     name, _, body = spec.partition(":")
     if name not in FAMILIES:
         return f"{spec.split(',width=')[0]},width={multiplier:.6g}"
-    key = SCALED_KNOBS[name]
     knobs = _parse_knobs(spec, body)
-    cls = FAMILIES[name][0]
-    base = _ints(knobs[key], key, spec) if key in knobs else inspect.signature(cls).parameters[key].default
-    knobs[key] = ",".join(str(max(divisor, divisor * math.floor(w * multiplier / divisor + 0.5))) for w in base)
+    knobs[SCALED_KNOBS[name]] = ",".join(str(max(divisor, divisor * math.floor(w * multiplier / divisor + 0.5)))
+                                         for w in family_widths(spec))
     return f"{name}:" + ",".join(f"{k}={v}" for k, v in knobs.items())
 
 

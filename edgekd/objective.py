@@ -199,9 +199,7 @@ class FeatureTaps:
             try:
                 module = model.get_submodule(name)
             except AttributeError:
-                known = [n for n, _ in model.named_modules() if n][:12]
-                raise EdgekdError(f"[distill].features: the {which} has no module {name!r} "
-                                  f"(some of its modules: {', '.join(known)})") from None
+                raise _no_module(which, name, [n for n, _ in model.named_modules() if n]) from None
             self.handles.append(module.register_forward_hook(self._hook(name)))
 
     def _hook(self, name: str):
@@ -212,6 +210,11 @@ class FeatureTaps:
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
+
+
+def _no_module(which: str, name: str, known: list[str]) -> EdgekdError:
+    return EdgekdError(f"[distill].features: the {which} has no module {name!r} "
+                       f"(some of its modules: {', '.join(known[:12])})")
 
 
 class _Record(nn.Module):
@@ -243,10 +246,8 @@ class GraphTaps:
         found = [n for n in self.gm.graph.nodes
                  if any(path == name for path, _ in (n.meta.get("nn_module_stack") or {}).values())]
         if not found:
-            known = sorted({p for n in self.gm.graph.nodes for p, _ in (n.meta.get("nn_module_stack") or {}).values()
-                            if p})[:12]
-            raise EdgekdError(f"[distill].features: the {which} has no module {name!r} "
-                              f"(some of its modules: {', '.join(known)})")
+            raise _no_module(which, name, sorted({p for n in self.gm.graph.nodes
+                                                  for p, _ in (n.meta.get("nn_module_stack") or {}).values() if p}))
         node = found[-1]
         while len(node.users) == 1 and str(next(iter(node.users)).target).startswith("activation_post_process"):
             node = next(iter(node.users))   # the fake-quantized value, as the next layer reads it
@@ -368,14 +369,10 @@ class Objective:
                 b.teacher_logits = self._run_teacher(xb).float()
             if self._taps is not None:
                 b.features = [(features[_key(s)], self._taps[1].outputs[t]) for s, t in self.hints]
-        self._count(labels, len(logits))
-        return compute(b, self.config)
-
-    def _count(self, labels: torch.Tensor | None, n: int) -> None:
         self.received["batches"] += 1
-        self.received["samples"] += n
-        if labels is not None:
-            self.received["unlabelled"] += int((labels < 0).sum())
+        self.received["samples"] += len(logits)
+        self.received["unlabelled"] += int((labels < 0).sum()) if labels is not None else 0
+        return compute(b, self.config)
 
     def describe(self) -> dict[str, Any]:
         """What the run trains with: T, alpha, the weights of the terms its inputs provide, the hint pairs."""

@@ -174,7 +174,7 @@ def open_image(image: Any, mode: str = "RGB", max_pixels: int = MAX_PIXELS):
     if isinstance(image, (bytes, bytearray, memoryview)):
         if not len(image):
             raise EdgekdError("image bytes: empty (0 bytes); expected an encoded image (JPEG, PNG, ...)")
-        return _decode(io.BytesIO(bytes(image)), mode, "image bytes", max_pixels)
+        return _decode(io.BytesIO(bytes(image)), mode, "bytes", max_pixels)   # messages: "image bytes: ..."
     if not isinstance(image, (str, os.PathLike)):
         raise EdgekdError(f"image {name}: expected a path, encoded bytes, a PIL image or a uint8 array")
     with _open_file(image) as f:

@@ -66,17 +66,22 @@ def efficientnet_lite0_weights() -> Path:
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
 
+def _efficientnet_lite0(image_size: int) -> nn.Module:
+    """The EfficientNet-Lite0 architecture (ImageNet head, random weights) for `image_size` inputs."""
+    try:
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError as e:
+        raise EdgekdError(f"EfficientNet-Lite0 needs the optional packages {VISION_EXTRA} ({e})") from None
+    return EfficientNet.from_name("efficientnet-lite0", image_size=image_size, batch_norm_momentum=0.9)
+
+
 def efficientnet_lite0_imagenet(image_size: int = 224) -> nn.Module:
     """EfficientNet-Lite0 with its ImageNet weights and 1000-class head (all 296 tensors, strictly).
 
     Weights come from the installed package through torch.load(weights_only=True). Its convs pad like
     TensorFlow's "SAME" with an explicit ZeroPad2d sized for `image_size`.
     """
-    try:
-        from efficientnet_lite_pytorch import EfficientNet
-    except ImportError as e:
-        raise EdgekdError(f"EfficientNet-Lite0 needs the optional packages {VISION_EXTRA} ({e})") from None
-    net = EfficientNet.from_name("efficientnet-lite0", image_size=image_size, batch_norm_momentum=0.9)
+    net = _efficientnet_lite0(image_size)
     path = efficientnet_lite0_weights()
     if not path.is_file():
         raise EdgekdError(f"EfficientNet-Lite0 weights {path}: file not found; reinstall "
@@ -94,9 +99,10 @@ def efficientnet_lite0_imagenet(image_size: int = 224) -> nn.Module:
     return net
 
 
-def build_efficientnet_lite0(input_shape: tuple[int, ...], num_classes: int, *,
-                             image_size: int = EFFICIENTNET_IMAGE_SIZE, pretrained: bool = True) -> nn.Module:
-    """EfficientNet-Lite0 with a new `num_classes` head behind a ResizeToImage adapter.
+def efficientnet_lite0(input_shape: tuple[int, ...], num_classes: int, *,
+                       image_size: int = EFFICIENTNET_IMAGE_SIZE, pretrained: bool = True) -> nn.Module:
+    """Model factory `edgekd.pretrained:efficientnet_lite0`: EfficientNet-Lite0 (at 64x64 by default) with a
+    new `num_classes` head behind a ResizeToImage adapter.
 
     `pretrained` loads the ImageNet weights (`efficientnet_lite0_imagenet`) before the 1000-class head is
     replaced. BatchNorm momentum is set to PyTorch's 0.1 instead of the TensorFlow port's 0.01: with 0.01 the
@@ -105,21 +111,9 @@ def build_efficientnet_lite0(input_shape: tuple[int, ...], num_classes: int, *,
     """
     if len(input_shape) != 3:
         raise EdgekdError(f"EfficientNet-Lite0 needs (channels, height, width) inputs, got input shape {input_shape}")
-    if pretrained:
-        net = efficientnet_lite0_imagenet(image_size)
-    else:
-        try:
-            from efficientnet_lite_pytorch import EfficientNet
-        except ImportError as e:
-            raise EdgekdError(f"EfficientNet-Lite0 needs the optional packages {VISION_EXTRA} ({e})") from None
-        net = EfficientNet.from_name("efficientnet-lite0", image_size=image_size, batch_norm_momentum=0.9)
+    net = efficientnet_lite0_imagenet(image_size) if pretrained else _efficientnet_lite0(image_size)
     net._fc = nn.Linear(net._fc.in_features, num_classes)
     return ResizeToImage(net, input_shape[0], image_size)
-
-
-def efficientnet_lite0(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
-    """Model factory `edgekd.pretrained:efficientnet_lite0`: ImageNet EfficientNet-Lite0 at 64x64, new head."""
-    return build_efficientnet_lite0(input_shape, num_classes)
 
 
 # --------------------------------------------------------------------------------------------------- text

@@ -57,7 +57,11 @@ def write_shards(folder: str | Path, out: str | Path, shard_size: int = 1000,
     folders, classes = folder_layout(folder)
     items = {split: [(f, label) for label, name in enumerate(classes) for f in by_class[name]]
              for split, by_class in folders.items()}
-    _check_images([f for files in items.values() for f, _ in files], workers)
+    checked = streaming.check_files([str(f) for files in items.values() for f, _ in files], PreprocessSpec(),
+                                    MAX_PIXELS, False, streaming.default_workers() if workers is None else workers)
+    bad = next((got for got in checked if isinstance(got, str)), None)   # every header, before anything is written
+    if bad is not None:
+        raise EdgekdError(f"shards: {bad}; fix or remove the file, then write the shards again")
     out.mkdir(parents=True, exist_ok=True)
     for name in SPLIT_NAMES.values():   # a stale descriptor must not outlive the shards it names
         (out / f"{name}.json").unlink(missing_ok=True)
@@ -73,16 +77,6 @@ def write_shards(folder: str | Path, out: str | Path, shard_size: int = 1000,
     for name, desc in descriptors.items():
         write_json(out / f"{name}.json", desc)
     return summary
-
-
-def _check_images(files: list[Path], workers: int | None) -> None:
-    from edgekd.preprocess import PreprocessSpec
-
-    checked = streaming.check_files([str(f) for f in files], PreprocessSpec(), MAX_PIXELS, False,
-                                    streaming.default_workers() if workers is None else workers)
-    bad = next((got for got in checked if isinstance(got, str)), None)
-    if bad is not None:
-        raise EdgekdError(f"shards: {bad}; fix or remove the file, then write the shards again")
 
 
 def _write_shard(path: Path, files: list[tuple[Path, int]], first: int) -> dict[str, Any]:
@@ -230,20 +224,6 @@ class LazyShards(streaming.LazyImages):
 
     def name(self, i: int) -> str:
         return self._members(i, image=False)[0]
-
-    def read(self, i: int) -> np.ndarray:
-        return self._named(super().read, i)
-
-    def raw(self, i: int) -> np.ndarray:
-        return self._named(super().raw, i)
-
-    def _named(self, fn: Any, i: int) -> np.ndarray:
-        try:
-            return fn(i)
-        except EdgekdError as e:   # preprocess names decoded bytes "image bytes": name the shard and key
-            msg = str(e)
-            raise EdgekdError(msg.replace("image bytes", f"image {self.name(i)}", 1)
-                              if msg.startswith("image bytes") else msg) from None
 
     def label(self, i: int) -> int:
         name, members = self._members(i, image=False)

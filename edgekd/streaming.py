@@ -60,9 +60,10 @@ class _Lazy:
     def normalized(self, mean: tuple[float, ...], std: tuple[float, ...]) -> _Lazy:
         raise NotImplementedError
 
-    def view(self, rows: np.ndarray) -> _Lazy:
+    def view(self, rows: np.ndarray, **changes: Any) -> _Lazy:
+        """A copy over `rows` of the base, with attributes `changes` replaced (nothing is read)."""
         out = object.__new__(type(self))
-        out.__dict__.update(self.__dict__, rows=rows)
+        out.__dict__.update(self.__dict__, rows=rows, **changes)
         return out
 
     def __len__(self) -> int:
@@ -98,9 +99,7 @@ class _Lazy:
         return out if dtype is None else out.astype(dtype)
 
     def with_options(self, options: LoaderOptions) -> _Lazy:
-        out = self.view(self.rows)
-        out.options = options
-        return out
+        return self.view(self.rows, options=options)
 
 
 class LazyImages(_Lazy):
@@ -121,28 +120,34 @@ class LazyImages(_Lazy):
         return self.paths[i]
 
     def read(self, i: int) -> np.ndarray:
-        x = apply(self.spec, self.image(i), self.max_pixels)
+        x = self._apply(self.spec, i)
         if x.shape != self.item_shape:
             raise EdgekdError(f"image {self.name(i)}: gives an input of shape {x.shape}, other images give "
                               f"{self.item_shape}; set [data] image_size so every image is resized to one size")
         return x
 
     def raw(self, i: int) -> np.ndarray:
-        return apply(replace(self.spec, mean=(0.0,), std=(1.0,)), self.image(i), self.max_pixels)
+        return self._apply(replace(self.spec, mean=(0.0,), std=(1.0,)), i)
+
+    def _apply(self, spec: PreprocessSpec, i: int) -> np.ndarray:
+        """`apply` on base row i; preprocess names decoded bytes (tar shards) "image bytes": name the sample."""
+        try:
+            return apply(spec, self.image(i), self.max_pixels)
+        except EdgekdError as e:
+            if not str(e).startswith("image bytes"):
+                raise
+            raise EdgekdError(str(e).replace("image bytes", f"image {self.name(i)}", 1)) from None
 
     def identity(self) -> dict[str, Any]:
         """What the fingerprint hashes: the transform spec and each file's path, size and mtime, in row order."""
-        files = [self.paths[r] for r in self.rows]
-        stats = [(f, st.st_size, st.st_mtime_ns) for f in files for st in [os.stat(f)]]
+        stats = [(f, st.st_size, st.st_mtime_ns) for f in self.files() for st in [os.stat(f)]]
         return {"spec": self.spec.to_dict(), "files": stats, "max_pixels": self.max_pixels}
 
     def files(self) -> list[str]:
         return [self.paths[r] for r in self.rows]
 
     def normalized(self, mean: tuple[float, ...], std: tuple[float, ...]) -> LazyImages:
-        out = self.view(self.rows)
-        out.spec = replace(self.spec, mean=mean, std=std)
-        return out
+        return self.view(self.rows, spec=replace(self.spec, mean=mean, std=std))
 
 
 class LazyArray(_Lazy):
@@ -182,15 +187,13 @@ class LazyArray(_Lazy):
         return self.norm(self.raw(i))
 
     def normalized(self, mean: tuple[float, ...], std: tuple[float, ...]) -> LazyArray:
-        out = self.view(self.rows)
-        out.mean, out.std = tuple(mean), tuple(std)
-        return out
+        return self.view(self.rows, mean=tuple(mean), std=tuple(std))
 
 
 class LazyStream(LazyArray):
     """A torch IterableDataset of (input, label) pairs used as it is: read in its own order, never by index.
 
-    Its length, labels (and, for training, mean/std) come from one counting pass at load (`summarize`); a
+    Its length, labels (and, for training, mean/std: `stats`) come from one counting pass at load (`stream_source`); a
     training epoch reads it in blocks of `batch_size` through DataLoader workers (`_Blocks`). `x[indices]`
     reads one pass up to the largest index, for small draws (an example batch, calibration, a spot check);
     carving splits or subsets by index (`take`) is refused."""
@@ -284,24 +287,18 @@ def __getattr__(name: str) -> Any:   # PEP 562: `_Blocks` pickles by name (spawn
     raise AttributeError(name)
 
 
-def stream_source(ds: Any, where: str, options: LoaderOptions
-                  ) -> tuple[LazyStream, np.ndarray, tuple[float, ...], tuple[float, ...]]:
-    """(lazy stream, labels, per-channel mean, std) of an IterableDataset of (input, label) pairs, from one
-    counting pass in DataLoader workers that keeps only the labels (8 bytes a sample) and running sums; the
-    mean/std cover every input (+1e-6 on std, as the array path). uint8 inputs are scaled by 1/255. A
-    `len()` that disagrees with the count is an error."""
+def stream_source(ds: Any, where: str, options: LoaderOptions) -> tuple[LazyStream, np.ndarray]:
+    """(lazy stream, labels) of an IterableDataset of (input, label) pairs, from one counting pass in
+    DataLoader workers that keeps only the labels (8 bytes a sample) and running sums, whose per-channel
+    (mean, std) over every input (+1e-6 on std, as the array path) become the stream's `stats`. uint8 inputs
+    are scaled by 1/255. A `len()` that disagrees with the count is an error."""
     import torch
 
     try:
         first, _ = _pair(next(iter(ds)), 0)
     except StopIteration:
         raise EdgekdError(f"{where}: the stream is empty") from None
-    first = first.numpy() if hasattr(first, "numpy") else np.asarray(first)
-    if first.dtype.kind not in "fiu" or first.ndim < 1:
-        raise EdgekdError(f"{where}: inputs are {first.dtype} of shape {first.shape}; expected numbers (float, or "
-                          "uint8 images)")
-    shape = (1, *first.shape) if first.ndim == 2 else first.shape
-    x = LazyStream(ds, shape, 1 / 255 if first.dtype == np.uint8 else 1.0, 0, options)
+    x = LazyStream(ds, *item_layout(first, where), 0, options)
     loader = torch.utils.data.DataLoader(__getattr__("_Blocks")(x, 256, summary=True), batch_size=None,
                                          num_workers=options.num_workers)
     labels, total, total_sq, count = [], 0.0, 0.0, 0
@@ -309,20 +306,31 @@ def stream_source(ds: Any, where: str, options: LoaderOptions
         labels.append(np.asarray(y))
         total, total_sq, count = total + np.asarray(s), total_sq + np.asarray(sq), count + int(c)
     y = np.concatenate(labels)
-    declared = _declared_len(ds)
+    try:
+        declared = len(ds)
+    except TypeError:   # IterableDataset without __len__
+        declared = None
     if declared is not None and declared != len(y):
         raise EdgekdError(f"{where}: len() says {declared} samples, one pass over the stream gave {len(y)}")
+    x.rows, x.stats = np.arange(len(y)), _mean_std(total, total_sq, count)
+    return x, y
+
+
+def item_layout(first: Any, where: str) -> tuple[tuple[int, ...], float]:
+    """(item shape, scale) of a lazy source from its first input: a grey (H, W) image gets a channel axis,
+    uint8 inputs are scaled by 1/255; anything but numbers is refused."""
+    first = first.numpy() if hasattr(first, "numpy") else np.asarray(first)
+    if first.dtype.kind not in "fiu" or first.ndim < 1:
+        raise EdgekdError(f"{where}: inputs are {first.dtype} of shape {first.shape}; expected numbers (float, or "
+                          "uint8 images)")
+    return ((1, *first.shape) if first.ndim == 2 else first.shape), 1 / 255 if first.dtype == np.uint8 else 1.0
+
+
+def _mean_std(total: Any, total_sq: Any, count: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std (+1e-6, as the array path) from sums, sums of squares and the value count."""
     mean = total / max(count, 1)
     std = np.sqrt(np.maximum(total_sq / max(count, 1) - mean * mean, 0.0)) + 1e-6
-    x.rows = np.arange(len(y))
-    return x, y, tuple(float(v) for v in mean), tuple(float(v) for v in std)
-
-
-def _declared_len(ds: Any) -> int | None:
-    try:
-        return len(ds)
-    except TypeError:   # IterableDataset without __len__
-        return None
+    return tuple(float(v) for v in np.atleast_1d(mean)), tuple(float(v) for v in np.atleast_1d(std))
 
 
 def stream_order(x: LazyStream, batch: int, rank: int, world: int) -> Any:
@@ -485,9 +493,7 @@ def channel_stats(x: _Lazy, samples: int, seed: int) -> tuple[tuple[float, ...],
         a = x.raw(int(x.rows[i])).astype(np.float64)
         a = a.reshape(a.shape[0], -1) if a.ndim == 3 else a.reshape(1, -1)
         total, total_sq, count = total + a.sum(1), total_sq + (a * a).sum(1), count + a.shape[1]
-    mean = total / max(count, 1)
-    std = np.sqrt(np.maximum(total_sq / max(count, 1) - mean * mean, 0.0)) + 1e-6
-    return tuple(float(v) for v in np.atleast_1d(mean)), tuple(float(v) for v in np.atleast_1d(std))
+    return _mean_std(total, total_sq, count)
 
 
 class _EpochSampler:

@@ -416,9 +416,8 @@ def _kill_group(proc: subprocess.Popen) -> None:
         pass
 
 
-def _last_line(stderr: bytes | str) -> str:
-    text = stderr.decode(errors="replace") if isinstance(stderr, bytes) else stderr
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
+def _last_line(stderr: str) -> str:
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
     return f"; last stderr line: {lines[-1][:300]}" if lines else "; it wrote nothing to stderr"
 
 

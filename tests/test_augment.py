@@ -13,8 +13,8 @@ from edgekd.augment import BatchAugment, Mix, random_crop, random_resized_crop, 
 from edgekd.data import load_data
 from edgekd.distillation import distill, transfer_set
 from edgekd.errors import EdgekdError
-from edgekd.losses import kd_loss, mixed_cross_entropy
-from edgekd.objective import Objective, ObjectiveConfig, OfflineTargets
+from edgekd.losses import mixed_cross_entropy
+from edgekd.objective import Batch, Objective, ObjectiveConfig, OfflineTargets, compute
 from edgekd.recipe import DataConfig, ModelConfig, load_recipe
 from edgekd.train import fit
 
@@ -158,7 +158,9 @@ def test_function_matching_loss_is_the_soft_term_only():
     s, t = torch.randn(5, 3), torch.randn(5, 3)
     y = torch.tensor([0, 1, 2, 0, 1])
     mix = Mix(torch.tensor([1, 0, 3, 2, 4]), 0.3)
-    torch.testing.assert_close(kd_loss(s, t, y, 2.0, 1.0, mix), kd_loss(s, t, None, 2.0, 1.0))
+    cfg = ObjectiveConfig(2.0, 1.0)
+    torch.testing.assert_close(compute(Batch(s, y, mix, teacher_logits=t), cfg),
+                               compute(Batch(s, None, teacher_logits=t), cfg))
 
 
 def test_labelled_subset_is_deterministic_stratified_and_disjoint_from_val_and_test(tmp_path):

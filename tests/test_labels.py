@@ -6,8 +6,9 @@ import torch
 
 from edgekd.errors import EdgekdError
 from edgekd.labels import filter_labels, format_filter_report, label_pool, read_labels
-from edgekd.losses import soft_target_loss, topk_kd_loss, topk_soft_target_loss
+from edgekd.losses import soft_target_loss, topk_soft_target_loss
 from edgekd.models import build_model
+from edgekd.objective import Batch, ObjectiveConfig, compute
 from edgekd.teachers import FunctionTeacher, TeacherOutput, TorchTeacher
 
 INPUT_SHAPE = (1, 4, 4)
@@ -215,7 +216,7 @@ def test_topk_loss_from_stored_probabilities_matches_full_kd():
     hand = (target * (target.log() - log_q)).sum(1).mean() * T * T
     assert torch.allclose(topk_soft_target_loss(s, vals, idx, T, values_are="probs"), hand, atol=1e-5)
     y = torch.tensor([0, -1, 2, 3, -1, 5, 1, 0])
-    mixed = topk_kd_loss(s, vals, idx, y, T, 0.7, values_are="probs")
+    mixed = compute(Batch(s, y, topk=(vals, idx), values_are="probs"), ObjectiveConfig(T, 0.7))
     ce = torch.nn.functional.cross_entropy(s[y >= 0], y[y >= 0])
     assert torch.allclose(mixed, 0.7 * hand + 0.3 * ce, atol=1e-5)
 

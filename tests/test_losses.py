@@ -2,7 +2,13 @@ import math
 
 import torch
 
-from edgekd.losses import FeatureProjection, hint_loss, kd_loss, soft_target_loss
+from edgekd.losses import FeatureProjection, hint_loss, soft_target_loss
+from edgekd.objective import Batch, ObjectiveConfig, compute
+
+
+def kd_loss(s, t, y, T, alpha):
+    """The objective's kd + ce terms: alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(s, y)."""
+    return compute(Batch(s, y, teacher_logits=t), ObjectiveConfig(T, alpha))
 
 
 def _hand_kd(s, t, y, T, alpha):

@@ -19,8 +19,8 @@ from torch import nn
 
 from edgekd import quantize as q
 from edgekd.errors import EdgekdError
-from edgekd.losses import kd_loss
 from edgekd.models import build_model
+from edgekd.objective import Batch, ObjectiveConfig, compute
 
 SHAPE = (1, 8, 8)
 
@@ -190,7 +190,7 @@ def qat_run(data: dict[str, torch.Tensor], tmp_path_factory: pytest.TempPathFact
         idx = torch.randint(0, len(x), (64,), generator=gen)
         with torch.no_grad():
             t_logits = teacher(x[idx])
-        loss = kd_loss(prepared(x[idx]), t_logits, y[idx], temperature=4.0, alpha=0.7)
+        loss = compute(Batch(prepared(x[idx]), y[idx], teacher_logits=t_logits), ObjectiveConfig(4.0, 0.7))
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -159,6 +159,9 @@ def test_oversized_members_are_refused_before_they_are_read(tmp_path, monkeypatc
     with pytest.raises(EdgekdError, match=r"s0.tar:0: .cls member of 40 bytes; expected a class index"):
         x.label(0)
     assert x.label(1) == 1 and x.read(1).shape == (1, 4, 4)
+    _tar(folder / "s1.tar", [("7.png", b"not an image"), ("7.cls", b"1")])   # a corrupt member names its sample
+    with pytest.raises(EdgekdError, match=r"^image .*s1.tar:7: not a readable image"):
+        LazyShards([(str(folder / "s1.tar"), 1)], shards.PreprocessSpec(mode="L"), (1, 4, 4)).read(0)
     monkeypatch.setattr(shards, "MAX_IMAGE_BYTES", 16)
     with pytest.raises(EdgekdError, match=r"s0.tar:1: .png member of \d+ bytes, more than 16; refused"):
         x.read(1)
