@@ -329,9 +329,9 @@ def init_from_teacher_layers(student: TinyEncoder, teacher: nn.Module, picks: li
                    for k, v in state.items() if k.startswith(f"layers.{t}.")})
     wrong = [f"{k} {tuple(v.shape)} vs the student's {tuple(mine[k].shape) if k in mine else None}"
              for k, v in copied.items() if k not in mine or v.shape != mine[k].shape]
-    heads = getattr(getattr(inner_encoder(teacher), "config", None), "num_attention_heads", None)
-    if isinstance(inner_encoder(teacher), TinyEncoder):
-        heads = inner_encoder(teacher).layers[0].heads
+    inner = inner_encoder(teacher)
+    heads = (inner.layers[0].heads if isinstance(inner, TinyEncoder)
+             else getattr(getattr(inner, "config", None), "num_attention_heads", None))
     if heads not in (None, student.layers[0].heads):
         wrong.append(f"heads {heads} vs the student's {student.layers[0].heads}")
     if wrong:
