@@ -109,11 +109,6 @@ def read_manifest(bundle_dir: str | Path, *, verify: bool = True) -> dict[str, A
     return manifest
 
 
-def verify(bundle_dir: str | Path) -> dict[str, Any]:
-    """Check a bundle's checksums; returns its manifest (same as read_manifest(verify=True))."""
-    return read_manifest(bundle_dir, verify=True)
-
-
 def read_listed(bundle_dir: str | Path, manifest: dict[str, Any], name: str) -> bytes:
     """The bytes of a file the manifest lists, checked against its sha256 on exactly these bytes (so a file replaced
     after `read_manifest` verified it is still refused). An unlisted name is refused."""

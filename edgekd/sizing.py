@@ -242,14 +242,14 @@ class CandidateBuilder:
 
     def build(self, c: Candidate) -> dict[str, Path]:
         """precision -> bundle folder; a verified bundle already there is reused (a rerun resumes)."""
-        from edgekd.bundle import verify
+        from edgekd.bundle import read_manifest
 
         out = {}
         for precision in self.precisions:
             path = self.bundle_dir(c, precision)
             if (path / "manifest.json").is_file():
                 try:
-                    if verify(path).get("model") == c.spec:
+                    if read_manifest(path).get("model") == c.spec:
                         out[precision] = path
                         continue
                 except EdgekdError:
