@@ -129,13 +129,6 @@ def dynamic_dims(task: tasks.Task, max_length: int | None = None) -> dict[int, A
     return dims
 
 
-def read_metadata(onnx_path: str | Path) -> dict[str, str]:
-    """The metadata_props of an ONNX file as a dict (strings; JSON ones left for the caller to decode)."""
-    from edgekd.engines import onnx_info
-
-    return onnx_info(Path(onnx_path))["metadata"]
-
-
 def parity(model: torch.nn.Module, onnx_path: str | Path, x: np.ndarray, batch_size: int = 256, *,
            task: tasks.Task = tasks.CLASSIFICATION) -> dict:
     """Compare PyTorch and onnxruntime (graph optimizations off) outputs on `x` (a batch of the task's inputs).
