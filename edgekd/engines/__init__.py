@@ -29,6 +29,8 @@ from edgekd.errors import EdgekdError
 from edgekd.fileio import atomic_path
 
 if TYPE_CHECKING:
+    import onnx
+
     from edgekd.targets import Target
 
 QUANTIZATIONS = ("none", *registry.QUANTIZATIONS)   # "none": a float model
@@ -92,16 +94,25 @@ def check_target(target: Target) -> str:
     return b.check_target(target)
 
 
-def onnx_info(path: Path) -> dict[str, Any]:
-    """Input/output names and shapes, Q/DQ presence and metadata of an ONNX file (build side; needs onnx)."""
+def load_onnx(model: Any, *, external_data: bool = True) -> onnx.ModelProto:
+    """`model` itself if it is a ModelProto, else the ONNX file at that path (a one-line error when it is missing
+    or unreadable); `external_data=False` leaves the weights of external-data files unread."""
     import onnx
 
+    if isinstance(model, onnx.ModelProto):
+        return model
+    path = Path(model)
     if not path.is_file():
         raise EdgekdError(f"ONNX file {path}: not found")
     try:
-        proto = onnx.load(str(path), load_external_data=False)
+        return onnx.load(str(path), load_external_data=external_data)
     except Exception as e:
         raise EdgekdError(f"ONNX file {path}: cannot be read ({e})") from e
+
+
+def onnx_info(path: Path) -> dict[str, Any]:
+    """Input/output names and shapes, Q/DQ presence and metadata of an ONNX file (build side; needs onnx)."""
+    proto = load_onnx(path, external_data=False)
     initializers = {i.name for i in proto.graph.initializer}
     inputs = [i for i in proto.graph.input if i.name not in initializers]
     if len(inputs) != 1 or len(proto.graph.output) != 1:
