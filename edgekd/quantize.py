@@ -41,7 +41,6 @@ from torchao.quantization.pt2e import (
     PerChannelMinMaxObserver,
     disable_observer,
     move_exported_model_to_eval,
-    move_exported_model_to_train,
 )
 from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e, prepare_qat_pt2e
 from torchao.quantization.pt2e.quantizer import (
@@ -637,8 +636,7 @@ def _skip_absent_conv_kinds(model: GraphModule):
     from torchao.quantization.pt2e import qat_utils
 
     present = {n.target for n in model.graph.nodes if n.op == "call_function"}
-    names = ("_fuse_conv_bn_qat_helper", "_fold_conv_bn_qat_helper")
-    originals = {name: getattr(qat_utils, name, None) for name in names}
+    originals = {name: getattr(qat_utils, name) for name in ("_fuse_conv_bn_qat_helper", "_fold_conv_bn_qat_helper")}
 
     def wrap(original: Callable) -> Callable:
         def helper(m: GraphModule, conv_fn: Callable, example_inputs: tuple, is_cuda: bool) -> GraphModule:
@@ -649,30 +647,23 @@ def _skip_absent_conv_kinds(model: GraphModule):
         return helper
 
     for name, original in originals.items():
-        if original is not None:
-            setattr(qat_utils, name, wrap(original))
+        setattr(qat_utils, name, wrap(original))
     try:
         yield
     finally:
         for name, original in originals.items():
-            if original is not None:
-                setattr(qat_utils, name, original)
+            setattr(qat_utils, name, original)
 
 
 def _mark_mode(gm: GraphModule, training: bool) -> None:
     """Record the train/eval mode the graph is already in (it was exported in that mode).
 
     move_exported_model_to_train/eval rewrite dropout and batch-norm patterns, torch.exporting four pattern
-    graphs (about 1 s) even when nothing changes; with the mode recorded they return at once. Falls back to
-    the rewrite if torchao stops keeping the mode in this attribute.
+    graphs (about 1 s) even when nothing changes; with the mode recorded they return at once.
     """
     from torchao.quantization.pt2e import export_utils
 
-    attr = getattr(export_utils, "_EXPORTED_TRAINING_ATTR", None)
-    if attr is None:
-        (move_exported_model_to_train if training else move_exported_model_to_eval)(gm)
-    else:
-        setattr(gm, attr, training)
+    setattr(gm, export_utils._EXPORTED_TRAINING_ATTR, training)
 
 
 def _prepare_with(gm: GraphModule, quantizer: _SchemeQuantizer) -> GraphModule:
