@@ -402,12 +402,9 @@ class CudaPython:
 
     def __init__(self) -> None:
         try:
-            from cuda.bindings import runtime as cudart
-        except ImportError:
-            try:
-                from cuda import cudart  # cuda-python < 12.6 layout
-            except ImportError as e:
-                raise EdgekdError(f"cuda-python is not installed ({e}); pip install cuda-python") from e
+            from cuda.bindings import runtime as cudart  # cuda-python >= 12.6 (the `tensorrt` extra's bound)
+        except ImportError as e:
+            raise EdgekdError(f"cuda-python is not installed ({e}); pip install cuda-python") from e
         self.rt = cudart
         self.stream = self._call(cudart.cudaStreamCreate(), "cudaStreamCreate")
 
@@ -502,10 +499,6 @@ def cuda_binding() -> Any:
             raise EdgekdError(f"{first}; torch fallback: {second}") from None
 
 
-def open_runner(bundle_dir: Path, manifest: dict[str, Any], threads: int | None) -> TrtRunner:
-    return TrtRunner(bundle_dir, manifest, threads)
-
-
 class TrtRunner(Runner):
     """Runs a TensorRT bundle: run({input name: array}) -> {output name: array}, names from the engine's I/O tensors;
     device buffers from `cuda` (default: cuda_binding())."""
@@ -597,3 +590,6 @@ class TrtRunner(Runner):
             self.close()
         except Exception:
             pass
+
+
+open_runner = TrtRunner   # the registry's device side: open_runner(bundle_dir, manifest, threads)
