@@ -51,8 +51,7 @@ def _same_qparams(a: onnx.NodeProto, b: onnx.NodeProto, consts: dict[str, np.nda
     return True
 
 
-def attr_value(node: onnx.NodeProto, name: str, default: Any) -> Any:
-    """The node's attribute `name` as a Python value (onnx.helper.get_attribute_value), `default` when absent."""
+def _attr(node: onnx.NodeProto, name: str, default: Any) -> Any:
     for a in node.attribute:
         if a.name == name:
             return onnx.helper.get_attribute_value(a)
@@ -61,7 +60,7 @@ def attr_value(node: onnx.NodeProto, name: str, default: Any) -> Any:
 
 def _zero_pad_amounts(pad: onnx.NodeProto, consts: dict[str, np.ndarray]) -> list[int] | None:
     """The Pad's `pads` (begin..., end...) when it is a constant zero pad of spatial dims only, else None."""
-    mode = attr_value(pad, "mode", b"constant")
+    mode = _attr(pad, "mode", b"constant")
     if (mode.decode() if isinstance(mode, bytes) else mode) != "constant" or len(pad.input) < 2:
         return None
     if len(pad.input) > 3 and pad.input[3]:   # explicit axes: not produced by the exporter for ZeroPad2d
@@ -110,11 +109,11 @@ def fold_pads_into_convs(model: onnx.ModelProto) -> int:
         dq = only_consumer(q.output[0], "DequantizeLinear") if q is not None else None
         conv = only_consumer(dq.output[0], "Conv") if dq is not None else None
         if (pads is None or conv is None or conv.input[0] != dq.output[0]
-                or attr_value(conv, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET")):
+                or _attr(conv, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET")):
             continue
         rank = len(pads) // 2
         spatial = rank - 2
-        old = list(attr_value(conv, "pads", [0] * (2 * spatial)))
+        old = list(_attr(conv, "pads", [0] * (2 * spatial)))
         new = ([old[i] + pads[2 + i] for i in range(spatial)]
                + [old[spatial + i] + pads[rank + 2 + i] for i in range(spatial)])
         for a in list(conv.attribute):

@@ -223,7 +223,7 @@ def test_fold_pads_into_convs_is_exact(tmp_path: Path) -> None:
     path = export_onnx(gm, calib[0], tmp_path / "pad.onnx", metadata={})
     graph = onnx.load(str(path)).graph
     assert not [n for n in graph.node if n.op_type == "Pad"]
-    pads = [list(qdq.attr_value(n, "pads", [])) for n in graph.node if n.op_type == "Conv"]
+    pads = [list(qdq._attr(n, "pads", [])) for n in graph.node if n.op_type == "Conv"]
     assert pads == [[0, 0, 1, 1], [2, 2, 2, 2]]
     check = parity(gm, path, torch.randn(8, 3, 9, 9).numpy())
     assert check["max_abs_diff"] < 1e-5, check

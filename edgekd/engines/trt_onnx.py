@@ -14,19 +14,17 @@ strongly typed builds, and the DLA calibration cache written from Q/DQ scales.
 
 from __future__ import annotations
 
-import copy
 import struct
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import onnx
-from onnx import TensorProto, numpy_helper
 
 from edgekd.engines import load_onnx
 from edgekd.errors import EdgekdError
-from edgekd.fileio import atomic_path
-from edgekd.qdq import attr_value, constants, drop_unused_initializers
+
+if TYPE_CHECKING:
+    import onnx
 
 # Opsets the ONNX parser of the oldest supported TensorRT reads: onnx-tensorrt docs/operators.md, 10.0/10.1
 # ("TensorRT 10.0 supports operators in the inclusive range of opset 9 to opset 20"); edgekd.export pins 20.
@@ -54,17 +52,26 @@ _WEIGHT_INPUT = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1}
 _SCALE_PRESERVING = {"Relu", "MaxPool", "Flatten", "Reshape", "Squeeze", "Unsqueeze", "Transpose", "Identity"}
 
 
+def _attr(node: onnx.NodeProto, name: str, default: int) -> int:
+    for a in node.attribute:
+        if a.name == name:
+            return int(a.i)
+    return default
+
+
 def _output_channel_axis(consumer: onnx.NodeProto, weight_ndim: int) -> int:
     if consumer.op_type == "ConvTranspose":
         return 1
     if consumer.op_type == "Gemm":
-        return 0 if attr_value(consumer, "transB", 0) else 1
+        return 0 if _attr(consumer, "transB", 0) else 1
     if consumer.op_type == "MatMul":
         return weight_ndim - 1
     return 0  # Conv: (out, in/groups, *kernel)
 
 
 def _uint8_names(model: onnx.ModelProto) -> list[str]:
+    from onnx import TensorProto
+
     names = [t.name for t in model.graph.initializer if t.data_type == TensorProto.UINT8]
     for value in [*model.graph.input, *model.graph.output, *model.graph.value_info]:
         if value.type.tensor_type.elem_type == TensorProto.UINT8:
@@ -94,6 +101,8 @@ def check_tensorrt_onnx(model: Any) -> list[str]:
             problems.append(f"node {node.name!r}: op {node.domain}::{node.op_type} is not a standard ONNX op")
         elif node.op_type not in TRT_SUPPORTED_OPS:
             problems.append(f"node {node.name!r}: op {node.op_type} is not in onnx-tensorrt's supported list")
+    from edgekd.qdq import constants
+
     consts = constants(proto)
     consumers: dict[str, list[onnx.NodeProto]] = {}
     for node in proto.graph.node:
@@ -131,7 +140,7 @@ def _check_qdq(node: onnx.NodeProto, consts: dict[str, np.ndarray],
             continue  # a bias or another constant input: no per-channel rule
         axis = _output_channel_axis(consumer, weight.ndim)
         channels = weight.shape[axis]
-        got_axis = attr_value(node, "axis", 1) % max(weight.ndim, 1)
+        got_axis = _attr(node, "axis", 1) % max(weight.ndim, 1)
         if scale.ndim != 1 or scale.shape[0] != channels or got_axis != axis:
             problems.append(f"DequantizeLinear {node.name!r}: weight of {consumer.op_type} {consumer.name!r} "
                             f"needs one scale per output channel ({channels} on axis {axis}), got scale shape "
@@ -156,11 +165,15 @@ def to_fp16(src: str | Path, dst: str | Path) -> Path:
     onnxconverter-common's `convert_float_to_float16` converts initializers and value types; TensorRT 11 then
     builds it strongly typed in fp16. Refuses a Q/DQ model (its int8 layers already fix their precision).
     """
+    from edgekd.fileio import atomic_path
+
     try:
         from onnxconverter_common import float16
     except ImportError as e:
         raise EdgekdError("fp16 engines on TensorRT 11 need an fp16-typed ONNX, made with onnxconverter-common "
                           f"(pip install 'edgekd[tensorrt]' or onnxconverter-common): {e}") from e
+    import onnx
+
     model = load_onnx(src)
     if any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node):
         raise EdgekdError(f"ONNX file {src}: has Q/DQ nodes; fp16 conversion is for the float model")
@@ -182,8 +195,15 @@ def strip_qdq(model: Any) -> tuple[onnx.ModelProto, dict[str, float]]:
     keep the range (Relu, MaxPool, Reshape, ...), as NVIDIA's Q/DQ Translator does, so DLA finds a scale on
     more tensors. Per-channel activation scales (never produced by edgekd) are refused.
     """
+    import copy
+
+    import onnx
+    from onnx import numpy_helper
+
     proto = copy.deepcopy(load_onnx(model))
     graph = proto.graph
+    from edgekd.qdq import constants
+
     consts = constants(proto)
     producer = {o: n for n in graph.node for o in n.output}
     rename: dict[str, str] = {}
@@ -199,13 +219,10 @@ def strip_qdq(model: Any) -> tuple[onnx.ModelProto, dict[str, float]]:
         q = producer.get(src)
         if src in consts and (q is None or q.op_type == "Constant"):  # weight
             w = consts[src].astype(np.float32)
-            axis = attr_value(node, "axis", 1) % max(w.ndim, 1)
-            shape = [1] * w.ndim
-            if scale.ndim == 1:
-                shape[axis] = -1
-            s = scale.astype(np.float32).reshape(shape) if scale.ndim else np.float32(scale)
-            z = zp.astype(np.float32).reshape(shape) if zp is not None and zp.ndim else (
-                np.float32(zp) if zp is not None else np.float32(0))
+            axis = _attr(node, "axis", 1) % max(w.ndim, 1)
+            shape = [-1 if i == axis and scale.ndim == 1 else 1 for i in range(w.ndim)]   # per channel, or one
+            s = scale.astype(np.float32).reshape(shape)
+            z = (zp if zp is not None else np.zeros(())).astype(np.float32).reshape(shape)
             new_inits.append(numpy_helper.from_array(((w - z) * s).astype(np.float32), node.output[0]))
             drop.add(id(node))
         elif q is not None and q.op_type == "QuantizeLinear":
@@ -232,6 +249,8 @@ def strip_qdq(model: Any) -> tuple[onnx.ModelProto, dict[str, float]]:
 
 def _drop_unused(proto: onnx.ModelProto) -> None:
     """Remove initializers and Constant nodes nothing reads any more."""
+    from edgekd.qdq import drop_unused_initializers
+
     graph = proto.graph
     while True:
         used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
