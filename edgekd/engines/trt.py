@@ -105,7 +105,7 @@ def _profile(target: Any, onnx_input_shape: tuple | list, input_name: str, dla: 
     return (tuple([lo, *rest]), tuple([opt, *rest]), tuple([hi, *rest]))
 
 
-def _precision_10(target: Any, precision: str, dla: bool) -> tuple[list[str], str, list[str]]:
+def _precision_10(precision: str, dla: bool) -> tuple[list[str], str, list[str]]:
     """TensorRT 10: (flags, onnx variant, notes) for a weakly typed network."""
     if precision == "fp16":
         return ["FP16"], "as-is", []
@@ -116,8 +116,6 @@ def _precision_10(target: Any, precision: str, dla: bool) -> tuple[list[str], st
     if precision == "int8":
         return ["INT8", "FP16"], "as-is", [
             "weakly typed Q/DQ network: INT8 for the Q/DQ-quantized layers, FP16 allowed elsewhere"]
-    if dla:
-        raise EdgekdError(f"target {target.name}: DLA runs fp16 or int8 only, not {precision}")
     return [], "as-is", []
 
 
@@ -134,8 +132,6 @@ def _precision_11(target: Any, precision: str, dla: bool, version: tuple[int, in
                           "no implicit INT8 (calibrators were removed) and a strongly typed DLA network needs a "
                           "Q/DQ scale on every tensor, which the 'tensorrt' scheme's placement does not give; "
                           "build int8 DLA engines with TensorRT 10.x (JetPack 6), or fp16 here")
-    if dla and precision != "fp16":
-        raise EdgekdError(f"target {target.name}: DLA runs fp16 or int8 only, not {precision}")
     if precision == "fp16":
         return [], "fp16", ["strongly typed: fp16 comes from an fp16-typed copy of the ONNX (onnxconverter-common,"
                             " float32 inputs/outputs kept)"]
@@ -164,11 +160,13 @@ def plan(target: Any, precision: str, onnx_input_shape: tuple | list, *, trt_ver
         raise EdgekdError(f"TensorRT {trt_version} is newer than edgekd supports ({SUPPORTED}); its Python API "
                           "has not been checked")
     dla = target.device == "dla"
+    if dla and precision not in ("fp16", "int8"):
+        raise EdgekdError(f"target {target.name}: DLA runs fp16 or int8 only, not {precision}")
     profile = _profile(target, onnx_input_shape, input_name, dla)
     if version[0] >= 11:
         flags, variant, notes = _precision_11(target, precision, dla, version)
     else:
-        flags, variant, notes = _precision_10(target, precision, dla)
+        flags, variant, notes = _precision_10(precision, dla)
     device_type = "GPU"
     if dla:
         device_type = "DLA"
@@ -506,7 +504,6 @@ class TrtRunner(Runner):
     def __init__(self, bundle_dir: Path, manifest: dict[str, Any], threads: int | None = None,
                  cuda: Any = None) -> None:
         trt = _trt()
-        self.trt = trt
         engine_info = manifest["engine"]
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)
