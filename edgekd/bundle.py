@@ -54,12 +54,6 @@ def write_manifest(bundle_dir: str | Path, manifest: dict[str, Any]) -> dict[str
     return fileio.write_signed_json(bundle_dir / MANIFEST, out)
 
 
-def rewrite_manifest(bundle_dir: str | Path, manifest: dict[str, Any]) -> dict[str, Any]:
-    """Rewrite (and re-sign) the manifest of a bundle this process has just written with write_manifest, whose
-    files have not changed since: the checksums it lists stand, so the files are not hashed again."""
-    return fileio.write_signed_json(Path(bundle_dir) / MANIFEST, manifest)
-
-
 def _check_named_files(bundle_dir: Path, manifest: dict[str, Any]) -> None:
     """Every file the manifest names (engine.file, engine.fallback_file, eval.file, any other `*file` key of those
     sections) must be a listed, checksummed entry of `files`; there is no other way to name a file."""

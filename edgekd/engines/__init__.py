@@ -22,11 +22,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from edgekd import tasks
-from edgekd.bundle import FORMAT, edgekd_version, rewrite_manifest, write_manifest
+from edgekd.bundle import FORMAT, MANIFEST, edgekd_version, write_manifest
 from edgekd.engines import registry
 from edgekd.engines.registry import backend, backends, needs_accelerator
 from edgekd.errors import EdgekdError
-from edgekd.fileio import atomic_path
+from edgekd.fileio import atomic_path, write_signed_json
 
 if TYPE_CHECKING:
     import onnx
@@ -188,8 +188,7 @@ def _write_eval(path: Path, task: tasks.Task, evals: dict[str, Any], k: int) -> 
     arrays = {name: np.asarray(a, dtype=task.eval_arrays[name]) if not np.ndim(a) else np.ascontiguousarray(
               (a if hasattr(a, "shape") else np.asarray(a))[idx], dtype=task.eval_arrays[name])   # a lazy x: rows idx
               for name, a in evals.items()}
-    with open(path, "wb") as f:
-        np.savez(f, **arrays)
+    np.savez(path, **arrays)
     return {"file": path.name, "samples": int(len(idx)), "has_reference_logits": "reference_logits" in evals}
 
 
@@ -315,5 +314,7 @@ def build(source: EngineSource, target: Target, precision: str, out_dir: str | P
             pre = manifest["preprocessing"]
             observed = {"input_range": test.pop("input_range")} if "input_range" in test and "input_range" not in pre \
                 else {}
-            rewrite_manifest(tmp, {**written, "preprocessing": {**pre, **observed}, "metrics": {"test": test}})
+            # the files are unchanged since write_manifest hashed them: only the manifest is rewritten and re-signed
+            write_signed_json(tmp / MANIFEST, {**written, "preprocessing": {**pre, **observed},
+                                               "metrics": {"test": test}})
     return out_dir
