@@ -173,16 +173,11 @@ def _check_eval(source: EngineSource, eval_data: tuple | dict) -> dict[str, Any]
     return task.check_eval(eval_data, source.input_shape, source.num_classes)
 
 
-def eval_sample(n: int, k: int, seed: int = 0) -> np.ndarray:
-    """Sorted indices of min(k, n) items drawn uniformly without replacement (seeded): the bundle's eval.npz."""
-    if k >= n:
-        return np.arange(n)
-    return np.sort(np.random.default_rng(seed).choice(n, size=k, replace=False))
-
-
 def _write_eval(path: Path, task: tasks.Task, evals: dict[str, Any], k: int) -> dict | None:
-    """Write eval.npz with a bounded sample of the eval set (k items; 0: none); returns the manifest entry."""
-    idx = eval_sample(_eval_len(evals), k)
+    """Write eval.npz with a bounded sample of the eval set (min(k, n) items drawn uniformly without replacement,
+    seeded, in order; k = 0: none); returns the manifest entry."""
+    n = _eval_len(evals)
+    idx = np.arange(n) if k >= n else np.sort(np.random.default_rng(0).choice(n, size=k, replace=False))
     if not len(idx):
         return None
     arrays = {name: np.asarray(a, dtype=task.eval_arrays[name]) if not np.ndim(a) else np.ascontiguousarray(
