@@ -29,7 +29,7 @@ check. Where cuda-python is missing but torch with CUDA is present, torch's allo
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -62,10 +62,10 @@ class TrtBuildPlan:
     workspace_bytes: int
     builder_optimization_level: int
     input_name: str
+    onnx_variant: str  # "as-is" | "fp16" (to_fp16 copy) | "implicit-int8" (stripped Q/DQ + cache)
     profile: tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]  # (min, opt, max) input shapes
     timing_cache: str | None
-    onnx_variant: str = "as-is"  # "as-is" | "fp16" (to_fp16 copy) | "implicit-int8" (stripped Q/DQ + cache)
-    notes: tuple[str, ...] = field(default_factory=tuple)
+    notes: tuple[str, ...] = ()
 
 
 def parse_version(version: str) -> tuple[int, int, int]:
@@ -378,11 +378,9 @@ def build_engine(source: Any, target: Any, precision: str, out: Path) -> dict[st
 
     engine = {
         "file": ENGINE_FILE,
-        "plan": {"strongly_typed": p.strongly_typed, "flags": list(p.flags), "device_type": p.device_type,
-                 "dla_core": p.dla_core, "workspace_bytes": p.workspace_bytes,
-                 "builder_optimization_level": p.builder_optimization_level, "onnx_variant": p.onnx_variant,
-                 "profile": {"min": list(p.profile[0]), "opt": list(p.profile[1]), "max": list(p.profile[2])},
-                 "timing_cache": p.timing_cache},
+        "plan": {**{k: v for k, v in asdict(p).items() if k not in ("trt_major", "input_name", "notes")},
+                 "flags": list(p.flags),
+                 "profile": {k: list(shape) for k, shape in zip(("min", "opt", "max"), p.profile, strict=True)}},
         "dla": dla,
         "calibration_cache": CALIBRATION_FILE if calibration else None,
         "onnx_metadata": info["metadata"],
