@@ -219,12 +219,10 @@ def _act_spec(observer: str, percentile: float, *, qat: bool, symmetric: bool) -
         # the fused ATen kernel picks a non-zero zero point for symmetric ranges of non-negative tensors.
         ctr = FakeQuantize.with_args(observer=MovingAverageMinMaxObserver, quant_min=qmin, quant_max=qmax,
                                      dtype=dtype, qscheme=qscheme, eps=_EPS)
-    elif observer == "minmax":
-        ctr = MinMaxObserver.with_args(eps=_EPS)
-    elif observer == "mse":
-        ctr = MSEObserver.with_args(eps=_EPS)
-    else:
+    elif observer == "percentile":
         ctr = PercentileObserver.with_args(percentile=percentile, eps=_EPS)
+    else:
+        ctr = {"minmax": MinMaxObserver, "mse": MSEObserver}[observer].with_args(eps=_EPS)
     return QuantizationSpec(dtype=dtype, observer_or_fake_quant_ctr=ctr, quant_min=qmin, quant_max=qmax,
                             qscheme=qscheme)
 
@@ -448,7 +446,7 @@ class OrtCpuQuantizer(_SchemeQuantizer):
                 self._annotate_io(node, node.args[:1])
         # 6. pools/pads/flatten/reshape after a quantized tensor keep its qparams (graph order propagates).
         for node in model.graph.nodes:
-            if not (_is_call(node, _SHARED_OPS) and self._wanted(node)) or _is_annotated(node):
+            if not (_is_call(node, _SHARED_OPS) and self._wanted(node)):   # _wanted: not annotated yet
                 continue
             if _is_call(node, _PAD_OPS) and not _is_zero_pad(node):
                 continue
@@ -784,9 +782,8 @@ def sensitivity(model: nn.Module, example: torch.Tensor, batches: Iterable[torch
     finally:
         model.train(was_training)
     rows = []
-    skipped = set(config.skip)
     for layer in quantizable_layers(model):
-        if any(layer == s or layer.startswith(s + ".") for s in skipped):
+        if any(layer == s or layer.startswith(s + ".") for s in config.skip):
             continue
         quantizer = SCHEMES[config.scheme](config, qat=False, only=layer)
         prepared = _prepare_with(copy.deepcopy(gm), quantizer)
@@ -812,8 +809,6 @@ def untie_shared_initializers(model: onnx.ModelProto) -> int:
     """
     from collections import Counter
 
-    import onnx
-
     inits = {t.name: t for t in model.graph.initializer}
     uses = Counter(name for node in model.graph.node for name in node.input if name in inits)
     taken = set(inits) | {o for node in model.graph.node for o in node.output}
@@ -827,10 +822,9 @@ def untie_shared_initializers(model: onnx.ModelProto) -> int:
             new_name = f"{name}__{node.output[0]}_{k}"
             while new_name in taken:
                 new_name += "_"
-            copy_ = onnx.TensorProto()
+            copy_ = model.graph.initializer.add()
             copy_.CopyFrom(inits[name])
             copy_.name = new_name
-            model.graph.initializer.append(copy_)
             taken.add(new_name)
             node.input[k] = new_name
             uses[name] -= 1
