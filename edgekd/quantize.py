@@ -714,9 +714,7 @@ def freeze(prepared: GraphModule) -> None:
     prepared.apply(disable_observer)
     for node in prepared.graph.nodes:
         if _is_call(node, _BN_OPS) and node.target != _aten._native_batch_norm_legit_no_training.default:
-            args = list(node.args)
-            args[_BN_TRAINING_ARG] = False
-            node.args = tuple(args)
+            node.update_arg(_BN_TRAINING_ARG, False)
     prepared.recompile()
 
 
@@ -876,9 +874,7 @@ def _quantize_biases(gm: GraphModule) -> None:
             dq = gm.graph.call_function(
                 torch.ops.quantized_decomposed.dequantize_per_channel.default,
                 (q_node, s_node, z_node, 0, -(2**31), 2**31 - 1, torch.int32))
-        args = list(node.args)
-        args[2] = dq
-        node.args = tuple(args)
+        node.update_arg(2, dq)
     gm.graph.eliminate_dead_code()
     gm.recompile()
 

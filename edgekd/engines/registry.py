@@ -35,7 +35,7 @@ HOST_DEVICES = ("cpu",)   # engines for other devices may fail to build or run w
 QUANT_SCHEMES = ("ort-cpu", "ort-cpu-avx2", "tensorrt")
 NO_SCHEME = "none"
 QUANTIZATIONS = ("ptq", "qat")   # how a quantized (int8) model is made; "none" = a float model
-FUNCTIONS = ("availability", "check_target", "target_rules", "build_engine", "open_runner")   # a backend module's
+FUNCTIONS = ("availability", "check_target", "target_rules", "build_engine", "open_runner")   # each backend defines
 
 
 @dataclass(frozen=True)
