@@ -167,9 +167,7 @@ def plan(target: Any, precision: str, onnx_input_shape: tuple | list, *, trt_ver
         flags, variant, notes = _precision_11(target, precision, dla, version)
     else:
         flags, variant, notes = _precision_10(precision, dla)
-    device_type = "GPU"
     if dla:
-        device_type = "DLA"
         flags.append("GPU_FALLBACK")
         notes.append(f"DLA core {target.dla_core}; layers DLA cannot run fall back to the GPU (counted in the "
                      "manifest's engine.dla)")
@@ -177,7 +175,7 @@ def plan(target: Any, precision: str, onnx_input_shape: tuple | list, *, trt_ver
         trt_major=version[0],
         strongly_typed=version[0] >= 11,
         flags=tuple(flags),
-        device_type=device_type,
+        device_type="DLA" if dla else "GPU",
         dla_core=target.dla_core if dla else None,
         workspace_bytes=int(target.workspace_mb) * (1 << 20),
         builder_optimization_level=int(target.builder_optimization_level),
