@@ -52,10 +52,7 @@ def _same_qparams(a: onnx.NodeProto, b: onnx.NodeProto, consts: dict[str, np.nda
 
 
 def _attr(node: onnx.NodeProto, name: str, default: Any) -> Any:
-    for a in node.attribute:
-        if a.name == name:
-            return onnx.helper.get_attribute_value(a)
-    return default
+    return next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
 
 
 def _zero_pad_amounts(pad: onnx.NodeProto, consts: dict[str, np.ndarray]) -> list[int] | None:

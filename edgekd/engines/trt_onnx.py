@@ -53,10 +53,7 @@ _SCALE_PRESERVING = {"Relu", "MaxPool", "Flatten", "Reshape", "Squeeze", "Unsque
 
 
 def _attr(node: onnx.NodeProto, name: str, default: int) -> int:
-    for a in node.attribute:
-        if a.name == name:
-            return int(a.i)
-    return default
+    return next((int(a.i) for a in node.attribute if a.name == name), default)
 
 
 def _output_channel_axis(consumer: onnx.NodeProto, weight_ndim: int) -> int:
@@ -248,17 +245,14 @@ def strip_qdq(model: Any) -> tuple[onnx.ModelProto, dict[str, float]]:
 
 
 def _drop_unused(proto: onnx.ModelProto) -> None:
-    """Remove initializers and Constant nodes nothing reads any more."""
+    """Remove initializers and Constant nodes nothing reads any more (one pass: a Constant reads nothing, so removing
+    one never leaves another unread)."""
     from edgekd.qdq import drop_unused_initializers
 
     graph = proto.graph
-    while True:
-        used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
-        dead = [n for n in graph.node if n.op_type == "Constant" and n.output[0] not in used]
-        if not dead:
-            break
-        for n in dead:
-            graph.node.remove(n)
+    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    for n in [n for n in graph.node if n.op_type == "Constant" and n.output[0] not in used]:
+        graph.node.remove(n)
     drop_unused_initializers(proto)
 
 
