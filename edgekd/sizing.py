@@ -34,7 +34,7 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 
@@ -340,23 +340,6 @@ def ships(lat: dict[str, dict[str, Any]], rule: str) -> str:
     return "fp32" if any(int8[b] > fp32[b] for b in int8 if b in fp32) else "int8"
 
 
-@dataclass
-class Band:
-    """The decision thresholds: fits when latency <= low = budget / (1 + margin), distinguishably over when
-    >= high = budget * (1 + margin); margin = max(the configured margin, the measured noise)."""
-
-    budget: float
-    margin: float
-
-    @property
-    def low(self) -> float:
-        return self.budget / (1 + self.margin)
-
-    @property
-    def high(self) -> float:
-        return self.budget * (1 + self.margin)
-
-
 def noise(latencies: dict[int, dict], confirmed: dict[int, dict], cands: list[Candidate], rule: str,
           metric: str) -> list[dict[str, Any]]:
     """Run-to-run noise of the decision statistic (the least disturbed of `repeats` sessions): each confirmed
@@ -372,7 +355,7 @@ def noise(latencies: dict[int, dict], confirmed: dict[int, dict], cands: list[Ca
     return out
 
 
-def _value(i: int, latencies: dict, confirmed: dict, rule: str, metric: str, band: Band) -> float:
+def _value(i: int, latencies: dict, confirmed: dict, rule: str, metric: str, low: float, high: float) -> float:
     """The latency the search decides on. A confirmed candidate fits only when both measurements fit and is
     over only when both are over; when they disagree it sits in the band (within the noise of the budget)."""
     a = latencies[i][ships(latencies[i], rule)][metric]
@@ -380,11 +363,11 @@ def _value(i: int, latencies: dict, confirmed: dict, rule: str, metric: str, ban
         return a
     b = confirmed[i][ships(confirmed[i], rule)][metric]
     lo, hi = min(a, b), max(a, b)
-    if hi <= band.low or band.low >= band.high:   # both fit (or no band: a zero margin)
+    if hi <= low or low >= high:   # both fit (or no band: a zero margin)
         return hi
-    if lo >= band.high:                             # both over
+    if lo >= high:                  # both over
         return lo
-    return min(max((a + b) / 2, band.low * (1 + 1e-9)), band.high * (1 - 1e-9))
+    return min(max((a + b) / 2, low * (1 + 1e-9)), high * (1 - 1e-9))
 
 
 def _log(progress: bool, text: str) -> None:
@@ -415,10 +398,7 @@ def size(recipe: Recipe, out: str | Path, cfg: SizeConfig, *, measurements: str 
     _log(progress, f"size: {len(cands)} candidates of {family} (x{cfg.min_multiplier:g}..x{cfg.max_multiplier:g}, "
                    f"widths in multiples of {cfg.divisor}); the {rule} engine's {cfg.metric} at batch {cfg.batch} "
                    f"must be <= {cfg.budget_ms:g} ms / (1 + margin) on {target.name}, margin >= {cfg.margin:g}")
-    if remote:
-        meter: Meter = RemoteMeter(builder, cfg, cands, measurements, batches)
-    else:
-        meter = LocalMeter(builder, cfg, cands, batches, progress)
+    meter = Meter(builder, cfg, cands, batches, progress, remote, measurements)
     state = _run_search(cands, meter, cfg, rule)
     if "need" in state:
         return _request(out, cfg, target, builder, [cands[i] for i in state["need"]], state["phase"], here,
@@ -458,11 +438,13 @@ def _run_search(cands: list[Candidate], meter: Meter, cfg: SizeConfig, rule: str
     rounds = 0
     while True:
         measured_noise = noise(latencies, confirmed, cands, rule, cfg.metric)
-        band = Band(cfg.budget_ms, max([cfg.margin, *(n["noise"] for n in measured_noise)]))
-        values = {i: _value(i, latencies, confirmed, rule, cfg.metric, band) for i in latencies}
-        step = search(len(cands), values, band.low, band.high)
-        state = {"step": step, "latencies": latencies, "confirmed": confirmed, "order": order, "band": band,
-                 "noise": measured_noise, "values": values, "confirm_rounds": rounds}
+        margin = max([cfg.margin, *(n["noise"] for n in measured_noise)])   # the configured one, or the noise
+        # fits when latency <= low, distinguishably over the budget when >= high
+        low, high = cfg.budget_ms / (1 + margin), cfg.budget_ms * (1 + margin)
+        values = {i: _value(i, latencies, confirmed, rule, cfg.metric, low, high) for i in latencies}
+        step = search(len(cands), values, low, high)
+        state = {"step": step, "latencies": latencies, "confirmed": confirmed, "order": order, "margin": margin,
+                 "low": low, "high": high, "noise": measured_noise, "values": values, "confirm_rounds": rounds}
         if "need" in step:
             got = meter.search(step["need"], step["lo"], step["hi"])
             if "need" in got:
@@ -480,23 +462,46 @@ def _run_search(cands: list[Candidate], meter: Meter, cfg: SizeConfig, rule: str
         rounds += 1
 
 
-# A Meter measures candidates: search(indices, lo, hi) and confirm(indices) return {index: {precision: row}}, or
-# {"need": [indices]} when a remote device must measure them first.
-Meter = Union["LocalMeter", "RemoteMeter"]
-
-
-class LocalMeter:
-    """Builds the candidates' engines here and profiles each in fresh processes (as on the device)."""
+class Meter:
+    """Measures candidates: search(indices, lo, hi) and confirm(indices) return {index: {precision: row}}, or
+    {"need": [indices]} when a remote device must measure them first. Here it builds the candidates' engines and
+    profiles each in fresh processes (as on the device). Remote, it reads the device's measurements (untrusted
+    data, checked): the search's from the results folder, the confirmation round's from its confirm/ subfolder,
+    the trained students' from students/; what is missing becomes the next round's request."""
 
     def __init__(self, builder: CandidateBuilder, cfg: SizeConfig, cands: list[Candidate], batches: list[int],
-                 progress: bool) -> None:
+                 progress: bool, remote: bool, measurements: str | Path | None) -> None:
         self.builder, self.cfg, self.cands, self.batches, self.progress = builder, cfg, cands, batches, progress
+        self.remote = remote
+        self.found, self.confirmed, self.students = {}, {}, {}
+        if measurements is not None:
+            path = Path(measurements)
+            self.found = read_measurements(path, builder.target.name, cfg.batch, cfg.metric)
+            for sub, attr in (("confirm", "confirmed"), ("students", "students")):
+                if path.is_dir() and any((path / sub).glob("*.json")):
+                    setattr(self, attr, read_measurements(path / sub, builder.target.name, cfg.batch, cfg.metric,
+                                                          key="bundle" if sub == "students" else "model"))
 
     def search(self, need: list[int], lo: int, hi: int) -> dict[Any, Any]:
-        return {i: self._measure([i], "search ")[i] for i in need}   # one candidate at a time
+        if not self.remote:
+            return {i: self._measure([i], "search ")[i] for i in need}   # one candidate at a time
+        if all(self._known(self.found, i) for i in need):
+            return {i: self._get(self.found, i) for i in need}
+        wanted = list(dict.fromkeys(need + lookahead(lo, hi, ROUND_BUNDLES)))
+        return {"need": [i for i in wanted if not self._known(self.found, i)][:max(ROUND_BUNDLES, len(need))]}
 
     def confirm(self, pair: list[int]) -> dict[Any, Any]:
-        return self._measure(pair, "confirm")   # the pair's engines interleaved
+        if not self.remote:
+            return self._measure(pair, "confirm")   # the pair's engines interleaved
+        if all(self._known(self.confirmed, i) for i in pair):
+            return {i: self._get(self.confirmed, i) for i in pair}
+        return {"need": pair}
+
+    def _known(self, found: dict, i: int) -> bool:
+        return all((self.cands[i].spec, p) in found for p in self.builder.precisions)
+
+    def _get(self, found: dict, i: int) -> dict[str, Any]:
+        return {p: found[(self.cands[i].spec, p)] for p in self.builder.precisions}
 
     def _measure(self, indices: list[int], what: str) -> dict[int, dict[str, Any]]:
         engines = [((i, p), b) for i in indices for p, b in self.builder.build(self.cands[i]).items()]
@@ -534,40 +539,6 @@ def _better(best: dict[str, Any] | None, row: dict[str, Any], metric: str) -> di
     keep = row if row[metric] < best[metric] else best
     per_batch = {b: min(v, best["per_batch"].get(b, v)) for b, v in row["per_batch"].items()}
     return {**keep, "per_batch": per_batch, "sessions": best["sessions"] + 1}
-
-
-class RemoteMeter:
-    """Reads the device's measurements (untrusted data, checked): the search's from the results folder, the
-    confirmation round's from its confirm/ subfolder; what is missing becomes the next round's request."""
-
-    def __init__(self, builder: CandidateBuilder, cfg: SizeConfig, cands: list[Candidate],
-                 measurements: str | Path | None, batches: list[int]) -> None:
-        self.builder, self.cfg, self.cands, self.batches = builder, cfg, cands, batches
-        self.found, self.confirmed, self.students = {}, {}, {}
-        if measurements is not None:
-            path = Path(measurements)
-            self.found = read_measurements(path, builder.target.name, cfg.batch, cfg.metric)
-            for sub, attr in (("confirm", "confirmed"), ("students", "students")):
-                if path.is_dir() and any((path / sub).glob("*.json")):
-                    setattr(self, attr, read_measurements(path / sub, builder.target.name, cfg.batch, cfg.metric,
-                                                          key="bundle" if sub == "students" else "model"))
-
-    def _known(self, found: dict, i: int) -> bool:
-        return all((self.cands[i].spec, p) in found for p in self.builder.precisions)
-
-    def _get(self, found: dict, i: int) -> dict[str, Any]:
-        return {p: found[(self.cands[i].spec, p)] for p in self.builder.precisions}
-
-    def search(self, need: list[int], lo: int, hi: int) -> dict[Any, Any]:
-        if all(self._known(self.found, i) for i in need):
-            return {i: self._get(self.found, i) for i in need}
-        wanted = list(dict.fromkeys(need + lookahead(lo, hi, ROUND_BUNDLES)))
-        return {"need": [i for i in wanted if not self._known(self.found, i)][:max(ROUND_BUNDLES, len(need))]}
-
-    def confirm(self, pair: list[int]) -> dict[Any, Any]:
-        if all(self._known(self.confirmed, i) for i in pair):
-            return {i: self._get(self.confirmed, i) for i in pair}
-        return {"need": pair}
 
 
 def _remote_note(trained: list[dict[str, Any]], out: Path) -> str:
@@ -614,26 +585,26 @@ def _device_loop(folder: str, bundles: list[str], results: str, cfg: SizeConfig,
 
 
 def _row(c: Candidate, i: int, state: dict[str, Any], cfg: SizeConfig, rule: str) -> dict[str, Any]:
-    lat, conf, band = state["latencies"][i], state["confirmed"].get(i), state["band"]
+    lat, conf, low, high = state["latencies"][i], state["confirmed"].get(i), state["low"], state["high"]
     decision = state["values"][i]
     return {**dataclasses.asdict(c),
             "latency_ms": {p: {k: r[k] for k in ("p50", "p90", "p99", "mean", "runs", "per_batch")}
                            for p, r in lat.items()},
             "confirm_ms": {p: r[cfg.metric] for p, r in conf.items()} if conf else None,
-            "ships": ships(lat, rule), "decision_ms": decision, "fits": decision <= band.low,
-            "within_noise": band.low < decision < band.high, "margin_ms": cfg.budget_ms - decision}
+            "ships": ships(lat, rule), "decision_ms": decision, "fits": decision <= low,
+            "within_noise": low < decision < high, "margin_ms": cfg.budget_ms - decision}
 
 
 def _search_report(cands: list[Candidate], state: dict, cfg: SizeConfig, target: Target, rule: str, family: str,
                    builder: CandidateBuilder) -> dict:
     rows = {i: _row(cands[i], i, state, cfg, rule) for i in sorted(state["latencies"])}
-    step, band = state["step"], state["band"]
+    step = state["step"]
     chosen, larger = step["chosen"], step["larger"]
     smaller = chosen - 1 if chosen else None
     between = [rows[i]["spec"] for i in rows if chosen is not None and larger is not None and chosen < i < larger]
     return {
-        "budget_ms": cfg.budget_ms, "metric": cfg.metric, "batch": cfg.batch, "margin": band.margin,
-        "configured_margin": cfg.margin, "low_ms": band.low, "high_ms": band.high,
+        "budget_ms": cfg.budget_ms, "metric": cfg.metric, "batch": cfg.batch, "margin": state["margin"],
+        "configured_margin": cfg.margin, "low_ms": state["low"], "high_ms": state["high"],
         "noise": {"max": max((n["noise"] for n in state["noise"]), default=None), "engines": state["noise"]},
         "confirm_rounds": state["confirm_rounds"], "settled": state.get("settled", True),
         "target": target.name, "decision_precision": rule,
@@ -662,7 +633,6 @@ def _train(recipe: Recipe, out: Path, cfg: SizeConfig, target: Target, data: Any
     from edgekd.distillation import distill, train_teacher
     from edgekd.pipeline import RunContext, engines
 
-    remote = isinstance(meter, RemoteMeter)
     teacher = recipe.path(recipe.teacher.checkpoint) if recipe.teacher.checkpoint else None
     if teacher is None:
         teacher = out / "teacher" / "teacher.safetensors"
@@ -681,7 +651,7 @@ def _train(recipe: Recipe, out: Path, cfg: SizeConfig, target: Target, data: Any
         run_dir = out / "students" / _slug(cand["spec"])
         metrics = distill(r, run_dir, device=device, progress=progress, data=data, resume=True)
         run_rep = engines(RunContext(run_dir, r, data), [target], device=device, progress=progress,
-                          profile_here=not remote, resume=True)
+                          profile_here=not meter.remote, resume=True)
         headline = run_rep.get("headline") or {}
         fallback = (run_rep.get("int8_fallback") or {}).get(target.name)
         entry = {"role": role, "spec": cand["spec"], "multiplier": cand["multiplier"], "params": cand["params"],
@@ -704,7 +674,7 @@ def _final_profiles(trained: list[dict[str, Any]], out: Path, cfg: SizeConfig, t
     """Each trained student's engines with their latency at cfg.batch (best of cfg.repeats interleaved fresh
     sessions, here or read back from the device), accuracy on the engine and whether it is the one that ships
     (the pipeline's headline; where it has none, as on a remote target, INT8 unless slower than FP32)."""
-    if isinstance(meter, RemoteMeter):
+    if meter.remote:
         for t in trained:
             rels = [(Path(t["run_dir"]) / b).relative_to(out).as_posix() for b in t["bundles"]]
             found = [(b, k, v) for b, rel in zip(t["bundles"], rels, strict=True)
@@ -740,7 +710,6 @@ def _final_profiles(trained: list[dict[str, Any]], out: Path, cfg: SizeConfig, t
 def _reference_engines(trained: list[dict[str, Any]], rep: dict[str, Any], meter: Meter) -> list[tuple[Any, Path]]:
     """The untrained engines the search measured for the trained students: profiled again beside the trained
     ones, they show how far the machine's speed drifted since the search (another load, another clock)."""
-    assert isinstance(meter, LocalMeter)
     rows = {r["spec"]: r for r in rep["candidates"]}
     return [(("ref", rows[t["spec"]]["index"], p), meter.builder.bundle_dir(meter.cands[rows[t["spec"]]["index"]], p))
             for t in trained if t["spec"] in rows for p in meter.builder.precisions]
@@ -834,6 +803,8 @@ def _energy(trained: list[dict], batch: int, data: Any, progress: bool) -> dict[
 
 
 def markdown(rep: dict[str, Any]) -> str:
+    from tabulate import tabulate
+
     m, b = rep["metric"], rep["batch"]
     rule = rep["decision_precision"]
     engine = ("the engine that would ship (INT8, or FP32 where INT8 is slower at a profiled batch size, as "
@@ -875,8 +846,8 @@ def markdown(rep: dict[str, Any]) -> str:
               "next larger" if rep["next_larger"] and r["index"] == rep["next_larger"]["index"] else "")]
             for r in rep["candidates"]]
     lines += ["## Candidates measured (untrained, on the engine)", "",
-              tabulate_rows(rows, ["#", "multiplier", "model", "params", *[f"{p} {m} ms" for p in precisions],
-                                   "confirmed " + " / ".join(precisions), "decides", "fits", ""]), ""]
+              tabulate(rows, ["#", "multiplier", "model", "params", *[f"{p} {m} ms" for p in precisions],
+                              "confirmed " + " / ".join(precisions), "decides", "fits", ""], tablefmt="github"), ""]
     lines += _trained_lines(rep)
     if rep.get("note"):
         lines += [rep["note"], ""]
@@ -909,6 +880,8 @@ def _noise_text(rep: dict[str, Any]) -> str:
 
 
 def _trained_lines(rep: dict[str, Any]) -> list[str]:
+    from tabulate import tabulate
+
     if not any(t["engines"] for t in rep.get("trained") or []):
         return []
     m, b = rep["metric"], rep["batch"]
@@ -919,8 +892,8 @@ def _trained_lines(rep: dict[str, Any]) -> list[str]:
             for t in rep["trained"] for e in t["engines"]]
     teacher = rep["trained"][0]["teacher_accuracy"]
     lines = [f"## Distilled students (accuracy on the engine, test split; teacher {teacher:.4f} in PyTorch)", "",
-             tabulate_rows(rows, ["role", "model", "params", "precision", "quant", "ships", "accuracy",
-                                  f"p50 ms (batch {b})", "p90 ms", "p99 ms", f"{m} meets budget"]), ""]
+             tabulate(rows, ["role", "model", "params", "precision", "quant", "ships", "accuracy",
+                             f"p50 ms (batch {b})", "p90 ms", "p99 ms", f"{m} meets budget"], tablefmt="github"), ""]
     for t in rep["trained"]:
         if t.get("int8_fallback"):
             lines += [f"- {t['spec']}: INT8 against FP32: {t['int8_fallback']['chose']} ships "
@@ -952,12 +925,6 @@ def _trained_lines(rep: dict[str, Any]) -> list[str]:
                       (f" and the next larger's {s['larger_ms']:.4f} ms" if s["larger_ms"] is not None else "") +
                       (": the pair brackets the budget." if s["brackets"] else ": the pair does not bracket it.")]
     return lines + [""]
-
-
-def tabulate_rows(rows: list[list[Any]], headers: list[str]) -> str:
-    from tabulate import tabulate
-
-    return tabulate(rows, headers=headers, tablefmt="github")
 
 
 def plot(rep: dict[str, Any], path: Path) -> None:
