@@ -664,8 +664,6 @@ def _train(recipe: Recipe, out: Path, cfg: SizeConfig, target: Target, data: Any
                  "_entries": [e for e in run_rep.get("engines", []) if e["model"] == "student"]}
         trained.append(entry)
     _final_profiles(trained, out, cfg, target, meter, rep)
-    for t in trained:
-        del t["_entries"]
     return trained
 
 
@@ -674,6 +672,7 @@ def _final_profiles(trained: list[dict[str, Any]], out: Path, cfg: SizeConfig, t
     """Each trained student's engines with their latency at cfg.batch (best of cfg.repeats interleaved fresh
     sessions, here or read back from the device), accuracy on the engine and whether it is the one that ships
     (the pipeline's headline; where it has none, as on a remote target, INT8 unless slower than FP32)."""
+    entries = [(t, e) for t in trained for e in t.pop("_entries")]   # the pipeline's rows of the student engines
     if meter.remote:
         for t in trained:
             rels = [(Path(t["run_dir"]) / b).relative_to(out).as_posix() for b in t["bundles"]]
@@ -685,26 +684,19 @@ def _final_profiles(trained: list[dict[str, Any]], out: Path, cfg: SizeConfig, t
         if not all(t["engines"] for t in trained):
             _write_student_command(trained, out, cfg, meter)
     else:
-        bundles = [((k, j), Path(t["run_dir"]) / e["path"]) for k, t in enumerate(trained)
-                   for j, e in enumerate(t["_entries"])]
+        bundles = [(("student", k), Path(t["run_dir"]) / e["path"]) for k, (t, e) in enumerate(entries)]
         refs = _reference_engines(trained, rep, meter)
         rows = profile_interleaved(bundles + refs, cfg, target.name, meter.batches) if bundles else {}
         rep["drift"] = _drift(rows, rep, cfg.metric)
-        for key, row in rows.items():
-            if key[0] == "ref":
-                continue
-            k, j = key
-            e = trained[k]["_entries"][j]
-            trained[k]["engines"].append(_engine_row(e["precision"], e["quantization"], e["path"], e["accuracy"],
-                                                     e["agreement"], row, cfg,
-                                                     shipped=e["name"] == trained[k]["shipped_engine"]))
+        for k, (t, e) in enumerate(entries):
+            t["engines"].append(_engine_row(e["precision"], e["quantization"], e["path"], e["accuracy"],
+                                            e["agreement"], rows[("student", k)], cfg,
+                                            shipped=e["name"] == t["shipped_engine"]))
     for t in trained:
         if t["engines"] and not any(e["shipped"] for e in t["engines"]):
-            lat = {e["precision"]: e["_row"] for e in t["engines"]}
+            lat = {e["precision"]: {"per_batch": e["per_batch_p50"]} for e in t["engines"]}
             precision = ships(lat, SHIPPED) if {"int8", "fp32"} <= set(lat) else next(iter(lat))
             next(e for e in t["engines"] if e["precision"] == precision)["shipped"] = True
-        for e in t["engines"]:
-            e.pop("_row")
 
 
 def _reference_engines(trained: list[dict[str, Any]], rep: dict[str, Any], meter: Meter) -> list[tuple[Any, Path]]:
@@ -735,8 +727,7 @@ def _engine_row(precision: str, quantization: str, path: str, accuracy: float | 
                 row: dict[str, Any], cfg: SizeConfig, shipped: bool = False) -> dict[str, Any]:
     return {"precision": precision, "quantization": quantization, "path": path, "accuracy": accuracy,
             "agreement": agreement, "latency_ms": {k: row[k] for k in ("p50", "p90", "p99", "mean", "runs")},
-            "per_batch_p50": row["per_batch"], "meets_budget": row[cfg.metric] <= cfg.budget_ms, "shipped": shipped,
-            "_row": row}
+            "per_batch_p50": row["per_batch"], "meets_budget": row[cfg.metric] <= cfg.budget_ms, "shipped": shipped}
 
 
 def _write_student_command(trained: list[dict[str, Any]], out: Path, cfg: SizeConfig, meter: Meter) -> None:
@@ -756,24 +747,21 @@ def _verdict(rep: dict[str, Any]) -> dict[str, Any] | None:
     larger one's exceeds it, as measured; and at the search's machine speed (each trained engine scaled by its
     untrained candidate's search / now latency, profiled beside it), which is what the search's decision compares
     with when other processes' load changed in between."""
-    by_role = {t["role"]: next((e for e in t["engines"] if e["shipped"]), None) for t in rep["trained"]}
-    by_spec = {t["role"]: t["spec"] for t in rep["trained"]}
-    chosen, larger = by_role.get("chosen"), by_role.get("next larger")
-    if chosen is None:
+    shipped = {t["role"]: next(({**e, "spec": t["spec"]} for e in t["engines"] if e["shipped"]), None)
+               for t in rep["trained"]}
+    pair = {"chosen": shipped.get("chosen"), "larger": shipped.get("next larger")}
+    if pair["chosen"] is None:
         return None
     m, budget = rep["metric"], rep["budget_ms"]
-    out = {"chosen": {k: chosen[k] for k in ("precision", "quantization")} | {"ms": chosen["latency_ms"][m]},
-           "larger": ({k: larger[k] for k in ("precision", "quantization")} | {"ms": larger["latency_ms"][m]}
-                      if larger else None)}
+    out = {key: {k: e[k] for k in ("precision", "quantization")} | {"ms": e["latency_ms"][m]} if e else None
+           for key, e in pair.items()}
     out["chosen_meets"] = out["chosen"]["ms"] <= budget
-    out["larger_exceeds"] = out["larger"]["ms"] > budget if larger else None
+    out["larger_exceeds"] = out["larger"]["ms"] > budget if out["larger"] else None
     out["brackets"] = out["chosen_meets"] and bool(out["larger_exceeds"])
     refs = {(e["spec"], e["precision"]): e for e in (rep.get("drift") or {}).get("engines", [])}
-    scaled = {}
-    for key, t, e in (("chosen", by_spec.get("chosen"), chosen), ("larger", by_spec.get("next larger"), larger)):
-        ref = refs.get((t, e["precision"])) if e else None
-        if ref:   # the trained engine at the search's machine speed: x (search / now) of its untrained candidate
-            scaled[key] = e["latency_ms"][m] * ref["search_ms"] / ref["now_ms"]
+    # the trained engine at the search's machine speed: x (search / now) of its untrained candidate
+    scaled = {key: e["latency_ms"][m] * ref["search_ms"] / ref["now_ms"] for key, e in pair.items()
+              if e and (ref := refs.get((e["spec"], e["precision"])))}
     if "chosen" in scaled:
         out["at_search_speed"] = {"chosen_ms": scaled["chosen"], "larger_ms": scaled.get("larger"),
                                   "brackets": scaled["chosen"] <= budget and scaled.get("larger", 0) > budget}
