@@ -27,6 +27,7 @@ search assumes the host is the target.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -234,47 +235,55 @@ class CandidateBuilder:
         self.batches, self.calibration = calibration_batches(RunContext(folder, recipe, data), recipe.quantize)
         n = min(EVAL_SAMPLES, len(data.x_test))
         self.evals = (data.x_test[:n], data.y_test[:n], None)
-        self._float: dict[str, tuple[Path | None, Path | None]] = {}   # spec -> (float ONNX, weights): exported once
+        self._sources: dict[tuple[str, str], Any] = {}   # (spec, quantization) -> EngineSource
         self.exports = 0   # ONNX exports and weight files written (one per candidate and quantization)
 
     def bundle_dir(self, c: Candidate, precision: str) -> Path:
         return self.folder / f"{_slug(c.spec)}-{precision}"
 
     def build(self, c: Candidate) -> dict[str, Path]:
-        """precision -> bundle folder; a verified bundle already there is reused (a rerun resumes)."""
+        """precision -> bundle folder; a verified bundle already there is reused (a rerun resumes), any other is
+        rebuilt in its place (engines.build swaps the whole folder)."""
         from edgekd.bundle import verify
 
         out = {}
         for precision in self.precisions:
             path = self.bundle_dir(c, precision)
-            if (path / "manifest.json").is_file():
-                try:
-                    if verify(path).get("model") == c.spec:
-                        out[precision] = path
-                        continue
-                except EdgekdError:
-                    pass
-                import shutil
-
-                shutil.rmtree(path)
+            with contextlib.suppress(EdgekdError):
+                if (path / "manifest.json").is_file() and verify(path).get("model") == c.spec:
+                    out[precision] = path
+                    continue
             out[precision] = self._build_one(c, precision, path)
         return out
 
     def _build_one(self, c: Candidate, precision: str, path: Path) -> Path:
+        from edgekd.engines import build as build_engine
+
+        quantization = "ptq" if precision == "int8" else "none"
+        if (c.spec, quantization) not in self._sources:   # one export serves every float precision
+            self._sources[c.spec, quantization] = self._export(c, quantization)
+        try:
+            return build_engine(self._sources[c.spec, quantization], self.target, precision, path,
+                                eval_data=self.evals)
+        except EdgekdError as e:
+            raise EdgekdError(f"target {self.target.name}: cannot build the {precision} engine of candidate "
+                              f"{c.spec} on this machine ({e}); run `edgekd size` on a machine that can build "
+                              "this target's engines (for TensorRT: the device itself)") from e
+
+    def _export(self, c: Candidate, quantization: str) -> Any:
+        """The untrained candidate ("ptq": quantized) as ONNX, or as weights for a runtime that builds from them
+        (torch); seeded, so every precision and rerun gets the same weights."""
         import torch
 
-        from edgekd.engines import EngineSource
-        from edgekd.engines import build as build_engine
+        from edgekd.engines import EngineSource, registry
         from edgekd.export import export_onnx
         from edgekd.models import build_model, save_weights
 
-        torch.manual_seed(0)   # the untrained candidate: the same weights for every precision and rerun
+        torch.manual_seed(0)
         net = build_model(c.spec, self.data.input_shape, self.data.num_classes).eval()
         meta = {"model": c.spec, "model_spec": c.spec, "class_names": json.dumps(list(self.data.class_names)),
                 "normalization": json.dumps(self.data.normalization), "size_candidate": "untrained"}
-        quantization, onnx_path, weights = "none", None, None
-        work = self.folder / ".work"
-        if precision == "int8":
+        if quantization == "ptq":
             from edgekd.pipeline import _import_torchao_quietly
 
             _import_torchao_quietly()
@@ -283,29 +292,18 @@ class CandidateBuilder:
             q = self.recipe.quantize
             qcfg = quantize.QuantConfig(scheme=self.target.quant_scheme, observer=q.observer, percentile=q.percentile)
             net = quantize.ptq(net, self.example, self.batches, qcfg)
-            quantization = "ptq"
             meta.update(quantization="ptq", quant_scheme=self.target.quant_scheme)
-        if quantization == "none" and c.spec in self._float:
-            onnx_path, weights = self._float[c.spec]   # one export serves every float precision
-        elif self.target.runtime == "torch":
-            weights = work / f"{_slug(c.spec)}-{quantization}.safetensors"
-            save_weights(net, weights)
-            self.exports += 1
+        stem, onnx_path, weights = f"{_slug(c.spec)}-{quantization}", None, None
+        if registry.backend(self.target.runtime).source == "onnx":
+            onnx_path = export_onnx(net, self.example, self.folder / ".work" / f"{stem}.onnx", metadata=meta)
         else:
-            onnx_path = export_onnx(net, self.example, work / f"{_slug(c.spec)}-{quantization}.onnx", metadata=meta)
-            self.exports += 1
-        if quantization == "none":
-            self._float[c.spec] = (onnx_path, weights)
-        source = EngineSource(model_name=c.spec, onnx_path=onnx_path, weights_path=weights, model_spec=c.spec,
-                              input_shape=self.data.input_shape, num_classes=self.data.num_classes,
-                              class_names=self.data.class_names, normalization=self.data.normalization,
-                              quantization=quantization)
-        try:
-            return build_engine(source, self.target, precision, path, eval_data=self.evals)
-        except EdgekdError as e:
-            raise EdgekdError(f"target {self.target.name}: cannot build the {precision} engine of candidate "
-                              f"{c.spec} on this machine ({e}); run `edgekd size` on a machine that can build "
-                              "this target's engines (for TensorRT: the device itself)") from e
+            weights = self.folder / ".work" / f"{stem}.safetensors"
+            save_weights(net, weights)
+        self.exports += 1
+        return EngineSource(model_name=c.spec, onnx_path=onnx_path, weights_path=weights, model_spec=c.spec,
+                            input_shape=self.data.input_shape, num_classes=self.data.num_classes,
+                            class_names=self.data.class_names, normalization=self.data.normalization,
+                            quantization=quantization)
 
 
 # ------------------------------------------------------------------------------------------ the stage
@@ -417,7 +415,7 @@ def size(recipe: Recipe, out: str | Path, cfg: SizeConfig, *, measurements: str 
         rep["trained"] = _train(recipe, out, cfg, target, data, rep, device, progress, meter)
         rep["verdict"] = _verdict(rep)
         if remote:
-            rep["note"] = _remote_note(rep["trained"], out)
+            rep["note"] = _remote_note(rep["trained"], out, cfg, batches)
         else:
             rep["energy"] = _energy(rep["trained"], cfg.batch, data, progress)
     else:
@@ -541,13 +539,21 @@ def _better(best: dict[str, Any] | None, row: dict[str, Any], metric: str) -> di
     return {**keep, "per_batch": per_batch, "sessions": best["sessions"] + 1}
 
 
-def _remote_note(trained: list[dict[str, Any]], out: Path) -> str:
+def _remote_note(trained: list[dict[str, Any]], out: Path, cfg: SizeConfig, batches: list[int]) -> str:
+    """The report's note on a remote target; while the trained students' bundles are not measured, it writes
+    their device command to students/MEASURE.txt (run from the folder that holds students/; the results go to
+    results/students/, read back from the measurements folder's students/)."""
     if all(t["engines"] for t in trained):
         return "The search and the distilled students' engines were measured on the device."
-    bundles = [b for t in trained for b in t.get("bundles", [])]
+    bundles = [(Path(t["run_dir"]) / b).relative_to(out).as_posix() for t in trained for b in t["bundles"]]
     if not bundles:
         return ("The search used measurements from the device; the students' engines cannot be built on this "
                 "machine (see each run folder's report.md): build and profile them on the device.")
+    command = _device_loop(".", bundles, "results/students", cfg, batches)
+    fileio.write_text(out / "students" / "MEASURE.txt",
+                      f"# on the device, from the folder that holds students/:\n{command}\n# then copy "
+                      "results/students/ into the measurements folder (as its students/) and rerun the same "
+                      "`edgekd size ... --measurements` command\n")
     return ("The search used measurements from the device. The distilled students' bundles were built here; "
             f"profile them on the device, from the folder that holds students/ (see {out / 'students' / 'MEASURE.txt'}"
             "), copy results/students/ into the measurements folder and rerun the same `edgekd size --measurements` "
@@ -681,8 +687,6 @@ def _final_profiles(trained: list[dict[str, Any]], out: Path, cfg: SizeConfig, t
             if len(found) == len(rels):
                 t["engines"] = [_engine_row(k[1], v["quantization"], b, v["accuracy"], None, v, cfg)
                                 for b, k, v in found]
-        if not all(t["engines"] for t in trained):
-            _write_student_command(trained, out, cfg, meter)
     else:
         bundles = [(("student", k), Path(t["run_dir"]) / e["path"]) for k, (t, e) in enumerate(entries)]
         refs = _reference_engines(trained, rep, meter)
@@ -728,18 +732,6 @@ def _engine_row(precision: str, quantization: str, path: str, accuracy: float | 
     return {"precision": precision, "quantization": quantization, "path": path, "accuracy": accuracy,
             "agreement": agreement, "latency_ms": {k: row[k] for k in ("p50", "p90", "p99", "mean", "runs")},
             "per_batch_p50": row["per_batch"], "meets_budget": row[cfg.metric] <= cfg.budget_ms, "shipped": shipped}
-
-
-def _write_student_command(trained: list[dict[str, Any]], out: Path, cfg: SizeConfig, meter: Meter) -> None:
-    """students/MEASURE.txt: the device command for the trained students' bundles (run from the folder that
-    holds students/); the results go to results/students/, read back from the measurements folder's students/."""
-    bundles = [(Path(t["run_dir"]) / b).relative_to(out).as_posix() for t in trained for b in t["bundles"]]
-    if bundles:
-        command = _device_loop(".", bundles, "results/students", cfg, meter.batches)
-        fileio.write_text(out / "students" / "MEASURE.txt",
-                          f"# on the device, from the folder that holds students/:\n{command}\n# then copy "
-                          "results/students/ into the measurements folder (as its students/) and rerun the same "
-                          "`edgekd size ... --measurements` command\n")
 
 
 def _verdict(rep: dict[str, Any]) -> dict[str, Any] | None:
