@@ -765,13 +765,11 @@ def _energy(trained: list[dict], batch: int, data: Any, progress: bool) -> dict[
     from edgekd import energy, runtime
 
     results: dict[str, Any] = {}
+    x = np.ascontiguousarray(data.x_test[:batch])
     for t in trained:
-        for e in t["engines"]:
-            if not e["shipped"]:
-                continue
+        for e in [e for e in t["engines"] if e["shipped"]]:
             engine = runtime.load(Path(t["run_dir"]) / e["path"])
-            x = np.ascontiguousarray(data.x_test[:batch])
-            m = energy.measure(lambda engine=engine, x=x: engine(x), seconds=1.0)
+            m = energy.measure(lambda engine=engine: engine(x), seconds=1.0)
             if not m["available"]:
                 _log(progress, f"size: energy not measured: {m['reason']}")
                 return m
@@ -833,12 +831,9 @@ def markdown(rep: dict[str, Any]) -> str:
         lines += [rep["note"], ""]
     en = rep.get("energy")
     if en:
-        if en["available"]:
-            lines += ["## Energy", ""] + [f"- {k}: {v['joules_per_inference'] * 1e3:.4f} mJ per inference "
-                                          f"({v['watts']:.1f} W, {v['source']}; {v['note']})"
-                                          for k, v in en["engines"].items()] + [""]
-        else:
-            lines += ["## Energy", "", f"Not measured: {en['reason']}.", ""]
+        lines += ["## Energy", "", *([f"- {k}: {v['joules_per_inference'] * 1e3:.4f} mJ per inference ({v['watts']:.1f}"
+                                      f" W, {v['source']}; {v['note']})" for k, v in en["engines"].items()]
+                                     if en["available"] else [f"Not measured: {en['reason']}."]), ""]
     lines += ["![latency against width](size-report.png)", ""]
     return "\n".join(lines)
 
