@@ -159,7 +159,7 @@ def read_measurements(path: str | Path, target: str, batch: int, metric: str = "
     """Profile results from the device (`python -m edgekd.runtime profile ... --json`): a folder of .json files,
     or one .json file holding one result or a list. Data, not code: size-bounded and checked; returns
     {(model spec, precision): {"p50", "p90", "p99", "mean", "runs", "per_batch", "accuracy", "source"}} at
-    `batch`, combining the sessions of one engine as profile_interleaved does. With key="bundle" the first item
+    `batch`, combining the sessions of one engine as Meter.profile does. With key="bundle" the first item
     is the bundle's path as the device named it, last STUDENT_PATH_PARTS parts (the trained students' bundles
     all hold model "student"); it is only compared with the paths edgekd wrote, never opened."""
     path = Path(path)
@@ -399,8 +399,7 @@ def size(recipe: Recipe, out: str | Path, cfg: SizeConfig, *, measurements: str 
     meter = Meter(builder, cfg, cands, batches, progress, remote, measurements)
     state = _run_search(cands, meter, cfg, rule)
     if "need" in state:
-        return _request(out, cfg, target, builder, [cands[i] for i in state["need"]], state["phase"], here,
-                        batches, progress)
+        return meter.request(out, [cands[i] for i in state["need"]], state["phase"], here)
     rep = _search_report(cands, state, cfg, target, rule, family, builder)
     if rep["chosen"] is None:
         _write(out, rep)
@@ -415,7 +414,7 @@ def size(recipe: Recipe, out: str | Path, cfg: SizeConfig, *, measurements: str 
         rep["trained"] = _train(recipe, out, cfg, target, data, rep, device, progress, meter)
         rep["verdict"] = _verdict(rep)
         if remote:
-            rep["note"] = _remote_note(rep["trained"], out, cfg, batches)
+            rep["note"] = _remote_note(rep["trained"], out, meter)
         else:
             rep["energy"] = _energy(rep["trained"], cfg.batch, data, progress)
     else:
@@ -501,33 +500,59 @@ class Meter:
     def _get(self, found: dict, i: int) -> dict[str, Any]:
         return {p: found[(self.cands[i].spec, p)] for p in self.builder.precisions}
 
+    def profile(self, engines: list[tuple[Any, Path]]) -> dict[Any, dict[str, Any]]:
+        """Profile each (key, bundle) in cfg.repeats fresh processes, interleaved (session 1 of every engine, then
+        session 2, ...) so that a slow spell on a shared machine hits all of them alike; per engine the session
+        with the lowest cfg.metric at cfg.batch counts, and per batch its lowest p50: other processes only ever
+        add latency, so the least disturbed session is the closest to what the engine takes (timeit's reasoning)."""
+        from edgekd.pipeline import profile_in_subprocess
+
+        cfg, best = self.cfg, {}
+        args = ["--batch", ",".join(map(str, self.batches)), "--min-seconds", str(cfg.profile_seconds)]
+        for _ in range(cfg.repeats):
+            for key, bundle in engines:
+                where = f"profile {bundle}"
+                _, row = _measurement(profile_in_subprocess(bundle, args), where, self.builder.target.name, cfg.batch)
+                best[key] = _better(best.get(key), row, cfg.metric)
+        return best
+
+    def request(self, out: Path, wanted: list[Candidate], phase: str, here: str) -> dict[str, Any]:
+        """Write the bundles a remote round needs and the one command that profiles them on the device (sessions
+        interleaved across bundles; a confirmation round writes into results/confirm/)."""
+        cfg, folder = self.cfg, self.builder.folder
+        names = [bundle.name for c in wanted for bundle in self.builder.build(c).values()]
+        command = self.device_loop(folder.name, names, "results" + ("/confirm" if phase == "confirm" else ""))
+        rerun = (f"edgekd size RECIPE --target {cfg.target} --budget-ms {cfg.budget_ms:g} --batch {cfg.batch} "
+                 f"--metric {cfg.metric} --out {out} --measurements {folder / 'results'}")
+        req = {"status": "needs measurements", "phase": phase, "target": self.builder.target.name, "bundles": names,
+               "folder": str(folder), "command": command, "then": rerun,
+               "why_remote": here if here != "ok" else "remote target",
+               "candidates": [dataclasses.asdict(c) for c in wanted]}
+        fileio.write_json(out / "size-request.json", req)
+        fileio.write_text(folder / "MEASURE.txt", f"# on the device, from the folder that holds {folder.name}/:\n"
+                          f"{command}\n# then copy {folder.name}/results/ back and run:\n{rerun}\n")
+        _log(self.progress, f"size: {phase}: wrote {len(names)} bundles to {folder}; on the device run:\n  "
+                            f"{command}\nthen:\n  {rerun}")
+        return req
+
+    def device_loop(self, folder: str, bundles: list[str], results: str) -> str:
+        """One shell command for the device: cfg.repeats interleaved sessions of every bundle, one .json each."""
+        cfg = self.cfg
+        sessions = " ".join(str(i + 1) for i in range(cfg.repeats))
+        return (f"(cd {folder} && mkdir -p {results} && for r in {sessions}; do for b in {' '.join(bundles)}; do "
+                f"python -m edgekd.runtime profile \"$b\" --batch {','.join(map(str, self.batches))} --min-seconds "
+                f"{cfg.profile_seconds:g} --json \"{results}/$(echo \"$b\" | tr / _).$r.json\" || exit 1; done; done)")
+
     def _measure(self, indices: list[int], what: str) -> dict[int, dict[str, Any]]:
         engines = [((i, p), b) for i in indices for p, b in self.builder.build(self.cands[i]).items()]
         out: dict[int, dict[str, Any]] = {}
-        for (i, p), row in profile_interleaved(engines, self.cfg, self.builder.target.name, self.batches).items():
+        for (i, p), row in self.profile(engines).items():
             out.setdefault(i, {})[p] = row
         for i in indices:
             c, lat = self.cands[i], out[i]
             _log(self.progress, f"size: {what} #{i:<3} x{c.multiplier:<7g} {c.spec:28s} {c.params:>9,} params  " +
                  "  ".join(f"{p} {self.cfg.metric} {r[self.cfg.metric]:.4f} ms" for p, r in lat.items()))
         return out
-
-
-def profile_interleaved(engines: list[tuple[Any, Path]], cfg: SizeConfig, target: str, batches: list[int]
-                        ) -> dict[Any, dict[str, Any]]:
-    """Profile each (key, bundle) in cfg.repeats fresh processes, interleaved (session 1 of every engine, then
-    session 2, ...) so that a slow spell on a shared machine hits all of them alike; per engine the session with
-    the lowest cfg.metric at cfg.batch counts, and per batch its lowest p50: other processes only ever add
-    latency, so the least disturbed session is the closest to what the engine takes (timeit's reasoning)."""
-    from edgekd.pipeline import profile_in_subprocess
-
-    best: dict[Any, dict[str, Any]] = {}
-    args = ["--batch", ",".join(map(str, batches)), "--min-seconds", str(cfg.profile_seconds)]
-    for _ in range(cfg.repeats):
-        for key, bundle in engines:
-            _, row = _measurement(profile_in_subprocess(bundle, args), f"profile {bundle}", target, cfg.batch)
-            best[key] = _better(best.get(key), row, cfg.metric)
-    return best
 
 
 def _better(best: dict[str, Any] | None, row: dict[str, Any], metric: str) -> dict[str, Any]:
@@ -539,7 +564,7 @@ def _better(best: dict[str, Any] | None, row: dict[str, Any], metric: str) -> di
     return {**keep, "per_batch": per_batch, "sessions": best["sessions"] + 1}
 
 
-def _remote_note(trained: list[dict[str, Any]], out: Path, cfg: SizeConfig, batches: list[int]) -> str:
+def _remote_note(trained: list[dict[str, Any]], out: Path, meter: Meter) -> str:
     """The report's note on a remote target; while the trained students' bundles are not measured, it writes
     their device command to students/MEASURE.txt (run from the folder that holds students/; the results go to
     results/students/, read back from the measurements folder's students/)."""
@@ -549,7 +574,7 @@ def _remote_note(trained: list[dict[str, Any]], out: Path, cfg: SizeConfig, batc
     if not bundles:
         return ("The search used measurements from the device; the students' engines cannot be built on this "
                 "machine (see each run folder's report.md): build and profile them on the device.")
-    command = _device_loop(".", bundles, "results/students", cfg, batches)
+    command = meter.device_loop(".", bundles, "results/students")
     fileio.write_text(out / "students" / "MEASURE.txt",
                       f"# on the device, from the folder that holds students/:\n{command}\n# then copy "
                       "results/students/ into the measurements folder (as its students/) and rerun the same "
@@ -558,36 +583,6 @@ def _remote_note(trained: list[dict[str, Any]], out: Path, cfg: SizeConfig, batc
             f"profile them on the device, from the folder that holds students/ (see {out / 'students' / 'MEASURE.txt'}"
             "), copy results/students/ into the measurements folder and rerun the same `edgekd size --measurements` "
             "command to read them back.")
-
-
-def _request(out: Path, cfg: SizeConfig, target: Target, builder: CandidateBuilder, wanted: list[Candidate],
-             phase: str, here: str, batches: list[int], progress: bool) -> dict[str, Any]:
-    """Write the bundles a remote round needs and the one command that profiles them on the device (sessions
-    interleaved across bundles; a confirmation round writes into results/confirm/)."""
-    names = [bundle.name for c in wanted for bundle in builder.build(c).values()]
-    folder = builder.folder
-    results = "results" + ("/confirm" if phase == "confirm" else "")
-    command = _device_loop(folder.name, names, results, cfg, batches)
-    rerun = (f"edgekd size RECIPE --target {cfg.target} --budget-ms {cfg.budget_ms:g} --batch {cfg.batch} "
-             f"--metric {cfg.metric} --out {out} --measurements {folder / 'results'}")
-    req = {"status": "needs measurements", "phase": phase, "target": target.name, "bundles": names,
-           "folder": str(folder), "command": command, "then": rerun,
-           "why_remote": here if here != "ok" else "remote target",
-           "candidates": [dataclasses.asdict(c) for c in wanted]}
-    fileio.write_json(out / "size-request.json", req)
-    fileio.write_text(folder / "MEASURE.txt", f"# on the device, from the folder that holds {folder.name}/:\n"
-                      f"{command}\n# then copy {folder.name}/results/ back and run:\n{rerun}\n")
-    _log(progress, f"size: {phase}: wrote {len(names)} bundles to {folder}; on the device run:\n  {command}\nthen:\n"
-                   f"  {rerun}")
-    return req
-
-
-def _device_loop(folder: str, bundles: list[str], results: str, cfg: SizeConfig, batches: list[int]) -> str:
-    """One shell command for the device: cfg.repeats interleaved sessions of every bundle, one .json each."""
-    sessions = " ".join(str(i + 1) for i in range(cfg.repeats))
-    return (f"(cd {folder} && mkdir -p {results} && for r in {sessions}; do for b in {' '.join(bundles)}; do "
-            f"python -m edgekd.runtime profile \"$b\" --batch {','.join(map(str, batches))} --min-seconds "
-            f"{cfg.profile_seconds:g} --json \"{results}/$(echo \"$b\" | tr / _).$r.json\" || exit 1; done; done)")
 
 
 def _row(c: Candidate, i: int, state: dict[str, Any], cfg: SizeConfig, rule: str) -> dict[str, Any]:
@@ -690,7 +685,7 @@ def _final_profiles(trained: list[dict[str, Any]], out: Path, cfg: SizeConfig, t
     else:
         bundles = [(("student", k), Path(t["run_dir"]) / e["path"]) for k, (t, e) in enumerate(entries)]
         refs = _reference_engines(trained, rep, meter)
-        rows = profile_interleaved(bundles + refs, cfg, target.name, meter.batches) if bundles else {}
+        rows = meter.profile(bundles + refs) if bundles else {}
         rep["drift"] = _drift(rows, rep, cfg.metric)
         for k, (t, e) in enumerate(entries):
             t["engines"].append(_engine_row(e["precision"], e["quantization"], e["path"], e["accuracy"],
