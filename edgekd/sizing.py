@@ -224,15 +224,13 @@ class CandidateBuilder:
     built: float engines from the float ONNX, INT8 from a PTQ Q/DQ ONNX calibrated on real training samples."""
 
     def __init__(self, recipe: Recipe, data: Any, target: Target, folder: Path) -> None:
-        import torch
-
-        from edgekd.compress import calibration_batches
         from edgekd.pipeline import RunContext
 
         self.recipe, self.data, self.target, self.folder = recipe, data, target, folder
         self.precisions = [p for p in target.precisions if p != "int8" or target.quant_scheme != "none"]
-        self.example = torch.from_numpy(data.x_train[:2])
-        self.batches, self.calibration = calibration_batches(RunContext(folder, recipe, data), recipe.quantize)
+        ctx = RunContext(folder, recipe, data)   # the run's PTQ example and calibration batches, as the pipeline's
+        self.example = ctx.quant_example()[0]
+        self.batches, self.calibration = ctx.calibration_batches(recipe.quantize)
         n = min(EVAL_SAMPLES, len(data.x_test))
         self.evals = (data.x_test[:n], data.y_test[:n], None)
         self._sources: dict[tuple[str, str], Any] = {}   # (spec, quantization) -> EngineSource
