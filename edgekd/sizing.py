@@ -674,11 +674,10 @@ def _final_profiles(trained: list[dict[str, Any]], out: Path, cfg: SizeConfig, t
     entries = [(t, e) for t in trained for e in t.pop("_entries")]   # the pipeline's rows of the student engines
     if meter.remote:
         for t in trained:
-            rels = [(Path(t["run_dir"]) / b).relative_to(out).as_posix() for b in t["bundles"]]
-            found = [(b, k, v) for b, rel in zip(t["bundles"], rels, strict=True)
-                     for k, v in meter.students.items() if k[0] == rel]
-            if len(found) == len(rels):
-                t["engines"] = [_engine_row(k[1], v["quantization"], b, v["accuracy"], None, v, cfg)
+            found = [(b, k, v) for b in t["bundles"] for k, v in meter.students.items()
+                     if k[0] == (Path(t["run_dir"]) / b).relative_to(out).as_posix()]
+            if len(found) == len(t["bundles"]):
+                t["engines"] = [_engine_row({**v, "precision": k[1], "path": b, "agreement": None}, v, cfg)
                                 for b, k, v in found]
     else:
         bundles = [(("student", k), Path(t["run_dir"]) / e["path"]) for k, (t, e) in enumerate(entries)]
@@ -686,9 +685,7 @@ def _final_profiles(trained: list[dict[str, Any]], out: Path, cfg: SizeConfig, t
         rows = meter.profile(bundles + refs) if bundles else {}
         rep["drift"] = _drift(rows, rep, cfg.metric)
         for k, (t, e) in enumerate(entries):
-            t["engines"].append(_engine_row(e["precision"], e["quantization"], e["path"], e["accuracy"],
-                                            e["agreement"], rows[("student", k)], cfg,
-                                            shipped=e["name"] == t["shipped_engine"]))
+            t["engines"].append(_engine_row(e, rows[("student", k)], cfg, shipped=e["name"] == t["shipped_engine"]))
     for t in trained:
         if t["engines"] and not any(e["shipped"] for e in t["engines"]):
             lat = {e["precision"]: {"per_batch": e["per_batch_p50"]} for e in t["engines"]}
@@ -720,10 +717,11 @@ def _drift(rows: dict[Any, dict[str, Any]], rep: dict[str, Any], metric: str) ->
     return {"median": float(np.median([r["ratio"] for r in ratios])), "engines": ratios}
 
 
-def _engine_row(precision: str, quantization: str, path: str, accuracy: float | None, agreement: float | None,
-                row: dict[str, Any], cfg: SizeConfig, shipped: bool = False) -> dict[str, Any]:
-    return {"precision": precision, "quantization": quantization, "path": path, "accuracy": accuracy,
-            "agreement": agreement, "latency_ms": {k: row[k] for k in ("p50", "p90", "p99", "mean", "runs")},
+def _engine_row(e: dict[str, Any], row: dict[str, Any], cfg: SizeConfig, shipped: bool = False) -> dict[str, Any]:
+    """A trained student's engine in the report: `e`'s precision, quantization, path, accuracy and agreement, and
+    `row`'s latency at cfg.batch."""
+    return {**{k: e[k] for k in ("precision", "quantization", "path", "accuracy", "agreement")},
+            "latency_ms": {k: row[k] for k in ("p50", "p90", "p99", "mean", "runs")},
             "per_batch_p50": row["per_batch"], "meets_budget": row[cfg.metric] <= cfg.budget_ms, "shipped": shipped}
 
 
