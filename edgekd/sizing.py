@@ -219,22 +219,38 @@ def _slug(spec: str) -> str:
     return re.sub(r"[^A-Za-z0-9.]+", "-", spec).strip("-")
 
 
-class CandidateBuilder:
-    """Exports untrained candidates and builds the target's engines for them, as the deployed student would be
-    built: float engines from the float ONNX, INT8 from a PTQ Q/DQ ONNX calibrated on real training samples."""
+class Meter:
+    """The candidates folder. It builds the untrained candidates' engines there as the deployed student would be
+    built (float engines from the float ONNX, INT8 from a PTQ Q/DQ ONNX calibrated on real training samples) and
+    measures them: search(indices, lo, hi) and confirm(indices) return {index: {precision: row}}, or {"need":
+    [indices]} when a remote device must measure them first. Here it profiles each engine in fresh processes (as
+    on the device). Remote, it reads the device's measurements (untrusted data, checked): the search's from the
+    results folder, the confirmation round's from its confirm/ subfolder, the trained students' from students/;
+    what is missing becomes the next round's request."""
 
-    def __init__(self, recipe: Recipe, data: Any, target: Target, folder: Path) -> None:
+    def __init__(self, recipe: Recipe, data: Any, target: Target, folder: Path, cfg: SizeConfig,
+                 cands: list[Candidate], batches: list[int], progress: bool, remote: bool,
+                 measurements: str | Path | None) -> None:
         from edgekd.pipeline import RunContext
 
         self.recipe, self.data, self.target, self.folder = recipe, data, target, folder
+        self.cfg, self.cands, self.batches, self.progress, self.remote = cfg, cands, batches, progress, remote
         self.precisions = [p for p in target.precisions if p != "int8" or target.quant_scheme != "none"]
         ctx = RunContext(folder, recipe, data)   # the run's PTQ example and calibration batches, as the pipeline's
         self.example = ctx.quant_example()[0]
-        self.batches, self.calibration = ctx.calibration_batches(recipe.quantize)
+        self.calibration_batches, self.calibration = ctx.calibration_batches(recipe.quantize)
         n = min(EVAL_SAMPLES, len(data.x_test))
         self.evals = (data.x_test[:n], data.y_test[:n], None)
         self._sources: dict[tuple[str, str], Any] = {}   # (spec, quantization) -> EngineSource
         self.exports = 0   # ONNX exports and weight files written (one per candidate and quantization)
+        self.found, self.confirmed, self.students = {}, {}, {}
+        if measurements is not None:
+            path = Path(measurements)
+            self.found = read_measurements(path, target.name, cfg.batch, cfg.metric)
+            for sub, attr in (("confirm", "confirmed"), ("students", "students")):
+                if path.is_dir() and any((path / sub).glob("*.json")):
+                    setattr(self, attr, read_measurements(path / sub, target.name, cfg.batch, cfg.metric,
+                                                          key="bundle" if sub == "students" else "model"))
 
     def bundle_dir(self, c: Candidate, precision: str) -> Path:
         return self.folder / f"{_slug(c.spec)}-{precision}"
@@ -289,7 +305,7 @@ class CandidateBuilder:
 
             q = self.recipe.quantize
             qcfg = quantize.QuantConfig(scheme=self.target.quant_scheme, observer=q.observer, percentile=q.percentile)
-            net = quantize.ptq(net, self.example, self.batches, qcfg)
+            net = quantize.ptq(net, self.example, self.calibration_batches, qcfg)
             meta.update(quantization="ptq", quant_scheme=self.target.quant_scheme)
         stem, onnx_path, weights = f"{_slug(c.spec)}-{quantization}", None, None
         if registry.backend(self.target.runtime).source == "onnx":
@@ -302,6 +318,81 @@ class CandidateBuilder:
                             input_shape=self.data.input_shape, num_classes=self.data.num_classes,
                             class_names=self.data.class_names, normalization=self.data.normalization,
                             quantization=quantization)
+
+    def search(self, need: list[int], lo: int, hi: int) -> dict[Any, Any]:
+        if not self.remote:
+            return {i: self._measure([i], "search ")[i] for i in need}   # one candidate at a time
+        if all(self._known(self.found, i) for i in need):
+            return {i: self._get(self.found, i) for i in need}
+        wanted = list(dict.fromkeys(need + lookahead(lo, hi, ROUND_BUNDLES)))
+        return {"need": [i for i in wanted if not self._known(self.found, i)][:max(ROUND_BUNDLES, len(need))]}
+
+    def confirm(self, pair: list[int]) -> dict[Any, Any]:
+        if not self.remote:
+            return self._measure(pair, "confirm")   # the pair's engines interleaved
+        if all(self._known(self.confirmed, i) for i in pair):
+            return {i: self._get(self.confirmed, i) for i in pair}
+        return {"need": pair}
+
+    def _known(self, found: dict, i: int) -> bool:
+        return all((self.cands[i].spec, p) in found for p in self.precisions)
+
+    def _get(self, found: dict, i: int) -> dict[str, Any]:
+        return {p: found[(self.cands[i].spec, p)] for p in self.precisions}
+
+    def profile(self, engines: list[tuple[Any, Path]]) -> dict[Any, dict[str, Any]]:
+        """Profile each (key, bundle) in cfg.repeats fresh processes, interleaved (session 1 of every engine, then
+        session 2, ...) so that a slow spell on a shared machine hits all of them alike; per engine the session
+        with the lowest cfg.metric at cfg.batch counts, and per batch its lowest p50: other processes only ever
+        add latency, so the least disturbed session is the closest to what the engine takes (timeit's reasoning)."""
+        from edgekd.pipeline import profile_in_subprocess
+
+        cfg, best = self.cfg, {}
+        args = ["--batch", ",".join(map(str, self.batches)), "--min-seconds", str(cfg.profile_seconds)]
+        for _ in range(cfg.repeats):
+            for key, bundle in engines:
+                where = f"profile {bundle}"
+                _, row = _measurement(profile_in_subprocess(bundle, args), where, self.target.name, cfg.batch)
+                best[key] = _better(best.get(key), row, cfg.metric)
+        return best
+
+    def request(self, out: Path, wanted: list[Candidate], phase: str, here: str) -> dict[str, Any]:
+        """Write the bundles a remote round needs and the one command that profiles them on the device (sessions
+        interleaved across bundles; a confirmation round writes into results/confirm/)."""
+        cfg, folder = self.cfg, self.folder
+        names = [bundle.name for c in wanted for bundle in self.build(c).values()]
+        command = self.device_loop(folder.name, names, "results" + ("/confirm" if phase == "confirm" else ""))
+        rerun = (f"edgekd size RECIPE --target {cfg.target} --budget-ms {cfg.budget_ms:g} --batch {cfg.batch} "
+                 f"--metric {cfg.metric} --out {out} --measurements {folder / 'results'}")
+        req = {"status": "needs measurements", "phase": phase, "target": self.target.name, "bundles": names,
+               "folder": str(folder), "command": command, "then": rerun,
+               "why_remote": here if here != "ok" else "remote target",
+               "candidates": [dataclasses.asdict(c) for c in wanted]}
+        fileio.write_json(out / "size-request.json", req)
+        fileio.write_text(folder / "MEASURE.txt", f"# on the device, from the folder that holds {folder.name}/:\n"
+                          f"{command}\n# then copy {folder.name}/results/ back and run:\n{rerun}\n")
+        _log(self.progress, f"size: {phase}: wrote {len(names)} bundles to {folder}; on the device run:\n  "
+                            f"{command}\nthen:\n  {rerun}")
+        return req
+
+    def device_loop(self, folder: str, bundles: list[str], results: str) -> str:
+        """One shell command for the device: cfg.repeats interleaved sessions of every bundle, one .json each."""
+        cfg = self.cfg
+        sessions = " ".join(str(i + 1) for i in range(cfg.repeats))
+        return (f"(cd {folder} && mkdir -p {results} && for r in {sessions}; do for b in {' '.join(bundles)}; do "
+                f"python -m edgekd.runtime profile \"$b\" --batch {','.join(map(str, self.batches))} --min-seconds "
+                f"{cfg.profile_seconds:g} --json \"{results}/$(echo \"$b\" | tr / _).$r.json\" || exit 1; done; done)")
+
+    def _measure(self, indices: list[int], what: str) -> dict[int, dict[str, Any]]:
+        engines = [((i, p), b) for i in indices for p, b in self.build(self.cands[i]).items()]
+        out: dict[int, dict[str, Any]] = {}
+        for (i, p), row in self.profile(engines).items():
+            out.setdefault(i, {})[p] = row
+        for i in indices:
+            c, lat = self.cands[i], out[i]
+            _log(self.progress, f"size: {what} #{i:<3} x{c.multiplier:<7g} {c.spec:28s} {c.params:>9,} params  " +
+                 "  ".join(f"{p} {self.cfg.metric} {r[self.cfg.metric]:.4f} ms" for p, r in lat.items()))
+        return out
 
 
 # ------------------------------------------------------------------------------------------ the stage
@@ -389,16 +480,15 @@ def size(recipe: Recipe, out: str | Path, cfg: SizeConfig, *, measurements: str 
     rule = decision_precision(recipe, target, cfg)
     here = check_target(target)
     remote = remote or measurements is not None or here != "ok"
-    builder = CandidateBuilder(recipe, data, target, out / "candidates")
     batches = sorted({cfg.batch, *target.batch_sizes}) if rule == SHIPPED else [cfg.batch]
     _log(progress, f"size: {len(cands)} candidates of {family} (x{cfg.min_multiplier:g}..x{cfg.max_multiplier:g}, "
                    f"widths in multiples of {cfg.divisor}); the {rule} engine's {cfg.metric} at batch {cfg.batch} "
                    f"must be <= {cfg.budget_ms:g} ms / (1 + margin) on {target.name}, margin >= {cfg.margin:g}")
-    meter = Meter(builder, cfg, cands, batches, progress, remote, measurements)
+    meter = Meter(recipe, data, target, out / "candidates", cfg, cands, batches, progress, remote, measurements)
     state = _run_search(cands, meter, cfg, rule)
     if "need" in state:
         return meter.request(out, [cands[i] for i in state["need"]], state["phase"], here)
-    rep = _search_report(cands, state, cfg, target, rule, family, builder)
+    rep = _search_report(cands, state, cfg, rule, family, meter)
     if rep["chosen"] is None:
         _write(out, rep)
         fastest = min(rep["candidates"], key=lambda r: r["decision_ms"])
@@ -457,102 +547,6 @@ def _run_search(cands: list[Candidate], meter: Meter, cfg: SizeConfig, rule: str
         rounds += 1
 
 
-class Meter:
-    """Measures candidates: search(indices, lo, hi) and confirm(indices) return {index: {precision: row}}, or
-    {"need": [indices]} when a remote device must measure them first. Here it builds the candidates' engines and
-    profiles each in fresh processes (as on the device). Remote, it reads the device's measurements (untrusted
-    data, checked): the search's from the results folder, the confirmation round's from its confirm/ subfolder,
-    the trained students' from students/; what is missing becomes the next round's request."""
-
-    def __init__(self, builder: CandidateBuilder, cfg: SizeConfig, cands: list[Candidate], batches: list[int],
-                 progress: bool, remote: bool, measurements: str | Path | None) -> None:
-        self.builder, self.cfg, self.cands, self.batches, self.progress = builder, cfg, cands, batches, progress
-        self.remote = remote
-        self.found, self.confirmed, self.students = {}, {}, {}
-        if measurements is not None:
-            path = Path(measurements)
-            self.found = read_measurements(path, builder.target.name, cfg.batch, cfg.metric)
-            for sub, attr in (("confirm", "confirmed"), ("students", "students")):
-                if path.is_dir() and any((path / sub).glob("*.json")):
-                    setattr(self, attr, read_measurements(path / sub, builder.target.name, cfg.batch, cfg.metric,
-                                                          key="bundle" if sub == "students" else "model"))
-
-    def search(self, need: list[int], lo: int, hi: int) -> dict[Any, Any]:
-        if not self.remote:
-            return {i: self._measure([i], "search ")[i] for i in need}   # one candidate at a time
-        if all(self._known(self.found, i) for i in need):
-            return {i: self._get(self.found, i) for i in need}
-        wanted = list(dict.fromkeys(need + lookahead(lo, hi, ROUND_BUNDLES)))
-        return {"need": [i for i in wanted if not self._known(self.found, i)][:max(ROUND_BUNDLES, len(need))]}
-
-    def confirm(self, pair: list[int]) -> dict[Any, Any]:
-        if not self.remote:
-            return self._measure(pair, "confirm")   # the pair's engines interleaved
-        if all(self._known(self.confirmed, i) for i in pair):
-            return {i: self._get(self.confirmed, i) for i in pair}
-        return {"need": pair}
-
-    def _known(self, found: dict, i: int) -> bool:
-        return all((self.cands[i].spec, p) in found for p in self.builder.precisions)
-
-    def _get(self, found: dict, i: int) -> dict[str, Any]:
-        return {p: found[(self.cands[i].spec, p)] for p in self.builder.precisions}
-
-    def profile(self, engines: list[tuple[Any, Path]]) -> dict[Any, dict[str, Any]]:
-        """Profile each (key, bundle) in cfg.repeats fresh processes, interleaved (session 1 of every engine, then
-        session 2, ...) so that a slow spell on a shared machine hits all of them alike; per engine the session
-        with the lowest cfg.metric at cfg.batch counts, and per batch its lowest p50: other processes only ever
-        add latency, so the least disturbed session is the closest to what the engine takes (timeit's reasoning)."""
-        from edgekd.pipeline import profile_in_subprocess
-
-        cfg, best = self.cfg, {}
-        args = ["--batch", ",".join(map(str, self.batches)), "--min-seconds", str(cfg.profile_seconds)]
-        for _ in range(cfg.repeats):
-            for key, bundle in engines:
-                where = f"profile {bundle}"
-                _, row = _measurement(profile_in_subprocess(bundle, args), where, self.builder.target.name, cfg.batch)
-                best[key] = _better(best.get(key), row, cfg.metric)
-        return best
-
-    def request(self, out: Path, wanted: list[Candidate], phase: str, here: str) -> dict[str, Any]:
-        """Write the bundles a remote round needs and the one command that profiles them on the device (sessions
-        interleaved across bundles; a confirmation round writes into results/confirm/)."""
-        cfg, folder = self.cfg, self.builder.folder
-        names = [bundle.name for c in wanted for bundle in self.builder.build(c).values()]
-        command = self.device_loop(folder.name, names, "results" + ("/confirm" if phase == "confirm" else ""))
-        rerun = (f"edgekd size RECIPE --target {cfg.target} --budget-ms {cfg.budget_ms:g} --batch {cfg.batch} "
-                 f"--metric {cfg.metric} --out {out} --measurements {folder / 'results'}")
-        req = {"status": "needs measurements", "phase": phase, "target": self.builder.target.name, "bundles": names,
-               "folder": str(folder), "command": command, "then": rerun,
-               "why_remote": here if here != "ok" else "remote target",
-               "candidates": [dataclasses.asdict(c) for c in wanted]}
-        fileio.write_json(out / "size-request.json", req)
-        fileio.write_text(folder / "MEASURE.txt", f"# on the device, from the folder that holds {folder.name}/:\n"
-                          f"{command}\n# then copy {folder.name}/results/ back and run:\n{rerun}\n")
-        _log(self.progress, f"size: {phase}: wrote {len(names)} bundles to {folder}; on the device run:\n  "
-                            f"{command}\nthen:\n  {rerun}")
-        return req
-
-    def device_loop(self, folder: str, bundles: list[str], results: str) -> str:
-        """One shell command for the device: cfg.repeats interleaved sessions of every bundle, one .json each."""
-        cfg = self.cfg
-        sessions = " ".join(str(i + 1) for i in range(cfg.repeats))
-        return (f"(cd {folder} && mkdir -p {results} && for r in {sessions}; do for b in {' '.join(bundles)}; do "
-                f"python -m edgekd.runtime profile \"$b\" --batch {','.join(map(str, self.batches))} --min-seconds "
-                f"{cfg.profile_seconds:g} --json \"{results}/$(echo \"$b\" | tr / _).$r.json\" || exit 1; done; done)")
-
-    def _measure(self, indices: list[int], what: str) -> dict[int, dict[str, Any]]:
-        engines = [((i, p), b) for i in indices for p, b in self.builder.build(self.cands[i]).items()]
-        out: dict[int, dict[str, Any]] = {}
-        for (i, p), row in self.profile(engines).items():
-            out.setdefault(i, {})[p] = row
-        for i in indices:
-            c, lat = self.cands[i], out[i]
-            _log(self.progress, f"size: {what} #{i:<3} x{c.multiplier:<7g} {c.spec:28s} {c.params:>9,} params  " +
-                 "  ".join(f"{p} {self.cfg.metric} {r[self.cfg.metric]:.4f} ms" for p, r in lat.items()))
-        return out
-
-
 def _better(best: dict[str, Any] | None, row: dict[str, Any], metric: str) -> dict[str, Any]:
     """Two sessions of one engine combined: the one with the lower `metric`, with each batch's lowest p50."""
     if best is None:
@@ -594,8 +588,7 @@ def _row(c: Candidate, i: int, state: dict[str, Any], cfg: SizeConfig, rule: str
             "within_noise": low < decision < high, "margin_ms": cfg.budget_ms - decision}
 
 
-def _search_report(cands: list[Candidate], state: dict, cfg: SizeConfig, target: Target, rule: str, family: str,
-                   builder: CandidateBuilder) -> dict:
+def _search_report(cands: list[Candidate], state: dict, cfg: SizeConfig, rule: str, family: str, meter: Meter) -> dict:
     rows = {i: _row(cands[i], i, state, cfg, rule) for i in sorted(state["latencies"])}
     step = state["step"]
     chosen, larger = step["chosen"], step["larger"]
@@ -606,11 +599,11 @@ def _search_report(cands: list[Candidate], state: dict, cfg: SizeConfig, target:
         "configured_margin": cfg.margin, "low_ms": state["low"], "high_ms": state["high"],
         "noise": {"max": max((n["noise"] for n in state["noise"]), default=None), "engines": state["noise"]},
         "confirm_rounds": state["confirm_rounds"], "settled": state.get("settled", True),
-        "target": target.name, "decision_precision": rule,
-        "precisions": builder.precisions, "family": family, "divisor": cfg.divisor,
+        "target": meter.target.name, "decision_precision": rule,
+        "precisions": meter.precisions, "family": family, "divisor": cfg.divisor,
         "multipliers": [cfg.min_multiplier, cfg.max_multiplier], "ladder_size": len(cands),
         "ladder": [dataclasses.asdict(c) for c in cands], "search_order": state["order"],
-        "calibration": builder.calibration, "onnx_exports": builder.exports,
+        "calibration": meter.calibration, "onnx_exports": meter.exports,
         "candidates": list(rows.values()),
         "chosen": rows.get(chosen) if chosen is not None else None,
         "next_larger": rows.get(larger) if larger is not None else None,
@@ -662,15 +655,15 @@ def _train(recipe: Recipe, out: Path, cfg: SizeConfig, target: Target, data: Any
                              if Path(b).name.startswith("student-")],
                  "_entries": [e for e in run_rep.get("engines", []) if e["model"] == "student"]}
         trained.append(entry)
-    _final_profiles(trained, out, cfg, target, meter, rep)
+    _final_profiles(trained, out, meter, rep)
     return trained
 
 
-def _final_profiles(trained: list[dict[str, Any]], out: Path, cfg: SizeConfig, target: Target,
-                    meter: Meter, rep: dict[str, Any]) -> None:
+def _final_profiles(trained: list[dict[str, Any]], out: Path, meter: Meter, rep: dict[str, Any]) -> None:
     """Each trained student's engines with their latency at cfg.batch (best of cfg.repeats interleaved fresh
     sessions, here or read back from the device), accuracy on the engine and whether it is the one that ships
     (the pipeline's headline; where it has none, as on a remote target, INT8 unless slower than FP32)."""
+    cfg = meter.cfg
     entries = [(t, e) for t in trained for e in t.pop("_entries")]   # the pipeline's rows of the student engines
     if meter.remote:
         for t in trained:
@@ -697,8 +690,8 @@ def _reference_engines(trained: list[dict[str, Any]], rep: dict[str, Any], meter
     """The untrained engines the search measured for the trained students: profiled again beside the trained
     ones, they show how far the machine's speed drifted since the search (another load, another clock)."""
     rows = {r["spec"]: r for r in rep["candidates"]}
-    return [(("ref", rows[t["spec"]]["index"], p), meter.builder.bundle_dir(meter.cands[rows[t["spec"]]["index"]], p))
-            for t in trained if t["spec"] in rows for p in meter.builder.precisions]
+    return [(("ref", rows[t["spec"]]["index"], p), meter.bundle_dir(meter.cands[rows[t["spec"]]["index"]], p))
+            for t in trained if t["spec"] in rows for p in meter.precisions]
 
 
 def _drift(rows: dict[Any, dict[str, Any]], rep: dict[str, Any], metric: str) -> dict[str, Any] | None:
