@@ -644,12 +644,11 @@ def _train(recipe: Recipe, out: Path, cfg: SizeConfig, target: Target, data: Any
         metrics = distill(r, run_dir, device=device, progress=progress, data=data, resume=True)
         run_rep = engines(RunContext(run_dir, r, data), [target], device=device, progress=progress,
                           profile_here=not meter.remote, resume=True)
-        headline = run_rep.get("headline") or {}
         fallback = (run_rep.get("int8_fallback") or {}).get(target.name)
         entry = {"role": role, "spec": cand["spec"], "multiplier": cand["multiplier"], "params": cand["params"],
                  "run_dir": str(run_dir), "pytorch_accuracy": metrics["student"]["accuracy"],
                  "teacher_accuracy": metrics["teacher"]["accuracy"], "engines": [],
-                 "shipped_engine": headline.get("student_engine"),
+                 "shipped_engine": (run_rep.get("headline") or {}).get("student_engine"),
                  "int8_fallback": {k: fallback[k] for k in ("chose", "why") if k in fallback} if fallback else None,
                  "bundles": [str(Path(b).relative_to(run_dir)) for b in run_rep.get("built_not_profiled", [])
                              if Path(b).name.startswith("student-")],
