@@ -346,26 +346,6 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-# ------------------------------------------------------------------------------------------------------ loss
-
-
-def embedding_loss(student: torch.Tensor, teacher: torch.Tensor, *, mse_weight: float = 1.0,
-                   cosine_weight: float = 0.0, similarity_weight: float = 0.0) -> torch.Tensor:
-    """w_mse * mean_i ||s_i - t_i||^2 + w_cos * mean_i (1 - cos(s_i, t_i)) + w_sim * mean_ij (S - T)_ij^2.
-
-    Both inputs (batch, dim) are L2-normalized first, so ||s - t||^2 = 2 (1 - cos) and the first two terms
-    differ only in scale; S = s s^T and T = t t^T are the in-batch cosine-similarity matrices (relational
-    term: it asks the student to keep which sentences are close, which retrieval reads).
-    Example: s = [[1, 0]], t = [[0, 1]] -> mse term 2, cosine term 1, similarity term 0 (1x1 matrices both 1).
-    The terms are edgekd.objective's embedding_mse, embedding_cosine and embedding_similarity.
-    """
-    from edgekd.objective import Batch, ObjectiveConfig, compute
-
-    cfg = ObjectiveConfig(weights=(("embedding_mse", mse_weight), ("embedding_cosine", cosine_weight),
-                                   ("embedding_similarity", similarity_weight)))
-    return compute(Batch(student, teacher_embeddings=teacher), cfg)
-
-
 # ------------------------------------------------------------------------------------------------- training
 
 
@@ -400,53 +380,35 @@ def train_student(model: nn.Module, rows: list[np.ndarray], targets: np.ndarray,
                   pad_id: int, epochs: int, lr: float, exported: bool = False,
                   on_epoch: Any = None, heldout: tuple[list[np.ndarray], np.ndarray] | None = None,
                   progress: bool = True, desc: str = "student") -> list[dict[str, Any]]:
-    """AdamW with linear warm-up (5% of the steps) and cosine decay on `embedding_loss` against stored teacher
-    embeddings; batches of similar length, reshuffled each epoch (seeded). `exported`: a PT2E graph, whose
-    mode is not switched (the student has no dropout or BatchNorm, so train and eval compute the same).
-    `heldout` = (rows, teacher embeddings) is only reported per epoch, never used to choose anything."""
-    from tqdm.auto import tqdm
+    """edgekd.train.fit on the CPU: AdamW with linear warm-up (5% of the steps) and cosine decay on the
+    objective's embedding terms against stored teacher embeddings; batches of similar length, reshuffled each
+    epoch (seeded), each cut to its longest sentence. `exported`: a PT2E graph, whose mode is not switched (the
+    student has no dropout or BatchNorm, so train and eval compute the same). `heldout` = (rows, teacher
+    embeddings) is only reported per epoch, never used to choose anything."""
+    from edgekd.objective import Objective, ObjectiveConfig, OfflineTargets
+    from edgekd.recipe import ModelConfig
+    from edgekd.train import fit
 
     lengths = np.array([len(r) for r in rows])
     rng = np.random.default_rng(cfg.seed)
-    steps = epochs * math.ceil(len(rows) / cfg.batch_size)
-    warmup = max(1, int(0.05 * steps))
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda k: min(1.0, (k + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(k, steps) / steps)))
-    targets_t = torch.from_numpy(targets)
-    history = []
-    for epoch in range(epochs):
-        if on_epoch is not None:
-            on_epoch(epoch)
-        if not exported:
-            model.train()
-        start, total, seen = time.perf_counter(), 0.0, 0
-        bar = tqdm(_bucketed(lengths, cfg.batch_size, rng), desc=f"{desc} {epoch + 1}/{epochs}", leave=False,
-                   disable=not progress, unit="step")
-        for idx in bar:
-            ids = torch.from_numpy(pad_batch([rows[i] for i in idx], pad_id))
-            loss = embedding_loss(model(ids), targets_t[idx], mse_weight=cfg.mse_weight,
-                                  cosine_weight=cfg.cosine_weight, similarity_weight=cfg.similarity_weight)
-            if not torch.isfinite(loss):
-                raise EdgekdError(f"{desc}: loss became {loss.item()} at epoch {epoch + 1}; lower [embedding].lr")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += loss.item() * len(idx)
-            seen += len(idx)
-            bar.set_postfix(loss=f"{total / seen:.4f}")
-        if not exported:
-            model.eval()
-        row = {"epoch": epoch + 1, "loss": total / max(seen, 1), "seconds": round(time.perf_counter() - start, 2)}
-        if heldout is not None:
-            emb = encode(model, heldout[0], pad_id)
-            row["heldout_cosine"] = float(np.mean(np.sum(emb * heldout[1], axis=1)))
-        history.append(row)
-        if progress:
-            extra = f" heldout_cos={row['heldout_cosine']:.4f}" if "heldout_cosine" in row else ""
-            tqdm.write(f"{desc} epoch {epoch + 1}/{epochs}: loss={row['loss']:.4f}{extra} ({row['seconds']:.1f}s)")
-    return history
+
+    def stored(epoch: int, idx: np.ndarray, xb: torch.Tensor) -> tuple[np.ndarray, np.ndarray, None]:
+        return xb[:, :lengths[idx].max()].cpu().numpy(), targets[idx], None
+
+    def heldout_cosine(m: nn.Module) -> dict[str, float]:
+        return {"heldout_cosine": float(np.mean(np.sum(encode(m, heldout[0], pad_id) * heldout[1], axis=1)))}
+
+    weights = (("embedding_mse", cfg.mse_weight), ("embedding_cosine", cfg.cosine_weight),
+               ("embedding_similarity", cfg.similarity_weight))
+    history = fit(model, pad_batch(rows, pad_id), np.full(len(rows), -1),
+                  ModelConfig(epochs=epochs, lr=lr, batch_size=cfg.batch_size, weight_decay=cfg.weight_decay,
+                              schedule="warmup_cosine", seed=cfg.seed), device=torch.device("cpu"), desc=desc,
+                  objective=Objective(ObjectiveConfig(weights=weights), offline=OfflineTargets(stored, "embeddings")),
+                  progress=progress, set_mode=(lambda m, training: None) if exported else None, on_epoch=on_epoch,
+                  batches=lambda epoch: _bucketed(lengths, cfg.batch_size, rng),
+                  evaluate=heldout_cosine if heldout is not None else None)
+    return [{k: round(v, 2) if k == "seconds" else v for k, v in row.items() if k != "train_accuracy"}
+            for row in history]
 
 
 # ---------------------------------------------------------------------------------------------------- int8
