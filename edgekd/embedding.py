@@ -22,7 +22,6 @@ and the embedding task (edgekd.tasks); `edgekd run` composes them as for classif
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import re
@@ -35,8 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgekd import fileio
+from edgekd import fileio, runfolder
 from edgekd.errors import EdgekdError
+from edgekd.models import count_params
 from edgekd.pipeline import RunContext
 from edgekd.recipe import EmbeddingConfig, Recipe, to_toml
 from edgekd.tasks import EMBEDDING, embed, embedding_metrics, pad_batch, unpad
@@ -342,10 +342,6 @@ def init_from_teacher_layers(student: TinyEncoder, teacher: nn.Module, picks: li
     return {"init": "teacher", "teacher_layers": picks}
 
 
-def count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 # ------------------------------------------------------------------------------------------------- training
 
 
@@ -409,17 +405,6 @@ def train_student(model: nn.Module, rows: list[np.ndarray], targets: np.ndarray,
                   evaluate=heldout_cosine if heldout is not None else None)
     return [{k: round(v, 2) if k == "seconds" else v for k, v in row.items() if k != "train_accuracy"}
             for row in history]
-
-
-# ---------------------------------------------------------------------------------------------------- int8
-
-
-def example_ids(rows: list[np.ndarray], pad_id: int) -> torch.Tensor:
-    """A (2, >=3) batch for torch.export: sizes of 1 would be specialized and lose the dynamic dimension."""
-    picked = [r for r in rows if len(r) >= 3][:2]
-    if len(picked) < 2:
-        raise EdgekdError("export: need two sentences of at least 3 tokens for the example batch")
-    return torch.from_numpy(pad_batch(picked, pad_id))
 
 
 # -------------------------------------------------------------------------------------------------- stages
@@ -495,7 +480,7 @@ def teacher_stage(recipe: Recipe, out: str | Path, progress: bool = True) -> tup
     fileio.write_text(out / "recipe.toml", to_toml(recipe))
     record_recipe_dir(out, recipe)
     fileio.write_json(out / "corpus.json", {"info": corpus, "heldout": held_text})
-    key = _fingerprint(cfg.teacher, str(folder), cfg.max_length, train_text, held_text)
+    key = runfolder.digest([cfg.teacher, str(folder), cfg.max_length, train_text, held_text])[:16]
     seconds = teacher_embeddings(teacher, rows, held, teacher.pad_id, out / TEACHER_OUTPUTS, key, progress)
     config = getattr(getattr(teacher, "encoder", None), "config", None)
     info = {"name": cfg.teacher, "path": str(folder) if folder else None, "params": count_params(teacher),
@@ -613,10 +598,7 @@ class TextContext(RunContext):
             return load_teacher(self.cfg)[0]
         with safe_open(str(self.weights(name)), "pt") as f:
             meta = f.metadata() or {}
-        c = self.cfg
-        student = TinyEncoder(int(meta["vocab_size"]), int(meta["out_dim"]), hidden=c.hidden, layers=c.layers,
-                              heads=c.heads, intermediate=c.intermediate, max_length=c.max_length,
-                              pad_id=int(meta["pad_id"]))
+        student = build_student(self.cfg, int(meta["vocab_size"]), int(meta["out_dim"]), int(meta["pad_id"]))
         load_weights(student, self.weights(name))
         return student.eval()
 
@@ -625,7 +607,11 @@ class TextContext(RunContext):
                 **(extra or {})}
 
     def example(self) -> torch.Tensor:
-        return example_ids(self.split.rows, self.split.pad_id)
+        """A (2, >=3) batch for torch.export: sizes of 1 would be specialized and lose the dynamic dimension."""
+        picked = [r for r in self.split.rows if len(r) >= 3][:2]
+        if len(picked) < 2:
+            raise EdgekdError("export: need two sentences of at least 3 tokens for the example batch")
+        return torch.from_numpy(pad_batch(picked, self.split.pad_id))
 
     def parity_inputs(self) -> np.ndarray:
         return pad_batch(self.split.held_rows[:64], self.split.pad_id)
@@ -693,7 +679,3 @@ class TextContext(RunContext):
                             input_options={"pad_id": self.split.pad_id, **self.export_options(model)},
                             files=tuple((f"tokenizer/{n}", str(folder / n)) for n in names
                                         if folder is not None and (folder / n).is_file()))
-
-
-def _fingerprint(*parts: Any) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
