@@ -57,20 +57,18 @@ EVAL_BATCH_BYTES = 64 * 2**20   # evaluation batches hold at most this much inpu
 
 
 def predict_logits(model: nn.Module, x: np.ndarray, device: torch.device | str = "cpu",
-                   batch_size: int | None = None,
                    set_mode: Callable[[nn.Module, bool], None] | None = None) -> np.ndarray:
-    """Logits for every input of `x` (an array or a lazy source), in order. The default batch size keeps a
-    batch's input under EVAL_BATCH_BYTES: 512 digits, 111 RGB images of 224x224, so activations stay bounded."""
-    return _predict(model, x, device, batch_size, set_mode)[0]
+    """Logits for every input of `x` (an array or a lazy source), in order. The batch size keeps a batch's
+    input under EVAL_BATCH_BYTES: 512 digits, 111 RGB images of 224x224, so activations stay bounded."""
+    return _predict(model, x, device, set_mode)[0]
 
 
 @torch.no_grad()
-def _predict(model: nn.Module, x: np.ndarray, device: torch.device | str, batch_size: int | None,
+def _predict(model: nn.Module, x: np.ndarray, device: torch.device | str,
              set_mode: Callable[[nn.Module, bool], None] | None, y: np.ndarray | None = None
              ) -> tuple[np.ndarray, np.ndarray | None]:
     """(logits, labels): with `y`, the labels of the batches as read (an iterable source gives its own)."""
-    if batch_size is None:
-        batch_size = max(1, min(512, EVAL_BATCH_BYTES // (4 * math.prod(x.shape[1:]) or 1)))
+    batch_size = max(1, min(512, EVAL_BATCH_BYTES // (4 * math.prod(x.shape[1:]) or 1)))
     if set_mode is None:
         model.eval()
     else:
@@ -87,7 +85,7 @@ def _predict(model: nn.Module, x: np.ndarray, device: torch.device | str, batch_
 
 def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray, device: torch.device | str = "cpu",
              set_mode: Callable[[nn.Module, bool], None] | None = None) -> float:
-    logits, y = _predict(model, x, device, None, set_mode, y)
+    logits, y = _predict(model, x, device, set_mode, y)
     return float((logits.argmax(1) == y).mean()) if len(y) else float("nan")
 
 
