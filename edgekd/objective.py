@@ -28,7 +28,6 @@ from edgekd.augment import Mix
 from edgekd.errors import EdgekdError
 from edgekd.losses import (
     FeatureProjection,
-    hint_loss,
     mixed_cross_entropy,
     soft_target_loss,
     topk_soft_target_loss,
@@ -92,8 +91,8 @@ def topk_kd(b: Batch, cfg: ObjectiveConfig) -> torch.Tensor:
 
 
 def hint(b: Batch, cfg: ObjectiveConfig) -> list[torch.Tensor]:
-    """FitNets: MSE(proj(student feature), teacher feature) per pair, each added in order (losses.hint_loss)."""
-    return [hint_loss(s.float(), t.detach().float()) for s, t in b.features]
+    """FitNets: MSE(proj(student feature), teacher feature) per pair, each added in order."""
+    return [F.mse_loss(s.float(), t.detach().float()) for s, t in b.features]
 
 
 def _unit(b: Batch) -> tuple[torch.Tensor, torch.Tensor]:
