@@ -35,10 +35,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgekd import fileio, runfolder
+from edgekd.engines import EngineSource
 from edgekd.errors import EdgekdError
-from edgekd.models import count_params
-from edgekd.pipeline import RunContext
-from edgekd.recipe import EmbeddingConfig, Recipe, to_toml
+from edgekd.models import count_params, load_factory, load_weights, save_weights
+from edgekd.pipeline import RunContext, load_run_recipe, record_recipe_dir
+from edgekd.recipe import EmbeddingConfig, ModelConfig, Recipe, to_toml
 from edgekd.tasks import EMBEDDING, embed, embedding_metrics, pad_batch, unpad
 
 # ---------------------------------------------------------------------------------------------------- corpus
@@ -382,7 +383,6 @@ def train_student(model: nn.Module, rows: list[np.ndarray], targets: np.ndarray,
     student has no dropout or BatchNorm, so train and eval compute the same). `heldout` = (rows, teacher
     embeddings) is only reported per epoch, never used to choose anything."""
     from edgekd.objective import Objective, ObjectiveConfig, OfflineTargets
-    from edgekd.recipe import ModelConfig
     from edgekd.train import fit
 
     lengths = np.array([len(r) for r in rows])
@@ -443,8 +443,6 @@ def load_teacher(cfg: EmbeddingConfig) -> tuple[nn.Module, Any, Path | None]:
     transformers model (edgekd.pretrained.load_text_teacher) or a recipe's `package.module:function` returning
     (module: input_ids -> embeddings, with a pad_id attribute; tokenizer called as transformers tokenizers are)."""
     if ":" in cfg.teacher and not Path(cfg.teacher).exists():
-        from edgekd.models import load_factory
-
         got = load_factory(cfg.teacher, "[embedding].teacher")()
         if not (isinstance(got, tuple) and len(got) == 2 and isinstance(got[0], nn.Module)
                 and isinstance(getattr(got[0], "pad_id", None), int)):
@@ -470,8 +468,6 @@ def teacher_stage(recipe: Recipe, out: str | Path, progress: bool = True) -> tup
     embeddings of every training and held-out sentence in teacher-embeddings.npz (offline KD: the teacher has no
     augmentation to vary), reused while corpus, tokenizer and teacher are the same. Returns (teacher.json, teacher).
     """
-    from edgekd.pipeline import record_recipe_dir
-
     cfg, out = _config(recipe), Path(out)
     teacher, tokenizer, folder = load_teacher(cfg)
     train_text, held_text, corpus = corpus_split(cfg, recipe.base_dir)
@@ -548,8 +544,6 @@ def distill_stage(recipe: Recipe, out: str | Path, *, progress: bool = True) -> 
                             lr=cfg.lr, heldout=(split.held_rows, split.held_emb), progress=progress)
     seconds = round(time.perf_counter() - start, 2)
     student.eval()
-    from edgekd.models import save_weights
-
     save_weights(student, out / "student.safetensors",
                  {"model": "edgekd.embedding:TinyEncoder", "pad_id": str(split.pad_id),
                   "vocab_size": str(word.weight.shape[0]), "out_dim": str(split.train_emb.shape[1]),
@@ -572,8 +566,6 @@ class TextContext(RunContext):
     task = EMBEDDING
 
     def __init__(self, run_dir: str | Path, recipe: Recipe | None = None) -> None:
-        from edgekd.pipeline import load_run_recipe
-
         self.dir = Path(run_dir)
         self.recipe = recipe or load_run_recipe(self.dir)
         self.cfg, self.split = _config(self.recipe), read_split(self.dir)
@@ -591,8 +583,6 @@ class TextContext(RunContext):
     def model(self, name: str) -> nn.Module:
         """The teacher, or the student rebuilt from student.safetensors, in eval mode."""
         from safetensors import safe_open
-
-        from edgekd.models import load_weights
 
         if name == "teacher":
             return load_teacher(self.cfg)[0]
@@ -670,8 +660,6 @@ class TextContext(RunContext):
         return history, {}
 
     def engine_source(self, model: str, onnx_path: Path | None, quantization: str) -> Any:
-        from edgekd.engines import EngineSource
-
         folder = load_teacher(self.cfg)[2]
         names = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
         return EngineSource(model, onnx_path, None, None, ("seq",), self.split.held_emb.shape[1], (), {},
