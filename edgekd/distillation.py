@@ -18,12 +18,14 @@ from torch import nn
 
 from edgekd import distributed, fileio, runfolder, streaming
 from edgekd.augment import BatchAugment
-from edgekd.data import Dataset, load_data
+from edgekd.data import Dataset, load_data, normalize_like, pool_source
 from edgekd.errors import EdgekdError
 from edgekd.models import build_model, count_params, load_weights, save_weights
 from edgekd.objective import Objective, ObjectiveConfig, OfflineTargets, config_from_recipe
 from edgekd.recipe import Recipe, resolved, to_toml
+from edgekd.tasks import per_class_accuracy
 from edgekd.train import (
+    EVAL_BATCH_BYTES,
     accuracy,
     check_model_fits,
     fit,
@@ -233,8 +235,6 @@ def _recorded_teacher(weights: Path, key: dict[str, str]) -> dict[str, Any] | No
 
 def _entry(model: nn.Module, data: Dataset, dev: Any, history: list[dict], start: float) -> dict[str, Any]:
     """Test accuracy with per-class counts from one pass over the test split (the report's per-class retention)."""
-    from edgekd.tasks import per_class_accuracy
-
     y = np.asarray(data.y_test)
     predicted = predict_logits(model, data.x_test, dev).argmax(1) if len(y) else np.zeros(0, np.int64)
     return {"accuracy": float((predicted == y).mean()) if len(y) else float("nan"), "test_samples": len(y),
@@ -286,8 +286,6 @@ POOL_SOURCE = "pool-source.json"   # in a labels folder: {"pool": the --pool fil
 def _labelled_pool(labels: Path, data: Dataset, recipe: Recipe) -> np.ndarray:
     """The pool `edgekd label --pool` labelled, as recorded beside its labels (normalized like the training data;
     a folder or large array file stays on disk); read_labels then checks it against the manifest's key."""
-    from edgekd.data import normalize_like, pool_source
-
     record = labels / POOL_SOURCE
     if not record.is_file():
         raise EdgekdError(f"--labels {labels}: no {POOL_SOURCE} naming the labelled pool and the recipe has no "
@@ -467,7 +465,6 @@ def label(recipe: Recipe, teacher: str, out: str | Path, *, pool: str | Path | N
     Confidence filtering / class balancing are reported; the labels on disk are the teacher's, unfiltered.
     """
     from edgekd import labels as teacher_labels
-    from edgekd.data import normalize_like, pool_source
     from edgekd.teachers import load_teacher as load_black_box
 
     with runfolder.locked(out):
@@ -518,8 +515,6 @@ def cache_teacher(recipe: Recipe, out: str | Path, *, top_k: int = 5, epochs: in
 def _teacher_batch(input_shape: tuple[int, ...]) -> int:
     """Batch of a teacher pass (label, cache-teacher): at most 256 inputs and EVAL_BATCH_BYTES of them (111
     RGB images of 224x224), so a batch in flight from the workers stays bounded; outputs do not depend on it."""
-    from edgekd.train import EVAL_BATCH_BYTES
-
     return max(1, min(256, EVAL_BATCH_BYTES // (4 * math.prod(input_shape))))
 
 
