@@ -542,8 +542,7 @@ def distill_stage(recipe: Recipe, out: str | Path, *, progress: bool = True) -> 
     start = time.perf_counter()
     history = train_student(student, split.rows, split.train_emb, cfg, pad_id=split.pad_id, epochs=cfg.epochs,
                             lr=cfg.lr, heldout=(split.held_rows, split.held_emb), progress=progress)
-    seconds = round(time.perf_counter() - start, 2)
-    student.eval()
+    seconds = round(time.perf_counter() - start, 2)   # fit leaves the student in eval mode
     save_weights(student, out / "student.safetensors",
                  {"model": "edgekd.embedding:TinyEncoder", "pad_id": str(split.pad_id),
                   "vocab_size": str(word.weight.shape[0]), "out_dim": str(split.train_emb.shape[1]),
