@@ -389,6 +389,8 @@ def train_student(model: nn.Module, rows: list[np.ndarray], targets: np.ndarray,
     rng = np.random.default_rng(cfg.seed)
 
     def stored(epoch: int, idx: np.ndarray, xb: torch.Tensor) -> tuple[np.ndarray, np.ndarray, None]:
+        """The batch (fit's rows are padded to the longest sentence of all) cut to its own longest sentence, as
+        pad_batch pads it, and the teacher's embeddings of its sentences (OfflineTargets, "embeddings")."""
         return xb[:, :lengths[idx].max()].cpu().numpy(), targets[idx], None
 
     def heldout_cosine(m: nn.Module) -> dict[str, float]:
