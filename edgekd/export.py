@@ -24,7 +24,7 @@ from edgekd import tasks
 from edgekd.bundle import edgekd_version
 from edgekd.engines.trt_onnx import TRT_OPSET_RANGE
 from edgekd.errors import EdgekdError
-from edgekd.fileio import atomic_path
+from edgekd.fileio import write_bytes
 
 # Pinned, not the exporter's default (which moves with torch): the newest opset the ONNX parser of the oldest
 # supported TensorRT reads; onnxruntime reads it too.
@@ -108,8 +108,7 @@ def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: str | Path,
         onnx.checker.check_model(proto, full_check=True)
     except Exception as e:
         raise EdgekdError(f"export {path}: the exported ONNX fails onnx.checker ({e})") from e
-    with atomic_path(path) as tmp_path:
-        onnx.save(proto, str(tmp_path))
+    write_bytes(path, proto.SerializeToString())   # what onnx.save writes for a model without external data
     return path
 
 
