@@ -38,9 +38,6 @@ def _to_eval(model: torch.nn.Module) -> None:
         model.eval()
 
 
-_REGISTRATION_LOG = "torch.onnx._internal.exporter._registration"
-
-
 def _no_torchvision_notice(record: logging.LogRecord) -> bool:
     """The exporter logs "torchvision is not installed. Skipping torchvision::nms" (and three more ops) on every
     export; edgekd never exports torchvision ops, so the notice is nothing the user can act on."""
@@ -69,7 +66,7 @@ def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: str | Path,
     _to_eval(model)
     dynamic_shapes = (dynamic_dims(task, max_length),) if dynamic_batch else None
 
-    registration = logging.getLogger(_REGISTRATION_LOG)
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
     registration.addFilter(_no_torchvision_notice)
     try:
         with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
