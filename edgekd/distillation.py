@@ -146,12 +146,11 @@ def _train_role(recipe: Recipe, out: Path, role: str, data: Dataset, dev: Any, *
                   checkpoint=ckpt, resume=resume,
                   augment=role_augment(recipe, role) if objective is None or objective.offline is None else None,
                   **(schedule or {}))
-    spec = recipe.teacher.model if role == "teacher" else recipe.student.model
     if distributed.is_main():
-        save_weights(model, final, {"model": spec, "role": role, "input_shape": json.dumps(list(data.input_shape)),
-                                    "num_classes": str(data.num_classes),
-                                    "class_names": json.dumps(list(data.class_names)),
-                                    "normalization": json.dumps(data.normalization)})
+        meta = {"model": cfg.model, "role": role, "input_shape": json.dumps(list(data.input_shape)),
+                "num_classes": str(data.num_classes), "class_names": json.dumps(list(data.class_names)),
+                "normalization": json.dumps(data.normalization)}
+        save_weights(model, final, meta)
         runfolder.record(out, final.name, made_from or {})
         ckpt.unlink(missing_ok=True)
     distributed.barrier()
