@@ -62,7 +62,7 @@ class Labels:
         """The labels of the given rows (a boolean mask or row positions, not pool indices)."""
         rows = np.flatnonzero(rows) if np.asarray(rows).dtype == bool else np.asarray(rows, dtype=np.int64)
 
-        def take(a: Any) -> Any:   # ShardRows (memory-mapped top-k) stay views
+        def take(a: Any) -> Any:   # LazyConcat (memory-mapped top-k) stay views
             return None if a is None else a.take(rows, axis=0)
         return replace(self, indices=self.indices[rows], labels=self.labels[rows], confidence=take(self.confidence),
                        topk_probs=take(self.topk_probs), topk_indices=take(self.topk_indices))
@@ -257,10 +257,11 @@ def read_labels(out_dir: str | Path, *, pool: np.ndarray | None = None) -> Label
             cols.setdefault(key, []).append(a)
     small = {k: np.concatenate(v) for k, v in cols.items() if not k.startswith("topk")}
     has_conf = "confidence" in small and len(small["confidence"]) == manifest["samples"]
+    topk = {k: streaming.LazyConcat(cols[k], dtype=t) for k, t in (("topk_probs", np.float32),
+                                                                  ("topk_indices", np.int64)) if k in cols}
     return Labels(indices=small["indices"].astype(np.int64), labels=small["labels"].astype(np.int64),
                   confidence=small["confidence"].astype(np.float32) if has_conf else None,
-                  topk_probs=ShardRows(cols["topk_probs"], np.float32) if "topk_probs" in cols else None,
-                  topk_indices=ShardRows(cols["topk_indices"], np.int64) if "topk_indices" in cols else None,
+                  topk_probs=topk.get("topk_probs"), topk_indices=topk.get("topk_indices"),
                   temperature=float(manifest["temperature"]), num_classes=manifest.get("num_classes"),
                   manifest=manifest)
 
@@ -283,39 +284,6 @@ def _read_shard(out_dir: Path, entry: dict[str, Any], manifest: dict[str, Any]) 
     if not np.array_equal(arrays["indices"], np.arange(entry["start"], entry["stop"])):
         raise EdgekdError(f"labels shard {path}: indices are not samples {entry['start']}..{entry['stop'] - 1}")
     return arrays
-
-
-class ShardRows:
-    """The rows of several memory-mapped shard arrays one after another, never concatenated: `a[idx]` reads
-    those rows (as `dtype`), `a.take(rows, axis=0)` is a view of them, np.asarray(a) reads all."""
-
-    def __init__(self, parts: list[np.ndarray], dtype: Any, rows: np.ndarray | None = None) -> None:
-        self.parts, self.dtype = parts, np.dtype(dtype)
-        self.offsets = np.cumsum([0] + [len(p) for p in parts])
-        self.rows = np.arange(int(self.offsets[-1])) if rows is None else rows
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return (len(self), *self.parts[0].shape[1:])
-
-    def __getitem__(self, idx: Any) -> np.ndarray:
-        rows = np.atleast_1d(self.rows[idx])
-        part = np.searchsorted(self.offsets, rows, side="right") - 1
-        out = np.empty((len(rows), *self.parts[0].shape[1:]), self.dtype)
-        for p in np.unique(part):
-            sel = part == p
-            out[sel] = self.parts[p][rows[sel] - self.offsets[p]]
-        return out if np.ndim(self.rows[idx]) else out[0]
-
-    def take(self, rows: Any, axis: int = 0) -> ShardRows:
-        return ShardRows(self.parts, self.dtype, self.rows[np.asarray(rows)])
-
-    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
-        out = self[:]
-        return out if dtype is None else out.astype(dtype)
 
 
 def filter_labels(labels: Labels, *, min_confidence: float = 0.0, balance: bool | int = False,

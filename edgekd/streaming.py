@@ -349,23 +349,30 @@ def stream_order(x: LazyStream, batch: int, rank: int, world: int) -> Any:
 
 
 class LazyConcat(_Lazy):
-    """Samples of several parts (arrays or lazy sources, each already normalized) one after another: the
-    training split followed by an unlabelled pool, without reading either. Row r of the base is sample
-    r - offset[p] of part p."""
+    """Samples of several parts (arrays, memory-mapped arrays or lazy sources, each already normalized) one
+    after another, never concatenated: the training split followed by an unlabelled pool, or the top-k columns
+    of a labels folder's shards. Row r of the base is sample r - offset[p] of part p, read as `dtype`."""
 
-    def __init__(self, parts: Sequence[Any], options: LoaderOptions) -> None:
+    def __init__(self, parts: Sequence[Any], options: LoaderOptions = LoaderOptions(),
+                 dtype: Any = np.float32) -> None:
         self.parts = tuple(parts)
         self.offsets = np.cumsum([0] + [len(p) for p in self.parts])
         self.item_shape = tuple(self.parts[0].shape[1:])
-        self.rows, self.options = np.arange(int(self.offsets[-1])), options
+        self.rows, self.options, self.dtype = np.arange(int(self.offsets[-1])), options, np.dtype(dtype)
 
     def _part(self, i: int) -> tuple[Any, int]:
         p = int(np.searchsorted(self.offsets, i, side="right")) - 1
         return self.parts[p], i - int(self.offsets[p])
 
-    def read(self, i: int) -> np.ndarray:
-        part, j = self._part(i)
-        return np.asarray(part[j], dtype=np.float32)
+    def __getitem__(self, key: Any) -> np.ndarray:
+        """The rows `key` selects, read part by part (one indexing of each part they fall in)."""
+        rows = np.atleast_1d(self.rows[key])
+        part = np.searchsorted(self.offsets, rows, side="right") - 1
+        out = np.empty((len(rows), *self.item_shape), self.dtype)
+        for p in np.unique(part):
+            sel = part == p
+            out[sel] = self.parts[p][rows[sel] - self.offsets[p]]
+        return out if np.ndim(self.rows[key]) else out[0]
 
     def raw(self, i: int) -> np.ndarray:
         part, j = self._part(i)
@@ -496,22 +503,6 @@ def channel_stats(x: _Lazy, samples: int, seed: int) -> tuple[tuple[float, ...],
     return _mean_std(total, total_sq, count)
 
 
-class _EpochSampler:
-    """The batch sampler of a persistent DataLoader: yields whatever chunks `set` gave it last."""
-
-    def __init__(self) -> None:
-        self.chunks: list[np.ndarray] = []
-
-    def set(self, chunks: list[np.ndarray]) -> None:
-        self.chunks = chunks
-
-    def __iter__(self) -> Iterator[list[int]]:
-        return (c.tolist() for c in self.chunks)
-
-    def __len__(self) -> int:
-        return len(self.chunks)
-
-
 class Feed:
     """Batches of `x` for lists of index chunks; one per training run, so the workers outlive epochs. An
     iterable source (LazyStream) is read in blocks of `batch_size` for this DDP rank; its chunks must come
@@ -533,10 +524,9 @@ class Feed:
 
             rank, world = ranks or (distributed.rank(), distributed.world_size())
             dataset, self.sampler = __getattr__("_Blocks")(x, batch_size, rank, world), None
-        else:
-            dataset, self.sampler = x, _EpochSampler()
-        batching = {"batch_size": None} if self.sampler is None else {"batch_sampler": self.sampler,
-                                                                      "collate_fn": _collate}
+        else:   # the batch sampler: a list the epoch's chunks are put in (a persistent loader iterates it anew)
+            dataset, self.sampler = x, []
+        batching = {"batch_size": None} if self.sampler is None else {"batch_sampler": self.sampler}
         self.loader = torch.utils.data.DataLoader(
             dataset, **batching, num_workers=workers,
             pin_memory=pin if o.pin_memory is None else o.pin_memory,
@@ -554,7 +544,7 @@ class Feed:
             if self.sampler is None:
                 pairs = self._stream(chunks)
                 return pairs if y is not None else (xb for xb, _ in pairs)
-            self.sampler.set(chunks)
+            self.sampler[:] = chunks
             xs = _one_line_errors(iter(self.loader))
         if y is None:
             return xs
@@ -590,12 +580,6 @@ class Feed:
             if start >= len(self.x):
                 raise EdgekdError(f"data stream {name}: gave more than the {len(self.x)} samples the counting "
                                   "pass at load saw (an iterable source must give the same samples every pass)")
-
-
-def _collate(items: list[np.ndarray]) -> Any:
-    import torch
-
-    return torch.from_numpy(np.stack(items))
 
 
 def _one_line_errors(it: Iterator[Any]) -> Iterator[Any]:
