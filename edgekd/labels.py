@@ -80,13 +80,15 @@ def soft_targets(out: TeacherOutput, temperature: float, top_k: int
     Probabilities at T: softmax(z / T) from logits, p^(1/T) / sum(p^(1/T)) from probs. A top-k teacher's
     k values are renormalized over the k known classes unless they are probabilities and T == 1.
     """
+    from scipy.special import softmax  # exp(z - max) / sum, row-wise
+
     if out.kind == "labels":
         return out.values, None, None, None, False
     v = out.values.astype(np.float64)
     if out.kind in ("logits", "probs"):
         z = v if out.kind == "logits" else np.log(np.maximum(v, 1e-45))
-        p1 = _softmax(z)
-        pt = p1 if temperature == 1.0 else _softmax(z / temperature)
+        p1 = softmax(z, axis=1)
+        pt = p1 if temperature == 1.0 else softmax(z / temperature, axis=1)
         k = min(top_k, v.shape[1])
         idx = np.argsort(-pt, axis=1, kind="stable")[:, :k]
         probs = np.take_along_axis(pt, idx, axis=1)
@@ -98,16 +100,11 @@ def soft_targets(out: TeacherOutput, temperature: float, top_k: int
         confidence = v[:, 0]
         if temperature == 1.0:
             return idx[:, 0], confidence, v, idx, False
-        probs = _softmax(np.log(np.maximum(v, 1e-45)) / temperature)
+        probs = softmax(np.log(np.maximum(v, 1e-45)) / temperature, axis=1)
     else:
-        confidence = _softmax(v)[:, 0]   # over the known classes only: an upper bound
-        probs = _softmax(v / temperature)
+        confidence = softmax(v, axis=1)[:, 0]   # over the known classes only: an upper bound
+        probs = softmax(v / temperature, axis=1)
     return idx[:, 0], confidence, probs, idx, True
-
-
-def _softmax(z: np.ndarray) -> np.ndarray:
-    e = np.exp(z - z.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
 
 
 REMEDY = "delete the labels folder and rerun `edgekd label`"

@@ -45,20 +45,13 @@ class LoaderOptions:
 
 
 class _Lazy:
-    """What LazyImages and LazyArray share: array-like indexing over `self.rows` (a lazy view of a base)."""
+    """What the lazy sources share: array-like indexing over `self.rows` (a lazy view of a base). Each gives
+    `read(i)` (row i of the base, float32, fully preprocessed; LazyConcat indexes its parts instead), `raw(i)`
+    (row i scaled to [0, 1] but not normalized) and, but LazyConcat, `normalized(mean, std)`."""
 
     rows: np.ndarray
     item_shape: tuple[int, ...]
     options: LoaderOptions
-
-    def read(self, i: int) -> np.ndarray:   # row i of the base, float32, fully preprocessed
-        raise NotImplementedError
-
-    def raw(self, i: int) -> np.ndarray:    # row i of the base, scaled to [0, 1] but not normalized
-        raise NotImplementedError
-
-    def normalized(self, mean: tuple[float, ...], std: tuple[float, ...]) -> _Lazy:
-        raise NotImplementedError
 
     def view(self, rows: np.ndarray, **changes: Any) -> _Lazy:
         """A copy over `rows` of the base, with attributes `changes` replaced (nothing is read)."""
@@ -155,10 +148,9 @@ class LazyArray(_Lazy):
     x = (row * scale - mean) / std per channel, float32."""
 
     def __init__(self, base: Any, item_shape: tuple[int, ...], scale: float = 1.0,
-                 mean: Sequence[float] = (0.0,), std: Sequence[float] = (1.0,),
                  options: LoaderOptions = LoaderOptions()) -> None:
         self.base, self.item_shape, self.scale, self.options = base, tuple(item_shape), float(scale), options
-        self.mean, self.std = tuple(mean), tuple(std)
+        self.mean, self.std = (0.0,), (1.0,)   # until `normalized`
         self.rows = np.arange(len(base))
 
     def raw(self, i: int) -> np.ndarray:
@@ -198,11 +190,9 @@ class LazyStream(LazyArray):
     reads one pass up to the largest index, for small draws (an example batch, calibration, a spot check);
     carving splits or subsets by index (`take`) is refused."""
 
-    def __init__(self, base: Any, item_shape: tuple[int, ...], scale: float, length: int,
-                 options: LoaderOptions = LoaderOptions()) -> None:
-        self.base, self.item_shape, self.scale, self.options = base, tuple(item_shape), float(scale), options
-        self.mean, self.std = (0.0,), (1.0,)
-        self.rows = np.arange(length)
+    def __init__(self, base: Any, item_shape: tuple[int, ...], scale: float, options: LoaderOptions) -> None:
+        super().__init__([], item_shape, scale, options)   # rows and stats: set by stream_source's counting pass
+        self.base = base
         self.token = os.urandom(16).hex()   # its fingerprint: what is keyed on this load is not reused by another
 
     def raw(self, i: int) -> np.ndarray:
@@ -298,7 +288,7 @@ def stream_source(ds: Any, where: str, options: LoaderOptions) -> tuple[LazyStre
         first, _ = _pair(next(iter(ds)), 0)
     except StopIteration:
         raise EdgekdError(f"{where}: the stream is empty") from None
-    x = LazyStream(ds, *item_layout(first, where), 0, options)
+    x = LazyStream(ds, *item_layout(first, where), options)
     loader = torch.utils.data.DataLoader(__getattr__("_Blocks")(x, 256, summary=True), batch_size=None,
                                          num_workers=options.num_workers)
     labels, total, total_sq, count = [], 0.0, 0.0, 0
