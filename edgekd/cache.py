@@ -36,6 +36,7 @@ import numpy as np
 
 from edgekd import fileio, manifest_folder, streaming
 from edgekd.errors import EdgekdError
+from edgekd.labels import index_dtype
 from edgekd.teachers import TeacherOutput, teacher_identity, teacher_name, validate_output
 
 FORMAT = "edgekd-teacher-cache/1"
@@ -302,8 +303,7 @@ def _write_epoch(teacher: Any, x: Any, path: Path, epoch: int, manifest: dict[st
                                   f"{rows.start}..{rows.stop - 1}, but {manifest['teacher_output']} top-"
                                   f"{manifest['top_k_stored']} before; a teacher must answer every batch the same way")
             if values is None:
-                fits = max(manifest["num_classes"] or 0, int(i.max()) + 1) <= np.iinfo(np.int16).max
-                dtype = np.int16 if manifest["num_classes"] and fits else np.int32
+                dtype = index_dtype(manifest["num_classes"], int(i.max())) if manifest["num_classes"] else np.int32
                 values = np.lib.format.open_memmap(parts["values"], "w+", np.float16, (len(x), v.shape[1]))
                 indices = np.lib.format.open_memmap(parts["indices"], "w+", dtype, (len(x), v.shape[1]))
             values[rows], indices[rows] = v, i

@@ -68,7 +68,8 @@ class Labels:
                        topk_probs=take(self.topk_probs), topk_indices=take(self.topk_indices))
 
 
-def _index_dtype(num_classes: int | None, max_index: int) -> type:
+def index_dtype(num_classes: int | None, max_index: int) -> type:
+    """How stored class ids are typed: int16 when the class count and the largest id fit, else int32."""
     top = max(num_classes or 0, max_index + 1)
     return np.int16 if top <= np.iinfo(np.int16).max else np.int32
 
@@ -231,7 +232,7 @@ def _shard_arrays(start: int, stop: int, parts: list[tuple], manifest: dict[str,
             raise EdgekdError(f"labels: the teacher returned top-{k} outputs for samples {start}..{stop - 1} but "
                               f"top-{manifest['top_k_stored']} before; it must return the same k every time")
         arrays["topk_probs"] = probs.astype(np.float16)
-        arrays["topk_indices"] = idx.astype(_index_dtype(manifest["num_classes"], int(idx.max())))
+        arrays["topk_indices"] = idx.astype(index_dtype(manifest["num_classes"], int(idx.max())))
     return arrays
 
 

@@ -70,16 +70,8 @@ class PreprocessSpec:
         if not isinstance(self.scale, (int, float)) or isinstance(self.scale, bool) or not self.scale > 0:
             raise EdgekdError(f"preprocessing.scale: {self.scale!r}; expected a positive number (1/255 for uint8)")
         object.__setattr__(self, "scale", float(self.scale))
-        mean, std = self.mean, self.std
-        if isinstance(mean, str) or isinstance(std, str):
-            for key, value in (("mean", mean), ("std", std)):
-                if isinstance(value, str) and value not in NAMED_STATS:
-                    raise EdgekdError(f"preprocessing.{key}: unknown statistics {value!r}; expected numbers or "
-                                      f"one of {', '.join(NAMED_STATS)}")
-            mean = NAMED_STATS[mean][0] if isinstance(mean, str) else mean
-            std = NAMED_STATS[std][1] if isinstance(std, str) else std
-        object.__setattr__(self, "mean", _stats(mean, "mean", self.channels))
-        object.__setattr__(self, "std", _stats(std, "std", self.channels))
+        object.__setattr__(self, "mean", _stats(self.mean, "mean", self.channels))
+        object.__setattr__(self, "std", _stats(self.std, "std", self.channels))
         if min(self.std) <= 0:
             raise EdgekdError(f"preprocessing.std: {list(self.std)}; every value must be positive")
 
@@ -128,6 +120,12 @@ def _size(value: Any, key: str, allow_int: bool) -> int | tuple[int, int] | None
 
 
 def _stats(value: Any, key: str, channels: int) -> tuple[float, ...]:
+    """mean or std (`key`) as numbers: one, one per channel, or a NAMED_STATS name's."""
+    if isinstance(value, str):
+        if value not in NAMED_STATS:
+            raise EdgekdError(f"preprocessing.{key}: unknown statistics {value!r}; expected numbers or "
+                              f"one of {', '.join(NAMED_STATS)}")
+        value = NAMED_STATS[value][key == "std"]
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         value = (value,)
     try:

@@ -442,37 +442,34 @@ def fingerprint(x: Any) -> str:
     return hashlib.sha256(json.dumps(payload).encode()).hexdigest()
 
 
-class _Check:
-    """Item i: (height, width) of file i from its header (also fully decoded with `decode`), or the one-line
-    error naming it. A Dataset, so the folder scan runs in the DataLoader workers."""
+def _check(files: Sequence[str], spec: PreprocessSpec, max_pixels: int, decode: bool) -> list[tuple[int, int] | str]:
+    """Per file: (height, width) from its header (also fully decoded with `decode`), or the one-line error
+    naming it. The collate function of check_files' DataLoader, so the folder scan runs in its workers."""
+    from edgekd.preprocess import probe_image
 
-    def __init__(self, files: Sequence[str], spec: PreprocessSpec, max_pixels: int, decode: bool) -> None:
-        self.files, self.spec, self.max_pixels, self.decode = files, spec, max_pixels, decode
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, i: int) -> tuple[int, int] | str:
-        from edgekd.preprocess import probe_image
-
+    out: list[tuple[int, int] | str] = []
+    for f in files:
         try:
-            size = probe_image(self.files[i], self.max_pixels)
-            if self.decode:
-                apply(self.spec, self.files[i], self.max_pixels)
-            return size
+            size = probe_image(f, max_pixels)
+            if decode:
+                apply(spec, f, max_pixels)
+            out.append(size)
         except EdgekdError as e:
-            return str(e)
+            out.append(str(e))
+    return out
 
 
 def check_files(files: Sequence[str], spec: PreprocessSpec, max_pixels: int, decode: bool,
                 workers: int) -> list[tuple[int, int] | str]:
-    """`_Check` of every file, in order, spread over `workers` processes (in this one for small folders)."""
-    check = _Check(files, spec, max_pixels, decode)
+    """`_check` of every file, in order, spread over `workers` processes (in this one for small folders)."""
+    import functools
+
+    check = functools.partial(_check, spec=spec, max_pixels=max_pixels, decode=decode)
     if workers == 0 or len(files) < 512:
-        return [check[i] for i in range(len(files))]
+        return check(files)
     import torch
 
-    loader = torch.utils.data.DataLoader(check, batch_size=64, num_workers=workers, collate_fn=list)
+    loader = torch.utils.data.DataLoader(list(files), batch_size=64, num_workers=workers, collate_fn=check)
     return [item for batch in loader for item in batch]
 
 
