@@ -186,9 +186,9 @@ class LazyStream(LazyArray):
     """A torch IterableDataset of (input, label) pairs used as it is: read in its own order, never by index.
 
     Its length, labels (and, for training, mean/std: `stats`) come from one counting pass at load (`stream_source`); a
-    training epoch reads it in blocks of `batch_size` through DataLoader workers (`_Blocks`). `x[indices]`
-    reads one pass up to the largest index, for small draws (an example batch, calibration, a spot check);
-    carving splits or subsets by index (`take`) is refused."""
+    training epoch reads it in blocks of `batch_size` through DataLoader workers (`distributed.StreamBlocks`).
+    `x[indices]` reads one pass up to the largest index, for small draws (an example batch, calibration, a spot
+    check); carving splits or subsets by index (`take`) is refused."""
 
     def __init__(self, base: Any, item_shape: tuple[int, ...], scale: float, options: LoaderOptions) -> None:
         super().__init__([], item_shape, scale, options)   # rows and stats: set by stream_source's counting pass
@@ -213,14 +213,14 @@ class LazyStream(LazyArray):
 
         for k, item in enumerate(itertools.islice(iter(self.base), int(pos.max()) + 1)):
             if k in wanted:
-                got[k] = self.norm(self.scaled(_pair(item, k)[0], k))
+                got[k] = self.norm(self.scaled(stream_item(item, k)[0], k))
         if len(got) < len(wanted):
             raise EdgekdError(f"data stream {type(self.base).__name__}: ended after {k + 1 if got else 0} samples; "
                               f"the counting pass at load saw {len(self)}")
         return np.stack([got[p] for p in pos.tolist()])
 
 
-def _pair(item: Any, k: int) -> tuple[Any, int]:
+def stream_item(item: Any, k: int) -> tuple[Any, int]:
     """(input, int label) of stream item k."""
     if not isinstance(item, (tuple, list)) or len(item) != 2:
         raise EdgekdError(f"data stream item {k}: is a {type(item).__name__}; expected an (input, label) pair")
@@ -230,53 +230,6 @@ def _pair(item: Any, k: int) -> tuple[Any, int]:
         raise EdgekdError(f"data stream item {k}: label {item[1]!r} is not an integer class index") from None
 
 
-def _blocks_class() -> type:
-    """`_Blocks`, defined on first use so this module does not import torch (module __getattr__ below)."""
-    import itertools
-
-    import torch
-
-    class _Blocks(torch.utils.data.IterableDataset):
-        """The blocks of `block` consecutive samples of a stream that one DDP rank and DataLoader worker read:
-        block j goes to rank j % world and a rank's m-th block to worker m % workers (torch's documented split
-        by torch.utils.data.get_worker_info()), so a DataLoader yields a rank's blocks in stream order. Every
-        worker walks the whole stream and prepares only its blocks. Yields (start, inputs (B, ...) normalized,
-        labels (B,)), or with `summary` (start, labels, per-channel sums, sums of squares and value counts of
-        the scaled, unnormalized inputs)."""
-
-        def __init__(self, x: LazyStream, block: int, rank: int = 0, world: int = 1, summary: bool = False):
-            self.x, self.block, self.rank, self.world, self.summary = x, block, rank, world, summary
-
-        def __iter__(self) -> Iterator[tuple]:
-            info = torch.utils.data.get_worker_info()
-            w, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-            it, start, j = iter(self.x.base), 0, 0
-            while items := list(itertools.islice(it, self.block)):
-                if j % self.world == self.rank and (j // self.world) % workers == w:
-                    yield self._prepare(start, items)
-                start, j = start + len(items), j + 1
-
-        def _prepare(self, start: int, items: list) -> tuple:
-            pairs = [_pair(item, start + k) for k, item in enumerate(items)]
-            labels = np.asarray([y for _, y in pairs], np.int64)
-            xs = np.stack([self.x.scaled(v, start + k) for k, (v, _) in enumerate(pairs)])
-            if not self.summary:
-                return start, torch.from_numpy(np.stack([self.x.norm(v) for v in xs])), torch.from_numpy(labels)
-            a = xs.astype(np.float64)
-            a = a.transpose(1, 0, 2, 3).reshape(a.shape[1], -1) if a.ndim == 4 else a.reshape(1, -1)
-            return start, labels, a.sum(1), (a * a).sum(1), a.shape[1]
-
-    _Blocks.__qualname__ = "_Blocks"
-    return _Blocks
-
-
-def __getattr__(name: str) -> Any:   # PEP 562: `_Blocks` pickles by name (spawned DataLoader workers)
-    if name == "_Blocks":
-        globals()["_Blocks"] = cls = _blocks_class()
-        return cls
-    raise AttributeError(name)
-
-
 def stream_source(ds: Any, where: str, options: LoaderOptions) -> tuple[LazyStream, np.ndarray]:
     """(lazy stream, labels) of an IterableDataset of (input, label) pairs, from one counting pass in
     DataLoader workers that keeps only the labels (8 bytes a sample) and running sums, whose per-channel
@@ -284,12 +237,14 @@ def stream_source(ds: Any, where: str, options: LoaderOptions) -> tuple[LazyStre
     are scaled by 1/255. A `len()` that disagrees with the count is an error."""
     import torch
 
+    from edgekd import distributed
+
     try:
-        first, _ = _pair(next(iter(ds)), 0)
+        first, _ = stream_item(next(iter(ds)), 0)
     except StopIteration:
         raise EdgekdError(f"{where}: the stream is empty") from None
     x = LazyStream(ds, *item_layout(first, where), options)
-    loader = torch.utils.data.DataLoader(__getattr__("_Blocks")(x, 256, summary=True), batch_size=None,
+    loader = torch.utils.data.DataLoader(distributed.StreamBlocks(x, 256, summary=True), batch_size=None,
                                          num_workers=options.num_workers)
     labels, total, total_sq, count = [], 0.0, 0.0, 0
     for _, y, s, sq, c in _one_line_errors(iter(loader)):
@@ -510,7 +465,7 @@ class Feed:
             from edgekd import distributed
 
             rank, world = ranks or (distributed.rank(), distributed.world_size())
-            dataset, self.sampler = __getattr__("_Blocks")(x, batch_size, rank, world), None
+            dataset, self.sampler = distributed.StreamBlocks(x, batch_size, rank, world), None
         else:   # the batch sampler: a list the epoch's chunks are put in (a persistent loader iterates it anew)
             dataset, self.sampler = x, []
         batching = {"batch_size": None} if self.sampler is None else {"batch_sampler": self.sampler}
