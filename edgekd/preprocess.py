@@ -186,8 +186,7 @@ def probe_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> tuple[
 
     name = str(path)
     with _open_file(path) as f, _pillow_errors(name), Image.open(f) as im:
-        _check_pixels(im, name, max_pixels)
-        _check_mode(im, name)
+        _check(im, name, max_pixels)
         return im.height, im.width
 
 
@@ -229,27 +228,24 @@ def _decode(f: Any, mode: str, name: str, max_pixels: int):
     from PIL import Image
 
     with _pillow_errors(name), Image.open(f) as im:
-        _check_pixels(im, name, max_pixels)
+        _check(im, name, max_pixels)   # from the header, before anything is decoded
         im.load()
         return _convert(im, mode, name, max_pixels)
 
 
-def _check_pixels(im: Any, name: str, max_pixels: int) -> None:
+def _check(im: Any, name: str, max_pixels: int) -> None:
+    """Refuse an image of more than `max_pixels` pixels or of a mode outside CONVERTIBLE."""
     if im.width * im.height > max_pixels:
         raise EdgekdError(f"image {name}: {im.width}x{im.height} is {im.width * im.height} pixels, more than the "
                           f"limit of {max_pixels}; refused (a decompression bomb or an image to shrink first)")
-
-
-def _convert(im: Any, mode: str, name: str, max_pixels: int):
-    _check_pixels(im, name, max_pixels)
-    _check_mode(im, name)
-    return im if im.mode == mode else im.convert(mode)
-
-
-def _check_mode(im: Any, name: str) -> None:
     if im.mode not in CONVERTIBLE:
         raise EdgekdError(f"image {name}: mode {im.mode} (16/32-bit or float pixels) is not supported; save it as "
                           "8-bit RGB or greyscale")
+
+
+def _convert(im: Any, mode: str, name: str, max_pixels: int):
+    _check(im, name, max_pixels)
+    return im if im.mode == mode else im.convert(mode)
 
 
 def apply(spec: PreprocessSpec, image: Any, max_pixels: int = MAX_PIXELS) -> np.ndarray:
