@@ -46,8 +46,8 @@ class LoaderOptions:
 
 class _Lazy:
     """What the lazy sources share: array-like indexing over `self.rows` (a lazy view of a base). Each gives
-    `read(i)` (row i of the base, float32, fully preprocessed; LazyConcat indexes its parts instead), `raw(i)`
-    (row i scaled to [0, 1] but not normalized) and, but LazyConcat, `normalized(mean, std)`."""
+    `read(i)` (row i of the base, float32, fully preprocessed), `raw(i)` (row i scaled to [0, 1] but not
+    normalized) and `normalized(mean, std)`; LazyConcat, of parts already normalized, only indexes them."""
 
     rows: np.ndarray
     item_shape: tuple[int, ...]
@@ -305,10 +305,6 @@ class LazyConcat(_Lazy):
         self.item_shape = tuple(self.parts[0].shape[1:])
         self.rows, self.options, self.dtype = np.arange(int(self.offsets[-1])), options, np.dtype(dtype)
 
-    def _part(self, i: int) -> tuple[Any, int]:
-        p = int(np.searchsorted(self.offsets, i, side="right")) - 1
-        return self.parts[p], i - int(self.offsets[p])
-
     def __getitem__(self, key: Any) -> np.ndarray:
         """The rows `key` selects, read part by part (one indexing of each part they fall in)."""
         rows = np.atleast_1d(self.rows[key])
@@ -318,10 +314,6 @@ class LazyConcat(_Lazy):
             sel = part == p
             out[sel] = self.parts[p][rows[sel] - self.offsets[p]]
         return out if np.ndim(self.rows[key]) else out[0]
-
-    def raw(self, i: int) -> np.ndarray:
-        part, j = self._part(i)
-        return part.raw(int(part.rows[j])) if is_lazy(part) else np.asarray(part[j], dtype=np.float32)
 
     def identity(self) -> list[str]:
         """The parts' keys (fingerprints, or sha256 of arrays) and this view's rows."""
