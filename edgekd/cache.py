@@ -42,7 +42,6 @@ from edgekd.teachers import TeacherOutput, teacher_identity, teacher_name, valid
 FORMAT = "edgekd-teacher-cache/1"
 MANIFEST = manifest_folder.MANIFEST
 Augment = Callable[[np.ndarray, np.random.Generator], np.ndarray]
-KEY_FIELDS = ("x_sha256", "augment", "seed", "epochs", "top_k", "teacher")
 
 
 def view_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
@@ -244,7 +243,7 @@ def build_cache(teacher: Any, x: np.ndarray, out_path: str | Path, *, top_k: int
         raise EdgekdError(f"teacher cache {out}: exists and is not a folder")
     if os.path.lexists(mpath):
         manifest = read_manifest(out)
-        differ = [k for k in KEY_FIELDS if manifest.get(k) != key[k]]
+        differ = [k for k in key if manifest.get(k) != key[k]]
         if differ:
             what = "; ".join(f"{k}: folder has {_describe(k, manifest.get(k))}, this build {_describe(k, key[k])}"
                              for k in differ)

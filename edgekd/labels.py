@@ -38,8 +38,6 @@ from edgekd.teachers import TeacherOutput, teacher_identity, teacher_name, valid
 FORMAT = "edgekd-labels/1"
 MANIFEST = manifest_folder.MANIFEST
 KEEP = ("auto", "topk", "labels")
-# Settings that must match for a rerun to resume into an existing folder.
-RESUME_KEYS = ("teacher", "pool_sha256", "samples", "temperature", "top_k", "keep", "shard_size")
 
 
 @dataclass(frozen=True, eq=False)   # holds arrays: compare fields yourself
@@ -144,12 +142,12 @@ def label_pool(teacher: Any, pool: np.ndarray, out_dir: str | Path, *, shard_siz
         raise EdgekdError(f"labels {out_dir}: temperature must be > 0, got {temperature}")
     who = teacher_name(teacher)
     settings = {"teacher": teacher_identity(teacher), "pool_sha256": streaming.data_key(pool),
-                "samples": int(len(pool)),
+                "samples": int(len(pool)),   # each must match for a rerun to resume into the folder
                 "temperature": float(temperature), "top_k": top_k, "keep": keep, "shard_size": shard_size}
     n_shards = -(-len(pool) // shard_size)
     if os.path.lexists(out_dir / MANIFEST):
         manifest = _read_manifest(out_dir)
-        differ = [k for k in RESUME_KEYS if manifest.get(k) != settings[k]]
+        differ = [k for k in settings if manifest.get(k) != settings[k]]
         if differ:
             what = "; ".join(f"{k}: folder has {manifest.get(k)!r}, this run {settings[k]!r}" for k in differ)
             raise EdgekdError(f"labels {out_dir}: already holds labels made with other settings ({what}); use "
