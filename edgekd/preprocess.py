@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import stat
 import warnings
@@ -85,11 +86,8 @@ class PreprocessSpec:
         return self.crop if self.crop is not None else (h, w)
 
     def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        for key in ("resize", "crop"):
-            out[key] = list(out[key]) if isinstance(out[key], tuple) else out[key]
-        out["mean"], out["std"] = list(self.mean), list(self.std)
-        return out
+        """The fields as JSON writes and reads them back (tuples as lists), for manifests and fingerprints."""
+        return json.loads(json.dumps(asdict(self)))
 
     @classmethod
     def from_dict(cls, d: Any, where: str = "preprocessing") -> PreprocessSpec:
