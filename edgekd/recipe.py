@@ -286,8 +286,10 @@ RANGES: dict[str, dict[str, str]] = {
     "augment": {"crop": ">= 0", "mixup": ">= 0", "cutmix": ">= 0", "resized_crop": "(0, 1]"},
     "quantize": {"epochs": ">= 0", "lr": "> 0", "freeze_fraction": "[0, 1]", "calibration_size": ">= 1",
                  "calibration_seed": ">= 0", "percentile": "(0, 100]", "keep_float": ">= 0"},
-    "embedding": {"lr": "> 0", "weight_decay": ">= 0", "seed": ">= 0", "mse_weight": ">= 0",
-                  "cosine_weight": ">= 0", "similarity_weight": ">= 0"},
+    "embedding": {**dict.fromkeys(("sentences", "heldout", "min_words", "max_words", "layers", "hidden", "heads",
+                                   "intermediate", "epochs", "batch_size"), ">= 1"),
+                  "heldout_documents": ">= 0", "lr": "> 0", "weight_decay": ">= 0", "seed": ">= 0",
+                  "mse_weight": ">= 0", "cosine_weight": ">= 0", "similarity_weight": ">= 0"},
 }
 
 
@@ -391,12 +393,7 @@ def validate_size(s: SizeConfig, where: str) -> None:
 
 
 def _validate_embedding(e: EmbeddingConfig, where: str) -> None:
-    for key in ("sentences", "heldout", "min_words", "max_words", "layers", "hidden", "heads", "intermediate",
-                "epochs", "batch_size"):
-        if getattr(e, key) < 1:
-            raise EdgekdError(f"{where} [embedding].{key}: must be >= 1, got {getattr(e, key)}")
-    if e.heldout_documents < 0:
-        raise EdgekdError(f"{where} [embedding].heldout_documents: must be >= 0, got {e.heldout_documents}")
+    """The [embedding] rules across keys (each number's own range is in RANGES)."""
     if e.teacher_layers and (len(e.teacher_layers) != e.layers or min(e.teacher_layers) < 0):
         raise EdgekdError(f"{where} [embedding].teacher_layers: expected {e.layers} (layers) teacher layer indices "
                           f">= 0, got {e.teacher_layers}")
@@ -408,8 +405,6 @@ def _validate_embedding(e: EmbeddingConfig, where: str) -> None:
         raise EdgekdError(f"{where} [embedding].min_words ({e.min_words}) is larger than max_words ({e.max_words})")
     if e.hidden % e.heads:
         raise EdgekdError(f"{where} [embedding].hidden ({e.hidden}) must be a multiple of heads ({e.heads})")
-    if e.lr <= 0:
-        raise EdgekdError(f"{where} [embedding].lr: must be > 0, got {e.lr}")
     weights = (e.mse_weight, e.cosine_weight, e.similarity_weight)
     if min(weights) < 0 or sum(weights) == 0:
         raise EdgekdError(f"{where} [embedding]: mse_weight, cosine_weight and similarity_weight must be >= 0 and "
