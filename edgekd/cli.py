@@ -33,13 +33,6 @@ def cli() -> None:
     """Distill a large model into a small one, quantize it, and build and profile engines for edge targets."""
 
 
-def _is_main() -> bool:
-    """Under torchrun only rank 0 prints the table."""
-    from edgekd.distributed import is_main
-
-    return is_main()
-
-
 @cli.command()
 @click.argument("recipe")
 @OUT
@@ -52,6 +45,7 @@ def teacher(recipe: str, out: Path, device: str, quiet: bool, resume: bool) -> N
     RECIPE is a TOML file, or the built-in name 'digits'.
     """
     from edgekd.distillation import metrics_table, train_teacher
+    from edgekd.distributed import is_main
     from edgekd.recipe import load_recipe
 
     loaded = load_recipe(recipe)
@@ -63,7 +57,7 @@ def teacher(recipe: str, out: Path, device: str, quiet: bool, resume: bool) -> N
                    f"({info['encode_seconds']} s); wrote {out / 'teacher-embeddings.npz'}")
         return
     metrics = train_teacher(loaded, out, device=device, progress=not quiet, resume=resume)
-    if not _is_main():
+    if not is_main():   # under torchrun only rank 0 prints the table
         return
     click.echo(metrics_table(metrics))
     click.echo(f"\nwrote {out / 'teacher.safetensors'}")
@@ -88,6 +82,7 @@ def distill(recipe: str, out: Path, device: str, quiet: bool, resume: bool, labe
     """
     from edgekd.distillation import distill as run_distill
     from edgekd.distillation import metrics_table
+    from edgekd.distributed import is_main
     from edgekd.recipe import load_recipe
 
     if labels is not None and cache is not None:
@@ -103,7 +98,7 @@ def distill(recipe: str, out: Path, device: str, quiet: bool, resume: bool, labe
         return
     metrics = run_distill(loaded, out, device=device, progress=not quiet, resume=resume, labels=labels,
                           cache=cache, reuse_teacher=reuse_teacher)
-    if not _is_main():
+    if not is_main():   # under torchrun only rank 0 prints the table
         return
     click.echo(metrics_table(metrics))
     models = ",".join(m for m in ("student", "scratch") if (out / f"{m}.safetensors").is_file() and m in metrics)
