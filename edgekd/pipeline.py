@@ -204,24 +204,22 @@ def export(run_dir: str | Path, model: str = "student", *, ctx: RunContext | Non
            resume: bool = False) -> dict[str, Any]:
     """Export a trained model to ONNX and measure its parity with PyTorch on the test split. With `resume`, an
     ONNX the run folder records as exported from the current checkpoint (and its parity record) is kept."""
-    with runfolder.locked(ctx.dir if ctx else run_dir):
-        return _export(ctx or context(run_dir), model, resume)
-
-
-def _export(ctx: RunContext, model: str, resume: bool = False) -> dict[str, Any]:
     from edgekd.export import export_onnx, parity
 
-    path = ctx.onnx_path(model)
-    record = path.with_suffix(".parity.json")
-    if resume and ctx.fresh_onnx(model) and _newer(record, path):
-        return json.loads(record.read_text())
-    net = ctx.model(model)
-    export_onnx(net, ctx.example(), path, metadata=ctx.metadata(model), task=ctx.task, **ctx.export_options(model))
-    runfolder.record(ctx.dir, ctx.rel(path), ctx.weights_input(model))
-    check = parity(net, path, ctx.parity_inputs(), task=ctx.task)
-    result = {"model": model, "path": str(path), "size_bytes": path.stat().st_size, "parity": check}
-    fileio.write_json(record, result)
-    return result
+    with runfolder.locked(ctx.dir if ctx else run_dir):
+        ctx = ctx or context(run_dir)
+        path = ctx.onnx_path(model)
+        record = path.with_suffix(".parity.json")
+        if resume and ctx.fresh_onnx(model) and _newer(record, path):
+            return json.loads(record.read_text())
+        net = ctx.model(model)
+        export_onnx(net, ctx.example(), path, metadata=ctx.metadata(model), task=ctx.task,
+                    **ctx.export_options(model))
+        runfolder.record(ctx.dir, ctx.rel(path), ctx.weights_input(model))
+        check = parity(net, path, ctx.parity_inputs(), task=ctx.task)
+        result = {"model": model, "path": str(path), "size_bytes": path.stat().st_size, "parity": check}
+        fileio.write_json(record, result)
+        return result
 
 
 def quantized_onnx(ctx: RunContext, target: Target) -> tuple[dict[str, Path], list[str]]:
@@ -353,31 +351,28 @@ def profile(run_dir: str | Path, target: str | Target, *, quick: bool = False,
     process's own peak (edgekd.profile). With `resume`, a profile newer than every bundle is kept.
     """
     with runfolder.locked(run_dir):
-        return _profile(Path(run_dir), load_target(target), quick, resume)
+        run_dir, target = Path(run_dir), load_target(target)
+        folder = run_dir / "engines" / target.name
+        bundles = sorted(p for p in folder.iterdir() if (p / "manifest.json").is_file() and not fileio.is_temp(p)
+                         ) if folder.is_dir() else []
+        if not bundles:
+            raise EdgekdError(f"{folder}: no engines built for target {target.name}; run `edgekd build {run_dir} "
+                              f"--target {target.path or target.name}` first")
+        from edgekd.bundle import verify
 
-
-def _profile(run_dir: Path, target: Target, quick: bool, resume: bool) -> list[dict[str, Any]]:
-    folder = run_dir / "engines" / target.name
-    bundles = sorted(p for p in folder.iterdir() if (p / "manifest.json").is_file() and not fileio.is_temp(p)
-                     ) if folder.is_dir() else []
-    if not bundles:
-        raise EdgekdError(f"{folder}: no engines built for target {target.name}; run `edgekd build {run_dir} "
-                          f"--target {target.path or target.name}` first")
-    from edgekd.bundle import verify
-
-    for bundle in bundles:  # a tampered or stale bundle fails before any other bundle's manifest gets metrics
-        verify(bundle)
-        differ = runfolder.stale(run_dir, bundle.relative_to(run_dir).as_posix())
-        if differ:
-            raise EdgekdError(f"{bundle}: stale, built from other files than the run's ({'; '.join(differ)}); "
-                              f"rebuild it with `edgekd build {run_dir} --target {target.name}`")
-    record = run_dir / f"profile-{target.name}.json"
-    if resume and _newer(record, *(b / "manifest.json" for b in bundles)):
-        return json.loads(record.read_text())
-    timing = ["--warmup", "3", "--min-runs", "10", "--min-seconds", "0.2"] if quick else []
-    results = [profile_in_subprocess(bundle, ["--save-metrics", *timing]) for bundle in bundles]
-    fileio.write_json(record, results)
-    return results
+        for bundle in bundles:  # a tampered or stale bundle fails before any other bundle's manifest gets metrics
+            verify(bundle)
+            differ = runfolder.stale(run_dir, bundle.relative_to(run_dir).as_posix())
+            if differ:
+                raise EdgekdError(f"{bundle}: stale, built from other files than the run's ({'; '.join(differ)}); "
+                                  f"rebuild it with `edgekd build {run_dir} --target {target.name}`")
+        record = run_dir / f"profile-{target.name}.json"
+        if resume and _newer(record, *(b / "manifest.json" for b in bundles)):
+            return json.loads(record.read_text())
+        timing = ["--warmup", "3", "--min-runs", "10", "--min-seconds", "0.2"] if quick else []
+        results = [profile_in_subprocess(bundle, ["--save-metrics", *timing]) for bundle in bundles]
+        fileio.write_json(record, results)
+        return results
 
 
 def profile_in_subprocess(bundle: Path, args: list[str]) -> dict[str, Any]:
@@ -561,41 +556,37 @@ def quantize(run_dir: str | Path, scheme: str | None = None, *, target: str | Ta
     scheme of `target` (default x86-cpu-ort). `mode` overrides [quantize].mode (which must then not be "none").
     Writes onnx/student.<ptq|qat>-<scheme>.onnx, which `build` picks up.
     With `resume`, a result the run folder records as made from the current student and [quantize] is kept."""
-    with runfolder.locked(ctx.dir if ctx else run_dir):
-        return _quantize(ctx or context(run_dir), scheme, target, mode, device, progress, resume)
-
-
-def _quantize(ctx: RunContext, scheme: str | None, target: str | Target | None, mode: str | None, device: str,
-              progress: bool, resume: bool) -> dict[str, Any]:
     from edgekd.compress import quantize_student, require_torchao
 
-    if not scheme:   # the scheme of `target` (default x86-cpu-ort), which must offer int8
-        t = load_target(target or DEFAULT_TARGETS[0])
-        if "int8" not in t.precisions:
-            raise EdgekdError(f"target {t.name} ({t.path}): has no int8 precision, so nothing to quantize for")
-        scheme = t.quant_scheme
-    wanted = mode or ctx.recipe.quantize.mode
-    if wanted == "none":
-        raise EdgekdError(f"{ctx.dir}/recipe.toml: [quantize].mode is \"none\"; set it to \"ptq\" or \"qat\" (or pass "
-                          "--mode)")
-    if wanted != ctx.recipe.quantize.mode:
-        ctx.recipe = dataclasses.replace(ctx.recipe, quantize=dataclasses.replace(ctx.recipe.quantize, mode=wanted))
-    made_from = _quantized_from(ctx)
-    record = ctx.dir / "onnx" / f"quantize-{scheme}.json"
-    if resume and record.is_file():
-        done = json.loads(record.read_text())
-        kinds = ("ptq", "qat") if wanted == "qat" and ctx.recipe.quantize.epochs > 0 else ("ptq",)
-        paths = [Path(done.get("onnx", {}).get(k, "")) for k in kinds]
-        if all(p.is_file() and p.is_relative_to(ctx.dir) and runfolder.stale(ctx.dir, ctx.rel(p), made_from) == []
-               for p in paths):
-            return done
-    _import_torchao_quietly()
-    require_torchao()
-    result = quantize_student(ctx, scheme, device=device, progress=progress)
-    for path in result["onnx"].values():
-        if Path(path).is_relative_to(ctx.dir):
-            runfolder.record(ctx.dir, ctx.rel(Path(path)), made_from)
-    return result
+    with runfolder.locked(ctx.dir if ctx else run_dir):
+        ctx = ctx or context(run_dir)
+        if not scheme:   # the scheme of `target` (default x86-cpu-ort), which must offer int8
+            t = load_target(target or DEFAULT_TARGETS[0])
+            if "int8" not in t.precisions:
+                raise EdgekdError(f"target {t.name} ({t.path}): has no int8 precision, so nothing to quantize for")
+            scheme = t.quant_scheme
+        wanted = mode or ctx.recipe.quantize.mode
+        if wanted == "none":
+            raise EdgekdError(f"{ctx.dir}/recipe.toml: [quantize].mode is \"none\"; set it to \"ptq\" or \"qat\" "
+                              "(or pass --mode)")
+        if wanted != ctx.recipe.quantize.mode:
+            ctx.recipe = dataclasses.replace(ctx.recipe, quantize=dataclasses.replace(ctx.recipe.quantize, mode=wanted))
+        made_from = _quantized_from(ctx)
+        record = ctx.dir / "onnx" / f"quantize-{scheme}.json"
+        if resume and record.is_file():
+            done = json.loads(record.read_text())
+            kinds = ("ptq", "qat") if wanted == "qat" and ctx.recipe.quantize.epochs > 0 else ("ptq",)
+            paths = [Path(done.get("onnx", {}).get(k, "")) for k in kinds]
+            if all(p.is_file() and p.is_relative_to(ctx.dir) and runfolder.stale(ctx.dir, ctx.rel(p), made_from) == []
+                   for p in paths):
+                return done
+        _import_torchao_quietly()
+        require_torchao()
+        result = quantize_student(ctx, scheme, device=device, progress=progress)
+        for path in result["onnx"].values():
+            if Path(path).is_relative_to(ctx.dir):
+                runfolder.record(ctx.dir, ctx.rel(Path(path)), made_from)
+        return result
 
 
 def _import_torchao_quietly() -> None:
