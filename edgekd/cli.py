@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -33,12 +34,14 @@ def cli() -> None:
     """Distill a large model into a small one, quantize it, and build and profile engines for edge targets."""
 
 
-@cli.command()
-@click.argument("recipe")
-@OUT
-@DEVICE
-@QUIET
-@RESUME
+def _training_command(fn: Any) -> click.Command:
+    """A training stage's command: RECIPE, --out, --device, --quiet and --resume, then its own options."""
+    for decorate in (RESUME, QUIET, DEVICE, OUT, click.argument("recipe")):
+        fn = decorate(fn)
+    return cli.command()(fn)
+
+
+@_training_command
 def teacher(recipe: str, out: Path, device: str, quiet: bool, resume: bool) -> None:
     """Train the teacher on the task (fine-tune it when [teacher].checkpoint is set).
 
@@ -63,12 +66,7 @@ def teacher(recipe: str, out: Path, device: str, quiet: bool, resume: bool) -> N
     click.echo(f"\nwrote {out / 'teacher.safetensors'}")
 
 
-@cli.command()
-@click.argument("recipe")
-@OUT
-@DEVICE
-@QUIET
-@RESUME
+@_training_command
 @click.option("--labels", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Learn from what a black-box teacher said about the unlabelled pool (`edgekd label` output).")
 @click.option("--cache", type=click.Path(file_okay=False, path_type=Path), default=None,
