@@ -193,7 +193,7 @@ class RunContext:
                             model_spec=self.spec(model), input_shape=self.data.input_shape,
                             num_classes=self.data.num_classes, class_names=self.data.class_names,
                             normalization=self.data.normalization, quantization=quantization,
-                            preprocessing=_preprocessing(self.data))
+                            preprocessing=None if self.data.preprocess is None else self.data.preprocess.to_dict())
 
     def onnx_path(self, name: str, quantization: str = "none", scheme: str = "") -> Path:
         suffix = "" if quantization == "none" else f".{quantization}-{scheme}"
@@ -335,11 +335,6 @@ def _skipped(target: Target, model: str, precision: str, quantization: str, reas
     """An engine the build could not make here, and why (the report lists it)."""
     return {"target": target.name, "model": model, "precision": precision, "quantization": quantization,
             "reason": reason}
-
-
-def _preprocessing(data: Dataset) -> dict[str, Any] | None:
-    """The eval PreprocessSpec of image inputs as the bundle records it (None for array sources)."""
-    return data.preprocess.to_dict() if data.preprocess is not None else None
 
 
 def profile(run_dir: str | Path, target: str | Target, *, quick: bool = False,
