@@ -32,9 +32,7 @@ class MLP(nn.Module):
                  dropout: float = 0.0) -> None:
         super().__init__()
         layers: list[nn.Module] = [nn.Flatten()]
-        width = 1
-        for d in input_shape:
-            width *= d
+        width = math.prod(input_shape)
         for h in hidden:
             layers += [nn.Linear(width, h), nn.ReLU()]
             if dropout:

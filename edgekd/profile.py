@@ -112,8 +112,7 @@ def profile_bundle(bundle_dir: str | Path, *, batch_sizes: tuple[int, ...] | Non
 
     rss_after = _rss_mb()
     peak = _peak_rss_mb()
-    engine_files = [manifest["engine"]["file"]]
-    size_bytes = sum((bundle_dir / f).stat().st_size for f in engine_files)
+    size_bytes = (bundle_dir / manifest["engine"]["file"]).stat().st_size
 
     budgets: dict[str, Any] = {}
     latency_budget = (manifest.get("budgets") or {}).get("latency_ms")
