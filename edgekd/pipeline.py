@@ -31,7 +31,6 @@ from edgekd.targets import Target, load_target
 
 MODELS = ("teacher", "student", "scratch")
 DEFAULT_TARGETS = ("x86-cpu-ort",)
-QUANTIZATIONS = registry.QUANTIZATIONS
 RECIPE_SOURCE = "recipe-source.json"   # {"recipe_dir": the absolute folder of the recipe the run was made from}
 
 
@@ -104,8 +103,7 @@ class RunContext:
     def __init__(self, run_dir: str | Path, recipe: Recipe | None = None, data: Dataset | None = None) -> None:
         self.dir = Path(run_dir)
         self.recipe = recipe if recipe is not None else load_run_recipe(self.dir)
-        recipe = self.recipe
-        self.data = data or load_data(recipe.data, recipe.base_dir)
+        self.data = data or load_data(self.recipe.data, self.recipe.base_dir)
 
     def spec(self, model: str) -> str:
         return self.recipe.teacher.model if model == "teacher" else self.recipe.student.model
@@ -229,7 +227,7 @@ def quantized_onnx(ctx: RunContext, target: Target) -> tuple[dict[str, Path], li
     found: dict[str, Path] = {}
     stale = []
     student = ctx.weights_input("student")
-    for q in QUANTIZATIONS:
+    for q in registry.QUANTIZATIONS:
         path = ctx.onnx_path("student", q, scheme)
         if path.is_file():
             differ = runfolder.stale(ctx.dir, ctx.rel(path), student)   # None: an older folder, no record
@@ -493,7 +491,6 @@ def int8_fallback(ctx: RunContext, target: Target, profiles: list[dict[str, Any]
     Returns None when INT8 is not slower, else what was measured and chosen: "int8 with float layers" when the
     rebuilt engine beats FP32 at every batch size, else "fp32" (the report's headline then skips the INT8 engine).
     """
-    from edgekd import compress
     from edgekd.quantize import quantizable_layers
 
     before = _ptq_verdict(ctx, target, profiles)
@@ -534,7 +531,7 @@ def _quantized_from(ctx: RunContext) -> dict[str, str]:
 
 
 def _quantize_note(result: dict[str, Any]) -> str:
-    parts = [f"{k.upper()} {result[f'{k}_seconds']:.1f} s" for k in QUANTIZATIONS if f"{k}_seconds" in result]
+    parts = [f"{k.upper()} {result[f'{k}_seconds']:.1f} s" for k in registry.QUANTIZATIONS if f"{k}_seconds" in result]
     return ", ".join(parts) or "reused"
 
 
