@@ -31,7 +31,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -52,7 +52,6 @@ class TeacherOutput:
     values_are: str = "logits"    # topk only: "logits" | "probs"
 
 
-@runtime_checkable
 class Teacher(Protocol):
     def __call__(self, x: np.ndarray) -> TeacherOutput: ...
 
