@@ -199,7 +199,8 @@ def build_model(spec: str, input_shape: tuple[int, ...], num_classes: int) -> nn
             raise EdgekdError(f"model spec {spec!r}: {e}") from None
         except (RuntimeError, ValueError, OverflowError, MemoryError) as e:
             raise EdgekdError(f"model spec {spec!r}: cannot build it for inputs {tuple(input_shape)} and "
-                              f"{num_classes} classes ({type(e).__name__}: {_first_line(e)})") from None
+                              f"{num_classes} classes ({type(e).__name__}: "
+                              f"{(str(e).strip() or 'no message').splitlines()[0][:300]})") from None
     ref, _, width = spec.partition(",width=")   # a factory scaled by edgekd size (see scaled_spec)
     factory = load_factory(ref, "model factory")
     try:
@@ -213,11 +214,6 @@ def build_model(spec: str, input_shape: tuple[int, ...], num_classes: int) -> nn
     if not isinstance(model, nn.Module):
         raise EdgekdError(f"model factory {spec!r} returned {type(model).__name__}, expected a torch.nn.Module")
     return model
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:300] if text else "no message"
 
 
 SCALED_KNOBS = {"mlp": "hidden", "cnn": "widths"}   # the knob a width multiplier scales, per family

@@ -136,15 +136,6 @@ def text_model_path(name: str) -> Path:
     return path
 
 
-def _transformers() -> Any:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")   # everything is local: never try the hub
-    try:
-        import transformers
-    except ImportError as e:
-        raise EdgekdError(f"text teachers need the optional packages {TEXT_EXTRA} ({e})") from None
-    return transformers
-
-
 class MeanPooledEncoder(nn.Module):
     """input_ids (batch, seq) int64 -> L2-normalized mean of the last hidden states over non-pad tokens.
 
@@ -171,7 +162,11 @@ def load_text_teacher(name: str) -> tuple[MeanPooledEncoder, Any, Path]:
     Eager attention: it exports to ONNX with dynamic batch and sequence length (checked in the tests).
     """
     path = text_model_path(name)
-    transformers = _transformers()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")   # everything is local: never try the hub
+    try:
+        import transformers
+    except ImportError as e:
+        raise EdgekdError(f"text teachers need the optional packages {TEXT_EXTRA} ({e})") from None
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         model = transformers.AutoModel.from_pretrained(str(path), local_files_only=True, attn_implementation="eager")
