@@ -20,6 +20,7 @@ callable you name). `load_teacher(spec)` picks one from a string.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -332,8 +333,13 @@ class CommandTeacher:
             proc.wait(timeout=self.timeout_s)
         except subprocess.TimeoutExpired:
             timed_out = True
-        finally:
-            _kill_group(proc)
+        finally:   # SIGKILL its process group (its own session): the command and whatever it started, still
+            # running after it exited, timed out or was interrupted
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                if hasattr(os, "killpg"):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                else:  # pragma: no cover
+                    proc.kill()
             proc.wait()
             for tail in tails:
                 tail.close()
@@ -401,18 +407,6 @@ class _Tail:
 
     def text(self) -> str:
         return bytes(self._buf[-OUTPUT_TAIL:]).decode(errors="replace")
-
-
-def _kill_group(proc: subprocess.Popen) -> None:
-    """SIGKILL the command's process group (it was started in its own session): the command and whatever it
-    started, still running after it exited, timed out or was interrupted."""
-    try:
-        if hasattr(os, "killpg"):
-            os.killpg(proc.pid, signal.SIGKILL)
-        else:  # pragma: no cover
-            proc.kill()
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def _last_line(stderr: str) -> str:
