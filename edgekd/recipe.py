@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import types
@@ -216,10 +217,8 @@ def _check(value: Any, tp: Any, where: str) -> Any:
         for arg in args:
             if arg is type(None):
                 continue
-            try:
+            with contextlib.suppress(EdgekdError):
                 return _check(value, arg, where)
-            except EdgekdError:
-                pass
         raise EdgekdError(f"{where}: expected {' or '.join(_type_name(a) for a in args if a is not type(None))}, "
                           f"got {type(value).__name__} {value!r}")
     if origin is dict:

@@ -69,11 +69,10 @@ def _acquire(folder: Path) -> int:
             if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
                 raise
             break
-        try:   # the holder before us may have removed the file between our open and our lock: try again
+        # the holder before us may have removed the file between our open and our lock: try again
+        with contextlib.suppress(FileNotFoundError):
             if os.fstat(fd).st_ino == os.stat(path).st_ino:
                 break
-        except FileNotFoundError:
-            pass
         os.close(fd)
     info = {"pid": os.getpid(), "command": shlex.join(["edgekd", *sys.argv[1:]]),
             "since": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}

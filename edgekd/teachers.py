@@ -392,13 +392,11 @@ class _Tail:
 
     def _drain(self) -> None:
         fd = self._stream.fileno()
-        try:
+        with contextlib.suppress(OSError, ValueError):   # closed by close() after a wait that gave up
             while chunk := os.read(fd, 1 << 16):
                 self._buf += chunk
                 if len(self._buf) > 2 * OUTPUT_TAIL:
                     del self._buf[:-OUTPUT_TAIL]
-        except (OSError, ValueError):   # closed by close() after a wait that gave up
-            pass
 
     def close(self) -> None:
         """Wait briefly for the rest (the writers are gone), then close the pipe."""
