@@ -455,12 +455,8 @@ def to_toml(r: Recipe) -> str:
     """The resolved recipe as TOML (None values are left out: TOML has no null)."""
     import tomli_w
 
-    out = {}
-    for name in SECTIONS:
-        if getattr(r, name) is None:   # an optional section the recipe does not have
-            continue
-        section = dataclasses.asdict(getattr(r, name))
-        out[name] = {k: v for k, v in section.items() if v is not None}
+    out = {name: {k: v for k, v in dataclasses.asdict(section).items() if v is not None}
+           for name in SECTIONS if (section := getattr(r, name)) is not None}   # optional sections it lacks: left out
     out["loss"] = out["loss"]["weights"]   # written flat, as it is read
     if not out["loss"]:
         del out["loss"]

@@ -369,11 +369,9 @@ def engines_table(engines: list[dict[str, Any]], dominated_by: dict[str, str] | 
 
 def _budgets(budgets: dict[str, Any]) -> str:
     """'p99 3.1/5 ms PASS, 137/400 MiB PASS' from a profile's budgets."""
-    parts = []
-    for key, unit in (("latency_ms", "ms"), ("memory_mb", "MiB")):
-        if isinstance(b := budgets.get(key), dict):
-            label = "p99 " if key == "latency_ms" else ""
-            parts.append(f"{label}{b['measured']:.3g}/{b['budget']:g} {unit} {'PASS' if b['pass'] else 'FAIL'}")
+    parts = [f"{label}{b['measured']:.3g}/{b['budget']:g} {unit} {'PASS' if b['pass'] else 'FAIL'}"
+             for key, label, unit in (("latency_ms", "p99 ", "ms"), ("memory_mb", "", "MiB"))
+             if isinstance(b := budgets.get(key), dict)]
     return ", ".join(parts) or "-"
 
 

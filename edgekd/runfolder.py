@@ -212,12 +212,9 @@ def recipe_diff(old: Any, new: Any) -> list[str]:
     a, b = resolved(old), resolved(new)
     out = []
     for name in SECTIONS:
-        sa, sb = getattr(a, name), getattr(b, name)
-        da = dataclasses.asdict(sa) if sa is not None else {}
-        db = dataclasses.asdict(sb) if sb is not None else {}
-        for key in sorted(set(da) | set(db)):
-            if da.get(key) != db.get(key):
-                out.append(f"[{name}].{key} ({da.get(key)!r} -> {db.get(key)!r})")
+        da, db = ({} if s is None else dataclasses.asdict(s) for s in (getattr(a, name), getattr(b, name)))
+        out += [f"[{name}].{key} ({da.get(key)!r} -> {db.get(key)!r})" for key in sorted(set(da) | set(db))
+                if da.get(key) != db.get(key)]
     return out
 
 
