@@ -396,10 +396,8 @@ def doctor() -> None:
         click.echo(f"{name:14s} {status}")
     cpu = cpu_flags()
     known = ISA_FLAGS.get(cpu["arch"], ())
-    if cpu["flags"] is None:
-        flags = "unknown (no /proc/cpuinfo)"
-    else:
-        flags = " ".join(f if f in cpu["flags"] else f"no-{f}" for f in known) or "(none tracked for this arch)"
+    flags = ("unknown (no /proc/cpuinfo)" if cpu["flags"] is None else
+             " ".join(f if f in cpu["flags"] else f"no-{f}" for f in known) or "(none tracked for this arch)")
     click.echo(f"{'cpu':14s} {cpu['arch']}: {flags}")
     scheme, reason = cpu_quant_scheme(cpu)
     click.echo(f"{'int8 scheme':14s} {scheme} for x86-cpu-ort (quant_scheme = \"auto\"): {reason}")

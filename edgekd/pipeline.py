@@ -283,13 +283,9 @@ def build(run_dir: str | Path, target: str | Target, *, models: tuple[str, ...] 
         for model in models:
             net = nets[model]
             evals = None
-            jobs: list[tuple[str, str, Path | None]] = []
-            for precision in target.precisions:
-                if precision == "int8":
-                    if model == "student":
-                        jobs += [("int8", q, Path(p)) for q, p in (quantized or {}).items()]
-                else:
-                    jobs.append((precision, "none", None))
+            # (precision, quantization, Q/DQ ONNX) in the target's order: int8 only for the student, one per ONNX
+            int8 = [("int8", q, Path(p)) for q, p in (quantized or {}).items()] if model == "student" else []
+            jobs = [job for p in target.precisions for job in (int8 if p == "int8" else [(p, "none", None)])]
             for precision, quantization, qpath in jobs:
                 name = f"{model}-{precision}" + ("" if quantization == "none" else f"-{quantization}")
                 out = ctx.dir / "engines" / target.name / name
