@@ -439,8 +439,6 @@ def main(argv: list[str] | None = None) -> None:
         hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
         click.echo(f"error: {_one_line(e.format_message())}{hint}", err=True)
         sys.exit(2 if e.exit_code in (1, 2) else e.exit_code)
-    except click.exceptions.Exit as e:
-        sys.exit(e.exit_code)
     finally:
         if "torch" in sys.modules:
             import torch.distributed as dist
