@@ -404,11 +404,9 @@ def plot(report: dict[str, Any], path: Path) -> None:
             low, high = scratch["accuracy_ci"]
             ax.axhspan(low * 100, high * 100, color="tab:red", alpha=0.08)
     ax.legend(fontsize=8)
-    ax.set_xlabel("p50 latency at batch 1 (ms)")
-    ax.set_ylabel("accuracy on the engine (%)")
-    ax.set_xscale("log")
+    ax.set(xlabel="p50 latency at batch 1 (ms)", ylabel="accuracy on the engine (%)", xscale="log",
+           title="edgekd: accuracy against latency")
     ax.grid(True, alpha=0.3)
-    ax.set_title("edgekd: accuracy against latency")
     save_png(plt, fig, path)
 
 
@@ -421,12 +419,10 @@ def plot_batches(report: dict[str, Any], path: Path) -> None:
         ax.plot([r["batch"] for r in rows], [r["p50"] / r["batch"] for r in rows], marker="o",
                 label=f"{_label(e)} ({e['target']})")
     ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("batch size")
-    ax.set_ylabel("p50 latency per sample (ms)")
+    ax.set(yscale="log", xlabel="batch size", ylabel="p50 latency per sample (ms)",
+           title="edgekd: latency per sample against batch size")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
-    ax.set_title("edgekd: latency per sample against batch size")
     save_png(plt, fig, path)
 
 
@@ -445,13 +441,10 @@ def plot_classes(report: dict[str, Any], path: Path) -> None:
         ax.bar(x + (i - (len(pc["columns"]) - 1) / 2) * width, values, width, label=key.replace("_", " "))
     ax.set_xticks(x, [f"{r['class']}\n" + ("-" if r["retention"] is None else f"{r['retention'] * 100:.0f}%")
                       for r in rows], fontsize=7)
-    ax.set_ylabel("accuracy on the test split (%)")
-    ax.set_xlabel("class (retention = student / teacher)")
-    ax.set_ylim(0, 118)   # room above 100% for the legend
-    ax.set_yticks(range(0, 101, 20))
+    ax.set(ylabel="accuracy on the test split (%)", xlabel="class (retention = student / teacher)",
+           ylim=(0, 118), yticks=range(0, 101, 20), title="edgekd: accuracy per class")   # room above 100%: legend
     ax.legend(fontsize=7, ncols=len(pc["columns"]), loc="upper center")
     ax.grid(True, axis="y", alpha=0.3)
-    ax.set_title("edgekd: accuracy per class")
     save_png(plt, fig, path)
 
 
