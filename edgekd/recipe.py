@@ -289,6 +289,8 @@ RANGES: dict[str, dict[str, str]] = {
                                    "intermediate", "epochs", "batch_size"), ">= 1"),
                   "heldout_documents": ">= 0", "lr": "> 0", "weight_decay": ">= 0", "seed": ">= 0",
                   "mse_weight": ">= 0", "cosine_weight": ">= 0", "similarity_weight": ">= 0"},
+    "size": {"budget_ms": "> 0", "batch": ">= 1", "margin": "[0, 1)", "min_multiplier": "> 0", "max_multiplier": "> 0",
+             "divisor": ">= 1", "profile_seconds": "> 0", "repeats": ">= 1"},
 }
 
 
@@ -300,30 +302,28 @@ def _in_range(value: float, rule: str) -> bool:
     return ((lo < value) if rule[0] == "(" else (lo <= value)) and ((value < hi) if rule[-1] == ")" else (value <= hi))
 
 
-def _check_numbers(r: Recipe, where: str) -> None:
-    """Every number in the recipe is finite and inside its documented range (RANGES), named by its key."""
-    for name in SECTIONS:
-        section = getattr(r, name)
-        if section is None:
-            continue
-        for f in dataclasses.fields(section):
-            value = getattr(section, f.name)
-            values = value if isinstance(value, list) else [value]
-            for v in values:
-                if isinstance(v, bool) or not isinstance(v, (int, float)):
-                    continue
-                got = value if isinstance(value, list) else v
-                if not math.isfinite(v):
-                    raise EdgekdError(f"{where} [{name}].{f.name}: must be a finite number, got {got}")
-                rule = RANGES.get(name, {}).get(f.name)
-                if rule and not _in_range(v, rule):
-                    each = "each " if isinstance(value, list) else ""
-                    shown = f"in {rule}" if rule[0] in "[(" else rule
-                    raise EdgekdError(f"{where} [{name}].{f.name}: {each}must be {shown}, got {got}")
+def _check_numbers(name: str, section: Any, where: str) -> None:
+    """Every number of a recipe section is finite and inside its documented range (RANGES), named by its key."""
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        values = value if isinstance(value, list) else [value]
+        for v in values:
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                continue
+            got = value if isinstance(value, list) else v
+            if not math.isfinite(v):
+                raise EdgekdError(f"{where} [{name}].{f.name}: must be a finite number, got {got}")
+            rule = RANGES.get(name, {}).get(f.name)
+            if rule and not _in_range(v, rule):
+                each = "each " if isinstance(value, list) else ""
+                shown = f"in {rule}" if rule[0] in "[(" else rule
+                raise EdgekdError(f"{where} [{name}].{f.name}: {each}must be {shown}, got {got}")
 
 
 def _validate(r: Recipe, where: str) -> None:
-    _check_numbers(r, where)
+    for name in SECTIONS:
+        if getattr(r, name) is not None:
+            _check_numbers(name, getattr(r, name), where)
     d = r.distill
     if bool(d.search_temperatures) != bool(d.search_alphas) and not d.function_matching:
         raise EdgekdError(f"{where} [distill]: set both search_temperatures and search_alphas (or neither)")
@@ -347,7 +347,7 @@ def _validate(r: Recipe, where: str) -> None:
             raise EdgekdError(f"{where} [distill].features: each entry is [\"student.layer\", \"teacher.layer\"], "
                               f"got {pair!r}")
     if r.size is not None:
-        validate_size(r.size, f"{where} [size]")
+        validate_size(r.size, where)
     if r.embedding is not None:
         _validate_embedding(r.embedding, where)
         if r.quantize.calibration or r.quantize.keep_float:
@@ -376,19 +376,12 @@ def _validate_loss(r: Recipe, where: str) -> None:
 
 
 def validate_size(s: SizeConfig, where: str) -> None:
-    """Checks shared by the [size] section and the `edgekd size` options that override it."""
-    if s.budget_ms is not None and s.budget_ms <= 0:
-        raise EdgekdError(f"{where}.budget_ms: must be > 0 ms, got {s.budget_ms}")
-    if min(s.batch, s.divisor, s.repeats) < 1:
-        raise EdgekdError(f"{where}: batch, divisor and repeats must be >= 1, got {s.batch}, {s.divisor} and "
-                          f"{s.repeats}")
-    if not 0.0 <= s.margin < 1.0:
-        raise EdgekdError(f"{where}.margin: must be in [0, 1), got {s.margin}")
-    if not 0 < s.min_multiplier <= s.max_multiplier:
-        raise EdgekdError(f"{where}: need 0 < min_multiplier <= max_multiplier, got {s.min_multiplier} and "
+    """Checks shared by the [size] section and the `edgekd size` options that override it: its RANGES, and
+    min_multiplier <= max_multiplier."""
+    _check_numbers("size", s, where)
+    if s.min_multiplier > s.max_multiplier:
+        raise EdgekdError(f"{where} [size]: need 0 < min_multiplier <= max_multiplier, got {s.min_multiplier} and "
                           f"{s.max_multiplier}")
-    if s.profile_seconds <= 0:
-        raise EdgekdError(f"{where}.profile_seconds: must be > 0, got {s.profile_seconds}")
 
 
 def _validate_embedding(e: EmbeddingConfig, where: str) -> None:
