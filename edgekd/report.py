@@ -130,16 +130,13 @@ def build_report(models: dict[str, Any], engines: list[dict[str, Any]], skipped:
     kept = {k: {f: v[f] for f in keep if f in v} for k, v in models.items() if k in ("teacher", "scratch", "student")}
     for v in kept.values():
         v["accuracy_ci"] = accuracy_ci(v.get("accuracy"), v.get("test_samples"))
+    first = next(filter(None, (headline(engines, t, models, ship_slower_int8=ship_slower_int8) for t in targets)), None)
     report = {"models": kept, "distillation": distillation_summary(models), "search": models.get("search"),
-              "engines": engines, "skipped": skipped, "headline": None,
+              "engines": engines, "skipped": skipped, "headline": first,   # the first target that has one
               "dominated": dominated(engines), "notes": int8_notes(engines)}
     if verdicts := int8_vs_fp32(engines):
         report["int8_vs_fp32"] = verdicts
-    for target in targets:
-        if (h := headline(engines, target, models, ship_slower_int8=ship_slower_int8)) is not None:
-            report["headline"] = h
-            break
-    if (classes := per_class(models, engines, (report["headline"] or {}).get("student_engine"))) is not None:
+    if (classes := per_class(models, engines, (first or {}).get("student_engine"))) is not None:
         report["per_class"] = classes
     report.update(extra or {})
     return report
