@@ -112,17 +112,12 @@ def profile_bundle(bundle_dir: str | Path, *, batch_sizes: tuple[int, ...] | Non
     peak = _peak_rss_mb()
     size_bytes = (bundle_dir / manifest["engine"]["file"]).stat().st_size
 
-    budgets: dict[str, Any] = {}
-    latency_budget = (manifest.get("budgets") or {}).get("latency_ms")
-    memory_budget = (manifest.get("budgets") or {}).get("memory_mb")
     smallest = min(rows, key=lambda r: r["batch"])
-    if latency_budget is not None:
-        budgets["latency_ms"] = {"budget": latency_budget, "measured": smallest["p99"],
-                                 "metric": f"p99 at batch {smallest['batch']}",
-                                 "pass": smallest["p99"] <= latency_budget}
-    if memory_budget is not None:
-        budgets["memory_mb"] = {"budget": memory_budget, "measured": peak,
-                                "metric": "peak RSS of the profiling process", "pass": peak <= memory_budget}
+    measured = {"latency_ms": (smallest["p99"], f"p99 at batch {smallest['batch']}"),
+                "memory_mb": (peak, "peak RSS of the profiling process")}   # what each budget of the manifest bounds
+    budgets: dict[str, Any] = {key: {"budget": budget, "measured": value, "metric": metric, "pass": value <= budget}
+                               for key, (value, metric) in measured.items()
+                               if (budget := (manifest.get("budgets") or {}).get(key)) is not None}
     budgets["pass"] = all(b["pass"] for b in budgets.values()) if budgets else None
 
     return {
