@@ -97,11 +97,10 @@ def headline(engines: list[dict[str, Any]], target: str, models: dict[str, Any] 
     one shipped unless `ship_slower_int8` (the recipe's [quantize] ship_slower_int8) asks for it."""
     slower = set() if ship_slower_int8 else {v["engine"] for v in int8_vs_fp32(engines) if v["slower_at_batches"]}
     on_target = [e for e in engines if e["target"] == target and e["name"] not in slower]
-    teachers = [e for e in on_target if e["model"] == "teacher" and e["precision"] == "fp32"]
+    teacher = next((e for e in on_target if e["model"] == "teacher" and e["precision"] == "fp32"), None)
     students = [e for e in on_target if e["model"] == "student"]
-    if not teachers or not students:
+    if teacher is None or not students:
         return None
-    teacher = teachers[0]
     # the engine a user would ship: the fastest student engine that is as accurate as the best one
     best = max(e["accuracy"] for e in students)
     student = min((e for e in students if e["accuracy"] >= best - ACCURACY_SLACK), key=lambda e: e["latency_ms"]["p50"])
@@ -302,8 +301,7 @@ def per_class_lines(pc: dict[str, Any]) -> list[str]:
     named, and what could not be said (a class with no test sample, a model without per-class counts)."""
     from tabulate import tabulate
 
-    heads = {"teacher": "teacher", "student": "student", "scratch": "scratch",
-             "student_engine": f"student engine ({pc['student_engine']})"}
+    heads = {"student_engine": f"student engine ({pc['student_engine']})"}   # the other columns: their names
     lines = ["## Per class (test split; retention = student accuracy / teacher accuracy)", ""]
     by_name = {r["class"]: r for r in pc["rows"]}
     if pc["loses_most"]:
@@ -318,7 +316,7 @@ def per_class_lines(pc: dict[str, Any]) -> list[str]:
         lines += [f"The {len(shown)} classes with the lowest retention of {len(pc['rows'])} (all in report.json):", ""]
     rows = [[r["class"], r["samples"], *(_acc(r.get(k)) for k in pc["columns"]),
              "-" if r["retention"] is None else f"{r['retention'] * 100:.1f}%"] for r in shown]
-    lines += [tabulate(rows, headers=["class", "test samples", *(heads[k] for k in pc["columns"]), "retention"],
+    lines += [tabulate(rows, headers=["class", "test samples", *(heads.get(k, k) for k in pc["columns"]), "retention"],
                        tablefmt="github"), ""]
     notes = [f"class {name} has no test samples: no accuracy or retention" for name in pc["no_test_samples"]]
     notes += [f"{role}: no per-class counts recorded for this test split (run `edgekd distill` again)"

@@ -43,8 +43,7 @@ def _is_main_rank() -> bool:
 
 def _holder(fd: int) -> str:
     try:
-        os.lseek(fd, 0, os.SEEK_SET)
-        info = json.loads(os.read(fd, 4096).decode() or "{}")
+        info = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
         return f"pid {info['pid']} (`{info['command']}`, since {info['since']})"
     except (OSError, ValueError, KeyError, TypeError):
         return "another edgekd process"
