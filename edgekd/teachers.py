@@ -243,10 +243,8 @@ class OnnxTeacher:
         outs = []
         try:
             for i in range(0, len(x), chunk):
-                xb = x[i:i + chunk]
-                n = len(xb)
-                if fixed and n < fixed:
-                    xb = np.concatenate([xb, np.zeros((fixed - n, *xb.shape[1:]), np.float32)])
+                n = min(chunk, len(x) - i)   # the last chunk of a fixed batch size is zero-padded to it
+                xb = np.pad(x[i:i + chunk], [(0, chunk - n)] + [(0, 0)] * (x.ndim - 1))
                 outs.append(np.asarray(self.session.run([self.output_name], {self.input_name: xb})[0])[:n])
         except Exception as e:
             raise EdgekdError(f"{self.name}: onnxruntime cannot run it on inputs of shape {tuple(x.shape)} (the model "
