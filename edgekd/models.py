@@ -272,7 +272,6 @@ def load_weights(model: nn.Module, path: str | Path) -> dict[str, str]:
     Refuses pickles outright and names the file and the first mismatching tensor otherwise.
     """
     from safetensors import safe_open
-    from safetensors.torch import load_file
 
     path = Path(path)
     if not path.is_file():
@@ -281,9 +280,9 @@ def load_weights(model: nn.Module, path: str | Path) -> dict[str, str]:
         raise EdgekdError(f"checkpoint {path}: looks like a pickle/torch.save file; edgekd only loads safetensors "
                           "(convert it with safetensors.torch.save_file)")
     try:
-        state = load_file(str(path))
-        with safe_open(str(path), framework="pt") as f:
+        with safe_open(str(path), framework="pt") as f:   # what safetensors.torch.load_file does, plus metadata
             metadata = dict(f.metadata() or {})
+            state = {key: f.get_tensor(key) for key in f.keys()}
     except Exception as e:
         raise EdgekdError(f"checkpoint {path}: not a valid safetensors file ({e})") from e
     expected = model.state_dict()
