@@ -488,8 +488,7 @@ def int8_fallback(ctx: RunContext, target: Target, profiles: list[dict[str, Any]
     before = _ptq_verdict(ctx, target, profiles)
     if before is None or not before["slower_at_batches"]:
         return None
-    decision: dict[str, Any] = {"engine": before["engine"], "speedup_vs_fp32": before["speedup_vs_fp32"],
-                                "slower_at_batches": before["slower_at_batches"]}
+    decision: dict[str, Any] = {k: before[k] for k in ("engine", "speedup_vs_fp32", "slower_at_batches")}
     if not registry.backend(target.runtime).layer_times:
         measured = ", ".join(b.name for b in registry.backends().values() if b.layer_times)
         return {**decision, "chose": "fp32", "why": f"per-layer costs are measured on {measured} targets only"}
