@@ -18,12 +18,14 @@ from torch import nn
 
 from edgekd import distributed, fileio, runfolder, streaming
 from edgekd.augment import BatchAugment
-from edgekd.data import Dataset, load_data
+from edgekd.data import Dataset, load_data, normalize_like, pool_source
 from edgekd.errors import EdgekdError
 from edgekd.models import build_model, count_params, load_weights, save_weights
 from edgekd.objective import Objective, ObjectiveConfig, OfflineTargets, config_from_recipe
 from edgekd.recipe import Recipe, resolved, to_toml
+from edgekd.tasks import per_class_accuracy
 from edgekd.train import (
+    EVAL_BATCH_BYTES,
     accuracy,
     check_model_fits,
     fit,
@@ -233,8 +235,6 @@ def _recorded_teacher(weights: Path, key: dict[str, str]) -> dict[str, Any] | No
 
 def _entry(model: nn.Module, data: Dataset, dev: Any, history: list[dict], start: float) -> dict[str, Any]:
     """Test accuracy with per-class counts from one pass over the test split (the report's per-class retention)."""
-    from edgekd.tasks import per_class_accuracy
-
     y = np.asarray(data.y_test)
     predicted = predict_logits(model, data.x_test, dev).argmax(1) if len(y) else np.zeros(0, np.int64)
     return {"accuracy": float((predicted == y).mean()) if len(y) else float("nan"), "test_samples": len(y),
@@ -286,8 +286,6 @@ POOL_SOURCE = "pool-source.json"   # in a labels folder: {"pool": the --pool fil
 def _labelled_pool(labels: Path, data: Dataset, recipe: Recipe) -> np.ndarray:
     """The pool `edgekd label --pool` labelled, as recorded beside its labels (normalized like the training data;
     a folder or large array file stays on disk); read_labels then checks it against the manifest's key."""
-    from edgekd.data import normalize_like, pool_source
-
     record = labels / POOL_SOURCE
     if not record.is_file():
         raise EdgekdError(f"--labels {labels}: no {POOL_SOURCE} naming the labelled pool and the recipe has no "
@@ -309,21 +307,44 @@ def distill(recipe: Recipe, out: str | Path, *, device: str = "auto", progress: 
     unlabelled pool; with `cache` (from `edgekd cache-teacher`) it learns offline from stored top-k teacher
     logits on exactly the augmented views the teacher saw. Neither needs the teacher at training time.
     """
+    from edgekd import cache as teacher_cache
+    from edgekd import labels as teacher_labels
+
     distributed.init_from_env()
     out = Path(out)
     with runfolder.locked(out):
         if resume:
             runfolder.check_resume(out, recipe)
-        return _distill(recipe, out, device, progress, data, resume, labels, cache, reuse_teacher)
+        data = data or load_data(recipe.data, recipe.base_dir)
+        dev = distributed.local_device(resolve_device(device))
+        d = resolved(recipe).distill
+        schedule = {"epochs": d.epochs, "lr": d.lr, "batch_size": d.batch_size, "seed": d.seed}
+        offline = labels is not None or cache is not None
+        if offline:
+            labels, cache = (Path(p) if p else None for p in (labels, cache))
+            x, y, objective, info = _offline_source(recipe, data, labels, cache)
+            metrics, about = read_metrics(out), {"offline": info}
+            source = labels / teacher_labels.MANIFEST if labels is not None else cache / teacher_cache.MANIFEST
+        else:
+            x, y, objective, metrics, source, about = _teacher_source(recipe, out, data, device, dev, progress,
+                                                                       resume, reuse_teacher)
+        student = build_role_model(recipe, "student", data)
+        metrics["student"] = _train_role(recipe, out, "student", data, dev, progress=progress, resume=resume,
+                                         model=student, objective=objective, schedule=schedule, metrics=metrics,
+                                         x=x, y=y, made_from=student_inputs(recipe, out, source))
+        metrics["student"].update(about)
+        if data.report and not offline:
+            metrics["data"] = data.report   # streamed source: layout, images, skipped files, where mean/std came from
+        _save_run_files(out, recipe, metrics)   # a run killed during the baseline keeps the finished student
+        return _finish_with_baseline(recipe, out, data, dev, progress, resume, schedule, metrics,
+                                     student_samples=len(x) if not offline or cache is not None else None)
 
 
-def _distill(recipe: Recipe, out: Path, device: str, progress: bool, data: Dataset | None, resume: bool,
-             labels: str | Path | None, cache: str | Path | None, reuse_teacher: bool) -> dict[str, Any]:
-    data = data or load_data(recipe.data, recipe.base_dir)
-    dev = distributed.local_device(resolve_device(device))
-    if labels is not None or cache is not None:
-        return _distill_offline(recipe, out, data, dev, progress, resume,
-                                Path(labels) if labels else None, Path(cache) if cache else None)
+def _teacher_source(recipe: Recipe, out: Path, data: Dataset, device: str, dev: Any, progress: bool, resume: bool,
+                    reuse_teacher: bool) -> tuple[Any, np.ndarray, Objective, dict[str, Any], Path, dict[str, Any]]:
+    """The transfer set, its labels, the objective over the run's teacher (trained first when `out` has none;
+    T and alpha searched when the recipe asks), the run's metrics so far, the teacher's weights and what the
+    student entry records about its teacher."""
     build_role_model(recipe, "student", data)   # a student that cannot take the data fails before any training
     found = load_teacher(recipe, out, data, reuse=reuse_teacher, progress=progress)
     if found is None:
@@ -339,7 +360,6 @@ def _distill(recipe: Recipe, out: Path, device: str, progress: bool, data: Datas
             metrics["teacher"] = _recorded_teacher(teacher_path, key) or {
                 **_entry(teacher.to(dev), data, dev, [], time.perf_counter()), **key}
     d = resolved(recipe).distill
-    schedule = {"epochs": d.epochs, "lr": d.lr, "batch_size": d.batch_size, "seed": d.seed}
     x, y = transfer_set(data)
     temperature, alpha = d.temperature, d.alpha
     # without augmentation the teacher's view never changes: one pass serves the search and the student
@@ -356,19 +376,11 @@ def _distill(recipe: Recipe, out: Path, device: str, progress: bool, data: Datas
     objective = teacher_objective(recipe, config_from_recipe(recipe, temperature=temperature, alpha=alpha),
                                    teacher, logits)
     once = objective.offline is not None
-
-    student = build_role_model(recipe, "student", data)
-    metrics["student"] = _train_role(recipe, out, "student", data, dev, progress=progress, resume=resume,
-                                     model=student, objective=objective, schedule=schedule,
-                                     metrics=metrics, x=x, y=y, made_from=student_inputs(recipe, out, teacher_path))
-    metrics["student"].update(temperature=temperature, alpha=alpha, samples=int(len(x)),
-                              labelled=int((y >= 0).sum()), function_matching=d.function_matching,
-                              teacher_outputs="computed once" if once else "every step, on the student's view",
-                              objective=objective.describe())
-    if data.report:
-        metrics["data"] = data.report   # streamed source: layout, images, skipped files, where mean/std came from
-    _save_run_files(out, recipe, metrics)   # a run killed during the baseline keeps the finished student
-    return _finish_with_baseline(recipe, out, data, dev, progress, resume, schedule, metrics, student_samples=len(x))
+    return x, y, objective, metrics, teacher_path, {
+        "temperature": temperature, "alpha": alpha, "samples": int(len(x)), "labelled": int((y >= 0).sum()),
+        "function_matching": d.function_matching,
+        "teacher_outputs": "computed once" if once else "every step, on the student's view",
+        "objective": objective.describe()}
 
 
 def fixed_teacher_views(recipe: Recipe) -> bool:
@@ -444,26 +456,6 @@ def _finish_with_baseline(recipe: Recipe, out: Path, data: Dataset, dev: Any, pr
     return metrics
 
 
-def _distill_offline(recipe: Recipe, out: Path, data: Dataset, dev: Any, progress: bool, resume: bool,
-                     labels: Path | None, cache: Path | None) -> dict[str, Any]:
-    from edgekd import cache as teacher_cache
-    from edgekd import labels as teacher_labels
-
-    d = resolved(recipe).distill
-    schedule = {"epochs": d.epochs, "lr": d.lr, "batch_size": d.batch_size, "seed": d.seed}
-    x, y, objective, info = _offline_source(recipe, data, labels, cache)
-    metrics = read_metrics(out)
-    student = build_role_model(recipe, "student", data)
-    source = labels / teacher_labels.MANIFEST if labels is not None else cache / teacher_cache.MANIFEST
-    metrics["student"] = _train_role(recipe, out, "student", data, dev, progress=progress, resume=resume,
-                                     model=student, objective=objective, schedule=schedule, metrics=metrics,
-                                     x=x, y=y, made_from=student_inputs(recipe, out, source))
-    metrics["student"]["offline"] = info
-    _save_run_files(out, recipe, metrics)
-    return _finish_with_baseline(recipe, out, data, dev, progress, resume, schedule, metrics,
-                                 student_samples=len(x) if cache is not None else None)
-
-
 def label(recipe: Recipe, teacher: str, out: str | Path, *, pool: str | Path | None = None, top_k: int = 5,
           temperature: float = 1.0, shard_size: int = 1024, min_confidence: float = 0.0,
           balance: bool = False, timeout_s: float = 600.0, progress: bool = True) -> dict[str, Any]:
@@ -473,7 +465,6 @@ def label(recipe: Recipe, teacher: str, out: str | Path, *, pool: str | Path | N
     Confidence filtering / class balancing are reported; the labels on disk are the teacher's, unfiltered.
     """
     from edgekd import labels as teacher_labels
-    from edgekd.data import normalize_like, pool_source
     from edgekd.teachers import load_teacher as load_black_box
 
     with runfolder.locked(out):
@@ -524,8 +515,6 @@ def cache_teacher(recipe: Recipe, out: str | Path, *, top_k: int = 5, epochs: in
 def _teacher_batch(input_shape: tuple[int, ...]) -> int:
     """Batch of a teacher pass (label, cache-teacher): at most 256 inputs and EVAL_BATCH_BYTES of them (111
     RGB images of 224x224), so a batch in flight from the workers stays bounded; outputs do not depend on it."""
-    from edgekd.train import EVAL_BATCH_BYTES
-
     return max(1, min(256, EVAL_BATCH_BYTES // (4 * math.prod(input_shape))))
 
 

@@ -22,7 +22,6 @@ and the embedding task (edgekd.tasks); `edgekd run` composes them as for classif
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import re
@@ -35,10 +34,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgekd import fileio
+from edgekd import fileio, runfolder
+from edgekd.engines import EngineSource
 from edgekd.errors import EdgekdError
-from edgekd.pipeline import RunContext
-from edgekd.recipe import EmbeddingConfig, Recipe, to_toml
+from edgekd.models import count_params, load_factory, load_weights, save_weights
+from edgekd.pipeline import RunContext, load_run_recipe, record_recipe_dir
+from edgekd.recipe import EmbeddingConfig, ModelConfig, Recipe, to_toml
 from edgekd.tasks import EMBEDDING, embed, embedding_metrics, pad_batch, unpad
 
 # ---------------------------------------------------------------------------------------------------- corpus
@@ -342,30 +343,6 @@ def init_from_teacher_layers(student: TinyEncoder, teacher: nn.Module, picks: li
     return {"init": "teacher", "teacher_layers": picks}
 
 
-def count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-# ------------------------------------------------------------------------------------------------------ loss
-
-
-def embedding_loss(student: torch.Tensor, teacher: torch.Tensor, *, mse_weight: float = 1.0,
-                   cosine_weight: float = 0.0, similarity_weight: float = 0.0) -> torch.Tensor:
-    """w_mse * mean_i ||s_i - t_i||^2 + w_cos * mean_i (1 - cos(s_i, t_i)) + w_sim * mean_ij (S - T)_ij^2.
-
-    Both inputs (batch, dim) are L2-normalized first, so ||s - t||^2 = 2 (1 - cos) and the first two terms
-    differ only in scale; S = s s^T and T = t t^T are the in-batch cosine-similarity matrices (relational
-    term: it asks the student to keep which sentences are close, which retrieval reads).
-    Example: s = [[1, 0]], t = [[0, 1]] -> mse term 2, cosine term 1, similarity term 0 (1x1 matrices both 1).
-    The terms are edgekd.objective's embedding_mse, embedding_cosine and embedding_similarity.
-    """
-    from edgekd.objective import Batch, ObjectiveConfig, compute
-
-    cfg = ObjectiveConfig(weights=(("embedding_mse", mse_weight), ("embedding_cosine", cosine_weight),
-                                   ("embedding_similarity", similarity_weight)))
-    return compute(Batch(student, teacher_embeddings=teacher), cfg)
-
-
 # ------------------------------------------------------------------------------------------------- training
 
 
@@ -400,64 +377,36 @@ def train_student(model: nn.Module, rows: list[np.ndarray], targets: np.ndarray,
                   pad_id: int, epochs: int, lr: float, exported: bool = False,
                   on_epoch: Any = None, heldout: tuple[list[np.ndarray], np.ndarray] | None = None,
                   progress: bool = True, desc: str = "student") -> list[dict[str, Any]]:
-    """AdamW with linear warm-up (5% of the steps) and cosine decay on `embedding_loss` against stored teacher
-    embeddings; batches of similar length, reshuffled each epoch (seeded). `exported`: a PT2E graph, whose
-    mode is not switched (the student has no dropout or BatchNorm, so train and eval compute the same).
-    `heldout` = (rows, teacher embeddings) is only reported per epoch, never used to choose anything."""
-    from tqdm.auto import tqdm
+    """edgekd.train.fit on the CPU: AdamW with linear warm-up (5% of the steps) and cosine decay on the
+    objective's embedding terms against stored teacher embeddings; batches of similar length, reshuffled each
+    epoch (seeded), each cut to its longest sentence. `exported`: a PT2E graph, whose mode is not switched (the
+    student has no dropout or BatchNorm, so train and eval compute the same). `heldout` = (rows, teacher
+    embeddings) is only reported per epoch, never used to choose anything."""
+    from edgekd.objective import Objective, ObjectiveConfig, OfflineTargets
+    from edgekd.train import fit
 
     lengths = np.array([len(r) for r in rows])
     rng = np.random.default_rng(cfg.seed)
-    steps = epochs * math.ceil(len(rows) / cfg.batch_size)
-    warmup = max(1, int(0.05 * steps))
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda k: min(1.0, (k + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(k, steps) / steps)))
-    targets_t = torch.from_numpy(targets)
-    history = []
-    for epoch in range(epochs):
-        if on_epoch is not None:
-            on_epoch(epoch)
-        if not exported:
-            model.train()
-        start, total, seen = time.perf_counter(), 0.0, 0
-        bar = tqdm(_bucketed(lengths, cfg.batch_size, rng), desc=f"{desc} {epoch + 1}/{epochs}", leave=False,
-                   disable=not progress, unit="step")
-        for idx in bar:
-            ids = torch.from_numpy(pad_batch([rows[i] for i in idx], pad_id))
-            loss = embedding_loss(model(ids), targets_t[idx], mse_weight=cfg.mse_weight,
-                                  cosine_weight=cfg.cosine_weight, similarity_weight=cfg.similarity_weight)
-            if not torch.isfinite(loss):
-                raise EdgekdError(f"{desc}: loss became {loss.item()} at epoch {epoch + 1}; lower [embedding].lr")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += loss.item() * len(idx)
-            seen += len(idx)
-            bar.set_postfix(loss=f"{total / seen:.4f}")
-        if not exported:
-            model.eval()
-        row = {"epoch": epoch + 1, "loss": total / max(seen, 1), "seconds": round(time.perf_counter() - start, 2)}
-        if heldout is not None:
-            emb = encode(model, heldout[0], pad_id)
-            row["heldout_cosine"] = float(np.mean(np.sum(emb * heldout[1], axis=1)))
-        history.append(row)
-        if progress:
-            extra = f" heldout_cos={row['heldout_cosine']:.4f}" if "heldout_cosine" in row else ""
-            tqdm.write(f"{desc} epoch {epoch + 1}/{epochs}: loss={row['loss']:.4f}{extra} ({row['seconds']:.1f}s)")
-    return history
 
+    def stored(epoch: int, idx: np.ndarray, xb: torch.Tensor) -> tuple[np.ndarray, np.ndarray, None]:
+        """The batch (fit's rows are padded to the longest sentence of all) cut to its own longest sentence, as
+        pad_batch pads it, and the teacher's embeddings of its sentences (OfflineTargets, "embeddings")."""
+        return xb[:, :lengths[idx].max()].cpu().numpy(), targets[idx], None
 
-# ---------------------------------------------------------------------------------------------------- int8
+    def heldout_cosine(m: nn.Module) -> dict[str, float]:
+        return {"heldout_cosine": float(np.mean(np.sum(encode(m, heldout[0], pad_id) * heldout[1], axis=1)))}
 
-
-def example_ids(rows: list[np.ndarray], pad_id: int) -> torch.Tensor:
-    """A (2, >=3) batch for torch.export: sizes of 1 would be specialized and lose the dynamic dimension."""
-    picked = [r for r in rows if len(r) >= 3][:2]
-    if len(picked) < 2:
-        raise EdgekdError("export: need two sentences of at least 3 tokens for the example batch")
-    return torch.from_numpy(pad_batch(picked, pad_id))
+    weights = (("embedding_mse", cfg.mse_weight), ("embedding_cosine", cfg.cosine_weight),
+               ("embedding_similarity", cfg.similarity_weight))
+    history = fit(model, pad_batch(rows, pad_id), np.full(len(rows), -1),
+                  ModelConfig(epochs=epochs, lr=lr, batch_size=cfg.batch_size, weight_decay=cfg.weight_decay,
+                              schedule="warmup_cosine", seed=cfg.seed), device=torch.device("cpu"), desc=desc,
+                  objective=Objective(ObjectiveConfig(weights=weights), offline=OfflineTargets(stored, "embeddings")),
+                  progress=progress, set_mode=(lambda m, training: None) if exported else None, on_epoch=on_epoch,
+                  batches=lambda epoch: _bucketed(lengths, cfg.batch_size, rng),
+                  evaluate=heldout_cosine if heldout is not None else None)
+    return [{k: round(v, 2) if k == "seconds" else v for k, v in row.items() if k != "train_accuracy"}
+            for row in history]
 
 
 # -------------------------------------------------------------------------------------------------- stages
@@ -496,8 +445,6 @@ def load_teacher(cfg: EmbeddingConfig) -> tuple[nn.Module, Any, Path | None]:
     transformers model (edgekd.pretrained.load_text_teacher) or a recipe's `package.module:function` returning
     (module: input_ids -> embeddings, with a pad_id attribute; tokenizer called as transformers tokenizers are)."""
     if ":" in cfg.teacher and not Path(cfg.teacher).exists():
-        from edgekd.models import load_factory
-
         got = load_factory(cfg.teacher, "[embedding].teacher")()
         if not (isinstance(got, tuple) and len(got) == 2 and isinstance(got[0], nn.Module)
                 and isinstance(getattr(got[0], "pad_id", None), int)):
@@ -523,8 +470,6 @@ def teacher_stage(recipe: Recipe, out: str | Path, progress: bool = True) -> tup
     embeddings of every training and held-out sentence in teacher-embeddings.npz (offline KD: the teacher has no
     augmentation to vary), reused while corpus, tokenizer and teacher are the same. Returns (teacher.json, teacher).
     """
-    from edgekd.pipeline import record_recipe_dir
-
     cfg, out = _config(recipe), Path(out)
     teacher, tokenizer, folder = load_teacher(cfg)
     train_text, held_text, corpus = corpus_split(cfg, recipe.base_dir)
@@ -533,7 +478,7 @@ def teacher_stage(recipe: Recipe, out: str | Path, progress: bool = True) -> tup
     fileio.write_text(out / "recipe.toml", to_toml(recipe))
     record_recipe_dir(out, recipe)
     fileio.write_json(out / "corpus.json", {"info": corpus, "heldout": held_text})
-    key = _fingerprint(cfg.teacher, str(folder), cfg.max_length, train_text, held_text)
+    key = runfolder.digest([cfg.teacher, str(folder), cfg.max_length, train_text, held_text])[:16]
     seconds = teacher_embeddings(teacher, rows, held, teacher.pad_id, out / TEACHER_OUTPUTS, key, progress)
     config = getattr(getattr(teacher, "encoder", None), "config", None)
     info = {"name": cfg.teacher, "path": str(folder) if folder else None, "params": count_params(teacher),
@@ -599,10 +544,7 @@ def distill_stage(recipe: Recipe, out: str | Path, *, progress: bool = True) -> 
     start = time.perf_counter()
     history = train_student(student, split.rows, split.train_emb, cfg, pad_id=split.pad_id, epochs=cfg.epochs,
                             lr=cfg.lr, heldout=(split.held_rows, split.held_emb), progress=progress)
-    seconds = round(time.perf_counter() - start, 2)
-    student.eval()
-    from edgekd.models import save_weights
-
+    seconds = round(time.perf_counter() - start, 2)   # fit leaves the student in eval mode
     save_weights(student, out / "student.safetensors",
                  {"model": "edgekd.embedding:TinyEncoder", "pad_id": str(split.pad_id),
                   "vocab_size": str(word.weight.shape[0]), "out_dim": str(split.train_emb.shape[1]),
@@ -625,8 +567,6 @@ class TextContext(RunContext):
     task = EMBEDDING
 
     def __init__(self, run_dir: str | Path, recipe: Recipe | None = None) -> None:
-        from edgekd.pipeline import load_run_recipe
-
         self.dir = Path(run_dir)
         self.recipe = recipe or load_run_recipe(self.dir)
         self.cfg, self.split = _config(self.recipe), read_split(self.dir)
@@ -645,16 +585,11 @@ class TextContext(RunContext):
         """The teacher, or the student rebuilt from student.safetensors, in eval mode."""
         from safetensors import safe_open
 
-        from edgekd.models import load_weights
-
         if name == "teacher":
             return load_teacher(self.cfg)[0]
         with safe_open(str(self.weights(name)), "pt") as f:
             meta = f.metadata() or {}
-        c = self.cfg
-        student = TinyEncoder(int(meta["vocab_size"]), int(meta["out_dim"]), hidden=c.hidden, layers=c.layers,
-                              heads=c.heads, intermediate=c.intermediate, max_length=c.max_length,
-                              pad_id=int(meta["pad_id"]))
+        student = build_student(self.cfg, int(meta["vocab_size"]), int(meta["out_dim"]), int(meta["pad_id"]))
         load_weights(student, self.weights(name))
         return student.eval()
 
@@ -663,7 +598,11 @@ class TextContext(RunContext):
                 **(extra or {})}
 
     def example(self) -> torch.Tensor:
-        return example_ids(self.split.rows, self.split.pad_id)
+        """A (2, >=3) batch for torch.export: sizes of 1 would be specialized and lose the dynamic dimension."""
+        picked = [r for r in self.split.rows if len(r) >= 3][:2]
+        if len(picked) < 2:
+            raise EdgekdError("export: need two sentences of at least 3 tokens for the example batch")
+        return torch.from_numpy(pad_batch(picked, self.split.pad_id))
 
     def parity_inputs(self) -> np.ndarray:
         return pad_batch(self.split.held_rows[:64], self.split.pad_id)
@@ -722,8 +661,6 @@ class TextContext(RunContext):
         return history, {}
 
     def engine_source(self, model: str, onnx_path: Path | None, quantization: str) -> Any:
-        from edgekd.engines import EngineSource
-
         folder = load_teacher(self.cfg)[2]
         names = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
         return EngineSource(model, onnx_path, None, None, ("seq",), self.split.held_emb.shape[1], (), {},
@@ -731,7 +668,3 @@ class TextContext(RunContext):
                             input_options={"pad_id": self.split.pad_id, **self.export_options(model)},
                             files=tuple((f"tokenizer/{n}", str(folder / n)) for n in names
                                         if folder is not None and (folder / n).is_file()))
-
-
-def _fingerprint(*parts: Any) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]

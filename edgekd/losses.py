@@ -63,11 +63,6 @@ class FeatureProjection(nn.Module):
         return self.proj(x)
 
 
-def hint_loss(projected_student: torch.Tensor, teacher_feature: torch.Tensor) -> torch.Tensor:
-    """FitNets hint: mean squared error between the projected student feature and the teacher's."""
-    return F.mse_loss(projected_student, teacher_feature)
-
-
 # --- Top-k targets (black-box teachers, labels from `edgekd label`, the teacher cache) --------
 
 

@@ -28,7 +28,6 @@ from edgekd.augment import Mix
 from edgekd.errors import EdgekdError
 from edgekd.losses import (
     FeatureProjection,
-    hint_loss,
     mixed_cross_entropy,
     soft_target_loss,
     topk_soft_target_loss,
@@ -92,8 +91,8 @@ def topk_kd(b: Batch, cfg: ObjectiveConfig) -> torch.Tensor:
 
 
 def hint(b: Batch, cfg: ObjectiveConfig) -> list[torch.Tensor]:
-    """FitNets: MSE(proj(student feature), teacher feature) per pair, each added in order (losses.hint_loss)."""
-    return [hint_loss(s.float(), t.detach().float()) for s, t in b.features]
+    """FitNets: MSE(proj(student feature), teacher feature) per pair, each added in order."""
+    return [F.mse_loss(s.float(), t.detach().float()) for s, t in b.features]
 
 
 def _unit(b: Batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -183,7 +182,8 @@ class OfflineTargets:
     run once over a fixed transfer set). `fetch(epoch, sample_indices, batch)` (batch: those samples as the feed
     read them, a tensor on the training device, so nothing is read twice) returns (the inputs the teacher saw,
     or None for the stored ones, top-k values, top-k class indices); `values_are` says what the values are
-    (losses.topk_soft_target_loss)."""
+    (losses.topk_soft_target_loss), or "embeddings": the teacher's sentence embeddings (no indices: None), for
+    the embedding terms."""
 
     fetch: Callable[[int, np.ndarray, torch.Tensor], tuple[np.ndarray | None, np.ndarray, np.ndarray]]
     values_are: str = "logits"
@@ -353,7 +353,7 @@ class Objective:
         views, top_v, top_i = self.offline.fetch(epoch, idx.numpy(), xb)
         if views is not None:
             xb = torch.from_numpy(views).to(xb.device)
-        return xb, (torch.from_numpy(top_v).to(xb.device), torch.from_numpy(top_i).to(xb.device))
+        return xb, tuple(None if v is None else torch.from_numpy(v).to(xb.device) for v in (top_v, top_i))
 
     def _run_teacher(self, xb: torch.Tensor) -> torch.Tensor:
         return self.teacher(xb.to(torch.bfloat16) if self.teacher_bf16 else xb)
@@ -363,7 +363,9 @@ class Objective:
                  features: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """The loss of one batch: the student's `logits` on inputs `xb`, `stored` from `fetch`, `features`
         from `student_features`. The online teacher runs here, once, on `xb`."""
-        b = Batch(logits, labels, mix, topk=stored, values_are=self.offline.values_are if self.offline else "logits")
+        values_are = self.offline.values_are if self.offline else "logits"
+        b = (Batch(logits, teacher_embeddings=stored[0]) if values_are == "embeddings"
+             else Batch(logits, labels, mix, topk=stored, values_are=values_are))
         if self.teacher is not None:
             with torch.no_grad():
                 b.teacher_logits = self._run_teacher(xb).float()

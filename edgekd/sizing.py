@@ -27,6 +27,7 @@ search assumes the host is the target.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -34,7 +35,7 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 
@@ -158,7 +159,7 @@ def read_measurements(path: str | Path, target: str, batch: int, metric: str = "
     """Profile results from the device (`python -m edgekd.runtime profile ... --json`): a folder of .json files,
     or one .json file holding one result or a list. Data, not code: size-bounded and checked; returns
     {(model spec, precision): {"p50", "p90", "p99", "mean", "runs", "per_batch", "accuracy", "source"}} at
-    `batch`, combining the sessions of one engine as profile_interleaved does. With key="bundle" the first item
+    `batch`, combining the sessions of one engine as Meter.profile does. With key="bundle" the first item
     is the bundle's path as the device named it, last STUDENT_PATH_PARTS parts (the trained students' bundles
     all hold model "student"); it is only compared with the paths edgekd wrote, never opened."""
     path = Path(path)
@@ -218,63 +219,85 @@ def _slug(spec: str) -> str:
     return re.sub(r"[^A-Za-z0-9.]+", "-", spec).strip("-")
 
 
-class CandidateBuilder:
-    """Exports untrained candidates and builds the target's engines for them, as the deployed student would be
-    built: float engines from the float ONNX, INT8 from a PTQ Q/DQ ONNX calibrated on real training samples."""
+class Meter:
+    """The candidates folder. It builds the untrained candidates' engines there as the deployed student would be
+    built (float engines from the float ONNX, INT8 from a PTQ Q/DQ ONNX calibrated on real training samples) and
+    measures them: search(indices, lo, hi) and confirm(indices) return {index: {precision: row}}, or {"need":
+    [indices]} when a remote device must measure them first. Here it profiles each engine in fresh processes (as
+    on the device). Remote, it reads the device's measurements (untrusted data, checked): the search's from the
+    results folder, the confirmation round's from its confirm/ subfolder, the trained students' from students/;
+    what is missing becomes the next round's request."""
 
-    def __init__(self, recipe: Recipe, data: Any, target: Target, folder: Path) -> None:
-        import torch
-
-        from edgekd.compress import calibration_batches
+    def __init__(self, recipe: Recipe, data: Any, target: Target, folder: Path, cfg: SizeConfig,
+                 cands: list[Candidate], batches: list[int], progress: bool, remote: bool,
+                 measurements: str | Path | None) -> None:
         from edgekd.pipeline import RunContext
 
         self.recipe, self.data, self.target, self.folder = recipe, data, target, folder
+        self.cfg, self.cands, self.batches, self.progress, self.remote = cfg, cands, batches, progress, remote
         self.precisions = [p for p in target.precisions if p != "int8" or target.quant_scheme != "none"]
-        self.example = torch.from_numpy(data.x_train[:2])
-        self.batches, self.calibration = calibration_batches(RunContext(folder, recipe, data), recipe.quantize)
+        ctx = RunContext(folder, recipe, data)   # the run's PTQ example and calibration batches, as the pipeline's
+        self.example = ctx.quant_example()[0]
+        self.calibration_batches, self.calibration = ctx.calibration_batches(recipe.quantize)
         n = min(EVAL_SAMPLES, len(data.x_test))
         self.evals = (data.x_test[:n], data.y_test[:n], None)
-        self._float: dict[str, tuple[Path | None, Path | None]] = {}   # spec -> (float ONNX, weights): exported once
+        self._sources: dict[tuple[str, str], Any] = {}   # (spec, quantization) -> EngineSource
         self.exports = 0   # ONNX exports and weight files written (one per candidate and quantization)
+        self.found, self.confirmed, self.students = {}, {}, {}
+        if measurements is not None:
+            path = Path(measurements)
+            self.found = read_measurements(path, target.name, cfg.batch, cfg.metric)
+            for sub, attr in (("confirm", "confirmed"), ("students", "students")):
+                if path.is_dir() and any((path / sub).glob("*.json")):
+                    setattr(self, attr, read_measurements(path / sub, target.name, cfg.batch, cfg.metric,
+                                                          key="bundle" if sub == "students" else "model"))
 
     def bundle_dir(self, c: Candidate, precision: str) -> Path:
         return self.folder / f"{_slug(c.spec)}-{precision}"
 
     def build(self, c: Candidate) -> dict[str, Path]:
-        """precision -> bundle folder; a verified bundle already there is reused (a rerun resumes)."""
+        """precision -> bundle folder; a verified bundle already there is reused (a rerun resumes), any other is
+        rebuilt in its place (engines.build swaps the whole folder)."""
         from edgekd.bundle import verify
 
         out = {}
         for precision in self.precisions:
             path = self.bundle_dir(c, precision)
-            if (path / "manifest.json").is_file():
-                try:
-                    if verify(path).get("model") == c.spec:
-                        out[precision] = path
-                        continue
-                except EdgekdError:
-                    pass
-                import shutil
-
-                shutil.rmtree(path)
+            with contextlib.suppress(EdgekdError):
+                if (path / "manifest.json").is_file() and verify(path).get("model") == c.spec:
+                    out[precision] = path
+                    continue
             out[precision] = self._build_one(c, precision, path)
         return out
 
     def _build_one(self, c: Candidate, precision: str, path: Path) -> Path:
+        from edgekd.engines import build as build_engine
+
+        quantization = "ptq" if precision == "int8" else "none"
+        if (c.spec, quantization) not in self._sources:   # one export serves every float precision
+            self._sources[c.spec, quantization] = self._export(c, quantization)
+        try:
+            return build_engine(self._sources[c.spec, quantization], self.target, precision, path,
+                                eval_data=self.evals)
+        except EdgekdError as e:
+            raise EdgekdError(f"target {self.target.name}: cannot build the {precision} engine of candidate "
+                              f"{c.spec} on this machine ({e}); run `edgekd size` on a machine that can build "
+                              "this target's engines (for TensorRT: the device itself)") from e
+
+    def _export(self, c: Candidate, quantization: str) -> Any:
+        """The untrained candidate ("ptq": quantized) as ONNX, or as weights for a runtime that builds from them
+        (torch); seeded, so every precision and rerun gets the same weights."""
         import torch
 
-        from edgekd.engines import EngineSource
-        from edgekd.engines import build as build_engine
+        from edgekd.engines import EngineSource, registry
         from edgekd.export import export_onnx
         from edgekd.models import build_model, save_weights
 
-        torch.manual_seed(0)   # the untrained candidate: the same weights for every precision and rerun
+        torch.manual_seed(0)
         net = build_model(c.spec, self.data.input_shape, self.data.num_classes).eval()
         meta = {"model": c.spec, "model_spec": c.spec, "class_names": json.dumps(list(self.data.class_names)),
                 "normalization": json.dumps(self.data.normalization), "size_candidate": "untrained"}
-        quantization, onnx_path, weights = "none", None, None
-        work = self.folder / ".work"
-        if precision == "int8":
+        if quantization == "ptq":
             from edgekd.pipeline import _import_torchao_quietly
 
             _import_torchao_quietly()
@@ -282,30 +305,94 @@ class CandidateBuilder:
 
             q = self.recipe.quantize
             qcfg = quantize.QuantConfig(scheme=self.target.quant_scheme, observer=q.observer, percentile=q.percentile)
-            net = quantize.ptq(net, self.example, self.batches, qcfg)
-            quantization = "ptq"
+            net = quantize.ptq(net, self.example, self.calibration_batches, qcfg)
             meta.update(quantization="ptq", quant_scheme=self.target.quant_scheme)
-        if quantization == "none" and c.spec in self._float:
-            onnx_path, weights = self._float[c.spec]   # one export serves every float precision
-        elif self.target.runtime == "torch":
-            weights = work / f"{_slug(c.spec)}-{quantization}.safetensors"
-            save_weights(net, weights)
-            self.exports += 1
+        stem, onnx_path, weights = f"{_slug(c.spec)}-{quantization}", None, None
+        if registry.backend(self.target.runtime).source == "onnx":
+            onnx_path = export_onnx(net, self.example, self.folder / ".work" / f"{stem}.onnx", metadata=meta)
         else:
-            onnx_path = export_onnx(net, self.example, work / f"{_slug(c.spec)}-{quantization}.onnx", metadata=meta)
-            self.exports += 1
-        if quantization == "none":
-            self._float[c.spec] = (onnx_path, weights)
-        source = EngineSource(model_name=c.spec, onnx_path=onnx_path, weights_path=weights, model_spec=c.spec,
-                              input_shape=self.data.input_shape, num_classes=self.data.num_classes,
-                              class_names=self.data.class_names, normalization=self.data.normalization,
-                              quantization=quantization)
-        try:
-            return build_engine(source, self.target, precision, path, eval_data=self.evals)
-        except EdgekdError as e:
-            raise EdgekdError(f"target {self.target.name}: cannot build the {precision} engine of candidate "
-                              f"{c.spec} on this machine ({e}); run `edgekd size` on a machine that can build "
-                              "this target's engines (for TensorRT: the device itself)") from e
+            weights = self.folder / ".work" / f"{stem}.safetensors"
+            save_weights(net, weights)
+        self.exports += 1
+        return EngineSource(model_name=c.spec, onnx_path=onnx_path, weights_path=weights, model_spec=c.spec,
+                            input_shape=self.data.input_shape, num_classes=self.data.num_classes,
+                            class_names=self.data.class_names, normalization=self.data.normalization,
+                            quantization=quantization)
+
+    def search(self, need: list[int], lo: int, hi: int) -> dict[Any, Any]:
+        if not self.remote:
+            return {i: self._measure([i], "search ")[i] for i in need}   # one candidate at a time
+        if all(self._known(self.found, i) for i in need):
+            return {i: self._get(self.found, i) for i in need}
+        wanted = list(dict.fromkeys(need + lookahead(lo, hi, ROUND_BUNDLES)))
+        return {"need": [i for i in wanted if not self._known(self.found, i)][:max(ROUND_BUNDLES, len(need))]}
+
+    def confirm(self, pair: list[int]) -> dict[Any, Any]:
+        if not self.remote:
+            return self._measure(pair, "confirm")   # the pair's engines interleaved
+        if all(self._known(self.confirmed, i) for i in pair):
+            return {i: self._get(self.confirmed, i) for i in pair}
+        return {"need": pair}
+
+    def _known(self, found: dict, i: int) -> bool:
+        return all((self.cands[i].spec, p) in found for p in self.precisions)
+
+    def _get(self, found: dict, i: int) -> dict[str, Any]:
+        return {p: found[(self.cands[i].spec, p)] for p in self.precisions}
+
+    def profile(self, engines: list[tuple[Any, Path]]) -> dict[Any, dict[str, Any]]:
+        """Profile each (key, bundle) in cfg.repeats fresh processes, interleaved (session 1 of every engine, then
+        session 2, ...) so that a slow spell on a shared machine hits all of them alike; per engine the session
+        with the lowest cfg.metric at cfg.batch counts, and per batch its lowest p50: other processes only ever
+        add latency, so the least disturbed session is the closest to what the engine takes (timeit's reasoning)."""
+        from edgekd.pipeline import profile_in_subprocess
+
+        cfg, best = self.cfg, {}
+        args = ["--batch", ",".join(map(str, self.batches)), "--min-seconds", str(cfg.profile_seconds)]
+        for _ in range(cfg.repeats):
+            for key, bundle in engines:
+                where = f"profile {bundle}"
+                _, row = _measurement(profile_in_subprocess(bundle, args), where, self.target.name, cfg.batch)
+                best[key] = _better(best.get(key), row, cfg.metric)
+        return best
+
+    def request(self, out: Path, wanted: list[Candidate], phase: str, here: str) -> dict[str, Any]:
+        """Write the bundles a remote round needs and the one command that profiles them on the device (sessions
+        interleaved across bundles; a confirmation round writes into results/confirm/)."""
+        cfg, folder = self.cfg, self.folder
+        names = [bundle.name for c in wanted for bundle in self.build(c).values()]
+        command = self.device_loop(folder.name, names, "results" + ("/confirm" if phase == "confirm" else ""))
+        rerun = (f"edgekd size RECIPE --target {cfg.target} --budget-ms {cfg.budget_ms:g} --batch {cfg.batch} "
+                 f"--metric {cfg.metric} --out {out} --measurements {folder / 'results'}")
+        req = {"status": "needs measurements", "phase": phase, "target": self.target.name, "bundles": names,
+               "folder": str(folder), "command": command, "then": rerun,
+               "why_remote": here if here != "ok" else "remote target",
+               "candidates": [dataclasses.asdict(c) for c in wanted]}
+        fileio.write_json(out / "size-request.json", req)
+        fileio.write_text(folder / "MEASURE.txt", f"# on the device, from the folder that holds {folder.name}/:\n"
+                          f"{command}\n# then copy {folder.name}/results/ back and run:\n{rerun}\n")
+        _log(self.progress, f"size: {phase}: wrote {len(names)} bundles to {folder}; on the device run:\n  "
+                            f"{command}\nthen:\n  {rerun}")
+        return req
+
+    def device_loop(self, folder: str, bundles: list[str], results: str) -> str:
+        """One shell command for the device: cfg.repeats interleaved sessions of every bundle, one .json each."""
+        cfg = self.cfg
+        sessions = " ".join(str(i + 1) for i in range(cfg.repeats))
+        return (f"(cd {folder} && mkdir -p {results} && for r in {sessions}; do for b in {' '.join(bundles)}; do "
+                f"python -m edgekd.runtime profile \"$b\" --batch {','.join(map(str, self.batches))} --min-seconds "
+                f"{cfg.profile_seconds:g} --json \"{results}/$(echo \"$b\" | tr / _).$r.json\" || exit 1; done; done)")
+
+    def _measure(self, indices: list[int], what: str) -> dict[int, dict[str, Any]]:
+        engines = [((i, p), b) for i in indices for p, b in self.build(self.cands[i]).items()]
+        out: dict[int, dict[str, Any]] = {}
+        for (i, p), row in self.profile(engines).items():
+            out.setdefault(i, {})[p] = row
+        for i in indices:
+            c, lat = self.cands[i], out[i]
+            _log(self.progress, f"size: {what} #{i:<3} x{c.multiplier:<7g} {c.spec:28s} {c.params:>9,} params  " +
+                 "  ".join(f"{p} {self.cfg.metric} {r[self.cfg.metric]:.4f} ms" for p, r in lat.items()))
+        return out
 
 
 # ------------------------------------------------------------------------------------------ the stage
@@ -340,23 +427,6 @@ def ships(lat: dict[str, dict[str, Any]], rule: str) -> str:
     return "fp32" if any(int8[b] > fp32[b] for b in int8 if b in fp32) else "int8"
 
 
-@dataclass
-class Band:
-    """The decision thresholds: fits when latency <= low = budget / (1 + margin), distinguishably over when
-    >= high = budget * (1 + margin); margin = max(the configured margin, the measured noise)."""
-
-    budget: float
-    margin: float
-
-    @property
-    def low(self) -> float:
-        return self.budget / (1 + self.margin)
-
-    @property
-    def high(self) -> float:
-        return self.budget * (1 + self.margin)
-
-
 def noise(latencies: dict[int, dict], confirmed: dict[int, dict], cands: list[Candidate], rule: str,
           metric: str) -> list[dict[str, Any]]:
     """Run-to-run noise of the decision statistic (the least disturbed of `repeats` sessions): each confirmed
@@ -372,7 +442,7 @@ def noise(latencies: dict[int, dict], confirmed: dict[int, dict], cands: list[Ca
     return out
 
 
-def _value(i: int, latencies: dict, confirmed: dict, rule: str, metric: str, band: Band) -> float:
+def _value(i: int, latencies: dict, confirmed: dict, rule: str, metric: str, low: float, high: float) -> float:
     """The latency the search decides on. A confirmed candidate fits only when both measurements fit and is
     over only when both are over; when they disagree it sits in the band (within the noise of the budget)."""
     a = latencies[i][ships(latencies[i], rule)][metric]
@@ -380,11 +450,11 @@ def _value(i: int, latencies: dict, confirmed: dict, rule: str, metric: str, ban
         return a
     b = confirmed[i][ships(confirmed[i], rule)][metric]
     lo, hi = min(a, b), max(a, b)
-    if hi <= band.low or band.low >= band.high:   # both fit (or no band: a zero margin)
+    if hi <= low or low >= high:   # both fit (or no band: a zero margin)
         return hi
-    if lo >= band.high:                             # both over
+    if lo >= high:                  # both over
         return lo
-    return min(max((a + b) / 2, band.low * (1 + 1e-9)), band.high * (1 - 1e-9))
+    return min(max((a + b) / 2, low * (1 + 1e-9)), high * (1 - 1e-9))
 
 
 def _log(progress: bool, text: str) -> None:
@@ -410,20 +480,15 @@ def size(recipe: Recipe, out: str | Path, cfg: SizeConfig, *, measurements: str 
     rule = decision_precision(recipe, target, cfg)
     here = check_target(target)
     remote = remote or measurements is not None or here != "ok"
-    builder = CandidateBuilder(recipe, data, target, out / "candidates")
     batches = sorted({cfg.batch, *target.batch_sizes}) if rule == SHIPPED else [cfg.batch]
     _log(progress, f"size: {len(cands)} candidates of {family} (x{cfg.min_multiplier:g}..x{cfg.max_multiplier:g}, "
                    f"widths in multiples of {cfg.divisor}); the {rule} engine's {cfg.metric} at batch {cfg.batch} "
                    f"must be <= {cfg.budget_ms:g} ms / (1 + margin) on {target.name}, margin >= {cfg.margin:g}")
-    if remote:
-        meter: Meter = RemoteMeter(builder, cfg, cands, measurements, batches)
-    else:
-        meter = LocalMeter(builder, cfg, cands, batches, progress)
+    meter = Meter(recipe, data, target, out / "candidates", cfg, cands, batches, progress, remote, measurements)
     state = _run_search(cands, meter, cfg, rule)
     if "need" in state:
-        return _request(out, cfg, target, builder, [cands[i] for i in state["need"]], state["phase"], here,
-                        batches, progress)
-    rep = _search_report(cands, state, cfg, target, rule, family, builder)
+        return meter.request(out, [cands[i] for i in state["need"]], state["phase"], here)
+    rep = _search_report(cands, state, cfg, rule, family, meter)
     if rep["chosen"] is None:
         _write(out, rep)
         fastest = min(rep["candidates"], key=lambda r: r["decision_ms"])
@@ -437,7 +502,7 @@ def size(recipe: Recipe, out: str | Path, cfg: SizeConfig, *, measurements: str 
         rep["trained"] = _train(recipe, out, cfg, target, data, rep, device, progress, meter)
         rep["verdict"] = _verdict(rep)
         if remote:
-            rep["note"] = _remote_note(rep["trained"], out)
+            rep["note"] = _remote_note(rep["trained"], out, meter)
         else:
             rep["energy"] = _energy(rep["trained"], cfg.batch, data, progress)
     else:
@@ -458,11 +523,13 @@ def _run_search(cands: list[Candidate], meter: Meter, cfg: SizeConfig, rule: str
     rounds = 0
     while True:
         measured_noise = noise(latencies, confirmed, cands, rule, cfg.metric)
-        band = Band(cfg.budget_ms, max([cfg.margin, *(n["noise"] for n in measured_noise)]))
-        values = {i: _value(i, latencies, confirmed, rule, cfg.metric, band) for i in latencies}
-        step = search(len(cands), values, band.low, band.high)
-        state = {"step": step, "latencies": latencies, "confirmed": confirmed, "order": order, "band": band,
-                 "noise": measured_noise, "values": values, "confirm_rounds": rounds}
+        margin = max([cfg.margin, *(n["noise"] for n in measured_noise)])   # the configured one, or the noise
+        # fits when latency <= low, distinguishably over the budget when >= high
+        low, high = cfg.budget_ms / (1 + margin), cfg.budget_ms * (1 + margin)
+        values = {i: _value(i, latencies, confirmed, rule, cfg.metric, low, high) for i in latencies}
+        step = search(len(cands), values, low, high)
+        state = {"step": step, "latencies": latencies, "confirmed": confirmed, "order": order, "margin": margin,
+                 "low": low, "high": high, "noise": measured_noise, "values": values, "confirm_rounds": rounds}
         if "need" in step:
             got = meter.search(step["need"], step["lo"], step["hi"])
             if "need" in got:
@@ -480,53 +547,6 @@ def _run_search(cands: list[Candidate], meter: Meter, cfg: SizeConfig, rule: str
         rounds += 1
 
 
-# A Meter measures candidates: search(indices, lo, hi) and confirm(indices) return {index: {precision: row}}, or
-# {"need": [indices]} when a remote device must measure them first.
-Meter = Union["LocalMeter", "RemoteMeter"]
-
-
-class LocalMeter:
-    """Builds the candidates' engines here and profiles each in fresh processes (as on the device)."""
-
-    def __init__(self, builder: CandidateBuilder, cfg: SizeConfig, cands: list[Candidate], batches: list[int],
-                 progress: bool) -> None:
-        self.builder, self.cfg, self.cands, self.batches, self.progress = builder, cfg, cands, batches, progress
-
-    def search(self, need: list[int], lo: int, hi: int) -> dict[Any, Any]:
-        return {i: self._measure([i], "search ")[i] for i in need}   # one candidate at a time
-
-    def confirm(self, pair: list[int]) -> dict[Any, Any]:
-        return self._measure(pair, "confirm")   # the pair's engines interleaved
-
-    def _measure(self, indices: list[int], what: str) -> dict[int, dict[str, Any]]:
-        engines = [((i, p), b) for i in indices for p, b in self.builder.build(self.cands[i]).items()]
-        out: dict[int, dict[str, Any]] = {}
-        for (i, p), row in profile_interleaved(engines, self.cfg, self.builder.target.name, self.batches).items():
-            out.setdefault(i, {})[p] = row
-        for i in indices:
-            c, lat = self.cands[i], out[i]
-            _log(self.progress, f"size: {what} #{i:<3} x{c.multiplier:<7g} {c.spec:28s} {c.params:>9,} params  " +
-                 "  ".join(f"{p} {self.cfg.metric} {r[self.cfg.metric]:.4f} ms" for p, r in lat.items()))
-        return out
-
-
-def profile_interleaved(engines: list[tuple[Any, Path]], cfg: SizeConfig, target: str, batches: list[int]
-                        ) -> dict[Any, dict[str, Any]]:
-    """Profile each (key, bundle) in cfg.repeats fresh processes, interleaved (session 1 of every engine, then
-    session 2, ...) so that a slow spell on a shared machine hits all of them alike; per engine the session with
-    the lowest cfg.metric at cfg.batch counts, and per batch its lowest p50: other processes only ever add
-    latency, so the least disturbed session is the closest to what the engine takes (timeit's reasoning)."""
-    from edgekd.pipeline import profile_in_subprocess
-
-    best: dict[Any, dict[str, Any]] = {}
-    args = ["--batch", ",".join(map(str, batches)), "--min-seconds", str(cfg.profile_seconds)]
-    for _ in range(cfg.repeats):
-        for key, bundle in engines:
-            _, row = _measurement(profile_in_subprocess(bundle, args), f"profile {bundle}", target, cfg.batch)
-            best[key] = _better(best.get(key), row, cfg.metric)
-    return best
-
-
 def _better(best: dict[str, Any] | None, row: dict[str, Any], metric: str) -> dict[str, Any]:
     """Two sessions of one engine combined: the one with the lower `metric`, with each batch's lowest p50."""
     if best is None:
@@ -536,111 +556,54 @@ def _better(best: dict[str, Any] | None, row: dict[str, Any], metric: str) -> di
     return {**keep, "per_batch": per_batch, "sessions": best["sessions"] + 1}
 
 
-class RemoteMeter:
-    """Reads the device's measurements (untrusted data, checked): the search's from the results folder, the
-    confirmation round's from its confirm/ subfolder; what is missing becomes the next round's request."""
-
-    def __init__(self, builder: CandidateBuilder, cfg: SizeConfig, cands: list[Candidate],
-                 measurements: str | Path | None, batches: list[int]) -> None:
-        self.builder, self.cfg, self.cands, self.batches = builder, cfg, cands, batches
-        self.found, self.confirmed, self.students = {}, {}, {}
-        if measurements is not None:
-            path = Path(measurements)
-            self.found = read_measurements(path, builder.target.name, cfg.batch, cfg.metric)
-            for sub, attr in (("confirm", "confirmed"), ("students", "students")):
-                if path.is_dir() and any((path / sub).glob("*.json")):
-                    setattr(self, attr, read_measurements(path / sub, builder.target.name, cfg.batch, cfg.metric,
-                                                          key="bundle" if sub == "students" else "model"))
-
-    def _known(self, found: dict, i: int) -> bool:
-        return all((self.cands[i].spec, p) in found for p in self.builder.precisions)
-
-    def _get(self, found: dict, i: int) -> dict[str, Any]:
-        return {p: found[(self.cands[i].spec, p)] for p in self.builder.precisions}
-
-    def search(self, need: list[int], lo: int, hi: int) -> dict[Any, Any]:
-        if all(self._known(self.found, i) for i in need):
-            return {i: self._get(self.found, i) for i in need}
-        wanted = list(dict.fromkeys(need + lookahead(lo, hi, ROUND_BUNDLES)))
-        return {"need": [i for i in wanted if not self._known(self.found, i)][:max(ROUND_BUNDLES, len(need))]}
-
-    def confirm(self, pair: list[int]) -> dict[Any, Any]:
-        if all(self._known(self.confirmed, i) for i in pair):
-            return {i: self._get(self.confirmed, i) for i in pair}
-        return {"need": pair}
-
-
-def _remote_note(trained: list[dict[str, Any]], out: Path) -> str:
+def _remote_note(trained: list[dict[str, Any]], out: Path, meter: Meter) -> str:
+    """The report's note on a remote target; while the trained students' bundles are not measured, it writes
+    their device command to students/MEASURE.txt (run from the folder that holds students/; the results go to
+    results/students/, read back from the measurements folder's students/)."""
     if all(t["engines"] for t in trained):
         return "The search and the distilled students' engines were measured on the device."
-    bundles = [b for t in trained for b in t.get("bundles", [])]
+    bundles = [(Path(t["run_dir"]) / b).relative_to(out).as_posix() for t in trained for b in t["bundles"]]
     if not bundles:
         return ("The search used measurements from the device; the students' engines cannot be built on this "
                 "machine (see each run folder's report.md): build and profile them on the device.")
+    command = meter.device_loop(".", bundles, "results/students")
+    fileio.write_text(out / "students" / "MEASURE.txt",
+                      f"# on the device, from the folder that holds students/:\n{command}\n# then copy "
+                      "results/students/ into the measurements folder (as its students/) and rerun the same "
+                      "`edgekd size ... --measurements` command\n")
     return ("The search used measurements from the device. The distilled students' bundles were built here; "
             f"profile them on the device, from the folder that holds students/ (see {out / 'students' / 'MEASURE.txt'}"
             "), copy results/students/ into the measurements folder and rerun the same `edgekd size --measurements` "
             "command to read them back.")
 
 
-def _request(out: Path, cfg: SizeConfig, target: Target, builder: CandidateBuilder, wanted: list[Candidate],
-             phase: str, here: str, batches: list[int], progress: bool) -> dict[str, Any]:
-    """Write the bundles a remote round needs and the one command that profiles them on the device (sessions
-    interleaved across bundles; a confirmation round writes into results/confirm/)."""
-    names = [bundle.name for c in wanted for bundle in builder.build(c).values()]
-    folder = builder.folder
-    results = "results" + ("/confirm" if phase == "confirm" else "")
-    command = _device_loop(folder.name, names, results, cfg, batches)
-    rerun = (f"edgekd size RECIPE --target {cfg.target} --budget-ms {cfg.budget_ms:g} --batch {cfg.batch} "
-             f"--metric {cfg.metric} --out {out} --measurements {folder / 'results'}")
-    req = {"status": "needs measurements", "phase": phase, "target": target.name, "bundles": names,
-           "folder": str(folder), "command": command, "then": rerun,
-           "why_remote": here if here != "ok" else "remote target",
-           "candidates": [dataclasses.asdict(c) for c in wanted]}
-    fileio.write_json(out / "size-request.json", req)
-    fileio.write_text(folder / "MEASURE.txt", f"# on the device, from the folder that holds {folder.name}/:\n"
-                      f"{command}\n# then copy {folder.name}/results/ back and run:\n{rerun}\n")
-    _log(progress, f"size: {phase}: wrote {len(names)} bundles to {folder}; on the device run:\n  {command}\nthen:\n"
-                   f"  {rerun}")
-    return req
-
-
-def _device_loop(folder: str, bundles: list[str], results: str, cfg: SizeConfig, batches: list[int]) -> str:
-    """One shell command for the device: cfg.repeats interleaved sessions of every bundle, one .json each."""
-    sessions = " ".join(str(i + 1) for i in range(cfg.repeats))
-    return (f"(cd {folder} && mkdir -p {results} && for r in {sessions}; do for b in {' '.join(bundles)}; do "
-            f"python -m edgekd.runtime profile \"$b\" --batch {','.join(map(str, batches))} --min-seconds "
-            f"{cfg.profile_seconds:g} --json \"{results}/$(echo \"$b\" | tr / _).$r.json\" || exit 1; done; done)")
-
-
 def _row(c: Candidate, i: int, state: dict[str, Any], cfg: SizeConfig, rule: str) -> dict[str, Any]:
-    lat, conf, band = state["latencies"][i], state["confirmed"].get(i), state["band"]
+    lat, conf, low, high = state["latencies"][i], state["confirmed"].get(i), state["low"], state["high"]
     decision = state["values"][i]
     return {**dataclasses.asdict(c),
             "latency_ms": {p: {k: r[k] for k in ("p50", "p90", "p99", "mean", "runs", "per_batch")}
                            for p, r in lat.items()},
             "confirm_ms": {p: r[cfg.metric] for p, r in conf.items()} if conf else None,
-            "ships": ships(lat, rule), "decision_ms": decision, "fits": decision <= band.low,
-            "within_noise": band.low < decision < band.high, "margin_ms": cfg.budget_ms - decision}
+            "ships": ships(lat, rule), "decision_ms": decision, "fits": decision <= low,
+            "within_noise": low < decision < high, "margin_ms": cfg.budget_ms - decision}
 
 
-def _search_report(cands: list[Candidate], state: dict, cfg: SizeConfig, target: Target, rule: str, family: str,
-                   builder: CandidateBuilder) -> dict:
+def _search_report(cands: list[Candidate], state: dict, cfg: SizeConfig, rule: str, family: str, meter: Meter) -> dict:
     rows = {i: _row(cands[i], i, state, cfg, rule) for i in sorted(state["latencies"])}
-    step, band = state["step"], state["band"]
+    step = state["step"]
     chosen, larger = step["chosen"], step["larger"]
     smaller = chosen - 1 if chosen else None
     between = [rows[i]["spec"] for i in rows if chosen is not None and larger is not None and chosen < i < larger]
     return {
-        "budget_ms": cfg.budget_ms, "metric": cfg.metric, "batch": cfg.batch, "margin": band.margin,
-        "configured_margin": cfg.margin, "low_ms": band.low, "high_ms": band.high,
+        "budget_ms": cfg.budget_ms, "metric": cfg.metric, "batch": cfg.batch, "margin": state["margin"],
+        "configured_margin": cfg.margin, "low_ms": state["low"], "high_ms": state["high"],
         "noise": {"max": max((n["noise"] for n in state["noise"]), default=None), "engines": state["noise"]},
         "confirm_rounds": state["confirm_rounds"], "settled": state.get("settled", True),
-        "target": target.name, "decision_precision": rule,
-        "precisions": builder.precisions, "family": family, "divisor": cfg.divisor,
+        "target": meter.target.name, "decision_precision": rule,
+        "precisions": meter.precisions, "family": family, "divisor": cfg.divisor,
         "multipliers": [cfg.min_multiplier, cfg.max_multiplier], "ladder_size": len(cands),
         "ladder": [dataclasses.asdict(c) for c in cands], "search_order": state["order"],
-        "calibration": builder.calibration, "onnx_exports": builder.exports,
+        "calibration": meter.calibration, "onnx_exports": meter.exports,
         "candidates": list(rows.values()),
         "chosen": rows.get(chosen) if chosen is not None else None,
         "next_larger": rows.get(larger) if larger is not None else None,
@@ -662,7 +625,6 @@ def _train(recipe: Recipe, out: Path, cfg: SizeConfig, target: Target, data: Any
     from edgekd.distillation import distill, train_teacher
     from edgekd.pipeline import RunContext, engines
 
-    remote = isinstance(meter, RemoteMeter)
     teacher = recipe.path(recipe.teacher.checkpoint) if recipe.teacher.checkpoint else None
     if teacher is None:
         teacher = out / "teacher" / "teacher.safetensors"
@@ -681,69 +643,54 @@ def _train(recipe: Recipe, out: Path, cfg: SizeConfig, target: Target, data: Any
         run_dir = out / "students" / _slug(cand["spec"])
         metrics = distill(r, run_dir, device=device, progress=progress, data=data, resume=True)
         run_rep = engines(RunContext(run_dir, r, data), [target], device=device, progress=progress,
-                          profile_here=not remote, resume=True)
-        headline = run_rep.get("headline") or {}
+                          profile_here=not meter.remote, resume=True)
         fallback = (run_rep.get("int8_fallback") or {}).get(target.name)
         entry = {"role": role, "spec": cand["spec"], "multiplier": cand["multiplier"], "params": cand["params"],
                  "run_dir": str(run_dir), "pytorch_accuracy": metrics["student"]["accuracy"],
                  "teacher_accuracy": metrics["teacher"]["accuracy"], "engines": [],
-                 "shipped_engine": headline.get("student_engine"),
+                 "shipped_engine": (run_rep.get("headline") or {}).get("student_engine"),
                  "int8_fallback": {k: fallback[k] for k in ("chose", "why") if k in fallback} if fallback else None,
                  "bundles": [str(Path(b).relative_to(run_dir)) for b in run_rep.get("built_not_profiled", [])
                              if Path(b).name.startswith("student-")],
                  "_entries": [e for e in run_rep.get("engines", []) if e["model"] == "student"]}
         trained.append(entry)
-    _final_profiles(trained, out, cfg, target, meter, rep)
-    for t in trained:
-        del t["_entries"]
+    _final_profiles(trained, out, meter, rep)
     return trained
 
 
-def _final_profiles(trained: list[dict[str, Any]], out: Path, cfg: SizeConfig, target: Target,
-                    meter: Meter, rep: dict[str, Any]) -> None:
+def _final_profiles(trained: list[dict[str, Any]], out: Path, meter: Meter, rep: dict[str, Any]) -> None:
     """Each trained student's engines with their latency at cfg.batch (best of cfg.repeats interleaved fresh
     sessions, here or read back from the device), accuracy on the engine and whether it is the one that ships
     (the pipeline's headline; where it has none, as on a remote target, INT8 unless slower than FP32)."""
-    if isinstance(meter, RemoteMeter):
+    cfg = meter.cfg
+    entries = [(t, e) for t in trained for e in t.pop("_entries")]   # the pipeline's rows of the student engines
+    if meter.remote:
         for t in trained:
-            rels = [(Path(t["run_dir"]) / b).relative_to(out).as_posix() for b in t["bundles"]]
-            found = [(b, k, v) for b, rel in zip(t["bundles"], rels, strict=True)
-                     for k, v in meter.students.items() if k[0] == rel]
-            if len(found) == len(rels):
-                t["engines"] = [_engine_row(k[1], v["quantization"], b, v["accuracy"], None, v, cfg)
+            found = [(b, k, v) for b in t["bundles"] for k, v in meter.students.items()
+                     if k[0] == (Path(t["run_dir"]) / b).relative_to(out).as_posix()]
+            if len(found) == len(t["bundles"]):
+                t["engines"] = [_engine_row({**v, "precision": k[1], "path": b, "agreement": None}, v, cfg)
                                 for b, k, v in found]
-        if not all(t["engines"] for t in trained):
-            _write_student_command(trained, out, cfg, meter)
     else:
-        bundles = [((k, j), Path(t["run_dir"]) / e["path"]) for k, t in enumerate(trained)
-                   for j, e in enumerate(t["_entries"])]
+        bundles = [(("student", k), Path(t["run_dir"]) / e["path"]) for k, (t, e) in enumerate(entries)]
         refs = _reference_engines(trained, rep, meter)
-        rows = profile_interleaved(bundles + refs, cfg, target.name, meter.batches) if bundles else {}
+        rows = meter.profile(bundles + refs) if bundles else {}
         rep["drift"] = _drift(rows, rep, cfg.metric)
-        for key, row in rows.items():
-            if key[0] == "ref":
-                continue
-            k, j = key
-            e = trained[k]["_entries"][j]
-            trained[k]["engines"].append(_engine_row(e["precision"], e["quantization"], e["path"], e["accuracy"],
-                                                     e["agreement"], row, cfg,
-                                                     shipped=e["name"] == trained[k]["shipped_engine"]))
+        for k, (t, e) in enumerate(entries):
+            t["engines"].append(_engine_row(e, rows[("student", k)], cfg, shipped=e["name"] == t["shipped_engine"]))
     for t in trained:
         if t["engines"] and not any(e["shipped"] for e in t["engines"]):
-            lat = {e["precision"]: e["_row"] for e in t["engines"]}
+            lat = {e["precision"]: {"per_batch": e["per_batch_p50"]} for e in t["engines"]}
             precision = ships(lat, SHIPPED) if {"int8", "fp32"} <= set(lat) else next(iter(lat))
             next(e for e in t["engines"] if e["precision"] == precision)["shipped"] = True
-        for e in t["engines"]:
-            e.pop("_row")
 
 
 def _reference_engines(trained: list[dict[str, Any]], rep: dict[str, Any], meter: Meter) -> list[tuple[Any, Path]]:
     """The untrained engines the search measured for the trained students: profiled again beside the trained
     ones, they show how far the machine's speed drifted since the search (another load, another clock)."""
-    assert isinstance(meter, LocalMeter)
     rows = {r["spec"]: r for r in rep["candidates"]}
-    return [(("ref", rows[t["spec"]]["index"], p), meter.builder.bundle_dir(meter.cands[rows[t["spec"]]["index"]], p))
-            for t in trained if t["spec"] in rows for p in meter.builder.precisions]
+    return [(("ref", rows[t["spec"]]["index"], p), meter.bundle_dir(meter.cands[rows[t["spec"]]["index"]], p))
+            for t in trained if t["spec"] in rows for p in meter.precisions]
 
 
 def _drift(rows: dict[Any, dict[str, Any]], rep: dict[str, Any], metric: str) -> dict[str, Any] | None:
@@ -762,24 +709,12 @@ def _drift(rows: dict[Any, dict[str, Any]], rep: dict[str, Any], metric: str) ->
     return {"median": float(np.median([r["ratio"] for r in ratios])), "engines": ratios}
 
 
-def _engine_row(precision: str, quantization: str, path: str, accuracy: float | None, agreement: float | None,
-                row: dict[str, Any], cfg: SizeConfig, shipped: bool = False) -> dict[str, Any]:
-    return {"precision": precision, "quantization": quantization, "path": path, "accuracy": accuracy,
-            "agreement": agreement, "latency_ms": {k: row[k] for k in ("p50", "p90", "p99", "mean", "runs")},
-            "per_batch_p50": row["per_batch"], "meets_budget": row[cfg.metric] <= cfg.budget_ms, "shipped": shipped,
-            "_row": row}
-
-
-def _write_student_command(trained: list[dict[str, Any]], out: Path, cfg: SizeConfig, meter: Meter) -> None:
-    """students/MEASURE.txt: the device command for the trained students' bundles (run from the folder that
-    holds students/); the results go to results/students/, read back from the measurements folder's students/."""
-    bundles = [(Path(t["run_dir"]) / b).relative_to(out).as_posix() for t in trained for b in t["bundles"]]
-    if bundles:
-        command = _device_loop(".", bundles, "results/students", cfg, meter.batches)
-        fileio.write_text(out / "students" / "MEASURE.txt",
-                          f"# on the device, from the folder that holds students/:\n{command}\n# then copy "
-                          "results/students/ into the measurements folder (as its students/) and rerun the same "
-                          "`edgekd size ... --measurements` command\n")
+def _engine_row(e: dict[str, Any], row: dict[str, Any], cfg: SizeConfig, shipped: bool = False) -> dict[str, Any]:
+    """A trained student's engine in the report: `e`'s precision, quantization, path, accuracy and agreement, and
+    `row`'s latency at cfg.batch."""
+    return {**{k: e[k] for k in ("precision", "quantization", "path", "accuracy", "agreement")},
+            "latency_ms": {k: row[k] for k in ("p50", "p90", "p99", "mean", "runs")},
+            "per_batch_p50": row["per_batch"], "meets_budget": row[cfg.metric] <= cfg.budget_ms, "shipped": shipped}
 
 
 def _verdict(rep: dict[str, Any]) -> dict[str, Any] | None:
@@ -787,24 +722,21 @@ def _verdict(rep: dict[str, Any]) -> dict[str, Any] | None:
     larger one's exceeds it, as measured; and at the search's machine speed (each trained engine scaled by its
     untrained candidate's search / now latency, profiled beside it), which is what the search's decision compares
     with when other processes' load changed in between."""
-    by_role = {t["role"]: next((e for e in t["engines"] if e["shipped"]), None) for t in rep["trained"]}
-    by_spec = {t["role"]: t["spec"] for t in rep["trained"]}
-    chosen, larger = by_role.get("chosen"), by_role.get("next larger")
-    if chosen is None:
+    shipped = {t["role"]: next(({**e, "spec": t["spec"]} for e in t["engines"] if e["shipped"]), None)
+               for t in rep["trained"]}
+    pair = {"chosen": shipped.get("chosen"), "larger": shipped.get("next larger")}
+    if pair["chosen"] is None:
         return None
     m, budget = rep["metric"], rep["budget_ms"]
-    out = {"chosen": {k: chosen[k] for k in ("precision", "quantization")} | {"ms": chosen["latency_ms"][m]},
-           "larger": ({k: larger[k] for k in ("precision", "quantization")} | {"ms": larger["latency_ms"][m]}
-                      if larger else None)}
+    out = {key: {k: e[k] for k in ("precision", "quantization")} | {"ms": e["latency_ms"][m]} if e else None
+           for key, e in pair.items()}
     out["chosen_meets"] = out["chosen"]["ms"] <= budget
-    out["larger_exceeds"] = out["larger"]["ms"] > budget if larger else None
+    out["larger_exceeds"] = out["larger"]["ms"] > budget if out["larger"] else None
     out["brackets"] = out["chosen_meets"] and bool(out["larger_exceeds"])
     refs = {(e["spec"], e["precision"]): e for e in (rep.get("drift") or {}).get("engines", [])}
-    scaled = {}
-    for key, t, e in (("chosen", by_spec.get("chosen"), chosen), ("larger", by_spec.get("next larger"), larger)):
-        ref = refs.get((t, e["precision"])) if e else None
-        if ref:   # the trained engine at the search's machine speed: x (search / now) of its untrained candidate
-            scaled[key] = e["latency_ms"][m] * ref["search_ms"] / ref["now_ms"]
+    # the trained engine at the search's machine speed: x (search / now) of its untrained candidate
+    scaled = {key: e["latency_ms"][m] * ref["search_ms"] / ref["now_ms"] for key, e in pair.items()
+              if e and (ref := refs.get((e["spec"], e["precision"])))}
     if "chosen" in scaled:
         out["at_search_speed"] = {"chosen_ms": scaled["chosen"], "larger_ms": scaled.get("larger"),
                                   "brackets": scaled["chosen"] <= budget and scaled.get("larger", 0) > budget}
@@ -816,13 +748,11 @@ def _energy(trained: list[dict], batch: int, data: Any, progress: bool) -> dict[
     from edgekd import energy, runtime
 
     results: dict[str, Any] = {}
+    x = np.ascontiguousarray(data.x_test[:batch])
     for t in trained:
-        for e in t["engines"]:
-            if not e["shipped"]:
-                continue
+        for e in [e for e in t["engines"] if e["shipped"]]:
             engine = runtime.load(Path(t["run_dir"]) / e["path"])
-            x = np.ascontiguousarray(data.x_test[:batch])
-            m = energy.measure(lambda engine=engine, x=x: engine(x), seconds=1.0)
+            m = energy.measure(lambda engine=engine: engine(x), seconds=1.0)
             if not m["available"]:
                 _log(progress, f"size: energy not measured: {m['reason']}")
                 return m
@@ -834,6 +764,8 @@ def _energy(trained: list[dict], batch: int, data: Any, progress: bool) -> dict[
 
 
 def markdown(rep: dict[str, Any]) -> str:
+    from tabulate import tabulate
+
     m, b = rep["metric"], rep["batch"]
     rule = rep["decision_precision"]
     engine = ("the engine that would ship (INT8, or FP32 where INT8 is slower at a profiled batch size, as "
@@ -875,19 +807,16 @@ def markdown(rep: dict[str, Any]) -> str:
               "next larger" if rep["next_larger"] and r["index"] == rep["next_larger"]["index"] else "")]
             for r in rep["candidates"]]
     lines += ["## Candidates measured (untrained, on the engine)", "",
-              tabulate_rows(rows, ["#", "multiplier", "model", "params", *[f"{p} {m} ms" for p in precisions],
-                                   "confirmed " + " / ".join(precisions), "decides", "fits", ""]), ""]
+              tabulate(rows, ["#", "multiplier", "model", "params", *[f"{p} {m} ms" for p in precisions],
+                              "confirmed " + " / ".join(precisions), "decides", "fits", ""], tablefmt="github"), ""]
     lines += _trained_lines(rep)
     if rep.get("note"):
         lines += [rep["note"], ""]
     en = rep.get("energy")
     if en:
-        if en["available"]:
-            lines += ["## Energy", ""] + [f"- {k}: {v['joules_per_inference'] * 1e3:.4f} mJ per inference "
-                                          f"({v['watts']:.1f} W, {v['source']}; {v['note']})"
-                                          for k, v in en["engines"].items()] + [""]
-        else:
-            lines += ["## Energy", "", f"Not measured: {en['reason']}.", ""]
+        lines += ["## Energy", "", *([f"- {k}: {v['joules_per_inference'] * 1e3:.4f} mJ per inference ({v['watts']:.1f}"
+                                      f" W, {v['source']}; {v['note']})" for k, v in en["engines"].items()]
+                                     if en["available"] else [f"Not measured: {en['reason']}."]), ""]
     lines += ["![latency against width](size-report.png)", ""]
     return "\n".join(lines)
 
@@ -909,6 +838,8 @@ def _noise_text(rep: dict[str, Any]) -> str:
 
 
 def _trained_lines(rep: dict[str, Any]) -> list[str]:
+    from tabulate import tabulate
+
     if not any(t["engines"] for t in rep.get("trained") or []):
         return []
     m, b = rep["metric"], rep["batch"]
@@ -919,8 +850,8 @@ def _trained_lines(rep: dict[str, Any]) -> list[str]:
             for t in rep["trained"] for e in t["engines"]]
     teacher = rep["trained"][0]["teacher_accuracy"]
     lines = [f"## Distilled students (accuracy on the engine, test split; teacher {teacher:.4f} in PyTorch)", "",
-             tabulate_rows(rows, ["role", "model", "params", "precision", "quant", "ships", "accuracy",
-                                  f"p50 ms (batch {b})", "p90 ms", "p99 ms", f"{m} meets budget"]), ""]
+             tabulate(rows, ["role", "model", "params", "precision", "quant", "ships", "accuracy",
+                             f"p50 ms (batch {b})", "p90 ms", "p99 ms", f"{m} meets budget"], tablefmt="github"), ""]
     for t in rep["trained"]:
         if t.get("int8_fallback"):
             lines += [f"- {t['spec']}: INT8 against FP32: {t['int8_fallback']['chose']} ships "
@@ -952,12 +883,6 @@ def _trained_lines(rep: dict[str, Any]) -> list[str]:
                       (f" and the next larger's {s['larger_ms']:.4f} ms" if s["larger_ms"] is not None else "") +
                       (": the pair brackets the budget." if s["brackets"] else ": the pair does not bracket it.")]
     return lines + [""]
-
-
-def tabulate_rows(rows: list[list[Any]], headers: list[str]) -> str:
-    from tabulate import tabulate
-
-    return tabulate(rows, headers=headers, tablefmt="github")
 
 
 def plot(rep: dict[str, Any], path: Path) -> None:

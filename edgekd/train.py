@@ -57,20 +57,18 @@ EVAL_BATCH_BYTES = 64 * 2**20   # evaluation batches hold at most this much inpu
 
 
 def predict_logits(model: nn.Module, x: np.ndarray, device: torch.device | str = "cpu",
-                   batch_size: int | None = None,
                    set_mode: Callable[[nn.Module, bool], None] | None = None) -> np.ndarray:
-    """Logits for every input of `x` (an array or a lazy source), in order. The default batch size keeps a
-    batch's input under EVAL_BATCH_BYTES: 512 digits, 111 RGB images of 224x224, so activations stay bounded."""
-    return _predict(model, x, device, batch_size, set_mode)[0]
+    """Logits for every input of `x` (an array or a lazy source), in order. The batch size keeps a batch's
+    input under EVAL_BATCH_BYTES: 512 digits, 111 RGB images of 224x224, so activations stay bounded."""
+    return _predict(model, x, device, set_mode)[0]
 
 
 @torch.no_grad()
-def _predict(model: nn.Module, x: np.ndarray, device: torch.device | str, batch_size: int | None,
+def _predict(model: nn.Module, x: np.ndarray, device: torch.device | str,
              set_mode: Callable[[nn.Module, bool], None] | None, y: np.ndarray | None = None
              ) -> tuple[np.ndarray, np.ndarray | None]:
     """(logits, labels): with `y`, the labels of the batches as read (an iterable source gives its own)."""
-    if batch_size is None:
-        batch_size = max(1, min(512, EVAL_BATCH_BYTES // (4 * math.prod(x.shape[1:]) or 1)))
+    batch_size = max(1, min(512, EVAL_BATCH_BYTES // (4 * math.prod(x.shape[1:]) or 1)))
     if set_mode is None:
         model.eval()
     else:
@@ -87,7 +85,7 @@ def _predict(model: nn.Module, x: np.ndarray, device: torch.device | str, batch_
 
 def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray, device: torch.device | str = "cpu",
              set_mode: Callable[[nn.Module, bool], None] | None = None) -> float:
-    logits, y = _predict(model, x, device, None, set_mode, y)
+    logits, y = _predict(model, x, device, set_mode, y)
     return float((logits.argmax(1) == y).mean()) if len(y) else float("nan")
 
 
@@ -102,6 +100,11 @@ def _scheduler(opt: torch.optim.Optimizer, schedule: str, lr: float, total_steps
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(total_steps, 1))
     if schedule == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(total_steps, 1))
+    if schedule == "warmup_cosine":   # linear warm-up over 5% of the steps, then cosine decay (embedding student)
+        steps = max(total_steps, 1)
+        warmup = max(1, int(0.05 * steps))
+        return torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda k: min(1.0, (k + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(k, steps) / steps)))
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
 
 
@@ -179,7 +182,9 @@ def fit(model: nn.Module, x: np.ndarray, y: np.ndarray, cfg: ModelConfig, *, dev
         x_val: np.ndarray | None = None, y_val: np.ndarray | None = None, progress: bool = True,
         set_mode: Callable[[nn.Module, bool], None] | None = None,
         on_epoch: Callable[[int], None] | None = None, checkpoint: Path | None = None,
-        resume: bool = False, augment: BatchAugment | None = None) -> list[dict]:
+        resume: bool = False, augment: BatchAugment | None = None,
+        batches: Callable[[int], list[np.ndarray]] | None = None,
+        evaluate: Callable[[nn.Module], dict[str, float]] | None = None) -> list[dict]:
     """Train `model` in place on `objective` (edgekd.objective; default: cross-entropy on the labels).
 
     Labels of -1 mark unlabelled samples (soft terms only). `set_mode(model, training)` replaces
@@ -191,8 +196,9 @@ def fit(model: nn.Module, x: np.ndarray, y: np.ndarray, cfg: ModelConfig, *, dev
     continues from it and, on CPU, ends with the same weights as an uninterrupted run. Under torchrun the
     model is wrapped in DDP, the data is sharded with a DistributedSampler and metrics are summed across
     ranks. `augment` transforms each batch with randomness seeded by (seed, epoch, step); the objective's
-    teacher runs on the augmented (and mixed) batch, so it always sees the student's view. Returns one
-    history row per epoch.
+    teacher runs on the augmented (and mixed) batch, so it always sees the student's view. `batches(epoch)`
+    gives an epoch's index chunks in place of a seeded permutation cut into `batch_size` (sentences of similar
+    length); `evaluate(model)` adds metrics to each epoch's row. Returns one history row per epoch.
     """
     from torch.nn.parallel import DistributedDataParallel
     from torch.utils.data.distributed import DistributedSampler
@@ -258,7 +264,9 @@ def fit(model: nn.Module, x: np.ndarray, y: np.ndarray, cfg: ModelConfig, *, dev
                 on_epoch(epoch)
             set_mode(model, True)
             start = time.perf_counter()
-            if streaming.is_stream(x):   # an iterable source: its own order, this rank's blocks
+            if batches is not None:
+                order = [torch.from_numpy(c) for c in batches(epoch)]
+            elif streaming.is_stream(x):   # an iterable source: its own order, this rank's blocks
                 order = streaming.stream_order(x, batch_size, distributed.rank(), distributed.world_size())
             elif sampler is not None:
                 sampler.set_epoch(epoch)
@@ -271,7 +279,8 @@ def fit(model: nn.Module, x: np.ndarray, y: np.ndarray, cfg: ModelConfig, *, dev
                 totals = [0.0, 0, 0, 0]
             bar = tqdm(range(begin, steps_per_epoch), desc=f"{desc} {epoch + 1}/{epochs}", leave=False,
                        disable=not progress, unit="step")
-            chunks = [order[step * batch_size:(step + 1) * batch_size] for step in range(begin, steps_per_epoch)]
+            chunks = (order[begin:] if batches is not None else
+                      [order[step * batch_size:(step + 1) * batch_size] for step in range(begin, steps_per_epoch)])
             for step, idx, (xb, yb) in zip(bar, chunks, feed(chunks, y_t), strict=True):
                 xb, yb = xb.to(device, non_blocking=True), yb.to(device)
                 mix = None
@@ -304,12 +313,18 @@ def fit(model: nn.Module, x: np.ndarray, y: np.ndarray, cfg: ModelConfig, *, dev
             # would otherwise spend most of its time evaluating
             if x_val is not None and len(x_val) and ((epoch + 1) % max(1, epochs // 20) == 0 or epoch + 1 == epochs):
                 row["val_accuracy"] = accuracy(model, x_val, y_val, device, set_mode)
+            scores = {}
+            if evaluate is not None:
+                set_mode(model, False)
+                scores = evaluate(model)
+            row.update(scores)
             history.append(row)
             epoch_gen_state = gen.get_state()
             totals = [0.0, 0, 0, 0]
             save(epoch + 1, 0)
             if progress:
                 extra = f" val_acc={row['val_accuracy']:.4f}" if "val_accuracy" in row else ""
+                extra += "".join(f" {k}={v:.4f}" for k, v in scores.items())
                 tqdm.write(f"{desc} epoch {epoch + 1}/{epochs}: loss={row['loss']:.4f} "
                            f"train_acc={row['train_accuracy']:.4f}{extra} ({row['seconds']:.1f}s)")
     finally:

@@ -1,4 +1,4 @@
-"""Sentence-embedding distillation on tiny models: the loss by hand, corpus splitting, retrieval metrics, the
+"""Sentence-embedding distillation on tiny models: training, corpus splitting, retrieval metrics, the
 student's ONNX export with dynamic batch and sequence length through the shared exporter, engine build, runtime
 and profiler, PT2E quantization with a dynamic sequence (PTQ and QAT stages), the whole run, and its report."""
 
@@ -16,30 +16,20 @@ import torch
 from edgekd import embedding as E
 from edgekd.errors import EdgekdError
 from edgekd.export import dynamic_dims, export_onnx
+from edgekd.objective import Batch, ObjectiveConfig, compute
 from edgekd.recipe import EmbeddingConfig, recipe_from_dict, to_toml
 from edgekd.tasks import EMBEDDING, embed, embedding_metrics, pad_batch
-
-
-def test_loss_hand_values() -> None:
-    s, t = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])
-    assert E.embedding_loss(s, t, mse_weight=1, cosine_weight=0).item() == pytest.approx(2.0)   # |s - t|^2
-    assert E.embedding_loss(s, t, mse_weight=0, cosine_weight=1).item() == pytest.approx(1.0)   # 1 - cos
-    assert E.embedding_loss(s, t, mse_weight=0, similarity_weight=1).item() == pytest.approx(0.0)  # 1x1: both 1
-    # inputs are normalized first: [3, 4] -> [0.6, 0.8]; against [1, 0]: 0.4^2 + 0.8^2 = 0.8 and 1 - 0.6 = 0.4
-    s, t = torch.tensor([[3.0, 4.0]]), torch.tensor([[2.0, 0.0]])
-    assert E.embedding_loss(s, t).item() == pytest.approx(0.8)
-    assert E.embedding_loss(s, t, mse_weight=0.5, cosine_weight=2.0).item() == pytest.approx(0.5 * 0.8 + 2 * 0.4)
-    # relational term: student similarity matrix I, teacher all ones -> off-diagonal errors 1 -> mean 0.5
-    s, t = torch.eye(2), torch.tensor([[1.0, 0.0], [1.0, 0.0]])
-    assert E.embedding_loss(s, t, mse_weight=0, similarity_weight=1).item() == pytest.approx(0.5)
-    with pytest.raises(EdgekdError, match="project the student"):
-        E.embedding_loss(torch.ones(2, 3), torch.ones(2, 4))
 
 
 def _tiny(out_dim: int = 12, **kw) -> E.TinyEncoder:
     torch.manual_seed(0)
     return E.TinyEncoder(vocab_size=40, out_dim=out_dim, hidden=8, layers=1, heads=2, intermediate=16,
                          max_length=16, **kw)
+
+
+def _mse(s: np.ndarray, t: np.ndarray) -> float:
+    """The embedding loss with its default weights (edgekd.objective's embedding_mse)."""
+    return compute(Batch(torch.from_numpy(s), teacher_embeddings=torch.from_numpy(t)), ObjectiveConfig()).item()
 
 
 def test_tiny_student_learns_a_teacher_and_pads_do_not_matter() -> None:
@@ -50,10 +40,10 @@ def test_tiny_student_learns_a_teacher_and_pads_do_not_matter() -> None:
     model = _tiny()
     assert isinstance(model.proj, torch.nn.Linear)                  # 8 -> 12: the projection to the teacher's width
     model.eval()
-    before = E.embedding_loss(torch.from_numpy(E.encode(model, rows, 0)), torch.from_numpy(target)).item()
+    before = _mse(E.encode(model, rows, 0), target)
     cfg = EmbeddingConfig(batch_size=16, lr=5e-3, heldout=6)
     history = E.train_student(model, rows, target, cfg, pad_id=0, epochs=8, lr=5e-3, progress=False)
-    after = E.embedding_loss(torch.from_numpy(E.encode(model, rows, 0)), torch.from_numpy(target)).item()
+    after = _mse(E.encode(model, rows, 0), target)
     assert after < 0.7 * before and history[-1]["loss"] < history[0]["loss"]
     # a sentence's embedding does not depend on how much padding its batch adds
     one = model(torch.from_numpy(pad_batch([rows[0]], 0)))

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from edgekd import objective as O
 from edgekd.augment import Mix
 from edgekd.errors import EdgekdError
-from edgekd.losses import hint_loss, mixed_cross_entropy, soft_target_loss, topk_soft_target_loss
+from edgekd.losses import mixed_cross_entropy, soft_target_loss, topk_soft_target_loss
 from edgekd.recipe import load_recipe, recipe_from_dict, to_toml
 
 
@@ -25,7 +25,7 @@ def batch():
 
 
 def _embedding_loss(student, teacher, mse_weight=1.0, cosine_weight=0.0, similarity_weight=0.0):
-    """embedding.embedding_loss as it was written before the objective (the reference the terms must equal)."""
+    """The embedding loss as it was written before the objective (the reference the terms must equal)."""
     s, t = F.normalize(student.float(), dim=-1), F.normalize(teacher.float(), dim=-1)
     loss = student.new_zeros((), dtype=torch.float32)
     if mse_weight:
@@ -55,7 +55,7 @@ def test_each_term_is_the_loss_it_came_from(batch):
         b = O.Batch(s, topk=(v, idx), values_are=values_are)
         assert torch.equal(O.topk_kd(b, cfg), topk_soft_target_loss(s, v, idx, 3.0, values_are=values_are))
     f = [(torch.randn(6, 4, 2, 2), torch.randn(6, 4, 2, 2)), (torch.randn(6, 8), torch.randn(6, 8))]
-    assert [x.item() for x in O.hint(O.Batch(s, features=f), cfg)] == [hint_loss(a, b).item() for a, b in f]
+    assert [x.item() for x in O.hint(O.Batch(s, features=f), cfg)] == [F.mse_loss(a, b).item() for a, b in f]
     e = O.Batch(s, teacher_embeddings=t)
     assert torch.equal(O.embedding_mse(e, cfg), _embedding_loss(s, t))
     assert torch.equal(O.embedding_cosine(e, cfg), _embedding_loss(s, t, 0.0, 1.0))
@@ -86,11 +86,32 @@ def test_default_objective_is_todays_loss_to_the_last_bit(batch):
     cfg = O.ObjectiveConfig(2.0, 0.5, weights=(("hint", 0.25),))
     today = _hinton(soft_target_loss(s, t, 2.0), s, y, 0.5)
     for a, b in f:
-        today = today + 0.25 * hint_loss(a, b)
+        today = today + 0.25 * F.mse_loss(a, b)
     assert torch.equal(O.compute(O.Batch(s, y, teacher_logits=t, features=f), cfg), today)
     emb = O.ObjectiveConfig(weights=(("embedding_mse", 0.5), ("embedding_cosine", 2.0), ("embedding_similarity", 1.0)))
     assert torch.equal(O.compute(O.Batch(s, teacher_embeddings=t), emb), _embedding_loss(s, t, 0.5, 2.0, 1.0))
     assert torch.equal(O.compute(O.Batch(s, teacher_embeddings=t), O.ObjectiveConfig()), _embedding_loss(s, t))
+
+
+def test_embedding_terms_hand_values() -> None:
+    def loss(s, t, mse_weight=1.0, cosine_weight=0.0, similarity_weight=0.0):
+        cfg = O.ObjectiveConfig(weights=(("embedding_mse", mse_weight), ("embedding_cosine", cosine_weight),
+                                         ("embedding_similarity", similarity_weight)))
+        return O.compute(O.Batch(s, teacher_embeddings=t), cfg).item()
+
+    s, t = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])
+    assert loss(s, t, mse_weight=1, cosine_weight=0) == pytest.approx(2.0)   # |s - t|^2
+    assert loss(s, t, mse_weight=0, cosine_weight=1) == pytest.approx(1.0)   # 1 - cos
+    assert loss(s, t, mse_weight=0, similarity_weight=1) == pytest.approx(0.0)  # 1x1: both 1
+    # inputs are normalized first: [3, 4] -> [0.6, 0.8]; against [1, 0]: 0.4^2 + 0.8^2 = 0.8 and 1 - 0.6 = 0.4
+    s, t = torch.tensor([[3.0, 4.0]]), torch.tensor([[2.0, 0.0]])
+    assert loss(s, t) == pytest.approx(0.8)
+    assert loss(s, t, mse_weight=0.5, cosine_weight=2.0) == pytest.approx(0.5 * 0.8 + 2 * 0.4)
+    # relational term: student similarity matrix I, teacher all ones -> off-diagonal errors 1 -> mean 0.5
+    s, t = torch.eye(2), torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    assert loss(s, t, mse_weight=0, similarity_weight=1) == pytest.approx(0.5)
+    with pytest.raises(EdgekdError, match="project the student"):
+        loss(torch.ones(2, 3), torch.ones(2, 4))
 
 
 def test_weights_scale_terms_and_alpha_shares_soft_and_hard(batch):

@@ -384,3 +384,24 @@ def test_factory_family_ladder_steps_the_width_and_skips_equal_models(tmp_path):
     assert cands[0].spec == "tests.test_models:scalable_mlp,width=0.5"
     assert cands[-1].spec == "tests.test_models:scalable_mlp,width=2"
     assert all(a.params < b.params for a, b in zip(cands, cands[1:], strict=False))
+
+
+def test_a_rerun_reuses_verified_candidate_bundles_and_rebuilds_a_tampered_one(tmp_path):
+    """A remote round's bundles are verified on the next run: a good one is kept as it is, one whose files no
+    longer match its manifest is built again in its place."""
+    from edgekd.bundle import verify
+
+    recipe, _ = _setup(tmp_path, family="mlp:hidden=8", lo=0.5, hi=2.0, precisions='["fp32"]')
+    r, _, _ = _ladder(recipe)
+    cfg = sizing.size_config(r, budget_ms=1.0)
+    out = tmp_path / "out"
+    rep = sizing.size(r, out, cfg, remote=True, progress=False)
+    good, bad = (out / "candidates" / name for name in rep["bundles"][:2])
+    stamp = (good / "manifest.json").stat().st_mtime_ns
+    engine = next(p for p in sorted(bad.iterdir()) if p.name != "manifest.json" and p.is_file())
+    engine.write_bytes(engine.read_bytes() + b"tampered")
+    with pytest.raises(EdgekdError):
+        verify(bad)
+    assert sizing.size(r, out, cfg, remote=True, progress=False)["bundles"] == rep["bundles"]
+    verify(bad)
+    assert (good / "manifest.json").stat().st_mtime_ns == stamp
