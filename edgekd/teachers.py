@@ -439,8 +439,7 @@ class FunctionTeacher:
 
 
 def load_teacher(spec: str, *, model_spec: str | None = None, input_shape: Sequence[int] | None = None,
-                 num_classes: int | None = None, timeout_s: float = 600.0,
-                 providers: Sequence[str] = ("CPUExecutionProvider",), device: str = "cpu") -> Teacher:
+                 num_classes: int | None = None, timeout_s: float = 600.0) -> Teacher:
     """A teacher from a string: `path.onnx` -> OnnxTeacher, `path.safetensors` -> TorchTeacher,
     `cmd:PROGRAM ARGS...` (shlex-split) -> CommandTeacher.
 
@@ -457,19 +456,19 @@ def load_teacher(spec: str, *, model_spec: str | None = None, input_shape: Seque
         return CommandTeacher(argv, timeout_s)
     path = Path(spec).expanduser()
     if path.suffix == ".onnx":
-        teacher = OnnxTeacher(path, providers)
+        teacher = OnnxTeacher(path)
         dims = teacher.input_dims[1:]
         if input_shape is not None and all(isinstance(d, int) for d in dims) and tuple(dims) != tuple(input_shape):
             raise EdgekdError(f"teacher {path}: takes inputs of shape {tuple(dims)}, the data has "
                               f"{tuple(input_shape)}")
         return teacher
     if path.suffix == ".safetensors":
-        return _torch_teacher(path, model_spec, input_shape, num_classes, device)
+        return _torch_teacher(path, model_spec, input_shape, num_classes)
     raise EdgekdError(f"teacher {spec!r}: expected a .onnx file, a .safetensors checkpoint, or 'cmd:PROGRAM ARGS'")
 
 
 def _torch_teacher(path: Path, model_spec: str | None, input_shape: Sequence[int] | None,
-                   num_classes: int | None, device: str) -> TorchTeacher:
+                   num_classes: int | None) -> TorchTeacher:
     """A safetensors checkpoint with the architecture the caller names (the recipe's [teacher] model or the command
     line). The file's metadata is never used to choose a model: a checkpoint is data, and a spec can name code."""
     from edgekd.models import build_model, load_weights
@@ -485,4 +484,4 @@ def _torch_teacher(path: Path, model_spec: str | None, input_shape: Sequence[int
                           "is never used to pick code)")
     model = build_model(model_spec, tuple(input_shape), int(num_classes))
     load_weights(model, path)
-    return TorchTeacher(model.to(device), identity="torch:" + sha256_file(path), name=f"torch teacher {path}")
+    return TorchTeacher(model, identity="torch:" + sha256_file(path), name=f"torch teacher {path}")
