@@ -22,11 +22,13 @@ import torch
 from torch import nn
 
 from edgekd import compress, fileio, runfolder, streaming, tasks
+from edgekd.bundle import verify
 from edgekd.data import Dataset, load_data
-from edgekd.engines import check_target, registry
+from edgekd.engines import EngineSource, check_target, onnx_info, registry
 from edgekd.errors import EdgekdError
 from edgekd.models import add_import_dir, build_model, load_weights
 from edgekd.recipe import Recipe, load_recipe
+from edgekd.report import engine_entry, int8_vs_fp32, write
 from edgekd.targets import Target, load_target
 
 MODELS = ("teacher", "student", "scratch")
@@ -185,8 +187,6 @@ class RunContext:
         return {"pytorch_accuracy": self.quant_accuracy(model, set_mode, "test")}
 
     def engine_source(self, model: str, onnx_path: Path | None, quantization: str) -> Any:
-        from edgekd.engines import EngineSource
-
         return EngineSource(model_name=model, onnx_path=onnx_path, weights_path=self.weights(model),
                             model_spec=self.spec(model), input_shape=self.data.input_shape,
                             num_classes=self.data.num_classes, class_names=self.data.class_names,
@@ -272,8 +272,6 @@ def build(run_dir: str | Path, target: str | Target, *, models: tuple[str, ...] 
         # student.onnx fails the build with the teacher's bundle untouched instead of rebuilt.
         nets = {model: ctx.model(model) for model in models}
         if not problem and from_onnx:
-            from edgekd.engines import onnx_info
-
             for path in [ctx.onnx_path(m) for m in models] + [Path(p) for p in (quantized or {}).values()]:
                 if path.is_file():
                     onnx_info(path)
@@ -343,8 +341,6 @@ def profile(run_dir: str | Path, target: str | Target, *, quick: bool = False,
         if not bundles:
             raise EdgekdError(f"{folder}: no engines built for target {target.name}; run `edgekd build {run_dir} "
                               f"--target {target.path or target.name}` first")
-        from edgekd.bundle import verify
-
         for bundle in bundles:  # a tampered or stale bundle fails before any other bundle's manifest gets metrics
             verify(bundle)
             differ = runfolder.stale(run_dir, bundle.relative_to(run_dir).as_posix())
@@ -382,8 +378,6 @@ def report(run_dir: str | Path, targets: tuple[str, ...] | None = None,
     """Assemble report.json/.md (+ figures) from what the stages wrote into the run folder, as its task reports
     (edgekd.report.write). A classifier's headline never picks an INT8 engine slower than its FP32 engine unless
     `ship_slower_int8`."""
-    from edgekd.report import write
-
     with runfolder.locked(run_dir):
         return write(run_dir, run_task(run_dir), skipped, targets=targets, extra=extra,
                      ship_slower_int8=ship_slower_int8)
@@ -468,8 +462,6 @@ def engines(ctx: RunContext, loaded: list[Target], *, device: str = "auto", prog
 
 
 def _ptq_verdict(ctx: RunContext, target: Target, profiles: list[dict[str, Any]]) -> dict[str, Any] | None:
-    from edgekd.report import engine_entry, int8_vs_fp32
-
     name = f"student-{target.name}-int8-ptq"
     return next((v for v in int8_vs_fp32([engine_entry(p, ctx.dir) for p in profiles]) if v["engine"] == name), None)
 
@@ -539,8 +531,6 @@ def quantize(run_dir: str | Path, scheme: str | None = None, *, target: str | Ta
     scheme of `target` (default x86-cpu-ort). `mode` overrides [quantize].mode (which must then not be "none").
     Writes onnx/student.<ptq|qat>-<scheme>.onnx, which `build` picks up.
     With `resume`, a result the run folder records as made from the current student and [quantize] is kept."""
-    from edgekd.compress import quantize_student, require_torchao
-
     with runfolder.locked(ctx.dir if ctx else run_dir):
         ctx = ctx or context(run_dir)
         if not scheme:   # the scheme of `target` (default x86-cpu-ort), which must offer int8
@@ -564,8 +554,8 @@ def quantize(run_dir: str | Path, scheme: str | None = None, *, target: str | Ta
                    for p in paths):
                 return done
         _import_torchao_quietly()
-        require_torchao()
-        result = quantize_student(ctx, scheme, device=device, progress=progress)
+        compress.require_torchao()
+        result = compress.quantize_student(ctx, scheme, device=device, progress=progress)
         for path in result["onnx"].values():
             if Path(path).is_relative_to(ctx.dir):
                 runfolder.record(ctx.dir, ctx.rel(Path(path)), made_from)

@@ -28,7 +28,10 @@ from typing import Any
 import numpy as np
 
 from edgekd import runtime
+from edgekd.bundle import read_eval, update_metrics
 from edgekd.errors import EdgekdError
+from edgekd.fileio import write_json
+from edgekd.tasks import of_manifest
 
 MAX_RUNS = 2000
 
@@ -74,9 +77,6 @@ def profile_bundle(bundle_dir: str | Path, *, batch_sizes: tuple[int, ...] | Non
     the engine on this machine; test_accuracy/test_agreement are the build host's figures on the whole test
     split, from the manifest's metrics.
     """
-    from edgekd.bundle import read_eval
-    from edgekd.tasks import of_manifest
-
     bundle_dir = Path(bundle_dir)
     rss_before = _rss_mb()
     engine = runtime.load(bundle_dir, threads=threads)
@@ -199,12 +199,8 @@ def main(argv: list[str] | None = None) -> int:
                                         min_runs=args.min_runs, min_seconds=args.min_seconds,
                                         threads=args.threads)
         if args.json is not None:
-            from edgekd.fileio import write_json
-
             write_json(args.json, result)
         if args.save_metrics:
-            from edgekd.bundle import update_metrics
-
             update_metrics(args.bundle, result)
     except EdgekdError as e:
         print("error: " + " ".join(line.strip() for line in str(e).splitlines() if line.strip()), file=sys.stderr)
