@@ -15,6 +15,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from tabulate import tabulate
+
 from edgekd import fileio
 from edgekd.errors import EdgekdError
 
@@ -232,8 +234,6 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
 
 
 def markdown(report: dict[str, Any]) -> str:
-    from tabulate import tabulate
-
     lines = ["# edgekd report", ""]
     if report.get("headline"):
         lines += [f"**Headline:** {report['headline']['text']}.", ""]
@@ -299,8 +299,6 @@ def _shown_classes(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def per_class_lines(pc: dict[str, Any]) -> list[str]:
     """The per-class table (accuracies and retention = student / teacher) with the classes the student loses most
     named, and what could not be said (a class with no test sample, a model without per-class counts)."""
-    from tabulate import tabulate
-
     heads = {"student_engine": f"student engine ({pc['student_engine']})"}   # the other columns: their names
     lines = ["## Per class (test split; retention = student accuracy / teacher accuracy)", ""]
     by_name = {r["class"]: r for r in pc["rows"]}
@@ -327,8 +325,6 @@ def per_class_lines(pc: dict[str, Any]) -> list[str]:
 
 def int8_fallback_lines(fallbacks: dict[str, dict[str, Any]]) -> list[str]:
     """The INT8-vs-FP32 decision per target in words, with the per-layer kernel times it was based on."""
-    from tabulate import tabulate
-
     lines = ["## INT8 against FP32 (what ships)", ""]
     for target, d in fallbacks.items():
         speed = ", ".join(f"{float(v):.2f}x at batch {b}" for b, v in d["speedup_vs_fp32"].items())
@@ -344,8 +340,6 @@ def int8_fallback_lines(fallbacks: dict[str, dict[str, Any]]) -> list[str]:
 
 def engines_table(engines: list[dict[str, Any]], dominated_by: dict[str, str] | None = None) -> str:
     """One row per engine and batch size; budgets as measured/budget with PASS/FAIL, dominated engines named."""
-    from tabulate import tabulate
-
     dominated_by = dominated(engines) if dominated_by is None else dominated_by
     rows = []
     for e in engines:
