@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from edgekd.errors import EdgekdError
@@ -249,8 +251,6 @@ def count_params(model: nn.Module) -> int:
 
 def save_weights(model: nn.Module, path: str | Path, metadata: dict[str, str] | None = None) -> None:
     """Write the model's state dict as safetensors (no pickle), atomically."""
-    from safetensors.torch import save_file
-
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata=metadata or {})
@@ -271,8 +271,6 @@ def load_weights(model: nn.Module, path: str | Path) -> dict[str, str]:
 
     Refuses pickles outright and names the file and the first mismatching tensor otherwise.
     """
-    from safetensors import safe_open
-
     path = Path(path)
     if not path.is_file():
         raise EdgekdError(f"checkpoint {path}: file not found")

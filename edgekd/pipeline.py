@@ -24,12 +24,14 @@ from torch import nn
 from edgekd import compress, fileio, runfolder, streaming, tasks
 from edgekd.bundle import verify
 from edgekd.data import Dataset, load_data
+from edgekd.distillation import distill, student_inputs, teacher_inputs
 from edgekd.engines import EngineSource, check_target, onnx_info, registry
 from edgekd.errors import EdgekdError
 from edgekd.models import add_import_dir, build_model, load_weights
 from edgekd.recipe import Recipe, load_recipe
 from edgekd.report import engine_entry, int8_vs_fp32, write
 from edgekd.targets import Target, load_target
+from edgekd.train import accuracy, predict_logits
 
 MODELS = ("teacher", "student", "scratch")
 DEFAULT_TARGETS = ("x86-cpu-ort",)
@@ -113,8 +115,6 @@ class RunContext:
     def weights(self, model: str) -> Path:
         """The model's checkpoint; refused when the folder records it as made from another recipe than the
         run's (or from a teacher that has changed since): a folder whose files come from different runs."""
-        from edgekd.distillation import student_inputs, teacher_inputs
-
         if model not in MODELS:
             raise EdgekdError(f"--model {model!r}: expected one of {', '.join(MODELS)}")
         path = self.dir / f"{model}.safetensors"
@@ -152,8 +152,6 @@ class RunContext:
                 "normalization": json.dumps(self.data.normalization), **(extra or {})}
 
     def eval_data(self, model: nn.Module) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        from edgekd.train import predict_logits
-
         return self.data.x_test, self.data.y_test, predict_logits(model, self.data.x_test)
 
     def example(self) -> torch.Tensor:
@@ -179,8 +177,6 @@ class RunContext:
 
     def quant_accuracy(self, model: nn.Module, set_mode: Any, split: str) -> float:
         """Top-1 accuracy on the "val" or "test" split."""
-        from edgekd.train import accuracy
-
         return accuracy(model, getattr(self.data, f"x_{split}"), getattr(self.data, f"y_{split}"), set_mode=set_mode)
 
     def quant_scores(self, model: nn.Module, set_mode: Any, onnx_path: Path) -> dict[str, Any]:
@@ -391,8 +387,6 @@ def run(recipe: Recipe, out: str | Path, *, targets: tuple[str | Target, ...] = 
     Targets and model specs are checked before any data loads; with `resume`, stages whose outputs are complete
     and newer than their inputs are skipped (trained models, ONNX files, quantized students, bundles, profiles).
     A recipe with an [embedding] section distills sentence embeddings (edgekd.embedding), then the same stages."""
-    from edgekd.distillation import distill
-
     out = Path(out)
     loaded = [load_target(t) for t in targets]   # resolved once: a bad target fails before training anything
     with runfolder.locked(out):

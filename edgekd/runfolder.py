@@ -29,6 +29,7 @@ from typing import Any
 
 from edgekd.errors import EdgekdError
 from edgekd.fileio import is_temp, sha256_file, write_json
+from edgekd.recipe import SECTIONS, load_recipe, resolved
 
 LOCK = ".edgekd.lock"
 PROVENANCE = "provenance.json"
@@ -126,8 +127,6 @@ def digest(obj: Any) -> str:
 
 def sections(recipe: Any, *names: str) -> dict[str, str]:
     """`[name]` -> digest of that section of the resolved recipe (what a saved recipe.toml says)."""
-    from edgekd.recipe import resolved
-
     r = resolved(recipe)
     return {f"[{name}]": digest(dataclasses.asdict(getattr(r, name))) for name in names}
 
@@ -206,8 +205,6 @@ def stale(folder: str | Path, rel: str, expected: dict[str, str] | None = None, 
 
 def recipe_diff(old: Any, new: Any) -> list[str]:
     """The `[section].key` entries whose values differ between two recipes (resolved), with both values."""
-    from edgekd.recipe import SECTIONS, resolved
-
     a, b = resolved(old), resolved(new)
     out = []
     for name in SECTIONS:
@@ -219,8 +216,6 @@ def recipe_diff(old: Any, new: Any) -> list[str]:
 
 def check_resume(folder: str | Path, recipe: Any) -> None:
     """`--resume` continues only the run the folder's recipe.toml describes: refuse a changed recipe."""
-    from edgekd.recipe import load_recipe
-
     path = Path(folder) / "recipe.toml"
     if not path.is_file():
         return
