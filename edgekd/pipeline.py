@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -355,9 +358,6 @@ def profile(run_dir: str | Path, target: str | Target, *, quick: bool = False,
 def profile_in_subprocess(bundle: Path, args: list[str]) -> dict[str, Any]:
     """`python -m edgekd.runtime profile BUNDLE --json ... *args` in a fresh process, as on the device; returns
     its result (see edgekd.profile.profile_bundle)."""
-    import subprocess
-    import tempfile
-
     with tempfile.TemporaryDirectory(prefix="edgekd-profile-") as tmp:
         out = Path(tmp) / "profile.json"
         proc = subprocess.run([sys.executable, "-m", "edgekd.runtime", "profile", str(bundle), "--json", str(out),
@@ -560,8 +560,6 @@ def _import_torchao_quietly() -> None:
     """Import torchao with its import-time log noise muted: it logs a warning for each prebuilt kernel library
     it cannot load (CUDA-only .so files on a CPU host) and torch logs a deprecation torchao triggers; neither
     is the user's to fix, and they would bury a one-line error. An ImportError is left to require_torchao()."""
-    import logging
-
     loggers = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
     levels = [log.level for log in loggers]
     for log in loggers:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import tomli_w
 import tomllib
 
 from edgekd.engines.registry import PRECISIONS, QUANTIZATIONS
@@ -446,8 +447,6 @@ def resolved(r: Recipe) -> Recipe:
 
 def to_toml(r: Recipe) -> str:
     """The resolved recipe as TOML (None values are left out: TOML has no null)."""
-    import tomli_w
-
     out = {name: {k: v for k, v in dataclasses.asdict(section).items() if v is not None}
            for name in SECTIONS if (section := getattr(r, name)) is not None}   # optional sections it lacks: left out
     out["loss"] = out["loss"]["weights"]   # written flat, as it is read

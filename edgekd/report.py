@@ -15,6 +15,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from tabulate import tabulate
 
 from edgekd import fileio
@@ -417,8 +418,6 @@ def plot_batches(report: dict[str, Any], path: Path) -> None:
 
 def plot_classes(report: dict[str, Any], path: Path) -> None:
     """Grouped bars of per-class accuracy (teacher, student, scratch, student engine), retention under each class."""
-    import numpy as np
-
     pc = report["per_class"]
     rows = _shown_classes(pc["rows"])
     plt = pyplot()
