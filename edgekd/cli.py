@@ -15,6 +15,7 @@ import click
 
 from edgekd.engines.registry import QUANT_SCHEMES
 from edgekd.errors import EdgekdError
+from edgekd.recipe import load_recipe
 
 DEVICE = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
                       help="Where training runs (the teacher too).")
@@ -49,7 +50,6 @@ def teacher(recipe: str, out: Path, device: str, quiet: bool, resume: bool) -> N
     """
     from edgekd.distillation import metrics_table, train_teacher
     from edgekd.distributed import is_main
-    from edgekd.recipe import load_recipe
 
     loaded = load_recipe(recipe)
     if loaded.embedding is not None:
@@ -81,7 +81,6 @@ def distill(recipe: str, out: Path, device: str, quiet: bool, resume: bool, labe
     from edgekd.distillation import distill as run_distill
     from edgekd.distillation import metrics_table
     from edgekd.distributed import is_main
-    from edgekd.recipe import load_recipe
 
     if labels is not None and cache is not None:
         raise EdgekdError("--labels and --cache: pick one source of teacher outputs")
@@ -125,7 +124,6 @@ def label(recipe: str, teacher_spec: str, pool: Path | None, out: Path, top_k: i
           shard_size: int, min_confidence: float, balance: bool, timeout: float, quiet: bool) -> None:
     """Label an unlabelled pool with a black-box teacher into resumable, checksummed shards."""
     from edgekd.distillation import label as run_label
-    from edgekd.recipe import load_recipe
 
     result = run_label(load_recipe(recipe), teacher_spec, out, pool=pool, top_k=top_k, temperature=temperature,
                        shard_size=shard_size, min_confidence=min_confidence, balance=balance, timeout_s=timeout,
@@ -149,7 +147,6 @@ def cache_teacher(recipe: str, out: Path, top_k: int, epochs: int, augment: str,
                   quiet: bool) -> None:
     """Precompute the teacher's top-k logits (float16) for offline KD into OUT/teacher-cache."""
     from edgekd.distillation import cache_teacher as run_cache
-    from edgekd.recipe import load_recipe
 
     m = run_cache(load_recipe(recipe), out, top_k=top_k, epochs=epochs, augment=augment, seed=seed, device=device,
                   progress=not quiet)
@@ -253,7 +250,6 @@ def run(recipe: str, out: Path, targets: tuple[str, ...], device: str, quiet: bo
     """
     from edgekd.pipeline import DEFAULT_TARGETS
     from edgekd.pipeline import run as run_pipeline
-    from edgekd.recipe import load_recipe
 
     rep = run_pipeline(load_recipe(recipe), out, targets=targets or DEFAULT_TARGETS, device=device,
                        progress=not quiet, resume=resume, reuse_teacher=reuse_teacher)
@@ -281,7 +277,6 @@ def calibrate(recipe: str, out: Path, samples: int, seed: int, split: str) -> No
     """Build a calibration set and its manifest (source, split, count, seed, sha256) for PTQ."""
     from edgekd import calibration
     from edgekd.data import load_data
-    from edgekd.recipe import load_recipe
 
     r = load_recipe(recipe)
     manifest = calibration.write(out, load_data(r.data, r.base_dir), source=r.data.source, samples=samples,
@@ -357,7 +352,6 @@ def report(run_dir: Path) -> None:
 def size(recipe: str, target: str | None, budget_ms: float | None, batch: int | None, metric: str | None,
          margin: float | None, out: Path, measurements: Path | None, remote: bool, device: str, quiet: bool) -> None:
     """The most accurate student of the recipe's family that meets a latency budget measured on the target."""
-    from edgekd.recipe import load_recipe
     from edgekd.sizing import size as run_size
     from edgekd.sizing import size_config
 

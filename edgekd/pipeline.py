@@ -29,6 +29,7 @@ from edgekd.bundle import verify
 from edgekd.data import Dataset, load_data
 from edgekd.distillation import distill, student_inputs, teacher_inputs
 from edgekd.engines import EngineSource, check_target, onnx_info, registry
+from edgekd.engines import build as build_engine
 from edgekd.errors import EdgekdError
 from edgekd.models import add_import_dir, build_model, load_weights
 from edgekd.recipe import Recipe, load_recipe
@@ -254,8 +255,6 @@ def build(run_dir: str | Path, target: str | Target, *, models: tuple[str, ...] 
 
     Returns {"target", "built": [bundle paths], "engines": [{model, precision, quantization, path, reused}],
     "skipped": [{target, model, precision, quantization, reason}]}."""
-    from edgekd.engines import build as build_engine
-
     with runfolder.locked(ctx.dir if ctx else run_dir):
         ctx = ctx or context(run_dir)
         target = ctx.target(load_target(target))
