@@ -54,12 +54,6 @@ def write_manifest(bundle_dir: str | Path, manifest: dict[str, Any]) -> dict[str
     return fileio.write_signed_json(bundle_dir / MANIFEST, out)
 
 
-def rewrite_manifest(bundle_dir: str | Path, manifest: dict[str, Any]) -> dict[str, Any]:
-    """Rewrite (and re-sign) the manifest of a bundle this process has just written with write_manifest, whose
-    files have not changed since: the checksums it lists stand, so the files are not hashed again."""
-    return fileio.write_signed_json(Path(bundle_dir) / MANIFEST, manifest)
-
-
 def _check_named_files(bundle_dir: Path, manifest: dict[str, Any]) -> None:
     """Every file the manifest names (engine.file, engine.fallback_file, eval.file, any other `*file` key of those
     sections) must be a listed, checksummed entry of `files`; there is no other way to name a file."""
@@ -109,24 +103,11 @@ def read_manifest(bundle_dir: str | Path, *, verify: bool = True) -> dict[str, A
     return manifest
 
 
-def verify(bundle_dir: str | Path) -> dict[str, Any]:
-    """Check a bundle's checksums; returns its manifest (same as read_manifest(verify=True))."""
-    return read_manifest(bundle_dir, verify=True)
-
-
-def read_listed(bundle_dir: str | Path, manifest: dict[str, Any], name: str) -> bytes:
-    """The bytes of a file the manifest lists, checked against its sha256 on exactly these bytes (so a file replaced
-    after `read_manifest` verified it is still refused). An unlisted name is refused."""
-    files = manifest.get("files") or {}
-    if name not in files:
-        raise EdgekdError(f"bundle {bundle_dir}: {name} is not listed in {MANIFEST}; {REMEDY}")
-    return fileio.read_confined(bundle_dir, name, what=f"bundle {bundle_dir}", remedy=REMEDY, sha256=files[name])
-
-
 def read_eval(bundle_dir: str | Path, manifest: dict[str, Any]) -> dict[str, Any] | None:
-    """The arrays of the bundle's eval set (manifest 'eval'.file, listed and verified), or None when it has none.
+    """The arrays of the bundle's eval set (manifest 'eval'.file, which must be listed), or None when it has none.
 
-    Loaded without pickles from the verified bytes."""
+    Loaded without pickles from bytes checked against the listed sha256 (so a file replaced after `read_manifest`
+    verified it is still refused)."""
     import io
 
     import numpy as np
@@ -134,12 +115,15 @@ def read_eval(bundle_dir: str | Path, manifest: dict[str, Any]) -> dict[str, Any
     entry = manifest.get("eval")
     if not entry:
         return None
-    data = read_listed(bundle_dir, manifest, entry["file"])
+    name, files = entry["file"], manifest.get("files") or {}
+    if name not in files:
+        raise EdgekdError(f"bundle {bundle_dir}: {name} is not listed in {MANIFEST}; {REMEDY}")
+    data = fileio.read_confined(bundle_dir, name, what=f"bundle {bundle_dir}", remedy=REMEDY, sha256=files[name])
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as f:
             return {k: f[k] for k in f.files}
     except Exception as e:
-        raise EdgekdError(f"bundle {bundle_dir}: {entry['file']} is not a readable .npz without pickles "
+        raise EdgekdError(f"bundle {bundle_dir}: {name} is not a readable .npz without pickles "
                           f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); {REMEDY}") from None
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -24,19 +25,16 @@ from edgekd.recipe import QuantizeConfig, resolved
 CALIBRATION_BATCH = 64
 
 
-def calibration_inputs(ctx: Any, cfg: QuantizeConfig) -> tuple[np.ndarray, dict[str, Any]]:
-    """The manifest's set when the recipe names one, else a seeded draw from the training split."""
+def calibration_batches(ctx: Any, cfg: QuantizeConfig) -> tuple[list[torch.Tensor], dict[str, Any]]:
+    """The manifest's set when the recipe names one, else a seeded draw from the training split, in batches of
+    CALIBRATION_BATCH as the observers see them; and what it was, for the report."""
     if cfg.calibration:
         x, manifest = calibration.load(ctx.recipe.path(cfg.calibration), ctx.data.input_shape)
-        return x, {"manifest": cfg.calibration, "samples": int(len(x)), "seed": manifest.get("seed"),
-                   "sha256": manifest["sha256"]}
-    x = calibration.draw(ctx.data, cfg.calibration_size, cfg.calibration_seed)
-    return x, {"manifest": None, "split": "train", "samples": int(len(x)), "seed": cfg.calibration_seed}
-
-
-def calibration_batches(ctx: Any, cfg: QuantizeConfig) -> tuple[list[torch.Tensor], dict[str, Any]]:
-    """calibration_inputs in batches of CALIBRATION_BATCH, as the observers see them."""
-    x, info = calibration_inputs(ctx, cfg)
+        info = {"manifest": cfg.calibration, "samples": int(len(x)), "seed": manifest.get("seed"),
+                "sha256": manifest["sha256"]}
+    else:
+        x = calibration.draw(ctx.data, cfg.calibration_size, cfg.calibration_seed)
+        info = {"manifest": None, "split": "train", "samples": int(len(x)), "seed": cfg.calibration_seed}
     return [torch.from_numpy(x[i:i + CALIBRATION_BATCH]) for i in range(0, len(x), CALIBRATION_BATCH)], info
 
 
@@ -102,16 +100,13 @@ def quantize_student(ctx: Any, scheme: str, *, device: str = "cpu", progress: bo
     cal, cal_info = ctx.calibration_batches(cfg)
     student = ctx.model("student")
     example, shapes = ctx.quant_example()
-    skip: tuple[str, ...] = ()
     result: dict[str, Any] = {"scheme": scheme, "calibration": cal_info, "onnx": {}, "pytorch_accuracy": {}}
+    qcfg = quantize.QuantConfig(scheme=scheme, observer=cfg.observer, percentile=cfg.percentile)
     if cfg.keep_float:
-        rows = quantize.sensitivity(student, example, cal, lambda m: ctx.quant_accuracy(m, _no_mode, "val"),
-                                    quantize.QuantConfig(scheme=scheme, observer=cfg.observer,
-                                                         percentile=cfg.percentile))
-        skip = tuple(r["layer"] for r in rows[:cfg.keep_float])
+        rows = quantize.sensitivity(student, example, cal, lambda m: ctx.quant_accuracy(m, _no_mode, "val"), qcfg)
+        qcfg = replace(qcfg, skip=tuple(r["layer"] for r in rows[:cfg.keep_float]))
         result["sensitivity"] = rows
-        result["kept_float"] = list(skip)
-    qcfg = quantize.QuantConfig(scheme=scheme, observer=cfg.observer, percentile=cfg.percentile, skip=skip)
+        result["kept_float"] = list(qcfg.skip)
 
     start = time.perf_counter()
     _exported(ctx, result, "ptq", quantize.ptq(ctx.model("student"), example, cal, qcfg, dynamic_shapes=shapes),

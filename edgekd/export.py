@@ -12,7 +12,6 @@ import contextlib
 import io
 import json
 import logging
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -70,26 +69,23 @@ def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: str | Path,
     _to_eval(model)
     dynamic_shapes = (dynamic_dims(task, max_length),) if dynamic_batch else None
 
-    with tempfile.TemporaryDirectory(prefix="edgekd-export-") as tmp:
-        raw = Path(tmp) / "model.onnx"
-        log = io.StringIO()
-        registration = logging.getLogger(_REGISTRATION_LOG)
-        registration.addFilter(_no_torchvision_notice)
-        try:
-            with contextlib.redirect_stdout(log), warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)  # torch-internal deprecations, not the user's
-                if isinstance(model, torch.fx.GraphModule):  # its .training flag cannot be cleared (see _to_eval)
-                    warnings.filterwarnings("ignore", message="Exporting a model while it is in training mode")
-                torch.onnx.export(model, (example,), str(raw), dynamo=True, external_data=False,
-                                  opset_version=OPSET, dynamic_shapes=dynamic_shapes,
-                                  input_names=[task.input_name], output_names=[task.output_name], verbose=False)
-        except Exception as e:
-            raise EdgekdError(f"export {path}: torch.onnx.export failed for input shape "
-                              f"{tuple(example.shape)} ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else ''})") from e
-        finally:
-            registration.removeFilter(_no_torchvision_notice)
-        proto = onnx.load(str(raw))
+    registration = logging.getLogger(_REGISTRATION_LOG)
+    registration.addFilter(_no_torchvision_notice)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch-internal deprecations, not the user's
+            if isinstance(model, torch.fx.GraphModule):  # its .training flag cannot be cleared (see _to_eval)
+                warnings.filterwarnings("ignore", message="Exporting a model while it is in training mode")
+            # No file: the program's ModelProto is what ONNXProgram.save would write (weights inline, < 2 GB).
+            proto = torch.onnx.export(model, (example,), dynamo=True, opset_version=OPSET,
+                                      dynamic_shapes=dynamic_shapes, input_names=[task.input_name],
+                                      output_names=[task.output_name], verbose=False).model_proto
+    except Exception as e:
+        raise EdgekdError(f"export {path}: torch.onnx.export failed for input shape "
+                          f"{tuple(example.shape)} ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''})") from e
+    finally:
+        registration.removeFilter(_no_torchvision_notice)
     if any(n.op_type == "QuantizeLinear" for n in proto.graph.node):
         from edgekd.qdq import fold_pads_into_convs
 
@@ -127,13 +123,6 @@ def dynamic_dims(task: tasks.Task, max_length: int | None = None) -> dict[int, A
     if max_length:
         dims[len(axes) - 1] = torch.export.Dim(axes[-1], min=1, max=max_length)
     return dims
-
-
-def read_metadata(onnx_path: str | Path) -> dict[str, str]:
-    """The metadata_props of an ONNX file as a dict (strings; JSON ones left for the caller to decode)."""
-    from edgekd.engines import onnx_info
-
-    return onnx_info(Path(onnx_path))["metadata"]
 
 
 def parity(model: torch.nn.Module, onnx_path: str | Path, x: np.ndarray, batch_size: int = 256, *,

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from edgekd import compress, fileio, runfolder, streaming, tasks
-from edgekd.bundle import verify
+from edgekd.bundle import read_manifest
 from edgekd.data import Dataset, load_data
 from edgekd.distillation import distill, student_inputs, teacher_inputs
 from edgekd.engines import EngineSource, check_target, onnx_info, registry
@@ -340,7 +340,7 @@ def profile(run_dir: str | Path, target: str | Target, *, quick: bool = False,
             raise EdgekdError(f"{folder}: no engines built for target {target.name}; run `edgekd build {run_dir} "
                               f"--target {target.path or target.name}` first")
         for bundle in bundles:  # a tampered or stale bundle fails before any other bundle's manifest gets metrics
-            verify(bundle)
+            read_manifest(bundle)
             differ = runfolder.stale(run_dir, bundle.relative_to(run_dir).as_posix())
             if differ:
                 raise EdgekdError(f"{bundle}: stale, built from other files than the run's ({'; '.join(differ)}); "

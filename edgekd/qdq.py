@@ -4,7 +4,7 @@
   Conv keeps the conv out of onnxruntime's QLinearConv fusion (it needs DQ -> Conv -> Q). onnxruntime's
   `quantize_static` avoids it by folding pads into convs on the float graph (`quant_pre_process`); edgekd
   quantizes in PyTorch, where a conv cannot pad asymmetrically, so the fold runs on the exported Q/DQ ONNX.
-- `ort_graph_check`: after onnxruntime's CPU graph optimization (the graph a bundle saves), how many Q/DQ
+- `check_graph`: after onnxruntime's CPU graph optimization (the graph a bundle saves), how many Q/DQ
   pairs are left around float ops and whether every Conv/Gemm/MatMul runs as an integer kernel.
 
 Needs `onnx`; the check also `onnxruntime` (imported through edgekd.engines.ort).
@@ -52,10 +52,7 @@ def _same_qparams(a: onnx.NodeProto, b: onnx.NodeProto, consts: dict[str, np.nda
 
 
 def _attr(node: onnx.NodeProto, name: str, default: Any) -> Any:
-    for a in node.attribute:
-        if a.name == name:
-            return onnx.helper.get_attribute_value(a)
-    return default
+    return next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
 
 
 def _zero_pad_amounts(pad: onnx.NodeProto, consts: dict[str, np.ndarray]) -> list[int] | None:
@@ -144,36 +141,29 @@ def drop_unused_initializers(model: onnx.ModelProto) -> None:
         model.graph.initializer.remove(init)
 
 
-def ort_graph_check(onnx_path: str | Path, *, threads: int = 1) -> dict[str, Any]:
-    """What onnxruntime's CPU optimizer (level "all") makes of a Q/DQ ONNX, read from the graph it saves.
+def check_graph(onnx_path: str | Path, scheme: str) -> dict[str, Any]:
+    """What onnxruntime's CPU optimizer (level "all") makes of `scheme`'s Q/DQ ONNX, read from the graph it saves.
 
     Returns {"qdq_pairs": activation DequantizeLinear nodes left (each one a float op between DQ and Q: Q/DQ
     pairs that did not fuse into a quantized operator), "float_weighted": Conv/Gemm/MatMul nodes still in float,
-    "quantized_weighted": QLinearConv/QGemm/... nodes, "ops": op type -> count}.
+    "quantized_weighted": QLinearConv/QGemm/... nodes, "ops": op type -> count, "ok": every Conv/Gemm/MatMul runs
+    as an integer kernel}.
     """
     from edgekd.engines.ort import _session
 
+    if scheme not in ORT_SCHEMES:
+        raise EdgekdError(f"graph check: scheme {scheme!r} has no onnxruntime graph to check (expected one of "
+                          f"{list(ORT_SCHEMES)})")
     onnx_path = Path(onnx_path)
     if not onnx_path.is_file():
         raise EdgekdError(f"graph check: ONNX file {onnx_path} not found")
     with tempfile.TemporaryDirectory(prefix="edgekd-graph-") as tmp:
         optimized = Path(tmp) / "model.opt.onnx"
-        _session(onnx_path, "all", threads, optimized_out=optimized)
+        _session(onnx_path, "all", 1, optimized_out=optimized)
         model = onnx.load(str(optimized))
     consts = set(constants(model))
     ops = Counter(n.op_type for n in model.graph.node)
     pairs = sum(1 for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] not in consts)
-    return {"qdq_pairs": pairs,
-            "float_weighted": sum(ops[k] for k in FLOAT_WEIGHTED),
-            "quantized_weighted": sum(ops[k] for k in QUANTIZED_WEIGHTED),
-            "ops": dict(sorted(ops.items()))}
-
-
-def check_graph(onnx_path: str | Path, scheme: str) -> dict[str, Any]:
-    """The graph check for `scheme`'s runtime; "ok" when every Conv/Gemm/MatMul runs as an integer kernel."""
-    if scheme not in ORT_SCHEMES:
-        raise EdgekdError(f"graph check: scheme {scheme!r} has no onnxruntime graph to check (expected one of "
-                          f"{list(ORT_SCHEMES)})")
-    result = ort_graph_check(onnx_path)
-    result["ok"] = result["float_weighted"] == 0 and result["quantized_weighted"] > 0
-    return result
+    float_weighted, quantized_weighted = sum(ops[k] for k in FLOAT_WEIGHTED), sum(ops[k] for k in QUANTIZED_WEIGHTED)
+    return {"qdq_pairs": pairs, "float_weighted": float_weighted, "quantized_weighted": quantized_weighted,
+            "ops": dict(sorted(ops.items())), "ok": float_weighted == 0 and quantized_weighted > 0}

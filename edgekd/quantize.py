@@ -41,7 +41,6 @@ from torchao.quantization.pt2e import (
     PerChannelMinMaxObserver,
     disable_observer,
     move_exported_model_to_eval,
-    move_exported_model_to_train,
 )
 from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e, prepare_qat_pt2e
 from torchao.quantization.pt2e.quantizer import (
@@ -220,12 +219,10 @@ def _act_spec(observer: str, percentile: float, *, qat: bool, symmetric: bool) -
         # the fused ATen kernel picks a non-zero zero point for symmetric ranges of non-negative tensors.
         ctr = FakeQuantize.with_args(observer=MovingAverageMinMaxObserver, quant_min=qmin, quant_max=qmax,
                                      dtype=dtype, qscheme=qscheme, eps=_EPS)
-    elif observer == "minmax":
-        ctr = MinMaxObserver.with_args(eps=_EPS)
-    elif observer == "mse":
-        ctr = MSEObserver.with_args(eps=_EPS)
-    else:
+    elif observer == "percentile":
         ctr = PercentileObserver.with_args(percentile=percentile, eps=_EPS)
+    else:
+        ctr = {"minmax": MinMaxObserver, "mse": MSEObserver}[observer].with_args(eps=_EPS)
     return QuantizationSpec(dtype=dtype, observer_or_fake_quant_ctr=ctr, quant_min=qmin, quant_max=qmax,
                             qscheme=qscheme)
 
@@ -449,7 +446,7 @@ class OrtCpuQuantizer(_SchemeQuantizer):
                 self._annotate_io(node, node.args[:1])
         # 6. pools/pads/flatten/reshape after a quantized tensor keep its qparams (graph order propagates).
         for node in model.graph.nodes:
-            if not (_is_call(node, _SHARED_OPS) and self._wanted(node)) or _is_annotated(node):
+            if not (_is_call(node, _SHARED_OPS) and self._wanted(node)):   # _wanted: not annotated yet
                 continue
             if _is_call(node, _PAD_OPS) and not _is_zero_pad(node):
                 continue
@@ -637,8 +634,7 @@ def _skip_absent_conv_kinds(model: GraphModule):
     from torchao.quantization.pt2e import qat_utils
 
     present = {n.target for n in model.graph.nodes if n.op == "call_function"}
-    names = ("_fuse_conv_bn_qat_helper", "_fold_conv_bn_qat_helper")
-    originals = {name: getattr(qat_utils, name, None) for name in names}
+    originals = {name: getattr(qat_utils, name) for name in ("_fuse_conv_bn_qat_helper", "_fold_conv_bn_qat_helper")}
 
     def wrap(original: Callable) -> Callable:
         def helper(m: GraphModule, conv_fn: Callable, example_inputs: tuple, is_cuda: bool) -> GraphModule:
@@ -649,30 +645,23 @@ def _skip_absent_conv_kinds(model: GraphModule):
         return helper
 
     for name, original in originals.items():
-        if original is not None:
-            setattr(qat_utils, name, wrap(original))
+        setattr(qat_utils, name, wrap(original))
     try:
         yield
     finally:
         for name, original in originals.items():
-            if original is not None:
-                setattr(qat_utils, name, original)
+            setattr(qat_utils, name, original)
 
 
 def _mark_mode(gm: GraphModule, training: bool) -> None:
     """Record the train/eval mode the graph is already in (it was exported in that mode).
 
     move_exported_model_to_train/eval rewrite dropout and batch-norm patterns, torch.exporting four pattern
-    graphs (about 1 s) even when nothing changes; with the mode recorded they return at once. Falls back to
-    the rewrite if torchao stops keeping the mode in this attribute.
+    graphs (about 1 s) even when nothing changes; with the mode recorded they return at once.
     """
     from torchao.quantization.pt2e import export_utils
 
-    attr = getattr(export_utils, "_EXPORTED_TRAINING_ATTR", None)
-    if attr is None:
-        (move_exported_model_to_train if training else move_exported_model_to_eval)(gm)
-    else:
-        setattr(gm, attr, training)
+    setattr(gm, export_utils._EXPORTED_TRAINING_ATTR, training)
 
 
 def _prepare_with(gm: GraphModule, quantizer: _SchemeQuantizer) -> GraphModule:
@@ -725,9 +714,7 @@ def freeze(prepared: GraphModule) -> None:
     prepared.apply(disable_observer)
     for node in prepared.graph.nodes:
         if _is_call(node, _BN_OPS) and node.target != _aten._native_batch_norm_legit_no_training.default:
-            args = list(node.args)
-            args[_BN_TRAINING_ARG] = False
-            node.args = tuple(args)
+            node.update_arg(_BN_TRAINING_ARG, False)
     prepared.recompile()
 
 
@@ -793,9 +780,8 @@ def sensitivity(model: nn.Module, example: torch.Tensor, batches: Iterable[torch
     finally:
         model.train(was_training)
     rows = []
-    skipped = set(config.skip)
     for layer in quantizable_layers(model):
-        if any(layer == s or layer.startswith(s + ".") for s in skipped):
+        if any(layer == s or layer.startswith(s + ".") for s in config.skip):
             continue
         quantizer = SCHEMES[config.scheme](config, qat=False, only=layer)
         prepared = _prepare_with(copy.deepcopy(gm), quantizer)
@@ -821,8 +807,6 @@ def untie_shared_initializers(model: onnx.ModelProto) -> int:
     """
     from collections import Counter
 
-    import onnx
-
     inits = {t.name: t for t in model.graph.initializer}
     uses = Counter(name for node in model.graph.node for name in node.input if name in inits)
     taken = set(inits) | {o for node in model.graph.node for o in node.output}
@@ -836,10 +820,9 @@ def untie_shared_initializers(model: onnx.ModelProto) -> int:
             new_name = f"{name}__{node.output[0]}_{k}"
             while new_name in taken:
                 new_name += "_"
-            copy_ = onnx.TensorProto()
+            copy_ = model.graph.initializer.add()
             copy_.CopyFrom(inits[name])
             copy_.name = new_name
-            model.graph.initializer.append(copy_)
             taken.add(new_name)
             node.input[k] = new_name
             uses[name] -= 1
@@ -891,9 +874,7 @@ def _quantize_biases(gm: GraphModule) -> None:
             dq = gm.graph.call_function(
                 torch.ops.quantized_decomposed.dequantize_per_channel.default,
                 (q_node, s_node, z_node, 0, -(2**31), 2**31 - 1, torch.int32))
-        args = list(node.args)
-        args[2] = dq
-        node.args = tuple(args)
+        node.update_arg(2, dq)
     gm.graph.eliminate_dead_code()
     gm.recompile()
 

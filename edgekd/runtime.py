@@ -46,7 +46,6 @@ class Engine:
         self.input_shape = self.task.sample_shape(manifest["input"]["shape"])   # None: a dynamic axis
         self.max_length = manifest["input"].get("max_length")   # longest sequence a text engine takes
         batch = manifest.get("batch") or {}
-        self.dynamic_batch = bool(batch.get("dynamic", True))
         # Engines with a batch profile (TensorRT's optimization profile) only accept batches inside it.
         profiled = registry.backend(manifest["runtime"], f"bundle {bundle_dir}").batch_profile
         self.min_batch = int(batch.get("min", 1)) if profiled else 1
@@ -266,9 +265,7 @@ def _is_images(raw: Any) -> bool:
 
 def _pad(x: np.ndarray, min_batch: int) -> np.ndarray:
     """Repeat the last sample so a short final chunk still meets an engine's minimum batch."""
-    if len(x) >= min_batch:
-        return x
-    return np.concatenate([x, np.repeat(x[-1:], min_batch - len(x), axis=0)])
+    return np.pad(x, [(0, max(min_batch - len(x), 0))] + [(0, 0)] * (x.ndim - 1), mode="edge")
 
 
 def _input_range(bundle_dir: Path, value: Any) -> tuple[float, float] | None:

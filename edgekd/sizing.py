@@ -258,13 +258,13 @@ class Meter:
     def build(self, c: Candidate) -> dict[str, Path]:
         """precision -> bundle folder; a verified bundle already there is reused (a rerun resumes), any other is
         rebuilt in its place (engines.build swaps the whole folder)."""
-        from edgekd.bundle import verify
+        from edgekd.bundle import read_manifest
 
         out = {}
         for precision in self.precisions:
             path = self.bundle_dir(c, precision)
             with contextlib.suppress(EdgekdError):
-                if (path / "manifest.json").is_file() and verify(path).get("model") == c.spec:
+                if (path / "manifest.json").is_file() and read_manifest(path).get("model") == c.spec:
                     out[precision] = path
                     continue
             out[precision] = self._build_one(c, precision, path)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from edgekd.bundle import FORMAT, read_manifest, update_metrics, verify, write_manifest
+from edgekd.bundle import FORMAT, read_manifest, update_metrics, write_manifest
 from edgekd.errors import EdgekdError
 from edgekd.fileio import sha256_file, write_signed_json
 
@@ -37,7 +37,7 @@ def test_write_and_read(tmp_path: Path) -> None:
     assert manifest["files"] == {"model.onnx": sha256_file(folder / "model.onnx"),
                                  "sub/extra.bin": sha256_file(folder / "sub" / "extra.bin")}
     assert manifest["metrics"] == {}
-    assert verify(folder) == manifest
+    assert read_manifest(folder, verify=True) == manifest
     assert not [p for p in folder.iterdir() if p.name.endswith(".tmp")]
 
 

@@ -11,8 +11,9 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from edgekd.engines import onnx_info
 from edgekd.errors import EdgekdError
-from edgekd.export import export_onnx, parity, read_metadata
+from edgekd.export import export_onnx, parity
 
 
 def test_checker_and_single_file(edge_onnx: Path) -> None:
@@ -24,7 +25,7 @@ def test_checker_and_single_file(edge_onnx: Path) -> None:
 
 
 def test_metadata(edge_onnx: Path) -> None:
-    meta = read_metadata(edge_onnx)
+    meta = onnx_info(edge_onnx)["metadata"]
     assert meta["input_name"] == "input"
     assert json.loads(meta["input_shape"]) == ["batch", 1, 8, 8]
     assert json.loads(meta["class_names"])[0] == "class0"
@@ -68,7 +69,7 @@ def test_quantized_graph_module(edge_qdq, edge_eval) -> None:
     onnx.checker.check_model(model, full_check=True)
     ops = {n.op_type for n in model.graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
-    assert read_metadata(path)["quant_scheme"] == "ort-cpu-avx2"
+    assert onnx_info(path)["metadata"]["quant_scheme"] == "ort-cpu-avx2"
     result = parity(gm, path, edge_eval[0])
     assert result["max_abs_diff"] < 0.05
     assert result["top1_agreement"] >= 0.9

@@ -3,10 +3,9 @@
 edgekd wraps torchao's QAT conv-bn passes (`qat_utils._fuse_conv_bn_qat_helper` / `_fold_conv_bn_qat_helper`, to skip
 conv kinds a graph lacks), records the train/eval mode under `export_utils._EXPORTED_TRAINING_ATTR`, computes observer
 qparams with `HistogramObserver._calculate_qparams`, marks nodes with `QuantizationAnnotation._annotated` under
-torchao's annotation key, and imports `Q_ANNOTATION_KEY` and `getattr_from_fqn` from torchao submodules. quantize.py
-falls back quietly when the first two disappear (QAT convert gets slower), so an upgrade that renames or removes any
-of them fails here instead, naming it. pyproject.toml bounds torchao below the next minor release: raise the bound only
-once this file passes with the new release.
+torchao's annotation key, and imports `Q_ANNOTATION_KEY` and `getattr_from_fqn` from torchao submodules. An upgrade
+that renames or removes any of them fails here, naming it. pyproject.toml bounds torchao below the next minor release:
+raise the bound only once this file passes with the new release.
 """
 
 from __future__ import annotations

@@ -389,7 +389,7 @@ def test_factory_family_ladder_steps_the_width_and_skips_equal_models(tmp_path):
 def test_a_rerun_reuses_verified_candidate_bundles_and_rebuilds_a_tampered_one(tmp_path):
     """A remote round's bundles are verified on the next run: a good one is kept as it is, one whose files no
     longer match its manifest is built again in its place."""
-    from edgekd.bundle import verify
+    from edgekd.bundle import read_manifest
 
     recipe, _ = _setup(tmp_path, family="mlp:hidden=8", lo=0.5, hi=2.0, precisions='["fp32"]')
     r, _, _ = _ladder(recipe)
@@ -401,7 +401,7 @@ def test_a_rerun_reuses_verified_candidate_bundles_and_rebuilds_a_tampered_one(t
     engine = next(p for p in sorted(bad.iterdir()) if p.name != "manifest.json" and p.is_file())
     engine.write_bytes(engine.read_bytes() + b"tampered")
     with pytest.raises(EdgekdError):
-        verify(bad)
+        read_manifest(bad)
     assert sizing.size(r, out, cfg, remote=True, progress=False)["bundles"] == rep["bundles"]
-    verify(bad)
+    read_manifest(bad)
     assert (good / "manifest.json").stat().st_mtime_ns == stamp

@@ -22,13 +22,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from edgekd import tasks
-from edgekd.bundle import FORMAT, edgekd_version, rewrite_manifest, write_manifest
+from edgekd.bundle import FORMAT, MANIFEST, edgekd_version, write_manifest
 from edgekd.engines import registry
 from edgekd.engines.registry import backend, backends, needs_accelerator
 from edgekd.errors import EdgekdError
-from edgekd.fileio import atomic_path
+from edgekd.fileio import atomic_path, write_signed_json
 
 if TYPE_CHECKING:
+    import onnx
+
     from edgekd.targets import Target
 
 QUANTIZATIONS = ("none", *registry.QUANTIZATIONS)   # "none": a float model
@@ -92,16 +94,25 @@ def check_target(target: Target) -> str:
     return b.check_target(target)
 
 
-def onnx_info(path: Path) -> dict[str, Any]:
-    """Input/output names and shapes, Q/DQ presence and metadata of an ONNX file (build side; needs onnx)."""
+def load_onnx(model: Any, *, external_data: bool = True) -> onnx.ModelProto:
+    """`model` itself if it is a ModelProto, else the ONNX file at that path (a one-line error when it is missing
+    or unreadable); `external_data=False` leaves the weights of external-data files unread."""
     import onnx
 
+    if isinstance(model, onnx.ModelProto):
+        return model
+    path = Path(model)
     if not path.is_file():
         raise EdgekdError(f"ONNX file {path}: not found")
     try:
-        proto = onnx.load(str(path), load_external_data=False)
+        return onnx.load(str(path), load_external_data=external_data)
     except Exception as e:
         raise EdgekdError(f"ONNX file {path}: cannot be read ({e})") from e
+
+
+def onnx_info(path: Path) -> dict[str, Any]:
+    """Input/output names and shapes, Q/DQ presence and metadata of an ONNX file (build side; needs onnx)."""
+    proto = load_onnx(path, external_data=False)
     initializers = {i.name for i in proto.graph.initializer}
     inputs = [i for i in proto.graph.input if i.name not in initializers]
     if len(inputs) != 1 or len(proto.graph.output) != 1:
@@ -162,23 +173,17 @@ def _check_eval(source: EngineSource, eval_data: tuple | dict) -> dict[str, Any]
     return task.check_eval(eval_data, source.input_shape, source.num_classes)
 
 
-def eval_sample(n: int, k: int, seed: int = 0) -> np.ndarray:
-    """Sorted indices of min(k, n) items drawn uniformly without replacement (seeded): the bundle's eval.npz."""
-    if k >= n:
-        return np.arange(n)
-    return np.sort(np.random.default_rng(seed).choice(n, size=k, replace=False))
-
-
 def _write_eval(path: Path, task: tasks.Task, evals: dict[str, Any], k: int) -> dict | None:
-    """Write eval.npz with a bounded sample of the eval set (k items; 0: none); returns the manifest entry."""
-    idx = eval_sample(_eval_len(evals), k)
+    """Write eval.npz with a bounded sample of the eval set (min(k, n) items drawn uniformly without replacement,
+    seeded, in order; k = 0: none); returns the manifest entry."""
+    n = _eval_len(evals)
+    idx = np.arange(n) if k >= n else np.sort(np.random.default_rng(0).choice(n, size=k, replace=False))
     if not len(idx):
         return None
     arrays = {name: np.asarray(a, dtype=task.eval_arrays[name]) if not np.ndim(a) else np.ascontiguousarray(
               (a if hasattr(a, "shape") else np.asarray(a))[idx], dtype=task.eval_arrays[name])   # a lazy x: rows idx
               for name, a in evals.items()}
-    with open(path, "wb") as f:
-        np.savez(f, **arrays)
+    np.savez(path, **arrays)
     return {"file": path.name, "samples": int(len(idx)), "has_reference_logits": "reference_logits" in evals}
 
 
@@ -304,5 +309,7 @@ def build(source: EngineSource, target: Target, precision: str, out_dir: str | P
             pre = manifest["preprocessing"]
             observed = {"input_range": test.pop("input_range")} if "input_range" in test and "input_range" not in pre \
                 else {}
-            rewrite_manifest(tmp, {**written, "preprocessing": {**pre, **observed}, "metrics": {"test": test}})
+            # the files are unchanged since write_manifest hashed them: only the manifest is rewritten and re-signed
+            write_signed_json(tmp / MANIFEST, {**written, "preprocessing": {**pre, **observed},
+                                               "metrics": {"test": test}})
     return out_dir

@@ -359,10 +359,6 @@ def segment_times(onnx_path: Path, x: np.ndarray, *, threads: int | None = None,
     return [float(v) for v in np.median(per_run[min(3, len(per_run) - 1):], axis=0)]
 
 
-def open_runner(bundle_dir: Path, manifest: dict[str, Any], threads: int | None) -> OrtRunner:
-    return OrtRunner(bundle_dir, manifest, threads)
-
-
 class OrtRunner(Runner):
     """Runs an onnxruntime bundle: run({name: array}) -> {name: array}, names from the ONNX graph."""
 
@@ -400,3 +396,6 @@ class OrtRunner(Runner):
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         check_feeds(self, feeds)
         return dict(zip(self.output_names, self.session.run(list(self.output_names), feeds), strict=True))
+
+
+open_runner = OrtRunner   # the registry's device side: open_runner(bundle_dir, manifest, threads)

@@ -170,21 +170,15 @@ def _engine_contract(bundle_dir: Path, manifest: dict[str, Any]) -> tuple[str, t
     return spec, tuple(shape), classes, confined(bundle_dir, name, what=who, remedy=REMEDY)
 
 
-def open_runner(bundle_dir: Path, manifest: dict[str, Any], threads: int | None) -> TorchRunner:
-    try:
-        _torch()
-    except EdgekdError as e:
-        raise EdgekdError(f"bundle {bundle_dir}: {e}") from e
-    return TorchRunner(bundle_dir, manifest, threads)
-
-
 class TorchRunner(Runner):
     """Runs a torch bundle on the target's device: run({input name: x}) -> {output name: logits}, the names the
     manifest records (a built-in model family has one input and one output)."""
 
     def __init__(self, bundle_dir: Path, manifest: dict[str, Any], threads: int | None = None) -> None:
-        torch = _torch()
-        self.torch = torch
+        try:
+            torch = self.torch = _torch()
+        except EdgekdError as e:
+            raise EdgekdError(f"bundle {bundle_dir}: {e}") from e
         engine = manifest["engine"]
         device = manifest["device"]
         if device == "cuda" and not torch.cuda.is_available():
@@ -220,3 +214,6 @@ class TorchRunner(Runner):
         with torch.no_grad():
             out = self.model(torch.from_numpy(feeds[self.input_names[0]]).to(self.device, self.dtype))
         return {self.output_names[0]: out.float().cpu().numpy()}
+
+
+open_runner = TorchRunner   # the registry's device side: open_runner(bundle_dir, manifest, threads)

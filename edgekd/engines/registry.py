@@ -35,6 +35,7 @@ HOST_DEVICES = ("cpu",)   # engines for other devices may fail to build or run w
 QUANT_SCHEMES = ("ort-cpu", "ort-cpu-avx2", "tensorrt")
 NO_SCHEME = "none"
 QUANTIZATIONS = ("ptq", "qat")   # how a quantized (int8) model is made; "none" = a float model
+FUNCTIONS = ("availability", "check_target", "target_rules", "build_engine", "open_runner")   # each backend defines
 
 
 @dataclass(frozen=True)
@@ -53,23 +54,14 @@ class Backend:
     layer_times: bool = False         # per-layer kernel times can be measured (the INT8-vs-FP32 fallback)
 
     def functions(self) -> Any:
-        """The backend's module (build_engine, open_runner, availability, check_target, target_rules)."""
+        """The backend's module, which defines FUNCTIONS."""
         return importlib.import_module(self.module)
 
-    def target_rules(self, file: Any, values: dict[str, Any]) -> dict[str, Any]:
-        return self.functions().target_rules(file, values)
-
-    def availability(self) -> str:
-        return self.functions().availability()
-
-    def check_target(self, target: Any) -> str:
-        return self.functions().check_target(target)
-
-    def build_engine(self, source: Any, target: Any, precision: str, out: Any) -> dict[str, Any]:
-        return self.functions().build_engine(source, target, precision, out)
-
-    def open_runner(self, bundle_dir: Any, manifest: dict[str, Any], threads: int | None) -> Runner:
-        return self.functions().open_runner(bundle_dir, manifest, threads)
+    def __getattr__(self, name: str) -> Any:
+        """`backend.build_engine(...)` etc.: the FUNCTIONS of the backend's module, imported on first use."""
+        if name not in FUNCTIONS:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        return getattr(self.functions(), name)
 
 
 class Runner:

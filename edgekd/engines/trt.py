@@ -29,7 +29,7 @@ check. Where cuda-python is missing but torch with CUDA is present, torch's allo
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -62,10 +62,10 @@ class TrtBuildPlan:
     workspace_bytes: int
     builder_optimization_level: int
     input_name: str
+    onnx_variant: str  # "as-is" | "fp16" (to_fp16 copy) | "implicit-int8" (stripped Q/DQ + cache)
     profile: tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]  # (min, opt, max) input shapes
     timing_cache: str | None
-    onnx_variant: str = "as-is"  # "as-is" | "fp16" (to_fp16 copy) | "implicit-int8" (stripped Q/DQ + cache)
-    notes: tuple[str, ...] = field(default_factory=tuple)
+    notes: tuple[str, ...] = ()
 
 
 def parse_version(version: str) -> tuple[int, int, int]:
@@ -105,7 +105,7 @@ def _profile(target: Any, onnx_input_shape: tuple | list, input_name: str, dla: 
     return (tuple([lo, *rest]), tuple([opt, *rest]), tuple([hi, *rest]))
 
 
-def _precision_10(target: Any, precision: str, dla: bool) -> tuple[list[str], str, list[str]]:
+def _precision_10(precision: str, dla: bool) -> tuple[list[str], str, list[str]]:
     """TensorRT 10: (flags, onnx variant, notes) for a weakly typed network."""
     if precision == "fp16":
         return ["FP16"], "as-is", []
@@ -116,8 +116,6 @@ def _precision_10(target: Any, precision: str, dla: bool) -> tuple[list[str], st
     if precision == "int8":
         return ["INT8", "FP16"], "as-is", [
             "weakly typed Q/DQ network: INT8 for the Q/DQ-quantized layers, FP16 allowed elsewhere"]
-    if dla:
-        raise EdgekdError(f"target {target.name}: DLA runs fp16 or int8 only, not {precision}")
     return [], "as-is", []
 
 
@@ -134,8 +132,6 @@ def _precision_11(target: Any, precision: str, dla: bool, version: tuple[int, in
                           "no implicit INT8 (calibrators were removed) and a strongly typed DLA network needs a "
                           "Q/DQ scale on every tensor, which the 'tensorrt' scheme's placement does not give; "
                           "build int8 DLA engines with TensorRT 10.x (JetPack 6), or fp16 here")
-    if dla and precision != "fp16":
-        raise EdgekdError(f"target {target.name}: DLA runs fp16 or int8 only, not {precision}")
     if precision == "fp16":
         return [], "fp16", ["strongly typed: fp16 comes from an fp16-typed copy of the ONNX (onnxconverter-common,"
                             " float32 inputs/outputs kept)"]
@@ -164,14 +160,14 @@ def plan(target: Any, precision: str, onnx_input_shape: tuple | list, *, trt_ver
         raise EdgekdError(f"TensorRT {trt_version} is newer than edgekd supports ({SUPPORTED}); its Python API "
                           "has not been checked")
     dla = target.device == "dla"
+    if dla and precision not in ("fp16", "int8"):
+        raise EdgekdError(f"target {target.name}: DLA runs fp16 or int8 only, not {precision}")
     profile = _profile(target, onnx_input_shape, input_name, dla)
     if version[0] >= 11:
         flags, variant, notes = _precision_11(target, precision, dla, version)
     else:
-        flags, variant, notes = _precision_10(target, precision, dla)
-    device_type = "GPU"
+        flags, variant, notes = _precision_10(precision, dla)
     if dla:
-        device_type = "DLA"
         flags.append("GPU_FALLBACK")
         notes.append(f"DLA core {target.dla_core}; layers DLA cannot run fall back to the GPU (counted in the "
                      "manifest's engine.dla)")
@@ -179,7 +175,7 @@ def plan(target: Any, precision: str, onnx_input_shape: tuple | list, *, trt_ver
         trt_major=version[0],
         strongly_typed=version[0] >= 11,
         flags=tuple(flags),
-        device_type=device_type,
+        device_type="DLA" if dla else "GPU",
         dla_core=target.dla_core if dla else None,
         workspace_bytes=int(target.workspace_mb) * (1 << 20),
         builder_optimization_level=int(target.builder_optimization_level),
@@ -380,11 +376,9 @@ def build_engine(source: Any, target: Any, precision: str, out: Path) -> dict[st
 
     engine = {
         "file": ENGINE_FILE,
-        "plan": {"strongly_typed": p.strongly_typed, "flags": list(p.flags), "device_type": p.device_type,
-                 "dla_core": p.dla_core, "workspace_bytes": p.workspace_bytes,
-                 "builder_optimization_level": p.builder_optimization_level, "onnx_variant": p.onnx_variant,
-                 "profile": {"min": list(p.profile[0]), "opt": list(p.profile[1]), "max": list(p.profile[2])},
-                 "timing_cache": p.timing_cache},
+        "plan": {**{k: v for k, v in asdict(p).items() if k not in ("trt_major", "input_name", "notes")},
+                 "flags": list(p.flags),
+                 "profile": {k: list(shape) for k, shape in zip(("min", "opt", "max"), p.profile, strict=True)}},
         "dla": dla,
         "calibration_cache": CALIBRATION_FILE if calibration else None,
         "onnx_metadata": info["metadata"],
@@ -402,12 +396,9 @@ class CudaPython:
 
     def __init__(self) -> None:
         try:
-            from cuda.bindings import runtime as cudart
-        except ImportError:
-            try:
-                from cuda import cudart  # cuda-python < 12.6 layout
-            except ImportError as e:
-                raise EdgekdError(f"cuda-python is not installed ({e}); pip install cuda-python") from e
+            from cuda.bindings import runtime as cudart  # cuda-python >= 12.6 (the `tensorrt` extra's bound)
+        except ImportError as e:
+            raise EdgekdError(f"cuda-python is not installed ({e}); pip install cuda-python") from e
         self.rt = cudart
         self.stream = self._call(cudart.cudaStreamCreate(), "cudaStreamCreate")
 
@@ -502,10 +493,6 @@ def cuda_binding() -> Any:
             raise EdgekdError(f"{first}; torch fallback: {second}") from None
 
 
-def open_runner(bundle_dir: Path, manifest: dict[str, Any], threads: int | None) -> TrtRunner:
-    return TrtRunner(bundle_dir, manifest, threads)
-
-
 class TrtRunner(Runner):
     """Runs a TensorRT bundle: run({input name: array}) -> {output name: array}, names from the engine's I/O tensors;
     device buffers from `cuda` (default: cuda_binding())."""
@@ -513,7 +500,6 @@ class TrtRunner(Runner):
     def __init__(self, bundle_dir: Path, manifest: dict[str, Any], threads: int | None = None,
                  cuda: Any = None) -> None:
         trt = _trt()
-        self.trt = trt
         engine_info = manifest["engine"]
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)
@@ -597,3 +583,6 @@ class TrtRunner(Runner):
             self.close()
         except Exception:
             pass
+
+
+open_runner = TrtRunner   # the registry's device side: open_runner(bundle_dir, manifest, threads)

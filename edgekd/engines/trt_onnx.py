@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from edgekd.engines import load_onnx
 from edgekd.errors import EdgekdError
 
 if TYPE_CHECKING:
@@ -51,25 +52,8 @@ _WEIGHT_INPUT = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1}
 _SCALE_PRESERVING = {"Relu", "MaxPool", "Flatten", "Reshape", "Squeeze", "Unsqueeze", "Transpose", "Identity"}
 
 
-def _load(model: Any) -> onnx.ModelProto:
-    import onnx
-
-    if isinstance(model, onnx.ModelProto):
-        return model
-    path = Path(model)
-    if not path.is_file():
-        raise EdgekdError(f"ONNX file {path}: not found")
-    try:
-        return onnx.load(str(path))
-    except Exception as e:
-        raise EdgekdError(f"ONNX file {path}: cannot be read ({e})") from e
-
-
 def _attr(node: onnx.NodeProto, name: str, default: int) -> int:
-    for a in node.attribute:
-        if a.name == name:
-            return int(a.i)
-    return default
+    return next((int(a.i) for a in node.attribute if a.name == name), default)
 
 
 def _output_channel_axis(consumer: onnx.NodeProto, weight_ndim: int) -> int:
@@ -102,7 +86,7 @@ def check_tensorrt_onnx(model: Any) -> list[str]:
     Q/DQ zero points INT8 and 0, scales positive and finite, weights INT8 with one scale per output channel
     (a 1-D scale of length = the output-channel dimension, on that axis), and no UINT8 tensor.
     """
-    proto = _load(model)
+    proto = load_onnx(model)
     problems: list[str] = []
     lo, hi = TRT_OPSET_RANGE
     opsets = {o.domain or "ai.onnx": o.version for o in proto.opset_import}
@@ -187,7 +171,7 @@ def to_fp16(src: str | Path, dst: str | Path) -> Path:
                           f"(pip install 'edgekd[tensorrt]' or onnxconverter-common): {e}") from e
     import onnx
 
-    model = _load(src)
+    model = load_onnx(src)
     if any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node):
         raise EdgekdError(f"ONNX file {src}: has Q/DQ nodes; fp16 conversion is for the float model")
     converted = float16.convert_float_to_float16(model, keep_io_types=True)
@@ -213,7 +197,7 @@ def strip_qdq(model: Any) -> tuple[onnx.ModelProto, dict[str, float]]:
     import onnx
     from onnx import numpy_helper
 
-    proto = copy.deepcopy(_load(model))
+    proto = copy.deepcopy(load_onnx(model))
     graph = proto.graph
     from edgekd.qdq import constants
 
@@ -233,12 +217,9 @@ def strip_qdq(model: Any) -> tuple[onnx.ModelProto, dict[str, float]]:
         if src in consts and (q is None or q.op_type == "Constant"):  # weight
             w = consts[src].astype(np.float32)
             axis = _attr(node, "axis", 1) % max(w.ndim, 1)
-            shape = [1] * w.ndim
-            if scale.ndim == 1:
-                shape[axis] = -1
-            s = scale.astype(np.float32).reshape(shape) if scale.ndim else np.float32(scale)
-            z = zp.astype(np.float32).reshape(shape) if zp is not None and zp.ndim else (
-                np.float32(zp) if zp is not None else np.float32(0))
+            shape = [-1 if i == axis and scale.ndim == 1 else 1 for i in range(w.ndim)]   # per channel, or one
+            s = scale.astype(np.float32).reshape(shape)
+            z = (zp if zp is not None else np.zeros(())).astype(np.float32).reshape(shape)
             new_inits.append(numpy_helper.from_array(((w - z) * s).astype(np.float32), node.output[0]))
             drop.add(id(node))
         elif q is not None and q.op_type == "QuantizeLinear":
@@ -264,17 +245,14 @@ def strip_qdq(model: Any) -> tuple[onnx.ModelProto, dict[str, float]]:
 
 
 def _drop_unused(proto: onnx.ModelProto) -> None:
-    """Remove initializers and Constant nodes nothing reads any more."""
+    """Remove initializers and Constant nodes nothing reads any more (one pass: a Constant reads nothing, so removing
+    one never leaves another unread)."""
     from edgekd.qdq import drop_unused_initializers
 
     graph = proto.graph
-    while True:
-        used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
-        dead = [n for n in graph.node if n.op_type == "Constant" and n.output[0] not in used]
-        if not dead:
-            break
-        for n in dead:
-            graph.node.remove(n)
+    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    for n in [n for n in graph.node if n.op_type == "Constant" and n.output[0] not in used]:
+        graph.node.remove(n)
     drop_unused_initializers(proto)
 
 
