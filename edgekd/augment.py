@@ -61,20 +61,14 @@ class BatchAugment:
             return x, None
         use_cutmix = self.cutmix > 0 and (self.mixup <= 0 or torch.rand(1, generator=gen).item() < 0.5)
         a = self.cutmix if use_cutmix else self.mixup
-        lam = _beta(a, gen)
+        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))   # lam ~ Beta(a, a), seeded from `gen`:
+        lam = float(np.random.default_rng(seed).beta(a, a))   # torch.distributions cannot take a generator
         perm = torch.randperm(n, generator=gen).to(x.device)
         if use_cutmix:
             x, lam = _cutmix(x, perm, lam, gen)
         else:
             x = lam * x + (1.0 - lam) * x[perm]
         return x, Mix(perm, lam)
-
-
-def _beta(a: float, gen: torch.Generator) -> float:
-    """lam ~ Beta(a, a), seeded from `gen` (torch.distributions cannot take a generator)."""
-    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
-    rng = np.random.default_rng(seed)
-    return float(rng.beta(a, a))
 
 
 def random_crop(x: torch.Tensor, pad: int, gen: torch.Generator) -> torch.Tensor:

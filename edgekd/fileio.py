@@ -57,18 +57,12 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def clean_stale_temps(path: str | Path) -> list[Path]:
-    """Remove what killed writers of `path` left beside it (their pid is gone); returns what was removed."""
-    path = Path(path)
-    removed = []
-    if not path.parent.is_dir():
-        return removed
+def clean_stale_temps(path: Path) -> None:
+    """Remove what killed writers of `path` left beside it (their pid is gone); its folder exists (atomic_path)."""
     for entry in path.parent.iterdir():
         pid = _temp_owner(entry.name, path.name)
         if pid is not None and pid != os.getpid() and not _alive(pid):
             _remove(entry)
-            removed.append(entry)
-    return removed
 
 
 def _exchange(a: Path, b: Path) -> bool:

@@ -171,10 +171,6 @@ class LazyShards(streaming.LazyImages):
     def __getstate__(self) -> dict[str, Any]:   # workers open their own memory maps
         return {**self.__dict__, "_open": OrderedDict()}
 
-    def _locate(self, i: int) -> tuple[str, int]:
-        k = int(np.searchsorted(self.ends, i, side="right"))
-        return self.shards[k][0], i - (int(self.ends[k - 1]) if k else 0)
-
     def _tar(self, file: str) -> Any:
         """wids' indexed tar of `file` (opened once per process; nsamples checked against the descriptor)."""
         if file in self._open:
@@ -196,7 +192,8 @@ class LazyShards(streaming.LazyImages):
     def _members(self, i: int, image: bool = True) -> tuple[str, dict[str, bytes]]:
         """(name for messages, {"image": bytes, "cls": bytes}) of base row i: the first image member (only when
         `image`) and the .cls member; no other member is read."""
-        file, inner = self._locate(i)
+        k = int(np.searchsorted(self.ends, i, side="right"))
+        file, inner = self.shards[k][0], i - (int(self.ends[k - 1]) if k else 0)
         tar = self._tar(file)
         out, name = {}, f"{file}[{inner}]"
         for j in tar.samples[inner]:
