@@ -188,7 +188,21 @@ def _write_shard(out_dir: Path, shard: int, shard_size: int, n: int, parts: list
     """Write shard `shard` atomically and record it (sha256) in the manifest, rewritten (so a kill resumes)."""
     name = f"shard-{shard:05d}.npz"
     start, stop = shard * shard_size, min((shard + 1) * shard_size, n)
-    arrays = _shard_arrays(start, stop, parts, manifest)
+    labels = np.concatenate([p[0] for p in parts]).astype(np.int64)
+    arrays = {"indices": np.arange(start, stop, dtype=np.int64), "labels": labels}
+    if parts[0][1] is not None:
+        arrays["confidence"] = np.concatenate([p[1] for p in parts]).astype(np.float16)
+    if manifest["stored"] == "topk":
+        probs = np.concatenate([p[2] for p in parts])
+        idx = np.concatenate([p[3] for p in parts])
+        k = probs.shape[1]
+        if manifest["top_k_stored"] is None:
+            manifest["top_k_stored"] = k
+        elif manifest["top_k_stored"] != k:
+            raise EdgekdError(f"labels: the teacher returned top-{k} outputs for samples {start}..{stop - 1} but "
+                              f"top-{manifest['top_k_stored']} before; it must return the same k every time")
+        arrays["topk_probs"] = probs.astype(np.float16)
+        arrays["topk_indices"] = idx.astype(index_dtype(manifest["num_classes"], int(idx.max())))
     path = out_dir / name
     with fileio.atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, **arrays)
@@ -213,25 +227,6 @@ def _record_kind(manifest: dict[str, Any], out: TeacherOutput, keep: str, who: s
     elif manifest["output_kind"] != kind:
         raise EdgekdError(f"{who}: returned {kind} outputs, but earlier batches (or the run being resumed) gave "
                           f"{manifest['output_kind']}; a teacher must answer every batch the same way")
-
-
-def _shard_arrays(start: int, stop: int, parts: list[tuple], manifest: dict[str, Any]) -> dict[str, np.ndarray]:
-    labels = np.concatenate([p[0] for p in parts]).astype(np.int64)
-    arrays = {"indices": np.arange(start, stop, dtype=np.int64), "labels": labels}
-    if parts[0][1] is not None:
-        arrays["confidence"] = np.concatenate([p[1] for p in parts]).astype(np.float16)
-    if manifest["stored"] == "topk":
-        probs = np.concatenate([p[2] for p in parts])
-        idx = np.concatenate([p[3] for p in parts])
-        k = probs.shape[1]
-        if manifest["top_k_stored"] is None:
-            manifest["top_k_stored"] = k
-        elif manifest["top_k_stored"] != k:
-            raise EdgekdError(f"labels: the teacher returned top-{k} outputs for samples {start}..{stop - 1} but "
-                              f"top-{manifest['top_k_stored']} before; it must return the same k every time")
-        arrays["topk_probs"] = probs.astype(np.float16)
-        arrays["topk_indices"] = idx.astype(index_dtype(manifest["num_classes"], int(idx.max())))
-    return arrays
 
 
 def read_labels(out_dir: str | Path, *, pool: np.ndarray | None = None) -> Labels:
