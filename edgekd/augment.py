@@ -88,15 +88,14 @@ RATIO = (3 / 4, 4 / 3)   # resized crop: width / height of the box, log-uniform 
 TRIES = 10               # boxes drawn per sample before falling back to the whole image (as torchvision)
 
 
-def random_resized_crop(x: torch.Tensor, scale: tuple[float, float], gen: torch.Generator,
-                        ratio: tuple[float, float] = RATIO) -> torch.Tensor:
+def random_resized_crop(x: torch.Tensor, scale: tuple[float, float], gen: torch.Generator) -> torch.Tensor:
     """Per sample, a box of area s * H * W (s ~ U(scale)) and aspect w / h = exp(U(log ratio)), at a uniform
     position inside the image, resized back to (H, W) with bilinear sampling (torchvision's
     RandomResizedCrop, boxes in continuous coordinates). All samples at once: one affine_grid + grid_sample.
     A sample whose TRIES boxes all fall outside the image keeps the whole image."""
     n, _, h, w = x.shape
     area = torch.empty(n, TRIES).uniform_(scale[0], scale[1], generator=gen)
-    log_r = torch.empty(n, TRIES).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=gen)
+    log_r = torch.empty(n, TRIES).uniform_(math.log(RATIO[0]), math.log(RATIO[1]), generator=gen)
     # box size as fractions of the image's width and height: (bw * W) / (bh * H) = r, bw * bh = area
     bw = torch.sqrt(area * torch.exp(log_r) * h / w)
     bh = torch.sqrt(area / torch.exp(log_r) * w / h)
