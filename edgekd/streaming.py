@@ -514,18 +514,14 @@ class Feed:
 
 def _one_line_errors(it: Iterator[Any]) -> Iterator[Any]:
     """A worker's EdgekdError comes back wrapped in its traceback; keep only its own one-line message."""
-    while True:
-        try:
-            batch = next(it)
-        except StopIteration:
-            return
-        except EdgekdError as e:
-            lines = str(e).strip().splitlines()
-            tail = next((ln.split("EdgekdError: ", 1)[1] for ln in reversed(lines) if "EdgekdError: " in ln), None)
-            if tail is None:
-                raise
-            raise EdgekdError(tail) from None
-        yield batch
+    try:
+        yield from it
+    except EdgekdError as e:
+        lines = str(e).strip().splitlines()
+        tail = next((ln.split("EdgekdError: ", 1)[1] for ln in reversed(lines) if "EdgekdError: " in ln), None)
+        if tail is None:
+            raise
+        raise EdgekdError(tail) from None
 
 
 def batches(x: Any, chunks: Sequence[Any], y: Any = None) -> Iterator[Any]:
