@@ -88,8 +88,7 @@ def soft_targets(out: TeacherOutput, temperature: float, top_k: int
         z = v if out.kind == "logits" else np.log(np.maximum(v, 1e-45))
         p1 = softmax(z, axis=1)
         pt = p1 if temperature == 1.0 else softmax(z / temperature, axis=1)
-        k = min(top_k, v.shape[1])
-        idx = np.argsort(-pt, axis=1, kind="stable")[:, :k]
+        idx = np.argsort(-pt, axis=1, kind="stable")[:, :top_k]   # at most the classes there are
         probs = np.take_along_axis(pt, idx, axis=1)
         return idx[:, 0].astype(np.int64), p1.max(axis=1), probs, idx.astype(np.int64), False
     order = np.argsort(-v, axis=1, kind="stable")
