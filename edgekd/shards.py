@@ -82,10 +82,8 @@ def _write_shard(path: Path, files: list[tuple[Path, int]], first: int) -> dict[
     """One tar of `files` (keys numbered from `first`), written atomically; its wids shardlist entry."""
     from edgekd.fileio import atomic_path
 
-    TarWriter = _need("webdataset").TarWriter
-
     with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f, TarWriter(f) as sink:
+        with open(tmp, "wb") as f, _need("webdataset").TarWriter(f) as sink:
             for k, (file, label) in enumerate(files, start=first):
                 sink.write({"__key__": f"{k:09d}", file.suffix.lower().lstrip("."): file.read_bytes(),
                             "cls": str(label).encode("ascii")})
