@@ -168,17 +168,16 @@ def label_pool(teacher: Any, pool: np.ndarray, out_dir: str | Path, *, shard_siz
     chunks = [slice(b, min(b + batch_size, (s + 1) * shard_size, len(pool)))
               for s in todo for b in range(s * shard_size, min((s + 1) * shard_size, len(pool)), batch_size)]
     parts: list[tuple] = []
-    bar = tqdm(total=len(todo), desc="label", unit="shard", disable=not progress)
-    for rows, xb in zip(chunks, streaming.batches(pool, chunks), strict=True):   # lazy: decoded in workers
-        out = validate_output(teacher(xb.numpy()), len(xb), who, num_classes=manifest["num_classes"])
-        _record_kind(manifest, out, keep, who)
-        parts.append(soft_targets(out, temperature, top_k))
-        shard = rows.start // shard_size
-        if rows.stop == min((shard + 1) * shard_size, len(pool)):   # the shard's last batch: write it
-            manifest = _write_shard(out_dir, shard, shard_size, len(pool), parts, manifest)
-            parts = []
-            bar.update()
-    bar.close()
+    with tqdm(total=len(todo), desc="label", unit="shard", disable=not progress) as bar:
+        for rows, xb in zip(chunks, streaming.batches(pool, chunks), strict=True):   # lazy: decoded in workers
+            out = validate_output(teacher(xb.numpy()), len(xb), who, num_classes=manifest["num_classes"])
+            _record_kind(manifest, out, keep, who)
+            parts.append(soft_targets(out, temperature, top_k))
+            shard = rows.start // shard_size
+            if rows.stop == min((shard + 1) * shard_size, len(pool)):   # the shard's last batch: write it
+                manifest = _write_shard(out_dir, shard, shard_size, len(pool), parts, manifest)
+                parts = []
+                bar.update()
     return manifest_folder.finish(out_dir, manifest)
 
 
