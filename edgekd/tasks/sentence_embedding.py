@@ -73,10 +73,9 @@ class SentenceEmbedding(Task):
         student = _json(run_dir / "student.json")
         quantization = {f.stem.removeprefix("quantize-"): _json(f)
                         for f in sorted(run_dir.glob("onnx/quantize-*.json"))}
-        pytorch = dict(student["pytorch"])
-        for scheme, info in quantization.items():
-            pytorch.update({f"student {k.upper()} int8 ({scheme}, PyTorch Q/DQ)": m
-                            for k, m in info.get("pytorch_metrics", {}).items()})
+        pytorch = {**student["pytorch"], **{f"student {k.upper()} int8 ({scheme}, PyTorch Q/DQ)": m
+                                            for scheme, info in quantization.items()
+                                            for k, m in info.get("pytorch_metrics", {}).items()}}
         parity = {m: r["parity"] for m in ("teacher", "student") if (r := _json(run_dir / "onnx" / f"{m}.parity.json"))}
         parity.update({f"student-{k}-{s}": v for s, info in quantization.items()
                        for k, v in info.get("parity", {}).items()})
