@@ -278,13 +278,14 @@ _BERT_LAYER = {"q": "attention.self.query", "k": "attention.self.key", "v": "att
                "ff2": "output.dense", "norm2": "output.LayerNorm"}
 
 
-def teacher_state(teacher: nn.Module) -> tuple[dict[str, torch.Tensor], int]:
-    """(the teacher's weights in TinyEncoder's names, its layer count) for a TinyEncoder or a BERT-style
-    transformers encoder (MiniLM): BERT's token-type-0 embedding, added to every token, is folded into the
-    position table. With all its layers, a TinyEncoder of the teacher's widths then computes the teacher."""
+def teacher_state(teacher: nn.Module) -> tuple[dict[str, torch.Tensor], int, int | None]:
+    """(the teacher's weights in TinyEncoder's names, its layer count, its heads or None where its config does
+    not say) for a TinyEncoder or a BERT-style transformers encoder (MiniLM): BERT's token-type-0 embedding, added
+    to every token, is folded into the position table. With all its layers, a TinyEncoder of the teacher's widths
+    then computes the teacher."""
     inner = inner_encoder(teacher)
     if isinstance(inner, TinyEncoder):
-        return {k: v.detach().clone() for k, v in inner.state_dict().items()}, len(inner.layers)
+        return {k: v.detach().clone() for k, v in inner.state_dict().items()}, len(inner.layers), inner.layers[0].heads
     sd = inner.state_dict()
     if "embeddings.word_embeddings.weight" not in sd or "encoder.layer.0.attention.self.query.weight" not in sd:
         raise EdgekdError(f"[embedding].init \"teacher\": the teacher ({type(inner).__name__}) is neither a "
@@ -299,14 +300,14 @@ def teacher_state(teacher: nn.Module) -> tuple[dict[str, torch.Tensor], int]:
         for ours, theirs in _BERT_LAYER.items():
             for p in ("weight", "bias"):
                 state[f"layers.{i}.{ours}.{p}"] = sd[f"encoder.layer.{i}.{theirs}.{p}"]
-    return state, layers
+    return state, layers, getattr(getattr(inner, "config", None), "num_attention_heads", None)
 
 
 @torch.no_grad()
 def init_from_teacher_layers(student: TinyEncoder, teacher: nn.Module, picks: list[int]) -> dict[str, Any]:
     """Copy the teacher's embeddings, embedding LayerNorm and layers `picks` (or evenly spaced ones) into the
     student, as DistilBERT initialised its student; the student must have the teacher's widths."""
-    state, total = teacher_state(teacher)
+    state, total, heads = teacher_state(teacher)
     chosen = len(student.layers)   # no picks: evenly spaced, DistilBERT's every other layer (3 of 6 -> [0, 2, 4])
     picks = list(picks) or [i * total // chosen for i in range(chosen)]
     if len(picks) != len(student.layers) or max(picks) >= total:
@@ -319,9 +320,6 @@ def init_from_teacher_layers(student: TinyEncoder, teacher: nn.Module, picks: li
                    for k, v in state.items() if k.startswith(f"layers.{t}.")})
     wrong = [f"{k} {tuple(v.shape)} vs the student's {tuple(mine[k].shape) if k in mine else None}"
              for k, v in copied.items() if k not in mine or v.shape != mine[k].shape]
-    inner = inner_encoder(teacher)
-    heads = (inner.layers[0].heads if isinstance(inner, TinyEncoder)
-             else getattr(getattr(inner, "config", None), "num_attention_heads", None))
     if heads not in (None, student.layers[0].heads):
         wrong.append(f"heads {heads} vs the student's {student.layers[0].heads}")
     if wrong:
@@ -335,16 +333,11 @@ def init_from_teacher_layers(student: TinyEncoder, teacher: nn.Module, picks: li
 # ------------------------------------------------------------------------------------------------- training
 
 
-def _bucketed(lengths: np.ndarray, batch_size: int, rng: np.random.Generator | None) -> list[np.ndarray]:
+def _bucketed(lengths: np.ndarray, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
     """Batches of similar length (little padding): sort by length (random tie order), chunk, shuffle chunks."""
-    if rng is None:
-        order = np.argsort(lengths, kind="stable")
-    else:
-        order = np.lexsort((rng.random(len(lengths)), lengths))
+    order = np.lexsort((rng.random(len(lengths)), lengths))
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    if rng is not None:
-        batches = [batches[i] for i in rng.permutation(len(batches))]
-    return batches
+    return [batches[i] for i in rng.permutation(len(batches))]
 
 
 @torch.no_grad()
@@ -613,9 +606,8 @@ class TextContext(RunContext):
         rows = self.split.rows
         pick = np.random.default_rng(cfg.calibration_seed).choice(len(rows), min(cfg.calibration_size, len(rows)),
                                                                  replace=False)
-        cal = [rows[i] for i in pick]
-        batches = _bucketed(np.array([len(r) for r in cal]), 32, None)
-        return ([torch.from_numpy(pad_batch([cal[i] for i in b], self.split.pad_id)) for b in batches],
+        cal = sorted((rows[i] for i in pick), key=len)   # stable: equal lengths keep the draw's order
+        return ([torch.from_numpy(pad_batch(cal[k:k + 32], self.split.pad_id)) for k in range(0, len(cal), 32)],
                 {"split": "train", "samples": len(cal), "seed": cfg.calibration_seed})
 
     def quant_example(self) -> tuple[torch.Tensor, tuple[dict, ...] | None]:

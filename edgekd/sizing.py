@@ -498,6 +498,7 @@ def size(recipe: Recipe, out: str | Path, cfg: SizeConfig, *, measurements: str 
             f"{fastest['decision_ms']:.4f} ms at batch {cfg.batch}, over {cfg.budget_ms:g} ms less the "
             f"{rep['margin']:.0%} margin ({rep['low_ms']:.4f} ms); raise --budget-ms or lower [size] min_multiplier "
             f"(report: {out / 'size-report.md'})")
+    rep["trained"] = []
     if cfg.train:
         rep["trained"] = _train(recipe, out, cfg, target, data, rep, device, progress, meter)
         rep["verdict"] = _verdict(rep)
@@ -505,8 +506,6 @@ def size(recipe: Recipe, out: str | Path, cfg: SizeConfig, *, measurements: str 
             rep["note"] = _remote_note(rep["trained"], out, meter)
         else:
             rep["energy"] = _energy(rep["trained"], cfg.batch, data, progress)
-    else:
-        rep["trained"] = []
     _write(out, rep)
     return rep
 
