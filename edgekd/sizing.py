@@ -40,7 +40,9 @@ from typing import Any
 import numpy as np
 
 from edgekd import fileio
-from edgekd.engines import QUANTIZATIONS
+from edgekd.bundle import read_manifest
+from edgekd.engines import QUANTIZATIONS, EngineSource, check_target, registry
+from edgekd.engines import build as build_engine
 from edgekd.engines.registry import PRECISIONS
 from edgekd.errors import EdgekdError
 from edgekd.recipe import Recipe, SizeConfig, validate_size
@@ -258,8 +260,6 @@ class Meter:
     def build(self, c: Candidate) -> dict[str, Path]:
         """precision -> bundle folder; a verified bundle already there is reused (a rerun resumes), any other is
         rebuilt in its place (engines.build swaps the whole folder)."""
-        from edgekd.bundle import read_manifest
-
         out = {}
         for precision in self.precisions:
             path = self.bundle_dir(c, precision)
@@ -271,8 +271,6 @@ class Meter:
         return out
 
     def _build_one(self, c: Candidate, precision: str, path: Path) -> Path:
-        from edgekd.engines import build as build_engine
-
         quantization = "ptq" if precision == "int8" else "none"
         if (c.spec, quantization) not in self._sources:   # one export serves every float precision
             self._sources[c.spec, quantization] = self._export(c, quantization)
@@ -289,7 +287,6 @@ class Meter:
         (torch); seeded, so every precision and rerun gets the same weights."""
         import torch
 
-        from edgekd.engines import EngineSource, registry
         from edgekd.export import export_onnx
         from edgekd.models import build_model, save_weights
 
@@ -470,7 +467,6 @@ def size(recipe: Recipe, out: str | Path, cfg: SizeConfig, *, measurements: str 
     With `remote` (or `measurements`, or a target this machine cannot run) a round that needs measurements writes
     the bundles and the device command and returns {"status": "needs measurements", ...}."""
     from edgekd.data import load_data
-    from edgekd.engines import check_target
 
     out = Path(out)
     target = load_target(cfg.target)
