@@ -13,7 +13,7 @@ The hard-label loss is lam * CE(s, y) + (1 - lam) * CE(s, y[perm]) (losses.mixed
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -43,7 +43,7 @@ class BatchAugment:
         return self.mixup > 0 or self.cutmix > 0
 
     def without_mixing(self) -> BatchAugment:
-        return BatchAugment(crop=self.crop, flip=self.flip, resized_crop=self.resized_crop)
+        return replace(self, mixup=0.0, cutmix=0.0)
 
     def __call__(self, x: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, Mix | None]:
         if (self.crop or self.flip or self.cutmix or self.resized_crop) and x.dim() != 4:

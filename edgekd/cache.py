@@ -36,12 +36,12 @@ import numpy as np
 
 from edgekd import fileio, manifest_folder, streaming
 from edgekd.errors import EdgekdError
+from edgekd.labels import index_dtype
 from edgekd.teachers import TeacherOutput, teacher_identity, teacher_name, validate_output
 
 FORMAT = "edgekd-teacher-cache/1"
 MANIFEST = manifest_folder.MANIFEST
 Augment = Callable[[np.ndarray, np.random.Generator], np.ndarray]
-KEY_FIELDS = ("x_sha256", "augment", "seed", "epochs", "top_k", "teacher")
 
 
 def view_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
@@ -243,7 +243,7 @@ def build_cache(teacher: Any, x: np.ndarray, out_path: str | Path, *, top_k: int
         raise EdgekdError(f"teacher cache {out}: exists and is not a folder")
     if os.path.lexists(mpath):
         manifest = read_manifest(out)
-        differ = [k for k in KEY_FIELDS if manifest.get(k) != key[k]]
+        differ = [k for k in key if manifest.get(k) != key[k]]
         if differ:
             what = "; ".join(f"{k}: folder has {_describe(k, manifest.get(k))}, this build {_describe(k, key[k])}"
                              for k in differ)
@@ -302,8 +302,7 @@ def _write_epoch(teacher: Any, x: Any, path: Path, epoch: int, manifest: dict[st
                                   f"{rows.start}..{rows.stop - 1}, but {manifest['teacher_output']} top-"
                                   f"{manifest['top_k_stored']} before; a teacher must answer every batch the same way")
             if values is None:
-                fits = max(manifest["num_classes"] or 0, int(i.max()) + 1) <= np.iinfo(np.int16).max
-                dtype = np.int16 if manifest["num_classes"] and fits else np.int32
+                dtype = index_dtype(manifest["num_classes"], int(i.max())) if manifest["num_classes"] else np.int32
                 values = np.lib.format.open_memmap(parts["values"], "w+", np.float16, (len(x), v.shape[1]))
                 indices = np.lib.format.open_memmap(parts["indices"], "w+", dtype, (len(x), v.shape[1]))
             values[rows], indices[rows] = v, i

@@ -6,10 +6,16 @@ on CPU, NCCL on CUDA. Only rank 0 writes files and shows progress bars.
 
 from __future__ import annotations
 
+import itertools
 import os
+from collections.abc import Iterator
+from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
+
+from edgekd.streaming import stream_item
 
 
 def init_from_env() -> bool:
@@ -84,3 +90,34 @@ def shard_teacher(model: torch.nn.Module) -> torch.nn.Module:
             fully_shard(child)
     fully_shard(model)
     return model
+
+
+class StreamBlocks(torch.utils.data.IterableDataset):
+    """The blocks of `block` consecutive samples of a stream (edgekd.streaming.LazyStream) that one DDP rank and
+    DataLoader worker read: block j goes to rank j % world and a rank's m-th block to worker m % workers (torch's
+    documented split by torch.utils.data.get_worker_info()), so a DataLoader yields a rank's blocks in stream
+    order. Every worker walks the whole stream and prepares only its blocks. Yields (start, inputs (B, ...)
+    normalized, labels (B,)), or with `summary` (start, labels, per-channel sums, sums of squares and value
+    counts of the scaled, unnormalized inputs)."""
+
+    def __init__(self, x: Any, block: int, rank: int = 0, world: int = 1, summary: bool = False):
+        self.x, self.block, self.rank, self.world, self.summary = x, block, rank, world, summary
+
+    def __iter__(self) -> Iterator[tuple]:
+        info = torch.utils.data.get_worker_info()
+        w, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        it, start, j = iter(self.x.base), 0, 0
+        while items := list(itertools.islice(it, self.block)):
+            if j % self.world == self.rank and (j // self.world) % workers == w:
+                yield self._prepare(start, items)
+            start, j = start + len(items), j + 1
+
+    def _prepare(self, start: int, items: list) -> tuple:
+        pairs = [stream_item(item, start + k) for k, item in enumerate(items)]
+        labels = np.asarray([y for _, y in pairs], np.int64)
+        xs = np.stack([self.x.scaled(v, start + k) for k, (v, _) in enumerate(pairs)])
+        if not self.summary:
+            return start, torch.from_numpy(np.stack([self.x.norm(v) for v in xs])), torch.from_numpy(labels)
+        a = xs.astype(np.float64)
+        a = a.transpose(1, 0, 2, 3).reshape(a.shape[1], -1) if a.ndim == 4 else a.reshape(1, -1)
+        return start, labels, a.sum(1), (a * a).sum(1), a.shape[1]

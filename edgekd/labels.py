@@ -38,8 +38,6 @@ from edgekd.teachers import TeacherOutput, teacher_identity, teacher_name, valid
 FORMAT = "edgekd-labels/1"
 MANIFEST = manifest_folder.MANIFEST
 KEEP = ("auto", "topk", "labels")
-# Settings that must match for a rerun to resume into an existing folder.
-RESUME_KEYS = ("teacher", "pool_sha256", "samples", "temperature", "top_k", "keep", "shard_size")
 
 
 @dataclass(frozen=True, eq=False)   # holds arrays: compare fields yourself
@@ -62,13 +60,14 @@ class Labels:
         """The labels of the given rows (a boolean mask or row positions, not pool indices)."""
         rows = np.flatnonzero(rows) if np.asarray(rows).dtype == bool else np.asarray(rows, dtype=np.int64)
 
-        def take(a: Any) -> Any:   # ShardRows (memory-mapped top-k) stay views
+        def take(a: Any) -> Any:   # LazyConcat (memory-mapped top-k) stay views
             return None if a is None else a.take(rows, axis=0)
         return replace(self, indices=self.indices[rows], labels=self.labels[rows], confidence=take(self.confidence),
                        topk_probs=take(self.topk_probs), topk_indices=take(self.topk_indices))
 
 
-def _index_dtype(num_classes: int | None, max_index: int) -> type:
+def index_dtype(num_classes: int | None, max_index: int) -> type:
+    """How stored class ids are typed: int16 when the class count and the largest id fit, else int32."""
     top = max(num_classes or 0, max_index + 1)
     return np.int16 if top <= np.iinfo(np.int16).max else np.int32
 
@@ -80,13 +79,15 @@ def soft_targets(out: TeacherOutput, temperature: float, top_k: int
     Probabilities at T: softmax(z / T) from logits, p^(1/T) / sum(p^(1/T)) from probs. A top-k teacher's
     k values are renormalized over the k known classes unless they are probabilities and T == 1.
     """
+    from scipy.special import softmax  # exp(z - max) / sum, row-wise
+
     if out.kind == "labels":
         return out.values, None, None, None, False
     v = out.values.astype(np.float64)
     if out.kind in ("logits", "probs"):
         z = v if out.kind == "logits" else np.log(np.maximum(v, 1e-45))
-        p1 = _softmax(z)
-        pt = p1 if temperature == 1.0 else _softmax(z / temperature)
+        p1 = softmax(z, axis=1)
+        pt = p1 if temperature == 1.0 else softmax(z / temperature, axis=1)
         k = min(top_k, v.shape[1])
         idx = np.argsort(-pt, axis=1, kind="stable")[:, :k]
         probs = np.take_along_axis(pt, idx, axis=1)
@@ -98,16 +99,11 @@ def soft_targets(out: TeacherOutput, temperature: float, top_k: int
         confidence = v[:, 0]
         if temperature == 1.0:
             return idx[:, 0], confidence, v, idx, False
-        probs = _softmax(np.log(np.maximum(v, 1e-45)) / temperature)
+        probs = softmax(np.log(np.maximum(v, 1e-45)) / temperature, axis=1)
     else:
-        confidence = _softmax(v)[:, 0]   # over the known classes only: an upper bound
-        probs = _softmax(v / temperature)
+        confidence = softmax(v, axis=1)[:, 0]   # over the known classes only: an upper bound
+        probs = softmax(v / temperature, axis=1)
     return idx[:, 0], confidence, probs, idx, True
-
-
-def _softmax(z: np.ndarray) -> np.ndarray:
-    e = np.exp(z - z.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
 
 
 REMEDY = "delete the labels folder and rerun `edgekd label`"
@@ -146,12 +142,12 @@ def label_pool(teacher: Any, pool: np.ndarray, out_dir: str | Path, *, shard_siz
         raise EdgekdError(f"labels {out_dir}: temperature must be > 0, got {temperature}")
     who = teacher_name(teacher)
     settings = {"teacher": teacher_identity(teacher), "pool_sha256": streaming.data_key(pool),
-                "samples": int(len(pool)),
+                "samples": int(len(pool)),   # each must match for a rerun to resume into the folder
                 "temperature": float(temperature), "top_k": top_k, "keep": keep, "shard_size": shard_size}
     n_shards = -(-len(pool) // shard_size)
     if os.path.lexists(out_dir / MANIFEST):
         manifest = _read_manifest(out_dir)
-        differ = [k for k in RESUME_KEYS if manifest.get(k) != settings[k]]
+        differ = [k for k in settings if manifest.get(k) != settings[k]]
         if differ:
             what = "; ".join(f"{k}: folder has {manifest.get(k)!r}, this run {settings[k]!r}" for k in differ)
             raise EdgekdError(f"labels {out_dir}: already holds labels made with other settings ({what}); use "
@@ -234,7 +230,7 @@ def _shard_arrays(start: int, stop: int, parts: list[tuple], manifest: dict[str,
             raise EdgekdError(f"labels: the teacher returned top-{k} outputs for samples {start}..{stop - 1} but "
                               f"top-{manifest['top_k_stored']} before; it must return the same k every time")
         arrays["topk_probs"] = probs.astype(np.float16)
-        arrays["topk_indices"] = idx.astype(_index_dtype(manifest["num_classes"], int(idx.max())))
+        arrays["topk_indices"] = idx.astype(index_dtype(manifest["num_classes"], int(idx.max())))
     return arrays
 
 
@@ -257,10 +253,11 @@ def read_labels(out_dir: str | Path, *, pool: np.ndarray | None = None) -> Label
             cols.setdefault(key, []).append(a)
     small = {k: np.concatenate(v) for k, v in cols.items() if not k.startswith("topk")}
     has_conf = "confidence" in small and len(small["confidence"]) == manifest["samples"]
+    topk = {k: streaming.LazyConcat(cols[k], dtype=t) for k, t in (("topk_probs", np.float32),
+                                                                  ("topk_indices", np.int64)) if k in cols}
     return Labels(indices=small["indices"].astype(np.int64), labels=small["labels"].astype(np.int64),
                   confidence=small["confidence"].astype(np.float32) if has_conf else None,
-                  topk_probs=ShardRows(cols["topk_probs"], np.float32) if "topk_probs" in cols else None,
-                  topk_indices=ShardRows(cols["topk_indices"], np.int64) if "topk_indices" in cols else None,
+                  topk_probs=topk.get("topk_probs"), topk_indices=topk.get("topk_indices"),
                   temperature=float(manifest["temperature"]), num_classes=manifest.get("num_classes"),
                   manifest=manifest)
 
@@ -283,39 +280,6 @@ def _read_shard(out_dir: Path, entry: dict[str, Any], manifest: dict[str, Any]) 
     if not np.array_equal(arrays["indices"], np.arange(entry["start"], entry["stop"])):
         raise EdgekdError(f"labels shard {path}: indices are not samples {entry['start']}..{entry['stop'] - 1}")
     return arrays
-
-
-class ShardRows:
-    """The rows of several memory-mapped shard arrays one after another, never concatenated: `a[idx]` reads
-    those rows (as `dtype`), `a.take(rows, axis=0)` is a view of them, np.asarray(a) reads all."""
-
-    def __init__(self, parts: list[np.ndarray], dtype: Any, rows: np.ndarray | None = None) -> None:
-        self.parts, self.dtype = parts, np.dtype(dtype)
-        self.offsets = np.cumsum([0] + [len(p) for p in parts])
-        self.rows = np.arange(int(self.offsets[-1])) if rows is None else rows
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return (len(self), *self.parts[0].shape[1:])
-
-    def __getitem__(self, idx: Any) -> np.ndarray:
-        rows = np.atleast_1d(self.rows[idx])
-        part = np.searchsorted(self.offsets, rows, side="right") - 1
-        out = np.empty((len(rows), *self.parts[0].shape[1:]), self.dtype)
-        for p in np.unique(part):
-            sel = part == p
-            out[sel] = self.parts[p][rows[sel] - self.offsets[p]]
-        return out if np.ndim(self.rows[idx]) else out[0]
-
-    def take(self, rows: Any, axis: int = 0) -> ShardRows:
-        return ShardRows(self.parts, self.dtype, self.rows[np.asarray(rows)])
-
-    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
-        out = self[:]
-        return out if dtype is None else out.astype(dtype)
 
 
 def filter_labels(labels: Labels, *, min_confidence: float = 0.0, balance: bool | int = False,

@@ -55,7 +55,9 @@ def entry_ok(folder: Path, entry: dict[str, Any], kind: str, remedy: str) -> boo
 
 def new(fmt: str, **fields: Any) -> dict[str, Any]:
     """A new, incomplete manifest of format `fmt`, stamped with the time and the edgekd version."""
-    return {"format": fmt, **fields, "complete": False, "created": now(), "edgekd_version": version()}
+    from edgekd.bundle import edgekd_version
+
+    return {"format": fmt, **fields, "complete": False, "created": now(), "edgekd_version": edgekd_version()}
 
 
 def finish(folder: Path, manifest: dict[str, Any]) -> dict[str, Any]:
@@ -68,9 +70,3 @@ def finish(folder: Path, manifest: dict[str, Any]) -> dict[str, Any]:
 def now() -> str:
     """UTC time of day for `created` / `completed`, to the second."""
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-
-
-def version() -> str:
-    from edgekd.bundle import edgekd_version
-
-    return edgekd_version()

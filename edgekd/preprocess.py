@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import stat
 import warnings
@@ -70,16 +71,8 @@ class PreprocessSpec:
         if not isinstance(self.scale, (int, float)) or isinstance(self.scale, bool) or not self.scale > 0:
             raise EdgekdError(f"preprocessing.scale: {self.scale!r}; expected a positive number (1/255 for uint8)")
         object.__setattr__(self, "scale", float(self.scale))
-        mean, std = self.mean, self.std
-        if isinstance(mean, str) or isinstance(std, str):
-            for key, value in (("mean", mean), ("std", std)):
-                if isinstance(value, str) and value not in NAMED_STATS:
-                    raise EdgekdError(f"preprocessing.{key}: unknown statistics {value!r}; expected numbers or "
-                                      f"one of {', '.join(NAMED_STATS)}")
-            mean = NAMED_STATS[mean][0] if isinstance(mean, str) else mean
-            std = NAMED_STATS[std][1] if isinstance(std, str) else std
-        object.__setattr__(self, "mean", _stats(mean, "mean", self.channels))
-        object.__setattr__(self, "std", _stats(std, "std", self.channels))
+        object.__setattr__(self, "mean", _stats(self.mean, "mean", self.channels))
+        object.__setattr__(self, "std", _stats(self.std, "std", self.channels))
         if min(self.std) <= 0:
             raise EdgekdError(f"preprocessing.std: {list(self.std)}; every value must be positive")
 
@@ -93,11 +86,8 @@ class PreprocessSpec:
         return self.crop if self.crop is not None else (h, w)
 
     def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        for key in ("resize", "crop"):
-            out[key] = list(out[key]) if isinstance(out[key], tuple) else out[key]
-        out["mean"], out["std"] = list(self.mean), list(self.std)
-        return out
+        """The fields as JSON writes and reads them back (tuples as lists), for manifests and fingerprints."""
+        return json.loads(json.dumps(asdict(self)))
 
     @classmethod
     def from_dict(cls, d: Any, where: str = "preprocessing") -> PreprocessSpec:
@@ -128,6 +118,12 @@ def _size(value: Any, key: str, allow_int: bool) -> int | tuple[int, int] | None
 
 
 def _stats(value: Any, key: str, channels: int) -> tuple[float, ...]:
+    """mean or std (`key`) as numbers: one, one per channel, or a NAMED_STATS name's."""
+    if isinstance(value, str):
+        if value not in NAMED_STATS:
+            raise EdgekdError(f"preprocessing.{key}: unknown statistics {value!r}; expected numbers or "
+                              f"one of {', '.join(NAMED_STATS)}")
+        value = NAMED_STATS[value][key == "std"]
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         value = (value,)
     try:
@@ -188,8 +184,7 @@ def probe_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> tuple[
 
     name = str(path)
     with _open_file(path) as f, _pillow_errors(name), Image.open(f) as im:
-        _check_pixels(im, name, max_pixels)
-        _check_mode(im, name)
+        _check(im, name, max_pixels)
         return im.height, im.width
 
 
@@ -231,27 +226,24 @@ def _decode(f: Any, mode: str, name: str, max_pixels: int):
     from PIL import Image
 
     with _pillow_errors(name), Image.open(f) as im:
-        _check_pixels(im, name, max_pixels)
+        _check(im, name, max_pixels)   # from the header, before anything is decoded
         im.load()
         return _convert(im, mode, name, max_pixels)
 
 
-def _check_pixels(im: Any, name: str, max_pixels: int) -> None:
+def _check(im: Any, name: str, max_pixels: int) -> None:
+    """Refuse an image of more than `max_pixels` pixels or of a mode outside CONVERTIBLE."""
     if im.width * im.height > max_pixels:
         raise EdgekdError(f"image {name}: {im.width}x{im.height} is {im.width * im.height} pixels, more than the "
                           f"limit of {max_pixels}; refused (a decompression bomb or an image to shrink first)")
-
-
-def _convert(im: Any, mode: str, name: str, max_pixels: int):
-    _check_pixels(im, name, max_pixels)
-    _check_mode(im, name)
-    return im if im.mode == mode else im.convert(mode)
-
-
-def _check_mode(im: Any, name: str) -> None:
     if im.mode not in CONVERTIBLE:
         raise EdgekdError(f"image {name}: mode {im.mode} (16/32-bit or float pixels) is not supported; save it as "
                           "8-bit RGB or greyscale")
+
+
+def _convert(im: Any, mode: str, name: str, max_pixels: int):
+    _check(im, name, max_pixels)
+    return im if im.mode == mode else im.convert(mode)
 
 
 def apply(spec: PreprocessSpec, image: Any, max_pixels: int = MAX_PIXELS) -> np.ndarray:

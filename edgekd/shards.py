@@ -30,7 +30,6 @@ import numpy as np
 from edgekd import streaming
 from edgekd.errors import EdgekdError
 from edgekd.preprocess import IMAGE_SUFFIXES, MAX_PIXELS, PreprocessSpec
-from edgekd.streaming import LoaderOptions
 
 SPLIT_NAMES = {"": "all", "train": "train", "val": "val", "test": "test"}   # folder split -> descriptor name
 MAX_INDEX_BYTES = 64 * 2**20   # a descriptor larger than this is refused before parsing
@@ -162,8 +161,8 @@ class LazyShards(streaming.LazyImages):
     member's encoded bytes go through the same eval transform as an image file."""
 
     def __init__(self, shards: list[tuple[str, int]], spec: PreprocessSpec, item_shape: tuple[int, ...],
-                 max_pixels: int = MAX_PIXELS, options: LoaderOptions | None = None) -> None:
-        super().__init__([], spec, item_shape, max_pixels, options or LoaderOptions())
+                 max_pixels: int = MAX_PIXELS, options: streaming.LoaderOptions | None = None) -> None:
+        super().__init__([], spec, item_shape, max_pixels, options or streaming.LoaderOptions())
         self.shards = tuple((str(f), int(n)) for f, n in shards)
         self.ends = np.cumsum([n for _, n in self.shards])
         self.rows = np.arange(int(self.ends[-1]))

@@ -45,20 +45,13 @@ class LoaderOptions:
 
 
 class _Lazy:
-    """What LazyImages and LazyArray share: array-like indexing over `self.rows` (a lazy view of a base)."""
+    """What the lazy sources share: array-like indexing over `self.rows` (a lazy view of a base). Each gives
+    `read(i)` (row i of the base, float32, fully preprocessed), `raw(i)` (row i scaled to [0, 1] but not
+    normalized) and `normalized(mean, std)`; LazyConcat, of parts already normalized, only indexes them."""
 
     rows: np.ndarray
     item_shape: tuple[int, ...]
     options: LoaderOptions
-
-    def read(self, i: int) -> np.ndarray:   # row i of the base, float32, fully preprocessed
-        raise NotImplementedError
-
-    def raw(self, i: int) -> np.ndarray:    # row i of the base, scaled to [0, 1] but not normalized
-        raise NotImplementedError
-
-    def normalized(self, mean: tuple[float, ...], std: tuple[float, ...]) -> _Lazy:
-        raise NotImplementedError
 
     def view(self, rows: np.ndarray, **changes: Any) -> _Lazy:
         """A copy over `rows` of the base, with attributes `changes` replaced (nothing is read)."""
@@ -155,10 +148,9 @@ class LazyArray(_Lazy):
     x = (row * scale - mean) / std per channel, float32."""
 
     def __init__(self, base: Any, item_shape: tuple[int, ...], scale: float = 1.0,
-                 mean: Sequence[float] = (0.0,), std: Sequence[float] = (1.0,),
                  options: LoaderOptions = LoaderOptions()) -> None:
         self.base, self.item_shape, self.scale, self.options = base, tuple(item_shape), float(scale), options
-        self.mean, self.std = tuple(mean), tuple(std)
+        self.mean, self.std = (0.0,), (1.0,)   # until `normalized`
         self.rows = np.arange(len(base))
 
     def raw(self, i: int) -> np.ndarray:
@@ -194,15 +186,13 @@ class LazyStream(LazyArray):
     """A torch IterableDataset of (input, label) pairs used as it is: read in its own order, never by index.
 
     Its length, labels (and, for training, mean/std: `stats`) come from one counting pass at load (`stream_source`); a
-    training epoch reads it in blocks of `batch_size` through DataLoader workers (`_Blocks`). `x[indices]`
-    reads one pass up to the largest index, for small draws (an example batch, calibration, a spot check);
-    carving splits or subsets by index (`take`) is refused."""
+    training epoch reads it in blocks of `batch_size` through DataLoader workers (`distributed.StreamBlocks`).
+    `x[indices]` reads one pass up to the largest index, for small draws (an example batch, calibration, a spot
+    check); carving splits or subsets by index (`take`) is refused."""
 
-    def __init__(self, base: Any, item_shape: tuple[int, ...], scale: float, length: int,
-                 options: LoaderOptions = LoaderOptions()) -> None:
-        self.base, self.item_shape, self.scale, self.options = base, tuple(item_shape), float(scale), options
-        self.mean, self.std = (0.0,), (1.0,)
-        self.rows = np.arange(length)
+    def __init__(self, base: Any, item_shape: tuple[int, ...], scale: float, options: LoaderOptions) -> None:
+        super().__init__([], item_shape, scale, options)   # rows and stats: set by stream_source's counting pass
+        self.base = base
         self.token = os.urandom(16).hex()   # its fingerprint: what is keyed on this load is not reused by another
 
     def raw(self, i: int) -> np.ndarray:
@@ -223,14 +213,14 @@ class LazyStream(LazyArray):
 
         for k, item in enumerate(itertools.islice(iter(self.base), int(pos.max()) + 1)):
             if k in wanted:
-                got[k] = self.norm(self.scaled(_pair(item, k)[0], k))
+                got[k] = self.norm(self.scaled(stream_item(item, k)[0], k))
         if len(got) < len(wanted):
             raise EdgekdError(f"data stream {type(self.base).__name__}: ended after {k + 1 if got else 0} samples; "
                               f"the counting pass at load saw {len(self)}")
         return np.stack([got[p] for p in pos.tolist()])
 
 
-def _pair(item: Any, k: int) -> tuple[Any, int]:
+def stream_item(item: Any, k: int) -> tuple[Any, int]:
     """(input, int label) of stream item k."""
     if not isinstance(item, (tuple, list)) or len(item) != 2:
         raise EdgekdError(f"data stream item {k}: is a {type(item).__name__}; expected an (input, label) pair")
@@ -240,53 +230,6 @@ def _pair(item: Any, k: int) -> tuple[Any, int]:
         raise EdgekdError(f"data stream item {k}: label {item[1]!r} is not an integer class index") from None
 
 
-def _blocks_class() -> type:
-    """`_Blocks`, defined on first use so this module does not import torch (module __getattr__ below)."""
-    import itertools
-
-    import torch
-
-    class _Blocks(torch.utils.data.IterableDataset):
-        """The blocks of `block` consecutive samples of a stream that one DDP rank and DataLoader worker read:
-        block j goes to rank j % world and a rank's m-th block to worker m % workers (torch's documented split
-        by torch.utils.data.get_worker_info()), so a DataLoader yields a rank's blocks in stream order. Every
-        worker walks the whole stream and prepares only its blocks. Yields (start, inputs (B, ...) normalized,
-        labels (B,)), or with `summary` (start, labels, per-channel sums, sums of squares and value counts of
-        the scaled, unnormalized inputs)."""
-
-        def __init__(self, x: LazyStream, block: int, rank: int = 0, world: int = 1, summary: bool = False):
-            self.x, self.block, self.rank, self.world, self.summary = x, block, rank, world, summary
-
-        def __iter__(self) -> Iterator[tuple]:
-            info = torch.utils.data.get_worker_info()
-            w, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-            it, start, j = iter(self.x.base), 0, 0
-            while items := list(itertools.islice(it, self.block)):
-                if j % self.world == self.rank and (j // self.world) % workers == w:
-                    yield self._prepare(start, items)
-                start, j = start + len(items), j + 1
-
-        def _prepare(self, start: int, items: list) -> tuple:
-            pairs = [_pair(item, start + k) for k, item in enumerate(items)]
-            labels = np.asarray([y for _, y in pairs], np.int64)
-            xs = np.stack([self.x.scaled(v, start + k) for k, (v, _) in enumerate(pairs)])
-            if not self.summary:
-                return start, torch.from_numpy(np.stack([self.x.norm(v) for v in xs])), torch.from_numpy(labels)
-            a = xs.astype(np.float64)
-            a = a.transpose(1, 0, 2, 3).reshape(a.shape[1], -1) if a.ndim == 4 else a.reshape(1, -1)
-            return start, labels, a.sum(1), (a * a).sum(1), a.shape[1]
-
-    _Blocks.__qualname__ = "_Blocks"
-    return _Blocks
-
-
-def __getattr__(name: str) -> Any:   # PEP 562: `_Blocks` pickles by name (spawned DataLoader workers)
-    if name == "_Blocks":
-        globals()["_Blocks"] = cls = _blocks_class()
-        return cls
-    raise AttributeError(name)
-
-
 def stream_source(ds: Any, where: str, options: LoaderOptions) -> tuple[LazyStream, np.ndarray]:
     """(lazy stream, labels) of an IterableDataset of (input, label) pairs, from one counting pass in
     DataLoader workers that keeps only the labels (8 bytes a sample) and running sums, whose per-channel
@@ -294,12 +237,14 @@ def stream_source(ds: Any, where: str, options: LoaderOptions) -> tuple[LazyStre
     are scaled by 1/255. A `len()` that disagrees with the count is an error."""
     import torch
 
+    from edgekd import distributed
+
     try:
-        first, _ = _pair(next(iter(ds)), 0)
+        first, _ = stream_item(next(iter(ds)), 0)
     except StopIteration:
         raise EdgekdError(f"{where}: the stream is empty") from None
-    x = LazyStream(ds, *item_layout(first, where), 0, options)
-    loader = torch.utils.data.DataLoader(__getattr__("_Blocks")(x, 256, summary=True), batch_size=None,
+    x = LazyStream(ds, *item_layout(first, where), options)
+    loader = torch.utils.data.DataLoader(distributed.StreamBlocks(x, 256, summary=True), batch_size=None,
                                          num_workers=options.num_workers)
     labels, total, total_sq, count = [], 0.0, 0.0, 0
     for _, y, s, sq, c in _one_line_errors(iter(loader)):
@@ -349,27 +294,26 @@ def stream_order(x: LazyStream, batch: int, rank: int, world: int) -> Any:
 
 
 class LazyConcat(_Lazy):
-    """Samples of several parts (arrays or lazy sources, each already normalized) one after another: the
-    training split followed by an unlabelled pool, without reading either. Row r of the base is sample
-    r - offset[p] of part p."""
+    """Samples of several parts (arrays, memory-mapped arrays or lazy sources, each already normalized) one
+    after another, never concatenated: the training split followed by an unlabelled pool, or the top-k columns
+    of a labels folder's shards. Row r of the base is sample r - offset[p] of part p, read as `dtype`."""
 
-    def __init__(self, parts: Sequence[Any], options: LoaderOptions) -> None:
+    def __init__(self, parts: Sequence[Any], options: LoaderOptions = LoaderOptions(),
+                 dtype: Any = np.float32) -> None:
         self.parts = tuple(parts)
         self.offsets = np.cumsum([0] + [len(p) for p in self.parts])
         self.item_shape = tuple(self.parts[0].shape[1:])
-        self.rows, self.options = np.arange(int(self.offsets[-1])), options
+        self.rows, self.options, self.dtype = np.arange(int(self.offsets[-1])), options, np.dtype(dtype)
 
-    def _part(self, i: int) -> tuple[Any, int]:
-        p = int(np.searchsorted(self.offsets, i, side="right")) - 1
-        return self.parts[p], i - int(self.offsets[p])
-
-    def read(self, i: int) -> np.ndarray:
-        part, j = self._part(i)
-        return np.asarray(part[j], dtype=np.float32)
-
-    def raw(self, i: int) -> np.ndarray:
-        part, j = self._part(i)
-        return part.raw(int(part.rows[j])) if is_lazy(part) else np.asarray(part[j], dtype=np.float32)
+    def __getitem__(self, key: Any) -> np.ndarray:
+        """The rows `key` selects, read part by part (one indexing of each part they fall in)."""
+        rows = np.atleast_1d(self.rows[key])
+        part = np.searchsorted(self.offsets, rows, side="right") - 1
+        out = np.empty((len(rows), *self.item_shape), self.dtype)
+        for p in np.unique(part):
+            sel = part == p
+            out[sel] = self.parts[p][rows[sel] - self.offsets[p]]
+        return out if np.ndim(self.rows[key]) else out[0]
 
     def identity(self) -> list[str]:
         """The parts' keys (fingerprints, or sha256 of arrays) and this view's rows."""
@@ -445,37 +389,34 @@ def fingerprint(x: Any) -> str:
     return hashlib.sha256(json.dumps(payload).encode()).hexdigest()
 
 
-class _Check:
-    """Item i: (height, width) of file i from its header (also fully decoded with `decode`), or the one-line
-    error naming it. A Dataset, so the folder scan runs in the DataLoader workers."""
+def _check(files: Sequence[str], spec: PreprocessSpec, max_pixels: int, decode: bool) -> list[tuple[int, int] | str]:
+    """Per file: (height, width) from its header (also fully decoded with `decode`), or the one-line error
+    naming it. The collate function of check_files' DataLoader, so the folder scan runs in its workers."""
+    from edgekd.preprocess import probe_image
 
-    def __init__(self, files: Sequence[str], spec: PreprocessSpec, max_pixels: int, decode: bool) -> None:
-        self.files, self.spec, self.max_pixels, self.decode = files, spec, max_pixels, decode
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, i: int) -> tuple[int, int] | str:
-        from edgekd.preprocess import probe_image
-
+    out: list[tuple[int, int] | str] = []
+    for f in files:
         try:
-            size = probe_image(self.files[i], self.max_pixels)
-            if self.decode:
-                apply(self.spec, self.files[i], self.max_pixels)
-            return size
+            size = probe_image(f, max_pixels)
+            if decode:
+                apply(spec, f, max_pixels)
+            out.append(size)
         except EdgekdError as e:
-            return str(e)
+            out.append(str(e))
+    return out
 
 
 def check_files(files: Sequence[str], spec: PreprocessSpec, max_pixels: int, decode: bool,
                 workers: int) -> list[tuple[int, int] | str]:
-    """`_Check` of every file, in order, spread over `workers` processes (in this one for small folders)."""
-    check = _Check(files, spec, max_pixels, decode)
+    """`_check` of every file, in order, spread over `workers` processes (in this one for small folders)."""
+    import functools
+
+    check = functools.partial(_check, spec=spec, max_pixels=max_pixels, decode=decode)
     if workers == 0 or len(files) < 512:
-        return [check[i] for i in range(len(files))]
+        return check(files)
     import torch
 
-    loader = torch.utils.data.DataLoader(check, batch_size=64, num_workers=workers, collate_fn=list)
+    loader = torch.utils.data.DataLoader(list(files), batch_size=64, num_workers=workers, collate_fn=check)
     return [item for batch in loader for item in batch]
 
 
@@ -494,22 +435,6 @@ def channel_stats(x: _Lazy, samples: int, seed: int) -> tuple[tuple[float, ...],
         a = a.reshape(a.shape[0], -1) if a.ndim == 3 else a.reshape(1, -1)
         total, total_sq, count = total + a.sum(1), total_sq + (a * a).sum(1), count + a.shape[1]
     return _mean_std(total, total_sq, count)
-
-
-class _EpochSampler:
-    """The batch sampler of a persistent DataLoader: yields whatever chunks `set` gave it last."""
-
-    def __init__(self) -> None:
-        self.chunks: list[np.ndarray] = []
-
-    def set(self, chunks: list[np.ndarray]) -> None:
-        self.chunks = chunks
-
-    def __iter__(self) -> Iterator[list[int]]:
-        return (c.tolist() for c in self.chunks)
-
-    def __len__(self) -> int:
-        return len(self.chunks)
 
 
 class Feed:
@@ -532,11 +457,10 @@ class Feed:
             from edgekd import distributed
 
             rank, world = ranks or (distributed.rank(), distributed.world_size())
-            dataset, self.sampler = __getattr__("_Blocks")(x, batch_size, rank, world), None
-        else:
-            dataset, self.sampler = x, _EpochSampler()
-        batching = {"batch_size": None} if self.sampler is None else {"batch_sampler": self.sampler,
-                                                                      "collate_fn": _collate}
+            dataset, self.sampler = distributed.StreamBlocks(x, batch_size, rank, world), None
+        else:   # the batch sampler: a list the epoch's chunks are put in (a persistent loader iterates it anew)
+            dataset, self.sampler = x, []
+        batching = {"batch_size": None} if self.sampler is None else {"batch_sampler": self.sampler}
         self.loader = torch.utils.data.DataLoader(
             dataset, **batching, num_workers=workers,
             pin_memory=pin if o.pin_memory is None else o.pin_memory,
@@ -554,7 +478,7 @@ class Feed:
             if self.sampler is None:
                 pairs = self._stream(chunks)
                 return pairs if y is not None else (xb for xb, _ in pairs)
-            self.sampler.set(chunks)
+            self.sampler[:] = chunks
             xs = _one_line_errors(iter(self.loader))
         if y is None:
             return xs
@@ -590,12 +514,6 @@ class Feed:
             if start >= len(self.x):
                 raise EdgekdError(f"data stream {name}: gave more than the {len(self.x)} samples the counting "
                                   "pass at load saw (an iterable source must give the same samples every pass)")
-
-
-def _collate(items: list[np.ndarray]) -> Any:
-    import torch
-
-    return torch.from_numpy(np.stack(items))
 
 
 def _one_line_errors(it: Iterator[Any]) -> Iterator[Any]:

@@ -169,7 +169,8 @@ def test_an_iterable_source_is_counted_once_and_read_in_order_never_materialized
 
 
 def test_workers_and_ranks_split_a_stream_into_its_blocks_in_order():
-    from edgekd.streaming import Feed, _Blocks, stream_order
+    from edgekd.distributed import StreamBlocks
+    from edgekd.streaming import Feed, stream_order
 
     d = _stream_data()
     x = d.x_train
@@ -183,7 +184,7 @@ def test_workers_and_ranks_split_a_stream_into_its_blocks_in_order():
     ranks = [stream_order(x, 32, r, 3).tolist() for r in range(3)]
     assert [len(r) for r in ranks] == [108, 128, 128]
     assert sorted(set().union(*ranks)) == list(range(300)) and ranks[1][96:] == list(range(32, 64))
-    loader = torch.utils.data.DataLoader(_Blocks(x, 32, 1, 3), batch_size=None, num_workers=2)   # rank 1
+    loader = torch.utils.data.DataLoader(StreamBlocks(x, 32, 1, 3), batch_size=None, num_workers=2)   # rank 1
     assert [(s, len(b)) for s, b, _ in loader] == [(32, 32), (128, 32), (224, 32)]
 
 
