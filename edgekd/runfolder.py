@@ -29,6 +29,7 @@ from typing import Any
 
 from edgekd.errors import EdgekdError
 from edgekd.fileio import is_temp, sha256_file, write_json
+from edgekd.recipe import SECTIONS, load_recipe, resolved
 
 LOCK = ".edgekd.lock"
 PROVENANCE = "provenance.json"
@@ -43,8 +44,7 @@ def _is_main_rank() -> bool:
 
 def _holder(fd: int) -> str:
     try:
-        os.lseek(fd, 0, os.SEEK_SET)
-        info = json.loads(os.read(fd, 4096).decode() or "{}")
+        info = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
         return f"pid {info['pid']} (`{info['command']}`, since {info['since']})"
     except (OSError, ValueError, KeyError, TypeError):
         return "another edgekd process"
@@ -69,11 +69,10 @@ def _acquire(folder: Path) -> int:
             if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
                 raise
             break
-        try:   # the holder before us may have removed the file between our open and our lock: try again
+        # the holder before us may have removed the file between our open and our lock: try again
+        with contextlib.suppress(FileNotFoundError):
             if os.fstat(fd).st_ino == os.stat(path).st_ino:
                 break
-        except FileNotFoundError:
-            pass
         os.close(fd)
     info = {"pid": os.getpid(), "command": shlex.join(["edgekd", *sys.argv[1:]]),
             "since": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
@@ -128,8 +127,6 @@ def digest(obj: Any) -> str:
 
 def sections(recipe: Any, *names: str) -> dict[str, str]:
     """`[name]` -> digest of that section of the resolved recipe (what a saved recipe.toml says)."""
-    from edgekd.recipe import resolved
-
     r = resolved(recipe)
     return {f"[{name}]": digest(dataclasses.asdict(getattr(r, name))) for name in names}
 
@@ -208,24 +205,17 @@ def stale(folder: str | Path, rel: str, expected: dict[str, str] | None = None, 
 
 def recipe_diff(old: Any, new: Any) -> list[str]:
     """The `[section].key` entries whose values differ between two recipes (resolved), with both values."""
-    from edgekd.recipe import SECTIONS, resolved
-
     a, b = resolved(old), resolved(new)
     out = []
     for name in SECTIONS:
-        sa, sb = getattr(a, name), getattr(b, name)
-        da = dataclasses.asdict(sa) if sa is not None else {}
-        db = dataclasses.asdict(sb) if sb is not None else {}
-        for key in sorted(set(da) | set(db)):
-            if da.get(key) != db.get(key):
-                out.append(f"[{name}].{key} ({da.get(key)!r} -> {db.get(key)!r})")
+        da, db = ({} if s is None else dataclasses.asdict(s) for s in (getattr(a, name), getattr(b, name)))
+        out += [f"[{name}].{key} ({da.get(key)!r} -> {db.get(key)!r})" for key in sorted(set(da) | set(db))
+                if da.get(key) != db.get(key)]
     return out
 
 
 def check_resume(folder: str | Path, recipe: Any) -> None:
     """`--resume` continues only the run the folder's recipe.toml describes: refuse a changed recipe."""
-    from edgekd.recipe import load_recipe
-
     path = Path(folder) / "recipe.toml"
     if not path.is_file():
         return

@@ -9,6 +9,7 @@ falling back to a default is how engines get built for the wrong hardware.
 from __future__ import annotations
 
 import os
+import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -243,8 +244,6 @@ def list_targets() -> list[Target]:
 def cpu_flags() -> dict[str, Any]:
     """This machine's architecture and which of ISA_FLAGS its CPU has, read from /proc/cpuinfo (the kernel's own
     report; Linux, where engines are built). Elsewhere `flags` is None: unknown, not absent."""
-    import platform
-
     arch = {"amd64": "x86_64", "arm64": "aarch64"}.get(platform.machine().lower(), platform.machine().lower())
     try:
         text = Path("/proc/cpuinfo").read_text()

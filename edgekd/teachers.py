@@ -20,6 +20,7 @@ callable you name). `load_teacher(spec)` picks one from a string.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -31,7 +32,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -52,7 +53,6 @@ class TeacherOutput:
     values_are: str = "logits"    # topk only: "logits" | "probs"
 
 
-@runtime_checkable
 class Teacher(Protocol):
     def __call__(self, x: np.ndarray) -> TeacherOutput: ...
 
@@ -243,10 +243,8 @@ class OnnxTeacher:
         outs = []
         try:
             for i in range(0, len(x), chunk):
-                xb = x[i:i + chunk]
-                n = len(xb)
-                if fixed and n < fixed:
-                    xb = np.concatenate([xb, np.zeros((fixed - n, *xb.shape[1:]), np.float32)])
+                n = min(chunk, len(x) - i)   # the last chunk of a fixed batch size is zero-padded to it
+                xb = np.pad(x[i:i + chunk], [(0, chunk - n)] + [(0, 0)] * (x.ndim - 1))
                 outs.append(np.asarray(self.session.run([self.output_name], {self.input_name: xb})[0])[:n])
         except Exception as e:
             raise EdgekdError(f"{self.name}: onnxruntime cannot run it on inputs of shape {tuple(x.shape)} (the model "
@@ -333,8 +331,13 @@ class CommandTeacher:
             proc.wait(timeout=self.timeout_s)
         except subprocess.TimeoutExpired:
             timed_out = True
-        finally:
-            _kill_group(proc)
+        finally:   # SIGKILL its process group (its own session): the command and whatever it started, still
+            # running after it exited, timed out or was interrupted
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                if hasattr(os, "killpg"):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                else:  # pragma: no cover
+                    proc.kill()
             proc.wait()
             for tail in tails:
                 tail.close()
@@ -387,13 +390,11 @@ class _Tail:
 
     def _drain(self) -> None:
         fd = self._stream.fileno()
-        try:
+        with contextlib.suppress(OSError, ValueError):   # closed by close() after a wait that gave up
             while chunk := os.read(fd, 1 << 16):
                 self._buf += chunk
                 if len(self._buf) > 2 * OUTPUT_TAIL:
                     del self._buf[:-OUTPUT_TAIL]
-        except (OSError, ValueError):   # closed by close() after a wait that gave up
-            pass
 
     def close(self) -> None:
         """Wait briefly for the rest (the writers are gone), then close the pipe."""
@@ -402,18 +403,6 @@ class _Tail:
 
     def text(self) -> str:
         return bytes(self._buf[-OUTPUT_TAIL:]).decode(errors="replace")
-
-
-def _kill_group(proc: subprocess.Popen) -> None:
-    """SIGKILL the command's process group (it was started in its own session): the command and whatever it
-    started, still running after it exited, timed out or was interrupted."""
-    try:
-        if hasattr(os, "killpg"):
-            os.killpg(proc.pid, signal.SIGKILL)
-        else:  # pragma: no cover
-            proc.kill()
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def _last_line(stderr: str) -> str:
@@ -450,8 +439,7 @@ class FunctionTeacher:
 
 
 def load_teacher(spec: str, *, model_spec: str | None = None, input_shape: Sequence[int] | None = None,
-                 num_classes: int | None = None, timeout_s: float = 600.0,
-                 providers: Sequence[str] = ("CPUExecutionProvider",), device: str = "cpu") -> Teacher:
+                 num_classes: int | None = None, timeout_s: float = 600.0) -> Teacher:
     """A teacher from a string: `path.onnx` -> OnnxTeacher, `path.safetensors` -> TorchTeacher,
     `cmd:PROGRAM ARGS...` (shlex-split) -> CommandTeacher.
 
@@ -468,19 +456,19 @@ def load_teacher(spec: str, *, model_spec: str | None = None, input_shape: Seque
         return CommandTeacher(argv, timeout_s)
     path = Path(spec).expanduser()
     if path.suffix == ".onnx":
-        teacher = OnnxTeacher(path, providers)
+        teacher = OnnxTeacher(path)
         dims = teacher.input_dims[1:]
         if input_shape is not None and all(isinstance(d, int) for d in dims) and tuple(dims) != tuple(input_shape):
             raise EdgekdError(f"teacher {path}: takes inputs of shape {tuple(dims)}, the data has "
                               f"{tuple(input_shape)}")
         return teacher
     if path.suffix == ".safetensors":
-        return _torch_teacher(path, model_spec, input_shape, num_classes, device)
+        return _torch_teacher(path, model_spec, input_shape, num_classes)
     raise EdgekdError(f"teacher {spec!r}: expected a .onnx file, a .safetensors checkpoint, or 'cmd:PROGRAM ARGS'")
 
 
 def _torch_teacher(path: Path, model_spec: str | None, input_shape: Sequence[int] | None,
-                   num_classes: int | None, device: str) -> TorchTeacher:
+                   num_classes: int | None) -> TorchTeacher:
     """A safetensors checkpoint with the architecture the caller names (the recipe's [teacher] model or the command
     line). The file's metadata is never used to choose a model: a checkpoint is data, and a spec can name code."""
     from edgekd.models import build_model, load_weights
@@ -496,4 +484,4 @@ def _torch_teacher(path: Path, model_spec: str | None, input_shape: Sequence[int
                           "is never used to pick code)")
     model = build_model(model_spec, tuple(input_shape), int(num_classes))
     load_weights(model, path)
-    return TorchTeacher(model.to(device), identity="torch:" + sha256_file(path), name=f"torch teacher {path}")
+    return TorchTeacher(model, identity="torch:" + sha256_file(path), name=f"torch teacher {path}")
