@@ -32,15 +32,19 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from torch import nn
+from tqdm.auto import tqdm
 
 from edgekd import fileio, runfolder
 from edgekd.engines import EngineSource
 from edgekd.errors import EdgekdError
 from edgekd.models import count_params, load_factory, load_weights, save_weights
+from edgekd.objective import Objective, ObjectiveConfig, OfflineTargets
 from edgekd.pipeline import RunContext, load_run_recipe, record_recipe_dir
 from edgekd.recipe import EmbeddingConfig, ModelConfig, Recipe, to_toml
 from edgekd.tasks import EMBEDDING, embed, embedding_metrics, pad_batch, unpad
+from edgekd.train import fit
 
 # ---------------------------------------------------------------------------------------------------- corpus
 
@@ -345,8 +349,6 @@ def encode(model: nn.Module, rows: list[np.ndarray], pad_id: int, batch_size: in
            progress: bool = False, desc: str = "encode") -> np.ndarray:
     """Embeddings (len(rows), dim) float32 of token-id rows by a PyTorch model, batched as edgekd.tasks.embed
     batches them for engines. The caller sets the model's mode (exported PT2E graphs refuse .eval())."""
-    from tqdm.auto import tqdm
-
     with tqdm(total=len(rows), desc=desc, leave=False, disable=not progress) as bar:
         def run(ids: np.ndarray) -> np.ndarray:
             bar.update(len(ids))
@@ -364,9 +366,6 @@ def train_student(model: nn.Module, rows: list[np.ndarray], targets: np.ndarray,
     epoch (seeded), each cut to its longest sentence. `exported`: a PT2E graph, whose mode is not switched (the
     student has no dropout or BatchNorm, so train and eval compute the same). `heldout` = (rows, teacher
     embeddings) is only reported per epoch, never used to choose anything."""
-    from edgekd.objective import Objective, ObjectiveConfig, OfflineTargets
-    from edgekd.train import fit
-
     lengths = np.array([len(r) for r in rows])
     rng = np.random.default_rng(cfg.seed)
 
@@ -560,8 +559,6 @@ class TextContext(RunContext):
 
     def model(self, name: str) -> nn.Module:
         """The teacher, or the student rebuilt from student.safetensors, in eval mode."""
-        from safetensors import safe_open
-
         if name == "teacher":
             return load_teacher(self.cfg)[0]
         with safe_open(str(self.weights(name)), "pt") as f:

@@ -38,14 +38,16 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
+from tabulate import tabulate
 
-from edgekd import fileio
+from edgekd import energy, fileio, runtime
 from edgekd.bundle import read_manifest
 from edgekd.engines import QUANTIZATIONS, EngineSource, check_target, registry
 from edgekd.engines import build as build_engine
 from edgekd.engines.registry import PRECISIONS
 from edgekd.errors import EdgekdError
 from edgekd.recipe import Recipe, SizeConfig, validate_size
+from edgekd.report import pyplot, save_png
 from edgekd.targets import Target, load_target
 
 MAX_MEASUREMENT_FILES = 1000
@@ -736,8 +738,6 @@ def _verdict(rep: dict[str, Any]) -> dict[str, Any] | None:
 
 def _energy(trained: list[dict], batch: int, data: Any, progress: bool) -> dict[str, Any]:
     """Joules per inference of each trained student's shipped engine, where the platform's counters are readable."""
-    from edgekd import energy, runtime
-
     results: dict[str, Any] = {}
     x = np.ascontiguousarray(data.x_test[:batch])
     for t in trained:
@@ -755,8 +755,6 @@ def _energy(trained: list[dict], batch: int, data: Any, progress: bool) -> dict[
 
 
 def markdown(rep: dict[str, Any]) -> str:
-    from tabulate import tabulate
-
     m, b = rep["metric"], rep["batch"]
     rule = rep["decision_precision"]
     engine = ("the engine that would ship (INT8, or FP32 where INT8 is slower at a profiled batch size, as "
@@ -829,8 +827,6 @@ def _noise_text(rep: dict[str, Any]) -> str:
 
 
 def _trained_lines(rep: dict[str, Any]) -> list[str]:
-    from tabulate import tabulate
-
     if not any(t["engines"] for t in rep.get("trained") or []):
         return []
     m, b = rep["metric"], rep["batch"]
@@ -878,8 +874,6 @@ def _trained_lines(rep: dict[str, Any]) -> list[str]:
 
 def plot(rep: dict[str, Any], path: Path) -> None:
     """Latency against width multiplier for each precision with the budget line; accuracy of the trained ones."""
-    from edgekd.report import pyplot, save_png
-
     plt = pyplot()
     trained = [t for t in rep.get("trained") or [] if t["engines"]]
     fig, axes = plt.subplots(2 if trained else 1, 1, figsize=(7, 6.5 if trained else 4), sharex=True, squeeze=False)
