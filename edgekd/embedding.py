@@ -42,6 +42,7 @@ from edgekd.errors import EdgekdError
 from edgekd.models import count_params, load_factory, load_weights, save_weights
 from edgekd.objective import Objective, ObjectiveConfig, OfflineTargets
 from edgekd.pipeline import RunContext, load_run_recipe, record_recipe_dir
+from edgekd.pretrained import load_text_teacher
 from edgekd.recipe import EmbeddingConfig, ModelConfig, Recipe, to_toml
 from edgekd.tasks import EMBEDDING, embed, embedding_metrics, pad_batch, unpad
 from edgekd.train import fit
@@ -427,8 +428,6 @@ def load_teacher(cfg: EmbeddingConfig) -> tuple[nn.Module, Any, Path | None]:
             raise EdgekdError(f"[embedding].teacher {cfg.teacher!r}: expected (module with an int pad_id, tokenizer) "
                               f"from the function, got {type(got).__name__}")
         return got[0].eval(), got[1], None
-    from edgekd.pretrained import load_text_teacher
-
     return load_text_teacher(cfg.teacher)
 
 

@@ -42,6 +42,7 @@ from tabulate import tabulate
 
 from edgekd import energy, fileio, runtime
 from edgekd.bundle import read_manifest
+from edgekd.data import load_data
 from edgekd.engines import QUANTIZATIONS, EngineSource, check_target, registry
 from edgekd.engines import build as build_engine
 from edgekd.engines.registry import PRECISIONS
@@ -468,8 +469,6 @@ def size(recipe: Recipe, out: str | Path, cfg: SizeConfig, *, measurements: str 
 
     With `remote` (or `measurements`, or a target this machine cannot run) a round that needs measurements writes
     the bundles and the device command and returns {"status": "needs measurements", ...}."""
-    from edgekd.data import load_data
-
     out = Path(out)
     target = load_target(cfg.target)
     data = load_data(recipe.data, recipe.base_dir)
