@@ -44,8 +44,7 @@ def write_manifest(bundle_dir: str | Path, manifest: dict[str, Any]) -> dict[str
     bundle_dir = Path(bundle_dir)
     if not bundle_dir.is_dir():
         raise EdgekdError(f"bundle {bundle_dir}: folder not found")
-    out = dict(manifest)
-    out["format"] = FORMAT
+    out = {**manifest, "format": FORMAT}
     names = sorted(p.relative_to(bundle_dir).as_posix() for p in bundle_dir.rglob("*")
                    if p.is_file() and not p.is_symlink() and p.name != MANIFEST and not p.name.startswith("."))
     out["files"] = {name: fileio.sha256_file(bundle_dir / name) for name in names}
@@ -133,7 +132,5 @@ def update_metrics(bundle_dir: str | Path, metrics: dict[str, Any]) -> None:
     The manifest and the engine files are verified first: metrics must describe the files that are actually there.
     """
     manifest = read_manifest(bundle_dir, verify=True)
-    merged = dict(manifest.get("metrics") or {})
-    merged.update(metrics)
-    manifest["metrics"] = merged
+    manifest["metrics"] = {**(manifest.get("metrics") or {}), **metrics}
     fileio.write_signed_json(Path(bundle_dir) / MANIFEST, manifest)

@@ -37,12 +37,6 @@ from edgekd.train import (
 ROLES = ("teacher", "student", "scratch")
 
 
-def _metadata(spec: str, data: Dataset, role: str) -> dict[str, str]:
-    return {"model": spec, "role": role, "input_shape": json.dumps(list(data.input_shape)),
-            "num_classes": str(data.num_classes), "class_names": json.dumps(list(data.class_names)),
-            "normalization": json.dumps(data.normalization)}
-
-
 def read_metrics(out: Path) -> dict[str, Any]:
     path = out / "metrics.json"
     if not path.is_file():
@@ -152,9 +146,11 @@ def _train_role(recipe: Recipe, out: Path, role: str, data: Dataset, dev: Any, *
                   checkpoint=ckpt, resume=resume,
                   augment=role_augment(recipe, role) if objective is None or objective.offline is None else None,
                   **(schedule or {}))
-    spec = recipe.teacher.model if role == "teacher" else recipe.student.model
     if distributed.is_main():
-        save_weights(model, final, _metadata(spec, data, role))
+        meta = {"model": cfg.model, "role": role, "input_shape": json.dumps(list(data.input_shape)),
+                "num_classes": str(data.num_classes), "class_names": json.dumps(list(data.class_names)),
+                "normalization": json.dumps(data.normalization)}
+        save_weights(model, final, meta)
         runfolder.record(out, final.name, made_from or {})
         ckpt.unlink(missing_ok=True)
     distributed.barrier()
@@ -336,8 +332,21 @@ def distill(recipe: Recipe, out: str | Path, *, device: str = "auto", progress: 
         if data.report and not offline:
             metrics["data"] = data.report   # streamed source: layout, images, skipped files, where mean/std came from
         _save_run_files(out, recipe, metrics)   # a run killed during the baseline keeps the finished student
-        return _finish_with_baseline(recipe, out, data, dev, progress, resume, schedule, metrics,
-                                     student_samples=len(x) if not offline or cache is not None else None)
+        if d.baseline:
+            # The same student from scratch on the true labels only (same seed and schedule). When the student also
+            # learned from an unlabelled pool, the baseline gets as many optimizer steps as the student did (more
+            # epochs over its fewer samples): what a user with only the labels would run.
+            n = len(data.x_train)
+            if (not offline or cache is not None) and len(x) > n:
+                schedule = {**schedule, "epochs": math.ceil(schedule["epochs"] * math.ceil(len(x) /
+                            schedule["batch_size"]) / math.ceil(n / schedule["batch_size"]))}
+            scratch = build_role_model(recipe, "scratch", data)
+            metrics["scratch"] = _train_role(recipe, out, "scratch", data, dev, progress=progress, resume=resume,
+                                             model=scratch, schedule=schedule, metrics=metrics,
+                                             made_from=student_inputs(recipe))
+            metrics["scratch"]["samples"] = n
+        _save_run_files(out, recipe, metrics)
+        return metrics
 
 
 def _teacher_source(recipe: Recipe, out: Path, data: Dataset, device: str, dev: Any, progress: bool, resume: bool,
@@ -433,27 +442,6 @@ def search_temperature_alpha(recipe: Recipe, data: Dataset, teacher: nn.Module, 
     best = max(rows, key=lambda r: r["val_accuracy"])   # max keeps the first of equal values
     return {"epochs": d.search_epochs, "table": rows,
             "chosen": {"temperature": best["temperature"], "alpha": best["alpha"]}}
-
-
-def _finish_with_baseline(recipe: Recipe, out: Path, data: Dataset, dev: Any, progress: bool, resume: bool,
-                          schedule: dict[str, Any], metrics: dict[str, Any],
-                          student_samples: int | None = None) -> dict[str, Any]:
-    """Train the same student from scratch on the true labels only (same seed and schedule), then save the
-    run files. When the student also learned from an unlabelled pool, the baseline gets as many optimizer
-    steps as the student did (more epochs over its fewer samples): what a user with only the labels would run.
-    """
-    if resolved(recipe).distill.baseline:
-        n = len(data.x_train)
-        if student_samples and student_samples > n:
-            schedule = {**schedule, "epochs": math.ceil(schedule["epochs"] * math.ceil(student_samples /
-                        schedule["batch_size"]) / math.ceil(n / schedule["batch_size"]))}
-        scratch = build_role_model(recipe, "scratch", data)
-        metrics["scratch"] = _train_role(recipe, out, "scratch", data, dev, progress=progress, resume=resume,
-                                         model=scratch, schedule=schedule, metrics=metrics,
-                                         made_from=student_inputs(recipe))
-        metrics["scratch"]["samples"] = n
-    _save_run_files(out, recipe, metrics)
-    return metrics
 
 
 def label(recipe: Recipe, teacher: str, out: str | Path, *, pool: str | Path | None = None, top_k: int = 5,

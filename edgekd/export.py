@@ -24,7 +24,7 @@ from edgekd import tasks
 from edgekd.bundle import edgekd_version
 from edgekd.engines.trt_onnx import TRT_OPSET_RANGE
 from edgekd.errors import EdgekdError
-from edgekd.fileio import atomic_path
+from edgekd.fileio import write_bytes
 
 # Pinned, not the exporter's default (which moves with torch): the newest opset the ONNX parser of the oldest
 # supported TensorRT reads; onnxruntime reads it too.
@@ -36,9 +36,6 @@ def _to_eval(model: torch.nn.Module) -> None:
     # move_exported_model_to_eval, which the quantize stage already ran.
     if not isinstance(model, torch.fx.GraphModule):
         model.eval()
-
-
-_REGISTRATION_LOG = "torch.onnx._internal.exporter._registration"
 
 
 def _no_torchvision_notice(record: logging.LogRecord) -> bool:
@@ -69,7 +66,7 @@ def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: str | Path,
     _to_eval(model)
     dynamic_shapes = (dynamic_dims(task, max_length),) if dynamic_batch else None
 
-    registration = logging.getLogger(_REGISTRATION_LOG)
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
     registration.addFilter(_no_torchvision_notice)
     try:
         with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
@@ -108,8 +105,7 @@ def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: str | Path,
         onnx.checker.check_model(proto, full_check=True)
     except Exception as e:
         raise EdgekdError(f"export {path}: the exported ONNX fails onnx.checker ({e})") from e
-    with atomic_path(path) as tmp_path:
-        onnx.save(proto, str(tmp_path))
+    write_bytes(path, proto.SerializeToString())   # what onnx.save writes for a model without external data
     return path
 
 

@@ -57,8 +57,7 @@ def _attr(node: onnx.NodeProto, name: str, default: Any) -> Any:
 
 def _zero_pad_amounts(pad: onnx.NodeProto, consts: dict[str, np.ndarray]) -> list[int] | None:
     """The Pad's `pads` (begin..., end...) when it is a constant zero pad of spatial dims only, else None."""
-    mode = _attr(pad, "mode", b"constant")
-    if (mode.decode() if isinstance(mode, bytes) else mode) != "constant" or len(pad.input) < 2:
+    if _attr(pad, "mode", b"constant") != b"constant" or len(pad.input) < 2:   # a STRING attribute reads as bytes
         return None
     if len(pad.input) > 3 and pad.input[3]:   # explicit axes: not produced by the exporter for ZeroPad2d
         return None

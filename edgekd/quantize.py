@@ -172,14 +172,13 @@ class MSEObserver(HistogramObserver):
 
     HistogramObserver also minimizes L2 error, but with a greedy walk that stops at the first local
     increase: on symmetric int8 ranges of Laplace or Student-t(4) data it returned exactly the min/max range
-    while the best range was 13-16% narrower with 15-18% less error. This searches `candidates` ranges
+    while the best range was 13-16% narrower with 15-18% less error. This searches 120 ranges
     [lo * f, hi * f] (f geometric from 1 down to ~0.015), scoring each with the exact quantize/dequantize of
     the histogram (8 points per bin), so zero-point rounding, clipping and symmetric ranges are all counted.
     """
 
-    def __init__(self, candidates: int = 120, *, dtype: torch.dtype = torch.uint8, **kwargs: Any) -> None:
+    def __init__(self, *, dtype: torch.dtype = torch.uint8, **kwargs: Any) -> None:
         super().__init__(dtype=dtype, **kwargs)   # bins, qscheme, quant_min/max, eps, ...: HistogramObserver's
-        self.candidates = candidates
 
     @torch.jit.export
     def calculate_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
@@ -195,7 +194,7 @@ class MSEObserver(HistogramObserver):
         keep = weights > 0
         points, weights = points[keep], weights[keep]
         lo0, hi0 = min(lo, 0.0), max(hi, 0.0)
-        factors = 0.965 ** torch.arange(self.candidates, dtype=torch.float64)
+        factors = 0.965 ** torch.arange(120, dtype=torch.float64)
         qparams = [self._calculate_qparams(torch.tensor(lo0 * f), torch.tensor(hi0 * f)) for f in factors.tolist()]
         scales = torch.stack([sc.reshape(()) for sc, _ in qparams]).double()[:, None]
         zps = torch.stack([zp.reshape(()) for _, zp in qparams]).double()[:, None]
@@ -242,11 +241,6 @@ def _weight_spec(*, qat: bool, bound: int) -> QuantizationSpec:
 
 
 # ------------------------------------------------------------------------------------------- quantizers
-
-
-def _module_paths(node: Node) -> list[str]:
-    stack = node.meta.get("nn_module_stack") or {}
-    return [path for path, _ in stack.values()]
 
 
 def _in_paths(node: Node, paths: Iterable[str]) -> bool:
@@ -305,14 +299,6 @@ def _clip_bounds(node: Node) -> tuple[float, float] | None:
     return (-float("inf") if lo is None else float(lo)), (float("inf") if hi is None else float(hi))
 
 
-def _is_fusable_activation(node: Node | None) -> bool:
-    """ReLU, or a clip whose range holds 0: the uint8 Q range then lies inside the clip and the Clip folds away."""
-    if _is_call(node, _RELU_OPS):   # False for None, like every _is_call
-        return True
-    bounds = _clip_bounds(node) if _is_call(node, _CLIP_OPS) else None
-    return bounds is not None and bounds[0] <= 0.0 <= bounds[1]
-
-
 def _pattern_tail(anchor: Node, follow_bn: bool) -> list[Node]:
     """The anchor and what fuses after it: [bn] [relu | relu6 | clip], each the single user of the previous."""
     chain = [anchor]
@@ -320,8 +306,10 @@ def _pattern_tail(anchor: Node, follow_bn: bool) -> list[Node]:
         bn = _only_user(anchor, _BN_OPS)
         if bn is not None:
             chain.append(bn)
-    act = _only_user(chain[-1], _RELU_OPS | _CLIP_OPS)
-    if _is_fusable_activation(act):
+    act = _only_user(chain[-1], _RELU_OPS | _CLIP_OPS)   # None when there is none: every _is_call is then False
+    # ReLU, or a clip whose range holds 0: the uint8 Q range then lies inside the clip and the Clip folds away.
+    bounds = _clip_bounds(act) if _is_call(act, _CLIP_OPS) else None
+    if _is_call(act, _RELU_OPS) or (bounds is not None and bounds[0] <= 0.0 <= bounds[1]):
         chain.append(act)
     return chain
 
@@ -546,16 +534,11 @@ class TensorRTQuantizer(_SchemeQuantizer):
         return model
 
 
-def _by_scheme(*quantizers: type[_SchemeQuantizer]) -> dict[str, type[_SchemeQuantizer]]:
-    """Each scheme of edgekd.engines.registry.QUANT_SCHEMES (the one list) -> the quantizer placing its Q/DQ."""
-    found = {q.scheme: q for q in quantizers}
-    if set(found) != set(QUANT_SCHEMES):
-        raise ImportError(f"edgekd.quantize implements schemes {sorted(found)}, but edgekd.engines.registry lists "
-                          f"{list(QUANT_SCHEMES)}; give each listed scheme one quantizer class")
-    return {s: found[s] for s in QUANT_SCHEMES}
-
-
-SCHEMES = _by_scheme(OrtCpuQuantizer, OrtCpuAvx2Quantizer, TensorRTQuantizer)
+# Each scheme of edgekd.engines.registry.QUANT_SCHEMES (the one list, in its order) -> the quantizer placing its Q/DQ.
+SCHEMES = {q.scheme: q for q in (OrtCpuQuantizer, OrtCpuAvx2Quantizer, TensorRTQuantizer)}
+if tuple(SCHEMES) != QUANT_SCHEMES:
+    raise ImportError(f"edgekd.quantize implements schemes {sorted(SCHEMES)}, but edgekd.engines.registry lists "
+                      f"{list(QUANT_SCHEMES)}; give each listed scheme one quantizer class")
 
 
 def _check_config(config: QuantConfig) -> None:
@@ -728,7 +711,8 @@ def _check_no_random_ops(gm: GraphModule) -> None:
     drop-connect) is captured with its random ops, which torchao's train/eval switch cannot remove."""
     found = [n for n in gm.graph.nodes if _is_call(n, _RANDOM_OPS)]
     if found:
-        where = sorted({p for n in found for p in _module_paths(n)[-1:]} or {"the model's forward"})
+        where = sorted({p for n in found for p, _ in list((n.meta.get("nn_module_stack") or {}).values())[-1:]}
+                       or {"the model's forward"})
         raise EdgekdError(f"the quantized model still draws random numbers ({found[0].target}) in {where}: a "
                           "training-only branch (stochastic depth, drop-connect) was captured when the model was "
                           "exported in training mode for QAT; turn it off (e.g. drop_connect_rate = 0) before QAT")

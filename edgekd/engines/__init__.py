@@ -176,7 +176,7 @@ def _check_eval(source: EngineSource, eval_data: tuple | dict) -> dict[str, Any]
 def _write_eval(path: Path, task: tasks.Task, evals: dict[str, Any], k: int) -> dict | None:
     """Write eval.npz with a bounded sample of the eval set (min(k, n) items drawn uniformly without replacement,
     seeded, in order; k = 0: none); returns the manifest entry."""
-    n = _eval_len(evals)
+    n = len(next(iter(evals.values())))
     idx = np.arange(n) if k >= n else np.sort(np.random.default_rng(0).choice(n, size=k, replace=False))
     if not len(idx):
         return None
@@ -185,10 +185,6 @@ def _write_eval(path: Path, task: tasks.Task, evals: dict[str, Any], k: int) -> 
               for name, a in evals.items()}
     np.savez(path, **arrays)
     return {"file": path.name, "samples": int(len(idx)), "has_reference_logits": "reference_logits" in evals}
-
-
-def _eval_len(evals: dict[str, Any]) -> int:
-    return len(next(iter(evals.values())))
 
 
 def _test_metrics(bundle_dir: Path, task: tasks.Task, evals: dict[str, Any]) -> dict[str, Any]:
@@ -297,7 +293,7 @@ def build(source: EngineSource, target: Target, precision: str, out_dir: str | P
             "metrics": {},
         }
         written = write_manifest(tmp, manifest)
-        if evals is not None and _eval_len(evals):
+        if evals is not None and len(next(iter(evals.values()))):
             try:
                 test = _test_metrics(tmp, task, evals)
             except EdgekdError as e:

@@ -239,7 +239,12 @@ def build_engine(source: Any, target: Any, precision: str, out: Path) -> dict[st
                  optimized_out=engine_file)
         if not engine_file.is_file():
             raise EdgekdError(f"onnxruntime did not write the optimized model {engine_file}")
-        _copy_metadata(portable, engine_file)
+        if info["metadata"]:   # onnxruntime drops metadata_props when it saves the optimized graph; put them back
+            import onnx
+
+            model = onnx.load(str(engine_file))
+            onnx.helper.set_model_props(model, info["metadata"])
+            onnx.save(model, str(engine_file))
         if hardware_specific:
             notes.append(f"graph saved at level {saved_level!r} contains CPU-specific layout transforms; it "
                          f"is reused only on a host matching build_fingerprint, elsewhere {PORTABLE_FILE} is "
@@ -270,18 +275,6 @@ def build_engine(source: Any, target: Any, precision: str, out: Path) -> dict[st
     }
     return {"engine": engine, "versions": {"onnxruntime": ort.__version__}, "notes": notes,
             "input_name": info["input_name"], "output_name": info["output_name"]}
-
-
-def _copy_metadata(src: Path, dst: Path) -> None:
-    """onnxruntime drops metadata_props when it saves the optimized graph; put them back."""
-    import onnx
-
-    meta = onnx.load(str(src), load_external_data=False).metadata_props
-    if not meta:
-        return
-    model = onnx.load(str(dst))
-    onnx.helper.set_model_props(model, {p.key: p.value for p in meta})
-    onnx.save(model, str(dst))
 
 
 _WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")

@@ -244,11 +244,9 @@ def _prepare_onnx(source: Any, p: TrtBuildPlan, trt_version: str, work: Path, ou
     if p.onnx_variant == "fp16":
         return trt_onnx.to_fp16(onnx_path, work / "model.fp16.onnx"), b""
     if p.onnx_variant == "implicit-int8":
-        import onnx
-
         model, scales = trt_onnx.strip_qdq(onnx_path)
         path = work / "model.float.onnx"
-        onnx.save(model, str(path))
+        path.write_bytes(model.SerializeToString())   # what onnx.save writes for a model without external data
         cache = trt_onnx.calibration_cache(scales, trt_version)
         (out / CALIBRATION_FILE).write_bytes(cache)  # kept in the bundle: the scales the DLA engine used
         return path, cache

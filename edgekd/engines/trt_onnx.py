@@ -162,22 +162,19 @@ def to_fp16(src: str | Path, dst: str | Path) -> Path:
     onnxconverter-common's `convert_float_to_float16` converts initializers and value types; TensorRT 11 then
     builds it strongly typed in fp16. Refuses a Q/DQ model (its int8 layers already fix their precision).
     """
-    from edgekd.fileio import atomic_path
+    from edgekd.fileio import write_bytes
 
     try:
         from onnxconverter_common import float16
     except ImportError as e:
         raise EdgekdError("fp16 engines on TensorRT 11 need an fp16-typed ONNX, made with onnxconverter-common "
                           f"(pip install 'edgekd[tensorrt]' or onnxconverter-common): {e}") from e
-    import onnx
-
     model = load_onnx(src)
     if any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node):
         raise EdgekdError(f"ONNX file {src}: has Q/DQ nodes; fp16 conversion is for the float model")
     converted = float16.convert_float_to_float16(model, keep_io_types=True)
     dst = Path(dst)
-    with atomic_path(dst) as tmp:
-        onnx.save(converted, str(tmp))
+    write_bytes(dst, converted.SerializeToString())
     return dst
 
 
@@ -199,7 +196,7 @@ def strip_qdq(model: Any) -> tuple[onnx.ModelProto, dict[str, float]]:
 
     proto = copy.deepcopy(load_onnx(model))
     graph = proto.graph
-    from edgekd.qdq import constants
+    from edgekd.qdq import constants, drop_unused_initializers
 
     consts = constants(proto)
     producer = {o: n for n in graph.node for o in n.output}
@@ -238,22 +235,15 @@ def strip_qdq(model: Any) -> tuple[onnx.ModelProto, dict[str, float]]:
     del graph.node[:]
     graph.node.extend(kept)
     graph.initializer.extend(new_inits)
-    _drop_unused(proto)
-    _spread_scales(proto, scales)
-    onnx.checker.check_model(proto)
-    return proto, scales
-
-
-def _drop_unused(proto: onnx.ModelProto) -> None:
-    """Remove initializers and Constant nodes nothing reads any more (one pass: a Constant reads nothing, so removing
-    one never leaves another unread)."""
-    from edgekd.qdq import drop_unused_initializers
-
-    graph = proto.graph
+    # Constants and initializers nothing reads any more (one pass: a Constant reads nothing, so removing one never
+    # leaves another unread).
     used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
     for n in [n for n in graph.node if n.op_type == "Constant" and n.output[0] not in used]:
         graph.node.remove(n)
     drop_unused_initializers(proto)
+    _spread_scales(proto, scales)
+    onnx.checker.check_model(proto)
+    return proto, scales
 
 
 def _spread_scales(proto: onnx.ModelProto, scales: dict[str, float]) -> None:
