@@ -16,6 +16,7 @@ import click
 from edgekd.engines.registry import QUANT_SCHEMES
 from edgekd.errors import EdgekdError
 from edgekd.recipe import load_recipe
+from edgekd.tasks import of_recipe
 
 DEVICE = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
                       help="Where training runs (the teacher too).")
@@ -52,12 +53,9 @@ def teacher(recipe: str, out: Path, device: str, quiet: bool, resume: bool) -> N
     from edgekd.distributed import is_main
 
     loaded = load_recipe(recipe)
-    if loaded.embedding is not None:
-        from edgekd.embedding import teacher_stage
-
-        info = teacher_stage(loaded, out, progress=not quiet)[0]
-        click.echo(f"teacher {info['name']}: {info['encoded_sentences']} sentences embedded "
-                   f"({info['encode_seconds']} s); wrote {out / 'teacher-embeddings.npz'}")
+    task = of_recipe(loaded)
+    if task.teacher_command is not None:   # a task that trains its own way
+        click.echo(task.teacher_command(loaded, out, progress=not quiet))
         return
     metrics = train_teacher(loaded, out, device=device, progress=not quiet, resume=resume)
     if not is_main():   # under torchrun only rank 0 prints the table
@@ -85,13 +83,9 @@ def distill(recipe: str, out: Path, device: str, quiet: bool, resume: bool, labe
     if labels is not None and cache is not None:
         raise EdgekdError("--labels and --cache: pick one source of teacher outputs")
     loaded = load_recipe(recipe)
-    if loaded.embedding is not None:
-        from edgekd.embedding import distill_stage
-        from edgekd.tasks import EMBEDDING
-
-        result = distill_stage(loaded, out, progress=not quiet)
-        click.echo("\n".join(EMBEDDING.metrics_table(result["pytorch"])))
-        click.echo(f"\nwrote {out / 'student.safetensors'}, student.json")
+    task = of_recipe(loaded)
+    if task.distill_command is not None:   # a task that trains its own way
+        click.echo(task.distill_command(loaded, out, progress=not quiet))
         return
     metrics = run_distill(loaded, out, device=device, progress=not quiet, resume=resume, labels=labels,
                           cache=cache, reuse_teacher=reuse_teacher)

@@ -534,6 +534,20 @@ def distill_stage(recipe: Recipe, out: str | Path, *, progress: bool = True) -> 
     return result
 
 
+def teacher_command(recipe: Recipe, out: str | Path, *, progress: bool = True) -> str:
+    """`edgekd teacher` for this task: the teacher stage and the line it prints."""
+    info = teacher_stage(recipe, out, progress)[0]
+    return (f"teacher {info['name']}: {info['encoded_sentences']} sentences embedded ({info['encode_seconds']} s); "
+            f"wrote {Path(out) / 'teacher-embeddings.npz'}")
+
+
+def distill_command(recipe: Recipe, out: str | Path, *, progress: bool = True) -> str:
+    """`edgekd distill` for this task: the distill stage and the metrics table it prints."""
+    result = distill_stage(recipe, out, progress=progress)
+    return "\n".join([*EMBEDDING.metrics_table(result["pytorch"]), "", f"wrote {Path(out) / 'student.safetensors'}, "
+                      "student.json"])
+
+
 class TextContext(RunContext):
     """A sentence-embedding run folder as the shared stages (edgekd.pipeline export, build) read it: the teacher
     and the student, an example batch of token ids, 64 held-out sentences for parity, the held-out sentences and

@@ -385,16 +385,16 @@ def run(recipe: Recipe, out: str | Path, *, targets: tuple[str | Target, ...] = 
 
     Targets and model specs are checked before any data loads; with `resume`, stages whose outputs are complete
     and newer than their inputs are skipped (trained models, ONNX files, quantized students, bundles, profiles).
-    A recipe with an [embedding] section distills sentence embeddings (edgekd.embedding), then the same stages."""
+    A task that trains its own way (sentence embeddings: edgekd.embedding) trains with its distill_command, then
+    the same stages."""
     out = Path(out)
     loaded = [load_target(t) for t in targets]   # resolved once: a bad target fails before training anything
+    task = tasks.of_recipe(recipe)
     with runfolder.locked(out):
-        if recipe.embedding is not None:
-            from edgekd.embedding import TextContext, distill_stage
-
+        if task.distill_command is not None:
             _import_torchao_quietly()   # transformers imports torchao when it is installed
-            distill_stage(recipe, out, progress=progress)
-            return engines(TextContext(out, recipe), loaded, device=device, progress=progress,
+            task.distill_command(recipe, out, progress=progress)
+            return engines(task.context(out, recipe), loaded, device=device, progress=progress,
                            quick_profile=quick_profile, resume=resume)
         ctx_data = load_data(recipe.data, recipe.base_dir)
         distill(recipe, out, device=device, progress=progress, data=ctx_data, resume=resume,

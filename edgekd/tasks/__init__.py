@@ -42,6 +42,10 @@ class Task:
     runtimes: tuple[str, ...] | None = None      # the runtimes that build its engines (None: all)
     recipe_section: str = ""                     # the recipe section that makes a run this task's ("": the default)
     context: Any = None                          # its run context, what the torch-side stages read (a lazy class)
+    # A task that trains its own way: lazy functions (recipe, out, *, progress) -> the text `edgekd teacher` and
+    # `edgekd distill` print (`edgekd run` trains with distill_command). None: edgekd.distillation's stages.
+    teacher_command: Any = None
+    distill_command: Any = None
     title: str = ""                              # report.md's title
     sample: str = "sample"                       # what one input is called in the report ("sentence")
     details: tuple[str, ...] = ()                # report.json keys report.md shows as JSON at its end

@@ -32,6 +32,8 @@ class SentenceEmbedding(Task):
     runtimes = ("onnxruntime",)   # TensorRT profiles and the torch builder take one fixed-shape float input
     recipe_section = "embedding"
     context = lazy("edgekd.embedding:TextContext")
+    teacher_command = lazy("edgekd.embedding:teacher_command")
+    distill_command = lazy("edgekd.embedding:distill_command")
     title = "sentence-embedding distillation"
     sample = "sentence"
     details = ("quantization", "export_parity", "history")
