@@ -61,20 +61,14 @@ class BatchAugment:
             return x, None
         use_cutmix = self.cutmix > 0 and (self.mixup <= 0 or torch.rand(1, generator=gen).item() < 0.5)
         a = self.cutmix if use_cutmix else self.mixup
-        lam = _beta(a, gen)
+        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))   # lam ~ Beta(a, a), seeded from `gen`:
+        lam = float(np.random.default_rng(seed).beta(a, a))   # torch.distributions cannot take a generator
         perm = torch.randperm(n, generator=gen).to(x.device)
         if use_cutmix:
             x, lam = _cutmix(x, perm, lam, gen)
         else:
             x = lam * x + (1.0 - lam) * x[perm]
         return x, Mix(perm, lam)
-
-
-def _beta(a: float, gen: torch.Generator) -> float:
-    """lam ~ Beta(a, a), seeded from `gen` (torch.distributions cannot take a generator)."""
-    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
-    rng = np.random.default_rng(seed)
-    return float(rng.beta(a, a))
 
 
 def random_crop(x: torch.Tensor, pad: int, gen: torch.Generator) -> torch.Tensor:
@@ -94,15 +88,14 @@ RATIO = (3 / 4, 4 / 3)   # resized crop: width / height of the box, log-uniform 
 TRIES = 10               # boxes drawn per sample before falling back to the whole image (as torchvision)
 
 
-def random_resized_crop(x: torch.Tensor, scale: tuple[float, float], gen: torch.Generator,
-                        ratio: tuple[float, float] = RATIO) -> torch.Tensor:
+def random_resized_crop(x: torch.Tensor, scale: tuple[float, float], gen: torch.Generator) -> torch.Tensor:
     """Per sample, a box of area s * H * W (s ~ U(scale)) and aspect w / h = exp(U(log ratio)), at a uniform
     position inside the image, resized back to (H, W) with bilinear sampling (torchvision's
     RandomResizedCrop, boxes in continuous coordinates). All samples at once: one affine_grid + grid_sample.
     A sample whose TRIES boxes all fall outside the image keeps the whole image."""
     n, _, h, w = x.shape
     area = torch.empty(n, TRIES).uniform_(scale[0], scale[1], generator=gen)
-    log_r = torch.empty(n, TRIES).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=gen)
+    log_r = torch.empty(n, TRIES).uniform_(math.log(RATIO[0]), math.log(RATIO[1]), generator=gen)
     # box size as fractions of the image's width and height: (bw * W) / (bh * H) = r, bw * bh = area
     bw = torch.sqrt(area * torch.exp(log_r) * h / w)
     bh = torch.sqrt(area / torch.exp(log_r) * w / h)

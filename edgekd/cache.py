@@ -159,21 +159,16 @@ class TeacherCache:
     values: tuple[np.ndarray, ...] = field(repr=False)    # per stored epoch: float16 (N, k), memory-mapped
     indices: tuple[np.ndarray, ...] = field(repr=False)   # per stored epoch: int16/int32 (N, k), memory-mapped
 
-    @property
-    def epochs(self) -> int:
-        """Epochs the cache covers (with no augmentation: any number; this returns the number built for)."""
-        return int(self.manifest["epochs"])
-
     def lookup(self, epoch: int, indices: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(top-k logits float32 (B, k), class ids int64 (B, k)) of samples `indices` in `epoch`."""
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         if self.manifest["augment"] == "none":
             stored = 0
-        elif 0 <= epoch < self.epochs:
+        elif 0 <= epoch < self.manifest["epochs"]:
             stored = epoch
         else:
-            raise EdgekdError(f"teacher cache {self.path}: holds epochs 0..{self.epochs - 1}, asked for epoch {epoch}; "
-                              "rebuild it with at least as many epochs as training runs")
+            raise EdgekdError(f"teacher cache {self.path}: holds epochs 0..{self.manifest['epochs'] - 1}, asked for "
+                              f"epoch {epoch}; rebuild it with at least as many epochs as training runs")
         n = self.values[0].shape[0]
         if idx.size and (idx.min() < 0 or idx.max() >= n):
             raise EdgekdError(f"teacher cache {self.path}: sample index {int(idx.max())} out of range for "

@@ -506,7 +506,6 @@ def load_data(cfg: DataConfig, base_dir: str | Path = ".") -> Dataset:
         x_train, y_train = x_train.take(tr, axis=0), y_train[tr]
     if len(x_train) == 0:
         raise EdgekdError(f"{where}: no training samples left after the test/validation splits")
-    lazy = streaming.is_lazy(x_train)
 
     mean, std = _statistics(cfg, x_train, where)
 
@@ -527,7 +526,7 @@ def load_data(cfg: DataConfig, base_dir: str | Path = ".") -> Dataset:
     stats = {"mean": tuple(float(v) for v in mean), "std": tuple(float(v) for v in std)}
     spec = replace(raw["preprocess"], **stats) if raw.get("preprocess") is not None else None
     report = dict(raw.get("report", {}))
-    if lazy:
+    if streaming.is_lazy(x_train):   # normalizing, subsets and the labelled carve keep a lazy split lazy
         report.update(streamed=True, workers=x_train.options.num_workers,
                       statistics=_stats_origin(cfg, len(x_train), streaming.is_stream(x_train)))
     return Dataset(x_train, y_train, norm(x_val), y_val, norm(x_test), y_test, x_unl, class_names, **stats,

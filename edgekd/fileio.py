@@ -57,18 +57,12 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def clean_stale_temps(path: str | Path) -> list[Path]:
-    """Remove what killed writers of `path` left beside it (their pid is gone); returns what was removed."""
-    path = Path(path)
-    removed = []
-    if not path.parent.is_dir():
-        return removed
+def clean_stale_temps(path: Path) -> None:
+    """Remove what killed writers of `path` left beside it (their pid is gone); its folder exists (atomic_path)."""
     for entry in path.parent.iterdir():
         pid = _temp_owner(entry.name, path.name)
         if pid is not None and pid != os.getpid() and not _alive(pid):
             _remove(entry)
-            removed.append(entry)
-    return removed
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -250,18 +244,17 @@ def _depth(obj: Any) -> int:
     return deepest
 
 
-def read_json(folder: str | Path, name: str, *, what: str, remedy: str, max_bytes: int = MAX_JSON_BYTES,
-              max_depth: int = MAX_JSON_DEPTH) -> Any:
-    """Parse a manifest: confined, a regular file, at most `max_bytes` of UTF-8 JSON nested at most `max_depth`."""
-    data = read_confined(folder, name, what=what, remedy=remedy, max_bytes=max_bytes)
+def read_json(folder: str | Path, name: str, *, what: str, remedy: str) -> Any:
+    """Parse a manifest: confined, a regular file, at most MAX_JSON_BYTES of UTF-8 JSON nested MAX_JSON_DEPTH deep."""
+    data = read_confined(folder, name, what=what, remedy=remedy, max_bytes=MAX_JSON_BYTES)
     try:
         obj = json.loads(data.decode("utf-8"))
     except RecursionError:
-        _fail(what, f"JSON nested too deeply (more than {max_depth} levels)", remedy)
+        _fail(what, f"JSON nested too deeply (more than {MAX_JSON_DEPTH} levels)", remedy)
     except (UnicodeDecodeError, ValueError) as e:
         _fail(what, f"not valid JSON ({str(e).splitlines()[0]})", remedy)
-    if _depth(obj) > max_depth:
-        _fail(what, f"JSON nested too deeply (more than {max_depth} levels)", remedy)
+    if _depth(obj) > MAX_JSON_DEPTH:
+        _fail(what, f"JSON nested too deeply (more than {MAX_JSON_DEPTH} levels)", remedy)
     return obj
 
 

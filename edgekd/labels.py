@@ -88,8 +88,7 @@ def soft_targets(out: TeacherOutput, temperature: float, top_k: int
         z = v if out.kind == "logits" else np.log(np.maximum(v, 1e-45))
         p1 = softmax(z, axis=1)
         pt = p1 if temperature == 1.0 else softmax(z / temperature, axis=1)
-        k = min(top_k, v.shape[1])
-        idx = np.argsort(-pt, axis=1, kind="stable")[:, :k]
+        idx = np.argsort(-pt, axis=1, kind="stable")[:, :top_k]   # at most the classes there are
         probs = np.take_along_axis(pt, idx, axis=1)
         return idx[:, 0].astype(np.int64), p1.max(axis=1), probs, idx.astype(np.int64), False
     order = np.argsort(-v, axis=1, kind="stable")
@@ -169,17 +168,16 @@ def label_pool(teacher: Any, pool: np.ndarray, out_dir: str | Path, *, shard_siz
     chunks = [slice(b, min(b + batch_size, (s + 1) * shard_size, len(pool)))
               for s in todo for b in range(s * shard_size, min((s + 1) * shard_size, len(pool)), batch_size)]
     parts: list[tuple] = []
-    bar = tqdm(total=len(todo), desc="label", unit="shard", disable=not progress)
-    for rows, xb in zip(chunks, streaming.batches(pool, chunks), strict=True):   # lazy: decoded in workers
-        out = validate_output(teacher(xb.numpy()), len(xb), who, num_classes=manifest["num_classes"])
-        _record_kind(manifest, out, keep, who)
-        parts.append(soft_targets(out, temperature, top_k))
-        shard = rows.start // shard_size
-        if rows.stop == min((shard + 1) * shard_size, len(pool)):   # the shard's last batch: write it
-            manifest = _write_shard(out_dir, shard, shard_size, len(pool), parts, manifest)
-            parts = []
-            bar.update()
-    bar.close()
+    with tqdm(total=len(todo), desc="label", unit="shard", disable=not progress) as bar:
+        for rows, xb in zip(chunks, streaming.batches(pool, chunks), strict=True):   # lazy: decoded in workers
+            out = validate_output(teacher(xb.numpy()), len(xb), who, num_classes=manifest["num_classes"])
+            _record_kind(manifest, out, keep, who)
+            parts.append(soft_targets(out, temperature, top_k))
+            shard = rows.start // shard_size
+            if rows.stop == min((shard + 1) * shard_size, len(pool)):   # the shard's last batch: write it
+                manifest = _write_shard(out_dir, shard, shard_size, len(pool), parts, manifest)
+                parts = []
+                bar.update()
     return manifest_folder.finish(out_dir, manifest)
 
 
@@ -188,7 +186,21 @@ def _write_shard(out_dir: Path, shard: int, shard_size: int, n: int, parts: list
     """Write shard `shard` atomically and record it (sha256) in the manifest, rewritten (so a kill resumes)."""
     name = f"shard-{shard:05d}.npz"
     start, stop = shard * shard_size, min((shard + 1) * shard_size, n)
-    arrays = _shard_arrays(start, stop, parts, manifest)
+    labels = np.concatenate([p[0] for p in parts]).astype(np.int64)
+    arrays = {"indices": np.arange(start, stop, dtype=np.int64), "labels": labels}
+    if parts[0][1] is not None:
+        arrays["confidence"] = np.concatenate([p[1] for p in parts]).astype(np.float16)
+    if manifest["stored"] == "topk":
+        probs = np.concatenate([p[2] for p in parts])
+        idx = np.concatenate([p[3] for p in parts])
+        k = probs.shape[1]
+        if manifest["top_k_stored"] is None:
+            manifest["top_k_stored"] = k
+        elif manifest["top_k_stored"] != k:
+            raise EdgekdError(f"labels: the teacher returned top-{k} outputs for samples {start}..{stop - 1} but "
+                              f"top-{manifest['top_k_stored']} before; it must return the same k every time")
+        arrays["topk_probs"] = probs.astype(np.float16)
+        arrays["topk_indices"] = idx.astype(index_dtype(manifest["num_classes"], int(idx.max())))
     path = out_dir / name
     with fileio.atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, **arrays)
@@ -213,25 +225,6 @@ def _record_kind(manifest: dict[str, Any], out: TeacherOutput, keep: str, who: s
     elif manifest["output_kind"] != kind:
         raise EdgekdError(f"{who}: returned {kind} outputs, but earlier batches (or the run being resumed) gave "
                           f"{manifest['output_kind']}; a teacher must answer every batch the same way")
-
-
-def _shard_arrays(start: int, stop: int, parts: list[tuple], manifest: dict[str, Any]) -> dict[str, np.ndarray]:
-    labels = np.concatenate([p[0] for p in parts]).astype(np.int64)
-    arrays = {"indices": np.arange(start, stop, dtype=np.int64), "labels": labels}
-    if parts[0][1] is not None:
-        arrays["confidence"] = np.concatenate([p[1] for p in parts]).astype(np.float16)
-    if manifest["stored"] == "topk":
-        probs = np.concatenate([p[2] for p in parts])
-        idx = np.concatenate([p[3] for p in parts])
-        k = probs.shape[1]
-        if manifest["top_k_stored"] is None:
-            manifest["top_k_stored"] = k
-        elif manifest["top_k_stored"] != k:
-            raise EdgekdError(f"labels: the teacher returned top-{k} outputs for samples {start}..{stop - 1} but "
-                              f"top-{manifest['top_k_stored']} before; it must return the same k every time")
-        arrays["topk_probs"] = probs.astype(np.float16)
-        arrays["topk_indices"] = idx.astype(index_dtype(manifest["num_classes"], int(idx.max())))
-    return arrays
 
 
 def read_labels(out_dir: str | Path, *, pool: np.ndarray | None = None) -> Labels:

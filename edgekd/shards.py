@@ -82,10 +82,8 @@ def _write_shard(path: Path, files: list[tuple[Path, int]], first: int) -> dict[
     """One tar of `files` (keys numbered from `first`), written atomically; its wids shardlist entry."""
     from edgekd.fileio import atomic_path
 
-    TarWriter = _need("webdataset").TarWriter
-
     with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f, TarWriter(f) as sink:
+        with open(tmp, "wb") as f, _need("webdataset").TarWriter(f) as sink:
             for k, (file, label) in enumerate(files, start=first):
                 sink.write({"__key__": f"{k:09d}", file.suffix.lower().lstrip("."): file.read_bytes(),
                             "cls": str(label).encode("ascii")})
@@ -171,10 +169,6 @@ class LazyShards(streaming.LazyImages):
     def __getstate__(self) -> dict[str, Any]:   # workers open their own memory maps
         return {**self.__dict__, "_open": OrderedDict()}
 
-    def _locate(self, i: int) -> tuple[str, int]:
-        k = int(np.searchsorted(self.ends, i, side="right"))
-        return self.shards[k][0], i - (int(self.ends[k - 1]) if k else 0)
-
     def _tar(self, file: str) -> Any:
         """wids' indexed tar of `file` (opened once per process; nsamples checked against the descriptor)."""
         if file in self._open:
@@ -196,7 +190,8 @@ class LazyShards(streaming.LazyImages):
     def _members(self, i: int, image: bool = True) -> tuple[str, dict[str, bytes]]:
         """(name for messages, {"image": bytes, "cls": bytes}) of base row i: the first image member (only when
         `image`) and the .cls member; no other member is read."""
-        file, inner = self._locate(i)
+        k = int(np.searchsorted(self.ends, i, side="right"))
+        file, inner = self.shards[k][0], i - (int(self.ends[k - 1]) if k else 0)
         tar = self._tar(file)
         out, name = {}, f"{file}[{inner}]"
         for j in tar.samples[inner]:

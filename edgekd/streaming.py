@@ -315,12 +315,6 @@ class LazyConcat(_Lazy):
             out[sel] = self.parts[p][rows[sel] - self.offsets[p]]
         return out if np.ndim(self.rows[key]) else out[0]
 
-    def identity(self) -> list[str]:
-        """The parts' keys (fingerprints, or sha256 of arrays) and this view's rows."""
-        from edgekd.teachers import array_sha256
-
-        return [data_key(p) for p in self.parts] + [array_sha256(self.rows)]
-
 
 def concat(parts: Sequence[Any]) -> Any:
     """The parts one after another: np.concatenate for arrays, a LazyConcat (nothing read) when one is lazy."""
@@ -375,8 +369,10 @@ def fingerprint(x: Any) -> str:
         payload = x.identity()
     elif isinstance(x, LazyStream):   # cannot be named without reading it: a key of this load only, never reused
         payload = {"stream": type(x.base).__name__, "load": x.token}
-    elif isinstance(x, LazyConcat):
-        payload = {"concat": x.identity()}
+    elif isinstance(x, LazyConcat):   # the parts' keys (fingerprints, or sha256 of arrays) and this view's rows
+        from edgekd.teachers import array_sha256
+
+        payload = {"concat": [data_key(p) for p in x.parts] + [array_sha256(x.rows)]}
     elif isinstance(x, LazyArray) and isinstance(x.base, np.memmap):
         st = os.stat(x.base.filename)
         payload = {"file": [str(x.base.filename), st.st_size, st.st_mtime_ns], "offset": x.base.offset,
@@ -518,18 +514,14 @@ class Feed:
 
 def _one_line_errors(it: Iterator[Any]) -> Iterator[Any]:
     """A worker's EdgekdError comes back wrapped in its traceback; keep only its own one-line message."""
-    while True:
-        try:
-            batch = next(it)
-        except StopIteration:
-            return
-        except EdgekdError as e:
-            lines = str(e).strip().splitlines()
-            tail = next((ln.split("EdgekdError: ", 1)[1] for ln in reversed(lines) if "EdgekdError: " in ln), None)
-            if tail is None:
-                raise
-            raise EdgekdError(tail) from None
-        yield batch
+    try:
+        yield from it
+    except EdgekdError as e:
+        lines = str(e).strip().splitlines()
+        tail = next((ln.split("EdgekdError: ", 1)[1] for ln in reversed(lines) if "EdgekdError: " in ln), None)
+        if tail is None:
+            raise
+        raise EdgekdError(tail) from None
 
 
 def batches(x: Any, chunks: Sequence[Any], y: Any = None) -> Iterator[Any]:
