@@ -152,8 +152,7 @@ def format_table(result: dict) -> str:
     for r in result["rows"]:
         lines.append(f"{r['batch']:>5} {r['p50']:>9.3f} {r['p90']:>9.3f} {r['p99']:>9.3f} {r['mean']:>9.3f} "
                      f"{r['throughput_per_s']:>11.1f} {r['runs']:>5}")
-    acc = "n/a" if result["accuracy"] is None else f"{100 * result['accuracy']:.2f}%"
-    agr = "n/a" if result["agreement"] is None else f"{100 * result['agreement']:.2f}%"
+    acc, agr = ("n/a" if result[k] is None else f"{100 * result[k]:.2f}%" for k in ("accuracy", "agreement"))
     growth = "n/a" if result["rss_growth_mb"] is None else f"{result['rss_growth_mb']:.1f} MiB"
     lines.append(f"accuracy {acc} on {result['eval_samples']} samples, agreement with PyTorch {agr}; peak "
                  f"RSS {result['peak_rss_mb']:.1f} MiB, growth {growth}")

@@ -304,7 +304,7 @@ def per_class_lines(pc: dict[str, Any]) -> list[str]:
     lines = ["## Per class (test split; retention = student accuracy / teacher accuracy)", ""]
     by_name = {r["class"]: r for r in pc["rows"]}
     if pc["loses_most"]:
-        lost = [f"**{name}** keeps {by_name[name]['retention'] * 100:.1f}% (teacher "
+        lost = [f"**{name}** keeps {_acc(by_name[name]['retention'])} (teacher "
                 f"{_acc(by_name[name]['teacher'])}, student {_acc(by_name[name]['student'])})"
                 for name in pc["loses_most"]]
         lines += [f"The student loses most on: {'; '.join(lost)}.", ""]
@@ -313,8 +313,7 @@ def per_class_lines(pc: dict[str, Any]) -> list[str]:
     shown = _shown_classes(pc["rows"])
     if len(shown) < len(pc["rows"]):
         lines += [f"The {len(shown)} classes with the lowest retention of {len(pc['rows'])} (all in report.json):", ""]
-    rows = [[r["class"], r["samples"], *(_acc(r.get(k)) for k in pc["columns"]),
-             "-" if r["retention"] is None else f"{r['retention'] * 100:.1f}%"] for r in shown]
+    rows = [[r["class"], r["samples"], *(_acc(r.get(k)) for k in pc["columns"]), _acc(r["retention"])] for r in shown]
     lines += [tabulate(rows, headers=["class", "test samples", *(heads.get(k, k) for k in pc["columns"]), "retention"],
                        tablefmt="github"), ""]
     notes = [f"class {name} has no test samples: no accuracy or retention" for name in pc["no_test_samples"]]
