@@ -34,7 +34,7 @@ from edgekd.engines import build as build_engine
 from edgekd.errors import EdgekdError
 from edgekd.models import add_import_dir, build_model, load_weights
 from edgekd.recipe import Recipe, load_recipe
-from edgekd.report import engine_entry, int8_vs_fp32, write
+from edgekd.report import engine_entry, engine_label, int8_vs_fp32, write
 from edgekd.targets import Target, load_target
 from edgekd.train import accuracy, predict_logits
 
@@ -506,8 +506,7 @@ def _quantize_note(result: dict[str, Any]) -> str:
 
 
 def _build_note(result: dict[str, Any]) -> str:
-    made = [f"{e['model']} {e['precision']}" + (f"/{e['quantization']}" if e["quantization"] != "none" else "")
-            + (" (kept)" if e["reused"] else "") for e in result["engines"]]
+    made = [engine_label(e) + (" (kept)" if e["reused"] else "") for e in result["engines"]]
     return ", ".join(made) + (f"; {len(result['skipped'])} skipped" if result["skipped"] else "") or "nothing built"
 
 

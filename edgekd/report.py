@@ -364,7 +364,8 @@ def _budgets(budgets: dict[str, Any]) -> str:
     return ", ".join(parts) or "-"
 
 
-def _label(e: dict[str, Any]) -> str:
+def engine_label(e: dict[str, Any]) -> str:
+    """'student int8/ptq': an engine's model, precision and quantization (none: left out)."""
     return f"{e['model']} {e['precision']}{'/' + e['quantization'] if e['quantization'] != 'none' else ''}"
 
 
@@ -381,7 +382,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
             ax.errorbar(x, y, yerr=[[y - ci[0] * 100], [ci[1] * 100 - y]], fmt="none", ecolor="gray", capsize=3,
                         zorder=2)
         ax.scatter(x, y, marker=markers.get(e["model"], "x"), s=60, zorder=3)
-        ax.annotate(f"{_label(e)}\n{e['target']}", (x, y), fontsize=7, xytext=(4, 4), textcoords="offset points")
+        ax.annotate(f"{engine_label(e)}\n{e['target']}", (x, y), fontsize=7, xytext=(4, 4), textcoords="offset points")
     front = [points[i] for i in pareto_front(points)]
     ax.step([x for x, _ in front], [y for _, y in front], where="post", color="black", linestyle="--", linewidth=1,
             label="Pareto front (faster and more accurate than the rest)", zorder=2)
@@ -406,7 +407,7 @@ def plot_batches(report: dict[str, Any], path: Path) -> None:
     for e in report["engines"]:
         rows = sorted(e["per_batch"], key=lambda r: r["batch"])
         ax.plot([r["batch"] for r in rows], [r["p50"] / r["batch"] for r in rows], marker="o",
-                label=f"{_label(e)} ({e['target']})")
+                label=f"{engine_label(e)} ({e['target']})")
     ax.set_xscale("log", base=2)
     ax.set(yscale="log", xlabel="batch size", ylabel="p50 latency per sample (ms)",
            title="edgekd: latency per sample against batch size")
