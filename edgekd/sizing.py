@@ -38,12 +38,17 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
+from tabulate import tabulate
 
-from edgekd import fileio
-from edgekd.engines import QUANTIZATIONS
+from edgekd import energy, fileio, runtime
+from edgekd.bundle import read_manifest
+from edgekd.data import load_data
+from edgekd.engines import QUANTIZATIONS, EngineSource, check_target, registry
+from edgekd.engines import build as build_engine
 from edgekd.engines.registry import PRECISIONS
 from edgekd.errors import EdgekdError
 from edgekd.recipe import Recipe, SizeConfig, validate_size
+from edgekd.report import pyplot, save_png
 from edgekd.targets import Target, load_target
 
 MAX_MEASUREMENT_FILES = 1000
@@ -258,8 +263,6 @@ class Meter:
     def build(self, c: Candidate) -> dict[str, Path]:
         """precision -> bundle folder; a verified bundle already there is reused (a rerun resumes), any other is
         rebuilt in its place (engines.build swaps the whole folder)."""
-        from edgekd.bundle import read_manifest
-
         out = {}
         for precision in self.precisions:
             path = self.bundle_dir(c, precision)
@@ -271,8 +274,6 @@ class Meter:
         return out
 
     def _build_one(self, c: Candidate, precision: str, path: Path) -> Path:
-        from edgekd.engines import build as build_engine
-
         quantization = "ptq" if precision == "int8" else "none"
         if (c.spec, quantization) not in self._sources:   # one export serves every float precision
             self._sources[c.spec, quantization] = self._export(c, quantization)
@@ -289,7 +290,6 @@ class Meter:
         (torch); seeded, so every precision and rerun gets the same weights."""
         import torch
 
-        from edgekd.engines import EngineSource, registry
         from edgekd.export import export_onnx
         from edgekd.models import build_model, save_weights
 
@@ -469,9 +469,6 @@ def size(recipe: Recipe, out: str | Path, cfg: SizeConfig, *, measurements: str 
 
     With `remote` (or `measurements`, or a target this machine cannot run) a round that needs measurements writes
     the bundles and the device command and returns {"status": "needs measurements", ...}."""
-    from edgekd.data import load_data
-    from edgekd.engines import check_target
-
     out = Path(out)
     target = load_target(cfg.target)
     data = load_data(recipe.data, recipe.base_dir)
@@ -498,6 +495,7 @@ def size(recipe: Recipe, out: str | Path, cfg: SizeConfig, *, measurements: str 
             f"{fastest['decision_ms']:.4f} ms at batch {cfg.batch}, over {cfg.budget_ms:g} ms less the "
             f"{rep['margin']:.0%} margin ({rep['low_ms']:.4f} ms); raise --budget-ms or lower [size] min_multiplier "
             f"(report: {out / 'size-report.md'})")
+    rep["trained"] = []
     if cfg.train:
         rep["trained"] = _train(recipe, out, cfg, target, data, rep, device, progress, meter)
         rep["verdict"] = _verdict(rep)
@@ -505,8 +503,6 @@ def size(recipe: Recipe, out: str | Path, cfg: SizeConfig, *, measurements: str 
             rep["note"] = _remote_note(rep["trained"], out, meter)
         else:
             rep["energy"] = _energy(rep["trained"], cfg.batch, data, progress)
-    else:
-        rep["trained"] = []
     _write(out, rep)
     return rep
 
@@ -673,7 +669,11 @@ def _final_profiles(trained: list[dict[str, Any]], out: Path, meter: Meter, rep:
                                 for b, k, v in found]
     else:
         bundles = [(("student", k), Path(t["run_dir"]) / e["path"]) for k, (t, e) in enumerate(entries)]
-        refs = _reference_engines(trained, rep, meter)
+        # the untrained engines the search measured for the trained students: profiled again beside the trained
+        # ones, they show how far the machine's speed drifted since the search (another load, another clock)
+        index = {r["spec"]: r["index"] for r in rep["candidates"]}
+        refs = [(("ref", index[t["spec"]], p), meter.bundle_dir(meter.cands[index[t["spec"]]], p))
+                for t in trained if t["spec"] in index for p in meter.precisions]
         rows = meter.profile(bundles + refs) if bundles else {}
         rep["drift"] = _drift(rows, rep, cfg.metric)
         for k, (t, e) in enumerate(entries):
@@ -683,14 +683,6 @@ def _final_profiles(trained: list[dict[str, Any]], out: Path, meter: Meter, rep:
             lat = {e["precision"]: {"per_batch": e["per_batch_p50"]} for e in t["engines"]}
             precision = ships(lat, SHIPPED) if {"int8", "fp32"} <= set(lat) else next(iter(lat))
             next(e for e in t["engines"] if e["precision"] == precision)["shipped"] = True
-
-
-def _reference_engines(trained: list[dict[str, Any]], rep: dict[str, Any], meter: Meter) -> list[tuple[Any, Path]]:
-    """The untrained engines the search measured for the trained students: profiled again beside the trained
-    ones, they show how far the machine's speed drifted since the search (another load, another clock)."""
-    rows = {r["spec"]: r for r in rep["candidates"]}
-    return [(("ref", rows[t["spec"]]["index"], p), meter.bundle_dir(meter.cands[rows[t["spec"]]["index"]], p))
-            for t in trained if t["spec"] in rows for p in meter.precisions]
 
 
 def _drift(rows: dict[Any, dict[str, Any]], rep: dict[str, Any], metric: str) -> dict[str, Any] | None:
@@ -745,8 +737,6 @@ def _verdict(rep: dict[str, Any]) -> dict[str, Any] | None:
 
 def _energy(trained: list[dict], batch: int, data: Any, progress: bool) -> dict[str, Any]:
     """Joules per inference of each trained student's shipped engine, where the platform's counters are readable."""
-    from edgekd import energy, runtime
-
     results: dict[str, Any] = {}
     x = np.ascontiguousarray(data.x_test[:batch])
     for t in trained:
@@ -764,8 +754,6 @@ def _energy(trained: list[dict], batch: int, data: Any, progress: bool) -> dict[
 
 
 def markdown(rep: dict[str, Any]) -> str:
-    from tabulate import tabulate
-
     m, b = rep["metric"], rep["batch"]
     rule = rep["decision_precision"]
     engine = ("the engine that would ship (INT8, or FP32 where INT8 is slower at a profiled batch size, as "
@@ -838,8 +826,6 @@ def _noise_text(rep: dict[str, Any]) -> str:
 
 
 def _trained_lines(rep: dict[str, Any]) -> list[str]:
-    from tabulate import tabulate
-
     if not any(t["engines"] for t in rep.get("trained") or []):
         return []
     m, b = rep["metric"], rep["batch"]
@@ -887,8 +873,6 @@ def _trained_lines(rep: dict[str, Any]) -> list[str]:
 
 def plot(rep: dict[str, Any], path: Path) -> None:
     """Latency against width multiplier for each precision with the budget line; accuracy of the trained ones."""
-    from edgekd.report import pyplot, save_png
-
     plt = pyplot()
     trained = [t for t in rep.get("trained") or [] if t["engines"]]
     fig, axes = plt.subplots(2 if trained else 1, 1, figsize=(7, 6.5 if trained else 4), sharex=True, squeeze=False)

@@ -74,8 +74,8 @@ class Classification(Task):
         normal where the bundle records none)."""
         x = None if data is None else data.get("x")
         if x is not None and len(x):
-            reps = -(-batch // len(x))
-            return np.ascontiguousarray(np.concatenate([x] * reps)[:batch] if reps > 1 else x[:batch])
+            head = np.asarray(x[:batch])
+            return np.resize(head, (batch, *head.shape[1:]))
         rng, shape = np.random.default_rng(0), (batch, *sample_shape)
         out = rng.uniform(*input_range, size=shape) if input_range else rng.standard_normal(shape)
         return out.astype(np.float32)

@@ -75,10 +75,9 @@ class SentenceEmbedding(Task):
         student = _json(run_dir / "student.json")
         quantization = {f.stem.removeprefix("quantize-"): _json(f)
                         for f in sorted(run_dir.glob("onnx/quantize-*.json"))}
-        pytorch = dict(student["pytorch"])
-        for scheme, info in quantization.items():
-            pytorch.update({f"student {k.upper()} int8 ({scheme}, PyTorch Q/DQ)": m
-                            for k, m in info.get("pytorch_metrics", {}).items()})
+        pytorch = {**student["pytorch"], **{f"student {k.upper()} int8 ({scheme}, PyTorch Q/DQ)": m
+                                            for scheme, info in quantization.items()
+                                            for k, m in info.get("pytorch_metrics", {}).items()}}
         parity = {m: r["parity"] for m in ("teacher", "student") if (r := _json(run_dir / "onnx" / f"{m}.parity.json"))}
         parity.update({f"student-{k}-{s}": v for s, info in quantization.items()
                        for k, v in info.get("parity", {}).items()})
@@ -147,10 +146,9 @@ def embedding_metrics(student: np.ndarray, teacher: np.ndarray) -> dict[str, flo
     if len(s) < 6:
         raise EdgekdError(f"embedding metrics: top-5 retrieval needs at least 6 sentences, got {len(s)}")
     ns, nt = _neighbours(s, 5), _neighbours(t, 5)
-    overlap5 = np.mean([len(set(a) & set(b)) / 5 for a, b in zip(ns, nt, strict=True)])
     return {"cosine": float(np.mean(np.sum(s * t, axis=1))),
             "retrieval_top1": float(np.mean(ns[:, 0] == nt[:, 0])),
-            "retrieval_top5": float(overlap5),
+            "retrieval_top5": float(np.mean([len(set(a) & set(b)) / 5 for a, b in zip(ns, nt, strict=True)])),
             "teacher_top1_in_student_top5": float(np.mean([b[0] in a for a, b in zip(ns, nt, strict=True)])),
             "similarity_spearman": _spearman(*((x @ x.T)[np.triu_indices(len(x), 1)] for x in (s, t))),
             "sentences": int(len(s))}
