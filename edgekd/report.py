@@ -47,10 +47,8 @@ def engine_entry(profile: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     rows = sorted(profile["rows"], key=lambda r: r["batch"])
     first = rows[0]
     bundle = Path(profile["bundle"])
-    try:
-        path = str(bundle.resolve().relative_to(run_dir.resolve()))
-    except ValueError:
-        path = str(bundle)
+    inside = bundle.resolve().is_relative_to(run_dir.resolve())
+    path = str(bundle.resolve().relative_to(run_dir.resolve()) if inside else bundle)
     return {
         "name": f"{profile['model']}-{profile['target']}-{profile['precision']}"
                 + (f"-{profile['quantization']}" if profile["quantization"] != "none" else ""),

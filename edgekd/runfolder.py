@@ -145,11 +145,9 @@ def artifact_hash(path: Path) -> str:
 def file_key(folder: Path, path: Path) -> tuple[str, str]:
     """The made_from entry of an input file: `file:<relative path>` inside the run folder (followed by
     stale()), else `<name>` -> its sha256 (a checkpoint from elsewhere)."""
-    try:
-        rel = path.resolve().relative_to(folder.resolve()).as_posix()
-        return f"file:{rel}", sha256_file(path)
-    except ValueError:
-        return f"external:{path.name}", sha256_file(path)
+    inside = path.resolve().is_relative_to(folder.resolve())
+    key = f"file:{path.resolve().relative_to(folder.resolve()).as_posix()}" if inside else f"external:{path.name}"
+    return key, sha256_file(path)
 
 
 def _read(folder: Path) -> dict[str, Any]:
