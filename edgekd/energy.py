@@ -125,22 +125,14 @@ def _read(path: Path) -> str | None:
         return None
 
 
-def open_meter(root: Path = SYSFS) -> RaplMeter | InaMeter | str:
-    """The platform's energy meter, or one line saying why none is readable here."""
-    rapl = _rapl(root)
-    if not isinstance(rapl, str):
-        return rapl
-    ina = _ina(root)
-    return ina if not isinstance(ina, str) else f"energy counters not readable: {rapl}; {ina}"
-
-
 def measure(run: Callable[[], Any], *, seconds: float = 1.0, root: Path = SYSFS) -> dict[str, Any]:
     """Call `run()` (one inference) repeatedly for `seconds` and report joules per inference and mean watts.
 
     {"available": False, "reason": ...} when the platform's counters cannot be read (most virtual machines)."""
-    meter = open_meter(root)
+    rapl = _rapl(root)   # the platform's meter: RAPL, else the INA3221 rails
+    meter = _ina(root) if isinstance(rapl, str) else rapl
     if isinstance(meter, str):
-        return {"available": False, "reason": meter}
+        return {"available": False, "reason": f"energy counters not readable: {rapl}; {meter}"}
     run()   # warm
     n = 0
     start = time.perf_counter()   # the interval spans the meter's, so watts are never overstated

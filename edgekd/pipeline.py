@@ -9,6 +9,7 @@ The stage commands compose to `run`: each reads what the previous one wrote.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -33,7 +34,7 @@ from edgekd.engines import build as build_engine
 from edgekd.errors import EdgekdError
 from edgekd.models import add_import_dir, build_model, load_weights
 from edgekd.recipe import Recipe, load_recipe
-from edgekd.report import engine_entry, int8_vs_fp32, write
+from edgekd.report import engine_entry, engine_label, int8_vs_fp32, write
 from edgekd.targets import Target, load_target
 from edgekd.train import accuracy, predict_logits
 
@@ -78,12 +79,6 @@ def run_task(run_dir: str | Path) -> tasks.Task:
     """A run folder's task, from its recipe (edgekd.tasks.of_recipe); classification before a recipe is saved there."""
     return tasks.of_recipe(load_run_recipe(run_dir)) if (Path(run_dir) / "recipe.toml").is_file() \
         else tasks.CLASSIFICATION
-
-
-def context(run_dir: str | Path) -> RunContext:
-    """The run folder as the shared stages read it: its task's run context (a classifier's RunContext, a
-    sentence-embedding TextContext)."""
-    return run_task(run_dir).context(run_dir)
 
 
 def _newer(output: Path, *inputs: Path) -> bool:
@@ -205,7 +200,7 @@ def export(run_dir: str | Path, model: str = "student", *, ctx: RunContext | Non
     from edgekd.export import export_onnx, parity
 
     with runfolder.locked(ctx.dir if ctx else run_dir):
-        ctx = ctx or context(run_dir)
+        ctx = ctx or run_task(run_dir).context(run_dir)   # its task's run context
         path = ctx.onnx_path(model)
         record = path.with_suffix(".parity.json")
         if resume and ctx.fresh_onnx(model) and _newer(record, path):
@@ -256,7 +251,7 @@ def build(run_dir: str | Path, target: str | Target, *, models: tuple[str, ...] 
     Returns {"target", "built": [bundle paths], "engines": [{model, precision, quantization, path, reused}],
     "skipped": [{target, model, precision, quantization, reason}]}."""
     with runfolder.locked(ctx.dir if ctx else run_dir):
-        ctx = ctx or context(run_dir)
+        ctx = ctx or run_task(run_dir).context(run_dir)   # its task's run context
         target = ctx.target(load_target(target))
         status = check_target(target)
         if status == "ok" and ctx.task.runtimes is not None and target.runtime not in ctx.task.runtimes:
@@ -394,13 +389,12 @@ def run(recipe: Recipe, out: str | Path, *, targets: tuple[str | Target, ...] = 
         if task.distill_command is not None:
             _import_torchao_quietly()   # transformers imports torchao when it is installed
             task.distill_command(recipe, out, progress=progress)
-            return engines(task.context(out, recipe), loaded, device=device, progress=progress,
-                           quick_profile=quick_profile, resume=resume)
-        ctx_data = load_data(recipe.data, recipe.base_dir)
-        distill(recipe, out, device=device, progress=progress, data=ctx_data, resume=resume,
-                reuse_teacher=reuse_teacher)
-        return engines(RunContext(out, recipe, ctx_data), loaded, device=device, progress=progress,
-                       quick_profile=quick_profile, resume=resume)
+            ctx = task.context(out, recipe)
+        else:
+            ctx = RunContext(out, recipe, load_data(recipe.data, recipe.base_dir))
+            distill(recipe, out, device=device, progress=progress, data=ctx.data, resume=resume,
+                    reuse_teacher=reuse_teacher)
+        return engines(ctx, loaded, device=device, progress=progress, quick_profile=quick_profile, resume=resume)
 
 
 def engines(ctx: RunContext, loaded: list[Target], *, device: str = "auto", progress: bool = True,
@@ -512,8 +506,7 @@ def _quantize_note(result: dict[str, Any]) -> str:
 
 
 def _build_note(result: dict[str, Any]) -> str:
-    made = [f"{e['model']} {e['precision']}" + (f"/{e['quantization']}" if e["quantization"] != "none" else "")
-            + (" (kept)" if e["reused"] else "") for e in result["engines"]]
+    made = [engine_label(e) + (" (kept)" if e["reused"] else "") for e in result["engines"]]
     return ", ".join(made) + (f"; {len(result['skipped'])} skipped" if result["skipped"] else "") or "nothing built"
 
 
@@ -525,7 +518,7 @@ def quantize(run_dir: str | Path, scheme: str | None = None, *, target: str | Ta
     Writes onnx/student.<ptq|qat>-<scheme>.onnx, which `build` picks up.
     With `resume`, a result the run folder records as made from the current student and [quantize] is kept."""
     with runfolder.locked(ctx.dir if ctx else run_dir):
-        ctx = ctx or context(run_dir)
+        ctx = ctx or run_task(run_dir).context(run_dir)   # its task's run context
         if not scheme:   # the scheme of `target` (default x86-cpu-ort), which must offer int8
             t = load_target(target or DEFAULT_TARGETS[0])
             if "int8" not in t.precisions:
@@ -564,9 +557,8 @@ def _import_torchao_quietly() -> None:
     for log in loggers:
         log.setLevel(logging.ERROR)
     try:
-        import torchao  # noqa: F401
-    except ImportError:
-        pass
+        with contextlib.suppress(ImportError):
+            import torchao  # noqa: F401
     finally:
         for log, level in zip(loggers, levels, strict=True):
             log.setLevel(level)

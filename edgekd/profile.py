@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import platform
 import resource
 import sys
@@ -36,22 +35,20 @@ from edgekd.tasks import of_manifest
 MAX_RUNS = 2000
 
 
-def _rss_mb() -> float | None:
-    """Current resident set size from /proc/self/statm (Linux), in MiB; None where unavailable."""
-    try:
-        with open("/proc/self/statm") as f:
-            pages = int(f.read().split()[1])
-        return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except (OSError, ValueError, IndexError):
-        return None
+def _rss_mb(key: str = "VmRSS") -> float | None:
+    """This process's resident set size in MiB from /proc/self/status (Linux): VmRSS now, VmHWM the peak of this
+    process image; None where unavailable."""
+    with contextlib.suppress(OSError, ValueError, IndexError), open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(f"{key}:"):
+                return int(line.split()[1]) / 1024   # kB
+    return None
 
 
 def _peak_rss_mb() -> float:
-    """This process image's peak RSS in MiB: VmHWM from /proc/self/status (Linux), else ru_maxrss."""
-    with contextlib.suppress(OSError, ValueError, IndexError), open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024   # kB
+    """This process image's peak RSS in MiB: VmHWM (Linux), else ru_maxrss."""
+    if (peak := _rss_mb("VmHWM")) is not None:
+        return peak
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
 
@@ -152,8 +149,7 @@ def format_table(result: dict) -> str:
     for r in result["rows"]:
         lines.append(f"{r['batch']:>5} {r['p50']:>9.3f} {r['p90']:>9.3f} {r['p99']:>9.3f} {r['mean']:>9.3f} "
                      f"{r['throughput_per_s']:>11.1f} {r['runs']:>5}")
-    acc = "n/a" if result["accuracy"] is None else f"{100 * result['accuracy']:.2f}%"
-    agr = "n/a" if result["agreement"] is None else f"{100 * result['agreement']:.2f}%"
+    acc, agr = ("n/a" if result[k] is None else f"{100 * result[k]:.2f}%" for k in ("accuracy", "agreement"))
     growth = "n/a" if result["rss_growth_mb"] is None else f"{result['rss_growth_mb']:.1f} MiB"
     lines.append(f"accuracy {acc} on {result['eval_samples']} samples, agreement with PyTorch {agr}; peak "
                  f"RSS {result['peak_rss_mb']:.1f} MiB, growth {growth}")

@@ -311,14 +311,13 @@ def _check_numbers(name: str, section: Any, where: str) -> None:
         for v in values:
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 continue
-            got = value if isinstance(value, list) else v
             if not math.isfinite(v):
-                raise EdgekdError(f"{where} [{name}].{f.name}: must be a finite number, got {got}")
+                raise EdgekdError(f"{where} [{name}].{f.name}: must be a finite number, got {value}")
             rule = RANGES.get(name, {}).get(f.name)
             if rule and not _in_range(v, rule):
                 each = "each " if isinstance(value, list) else ""
                 shown = f"in {rule}" if rule[0] in "[(" else rule
-                raise EdgekdError(f"{where} [{name}].{f.name}: {each}must be {shown}, got {got}")
+                raise EdgekdError(f"{where} [{name}].{f.name}: {each}must be {shown}, got {value}")
 
 
 def _validate(r: Recipe, where: str) -> None:

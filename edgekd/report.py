@@ -47,10 +47,8 @@ def engine_entry(profile: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     rows = sorted(profile["rows"], key=lambda r: r["batch"])
     first = rows[0]
     bundle = Path(profile["bundle"])
-    try:
-        path = str(bundle.resolve().relative_to(run_dir.resolve()))
-    except ValueError:
-        path = str(bundle)
+    inside = bundle.resolve().is_relative_to(run_dir.resolve())
+    path = str(bundle.resolve().relative_to(run_dir.resolve()) if inside else bundle)
     return {
         "name": f"{profile['model']}-{profile['target']}-{profile['precision']}"
                 + (f"-{profile['quantization']}" if profile["quantization"] != "none" else ""),
@@ -304,7 +302,7 @@ def per_class_lines(pc: dict[str, Any]) -> list[str]:
     lines = ["## Per class (test split; retention = student accuracy / teacher accuracy)", ""]
     by_name = {r["class"]: r for r in pc["rows"]}
     if pc["loses_most"]:
-        lost = [f"**{name}** keeps {by_name[name]['retention'] * 100:.1f}% (teacher "
+        lost = [f"**{name}** keeps {_acc(by_name[name]['retention'])} (teacher "
                 f"{_acc(by_name[name]['teacher'])}, student {_acc(by_name[name]['student'])})"
                 for name in pc["loses_most"]]
         lines += [f"The student loses most on: {'; '.join(lost)}.", ""]
@@ -313,8 +311,7 @@ def per_class_lines(pc: dict[str, Any]) -> list[str]:
     shown = _shown_classes(pc["rows"])
     if len(shown) < len(pc["rows"]):
         lines += [f"The {len(shown)} classes with the lowest retention of {len(pc['rows'])} (all in report.json):", ""]
-    rows = [[r["class"], r["samples"], *(_acc(r.get(k)) for k in pc["columns"]),
-             "-" if r["retention"] is None else f"{r['retention'] * 100:.1f}%"] for r in shown]
+    rows = [[r["class"], r["samples"], *(_acc(r.get(k)) for k in pc["columns"]), _acc(r["retention"])] for r in shown]
     lines += [tabulate(rows, headers=["class", "test samples", *(heads.get(k, k) for k in pc["columns"]), "retention"],
                        tablefmt="github"), ""]
     notes = [f"class {name} has no test samples: no accuracy or retention" for name in pc["no_test_samples"]]
@@ -365,7 +362,8 @@ def _budgets(budgets: dict[str, Any]) -> str:
     return ", ".join(parts) or "-"
 
 
-def _label(e: dict[str, Any]) -> str:
+def engine_label(e: dict[str, Any]) -> str:
+    """'student int8/ptq': an engine's model, precision and quantization (none: left out)."""
     return f"{e['model']} {e['precision']}{'/' + e['quantization'] if e['quantization'] != 'none' else ''}"
 
 
@@ -382,7 +380,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
             ax.errorbar(x, y, yerr=[[y - ci[0] * 100], [ci[1] * 100 - y]], fmt="none", ecolor="gray", capsize=3,
                         zorder=2)
         ax.scatter(x, y, marker=markers.get(e["model"], "x"), s=60, zorder=3)
-        ax.annotate(f"{_label(e)}\n{e['target']}", (x, y), fontsize=7, xytext=(4, 4), textcoords="offset points")
+        ax.annotate(f"{engine_label(e)}\n{e['target']}", (x, y), fontsize=7, xytext=(4, 4), textcoords="offset points")
     front = [points[i] for i in pareto_front(points)]
     ax.step([x for x, _ in front], [y for _, y in front], where="post", color="black", linestyle="--", linewidth=1,
             label="Pareto front (faster and more accurate than the rest)", zorder=2)
@@ -407,7 +405,7 @@ def plot_batches(report: dict[str, Any], path: Path) -> None:
     for e in report["engines"]:
         rows = sorted(e["per_batch"], key=lambda r: r["batch"])
         ax.plot([r["batch"] for r in rows], [r["p50"] / r["batch"] for r in rows], marker="o",
-                label=f"{_label(e)} ({e['target']})")
+                label=f"{engine_label(e)} ({e['target']})")
     ax.set_xscale("log", base=2)
     ax.set(yscale="log", xlabel="batch size", ylabel="p50 latency per sample (ms)",
            title="edgekd: latency per sample against batch size")

@@ -145,11 +145,9 @@ def artifact_hash(path: Path) -> str:
 def file_key(folder: Path, path: Path) -> tuple[str, str]:
     """The made_from entry of an input file: `file:<relative path>` inside the run folder (followed by
     stale()), else `<name>` -> its sha256 (a checkpoint from elsewhere)."""
-    try:
-        rel = path.resolve().relative_to(folder.resolve()).as_posix()
-        return f"file:{rel}", sha256_file(path)
-    except ValueError:
-        return f"external:{path.name}", sha256_file(path)
+    inside = path.resolve().is_relative_to(folder.resolve())
+    key = f"file:{path.resolve().relative_to(folder.resolve()).as_posix()}" if inside else f"external:{path.name}"
+    return key, sha256_file(path)
 
 
 def _read(folder: Path) -> dict[str, Any]:
@@ -203,23 +201,18 @@ def stale(folder: str | Path, rel: str, expected: dict[str, str] | None = None, 
     return differ
 
 
-def recipe_diff(old: Any, new: Any) -> list[str]:
-    """The `[section].key` entries whose values differ between two recipes (resolved), with both values."""
-    a, b = resolved(old), resolved(new)
-    out = []
-    for name in SECTIONS:
-        da, db = ({} if s is None else dataclasses.asdict(s) for s in (getattr(a, name), getattr(b, name)))
-        out += [f"[{name}].{key} ({da.get(key)!r} -> {db.get(key)!r})" for key in sorted(set(da) | set(db))
-                if da.get(key) != db.get(key)]
-    return out
-
-
 def check_resume(folder: str | Path, recipe: Any) -> None:
-    """`--resume` continues only the run the folder's recipe.toml describes: refuse a changed recipe."""
+    """`--resume` continues only the run the folder's recipe.toml describes: refuse a changed recipe, naming the
+    `[section].key` entries whose values differ (both recipes resolved) with both values."""
     path = Path(folder) / "recipe.toml"
     if not path.is_file():
         return
-    keys = recipe_diff(load_recipe(path), recipe)
+    a, b = resolved(load_recipe(path)), resolved(recipe)
+    keys = []
+    for name in SECTIONS:
+        da, db = ({} if s is None else dataclasses.asdict(s) for s in (getattr(a, name), getattr(b, name)))
+        keys += [f"[{name}].{key} ({da.get(key)!r} -> {db.get(key)!r})" for key in sorted(set(da) | set(db))
+                 if da.get(key) != db.get(key)]
     if keys:
         raise EdgekdError(f"--resume {folder}: the recipe differs from {path} at {', '.join(keys)}; resume with "
                           "the same recipe, or start a new run in another folder")

@@ -235,10 +235,7 @@ def _read(file: Path) -> Target:
 
 def list_targets() -> list[Target]:
     """Every target in the catalog folder, sorted by name (a broken file raises, naming itself)."""
-    folder = targets_dir()
-    if not folder.is_dir():
-        return []
-    return [_read(p) for p in sorted(folder.glob("*.toml"))]
+    return [_read(p) for p in sorted(targets_dir().glob("*.toml"))]
 
 
 def cpu_flags() -> dict[str, Any]:
@@ -290,6 +287,6 @@ def load_target(name_or_path: str | Target) -> Target:
     if file.is_file():
         return _read(file)
     folder = targets_dir()
-    names = sorted(p.stem for p in folder.glob("*.toml")) if folder.is_dir() else []
+    names = sorted(p.stem for p in folder.glob("*.toml"))   # none when the folder is missing
     raise EdgekdError(f"unknown target {name_or_path!r}; available in {folder}: "
                       f"{', '.join(names) if names else '(none)'} (or pass a path to a .toml file)")

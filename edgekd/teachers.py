@@ -462,15 +462,8 @@ def load_teacher(spec: str, *, model_spec: str | None = None, input_shape: Seque
             raise EdgekdError(f"teacher {path}: takes inputs of shape {tuple(dims)}, the data has "
                               f"{tuple(input_shape)}")
         return teacher
-    if path.suffix == ".safetensors":
-        return _torch_teacher(path, model_spec, input_shape, num_classes)
-    raise EdgekdError(f"teacher {spec!r}: expected a .onnx file, a .safetensors checkpoint, or 'cmd:PROGRAM ARGS'")
-
-
-def _torch_teacher(path: Path, model_spec: str | None, input_shape: Sequence[int] | None,
-                   num_classes: int | None) -> TorchTeacher:
-    """A safetensors checkpoint with the architecture the caller names (the recipe's [teacher] model or the command
-    line). The file's metadata is never used to choose a model: a checkpoint is data, and a spec can name code."""
+    if path.suffix != ".safetensors":
+        raise EdgekdError(f"teacher {spec!r}: expected a .onnx file, a .safetensors checkpoint, or 'cmd:PROGRAM ARGS'")
     from edgekd.models import build_model, load_weights
 
     if not path.is_file():
