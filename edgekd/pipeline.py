@@ -81,6 +81,12 @@ def run_task(run_dir: str | Path) -> tasks.Task:
         else tasks.CLASSIFICATION
 
 
+def context(run_dir: str | Path) -> RunContext:
+    """The run folder as the shared stages read it: its task's run context (a classifier's RunContext, a
+    sentence-embedding TextContext)."""
+    return run_task(run_dir).context(run_dir)
+
+
 def _newer(output: Path, *inputs: Path) -> bool:
     """`output` exists and is at least as new as every input (for files the provenance record does not cover)."""
     return output.exists() and all(output.stat().st_mtime >= p.stat().st_mtime for p in inputs if p.exists())
@@ -200,7 +206,7 @@ def export(run_dir: str | Path, model: str = "student", *, ctx: RunContext | Non
     from edgekd.export import export_onnx, parity
 
     with runfolder.locked(ctx.dir if ctx else run_dir):
-        ctx = ctx or run_task(run_dir).context(run_dir)   # its task's run context
+        ctx = ctx or context(run_dir)
         path = ctx.onnx_path(model)
         record = path.with_suffix(".parity.json")
         if resume and ctx.fresh_onnx(model) and _newer(record, path):
@@ -251,65 +257,69 @@ def build(run_dir: str | Path, target: str | Target, *, models: tuple[str, ...] 
     Returns {"target", "built": [bundle paths], "engines": [{model, precision, quantization, path, reused}],
     "skipped": [{target, model, precision, quantization, reason}]}."""
     with runfolder.locked(ctx.dir if ctx else run_dir):
-        ctx = ctx or run_task(run_dir).context(run_dir)   # its task's run context
-        target = ctx.target(load_target(target))
-        status = check_target(target)
-        if status == "ok" and ctx.task.runtimes is not None and target.runtime not in ctx.task.runtimes:
-            status = f"target {target.name}: {ctx.task.name} engines are built for {', '.join(ctx.task.runtimes)} only"
-        problem = "" if status == "ok" else status
-        from_onnx = registry.backend(target.runtime).source == "onnx"   # else built from the weights (torch)
-        int8_missing: list[str] = []
-        if quantized is None and "int8" in target.precisions and "student" in models and not problem:
-            quantized, int8_missing = quantized_onnx(ctx, target)
-        # Read every checkpoint and existing ONNX this build uses before writing any bundle, so that a bad
-        # student.onnx fails the build with the teacher's bundle untouched instead of rebuilt.
-        nets = {model: ctx.model(model) for model in models}
-        if not problem and from_onnx:
-            for path in [ctx.onnx_path(m) for m in models] + [Path(p) for p in (quantized or {}).values()]:
-                if path.is_file():
-                    onnx_info(path)
-        built: list[str] = []
-        engines: list[dict[str, Any]] = []
-        skipped = [_skipped(target, "student", "int8", "-", r) for r in int8_missing]
-        for model in models:
-            net = nets[model]
-            evals = None
-            # (precision, quantization, Q/DQ ONNX) in the target's order: int8 only for the student, one per ONNX
-            int8 = [("int8", q, Path(p)) for q, p in (quantized or {}).items()] if model == "student" else []
-            jobs = [job for p in target.precisions for job in (int8 if p == "int8" else [(p, "none", None)])]
-            for precision, quantization, qpath in jobs:
-                name = f"{model}-{precision}" + ("" if quantization == "none" else f"-{quantization}")
-                out = ctx.dir / "engines" / target.name / name
-                if problem:
-                    skipped.append(_skipped(target, model, precision, quantization, problem))
+        ctx = ctx or context(run_dir)
+        return _build(ctx, ctx.target(load_target(target)), models, quantized, resume)
+
+
+def _build(ctx: RunContext, target: Target, models: tuple[str, ...], quantized: dict[str, Path] | None,
+           resume: bool) -> dict[str, Any]:
+    status = check_target(target)
+    if status == "ok" and ctx.task.runtimes is not None and target.runtime not in ctx.task.runtimes:
+        status = f"target {target.name}: {ctx.task.name} engines are built for {', '.join(ctx.task.runtimes)} only"
+    problem = "" if status == "ok" else status
+    from_onnx = registry.backend(target.runtime).source == "onnx"   # else built from the weights (torch)
+    int8_missing: list[str] = []
+    if quantized is None and "int8" in target.precisions and "student" in models and not problem:
+        quantized, int8_missing = quantized_onnx(ctx, target)
+    # Read every checkpoint and existing ONNX this build uses before writing any bundle, so that a bad
+    # student.onnx fails the build with the teacher's bundle untouched instead of rebuilt.
+    nets = {model: ctx.model(model) for model in models}
+    if not problem and from_onnx:
+        for path in [ctx.onnx_path(m) for m in models] + [Path(p) for p in (quantized or {}).values()]:
+            if path.is_file():
+                onnx_info(path)
+    built: list[str] = []
+    engines: list[dict[str, Any]] = []
+    skipped = [_skipped(target, "student", "int8", "-", r) for r in int8_missing]
+    for model in models:
+        net = nets[model]
+        evals = None
+        # (precision, quantization, Q/DQ ONNX) in the target's order: int8 only for the student, one per ONNX
+        int8 = [("int8", q, Path(p)) for q, p in (quantized or {}).items()] if model == "student" else []
+        jobs = [job for p in target.precisions for job in (int8 if p == "int8" else [(p, "none", None)])]
+        for precision, quantization, qpath in jobs:
+            name = f"{model}-{precision}" + ("" if quantization == "none" else f"-{quantization}")
+            out = ctx.dir / "engines" / target.name / name
+            if problem:
+                skipped.append(_skipped(target, model, precision, quantization, problem))
+                continue
+            onnx_path = qpath
+            if from_onnx and onnx_path is None:
+                onnx_path = ctx.onnx_path(model)
+                if not ctx.fresh_onnx(model):   # missing, or left by an earlier checkpoint: export again
+                    export(ctx.dir, model, ctx=ctx)
+            made_from = (dict([runfolder.file_key(ctx.dir, onnx_path)]) if onnx_path is not None
+                         else ctx.weights_input(model))
+            made_from["target"] = runfolder.digest(dataclasses.asdict(target))
+            reused = resume and (out / "manifest.json").is_file() and runfolder.stale(ctx.dir, ctx.rel(out),
+                                                                                      made_from) == []
+            if not reused:
+                evals = evals if evals is not None else ctx.eval_data(net)
+                try:
+                    build_engine(ctx.engine_source(model, onnx_path, quantization), target, precision, out,
+                                 eval_data=evals)
+                    runfolder.record(ctx.dir, ctx.rel(out), made_from)
+                except EdgekdError as e:
+                    if not registry.needs_accelerator(target.device):   # a GPU engine this host may not build
+                        raise
+                    skipped.append(_skipped(target, model, precision, quantization, str(e)))
                     continue
-                onnx_path = qpath
-                if from_onnx and onnx_path is None:
-                    onnx_path = ctx.onnx_path(model)
-                    if not ctx.fresh_onnx(model):   # missing, or left by an earlier checkpoint: export again
-                        export(ctx.dir, model, ctx=ctx)
-                made_from = (dict([runfolder.file_key(ctx.dir, onnx_path)]) if onnx_path is not None
-                             else ctx.weights_input(model))
-                made_from["target"] = runfolder.digest(dataclasses.asdict(target))
-                reused = resume and (out / "manifest.json").is_file() and runfolder.stale(ctx.dir, ctx.rel(out),
-                                                                                          made_from) == []
-                if not reused:
-                    evals = evals if evals is not None else ctx.eval_data(net)
-                    try:
-                        build_engine(ctx.engine_source(model, onnx_path, quantization), target, precision, out,
-                                     eval_data=evals)
-                        runfolder.record(ctx.dir, ctx.rel(out), made_from)
-                    except EdgekdError as e:
-                        if not registry.needs_accelerator(target.device):   # a GPU engine this host may not build
-                            raise
-                        skipped.append(_skipped(target, model, precision, quantization, str(e)))
-                        continue
-                built.append(str(out))
-                engines.append({"model": model, "precision": precision, "quantization": quantization,
-                                "path": str(out), "reused": reused})
-        return {"target": target.name, "quant_scheme": {"scheme": target.quant_scheme,
-                                                        "reason": target.quant_scheme_reason},
-                "built": built, "engines": engines, "skipped": skipped}
+            built.append(str(out))
+            engines.append({"model": model, "precision": precision, "quantization": quantization,
+                            "path": str(out), "reused": reused})
+    return {"target": target.name, "quant_scheme": {"scheme": target.quant_scheme,
+                                                    "reason": target.quant_scheme_reason},
+            "built": built, "engines": engines, "skipped": skipped}
 
 
 def _skipped(target: Target, model: str, precision: str, quantization: str, reason: str) -> dict[str, str]:
@@ -518,7 +528,7 @@ def quantize(run_dir: str | Path, scheme: str | None = None, *, target: str | Ta
     Writes onnx/student.<ptq|qat>-<scheme>.onnx, which `build` picks up.
     With `resume`, a result the run folder records as made from the current student and [quantize] is kept."""
     with runfolder.locked(ctx.dir if ctx else run_dir):
-        ctx = ctx or run_task(run_dir).context(run_dir)   # its task's run context
+        ctx = ctx or context(run_dir)
         if not scheme:   # the scheme of `target` (default x86-cpu-ort), which must offer int8
             t = load_target(target or DEFAULT_TARGETS[0])
             if "int8" not in t.precisions:
