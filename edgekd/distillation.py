@@ -332,21 +332,27 @@ def distill(recipe: Recipe, out: str | Path, *, device: str = "auto", progress: 
         if data.report and not offline:
             metrics["data"] = data.report   # streamed source: layout, images, skipped files, where mean/std came from
         _save_run_files(out, recipe, metrics)   # a run killed during the baseline keeps the finished student
-        if d.baseline:
-            # The same student from scratch on the true labels only (same seed and schedule). When the student also
-            # learned from an unlabelled pool, the baseline gets as many optimizer steps as the student did (more
-            # epochs over its fewer samples): what a user with only the labels would run.
-            n = len(data.x_train)
-            if (not offline or cache is not None) and len(x) > n:
-                schedule = {**schedule, "epochs": math.ceil(schedule["epochs"] * math.ceil(len(x) /
-                            schedule["batch_size"]) / math.ceil(n / schedule["batch_size"]))}
-            scratch = build_role_model(recipe, "scratch", data)
-            metrics["scratch"] = _train_role(recipe, out, "scratch", data, dev, progress=progress, resume=resume,
-                                             model=scratch, schedule=schedule, metrics=metrics,
-                                             made_from=student_inputs(recipe))
-            metrics["scratch"]["samples"] = n
+        if d.baseline:   # step-matched to the student's samples, except after --labels (its own schedule)
+            samples = len(x) if not offline or cache is not None else 0
+            metrics["scratch"] = _baseline(recipe, out, data, dev, progress, resume, schedule, metrics, samples)
         _save_run_files(out, recipe, metrics)
         return metrics
+
+
+def _baseline(recipe: Recipe, out: Path, data: Dataset, dev: Any, progress: bool, resume: bool,
+              schedule: dict[str, Any], metrics: dict[str, Any], student_samples: int) -> dict[str, Any]:
+    """The same student from scratch on the true labels only (same seed and schedule). When the student also
+    learned from an unlabelled pool (`student_samples` > the labelled count), the baseline gets as many optimizer
+    steps as the student did (more epochs over its fewer samples): what a user with only the labels would run."""
+    n = len(data.x_train)
+    if student_samples > n:
+        batch = schedule["batch_size"]
+        schedule = {**schedule, "epochs": math.ceil(schedule["epochs"] * math.ceil(student_samples / batch)
+                                                     / math.ceil(n / batch))}
+    scratch = build_role_model(recipe, "scratch", data)
+    entry = _train_role(recipe, out, "scratch", data, dev, progress=progress, resume=resume, model=scratch,
+                        schedule=schedule, metrics=metrics, made_from=student_inputs(recipe))
+    return {**entry, "samples": n}
 
 
 def _teacher_source(recipe: Recipe, out: Path, data: Dataset, device: str, dev: Any, progress: bool, resume: bool,
